@@ -1,0 +1,1 @@
+"""Benchmarks: router overhead (this issue), simulator and live leagues (later issues)."""

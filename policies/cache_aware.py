@@ -1,0 +1,155 @@
+"""``cache_aware``: kvroute's own policy and the default.
+
+For each candidate replica it estimates the seconds until this request's first token and
+sends the request where that is smallest:
+
+    ttft_r    = (queued_r + uncached_r) * token_s_r + step_s_r
+    cost_r    = ttft_r + barrier_r
+
+  queued_r    uncached prompt tokens already waiting on r (this router's exact count, plus
+              the engine's extra waiting requests when its report is fresh, each assumed
+              as large as r's average waiting request)
+  uncached_r  this request's prompt tokens r does not hold: prompt - matched blocks * block
+  step_s_r    one engine step with r's running decodes (profile.step_s with no prefill)
+  token_s_r   seconds per prefill token on r: the profile's compute cost, plus r's step
+              time spread over the tokens one chunked-prefill step can take
+  barrier_r   rises steeply as r's KV cache fills: 0 up to ``kv_soft_limit`` of capacity,
+              then ``kv_barrier_s * x**2 / (1 - u)`` with x = (u - soft) / (1 - soft) and u
+              the projected usage after this request (prompt + expected output)
+
+Rules on top of the cost:
+  * bounded load: a replica already holding more than ``load_factor`` times its fair share
+    of this router's in-flight requests (ceil(load_factor * (in_flight + 1) / n), the
+    bounded-load rule of consistent hashing) is ranked after every replica within bound.
+    So a hot prefix shared by all requests never collapses onto one holder: when the best
+    holder is over bound the request spills to the next best, and the core's speculative
+    insert records the spill target as a new holder (hot-prefix replication);
+  * sessions: the session's replica goes first unless it costs more than
+    ``session_slack_s`` above the best (and is within bound);
+  * ties are broken at random (``view.rng``).
+
+The profile (``router.profile``) supplies the time constants; the default is roofline
+arithmetic for an 8B model on an H100, and calibrated profiles can be named instead.
+Returns every candidate as its own tier, best first, so Ray Serve falls back to the next
+one when a replica's queue is full. O(replicas log replicas) per decision.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from policies.base import Policy, PolicyConfig, RouteRequest, RoutingView, Tiers, register_policy, require
+from router.load import ReplicaLoad
+from router.profile import DEFAULT_PROFILE, get_profile
+
+
+@register_policy("cache_aware")
+class CacheAwarePolicy(Policy):
+    """Least estimated time-to-first-token, with a KV barrier, bounded load and sessions.
+
+    Holds its validated config and the resolved latency profile; no per-request state.
+    See the module docstring for the cost model. O(n log n) for n candidates.
+    """
+
+    @dataclass(frozen=True, slots=True)
+    class Config(PolicyConfig):
+        profile: str = DEFAULT_PROFILE.name
+        load_factor: float = 1.25
+        session_slack_s: float = 0.25
+        kv_soft_limit: float = 0.8
+        kv_barrier_s: float = 0.1
+
+        def check(self, policy: str) -> None:
+            get_profile(self.profile)
+            require(self.load_factor >= 1.0, f"{policy}.load_factor", f"must be >= 1, got {self.load_factor}")
+            require(self.session_slack_s >= 0, f"{policy}.session_slack_s", f"must be >= 0, got {self.session_slack_s}")
+            require(0 <= self.kv_soft_limit < 1, f"{policy}.kv_soft_limit", f"must be in [0, 1), got {self.kv_soft_limit}")
+            require(self.kv_barrier_s >= 0, f"{policy}.kv_barrier_s", f"must be >= 0, got {self.kv_barrier_s}")
+
+    def __init__(self, config: PolicyConfig | None = None, **options) -> None:
+        super().__init__(config, **options)
+        self.profile = get_profile(self.config.profile)
+
+    def costs(self, request: RouteRequest, view: RoutingView, *, jitter: bool = False) -> dict:
+        """Estimated seconds to first token plus KV barrier, per candidate.
+
+        With ``jitter`` each cost gets a random nanosecond-scale addition, which breaks
+        exact ties at random without changing any real ordering. Written as one flat
+        loop: it runs for every candidate on every request.
+        """
+        cfg = self.config
+        prof = self.profile
+        now = view.now
+        prompt = request.prompt_tokens
+        block_tokens = request.block_tokens
+        output = request.output_tokens or 0
+        matched = view.matched_blocks
+        loads = view.load
+        capacity_of = view.capacity_blocks
+        soft = cfg.kv_soft_limit
+        barrier_s = cfg.kv_barrier_s
+        overhead = prof.step_overhead_s
+        per_seq = prof.decode_s_per_seq
+        per_ctx = prof.attention_s_per_context_token
+        per_token = prof.prefill_s_per_token
+        max_batched = prof.max_batched_tokens
+        rng = view.rng.random
+        costs = {}
+        for replica in view.replicas:
+            load = loads.get(replica) or _IDLE
+            queued = load.waiting_prefill_tokens
+            running = load.running
+            report_time = load.engine_report_time
+            fresh = report_time is not None and now - report_time <= load._report_ttl_s
+            if fresh:
+                extra = (load.engine_waiting or 0) - load.waiting
+                if extra > 0:  # requests other routers sent, sized like ours on average
+                    queued += extra * (queued // load.waiting if load.waiting else prompt)
+                if load.engine_running and load.engine_running > running:
+                    running = load.engine_running
+            step_s = overhead + per_seq * running + per_ctx * load.context_tokens
+            budget = max_batched - running
+            token_s = per_token + step_s / (budget if budget > 0 else 1)
+            uncached = prompt - matched.get(replica, 0) * block_tokens
+            if uncached < 0:
+                uncached = 0
+            cost = (queued + uncached) * token_s + step_s
+            if barrier_s:
+                capacity = capacity_of(replica)
+                if capacity > 0:
+                    usage = load.kv_blocks / capacity
+                    if fresh and load.engine_kv_usage is not None and load.engine_kv_usage > usage:
+                        usage = load.engine_kv_usage
+                    usage += (uncached + output) / (block_tokens * capacity)
+                    if usage > soft:
+                        usage = min(usage, 0.999)
+                        x = (usage - soft) / (1.0 - soft)
+                        cost += barrier_s * x * x / (1.0 - usage)
+            if jitter:
+                cost += rng() * 1e-9
+            costs[replica] = cost
+        return costs
+
+    def rank(self, request: RouteRequest, view: RoutingView) -> Tiers:
+        replicas = view.replicas
+        if not replicas:
+            return []
+        costs = self.costs(request, view, jitter=True)
+        loads = view.load
+        in_flight = {r: (loads.get(r) or _IDLE).in_flight for r in replicas}
+        bound = math.ceil(self.config.load_factor * (sum(in_flight.values()) + 1) / len(replicas))
+        for replica, count in in_flight.items():
+            if count >= bound:  # over its fair share: after every replica within bound
+                costs[replica] += _OVER_BOUND
+        order = sorted(replicas, key=costs.__getitem__)
+        session = view.session_replica
+        if (session is not None and session in costs and session != order[0]
+                and costs[session] <= costs[order[0]] + self.config.session_slack_s):
+            order.remove(session)
+            order.insert(0, session)
+        return [[replica] for replica in order]
+
+
+_IDLE = ReplicaLoad()
+_OVER_BOUND = 1e9  # seconds: larger than any real cost, so over-bound replicas sort last

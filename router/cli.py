@@ -1,0 +1,93 @@
+"""The ``kvroute`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from router.errors import ConfigError
+
+
+def _write_json(path: str | None, payload: dict) -> None:
+    if not path:
+        return
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(json.dumps(payload, indent=2) + "\n")
+    print(f"wrote {target}", file=sys.stderr)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _bench_router(args: argparse.Namespace) -> int:
+    from benchmarks import router_bench
+
+    def progress(message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
+    report = router_bench.run(replicas=args.replicas or [16, 64], prompts=args.prompts, policy=args.policy,
+                              tree_blocks=args.tree_blocks, seed=args.seed, with_ray=not args.no_ray,
+                              progress=progress)
+    report["command"] = "kvroute " + " ".join(args.argv)
+    print(router_bench.format_table(report))
+    _write_json(args.json, report)
+    return 0
+
+
+def _policies(args: argparse.Namespace) -> int:
+    import policies
+
+    for name in policies.available():
+        cls = policies.policy_class(name)
+        doc = (cls.__doc__ or "").strip().splitlines()
+        print(f"{name:<12} {doc[0] if doc else ''}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kvroute", description="Cache-aware request router for LLM serving.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    bench = sub.add_parser("bench", help="benchmarks")
+    bench_sub = bench.add_subparsers(dest="bench", required=True)
+    router = bench_sub.add_parser("router", help="per-decision cost of the routing core vs Ray's PrefixTree")
+    router.add_argument("--replicas", type=_positive_int, action="append",
+                        help="replica count (repeatable; default 16 and 64)")
+    router.add_argument("--prompts", type=_positive_int, default=5000, help="timed decisions per row (default 5000)")
+    router.add_argument("--policy", default="cache_aware", help="policy to route with (default cache_aware)")
+    router.add_argument("--tree-blocks", type=int, default=1_000_000,
+                        help="also time with the tree grown past this many blocks (0 to skip; default 1,000,000)")
+    router.add_argument("--seed", type=int, default=0)
+    router.add_argument("--no-ray", action="store_true", help="skip Ray's PrefixTree comparison")
+    router.add_argument("--json", metavar="PATH", help="write the results as JSON")
+    router.set_defaults(func=_bench_router)
+
+    pols = sub.add_parser("policies", help="list the registered routing policies")
+    pols.set_defaults(func=_policies)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parser.parse_args(argv)
+    args.argv = argv
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        print(f"kvroute: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

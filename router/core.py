@@ -1,0 +1,289 @@
+"""RoutingCore: the one object both the Ray Serve adapter and the simulator drive.
+
+It owns the keyer, the prefix tree, the session table, the load view and the policy, and
+takes time as a parameter (never reads a clock). A request's life:
+
+    request = core.make_request(prompt, session_id=..., request_id=...)
+    decision = core.route(request, now)          # rank + pick + on_routed, in one call
+    core.on_first_token(request_id, now); core.on_completed(request_id, now)
+
+The Serve adapter splits ``route``: ``rank`` inside ``choose_replicas`` (Ray picks from the
+tiers), then ``on_routed`` once Ray reports which replica it used. KV events
+(``on_kv_event``) and engine reports (``on_engine_report``) arrive on the side.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Hashable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from policies.base import Policy, RouteRequest, RoutingView, Tiers
+from router.errors import ConfigError
+from router.events import AllBlocksCleared, BlocksRemoved, BlocksStored
+from router.keys import DEFAULT_SEED, Keyer, make_keyer, namespace_seed
+from router.load import LoadView
+from router.prefix_tree import PrefixTree
+from router.sessions import SessionTable
+
+ReplicaId = Hashable
+
+#: Decision outcomes, for metrics: the chosen replica held the longest cached prefix;
+#: it held none while another did (spill); no replica held any (miss); or the session's
+#: replica was chosen.
+OUTCOMES = ("prefix_hit", "spill", "miss", "session")
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """Where one request went and why."""
+
+    replica: ReplicaId | None
+    matched_blocks: int
+    best_matched_blocks: int
+    outcome: str
+    tiers: Tiers
+
+
+@dataclass(slots=True)
+class CoreStats:
+    """Counters of things the core skipped or dropped (bounded, per router)."""
+
+    routed: int = 0
+    no_replica: int = 0
+    kv_events: int = 0
+    kv_events_unknown_replica: int = 0
+    kv_events_malformed: int = 0
+    invalid_tiers: int = 0
+    outcomes: dict[str, int] = field(default_factory=lambda: dict.fromkeys(OUTCOMES, 0))
+
+
+def pick_from_tiers(tiers: Tiers, view: RoutingView, allowed: Iterable[ReplicaId] | None = None) -> ReplicaId | None:
+    """Ray Serve's rule for applying a ranking: the first tier with an eligible replica,
+    and in it the replica with the fewest requests in flight (first listed on a tie)."""
+    loads = view.load
+    for tier in tiers:
+        best = None
+        best_in_flight = math.inf
+        for replica in tier:
+            if allowed is not None and replica not in allowed:
+                continue
+            load = loads.get(replica)
+            in_flight = load.in_flight if load is not None else 0
+            if in_flight < best_in_flight:
+                best, best_in_flight = replica, in_flight
+        if best is not None:
+            return best
+    return None
+
+
+class RoutingCore:
+    """Keyer + prefix tree + sessions + load view + policy, driven with explicit time.
+
+    Holds one ``PrefixTree`` (bounded by each replica's KV capacity), one ``SessionTable``
+    (bounded by ``max_sessions``) and one ``LoadView`` (bounded by ``max_tracked_requests``).
+    ``route`` costs keying + O(matched blocks + replicas) for the match + the policy's
+    ``rank`` + O(new blocks) for the speculative insert. Single owner, no locks.
+    """
+
+    def __init__(self, policy: Policy, keyer: Keyer | None = None, *,
+                 kv_capacity_tokens: int = 1 << 20, speculative_ttl_s: float = 300.0,
+                 touch_coalesce_s: float = 1.0, session_ttl_s: float = 1800.0,
+                 max_sessions: int = 100_000, report_ttl_s: float = 5.0,
+                 max_tracked_requests: int = 100_000, seed: int | None = None) -> None:
+        if not isinstance(policy, Policy):
+            raise ConfigError("policy", f"must be a Policy instance, got {type(policy).__name__}")
+        self.policy = policy
+        self.keyer = keyer if keyer is not None else make_keyer("chars")
+        if not isinstance(kv_capacity_tokens, int) or isinstance(kv_capacity_tokens, bool) or kv_capacity_tokens <= 0:
+            raise ConfigError("kv_capacity_tokens", f"must be a positive integer, got {kv_capacity_tokens!r}")
+        self.kv_capacity_tokens = kv_capacity_tokens
+        self.tree = PrefixTree(default_capacity_blocks=self._blocks(kv_capacity_tokens),
+                               speculative_ttl_s=speculative_ttl_s, touch_coalesce_s=touch_coalesce_s)
+        self.sessions = SessionTable(ttl_s=session_ttl_s, max_sessions=max_sessions)
+        self.load = LoadView(report_ttl_s=report_ttl_s, max_tracked_requests=max_tracked_requests)
+        self.rng = random.Random(seed)
+        self.stats = CoreStats()
+        self._replicas: tuple[ReplicaId, ...] = ()
+        self._replica_set: frozenset = frozenset()
+        self._next_session_sweep = 0.0
+
+    # -- construction from plain options (Serve kwargs, YAML, CLI) ------------------------
+    @classmethod
+    def from_options(cls, policy: str | Policy = "cache_aware", *, policy_options: Mapping[str, Any] | None = None,
+                     keys: Mapping[str, Any] | None = None, **core_options: Any) -> RoutingCore:
+        """Build a core from JSON-like options; a bad value raises ``ConfigError`` naming it."""
+        import policies  # registers the built-in policies
+
+        if isinstance(policy, str):
+            policy = policies.get(policy, **dict(policy_options or {}))
+        elif policy_options:
+            raise ConfigError("policy_options", "only valid with a policy name")
+        keys = dict(keys or {})
+        keyer = make_keyer(keys.pop("kind", "chars"), **keys)
+        try:
+            return cls(policy, keyer, **core_options)
+        except TypeError as exc:
+            raise ConfigError("router", f"unknown option: {exc}") from None
+
+    def _blocks(self, tokens: int) -> int:
+        return max(1, math.ceil(tokens / self.keyer.block_tokens))
+
+    # -- replicas --------------------------------------------------------------------------
+    @property
+    def replicas(self) -> tuple[ReplicaId, ...]:
+        return self._replicas
+
+    def on_replicas_changed(self, replicas: Iterable[ReplicaId], now: float,
+                            capacity_tokens: Mapping[ReplicaId, int] | None = None) -> None:
+        """The replica set is now exactly ``replicas``; removed ones are purged everywhere."""
+        new = tuple(dict.fromkeys(replicas))
+        new_set = frozenset(new)
+        for gone in self._replica_set - new_set:
+            self._purge(gone)
+        for replica in new:
+            tokens = (capacity_tokens or {}).get(replica)
+            self.tree.add_replica(replica, self._blocks(tokens) if tokens else None)
+        self.load.set_replicas(new)
+        self._replicas, self._replica_set = new, new_set
+        self.policy.replicas_changed(new)
+
+    def on_replica_died(self, replica: ReplicaId, now: float) -> None:
+        """A replica died: forget its cache, sessions and in-flight accounting."""
+        if replica in self._replica_set:
+            self.on_replicas_changed([r for r in self._replicas if r != replica], now)
+        else:
+            self._purge(replica)
+
+    def _purge(self, replica: ReplicaId) -> None:
+        self.tree.drop_replica(replica)
+        self.sessions.purge_replica(replica)
+        self.load.drop_replica(replica)
+
+    # -- requests --------------------------------------------------------------------------
+    def make_request(self, content, *, prompt_tokens: int | None = None, model: str = "", lora: str = "",
+                     cache_salt: str = "", session_id: str | None = None,
+                     output_tokens: int | None = None, request_id: Hashable | None = None) -> RouteRequest:
+        """Key a prompt (text, token ids or block ids, per the keyer) into a RouteRequest."""
+        seed = namespace_seed(model, lora, cache_salt) if (model or lora or cache_salt) else DEFAULT_SEED
+        keys = self.keyer.keys(content, seed)
+        if prompt_tokens is None:
+            prompt_tokens = self.keyer.prompt_tokens(content)
+        return RouteRequest(keys=keys, prompt_tokens=prompt_tokens, block_tokens=self.keyer.block_tokens,
+                            session_id=session_id or None, output_tokens=output_tokens, request_id=request_id)
+
+    def view(self, request: RouteRequest, now: float, candidates: Sequence[ReplicaId] | None = None) -> RoutingView:
+        """What the policy sees for ``request`` among ``candidates`` (default: all replicas)."""
+        if now > self.tree.next_expiry:
+            self.tree.expire(now)
+        replicas = self._replicas if candidates is None else tuple(candidates)
+        session_replica = self.sessions.get(request.session_id, now) if request.session_id else None
+        if session_replica is not None and session_replica not in replicas:
+            session_replica = None
+        return RoutingView(replicas=replicas, matched_blocks=self.tree.match(request.keys, replicas, now),
+                           load=self.load.loads, now=now, rng=self.rng, session_replica=session_replica,
+                           cached_blocks=self.tree.replica_blocks, capacity_blocks=self.tree.capacity)
+
+    def rank(self, request: RouteRequest, now: float,
+             candidates: Sequence[ReplicaId] | None = None) -> tuple[Tiers, RoutingView]:
+        """The policy's tiers for ``request``, and the view they were computed from."""
+        view = self.view(request, now, candidates)
+        if not view.replicas:
+            return [], view
+        return self.policy.rank(request, view), view
+
+    def route(self, request: RouteRequest, now: float, candidates: Sequence[ReplicaId] | None = None) -> Decision:
+        """Rank, pick by Ray Serve's tier rule, and record the routing. The simulator's and
+        benchmarks' entry point."""
+        tiers, view = self.rank(request, now, candidates)
+        replica = pick_from_tiers(tiers, view, view.replicas)
+        if replica is None:
+            if view.replicas:
+                # A policy named no candidate: count it and fall back rather than fail.
+                self.stats.invalid_tiers += 1
+                replica = pick_from_tiers([list(view.replicas)], view)
+            else:
+                self.stats.no_replica += 1
+                return Decision(None, 0, 0, "miss", tiers)
+        matched = view.matched(replica)
+        best = max(view.matched_blocks.values(), default=0)
+        self.on_routed(request, replica, now, matched_blocks=matched)
+        outcome = self._outcome(replica, matched, best, view.session_replica)
+        self.stats.outcomes[outcome] += 1
+        return Decision(replica, matched, best, outcome, tiers)
+
+    @staticmethod
+    def _outcome(replica: ReplicaId, matched: int, best: int, session_replica: ReplicaId | None) -> str:
+        if session_replica is not None and replica == session_replica:
+            return "session"
+        if matched and matched == best:
+            return "prefix_hit"
+        return "spill" if best else "miss"
+
+    def on_routed(self, request: RouteRequest, replica: ReplicaId, now: float,
+                  matched_blocks: int | None = None) -> None:
+        """``request`` was sent to ``replica``: learn its prefix (speculatively), pin its
+        session and account its load. ``matched_blocks`` saves a second match."""
+        if matched_blocks is None:
+            matched_blocks = self.tree.match(request.keys, (replica,), now)[replica]
+        self.tree.insert(replica, request.keys, now)
+        self.sessions.put(request.session_id, replica, now)
+        cached_tokens = min(request.prompt_tokens, matched_blocks * request.block_tokens)
+        kv_blocks = math.ceil((request.prompt_tokens + (request.output_tokens or 0)) / request.block_tokens)
+        if request.request_id is not None:
+            self.load.on_routed(request.request_id, replica, prompt_tokens=request.prompt_tokens,
+                                uncached_tokens=request.prompt_tokens - cached_tokens, kv_blocks=kv_blocks)
+        self.policy.observe_routed(request, replica, now)
+        self.stats.routed += 1
+        if now >= self._next_session_sweep:
+            self.sessions.expire(now)
+            self._next_session_sweep = now + self.sessions.ttl_s / 8
+
+    def on_first_token(self, request_id: Hashable, now: float) -> None:
+        self.load.on_first_token(request_id)
+
+    def on_completed(self, request_id: Hashable, now: float) -> None:
+        self.load.on_completed(request_id)
+
+    # -- engine side -----------------------------------------------------------------------
+    def on_kv_event(self, replica: ReplicaId, event: Any, now: float) -> bool:
+        """Apply one engine KV event. Unknown replicas and malformed events are counted
+        and skipped (never raised): returns whether the event was applied."""
+        self.stats.kv_events += 1
+        if replica not in self._replica_set:
+            self.stats.kv_events_unknown_replica += 1
+            return False
+        if isinstance(event, BlocksStored) and _valid_keys(event.keys):
+            self.tree.insert(replica, event.keys, now, confirmed=True)
+        elif isinstance(event, BlocksRemoved) and _valid_keys(event.keys):
+            self.tree.remove(replica, event.keys)
+        elif isinstance(event, AllBlocksCleared):
+            self.tree.clear_replica(replica)
+        else:
+            self.stats.kv_events_malformed += 1
+            return False
+        return True
+
+    def on_engine_report(self, replica: ReplicaId, now: float, *, kv_usage: float | None = None,
+                         waiting: int | None = None, running: int | None = None,
+                         kv_capacity_tokens: int | None = None) -> None:
+        """An engine's periodic load report (and, if known, its KV cache size)."""
+        if replica not in self._replica_set:
+            return
+        self.load.on_engine_report(replica, now, kv_usage=kv_usage, waiting=waiting, running=running)
+        if kv_capacity_tokens:
+            self.tree.set_capacity(replica, self._blocks(kv_capacity_tokens))
+
+    def check_invariants(self) -> None:
+        self.tree.check_invariants()
+        self.sessions.check_invariants()
+        self.load.check_invariants()
+        assert set(self.load.loads) == set(self._replicas)
+        assert set(self.tree.replicas) >= set(self._replicas)
+
+
+def _valid_keys(keys: Any) -> bool:
+    return isinstance(keys, (tuple, list)) and all(
+        isinstance(k, int) and not isinstance(k, bool) and 0 <= k < 1 << 64 for k in keys)

@@ -1,0 +1,217 @@
+"""Per-replica live load, as this router sees it plus what the engines report.
+
+Updated on four events: a request routed, its first token, its completion, and an engine
+report (KV usage, waiting and running counts). Router-side numbers are exact for the
+traffic this router sent; engine reports cover everyone's traffic but arrive late, so each
+carries its age and goes stale after ``report_ttl_s``.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Hashable, Iterable
+from dataclasses import dataclass
+
+from router.errors import ConfigError
+
+ReplicaId = Hashable
+
+
+class ReplicaLoad:
+    """Live load of one replica. Policies read it; only ``LoadView`` writes it.
+
+    Fields (all counts >= 0; ``check_invariants`` asserts it):
+      in_flight        requests routed here and not completed
+      waiting          of those, requests without a first token yet (queued or prefilling)
+      waiting_prefill_tokens  uncached prompt tokens of the waiting requests
+      running          requests past their first token (decoding)
+      kv_blocks        KV blocks (router block size) held by this router's in-flight requests
+      context_tokens   prompt tokens of the running requests (what decode attention reads)
+      engine_*         the engine's last report and its time (None until one arrives)
+    Memory: about 200 bytes per replica.
+    """
+
+    __slots__ = ("in_flight", "waiting", "waiting_prefill_tokens", "running", "kv_blocks",
+                 "context_tokens", "engine_kv_usage", "engine_waiting", "engine_running",
+                 "engine_report_time", "_report_ttl_s")
+
+    def __init__(self, report_ttl_s: float = 5.0) -> None:
+        self.in_flight = 0
+        self.waiting = 0
+        self.waiting_prefill_tokens = 0
+        self.running = 0
+        self.kv_blocks = 0
+        self.context_tokens = 0
+        self.engine_kv_usage: float | None = None
+        self.engine_waiting: int | None = None
+        self.engine_running: int | None = None
+        self.engine_report_time: float | None = None
+        self._report_ttl_s = report_ttl_s
+
+    def report_age(self, now: float) -> float | None:
+        """Seconds since the engine's last report, or None if there was none."""
+        return None if self.engine_report_time is None else now - self.engine_report_time
+
+    def report_is_fresh(self, now: float) -> bool:
+        age = self.report_age(now)
+        return age is not None and age <= self._report_ttl_s
+
+    def queue_len(self, now: float) -> int:
+        """Requests ahead of a new one: the engine's count when fresh, else this router's."""
+        if self.report_is_fresh(now) and self.engine_waiting is not None:
+            return max(self.engine_waiting + (self.engine_running or 0), self.in_flight)
+        return self.in_flight
+
+    def kv_usage(self, now: float, capacity_blocks: int) -> float:
+        """Fraction of the KV cache held by running work: the engine's figure when fresh,
+        else this router's estimate ``kv_blocks / capacity_blocks``."""
+        estimate = self.kv_blocks / capacity_blocks if capacity_blocks > 0 else 0.0
+        if self.report_is_fresh(now) and self.engine_kv_usage is not None:
+            return max(self.engine_kv_usage, estimate)
+        return estimate
+
+    def __repr__(self) -> str:
+        return (f"ReplicaLoad(in_flight={self.in_flight}, waiting={self.waiting}, "
+                f"waiting_prefill_tokens={self.waiting_prefill_tokens}, running={self.running}, "
+                f"kv_blocks={self.kv_blocks}, engine_kv_usage={self.engine_kv_usage})")
+
+
+@dataclass(slots=True)
+class _InFlight:
+    replica: ReplicaId
+    uncached_tokens: int
+    prompt_tokens: int
+    kv_blocks: int
+    started: bool = False
+
+
+class LoadView:
+    """Load of every replica plus the in-flight requests behind it.
+
+    Holds one ``ReplicaLoad`` per replica and one record per in-flight request (at most
+    ``max_tracked_requests``; past that the oldest record is forgotten and counted in
+    ``forgotten_requests``, so a lost completion cannot grow memory without bound).
+    Every update is O(1); memory is O(replicas + tracked requests), about 120 bytes per
+    tracked request.
+    """
+
+    def __init__(self, *, report_ttl_s: float = 5.0, max_tracked_requests: int = 100_000) -> None:
+        if not isinstance(report_ttl_s, (int, float)) or report_ttl_s <= 0:
+            raise ConfigError("load.report_ttl_s", f"must be > 0, got {report_ttl_s!r}")
+        if not isinstance(max_tracked_requests, int) or max_tracked_requests <= 0:
+            raise ConfigError("load.max_tracked_requests",
+                              f"must be a positive integer, got {max_tracked_requests!r}")
+        self.report_ttl_s = float(report_ttl_s)
+        self.max_tracked_requests = max_tracked_requests
+        self.loads: dict[ReplicaId, ReplicaLoad] = {}
+        self._requests: OrderedDict[Hashable, _InFlight] = OrderedDict()
+        self.forgotten_requests = 0
+        self.unknown_request_events = 0
+
+    # -- replica set -------------------------------------------------------------------
+    def add_replica(self, replica: ReplicaId) -> ReplicaLoad:
+        load = self.loads.get(replica)
+        if load is None:
+            load = self.loads[replica] = ReplicaLoad(self.report_ttl_s)
+        return load
+
+    def set_replicas(self, replicas: Iterable[ReplicaId]) -> None:
+        """Keep exactly these replicas; forget the in-flight records of removed ones."""
+        keep = set(replicas)
+        for replica in keep:
+            self.add_replica(replica)
+        for replica in [r for r in self.loads if r not in keep]:
+            self.drop_replica(replica)
+
+    def drop_replica(self, replica: ReplicaId) -> None:
+        self.loads.pop(replica, None)
+        for request_id in [i for i, rec in self._requests.items() if rec.replica == replica]:
+            del self._requests[request_id]
+
+    # -- request lifecycle -------------------------------------------------------------
+    def on_routed(self, request_id: Hashable, replica: ReplicaId, *, prompt_tokens: int,
+                  uncached_tokens: int, kv_blocks: int) -> None:
+        if request_id in self._requests:  # a retry: release the first attempt's accounting
+            self.on_completed(request_id)
+        load = self.add_replica(replica)
+        uncached_tokens = max(0, uncached_tokens)
+        load.in_flight += 1
+        load.waiting += 1
+        load.waiting_prefill_tokens += uncached_tokens
+        load.kv_blocks += kv_blocks
+        self._requests[request_id] = _InFlight(replica, uncached_tokens, prompt_tokens, kv_blocks)
+        while len(self._requests) > self.max_tracked_requests:
+            oldest_id = next(iter(self._requests))
+            self.on_completed(oldest_id)
+            self.forgotten_requests += 1
+
+    def on_first_token(self, request_id: Hashable) -> None:
+        rec = self._requests.get(request_id)
+        if rec is None:
+            self.unknown_request_events += 1
+            return
+        if rec.started:
+            return
+        rec.started = True
+        load = self.loads.get(rec.replica)
+        if load is not None:
+            load.waiting -= 1
+            load.waiting_prefill_tokens -= rec.uncached_tokens
+            load.running += 1
+            load.context_tokens += rec.prompt_tokens
+
+    def on_completed(self, request_id: Hashable) -> ReplicaId | None:
+        """Release a request's accounting; returns its replica (None if unknown)."""
+        rec = self._requests.pop(request_id, None)
+        if rec is None:
+            self.unknown_request_events += 1
+            return None
+        load = self.loads.get(rec.replica)
+        if load is not None:
+            load.in_flight -= 1
+            load.kv_blocks -= rec.kv_blocks
+            if rec.started:
+                load.running -= 1
+                load.context_tokens -= rec.prompt_tokens
+            else:
+                load.waiting -= 1
+                load.waiting_prefill_tokens -= rec.uncached_tokens
+        return rec.replica
+
+    def on_engine_report(self, replica: ReplicaId, now: float, *, kv_usage: float | None = None,
+                         waiting: int | None = None, running: int | None = None) -> None:
+        load = self.loads.get(replica)
+        if load is None:
+            return  # a report from a replica we do not route to: nothing to update
+        if kv_usage is not None:
+            load.engine_kv_usage = min(1.0, max(0.0, float(kv_usage)))
+        if waiting is not None:
+            load.engine_waiting = max(0, int(waiting))
+        if running is not None:
+            load.engine_running = max(0, int(running))
+        load.engine_report_time = now
+
+    @property
+    def tracked_requests(self) -> int:
+        return len(self._requests)
+
+    def check_invariants(self) -> None:
+        totals: dict[ReplicaId, list[int]] = {r: [0, 0, 0, 0, 0, 0] for r in self.loads}
+        for rec in self._requests.values():
+            t = totals.get(rec.replica)
+            if t is None:
+                continue
+            t[0] += 1
+            t[4] += rec.kv_blocks
+            if rec.started:
+                t[3] += 1
+                t[5] += rec.prompt_tokens
+            else:
+                t[1] += 1
+                t[2] += rec.uncached_tokens
+        for replica, load in self.loads.items():
+            got = [load.in_flight, load.waiting, load.waiting_prefill_tokens, load.running,
+                   load.kv_blocks, load.context_tokens]
+            assert got == totals[replica], (replica, got, totals[replica])
+            assert min(got) >= 0, (replica, got)
+        assert len(self._requests) <= self.max_tracked_requests

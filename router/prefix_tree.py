@@ -1,0 +1,431 @@
+"""One prefix tree of blocks for all replicas' KV caches.
+
+Because block keys are chained (``router.keys``), a key names its whole prefix and so its
+parent: the tree is stored flat, as a map ``key -> owners``, and walking a request's keys
+in order walks a root-to-leaf path. This is also exactly how vLLM's prefix cache finds
+blocks (a hash -> block map probed block by block), including its one quirk: a block
+whose parent was evicted stays findable once the parent is computed again.
+
+Layout
+  _owners   key -> bitmask of replica slots holding that block (bit i = slot i)
+  per replica (``_ReplicaBlocks``): ``blocks``, a dict key -> stamp whose insertion
+            order is the replica's LRU order (oldest first). A speculative entry (learned
+            from routing) stores its deadline, ``touch time + TTL``; an entry confirmed by
+            the engine's KV events stores ``CONFIRMED + touch time`` (``CONFIRMED`` = 2**40
+            s, beyond any clock), so one float comparison answers both "is it live?"
+            (``stamp >= now``) and "was it touched lately?".
+A touch re-inserts the key at the young end. ``insert`` touches a chain leaf-first, so the
+head of a chain is always younger than its tail and LRU eviction frees tails before
+heads, as vLLM does when it frees a request's blocks in reverse order. A block touched
+less than ``touch_coalesce_s`` ago is not moved again (a hot system prompt would otherwise
+be re-linked on every request): LRU order is exact to within that window, which is far
+shorter than the time an engine takes to cycle its cache. ``touch_coalesce_s=0`` gives
+exact LRU.
+
+Speculative entries expire: ``match`` ignores an expired entry (checked at the deepest
+matched block of each replica, whose ancestors were touched no earlier), and ``expire``
+sweeps them out of memory. Each replica holds at most ``capacity`` blocks.
+
+Complexity
+  match(keys, replicas)        O(matched blocks + replicas): one dict probe and one AND
+                               per matched block, stopping at the first block no
+                               candidate holds
+  insert(replica, keys)        O(len(keys)) plus O(evicted)
+  remove / clear / drop        O(blocks touched)
+  expire(now)                  O(expired + confirmed entries older than the oldest live
+                               speculative one)
+Memory: about 52 bytes for a replica's entry (its LRU dict slot) plus about 120 bytes per
+distinct block (map slot, the key int, the mask int) shared by all of its owners; the
+router benchmark measures it.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Hashable, Iterable, Sequence
+from itertools import islice
+
+from router.errors import ConfigError
+
+ReplicaId = Hashable
+CONFIRMED = float(2 ** 40)  # stamp offset of confirmed entries; larger than any clock value
+
+
+class _ReplicaBlocks:
+    """One replica's blocks in LRU order (oldest first) with their deadlines."""
+
+    __slots__ = ("replica", "slot", "bit", "blocks", "capacity", "evicted", "expired")
+
+    def __init__(self, replica: ReplicaId, slot: int, capacity: int) -> None:
+        self.replica = replica
+        self.slot = slot
+        self.bit = 1 << slot
+        self.blocks: dict[int, float] = {}
+        self.capacity = capacity
+        self.evicted = 0
+        self.expired = 0
+
+
+def _check_capacity(capacity: int, field: str = "tree.capacity_blocks") -> int:
+    if not isinstance(capacity, int) or isinstance(capacity, bool) or capacity <= 0:
+        raise ConfigError(field, f"must be a positive integer, got {capacity!r}")
+    return capacity
+
+
+class PrefixTree:
+    """The blocks every replica is believed to cache, shared in one keyed tree.
+
+    Holds ``_owners`` (key -> replica-slot bitmask) and one ``_ReplicaBlocks`` per
+    replica (LRU-ordered deadlines, bounded by the replica's capacity). See the module
+    docstring for the layout, the complexity of each operation and memory per entry.
+    Single owner, no locks: the router's event loop or the simulator drives it.
+    """
+
+    def __init__(self, *, default_capacity_blocks: int = 65_536,
+                 speculative_ttl_s: float = 300.0, touch_coalesce_s: float = 1.0) -> None:
+        self.default_capacity_blocks = _check_capacity(default_capacity_blocks,
+                                                        "tree.default_capacity_blocks")
+        if not isinstance(speculative_ttl_s, (int, float)) or not speculative_ttl_s > 0:
+            raise ConfigError("tree.speculative_ttl_s", f"must be a number > 0, got {speculative_ttl_s!r}")
+        if not isinstance(touch_coalesce_s, (int, float)) or not touch_coalesce_s >= 0:
+            raise ConfigError("tree.touch_coalesce_s", f"must be a number >= 0, got {touch_coalesce_s!r}")
+        self.speculative_ttl_s = float(speculative_ttl_s)
+        self.touch_coalesce_s = float(touch_coalesce_s)
+        self._owners: dict[int, int] = {}
+        self._replicas: dict[ReplicaId, _ReplicaBlocks] = {}
+        self._slot_replica: list[ReplicaId | None] = []
+        self._bit_replica: dict[int, ReplicaId] = {}
+        self._free_slots: list[int] = []
+        self._members_of: dict[int, tuple] = {}  # memo of _members(mask)
+        self._mask_for: tuple = ()  # the candidate set whose mask is cached in _mask
+        self._mask = 0
+        # Lower bound on every speculative deadline in the tree: until ``now`` passes it
+        # nothing can have expired, so ``match`` skips its expiry probes.
+        self._next_expiry = CONFIRMED
+
+    # -- replicas ----------------------------------------------------------------------
+    def add_replica(self, replica: ReplicaId, capacity_blocks: int | None = None) -> None:
+        """Register ``replica`` (no-op if known, except updating its capacity)."""
+        rb = self._replicas.get(replica)
+        if rb is None:
+            rb = self._register(replica)
+        if capacity_blocks is not None:
+            self.set_capacity(replica, capacity_blocks)
+
+    def _register(self, replica: ReplicaId) -> _ReplicaBlocks:
+        if self._free_slots:
+            slot = heapq.heappop(self._free_slots)
+            self._slot_replica[slot] = replica
+        else:
+            slot = len(self._slot_replica)
+            self._slot_replica.append(replica)
+        rb = self._replicas[replica] = _ReplicaBlocks(replica, slot, self.default_capacity_blocks)
+        self._bit_replica[rb.bit] = replica
+        self._mask_for = ()
+        self._members_of.clear()
+        return rb
+
+    def set_capacity(self, replica: ReplicaId, capacity_blocks: int) -> None:
+        """Set a replica's capacity in blocks; evicts its LRU blocks if now over it."""
+        _check_capacity(capacity_blocks)
+        rb = self._replicas.get(replica) or self._register(replica)
+        rb.capacity = capacity_blocks
+        excess = len(rb.blocks) - capacity_blocks
+        if excess > 0:
+            self._evict(rb, excess)
+
+    @property
+    def replicas(self) -> list[ReplicaId]:
+        return list(self._replicas)
+
+    def __contains__(self, replica: ReplicaId) -> bool:
+        return replica in self._replicas
+
+    def capacity(self, replica: ReplicaId) -> int:
+        rb = self._replicas.get(replica)
+        return rb.capacity if rb is not None else self.default_capacity_blocks
+
+    def replica_blocks(self, replica: ReplicaId) -> int:
+        """Blocks held by ``replica`` (0 if unknown)."""
+        rb = self._replicas.get(replica)
+        return len(rb.blocks) if rb is not None else 0
+
+    def replica_keys(self, replica: ReplicaId) -> list[int]:
+        """A replica's keys, least recently used first (for tests and inspection)."""
+        rb = self._replicas.get(replica)
+        return list(rb.blocks) if rb is not None else []
+
+    def is_confirmed(self, replica: ReplicaId, key: int) -> bool | None:
+        """True if confirmed, False if speculative, None if the replica does not hold it."""
+        rb = self._replicas.get(replica)
+        stamp = rb.blocks.get(key) if rb is not None else None
+        return None if stamp is None else stamp >= CONFIRMED
+
+    def stats(self, replica: ReplicaId) -> dict[str, int]:
+        rb = self._replicas.get(replica)
+        if rb is None:
+            return {"blocks": 0, "capacity": self.default_capacity_blocks, "evicted": 0, "expired": 0}
+        return {"blocks": len(rb.blocks), "capacity": rb.capacity, "evicted": rb.evicted,
+                "expired": rb.expired}
+
+    def __len__(self) -> int:
+        """Distinct blocks in the tree (nodes)."""
+        return len(self._owners)
+
+    @property
+    def entries(self) -> int:
+        """(block, replica) entries: the sum of every replica's block count."""
+        return sum(len(rb.blocks) for rb in self._replicas.values())
+
+    # -- lookups -----------------------------------------------------------------------
+    def match(self, keys: Sequence[int], replicas: Sequence[ReplicaId], now: float) -> dict[ReplicaId, int]:
+        """Longest prefix of ``keys`` (in blocks) each of ``replicas`` holds, unexpired.
+
+        Unknown replicas match 0. O(matched blocks + replicas).
+        """
+        result = dict.fromkeys(replicas, 0)
+        alive = self._candidate_mask(replicas)
+        if not alive or not keys:
+            return result
+        owners_get = self._owners.get
+        members = self._members
+        update = result.update
+        fromkeys = dict.fromkeys
+        for depth, key in enumerate(keys):
+            still = owners_get(key, 0) & alive
+            if still != alive:
+                update(fromkeys(members(alive ^ still), depth))
+                alive = still
+                if not alive:
+                    break
+        else:
+            update(fromkeys(members(alive), len(keys)))
+        if now > self._next_expiry:
+            # Some speculative entry may have expired. Check the deepest matched block of
+            # each replica: a chain is touched leaf-first in one insert, so if the deepest
+            # block is live its ancestors are too.
+            known = self._replicas
+            for replica, matched in result.items():
+                if matched:
+                    blocks = known[replica].blocks
+                    while matched and blocks[keys[matched - 1]] < now:
+                        matched -= 1
+                    result[replica] = matched
+        return result
+
+    def _members(self, mask: int) -> tuple:
+        """The replicas whose bits are set in ``mask`` (memoised; few masks recur)."""
+        found = self._members_of.get(mask)
+        if found is None:
+            if len(self._members_of) >= 4096:  # bound the memo
+                self._members_of.clear()
+            bits = []
+            rest = mask
+            while rest:
+                low = rest & -rest
+                bits.append(self._bit_replica[low])
+                rest ^= low
+            found = self._members_of[mask] = tuple(bits)
+        return found
+
+    def _candidate_mask(self, replicas: Sequence[ReplicaId]) -> int:
+        """Bitmask of the known replicas among ``replicas`` (cached for the last set)."""
+        if replicas is self._mask_for:
+            return self._mask
+        if not isinstance(replicas, tuple):
+            replicas = tuple(replicas)
+        if replicas == self._mask_for:
+            return self._mask
+        mask = 0
+        known = self._replicas
+        for replica in replicas:
+            rb = known.get(replica)
+            if rb is not None:
+                mask |= rb.bit
+        self._mask_for = replicas
+        self._mask = mask
+        return mask
+
+    # -- updates -----------------------------------------------------------------------
+    def insert(self, replica: ReplicaId, keys: Sequence[int], now: float, confirmed: bool = False) -> int:
+        """Record that ``replica`` holds the chain ``keys``; returns how many were new.
+
+        Speculative entries live ``speculative_ttl_s`` from their last touch; confirmed
+        ones until removed or evicted. A speculative touch never demotes a confirmed entry;
+        a confirming one promotes a speculative entry.
+        Only the first ``capacity`` keys are kept: a longer chain would evict its own head.
+        """
+        rb = self._replicas.get(replica) or self._register(replica)
+        if len(keys) > rb.capacity:
+            keys = keys[:rb.capacity]
+        blocks = rb.blocks
+        blocks_get = blocks.get
+        owners = self._owners
+        owners_get = owners.get
+        bit = rb.bit
+        coalesce = self.touch_coalesce_s
+        confirmed_stamp = CONFIRMED + now
+        stamp = confirmed_stamp if confirmed else now + self.speculative_ttl_s
+        stale_below = stamp - coalesce  # an older stamp of the same kind gets moved
+        if not confirmed and stamp < self._next_expiry:
+            self._next_expiry = stamp
+        confirmed_stale_below = confirmed_stamp - coalesce
+        new = 0
+        for key in reversed(keys):
+            mask = owners_get(key, 0)
+            if not mask & bit:  # new for this replica: the owner mask says so, no LRU probe
+                owners[key] = mask | bit
+                blocks[key] = stamp
+                new += 1
+                continue
+            old = blocks_get(key)
+            if old < CONFIRMED:
+                if confirmed or old < stale_below:  # promote, or refresh a stale touch
+                    del blocks[key]
+                    blocks[key] = stamp
+                else:
+                    break  # touched within the window: so were its ancestors (see below)
+            elif old < confirmed_stale_below:  # confirmed stays confirmed when touched
+                del blocks[key]
+                blocks[key] = confirmed_stamp
+            elif not confirmed:
+                break
+        # Why the early stops are safe: a chain is touched leaf-first, so a block's
+        # ancestors were touched no earlier than the block itself; once one block is
+        # fresh, the rest of the prefix is too. (A confirming insert never stops early on
+        # a speculative block: it must promote the whole chain.)
+        excess = len(blocks) - rb.capacity
+        if excess > 0:
+            self._evict(rb, excess)
+        return new
+
+    def _drop_owner(self, key: int, bit: int) -> None:
+        mask = self._owners[key] & ~bit
+        if mask:
+            self._owners[key] = mask
+        else:
+            del self._owners[key]
+
+    def _evict(self, rb: _ReplicaBlocks, count: int) -> None:
+        blocks = rb.blocks
+        owners = self._owners
+        keep = ~rb.bit
+        for key in list(islice(blocks, count)):  # the oldest ``count`` entries
+            del blocks[key]
+            mask = owners[key] & keep
+            if mask:
+                owners[key] = mask
+            else:
+                del owners[key]
+        rb.evicted += count
+
+    def evict_lru(self, replica: ReplicaId, count: int) -> int:
+        """Evict up to ``count`` of a replica's least recently used blocks."""
+        rb = self._replicas.get(replica)
+        if rb is None or count <= 0:
+            return 0
+        count = min(count, len(rb.blocks))
+        self._evict(rb, count)
+        return count
+
+    def remove(self, replica: ReplicaId, keys: Iterable[int]) -> int:
+        """Forget that ``replica`` holds ``keys`` (an engine's BlockRemoved). Unknown keys
+        and replicas are ignored; returns how many entries were removed."""
+        rb = self._replicas.get(replica)
+        if rb is None:
+            return 0
+        pop = rb.blocks.pop
+        removed = 0
+        for key in keys:
+            if pop(key, None) is not None:
+                self._drop_owner(key, rb.bit)
+                removed += 1
+        return removed
+
+    def clear_replica(self, replica: ReplicaId) -> int:
+        """Forget every block of ``replica`` but keep it registered (AllBlocksCleared)."""
+        rb = self._replicas.get(replica)
+        if rb is None:
+            return 0
+        for key in rb.blocks:
+            self._drop_owner(key, rb.bit)
+        removed = len(rb.blocks)
+        rb.blocks = {}
+        return removed
+
+    def drop_replica(self, replica: ReplicaId) -> int:
+        """Forget ``replica`` entirely (it died or left); its slot is reused later."""
+        removed = self.clear_replica(replica)
+        rb = self._replicas.pop(replica, None)
+        if rb is not None:
+            self._slot_replica[rb.slot] = None
+            del self._bit_replica[rb.bit]
+            heapq.heappush(self._free_slots, rb.slot)
+            self._mask_for = ()
+            self._members_of.clear()
+        return removed
+
+    def expire(self, now: float) -> int:
+        """Sweep speculative entries whose deadline passed; returns how many.
+
+        Speculative deadlines grow along each replica's LRU order (to within the touch
+        coalescing window), so the sweep stops at the first live speculative entry,
+        stepping over confirmed ones on the way; ``match`` ignores any it leaves behind.
+        """
+        total = 0
+        next_expiry = CONFIRMED
+        for rb in self._replicas.values():
+            victims = []
+            for key, stamp in rb.blocks.items():
+                if stamp >= CONFIRMED:
+                    continue
+                if stamp >= now:
+                    next_expiry = min(next_expiry, stamp)
+                    break
+                victims.append(key)
+            for key in victims:
+                del rb.blocks[key]
+                self._drop_owner(key, rb.bit)
+            rb.expired += len(victims)
+            total += len(victims)
+        # Speculative stamps follow LRU order while time never goes backwards; the bound
+        # keeps one coalescing window of margin for callers whose clocks jitter.
+        self._next_expiry = next_expiry - self.touch_coalesce_s
+        return total
+
+    @property
+    def next_expiry(self) -> float:
+        """No speculative entry expires before this time; call ``expire`` once past it."""
+        return self._next_expiry
+
+    # -- checking ----------------------------------------------------------------------
+    def check_invariants(self) -> None:
+        """Assert the structure is consistent (used by tests after every step)."""
+        seen_slots = set()
+        entries = 0
+        for replica, rb in self._replicas.items():
+            assert rb.replica == replica
+            assert rb.slot not in seen_slots, "slot shared by two replicas"
+            seen_slots.add(rb.slot)
+            assert self._slot_replica[rb.slot] == replica
+            assert rb.bit == 1 << rb.slot
+            assert len(rb.blocks) <= rb.capacity, (replica, len(rb.blocks), rb.capacity)
+            for key in rb.blocks:
+                assert self._owners.get(key, 0) & rb.bit, f"{replica} holds {key} but is not an owner"
+            entries += len(rb.blocks)
+        live_bits = sum(1 << s for s in seen_slots)
+        bits = 0
+        for key, mask in self._owners.items():
+            assert mask, f"{key} has no owner but is still stored"
+            assert mask & ~live_bits == 0, f"{key} owned by a freed slot"
+            bits += mask.bit_count()
+        assert bits == entries, (bits, entries)
+        free = set(self._free_slots)
+        assert free.isdisjoint(seen_slots)
+        assert len(free) + len(seen_slots) == len(self._slot_replica)
+        for slot in free:
+            assert self._slot_replica[slot] is None
+        assert self._bit_replica == {rb.bit: r for r, rb in self._replicas.items()}
+        for rb in self._replicas.values():
+            for stamp in rb.blocks.values():
+                assert stamp >= CONFIRMED or stamp >= self._next_expiry, "next_expiry is not a lower bound"

@@ -1,0 +1,32 @@
+"""Small builders shared by tests (no fakes of Ray or vLLM here: only our own types)."""
+
+from __future__ import annotations
+
+import random
+
+from policies.base import RouteRequest, RoutingView
+from router.load import ReplicaLoad
+
+
+def load(**fields) -> ReplicaLoad:
+    record = ReplicaLoad()
+    for name, value in fields.items():
+        setattr(record, name, value)
+    return record
+
+
+def request(blocks: int, *, block_tokens: int = 16, prompt_tokens: int | None = None, **extra) -> RouteRequest:
+    keys = list(range(1, blocks + 1))
+    return RouteRequest(keys=keys, block_tokens=block_tokens,
+                        prompt_tokens=blocks * block_tokens if prompt_tokens is None else prompt_tokens, **extra)
+
+
+def view(replicas, *, matched=None, loads=None, seed=0, now=0.0, session_replica=None,
+         cached=None, capacity=None) -> RoutingView:
+    loads = loads or {}
+    cached = cached or {}
+    capacity = capacity or {}
+    return RoutingView(replicas=list(replicas), matched_blocks=matched or {}, load=loads, now=now,
+                       rng=random.Random(seed), session_replica=session_replica,
+                       cached_blocks=lambda r: cached.get(r, 0),
+                       capacity_blocks=lambda r: capacity.get(r, 1 << 20))

@@ -1,0 +1,123 @@
+"""cache_aware: the cost model's documented behaviour, scenario by scenario.
+
+Expected picks follow from the formulas in policies/cache_aware.py's docstring and the
+profile's constants, computed here independently where a number is needed.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+import policies
+from router.errors import ConfigError
+from router.profile import DEFAULT_PROFILE as P
+from tests.helpers import load, request, view
+
+
+def rank(v, req, **config):
+    return [tier[0] for tier in policies.get("cache_aware", **config).rank(req, v)]
+
+
+def test_prefers_the_replica_holding_the_prefix_when_idle():
+    req = request(100)
+    v = view(["a", "b", "c"], matched={"b": 80})
+    assert rank(v, req)[0] == "b"
+
+
+def test_every_candidate_is_ranked_once_as_its_own_tier():
+    req = request(10)
+    v = view(["a", "b", "c", "d"], matched={"c": 5})
+    tiers = policies.get("cache_aware").rank(req, v)
+    assert all(len(t) == 1 for t in tiers)
+    assert sorted(t[0] for t in tiers) == ["a", "b", "c", "d"]
+
+
+def test_queued_work_outweighs_a_small_cache_saving():
+    # b holds 10 blocks (160 tokens) but has 20,000 uncached tokens waiting: at ~3.2e-5 s
+    # per token that queue costs ~0.64 s, far more than prefilling 160 tokens (~5 ms) on a.
+    req = request(100)
+    v = view(["a", "b"], matched={"b": 10}, loads={"b": load(waiting=4, in_flight=4, waiting_prefill_tokens=20_000)})
+    assert rank(v, req)[0] == "a"
+
+
+def test_a_large_cache_saving_outweighs_a_small_queue():
+    # b holds 1,000 of 1,000 blocks (16,000 tokens, ~0.5 s of prefill) and has 500 tokens
+    # queued (~16 ms): b wins.
+    req = request(1000)
+    v = view(["a", "b"], matched={"b": 1000}, loads={"b": load(waiting=1, in_flight=1, waiting_prefill_tokens=500)})
+    assert rank(v, req)[0] == "b"
+
+
+def test_cost_is_seconds_to_first_token_from_the_profile():
+    req = request(50)  # 800 prompt tokens, nothing cached, idle replica
+    policy = policies.get("cache_aware", kv_barrier_s=0.0)
+    cost = policy.costs(req, view(["a"]))["a"]
+    step = P.step_overhead_s
+    expected = 800 * (P.prefill_s_per_token + step / P.max_batched_tokens) + step
+    assert cost == pytest.approx(expected)
+
+
+def test_kv_barrier_steers_away_from_a_nearly_full_replica():
+    # a holds the whole prefix but its KV cache is 97 % used by running requests.
+    req = request(100)
+    # (b carries as many requests, so neither is over its fair share: only KV differs.)
+    loads = {"a": load(kv_blocks=970, running=3, in_flight=3), "b": load(running=3, in_flight=3)}
+    v = view(["a", "b"], matched={"a": 100}, loads=loads, capacity={"a": 1000, "b": 1000})
+    assert rank(v, req)[0] == "b"
+    # Without the barrier the cached prefix wins.
+    assert rank(v, req, kv_barrier_s=0.0)[0] == "a"
+
+
+def test_barrier_rises_steeply_with_usage():
+    policy = policies.get("cache_aware")
+    req = request(1)
+    costs = []
+    for used in (500, 850, 900, 950, 990):
+        v = view(["a"], loads={"a": load(kv_blocks=used)}, capacity={"a": 1000})
+        costs.append(policy.costs(req, v)["a"])
+    assert costs[0] < costs[1] < costs[2] < costs[3] < costs[4]
+    assert costs[4] - costs[3] > 5 * (costs[2] - costs[1])  # convex, not linear
+
+
+def test_engine_report_counts_only_while_fresh():
+    req = request(100)
+    busy = load(engine_waiting=50, engine_running=10, engine_report_time=0.0)
+    assert rank(view(["a", "b"], matched={"a": 20}, loads={"a": busy}, now=1.0), req)[0] == "b"
+    # 60 s later the report is stale (default TTL 5 s): only this router's (empty) count is used.
+    assert rank(view(["a", "b"], matched={"a": 20}, loads={"a": busy}, now=60.0), req)[0] == "a"
+
+
+def test_over_bound_holder_spills_to_the_next_best():
+    # 4 replicas, 12 in flight, all on a: bound = ceil(1.25 * 13 / 4) = 5; a is over it.
+    req = request(100)
+    loads = {"a": load(in_flight=12, running=12)}
+    v = view(["a", "b", "c", "d"], matched={"a": 100, "c": 40}, loads=loads)
+    order = rank(v, req)
+    assert order[0] == "c" and order[-1] == "a"
+
+
+def test_session_replica_goes_first_within_slack_and_not_beyond():
+    req = request(10)  # 160 tokens: the session costs ~5 ms more than a cached replica
+    v = view(["a", "b"], matched={"a": 10}, session_replica="b")
+    assert rank(v, req)[0] == "b"
+    # With a 20,000-token queue on b (~0.64 s) the session is not worth it. (One request
+    # in flight keeps b within its fair share, so only the slack decides.)
+    v = view(["a", "b"], matched={"a": 10}, session_replica="b",
+             loads={"b": load(waiting=1, in_flight=1, waiting_prefill_tokens=20_000)})
+    assert rank(v, req)[0] == "a"
+    assert rank(v, req, session_slack_s=10.0)[0] == "b"
+
+
+def test_ties_are_broken_at_random():
+    req = request(10)
+    firsts = {rank(view(["a", "b", "c"], seed=seed), req)[0] for seed in range(60)}
+    assert firsts == {"a", "b", "c"}
+
+
+@pytest.mark.parametrize("option, value", [("load_factor", 0.5), ("kv_soft_limit", 1.0),
+                                           ("kv_barrier_s", -1.0), ("session_slack_s", -0.1),
+                                           ("profile", "no-such-gpu"), ("load_factor", "high")])
+def test_bad_config_names_the_field(option, value):
+    with pytest.raises(ConfigError) as exc:
+        policies.get("cache_aware", **{option: value})
+    assert option in exc.value.field
