@@ -76,19 +76,20 @@ class RoutingView:
     matched_blocks  replica -> blocks of this request's prefix the router believes it caches
     load            replica -> ReplicaLoad (read-only for policies)
     session_replica replica this request's session last went to, if it is a candidate
+    capacities      replica -> KV cache size in blocks (``default_capacity`` if absent)
     now             the decision time in seconds (wall or simulated)
     rng             the owner's seeded random generator
     Building one is O(1); all lookups are O(1).
     """
 
     __slots__ = ("replicas", "matched_blocks", "load", "session_replica", "now", "rng",
-                 "_cached_blocks", "_capacity_blocks")
+                 "capacities", "default_capacity", "_cached_blocks")
 
     def __init__(self, *, replicas: Sequence[ReplicaId], matched_blocks: Mapping[ReplicaId, int],
                  load: Mapping[ReplicaId, ReplicaLoad], now: float, rng: random.Random,
                  session_replica: ReplicaId | None = None,
                  cached_blocks: Callable[[ReplicaId], int] = lambda r: 0,
-                 capacity_blocks: Callable[[ReplicaId], int] = lambda r: 0) -> None:
+                 capacities: Mapping[ReplicaId, int] | None = None, default_capacity: int = 0) -> None:
         self.replicas = tuple(replicas)
         self.matched_blocks = matched_blocks
         self.load = load
@@ -96,7 +97,8 @@ class RoutingView:
         self.now = now
         self.rng = rng
         self._cached_blocks = cached_blocks
-        self._capacity_blocks = capacity_blocks
+        self.capacities = capacities if capacities is not None else {}
+        self.default_capacity = default_capacity
 
     def matched(self, replica: ReplicaId) -> int:
         """Blocks of the request's prefix this replica is believed to cache (0 if unknown)."""
@@ -112,8 +114,9 @@ class RoutingView:
         return self._cached_blocks(replica)
 
     def capacity_blocks(self, replica: ReplicaId) -> int:
-        """The replica's KV cache size in blocks, as configured for the router."""
-        return self._capacity_blocks(replica)
+        """The replica's KV cache size in blocks, as configured for the router
+        (``capacities`` holds the same as a mapping, for hot loops)."""
+        return self.capacities.get(replica, self.default_capacity)
 
 
 _EMPTY_LOAD = ReplicaLoad()

@@ -86,7 +86,8 @@ class CacheAwarePolicy(Policy):
         output = request.output_tokens or 0
         matched = view.matched_blocks
         loads = view.load
-        capacity_of = view.capacity_blocks
+        capacity_of = view.capacities.get
+        default_capacity = view.default_capacity
         soft = cfg.kv_soft_limit
         barrier_s = cfg.kv_barrier_s
         overhead = prof.step_overhead_s
@@ -116,7 +117,7 @@ class CacheAwarePolicy(Policy):
                 uncached = 0
             cost = (queued + uncached) * token_s + step_s
             if barrier_s:
-                capacity = capacity_of(replica)
+                capacity = capacity_of(replica, default_capacity)
                 if capacity > 0:
                     usage = load.kv_blocks / capacity
                     if fresh and load.engine_kv_usage is not None and load.engine_kv_usage > usage:

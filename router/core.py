@@ -176,15 +176,14 @@ class RoutingCore:
 
     def view(self, request: RouteRequest, now: float, candidates: Sequence[ReplicaId] | None = None) -> RoutingView:
         """What the policy sees for ``request`` among ``candidates`` (default: all replicas)."""
-        if now > self.tree.next_expiry:
-            self.tree.expire(now)
         replicas = self._replicas if candidates is None else tuple(candidates)
         session_replica = self.sessions.get(request.session_id, now) if request.session_id else None
         if session_replica is not None and session_replica not in replicas:
             session_replica = None
         return RoutingView(replicas=replicas, matched_blocks=self.tree.match(request.keys, replicas, now),
                            load=self.load.loads, now=now, rng=self.rng, session_replica=session_replica,
-                           cached_blocks=self.tree.replica_blocks, capacity_blocks=self.tree.capacity)
+                           cached_blocks=self.tree.replica_blocks, capacities=self.tree.capacities,
+                           default_capacity=self.tree.default_capacity_blocks)
 
     def rank(self, request: RouteRequest, now: float,
              candidates: Sequence[ReplicaId] | None = None) -> tuple[Tiers, RoutingView]:

@@ -4,63 +4,63 @@ Because block keys are chained (``router.keys``), a key names its whole prefix a
 parent: the tree is stored flat, as a map ``key -> owners``, and walking a request's keys
 in order walks a root-to-leaf path. This is also exactly how vLLM's prefix cache finds
 blocks (a hash -> block map probed block by block), including its one quirk: a block
-whose parent was evicted stays findable once the parent is computed again.
+whose parent was evicted is found again once the parent is computed again.
 
 Layout
   _owners   key -> bitmask of replica slots holding that block (bit i = slot i)
-  per replica (``_ReplicaBlocks``): ``blocks``, a dict key -> stamp whose insertion
-            order is the replica's LRU order (oldest first). A speculative entry (learned
-            from routing) stores its deadline, ``touch time + TTL``; an entry confirmed by
-            the engine's KV events stores ``CONFIRMED + touch time`` (``CONFIRMED`` = 2**40
-            s, beyond any clock), so one float comparison answers both "is it live?"
-            (``stamp >= now``) and "was it touched lately?".
-A touch re-inserts the key at the young end. ``insert`` touches a chain leaf-first, so the
-head of a chain is always younger than its tail and LRU eviction frees tails before
-heads, as vLLM does when it frees a request's blocks in reverse order. A block touched
-less than ``touch_coalesce_s`` ago is not moved again (a hot system prompt would otherwise
-be re-linked on every request): LRU order is exact to within that window, which is far
-shorter than the time an engine takes to cycle its cache. ``touch_coalesce_s=0`` gives
-exact LRU.
+  per replica (``_ReplicaBlocks``):
+    blocks  key -> last touch time; insertion order is the replica's LRU order (oldest
+            first). Every entry, speculative or confirmed, is here.
+    spec    key -> deadline (touch + TTL) of the entries learned from routing and not yet
+            confirmed by the engine's KV events; insertion order is deadline order, so
+            expiry pops from the front. A confirmed entry is one absent from ``spec``.
 
-Speculative entries expire: ``match`` ignores an expired entry (checked at the deepest
-matched block of each replica, whose ancestors were touched no earlier), and ``expire``
-sweeps them out of memory. Each replica holds at most ``capacity`` blocks.
+A touch re-inserts the key at the young end. ``insert`` touches a chain leaf-first, so the
+head of a chain ends up younger than its tail and LRU eviction frees tails before heads,
+as vLLM does when it frees a request's blocks in reverse order. A block touched less than
+``touch_coalesce_s`` ago is not moved again (a hot system prompt would otherwise be
+re-linked on every request): every block's LRU position, and a speculative block's
+deadline, is at most that window old. ``touch_coalesce_s=0`` gives exact LRU.
+
+Expiry is exact: ``match`` first sweeps every speculative entry whose deadline has passed
+(only when ``now`` has passed ``next_expiry``, the earliest deadline), so an expired
+entry never counts and a chain whose head expired stops matching at the head. Time must
+never go backwards (wall time or simulated time).
 
 Complexity
-  match(keys, replicas)        O(matched blocks + replicas): one dict probe and one AND
-                               per matched block, stopping at the first block no
-                               candidate holds
-  insert(replica, keys)        O(len(keys)) plus O(evicted)
-  remove / clear / drop        O(blocks touched)
-  expire(now)                  O(expired + confirmed entries older than the oldest live
-                               speculative one)
-Memory: about 52 bytes for a replica's entry (its LRU dict slot) plus about 120 bytes per
-distinct block (map slot, the key int, the mask int) shared by all of its owners; the
-router benchmark measures it.
+  match(keys, replicas)   O(matched blocks + replicas): one dict probe and one AND per
+                          matched block, stopping at the first block no candidate holds
+  insert(replica, keys)   O(len(keys)) plus O(evicted)
+  remove / clear / drop   O(blocks touched)
+  expire(now)             O(expired + replicas)
+Memory: about 52 bytes for a replica's entry (its LRU slot), 52 more while it is
+speculative, plus about 120 bytes per distinct block (map slot, key int, mask int) shared
+by all of its owners; the router benchmark measures it.
 """
 
 from __future__ import annotations
 
 import heapq
+import math
 from collections.abc import Hashable, Iterable, Sequence
 from itertools import islice
 
 from router.errors import ConfigError
 
 ReplicaId = Hashable
-CONFIRMED = float(2 ** 40)  # stamp offset of confirmed entries; larger than any clock value
 
 
 class _ReplicaBlocks:
-    """One replica's blocks in LRU order (oldest first) with their deadlines."""
+    """One replica's blocks in LRU order, and its speculative ones in deadline order."""
 
-    __slots__ = ("replica", "slot", "bit", "blocks", "capacity", "evicted", "expired")
+    __slots__ = ("replica", "slot", "bit", "blocks", "spec", "capacity", "evicted", "expired")
 
     def __init__(self, replica: ReplicaId, slot: int, capacity: int) -> None:
         self.replica = replica
         self.slot = slot
         self.bit = 1 << slot
         self.blocks: dict[int, float] = {}
+        self.spec: dict[int, float] = {}
         self.capacity = capacity
         self.evicted = 0
         self.expired = 0
@@ -76,9 +76,10 @@ class PrefixTree:
     """The blocks every replica is believed to cache, shared in one keyed tree.
 
     Holds ``_owners`` (key -> replica-slot bitmask) and one ``_ReplicaBlocks`` per
-    replica (LRU-ordered deadlines, bounded by the replica's capacity). See the module
-    docstring for the layout, the complexity of each operation and memory per entry.
-    Single owner, no locks: the router's event loop or the simulator drives it.
+    replica (LRU-ordered touch times, deadline-ordered speculative entries, bounded by
+    the replica's capacity). See the module docstring for the layout, the complexity of
+    each operation and memory per entry. Single owner, no locks: the router's event loop
+    or the simulator drives it.
     """
 
     def __init__(self, *, default_capacity_blocks: int = 65_536,
@@ -93,22 +94,20 @@ class PrefixTree:
         self.touch_coalesce_s = float(touch_coalesce_s)
         self._owners: dict[int, int] = {}
         self._replicas: dict[ReplicaId, _ReplicaBlocks] = {}
+        self.capacities: dict[ReplicaId, int] = {}  # replica -> capacity, for policy views
         self._slot_replica: list[ReplicaId | None] = []
         self._bit_replica: dict[int, ReplicaId] = {}
         self._free_slots: list[int] = []
         self._members_of: dict[int, tuple] = {}  # memo of _members(mask)
-        self._mask_for: tuple = ()  # the candidate set whose mask is cached in _mask
+        self._mask_for: tuple | None = None  # the candidate set whose mask is in _mask
         self._mask = 0
-        # Lower bound on every speculative deadline in the tree: until ``now`` passes it
-        # nothing can have expired, so ``match`` skips its expiry probes.
-        self._next_expiry = CONFIRMED
+        self._next_expiry = math.inf  # earliest speculative deadline (a lower bound)
 
     # -- replicas ----------------------------------------------------------------------
     def add_replica(self, replica: ReplicaId, capacity_blocks: int | None = None) -> None:
         """Register ``replica`` (no-op if known, except updating its capacity)."""
-        rb = self._replicas.get(replica)
-        if rb is None:
-            rb = self._register(replica)
+        if replica not in self._replicas:
+            self._register(replica)
         if capacity_blocks is not None:
             self.set_capacity(replica, capacity_blocks)
 
@@ -121,15 +120,20 @@ class PrefixTree:
             self._slot_replica.append(replica)
         rb = self._replicas[replica] = _ReplicaBlocks(replica, slot, self.default_capacity_blocks)
         self._bit_replica[rb.bit] = replica
-        self._mask_for = ()
-        self._members_of.clear()
+        self.capacities[replica] = rb.capacity
+        self._replicas_changed()
         return rb
+
+    def _replicas_changed(self) -> None:
+        self._mask_for = None
+        self._members_of.clear()
 
     def set_capacity(self, replica: ReplicaId, capacity_blocks: int) -> None:
         """Set a replica's capacity in blocks; evicts its LRU blocks if now over it."""
         _check_capacity(capacity_blocks)
         rb = self._replicas.get(replica) or self._register(replica)
         rb.capacity = capacity_blocks
+        self.capacities[replica] = capacity_blocks
         excess = len(rb.blocks) - capacity_blocks
         if excess > 0:
             self._evict(rb, excess)
@@ -142,8 +146,7 @@ class PrefixTree:
         return replica in self._replicas
 
     def capacity(self, replica: ReplicaId) -> int:
-        rb = self._replicas.get(replica)
-        return rb.capacity if rb is not None else self.default_capacity_blocks
+        return self.capacities.get(replica, self.default_capacity_blocks)
 
     def replica_blocks(self, replica: ReplicaId) -> int:
         """Blocks held by ``replica`` (0 if unknown)."""
@@ -158,15 +161,17 @@ class PrefixTree:
     def is_confirmed(self, replica: ReplicaId, key: int) -> bool | None:
         """True if confirmed, False if speculative, None if the replica does not hold it."""
         rb = self._replicas.get(replica)
-        stamp = rb.blocks.get(key) if rb is not None else None
-        return None if stamp is None else stamp >= CONFIRMED
+        if rb is None or key not in rb.blocks:
+            return None
+        return key not in rb.spec
 
     def stats(self, replica: ReplicaId) -> dict[str, int]:
         rb = self._replicas.get(replica)
         if rb is None:
-            return {"blocks": 0, "capacity": self.default_capacity_blocks, "evicted": 0, "expired": 0}
-        return {"blocks": len(rb.blocks), "capacity": rb.capacity, "evicted": rb.evicted,
-                "expired": rb.expired}
+            return {"blocks": 0, "speculative": 0, "capacity": self.default_capacity_blocks,
+                    "evicted": 0, "expired": 0}
+        return {"blocks": len(rb.blocks), "speculative": len(rb.spec), "capacity": rb.capacity,
+                "evicted": rb.evicted, "expired": rb.expired}
 
     def __len__(self) -> int:
         """Distinct blocks in the tree (nodes)."""
@@ -181,8 +186,11 @@ class PrefixTree:
     def match(self, keys: Sequence[int], replicas: Sequence[ReplicaId], now: float) -> dict[ReplicaId, int]:
         """Longest prefix of ``keys`` (in blocks) each of ``replicas`` holds, unexpired.
 
-        Unknown replicas match 0. O(matched blocks + replicas).
+        Unknown replicas match 0. Sweeps expired speculative entries first when any can
+        have expired. O(matched blocks + replicas).
         """
+        if now > self._next_expiry:
+            self.expire(now)
         result = dict.fromkeys(replicas, 0)
         alive = self._candidate_mask(replicas)
         if not alive or not keys:
@@ -200,17 +208,6 @@ class PrefixTree:
                     break
         else:
             update(fromkeys(members(alive), len(keys)))
-        if now > self._next_expiry:
-            # Some speculative entry may have expired. Check the deepest matched block of
-            # each replica: a chain is touched leaf-first in one insert, so if the deepest
-            # block is live its ancestors are too.
-            known = self._replicas
-            for replica, matched in result.items():
-                if matched:
-                    blocks = known[replica].blocks
-                    while matched and blocks[keys[matched - 1]] < now:
-                        matched -= 1
-                    result[replica] = matched
         return result
 
     def _members(self, mask: int) -> tuple:
@@ -252,48 +249,40 @@ class PrefixTree:
 
         Speculative entries live ``speculative_ttl_s`` from their last touch; confirmed
         ones until removed or evicted. A speculative touch never demotes a confirmed entry;
-        a confirming one promotes a speculative entry.
-        Only the first ``capacity`` keys are kept: a longer chain would evict its own head.
+        a confirming one promotes a speculative entry. Only the first ``capacity`` keys
+        are kept: a longer chain would evict its own head.
         """
         rb = self._replicas.get(replica) or self._register(replica)
         if len(keys) > rb.capacity:
             keys = keys[:rb.capacity]
         blocks = rb.blocks
-        blocks_get = blocks.get
+        spec = rb.spec
         owners = self._owners
         owners_get = owners.get
         bit = rb.bit
-        coalesce = self.touch_coalesce_s
-        confirmed_stamp = CONFIRMED + now
-        stamp = confirmed_stamp if confirmed else now + self.speculative_ttl_s
-        stale_below = stamp - coalesce  # an older stamp of the same kind gets moved
-        if not confirmed and stamp < self._next_expiry:
-            self._next_expiry = stamp
-        confirmed_stale_below = confirmed_stamp - coalesce
+        deadline = now + self.speculative_ttl_s
+        stale_before = now - self.touch_coalesce_s
         new = 0
-        for key in reversed(keys):
+        for key in reversed(keys):  # leaf first: the head ends up youngest
             mask = owners_get(key, 0)
             if not mask & bit:  # new for this replica: the owner mask says so, no LRU probe
                 owners[key] = mask | bit
-                blocks[key] = stamp
+                blocks[key] = now
+                if not confirmed:
+                    spec[key] = deadline
                 new += 1
-                continue
-            old = blocks_get(key)
-            if old < CONFIRMED:
-                if confirmed or old < stale_below:  # promote, or refresh a stale touch
+            elif confirmed:
+                promoted = spec.pop(key, None) is not None
+                if promoted or blocks[key] < stale_before:
                     del blocks[key]
-                    blocks[key] = stamp
-                else:
-                    break  # touched within the window: so were its ancestors (see below)
-            elif old < confirmed_stale_below:  # confirmed stays confirmed when touched
+                    blocks[key] = now
+            elif blocks[key] < stale_before:  # touched longer ago than the window: move it
                 del blocks[key]
-                blocks[key] = confirmed_stamp
-            elif not confirmed:
-                break
-        # Why the early stops are safe: a chain is touched leaf-first, so a block's
-        # ancestors were touched no earlier than the block itself; once one block is
-        # fresh, the rest of the prefix is too. (A confirming insert never stops early on
-        # a speculative block: it must promote the whole chain.)
+                blocks[key] = now
+                if spec.pop(key, None) is not None:
+                    spec[key] = deadline
+        if not confirmed and deadline < self._next_expiry:
+            self._next_expiry = deadline
         excess = len(blocks) - rb.capacity
         if excess > 0:
             self._evict(rb, excess)
@@ -308,10 +297,12 @@ class PrefixTree:
 
     def _evict(self, rb: _ReplicaBlocks, count: int) -> None:
         blocks = rb.blocks
+        spec_pop = rb.spec.pop
         owners = self._owners
         keep = ~rb.bit
         for key in list(islice(blocks, count)):  # the oldest ``count`` entries
             del blocks[key]
+            spec_pop(key, None)
             mask = owners[key] & keep
             if mask:
                 owners[key] = mask
@@ -335,9 +326,11 @@ class PrefixTree:
         if rb is None:
             return 0
         pop = rb.blocks.pop
+        spec_pop = rb.spec.pop
         removed = 0
         for key in keys:
             if pop(key, None) is not None:
+                spec_pop(key, None)
                 self._drop_owner(key, rb.bit)
                 removed += 1
         return removed
@@ -351,6 +344,7 @@ class PrefixTree:
             self._drop_owner(key, rb.bit)
         removed = len(rb.blocks)
         rb.blocks = {}
+        rb.spec = {}
         return removed
 
     def drop_replica(self, replica: ReplicaId) -> int:
@@ -360,42 +354,37 @@ class PrefixTree:
         if rb is not None:
             self._slot_replica[rb.slot] = None
             del self._bit_replica[rb.bit]
+            del self.capacities[replica]
             heapq.heappush(self._free_slots, rb.slot)
-            self._mask_for = ()
-            self._members_of.clear()
+            self._replicas_changed()
         return removed
 
     def expire(self, now: float) -> int:
-        """Sweep speculative entries whose deadline passed; returns how many.
-
-        Speculative deadlines grow along each replica's LRU order (to within the touch
-        coalescing window), so the sweep stops at the first live speculative entry,
-        stepping over confirmed ones on the way; ``match`` ignores any it leaves behind.
-        """
+        """Remove every speculative entry whose deadline is before ``now``; returns how
+        many. Each replica's ``spec`` is in deadline order, so this pops from its front."""
         total = 0
-        next_expiry = CONFIRMED
+        next_expiry = math.inf
         for rb in self._replicas.values():
+            spec = rb.spec
             victims = []
-            for key, stamp in rb.blocks.items():
-                if stamp >= CONFIRMED:
-                    continue
-                if stamp >= now:
-                    next_expiry = min(next_expiry, stamp)
+            for key, deadline in spec.items():
+                if deadline >= now:
+                    if deadline < next_expiry:
+                        next_expiry = deadline
                     break
                 victims.append(key)
             for key in victims:
+                del spec[key]
                 del rb.blocks[key]
                 self._drop_owner(key, rb.bit)
             rb.expired += len(victims)
             total += len(victims)
-        # Speculative stamps follow LRU order while time never goes backwards; the bound
-        # keeps one coalescing window of margin for callers whose clocks jitter.
-        self._next_expiry = next_expiry - self.touch_coalesce_s
+        self._next_expiry = next_expiry
         return total
 
     @property
     def next_expiry(self) -> float:
-        """No speculative entry expires before this time; call ``expire`` once past it."""
+        """No speculative entry expires before this time (``inf`` if there is none)."""
         return self._next_expiry
 
     # -- checking ----------------------------------------------------------------------
@@ -412,6 +401,10 @@ class PrefixTree:
             assert len(rb.blocks) <= rb.capacity, (replica, len(rb.blocks), rb.capacity)
             for key in rb.blocks:
                 assert self._owners.get(key, 0) & rb.bit, f"{replica} holds {key} but is not an owner"
+            assert rb.spec.keys() <= rb.blocks.keys(), "speculative entry missing from the LRU"
+            deadlines = list(rb.spec.values())
+            assert deadlines == sorted(deadlines), "speculative entries out of deadline order"
+            assert not deadlines or deadlines[0] >= self._next_expiry, "next_expiry is not a lower bound"
             entries += len(rb.blocks)
         live_bits = sum(1 << s for s in seen_slots)
         bits = 0
@@ -426,6 +419,4 @@ class PrefixTree:
         for slot in free:
             assert self._slot_replica[slot] is None
         assert self._bit_replica == {rb.bit: r for r, rb in self._replicas.items()}
-        for rb in self._replicas.values():
-            for stamp in rb.blocks.values():
-                assert stamp >= CONFIRMED or stamp >= self._next_expiry, "next_expiry is not a lower bound"
+        assert self.capacities == {r: rb.capacity for r, rb in self._replicas.items()}

@@ -29,4 +29,4 @@ def view(replicas, *, matched=None, loads=None, seed=0, now=0.0, session_replica
     return RoutingView(replicas=list(replicas), matched_blocks=matched or {}, load=loads, now=now,
                        rng=random.Random(seed), session_replica=session_replica,
                        cached_blocks=lambda r: cached.get(r, 0),
-                       capacity_blocks=lambda r: capacity.get(r, 1 << 20))
+                       capacities=capacity, default_capacity=1 << 20)

@@ -25,6 +25,7 @@ import policies.ray_prefix  # noqa: F401
 import policies.round_robin  # noqa: F401
 import policies.session  # noqa: F401
 import policies.sglang  # noqa: F401
+import policies
 from policies.base import RouteRequest, RoutingView, get, policy_class
 from router.errors import ConfigError
 from router.load import ReplicaLoad
@@ -70,7 +71,7 @@ def mkview(replicas, *, matched=None, loads=None, now: float = 0.0, seed: int = 
         rng=random.Random(seed),
         session_replica=session_replica,
         cached_blocks=lambda r: cached.get(r, 0),
-        capacity_blocks=lambda r: capacity.get(r, 0),
+        capacities=capacity, default_capacity=0,
     )
 
 
@@ -207,7 +208,7 @@ def scenarios(draw):
                                    capacity=capacity, now=now, seed=seed)
 
 
-@pytest.mark.parametrize("name", PEERS)
+@pytest.mark.parametrize("name", policies.available())  # every registered policy, ours too
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=scenarios())
 def test_tiers_valid_for_arbitrary_views(name, data):
