@@ -57,14 +57,17 @@ class ReplicaLoad:
         return age is not None and age <= self._report_ttl_s
 
     def queue_len(self, now: float) -> int:
-        """Requests ahead of a new one: the engine's count when fresh, else this router's."""
+        """Requests ahead of a new one: when the engine's report is fresh, the larger of its
+        count (waiting + running, all routers' traffic) and this router's in-flight count
+        (the report may predate this router's latest requests); else this router's count."""
         if self.report_is_fresh(now) and self.engine_waiting is not None:
             return max(self.engine_waiting + (self.engine_running or 0), self.in_flight)
         return self.in_flight
 
     def kv_usage(self, now: float, capacity_blocks: int) -> float:
-        """Fraction of the KV cache held by running work: the engine's figure when fresh,
-        else this router's estimate ``kv_blocks / capacity_blocks``."""
+        """Fraction of the KV cache held by running work: this router's estimate
+        ``kv_blocks / capacity_blocks``, raised to the engine's figure when its report is
+        fresh and higher (the engine sees every router's traffic)."""
         estimate = self.kv_blocks / capacity_blocks if capacity_blocks > 0 else 0.0
         if self.report_is_fresh(now) and self.engine_kv_usage is not None:
             return max(self.engine_kv_usage, estimate)
@@ -96,9 +99,11 @@ class LoadView:
     """
 
     def __init__(self, *, report_ttl_s: float = 5.0, max_tracked_requests: int = 100_000) -> None:
-        if not isinstance(report_ttl_s, (int, float)) or report_ttl_s <= 0:
-            raise ConfigError("load.report_ttl_s", f"must be > 0, got {report_ttl_s!r}")
-        if not isinstance(max_tracked_requests, int) or max_tracked_requests <= 0:
+        if (not isinstance(report_ttl_s, (int, float)) or isinstance(report_ttl_s, bool)
+                or not report_ttl_s > 0 or report_ttl_s == float("inf")):
+            raise ConfigError("load.report_ttl_s", f"must be a finite number > 0, got {report_ttl_s!r}")
+        if (not isinstance(max_tracked_requests, int) or isinstance(max_tracked_requests, bool)
+                or max_tracked_requests <= 0):
             raise ConfigError("load.max_tracked_requests",
                               f"must be a positive integer, got {max_tracked_requests!r}")
         self.report_ttl_s = float(report_ttl_s)

@@ -19,8 +19,9 @@ A touch re-inserts the key at the young end. ``insert`` touches a chain leaf-fir
 head of a chain ends up younger than its tail and LRU eviction frees tails before heads,
 as vLLM does when it frees a request's blocks in reverse order. A block touched less than
 ``touch_coalesce_s`` ago is not moved again (a hot system prompt would otherwise be
-re-linked on every request): every block's LRU position, and a speculative block's
-deadline, is at most that window old. ``touch_coalesce_s=0`` gives exact LRU.
+re-linked on every request): a block is moved only when its last move is more than the
+window old, so every block's LRU position, and a speculative block's deadline, is at most
+that window old. ``touch_coalesce_s=0`` gives exact LRU.
 
 Expiry is exact: ``match`` first sweeps every speculative entry whose deadline has passed
 (only when ``now`` has passed ``next_expiry``, the earliest deadline), so an expired

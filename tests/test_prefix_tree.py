@@ -67,9 +67,10 @@ UNKNOWN = ["ghost", 7]  # never registered by any rule
 ALL_IDS = REPLICAS + UNKNOWN
 
 seqs = st.lists(st.integers(0, 2), min_size=0, max_size=6).map(tuple)
-# Every step advances the clock by STEP (time strictly increases, far above the float
-# resolution of the stamps); the ``advance`` rule adds a drawn jump, sometimes past the TTL.
-STEP = 0.01
+# Every step advances the clock by a per-run step drawn from STEPS (time strictly
+# increases); the ``advance`` rule adds a drawn jump, sometimes past the TTL. Small steps
+# make touches close together, large ones spread deadlines apart.
+STEPS = (0.01, 0.05, 0.3)
 jumps = st.integers(1, 900).map(lambda centis: centis / 100.0)
 
 
@@ -82,17 +83,19 @@ class PrefixTreeMachine(RuleBasedStateMachine):
         self.now = 0.0
         self.tree: PrefixTree | None = None
         self.default_capacity = 8
+        self.step = STEPS[0]
         self.ref: dict = {}
         self.last_tuple: tuple | None = None
 
-    @initialize(capacity=st.integers(6, 12))
-    def setup(self, capacity):
+    @initialize(capacity=st.integers(6, 12), step=st.sampled_from(STEPS))
+    def setup(self, capacity, step):
         self.default_capacity = capacity
+        self.step = step
         self.tree = PrefixTree(default_capacity_blocks=capacity, speculative_ttl_s=TTL,
                                touch_coalesce_s=0.0)
 
     def tick(self) -> float:
-        self.now += STEP
+        self.now += self.step
         return self.now
 
     @rule(jump=jumps)
@@ -274,6 +277,9 @@ class PrefixTreeMachine(RuleBasedStateMachine):
                 continue
             assert self.tree.replica_blocks(replica) == len(rr.entries)
             assert self.tree.capacity(replica) == rr.capacity
+            stats = self.tree.stats(replica)
+            assert stats["blocks"] == len(rr.entries) and stats["capacity"] == rr.capacity
+            assert stats["speculative"] == sum(1 for _, c in rr.entries.values() if not c)
             for prefix, (_, confirmed) in rr.entries.items():
                 assert self.tree.is_confirmed(replica, key_of_prefix(prefix)) is confirmed
         distinct = {p for rr in self.ref.values() for p in rr.entries}
@@ -293,7 +299,7 @@ class PrefixTreeMachine(RuleBasedStateMachine):
 # is off to keep the file fast: a failure prints the whole (at most 30-step) trace. Drop
 # ``phases`` locally to get a minimal trace.
 PrefixTreeMachine.TestCase.settings = settings(
-    max_examples=300, stateful_step_count=30, deadline=None, report_multiple_bugs=False,
+    max_examples=400, stateful_step_count=30, deadline=None, report_multiple_bugs=False,
     phases=(Phase.explicit, Phase.reuse, Phase.generate),
     suppress_health_check=[HealthCheck.too_slow])
 TestPrefixTreeMachine = PrefixTreeMachine.TestCase
@@ -557,9 +563,9 @@ def test_next_expiry_is_a_lower_bound():
     assert tree.expire(6.0) == 2       # a's two entries
     tree.check_invariants()
     assert tree.next_expiry <= 2.0 + TTL
-    assert tree.expire(tree.next_expiry) == 0
     assert tree.match(a, ["r"], 6.0) == {"r": 0}
     assert tree.match(b, ["s"], 6.0) == {"s": 3}
+    assert tree.expire(max(6.0, tree.next_expiry)) == 0  # time never goes backwards
     assert tree.expire(7.5) == 3
     assert tree.stats("s")["expired"] == 3 and tree.stats("r")["expired"] == 2
     assert tree.match(c, ["s"], 7.5) == {"s": 1}
@@ -568,7 +574,8 @@ def test_next_expiry_is_a_lower_bound():
 
 
 def test_match_ignores_expired_ancestor_of_a_confirmed_block():
-    # Docs: "match ignores an expired entry". The engine evicted the chain's head (a
+    # Docs: "an expired entry never counts and a chain whose head expired stops matching
+    # at the head". The engine evicted the chain's head (a
     # BlockRemoved), the router then re-learned it speculatively, and the engine never
     # confirmed it: once its TTL passes, nothing beyond the head can be matched.
     tree = PrefixTree(default_capacity_blocks=8, speculative_ttl_s=TTL, touch_coalesce_s=0.0)

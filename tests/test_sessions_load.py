@@ -514,3 +514,12 @@ class LoadMachine(RuleBasedStateMachine):
 LoadMachine.TestCase.settings = settings(max_examples=250, stateful_step_count=40, deadline=None,
                                          suppress_health_check=[HealthCheck.too_slow])
 TestLoadMachine = LoadMachine.TestCase
+
+
+@pytest.mark.parametrize("kwargs, field", [({"report_ttl_s": True}, "load.report_ttl_s"),
+                                           ({"report_ttl_s": float("nan")}, "load.report_ttl_s"),
+                                           ({"max_tracked_requests": True}, "load.max_tracked_requests")])
+def test_load_view_rejects_bool_and_nan_config(kwargs, field):
+    with pytest.raises(ConfigError) as exc:
+        LoadView(**kwargs)
+    assert exc.value.field == field
