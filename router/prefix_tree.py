@@ -8,20 +8,22 @@ whose parent was evicted is found again once the parent is computed again.
 
 Layout
   _owners   key -> bitmask of replica slots holding that block (bit i = slot i)
-  per replica (``_ReplicaBlocks``):
-    blocks  key -> last touch time; insertion order is the replica's LRU order (oldest
-            first). Every entry, speculative or confirmed, is here.
-    spec    key -> deadline (touch + TTL) of the entries learned from routing and not yet
-            confirmed by the engine's KV events; insertion order is deadline order, so
-            expiry pops from the front. A confirmed entry is one absent from ``spec``.
+  per replica (``_ReplicaBlocks``), each entry in exactly one of two dicts, key -> time of
+  its last move, whose insertion order is LRU order (oldest first):
+    spec    entries learned from routing, not yet confirmed by the engine's KV events.
+            A speculative entry expires ``speculative_ttl_s`` after its last move, so this
+            dict is also in deadline order and expiry pops from its front.
+    conf    entries confirmed by KV events; they never expire.
+  The replica's LRU order is the merge of the two by time; at equal times speculative
+  entries count as older (an unconfirmed guess is evicted before a confirmed block).
 
 A touch re-inserts the key at the young end. ``insert`` touches a chain leaf-first, so the
 head of a chain ends up younger than its tail and LRU eviction frees tails before heads,
-as vLLM does when it frees a request's blocks in reverse order. A block touched less than
-``touch_coalesce_s`` ago is not moved again (a hot system prompt would otherwise be
-re-linked on every request): a block is moved only when its last move is more than the
-window old, so every block's LRU position, and a speculative block's deadline, is at most
-that window old. ``touch_coalesce_s=0`` gives exact LRU.
+as vLLM does when it frees a request's blocks in reverse order. A block touched within
+``touch_coalesce_s`` of its last move is not moved again (a hot system prompt would
+otherwise be re-linked on every request): a block is moved only when its last move is
+more than the window old, so every block's LRU position, and a speculative block's
+deadline, is at most that window old. ``touch_coalesce_s=0`` gives exact LRU.
 
 Expiry is exact: ``match`` first sweeps every speculative entry whose deadline has passed
 (only when ``now`` has passed ``next_expiry``, the earliest deadline), so an expired
@@ -34,9 +36,10 @@ Complexity
   insert(replica, keys)   O(len(keys)) plus O(evicted)
   remove / clear / drop   O(blocks touched)
   expire(now)             O(expired + replicas)
-Memory: about 52 bytes for a replica's entry (its LRU slot), 52 more while it is
-speculative, plus about 120 bytes per distinct block (map slot, key int, mask int) shared
-by all of its owners; the router benchmark measures it.
+  eviction                O(evicted): a merge of the two dicts' oldest entries
+Memory: about 52 bytes for a replica's entry (its slot in ``spec`` or ``conf``) plus
+about 120 bytes per distinct block (map slot, key int, mask int) shared by all of its
+owners; the router benchmark measures it.
 """
 
 from __future__ import annotations
@@ -44,7 +47,9 @@ from __future__ import annotations
 import heapq
 import math
 from collections.abc import Hashable, Iterable, Sequence
-from itertools import islice
+from heapq import merge
+from itertools import chain, islice
+from operator import itemgetter
 
 from router.errors import ConfigError
 
@@ -52,19 +57,34 @@ ReplicaId = Hashable
 
 
 class _ReplicaBlocks:
-    """One replica's blocks in LRU order, and its speculative ones in deadline order."""
+    """One replica's speculative and confirmed blocks, each dict in LRU order."""
 
-    __slots__ = ("replica", "slot", "bit", "blocks", "spec", "capacity", "evicted", "expired")
+    __slots__ = ("replica", "slot", "bit", "spec", "conf", "capacity", "evicted", "expired")
 
     def __init__(self, replica: ReplicaId, slot: int, capacity: int) -> None:
         self.replica = replica
         self.slot = slot
         self.bit = 1 << slot
-        self.blocks: dict[int, float] = {}
         self.spec: dict[int, float] = {}
+        self.conf: dict[int, float] = {}
         self.capacity = capacity
         self.evicted = 0
         self.expired = 0
+
+    def __len__(self) -> int:
+        return len(self.spec) + len(self.conf)
+
+    def lru(self, count: int | None = None) -> list[int]:
+        """The ``count`` least recently moved keys (all if None), oldest first; at equal
+        times speculative before confirmed."""
+        spec = self.spec.items() if count is None else islice(self.spec.items(), count)
+        conf = self.conf.items() if count is None else islice(self.conf.items(), count)
+        # heapq.merge is stable: on equal times the first iterable (spec) comes first.
+        merged = merge(spec, conf, key=_TIME)
+        return [key for key, _ in (merged if count is None else islice(merged, count))]
+
+
+_TIME = itemgetter(1)
 
 
 def _check_capacity(capacity: int, field: str = "tree.capacity_blocks") -> int:
@@ -132,10 +152,12 @@ class PrefixTree:
     def set_capacity(self, replica: ReplicaId, capacity_blocks: int) -> None:
         """Set a replica's capacity in blocks; evicts its LRU blocks if now over it."""
         _check_capacity(capacity_blocks)
-        rb = self._replicas.get(replica) or self._register(replica)
+        rb = self._replicas.get(replica)
+        if rb is None:
+            rb = self._register(replica)
         rb.capacity = capacity_blocks
         self.capacities[replica] = capacity_blocks
-        excess = len(rb.blocks) - capacity_blocks
+        excess = len(rb) - capacity_blocks
         if excess > 0:
             self._evict(rb, excess)
 
@@ -152,26 +174,28 @@ class PrefixTree:
     def replica_blocks(self, replica: ReplicaId) -> int:
         """Blocks held by ``replica`` (0 if unknown)."""
         rb = self._replicas.get(replica)
-        return len(rb.blocks) if rb is not None else 0
+        return len(rb) if rb is not None else 0
 
     def replica_keys(self, replica: ReplicaId) -> list[int]:
         """A replica's keys, least recently used first (for tests and inspection)."""
         rb = self._replicas.get(replica)
-        return list(rb.blocks) if rb is not None else []
+        return rb.lru() if rb is not None else []
 
     def is_confirmed(self, replica: ReplicaId, key: int) -> bool | None:
         """True if confirmed, False if speculative, None if the replica does not hold it."""
         rb = self._replicas.get(replica)
-        if rb is None or key not in rb.blocks:
+        if rb is None:
             return None
-        return key not in rb.spec
+        if key in rb.conf:
+            return True
+        return False if key in rb.spec else None
 
     def stats(self, replica: ReplicaId) -> dict[str, int]:
         rb = self._replicas.get(replica)
         if rb is None:
             return {"blocks": 0, "speculative": 0, "capacity": self.default_capacity_blocks,
                     "evicted": 0, "expired": 0}
-        return {"blocks": len(rb.blocks), "speculative": len(rb.spec), "capacity": rb.capacity,
+        return {"blocks": len(rb), "speculative": len(rb.spec), "capacity": rb.capacity,
                 "evicted": rb.evicted, "expired": rb.expired}
 
     def __len__(self) -> int:
@@ -181,7 +205,7 @@ class PrefixTree:
     @property
     def entries(self) -> int:
         """(block, replica) entries: the sum of every replica's block count."""
-        return sum(len(rb.blocks) for rb in self._replicas.values())
+        return sum(len(rb) for rb in self._replicas.values())
 
     # -- lookups -----------------------------------------------------------------------
     def match(self, keys: Sequence[int], replicas: Sequence[ReplicaId], now: float) -> dict[ReplicaId, int]:
@@ -253,38 +277,43 @@ class PrefixTree:
         a confirming one promotes a speculative entry. Only the first ``capacity`` keys
         are kept: a longer chain would evict its own head.
         """
-        rb = self._replicas.get(replica) or self._register(replica)
+        rb = self._replicas.get(replica)
+        if rb is None:
+            rb = self._register(replica)
         if len(keys) > rb.capacity:
             keys = keys[:rb.capacity]
-        blocks = rb.blocks
         spec = rb.spec
+        conf = rb.conf
+        spec_get = spec.get
+        target = conf if confirmed else spec
         owners = self._owners
         owners_get = owners.get
         bit = rb.bit
-        deadline = now + self.speculative_ttl_s
         stale_before = now - self.touch_coalesce_s
         new = 0
         for key in reversed(keys):  # leaf first: the head ends up youngest
             mask = owners_get(key, 0)
             if not mask & bit:  # new for this replica: the owner mask says so, no LRU probe
                 owners[key] = mask | bit
-                blocks[key] = now
-                if not confirmed:
-                    spec[key] = deadline
+                target[key] = now
                 new += 1
-            elif confirmed:
-                promoted = spec.pop(key, None) is not None
-                if promoted or blocks[key] < stale_before:
-                    del blocks[key]
-                    blocks[key] = now
-            elif blocks[key] < stale_before:  # touched longer ago than the window: move it
-                del blocks[key]
-                blocks[key] = now
-                if spec.pop(key, None) is not None:
-                    spec[key] = deadline
-        if not confirmed and deadline < self._next_expiry:
-            self._next_expiry = deadline
-        excess = len(blocks) - rb.capacity
+                continue
+            moved = spec_get(key)
+            if moved is not None:  # speculative
+                if confirmed:  # promote (and touch)
+                    del spec[key]
+                    conf[key] = now
+                elif moved < stale_before:  # move, which also extends its deadline
+                    del spec[key]
+                    spec[key] = now
+            elif conf[key] < stale_before:  # confirmed stays confirmed when touched
+                del conf[key]
+                conf[key] = now
+        if not confirmed:
+            deadline = now + self.speculative_ttl_s
+            if deadline < self._next_expiry:
+                self._next_expiry = deadline
+        excess = len(spec) + len(conf) - rb.capacity
         if excess > 0:
             self._evict(rb, excess)
         return new
@@ -297,13 +326,13 @@ class PrefixTree:
             del self._owners[key]
 
     def _evict(self, rb: _ReplicaBlocks, count: int) -> None:
-        blocks = rb.blocks
-        spec_pop = rb.spec.pop
         owners = self._owners
         keep = ~rb.bit
-        for key in list(islice(blocks, count)):  # the oldest ``count`` entries
-            del blocks[key]
-            spec_pop(key, None)
+        spec_pop = rb.spec.pop
+        conf = rb.conf
+        for key in rb.lru(count):  # the oldest ``count`` entries of both kinds
+            if spec_pop(key, None) is None:
+                del conf[key]
             mask = owners[key] & keep
             if mask:
                 owners[key] = mask
@@ -316,7 +345,7 @@ class PrefixTree:
         rb = self._replicas.get(replica)
         if rb is None or count <= 0:
             return 0
-        count = min(count, len(rb.blocks))
+        count = min(count, len(rb))
         self._evict(rb, count)
         return count
 
@@ -326,12 +355,11 @@ class PrefixTree:
         rb = self._replicas.get(replica)
         if rb is None:
             return 0
-        pop = rb.blocks.pop
         spec_pop = rb.spec.pop
+        conf_pop = rb.conf.pop
         removed = 0
         for key in keys:
-            if pop(key, None) is not None:
-                spec_pop(key, None)
+            if spec_pop(key, None) is not None or conf_pop(key, None) is not None:
                 self._drop_owner(key, rb.bit)
                 removed += 1
         return removed
@@ -341,11 +369,11 @@ class PrefixTree:
         rb = self._replicas.get(replica)
         if rb is None:
             return 0
-        for key in rb.blocks:
+        for key in chain(rb.spec, rb.conf):
             self._drop_owner(key, rb.bit)
-        removed = len(rb.blocks)
-        rb.blocks = {}
+        removed = len(rb)
         rb.spec = {}
+        rb.conf = {}
         return removed
 
     def drop_replica(self, replica: ReplicaId) -> int:
@@ -361,14 +389,16 @@ class PrefixTree:
         return removed
 
     def expire(self, now: float) -> int:
-        """Remove every speculative entry whose deadline is before ``now``; returns how
-        many. Each replica's ``spec`` is in deadline order, so this pops from its front."""
+        """Remove every speculative entry whose deadline (last move + TTL) is before
+        ``now``; returns how many. ``spec`` is in deadline order: this pops its front."""
+        ttl = self.speculative_ttl_s
         total = 0
         next_expiry = math.inf
         for rb in self._replicas.values():
             spec = rb.spec
             victims = []
-            for key, deadline in spec.items():
+            for key, moved in spec.items():
+                deadline = moved + ttl
                 if deadline >= now:
                     if deadline < next_expiry:
                         next_expiry = deadline
@@ -376,7 +406,6 @@ class PrefixTree:
                 victims.append(key)
             for key in victims:
                 del spec[key]
-                del rb.blocks[key]
                 self._drop_owner(key, rb.bit)
             rb.expired += len(victims)
             total += len(victims)
@@ -399,14 +428,17 @@ class PrefixTree:
             seen_slots.add(rb.slot)
             assert self._slot_replica[rb.slot] == replica
             assert rb.bit == 1 << rb.slot
-            assert len(rb.blocks) <= rb.capacity, (replica, len(rb.blocks), rb.capacity)
-            for key in rb.blocks:
+            assert len(rb) <= rb.capacity, (replica, len(rb), rb.capacity)
+            assert rb.spec.keys().isdisjoint(rb.conf.keys()), "an entry is both speculative and confirmed"
+            for key in chain(rb.spec, rb.conf):
                 assert self._owners.get(key, 0) & rb.bit, f"{replica} holds {key} but is not an owner"
-            assert rb.spec.keys() <= rb.blocks.keys(), "speculative entry missing from the LRU"
-            deadlines = list(rb.spec.values())
-            assert deadlines == sorted(deadlines), "speculative entries out of deadline order"
-            assert not deadlines or deadlines[0] >= self._next_expiry, "next_expiry is not a lower bound"
-            entries += len(rb.blocks)
+            for kind in (rb.spec, rb.conf):
+                times = list(kind.values())
+                assert times == sorted(times), "entries out of LRU order"
+            if rb.spec:
+                first = next(iter(rb.spec.values()))
+                assert first + self.speculative_ttl_s >= self._next_expiry, "next_expiry is not a lower bound"
+            entries += len(rb)
         live_bits = sum(1 << s for s in seen_slots)
         bits = 0
         for key, mask in self._owners.items():

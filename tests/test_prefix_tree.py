@@ -50,9 +50,14 @@ class RefReplica:
         # prefix tuple -> (last touch time, confirmed); insertion order is LRU (oldest first)
         self.entries: OrderedDict[tuple, tuple[float, bool]] = OrderedDict()
 
+    def ordered(self) -> list[tuple]:
+        """LRU order, oldest first. Documented: by time of last move, and at equal times a
+        speculative entry counts as older than a confirmed one (stable otherwise)."""
+        return sorted(self.entries, key=lambda p: self.entries[p])  # (time, confirmed): False < True
+
     def evict_oldest(self, count: int) -> None:
-        for _ in range(count):
-            self.entries.popitem(last=False)
+        for prefix in self.ordered()[:count]:
+            del self.entries[prefix]
 
     def live(self, prefix: tuple, now: float) -> bool:
         entry = self.entries.get(prefix)
@@ -258,7 +263,7 @@ class PrefixTreeMachine(RuleBasedStateMachine):
     def compare_keys(self) -> None:
         for replica in ALL_IDS:
             rr = self.ref.get(replica)
-            expected = [key_of_prefix(p) for p in rr.entries] if rr is not None else []
+            expected = [key_of_prefix(p) for p in rr.ordered()] if rr is not None else []
             assert self.tree.replica_keys(replica) == expected, replica
 
     @invariant()
