@@ -40,38 +40,25 @@ def _ray_tree_class():
     return PrefixTree
 
 
-def _make_core(policy: str, replicas: int, capacity_tokens: int, seed: int) -> RoutingCore:
-    core = RoutingCore.from_options(policy, kv_capacity_tokens=capacity_tokens, seed=seed)
+def _make_core(policy: str, replicas: int, capacity_tokens: int, seed: int, keys: dict) -> RoutingCore:
+    core = RoutingCore.from_options(policy, kv_capacity_tokens=capacity_tokens, seed=seed, keys=keys)
     core.on_replicas_changed([f"replica-{i}" for i in range(replicas)], 0.0)
     return core
 
 
-def _route(core: RoutingCore, prompt: str, now: float, request_id: int, in_flight: int):
-    request = core.make_request(prompt, request_id=request_id)
-    decision = core.route(request, now)
-    # Keep a steady number of requests in flight so load-aware policies see load.
+def _route(core: RoutingCore, prompt: str, now: float, request_id: int, in_flight: int,
+           samples: list[float] | None = None) -> None:
+    """Route one prompt; with ``samples``, append the microseconds of keying + routing.
+    Requests complete in arrival order, ``in_flight`` decisions later, so load-aware
+    policies see a steady load."""
+    t0 = time.perf_counter_ns()
+    core.route(core.make_request(prompt, request_id=request_id), now)
+    if samples is not None:
+        samples.append((time.perf_counter_ns() - t0) / 1000.0)
     done = request_id - in_flight
     if done >= 0:
         core.on_first_token(done, now)
         core.on_completed(done, now)
-    return decision
-
-
-def _time_core(core: RoutingCore, prompts: list[str], start_id: int, now: float, in_flight: int,
-               tick: float) -> list[float]:
-    samples = []
-    perf = time.perf_counter_ns
-    for offset, prompt in enumerate(prompts):
-        rid = start_id + offset
-        t0 = perf()
-        request = core.make_request(prompt, request_id=rid)
-        core.route(request, now + offset * tick)
-        samples.append((perf() - t0) / 1000.0)
-        done = rid - in_flight
-        if done >= 0:
-            core.on_first_token(done, now)
-            core.on_completed(done, now)
-    return samples
 
 
 def _time_ray(prompts_warm: list[str], prompts: list[str], replicas: int) -> list[float] | None:
@@ -113,7 +100,7 @@ def _token_keying_us(core: RoutingCore, count: int = 2000) -> float:
 
 
 def run_scenario(*, replicas: int, prompts: int, policy: str, grow_to_blocks: int | None,
-                 seed: int, with_ray: bool) -> dict[str, Any]:
+                 seed: int, with_ray: bool, keys: dict) -> dict[str, Any]:
     """One row of the benchmark: warm (or grow) a tree, then time ``prompts`` decisions."""
     in_flight = 4 * replicas
     measure = shared_prefix_prompts(prompts, seed=seed + 1)
@@ -123,10 +110,10 @@ def run_scenario(*, replicas: int, prompts: int, policy: str, grow_to_blocks: in
         # Size each replica so the tree's distinct blocks can pass the target (replicas
         # hold copies of shared system prompts, so entries outnumber distinct blocks),
         # then keep routing new prompts until they do.
-        probe = RoutingCore.from_options(policy)
+        probe = RoutingCore.from_options(policy, keys=keys)
         per_replica_blocks = math.ceil(2 * grow_to_blocks / replicas)
         capacity_tokens = per_replica_blocks * probe.keyer.block_tokens
-    core = _make_core(policy, replicas, capacity_tokens, seed)
+    core = _make_core(policy, replicas, capacity_tokens, seed, keys)
 
     gc.collect()
     tracemalloc.start()
@@ -155,7 +142,9 @@ def run_scenario(*, replicas: int, prompts: int, policy: str, grow_to_blocks: in
     nodes = len(core.tree)
     entries = core.tree.entries
 
-    samples = _time_core(core, measure, rid, now, in_flight, 1e-3)
+    samples: list[float] = []
+    for offset, prompt in enumerate(measure):
+        _route(core, prompt, now + offset * 1e-3, rid + offset, in_flight, samples)
     row: dict[str, Any] = {
         "replicas": replicas,
         "policy": policy,
@@ -195,15 +184,16 @@ TARGETS = {"decision_p50_us": 25.0, "decision_p99_us": 100.0, "speedup_vs_ray_p5
 
 
 def run(*, replicas: list[int], prompts: int, policy: str, tree_blocks: int, seed: int,
-        with_ray: bool = True, progress=None) -> dict[str, Any]:
+        with_ray: bool = True, chunk_chars: int = 128, progress=None) -> dict[str, Any]:
+    keys = {"kind": "chars", "chunk_chars": chunk_chars}
     results = []
     scenarios = [(n, None) for n in replicas] + ([(n, tree_blocks) for n in replicas] if tree_blocks else [])
     for n, grow in scenarios:
         if progress:
             progress(f"{n} replicas, " + (f"tree grown past {grow:,} blocks" if grow else "warm tree") + " ...")
         results.append(run_scenario(replicas=n, prompts=prompts, policy=policy, grow_to_blocks=grow,
-                                    seed=seed, with_ray=with_ray))
-    core = RoutingCore.from_options(policy)
+                                    seed=seed, with_ray=with_ray, keys=keys))
+    core = RoutingCore.from_options(policy, keys=keys)
     ray_ok = _ray_tree_class() is not None
     first = results[0]
     report = {

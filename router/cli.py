@@ -37,7 +37,7 @@ def _bench_router(args: argparse.Namespace) -> int:
 
     report = router_bench.run(replicas=args.replicas or [16, 64], prompts=args.prompts, policy=args.policy,
                               tree_blocks=args.tree_blocks, seed=args.seed, with_ray=not args.no_ray,
-                              progress=progress)
+                              chunk_chars=args.chunk_chars, progress=progress)
     report["command"] = "kvroute " + " ".join(args.argv)
     print(router_bench.format_table(report))
     _write_json(args.json, report)
@@ -67,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     router.add_argument("--policy", default="cache_aware", help="policy to route with (default cache_aware)")
     router.add_argument("--tree-blocks", type=int, default=1_000_000,
                         help="also time with the tree grown past this many blocks (0 to skip; default 1,000,000)")
+    router.add_argument("--chunk-chars", type=_positive_int, default=128,
+                        help="characters per key block in approximate mode (default 128)")
     router.add_argument("--seed", type=int, default=0)
     router.add_argument("--no-ray", action="store_true", help="skip Ray's PrefixTree comparison")
     router.add_argument("--json", metavar="PATH", help="write the results as JSON")
