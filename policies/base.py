@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import random
+import types
 import typing
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Hashable, Mapping, Sequence
@@ -156,7 +157,7 @@ def _coerce(field: str, hint: Any, value: Any) -> Any:
     """Check ``value`` against a simple annotation (bool, int, float, str, Optional)."""
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)) and type(None) in args:
+    if origin in (typing.Union, types.UnionType) and type(None) in args:
         if value is None:
             return None
         (hint,) = [a for a in args if a is not type(None)]
@@ -211,8 +212,10 @@ class Policy(ABC):
     def rank(self, request: RouteRequest, view: RoutingView) -> Tiers:
         """Tiers of candidate replicas, best first. Must only name replicas in ``view.replicas``."""
 
-    def observe_routed(self, request: RouteRequest, replica: ReplicaId, now: float) -> None:
-        """Called after the request was sent to ``replica`` (for stateful policies)."""
+    def observe_routed(self, request: RouteRequest, replica: ReplicaId, now: float,
+                       matched_blocks: int = 0) -> None:
+        """Called after the request was sent to ``replica``, which was believed to hold
+        ``matched_blocks`` of its prefix (for stateful policies)."""
 
     def replicas_changed(self, replicas: Sequence[ReplicaId]) -> None:
         """Called when the replica set changes."""
@@ -234,6 +237,8 @@ def register_policy(name: str) -> Callable[[type[Policy]], type[Policy]]:
         if not (isinstance(cls, type) and issubclass(cls, Policy)):
             raise TypeError(f"@register_policy({name!r}) must decorate a Policy subclass")
         existing = _REGISTRY.get(name)
+        # Re-registering the same class (e.g. its module reloaded) is fine; another class
+        # under a taken name is a mistake worth failing on.
         if existing is not None and existing is not cls and existing.__qualname__ != cls.__qualname__:
             raise ValueError(f"policy name {name!r} is already registered by {existing.__module__}.{existing.__qualname__}")
         cls.name = name

@@ -110,8 +110,6 @@ class Preble(Policy):
         self._history: deque[tuple[float, ReplicaId, int]] = deque()
         self._prefill_tokens: dict[ReplicaId, int] = {}  # windowed sum per replica
         self._routed = 0
-        # uncached tokens per candidate of the last ranked request, for observe_routed
-        self._pending: tuple[RouteRequest, dict[ReplicaId, int]] | None = None
 
     # -- windowed history ----------------------------------------------------------------
     def _expire(self, now: float) -> None:
@@ -136,12 +134,10 @@ class Preble(Policy):
     def history_len(self) -> int:
         return len(self._history)
 
-    def observe_routed(self, request: RouteRequest, replica: ReplicaId, now: float) -> None:
-        pending = self._pending
-        tokens = max(0, request.prompt_tokens)
-        if pending is not None and (pending[0] is request or pending[0] == request):
-            tokens = pending[1].get(replica, tokens)
-        self._pending = None
+    def observe_routed(self, request: RouteRequest, replica: ReplicaId, now: float,
+                       matched_blocks: int = 0) -> None:
+        block = max(1, request.block_tokens)
+        tokens = max(0, request.prompt_tokens - max(0, matched_blocks) * block)
         self._expire(now)
         self._history.append((now, replica, tokens))
         self._prefill_tokens[replica] = self._prefill_tokens.get(replica, 0) + tokens
@@ -189,7 +185,6 @@ class Preble(Policy):
                 if overflow > 0:
                     eviction_s = prof.prefill_s_per_token * overflow * block
             cost[r] = load[r] + eviction_s + prof.prefill_s_per_token * uncached[r]
-        self._pending = (request, uncached)
 
         order = shuffled(view, candidates)  # random tie-break for every sort below
         by_cost = sorted(order, key=cost.__getitem__)

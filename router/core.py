@@ -14,6 +14,7 @@ tiers), then ``on_routed`` once Ray reports which replica it used. KV events
 
 from __future__ import annotations
 
+import inspect
 import math
 import random
 from collections.abc import Hashable, Iterable, Mapping, Sequence
@@ -121,12 +122,14 @@ class RoutingCore:
             policy = policies.get(policy, **dict(policy_options or {}))
         elif policy_options:
             raise ConfigError("policy_options", "only valid with a policy name")
+        valid = [name for name in inspect.signature(cls).parameters if name not in ("policy", "keyer")]
+        for name in core_options:
+            if name not in valid:
+                raise ConfigError(f"router.{name}", f"unknown option (valid: {', '.join(valid)}, policy, "
+                                                    "policy_options, keys)")
         keys = dict(keys or {})
         keyer = make_keyer(keys.pop("kind", "chars"), **keys)
-        try:
-            return cls(policy, keyer, **core_options)
-        except TypeError as exc:
-            raise ConfigError("router", f"unknown option: {exc}") from None
+        return cls(policy, keyer, **core_options)
 
     def _blocks(self, tokens: int) -> int:
         return max(1, math.ceil(tokens / self.keyer.block_tokens))
@@ -234,7 +237,7 @@ class RoutingCore:
         if request.request_id is not None:
             self.load.on_routed(request.request_id, replica, prompt_tokens=request.prompt_tokens,
                                 uncached_tokens=request.prompt_tokens - cached_tokens, kv_blocks=kv_blocks)
-        self.policy.observe_routed(request, replica, now)
+        self.policy.observe_routed(request, replica, now, matched_blocks)
         self.stats.routed += 1
         if now >= self._next_session_sweep:
             self.sessions.expire(now)

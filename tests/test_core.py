@@ -206,7 +206,7 @@ def test_bad_core_options_fail_naming_the_field():
     assert exc.value.field == "tree.speculative_ttl_s"
     with pytest.raises(ConfigError) as exc:
         RoutingCore.from_options("cache_aware", no_such_option=1)
-    assert "no_such_option" in str(exc.value)
+    assert exc.value.field == "router.no_such_option" and "kv_capacity_tokens" in str(exc.value)
     with pytest.raises(ConfigError) as exc:
         RoutingCore.from_options("cache_aware", keys={"kind": "chars", "chunk_chars": -5})
     assert exc.value.field == "keys.chunk_chars"

@@ -543,7 +543,7 @@ def test_preble_history_records_uncached_tokens_and_is_bounded():
     request = mkreq(10, block_tokens=10)
     view = mkview(["a", "b"], matched={"a": 6})
     assert first(policy.rank(request, view)) == "a"
-    policy.observe_routed(request, "a", 0.0)
+    policy.observe_routed(request, "a", 0.0, matched_blocks=6)  # 100 tokens, 60 cached
     assert policy.windowed_prefill_tokens("a") == 40
     for i in range(25):
         policy.observe_routed(request, "b", 1.0 + i)
