@@ -200,7 +200,8 @@ class RoutingCore:
         """Rank, pick by Ray Serve's tier rule, and record the routing. The simulator's and
         benchmarks' entry point."""
         tiers, view = self.rank(request, now, candidates)
-        replica = pick_from_tiers(tiers, view, view.replicas)
+        allowed = self._replica_set if candidates is None else frozenset(view.replicas)
+        replica = pick_from_tiers(tiers, view, allowed)
         if replica is None:
             if view.replicas:
                 # A policy named no candidate: count it and fall back rather than fail.
