@@ -74,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     router.add_argument("--json", metavar="PATH", help="write the results as JSON")
     router.set_defaults(func=_bench_router)
 
+    from simulator.cli import add_parser as add_simulate
+    add_simulate(sub, _positive_int, _write_json)
+
     pols = sub.add_parser("policies", help="list the registered routing policies")
     pols.set_defaults(func=_policies)
     return parser

@@ -1,30 +1,51 @@
 """Latency profiles: how long an engine step takes, for policies and the simulator.
 
-A profile is the linear step-time model of a continuous-batching engine (vLLM v1):
+A profile is the step-time model of a continuous-batching engine (vLLM v1):
 
     step_s = step_overhead_s
            + prefill_s_per_token   * prefill tokens computed in the step
+           + prefill_attention_s_per_pair * (query token, earlier token) pairs of those
            + decode_s_per_seq      * decoding sequences in the step
            + attention_s_per_context_token * context tokens of those sequences
 
-The ``cache_aware`` policy uses it to turn queued work and uncached prompt tokens into
-seconds; the simulator (a later issue) will use the same model for its replicas and add
-calibrated profiles measured on live replicas.
+plus the engine limits that shape batches (``max_batched_tokens``, ``max_num_seqs``) and
+the KV cache size (``kv_capacity_tokens``). The ``cache_aware`` policy turns queued work
+and uncached prompt tokens into seconds with it; the simulator times every engine step
+with it. Profiles are built in (roofline presets below) or loaded from a JSON file that
+``kvroute calibrate`` writes from measurements of a live replica (``load_profile``;
+``get_profile`` accepts a name or a path).
 
-The default profile, ``llama3-8b-h100``, is roofline arithmetic (documented beside the
-numbers below) for an 8B dense Llama-3 in bf16 on one H100 SXM:
+Roofline presets (bf16 weights and KV cache, 50 % MFU for compute-bound work, full HBM
+bandwidth for memory-bound work; vLLM's defaults for >= 70 GiB GPUs: 8192 batched tokens,
+1024 sequences; ``gpu_memory_utilization`` 0.9):
 
-* prefill is compute-bound: 2 * 8.0e9 FLOP per token at 989 TFLOP/s dense bf16 and
-  50 % MFU -> 3.2e-5 s per token (about 31k prompt tokens/s);
-* a decode step is memory-bound: reading 16 GB of weights at 3.35 TB/s -> 4.8 ms fixed per
-  step, plus about 2e-5 s of per-sequence sampling/launch work;
-* attention reads the KV cache of every decoding sequence: 32 layers * 8 KV heads * 128
-  dims * 2 (K and V) * 2 bytes = 128 KiB per context token at 3.35 TB/s -> 3.9e-8 s.
+``llama3-8b-h100``: Llama-3-8B (8.03e9 parameters; 32 layers, 32 query heads, 8 KV heads,
+head_dim 128) on one H100 SXM (989 TFLOP/s dense bf16, 3.35 TB/s, 80 GB):
+  * prefill: 2 * 8.03e9 FLOP per token / (0.5 * 989e12) = 3.2e-5 s per token;
+  * prefill attention: 4 * 32 layers * 32 heads * 128 = 5.2e5 FLOP per (query, key) pair
+    (QK^T and AV, 2 FLOP per multiply-add) / (0.5 * 989e12) = 1.06e-9 s;
+  * decode: reading 16.1 GB of weights at 3.35 TB/s = 4.8 ms per step, plus 2e-5 s per
+    sequence of sampling and launch work;
+  * decode attention: 2 (K, V) * 32 layers * 8 KV heads * 128 * 2 bytes = 128 KiB per context
+    token / 3.35e12 B/s = 3.9e-8 s;
+  * KV capacity: 0.9 * 80 GB - 16.1 GB weights - ~4 GB activations = 52 GB / 128 KiB
+    = about 400,000 tokens.
+
+``qwen2.5-32b-h200``: Qwen2.5-32B (32.8e9 parameters; 64 layers, 40 query heads, 8 KV heads,
+head_dim 128) on one H200 (989 TFLOP/s, 4.8 TB/s, 141 GB):
+  * prefill: 2 * 32.8e9 / (0.5 * 989e12) = 1.33e-4 s per token;
+  * prefill attention: 4 * 64 * 40 * 128 = 1.31e6 FLOP per pair -> 2.65e-9 s;
+  * decode: 65.5 GB / 4.8e12 B/s = 13.6 ms per step, plus 2e-5 s per sequence;
+  * decode attention: 2 * 64 * 8 * 128 * 2 = 256 KiB per token / 4.8e12 = 5.5e-8 s;
+  * KV capacity: 0.9 * 141 GB - 65.5 GB - ~5 GB = 56 GB / 256 KiB = about 215,000 tokens.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+import math
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 
 from router.errors import ConfigError
 
@@ -39,23 +60,36 @@ class LatencyProfile:
     decode_s_per_seq: float
     attention_s_per_context_token: float
     max_batched_tokens: int = 8192  # vLLM's chunked-prefill token budget per step
+    prefill_attention_s_per_pair: float = 0.0
+    max_num_seqs: int = 1024
+    kv_capacity_tokens: int = 400_000
+    source: str = "built-in"
 
     def __post_init__(self) -> None:
         for field in ("step_overhead_s", "prefill_s_per_token", "decode_s_per_seq",
-                      "attention_s_per_context_token"):
+                      "attention_s_per_context_token", "prefill_attention_s_per_pair"):
             value = getattr(self, field)
-            if not isinstance(value, (int, float)) or value < 0:
-                raise ConfigError(f"profile.{field}", f"must be a number >= 0, got {value!r}")
-        if not isinstance(self.max_batched_tokens, int) or self.max_batched_tokens <= 0:
-            raise ConfigError("profile.max_batched_tokens",
-                              f"must be a positive integer, got {self.max_batched_tokens!r}")
+            if (not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value)
+                    or value < 0):
+                raise ConfigError(f"profile.{field}", f"must be a finite number >= 0, got {value!r}")
+        for field in ("max_batched_tokens", "max_num_seqs", "kv_capacity_tokens"):
+            value = getattr(self, field)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"profile.{field}", f"must be a positive integer, got {value!r}")
+        if not isinstance(self.name, str) or not self.name:
+            raise ConfigError("profile.name", f"must be a non-empty string, got {self.name!r}")
 
-    def step_s(self, prefill_tokens: int, decode_seqs: int, context_tokens: int) -> float:
+    def step_s(self, prefill_tokens: int, decode_seqs: int, context_tokens: int,
+               prefill_pairs: int = 0) -> float:
         """Duration of one engine step with this batch composition."""
         return (self.step_overhead_s
                 + self.prefill_s_per_token * prefill_tokens
+                + self.prefill_attention_s_per_pair * prefill_pairs
                 + self.decode_s_per_seq * decode_seqs
                 + self.attention_s_per_context_token * context_tokens)
+
+    def to_json(self) -> dict:
+        return asdict(self)
 
 
 LLAMA3_8B_H100 = LatencyProfile(
@@ -64,15 +98,68 @@ LLAMA3_8B_H100 = LatencyProfile(
     prefill_s_per_token=3.2e-5,
     decode_s_per_seq=2.0e-5,
     attention_s_per_context_token=3.9e-8,
+    prefill_attention_s_per_pair=1.06e-9,
+    max_batched_tokens=8192,
+    max_num_seqs=1024,
+    kv_capacity_tokens=400_000,
+    source="roofline: Llama-3-8B bf16 on H100 SXM (router/profile.py)",
 )
 
-PROFILES: dict[str, LatencyProfile] = {LLAMA3_8B_H100.name: LLAMA3_8B_H100}
+QWEN25_32B_H200 = LatencyProfile(
+    name="qwen2.5-32b-h200",
+    step_overhead_s=13.6e-3,
+    prefill_s_per_token=1.33e-4,
+    decode_s_per_seq=2.0e-5,
+    attention_s_per_context_token=5.5e-8,
+    prefill_attention_s_per_pair=2.65e-9,
+    max_batched_tokens=8192,
+    max_num_seqs=1024,
+    kv_capacity_tokens=215_000,
+    source="roofline: Qwen2.5-32B bf16 on H200 (router/profile.py)",
+)
+
+PROFILES: dict[str, LatencyProfile] = {p.name: p for p in (LLAMA3_8B_H100, QWEN25_32B_H200)}
 DEFAULT_PROFILE = LLAMA3_8B_H100
+_FIELDS = {f.name for f in fields(LatencyProfile)}
 
 
-def get_profile(name: str) -> LatencyProfile:
-    """The named built-in profile; a clear error listing the valid names otherwise."""
+def load_profile(path: str | Path) -> LatencyProfile:
+    """A profile from a JSON file (as ``kvroute calibrate`` writes). Unknown or bad fields
+    fail naming the field; missing optional fields take the defaults."""
+    target = Path(path)
     try:
+        data = json.loads(target.read_text())
+    except OSError as exc:
+        raise ConfigError("profile", f"cannot read profile file {target}: {exc.strerror or exc}") from None
+    except json.JSONDecodeError as exc:
+        raise ConfigError("profile", f"{target} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError("profile", f"{target} must hold a JSON object")
+    unknown = sorted(set(data) - _FIELDS - {"fit"})
+    if unknown:
+        raise ConfigError(f"profile.{unknown[0]}", f"unknown field in {target} (valid: {', '.join(sorted(_FIELDS))})")
+    data = {k: v for k, v in data.items() if k in _FIELDS}
+    data.setdefault("name", target.stem)
+    data.setdefault("source", str(target))
+    missing = [f for f in ("step_overhead_s", "prefill_s_per_token", "decode_s_per_seq",
+                           "attention_s_per_context_token") if f not in data]
+    if missing:
+        raise ConfigError(f"profile.{missing[0]}", f"missing in {target}")
+    try:
+        return LatencyProfile(**data)
+    except TypeError as exc:
+        raise ConfigError("profile", f"bad profile file {target}: {exc}") from None
+
+
+def get_profile(name: str | Path) -> LatencyProfile:
+    """A built-in profile by name, or a profile file by path (anything ending in ``.json``
+    or naming an existing file); a clear error listing the valid names otherwise."""
+    if isinstance(name, LatencyProfile):
+        return name
+    if not isinstance(name, (str, Path)):
+        raise ConfigError("profile", f"must be a profile name or a path, got {name!r}")
+    if name in PROFILES:
         return PROFILES[name]
-    except KeyError:
-        raise ConfigError("profile", f"unknown profile {name!r}; valid: {sorted(PROFILES)}") from None
+    if str(name).endswith(".json") or Path(name).is_file():
+        return load_profile(name)
+    raise ConfigError("profile", f"unknown profile {name!r}; valid: {sorted(PROFILES)} or a profile JSON file")

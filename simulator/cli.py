@@ -1,0 +1,166 @@
+"""``kvroute simulate``: replay a trace or a generated workload through the policy league.
+
+With no arguments it runs the embedded default (the ``mixed`` generated workload, 8
+replicas, every registered policy) and prints a table; ``--json`` writes the schema in the
+README, ``--plot DIR`` draws the TTFT CDF and per-replica hit rate and load share over time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import Any
+
+from router.errors import ConfigError
+
+
+def add_parser(sub: argparse._SubParsersAction, positive_int, write_json) -> None:
+    p = sub.add_parser("simulate", help="replay a trace or workload through the routing policies",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--trace", metavar="PATH", help="a Mooncake or kvroute JSONL trace")
+    src.add_argument("--workload", metavar="NAME",
+                     help="a generated workload (chat, system-prompts, agent, few-shot, mixed; default mixed)")
+    p.add_argument("--trace-format", choices=["mooncake", "jsonl"], help="trace format (default: detected)")
+    p.add_argument("--requests", type=positive_int, help="generated requests (default 3000) or a trace's first N")
+    p.add_argument("--rate", type=float, help="generated arrivals per second (default 12)")
+    p.add_argument("--arrival", choices=["poisson", "gamma"], default="poisson",
+                   help="arrival process of generated workloads (gamma = bursty)")
+    p.add_argument("--replicas", type=positive_int, default=8, help="engine replicas (default 8)")
+    p.add_argument("--policy", action="append", metavar="P",
+                   help="policy to run (repeatable; default: every registered policy)")
+    p.add_argument("--routers", type=positive_int, default=1, help="routers, each with its own core (default 1)")
+    p.add_argument("--kv-blocks", type=positive_int, help="KV cache blocks per replica (default: the profile's "
+                                                         "KV capacity / block size)")
+    p.add_argument("--block-size", type=positive_int,
+                   help="tokens per KV block (default 16; 512 for Mooncake traces, their block)")
+    p.add_argument("--profile", default="llama3-8b-h100", help="latency profile name or JSON file "
+                                                             "(built in: llama3-8b-h100, qwen2.5-32b-h200)")
+    p.add_argument("--rate-scale", type=float, default=1.0, help="speed arrivals up (2 = twice the rate)")
+    p.add_argument("--kv-event-delay", type=float, default=0.01, help="seconds before KV events reach routers")
+    p.add_argument("--no-kv-events", action="store_true", help="routers learn only from their own routing")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", metavar="PATH", help="write the results as JSON")
+    p.add_argument("--plot", metavar="DIR", help="write plots (needs kvroute[plot])")
+    p.set_defaults(func=lambda args: _simulate(args, write_json))
+
+
+class Progress:
+    """A one-line progress bar on stderr, shown only for runs longer than a second, and
+    only on a terminal (logs get one line per finished policy)."""
+
+    def __init__(self) -> None:
+        self.tty = sys.stderr.isatty()
+        self.policy = None
+        self.started = 0.0
+        self.last = 0.0
+
+    def __call__(self, policy: str, done: int, total: int) -> None:
+        now = time.monotonic()
+        if policy != self.policy:
+            self.policy, self.started, self.last = policy, now, 0.0
+        if self.tty and now - self.started > 1.0 and (now - self.last > 0.2 or done == total):
+            self.last = now
+            width = 30
+            filled = int(width * done / total) if total else width
+            print(f"\r{policy:<12} [{'#' * filled}{'.' * (width - filled)}] {done}/{total} requests",
+                  end="", file=sys.stderr, flush=True)
+
+    def finished(self, row: dict[str, Any]) -> None:
+        if self.tty and time.monotonic() - self.started > 1.0:
+            print("\r" + " " * 70 + "\r", end="", file=sys.stderr)
+        print(f"{row['policy']}: done in {row['wall_s']:.1f} s", file=sys.stderr, flush=True)
+
+
+def load_requests(args: argparse.Namespace) -> tuple[list, str, int]:
+    """(requests, trace label, default block size) from --trace or --workload."""
+    from simulator import workloads
+
+    if args.trace:
+        fmt = args.trace_format or _detect_format(args.trace)
+        try:
+            requests = workloads.load_trace(args.trace, fmt)
+        except OSError as exc:
+            raise ConfigError("trace", f"cannot read {args.trace}: {exc.strerror or exc}") from None
+        except workloads.WorkloadError as exc:
+            raise ConfigError("trace", str(exc)) from None
+        if args.requests:
+            requests = requests[:args.requests]
+        label, block = args.trace, 512 if fmt == "mooncake" else 16
+    else:
+        name = args.workload or "mixed"
+        rate = args.rate if args.rate is not None else 12.0
+        if not rate > 0:
+            raise ConfigError("rate", f"must be > 0, got {rate}")
+        try:
+            requests = list(workloads.make_workload(name, args.requests or 3000, seed=args.seed, rate_per_s=rate,
+                                                    arrival=args.arrival))
+        except workloads.WorkloadError as exc:
+            raise ConfigError("workload", str(exc)) from None
+        label, block = f"workload:{name}", 16
+    if args.rate_scale != 1.0:
+        try:
+            requests = list(workloads.scale_rate(requests, args.rate_scale))
+        except ValueError as exc:
+            raise ConfigError("rate_scale", str(exc)) from None
+    return requests, label, block
+
+
+def _detect_format(path: str) -> str:
+    """A trace whose first record has ``hash_ids`` is Mooncake's; anything else is ours."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.strip():
+                    return "mooncake" if '"hash_ids"' in line else "jsonl"
+    except OSError as exc:
+        raise ConfigError("trace", f"cannot read {path}: {exc.strerror or exc}") from None
+    return "jsonl"
+
+
+def _simulate(args: argparse.Namespace, write_json) -> int:
+    import policies
+    from router.profile import get_profile
+    from simulator.run import simulate
+
+    profile = get_profile(args.profile)
+    requests, label, default_block = load_requests(args)
+    names = args.policy or policies.available()
+    progress = Progress()
+    cluster_options = {"kv_event_delay_s": args.kv_event_delay, "kv_events": not args.no_kv_events}
+    doc = simulate(requests, trace=label, replicas=args.replicas, policies_to_run=names,
+                   block_size=args.block_size or default_block, kv_blocks=args.kv_blocks, profile=profile,
+                   routers=args.routers, seed=args.seed, cluster_options=cluster_options,
+                   progress=progress, keep_series=bool(args.plot))
+    for row in doc["results"]:
+        progress.finished(row)
+    series = doc.pop("_series", None)
+    doc["command"] = "kvroute " + " ".join(args.argv)
+    print(format_table(doc))
+    write_json(args.json, doc)
+    if args.plot:
+        from simulator.plots import write_plots
+        for path in write_plots(doc, series, args.plot):
+            print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
+def format_table(doc: dict[str, Any]) -> str:
+    def ms(value):
+        return "-" if value is None else f"{value * 1000:.0f}"
+
+    lines = [f"kvroute simulate: {doc['trace']}, {doc['requests']} requests, {doc['replicas']} replicas x "
+             f"{doc['kv_blocks']} blocks of {doc['block_size']} tokens, {doc['routers']} router(s), "
+             f"profile {doc['profile']}",
+             f"ideal hit rate (one infinite cache): {doc['ideal_hit_rate'] * 100:.2f}% of tokens",
+             f"{'policy':<12} {'hit %':>6} {'ttft p50':>9} {'p90':>7} {'p99':>7} {'tpot p50':>9} {'e2e p50':>8} "
+             f"{'tok/s':>8} {'max/fair':>8} {'preempt':>7} {'done':>6} {'wall s':>6}",
+             f"{'':<12} {'':>6} {'ms':>9} {'ms':>7} {'ms':>7} {'ms':>9} {'ms':>8}"]
+    for r in doc["results"]:
+        tput = "-" if r["throughput_tok_s"] is None else f"{r['throughput_tok_s']:.0f}"
+        share = "-" if r["max_share_of_fair"] is None else f"{r['max_share_of_fair']:.2f}"
+        lines.append(f"{r['policy']:<12} {r['hit_rate'] * 100:>6.1f} {ms(r['ttft_p50_s']):>9} {ms(r['ttft_p90_s']):>7} "
+                     f"{ms(r['ttft_p99_s']):>7} {ms(r['tpot_p50_s']):>9} {ms(r['e2e_p50_s']):>8} {tput:>8} "
+                     f"{share:>8} {r['preemptions']:>7} {r['completed']:>6} {r['wall_s']:>6.1f}")
+    return "\n".join(lines)

@@ -1,0 +1,270 @@
+"""A simulated serving cluster: N engine replicas behind M routers, on one kernel.
+
+Each router is its own ``RoutingCore`` (the same class, the same policy objects that route
+live traffic): it sees only the requests it routes (arrivals are spread over the routers
+round-robin, as a load balancer in front of several Serve proxies would) plus what every
+replica tells all routers: KV events after ``kv_event_delay_s`` and a load report every
+``report_interval_s``. First-token and completion notices reach the routing router at once,
+as a response stream does.
+
+Replicas can be added, drained (removed: no new requests, in-flight ones finish) or failed
+(in-flight requests lost and counted as failed) at given times.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from policies.base import RouteRequest
+from router.core import RoutingCore
+from router.errors import ConfigError
+from router.events import BlocksRemoved, BlocksStored
+from router.profile import DEFAULT_PROFILE, LatencyProfile
+from simulator.kernel import PRIORITY_ARRIVAL, PRIORITY_CLUSTER, PRIORITY_EVENTS, Kernel
+from simulator.metrics import RunMetrics
+from simulator.replica import EngineReplica, EngineRequest
+
+CHANGE_ACTIONS = ("add", "remove", "fail")
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaChange:
+    """At ``at_s``, ``action`` ("add", "remove" = drain, "fail") the replica ``replica``."""
+
+    at_s: float
+    action: str
+    replica: str
+
+    def __post_init__(self) -> None:
+        if self.action not in CHANGE_ACTIONS:
+            raise ConfigError("changes.action", f"must be one of {CHANGE_ACTIONS}, got {self.action!r}")
+        if not (isinstance(self.at_s, (int, float)) and math.isfinite(self.at_s) and self.at_s >= 0):
+            raise ConfigError("changes.at_s", f"must be a time >= 0, got {self.at_s!r}")
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """The simulated cluster. ``kv_blocks`` None means the profile's KV capacity."""
+
+    replicas: int = 8
+    routers: int = 1
+    block_size: int = 16
+    kv_blocks: int | None = None
+    profile: LatencyProfile = DEFAULT_PROFILE
+    max_num_seqs: int | None = None
+    max_num_batched_tokens: int | None = None
+    kv_events: bool = True
+    kv_event_delay_s: float = 0.01
+    report_interval_s: float = 1.0
+    changes: tuple[ReplicaChange, ...] = ()
+    fast_decode: bool = True  # runs of pure-decode steps as one event (same results, faster)
+    router_options: dict[str, Any] = field(default_factory=dict)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("replicas", "routers", "block_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(name, f"must be a positive integer, got {value!r}")
+        if self.kv_blocks is not None and (not isinstance(self.kv_blocks, int) or self.kv_blocks <= 0):
+            raise ConfigError("kv_blocks", f"must be a positive integer, got {self.kv_blocks!r}")
+        for name in ("kv_event_delay_s", "report_interval_s"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise ConfigError(name, f"must be a number >= 0, got {value!r}")
+        if self.report_interval_s == 0:
+            raise ConfigError("report_interval_s", "must be > 0")
+
+    @property
+    def blocks_per_replica(self) -> int:
+        if self.kv_blocks is not None:
+            return self.kv_blocks
+        return max(1, self.profile.kv_capacity_tokens // self.block_size)
+
+
+class Cluster:
+    """Replicas, routers and the plumbing between them for one run of one policy.
+
+    Holds the engines (by name), the routers, the in-flight requests (uid -> router index)
+    and the metrics. ``submit`` routes one request at the kernel's current time: O(the
+    routing decision + the engine admission).
+    """
+
+    def __init__(self, kernel: Kernel, config: ClusterConfig, policy: str,
+                 policy_options: dict[str, Any] | None = None, metrics: RunMetrics | None = None) -> None:
+        self.kernel = kernel
+        self.config = config
+        self.metrics = metrics or RunMetrics()
+        capacity_tokens = config.blocks_per_replica * config.block_size
+        self.routers = [
+            RoutingCore.from_options(policy, policy_options=policy_options,
+                                     keys={"kind": "tokens", "block_size": config.block_size},
+                                     kv_capacity_tokens=capacity_tokens, seed=config.seed * 1000 + i,
+                                     **config.router_options)
+            for i in range(config.routers)]
+        self.engines: dict[str, EngineReplica] = {}
+        self.routable: list[str] = []
+        self._in_flight: dict[int, tuple[int, EngineRequest]] = {}
+        self._next_router = 0
+        self._pending_events: dict[str, list] = {}
+        for i in range(config.replicas):
+            self._add_engine(f"replica-{i}")
+        self._publish_replicas()
+        for change in sorted(config.changes, key=lambda c: c.at_s):
+            kernel.schedule(change.at_s, self._apply_change, change, priority=PRIORITY_CLUSTER)
+        kernel.schedule(config.report_interval_s, self._report, priority=PRIORITY_EVENTS)
+        self._done = False
+
+    # -- replicas --------------------------------------------------------------------------
+    def _add_engine(self, name: str) -> None:
+        if name in self.engines and self.engines[name].alive:
+            raise ConfigError("changes.replica", f"replica {name!r} already exists")
+        cfg = self.config
+        engine = EngineReplica(
+            name, self.kernel, cfg.profile, num_blocks=cfg.blocks_per_replica, block_size=cfg.block_size,
+            max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=cfg.max_num_batched_tokens,
+            fast_decode=cfg.fast_decode,
+            on_first_token=self._on_first_token, on_finished=self._on_finished,
+            on_stored=(lambda keys, n=name: self._kv_event(n, BlocksStored(tuple(keys)))) if cfg.kv_events else None,
+            on_removed=(lambda keys, n=name: self._kv_event(n, BlocksRemoved(tuple(keys)))) if cfg.kv_events else None)
+        self.engines[name] = engine
+        self.routable.append(name)
+        self.metrics.replica_index(name)
+
+    def _publish_replicas(self) -> None:
+        now = self.kernel.now
+        for router in self.routers:
+            router.on_replicas_changed(self.routable, now)
+
+    def _apply_change(self, change: ReplicaChange) -> None:
+        now = self.kernel.now
+        if change.action == "add":
+            self._add_engine(change.replica)
+            self._publish_replicas()
+            return
+        engine = self.engines.get(change.replica)
+        if engine is None:
+            raise ConfigError("changes.replica", f"no replica named {change.replica!r}")
+        if change.replica in self.routable:
+            self.routable.remove(change.replica)
+        if change.action == "remove":
+            self._publish_replicas()  # drain: in-flight requests finish where they are
+            return
+        for req in engine.fail():
+            router_index, _ = self._in_flight.pop(req.uid, (None, None))
+            if router_index is not None:
+                self.routers[router_index].on_completed(req.uid, now)
+            self.metrics.failed += 1
+        for router in self.routers:
+            router.on_replica_died(change.replica, now)
+
+    # -- requests --------------------------------------------------------------------------
+    def submit(self, request_id: int, arrival_s: float, prompt_tokens: int, output_tokens: int,
+               keys: Sequence[int], session_id: str | None = None) -> None:
+        """Route one request now (the kernel's time is its arrival)."""
+        now = self.kernel.now
+        self.metrics.on_submitted(arrival_s)
+        router_index = self._next_router
+        self._next_router = (router_index + 1) % len(self.routers)
+        router = self.routers[router_index]
+        request = RouteRequest(keys=keys, prompt_tokens=prompt_tokens, block_tokens=self.config.block_size,
+                               session_id=session_id, output_tokens=output_tokens, request_id=request_id)
+        decision = router.route(request, now)
+        if decision.replica is None:
+            self.metrics.rejected += 1
+            return
+        engine = self.engines[decision.replica]
+        if not engine.fits(prompt_tokens, output_tokens):
+            # Larger than the replica's whole KV cache: vLLM refuses such a request.
+            router.on_completed(request_id, now)
+            self.metrics.rejected += 1
+            return
+        self.metrics.on_routed(decision.replica, prompt_tokens, decision.outcome)
+        req = EngineRequest(request_id, prompt_tokens, output_tokens, keys, arrival_s, tag=decision.replica)
+        self._in_flight[request_id] = (router_index, req)
+        engine.add_request(req)
+
+    def _on_first_token(self, req: EngineRequest, now: float) -> None:
+        entry = self._in_flight.get(req.uid)
+        if entry is not None:
+            self.routers[entry[0]].on_first_token(req.uid, now)
+
+    def _on_finished(self, req: EngineRequest, now: float) -> None:
+        entry = self._in_flight.pop(req.uid, None)
+        if entry is None:
+            return
+        self.routers[entry[0]].on_completed(req.uid, now)
+        self.metrics.on_completed(req.tag, req.arrival_s, req.first_token_s, now, req.prompt_tokens,
+                                  req.cached_tokens, req.max_output)
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._in_flight)
+
+    # -- engine -> routers -----------------------------------------------------------------
+    def _kv_event(self, replica: str, event) -> None:
+        pending = self._pending_events.get(replica)
+        if pending is None:
+            pending = self._pending_events[replica] = []
+            self.kernel.schedule(self.kernel.now + self.config.kv_event_delay_s, self._deliver_events,
+                                 replica, priority=PRIORITY_EVENTS)
+        pending.append(event)
+
+    def _deliver_events(self, replica: str) -> None:
+        events = self._pending_events.pop(replica, ())
+        now = self.kernel.now
+        for router in self.routers:
+            for event in events:
+                router.on_kv_event(replica, event, now)
+
+    def _report(self) -> None:
+        now = self.kernel.now
+        for name in self.routable:
+            engine = self.engines[name]
+            for router in self.routers:
+                router.on_engine_report(name, now, kv_usage=engine.kv_usage(), waiting=len(engine.waiting),
+                                        running=len(engine.running))
+        if not self._done:
+            self.kernel.schedule(now + self.config.report_interval_s, self._report, priority=PRIORITY_EVENTS)
+
+    def finish(self) -> None:
+        """No more arrivals: stop the periodic report so the kernel can drain."""
+        self._done = True
+
+    def engine_totals(self) -> dict[str, int]:
+        engines = self.engines.values()
+        return {"preemptions": sum(e.preemptions for e in engines),
+                "evictions": sum(e.pool.evictions for e in engines),
+                "steps": sum(e.steps for e in engines)}
+
+
+def replay(cluster: Cluster, requests: Iterable[Any], keys_of: Callable[[Any], Sequence[int]],
+           on_progress: Callable[[int], None] | None = None) -> None:
+    """Feed ``requests`` (objects with request_id, arrival_s, prompt_tokens, output_tokens,
+    session_id) into the cluster at their arrival times and run the kernel to the end.
+    Arrivals are scheduled one ahead, so memory does not grow with the trace."""
+    kernel = cluster.kernel
+    it = iter(requests)
+    count = 0
+
+    def arrive(req) -> None:
+        nonlocal count
+        cluster.submit(req.request_id, req.arrival_s, req.prompt_tokens, req.output_tokens, keys_of(req),
+                       req.session_id)
+        count += 1
+        if on_progress is not None:
+            on_progress(count)
+        schedule_next()
+
+    def schedule_next() -> None:
+        nxt = next(it, None)
+        if nxt is None:
+            cluster.finish()
+            return
+        kernel.schedule(max(nxt.arrival_s, kernel.now), arrive, nxt, priority=PRIORITY_ARRIVAL)
+
+    schedule_next()
+    kernel.run()
