@@ -44,6 +44,21 @@ def _bench_router(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_simulator(args: argparse.Namespace) -> int:
+    from benchmarks import sim_bench
+
+    def progress(message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
+    sizes = tuple(args.sizes) if args.sizes else sim_bench.SIZES
+    report = sim_bench.run(sizes=sizes, workload=args.workload, policy=args.policy, rate=args.rate,
+                           seed=args.seed, memory=args.memory, progress=progress)
+    report["command"] = "kvroute " + " ".join(args.argv)
+    print(sim_bench.format_table(report))
+    _write_json(args.json, report)
+    return 0
+
+
 def _policies(args: argparse.Namespace) -> int:
     import policies
 
@@ -73,6 +88,16 @@ def build_parser() -> argparse.ArgumentParser:
     router.add_argument("--no-ray", action="store_true", help="skip Ray's PrefixTree comparison")
     router.add_argument("--json", metavar="PATH", help="write the results as JSON")
     router.set_defaults(func=_bench_router)
+
+    simb = bench_sub.add_parser("simulator", help="simulated requests per second at 10k, 100k and 1M requests")
+    simb.add_argument("--sizes", type=_positive_int, nargs="+", help="request counts (default 10000 100000 1000000)")
+    simb.add_argument("--workload", default="system-prompts", help="generated workload (default system-prompts)")
+    simb.add_argument("--policy", default="cache_aware", help="policy (default cache_aware)")
+    simb.add_argument("--rate", type=float, default=40.0, help="simulated arrivals per second (default 40)")
+    simb.add_argument("--memory", action="store_true", help="also trace peak memory (slower)")
+    simb.add_argument("--seed", type=int, default=0)
+    simb.add_argument("--json", metavar="PATH", help="write the results as JSON")
+    simb.set_defaults(func=_bench_simulator)
 
     from simulator.cli import add_parser as add_simulate
     add_simulate(sub, _positive_int, _write_json)

@@ -1,0 +1,164 @@
+"""The simulator end to end: the shared trace's known figures, the league, determinism,
+conservation, replica changes, several routers, and the command line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+import policies
+from router.cli import main
+from router.profile import DEFAULT_PROFILE
+from simulator.cluster import ClusterConfig, ReplicaChange
+from simulator.run import run_policy, simulate
+from simulator.workloads import ideal_hit_rate, load_trace, make_workload
+
+TRACE = Path(__file__).resolve().parents[2] / "shared" / "data" / "mooncake_synthetic_trace.jsonl"
+needs_trace = pytest.mark.skipif(not TRACE.is_file(), reason="../shared/data trace not beside the repo")
+
+
+@pytest.fixture(scope="module")
+def trace():
+    return load_trace(str(TRACE), "mooncake")
+
+
+@pytest.fixture(scope="module")
+def league(trace):
+    """Every registered policy on the shared trace, 8 replicas of 2,000 512-token blocks
+    (the configuration ../shared/DESIGN.md quotes figures for)."""
+    doc = simulate(trace, trace="mooncake", replicas=8, policies_to_run=policies.available(), block_size=512,
+                   kv_blocks=2000, profile=DEFAULT_PROFILE)
+    return {row["policy"]: row for row in doc["results"]} | {"_doc": doc}
+
+
+@needs_trace
+def test_one_infinite_replica_reproduces_the_trace_ideal_hit_rate(trace):
+    """The trace's README: one infinite prefix cache hits 65.1% of tokens. vLLM never reuses
+    a prompt's last token, so the simulated engine may fall short by a hair, never exceed."""
+    config = ClusterConfig(replicas=1, block_size=512, kv_blocks=200_000)
+    row, _, _ = run_policy(trace, config, "round_robin")
+    assert row["completed"] == len(trace) == 3993
+    assert row["evictions"] == 0
+    assert 0.648 <= row["hit_rate"] <= 0.651
+    ideal = ideal_hit_rate(trace, 512)
+    assert row["hit_rate"] <= ideal["tokens"] + 1e-9
+    assert ideal["blocks"] == pytest.approx(0.6396, abs=5e-5)
+
+
+@needs_trace
+def test_round_robin_and_a_bounded_prefix_policy_land_on_the_trace_figures(league):
+    """DESIGN.md (from the trace's own statistics): round robin about 11%, a bounded
+    longest-prefix policy about 54%."""
+    assert 0.09 <= league["round_robin"]["hit_rate"] <= 0.13
+    for bounded_prefix in ("sglang", "ray_prefix"):
+        assert 0.50 <= league[bounded_prefix]["hit_rate"] <= 0.57, bounded_prefix
+
+
+@needs_trace
+def test_cache_aware_beats_every_peer_on_ttft_p99_within_fair_share(league):
+    ours = league["cache_aware"]
+    assert ours["max_share_of_fair"] <= 1.5
+    for name in policies.available():
+        if name != "cache_aware":
+            assert ours["ttft_p99_s"] < league[name]["ttft_p99_s"], name
+
+
+@needs_trace
+def test_the_league_conserves_requests_and_reports_the_ceiling(league, trace):
+    doc = league["_doc"]
+    assert doc["ideal_hit_rate"] == pytest.approx(ideal_hit_rate(trace, 512)["tokens"], abs=1e-6)
+    for name in policies.available():
+        row = league[name]
+        assert row["completed"] + row["rejected"] + row["failed"] == row["requests"] == len(trace)
+        assert row["hit_rate"] <= doc["ideal_hit_rate"] + 1e-9
+        assert sum(row["replica_share"].values()) == pytest.approx(1.0)
+
+
+def small(n=300, seed=1, name="mixed", rate=6.0):
+    return list(make_workload(name, n, seed=seed, rate_per_s=rate))
+
+
+def test_same_seed_same_bytes_other_seed_other_bytes():
+    def run(seed):
+        doc = simulate(small(seed=seed), trace="t", replicas=4, policies_to_run=["cache_aware", "pow2"],
+                       block_size=16, kv_blocks=3000, profile=DEFAULT_PROFILE, seed=seed)
+        for row in doc["results"]:
+            row.pop("wall_s")
+        return json.dumps(doc, sort_keys=True)
+
+    assert run(3) == run(3)
+    assert run(3) != run(4)
+
+
+def test_every_request_completes_once_and_tokens_out_equal_tokens_asked():
+    requests = small(400, name="chat")
+    config = ClusterConfig(replicas=3, block_size=16, kv_blocks=600)  # small: forces preemption
+    row, metrics, cluster = run_policy(requests, config, "cache_aware")
+    assert row["completed"] == len(requests) and row["rejected"] == row["failed"] == 0
+    assert sum(metrics.output) == sum(r.output_tokens for r in requests)
+    assert sum(metrics.prompt) == sum(r.prompt_tokens for r in requests)
+    assert row["preemptions"] > 0
+    assert cluster.in_flight == 0
+    for engine in cluster.engines.values():
+        assert engine.pool.num_free == engine.pool.num_blocks
+        engine.pool.check_invariants()
+    for router in cluster.routers:
+        router.check_invariants()
+        assert all(load.in_flight == 0 for load in router.load.loads.values())
+
+
+def test_a_failed_replica_loses_its_requests_and_gets_no_more():
+    requests = small(400, rate=10.0)
+    last = requests[-1].arrival_s
+    config = ClusterConfig(replicas=4, block_size=16, kv_blocks=4000,
+                           changes=(ReplicaChange(last / 3, "fail", "replica-1"),
+                                    ReplicaChange(last / 2, "add", "replica-9"),
+                                    ReplicaChange(last / 2, "remove", "replica-2")))
+    row, metrics, cluster = run_policy(requests, config, "cache_aware")
+    assert row["failed"] > 0
+    assert row["completed"] + row["failed"] + row["rejected"] == len(requests)
+    late = [metrics.replica_names[i] for i, t in zip(metrics.replica, metrics.arrival) if t > last / 3 + 0.5]
+    assert "replica-1" not in late
+    assert "replica-9" in late
+    assert "replica-1" not in cluster.routers[0].replicas
+
+
+def test_several_routers_each_route_a_share_and_still_find_the_cache():
+    requests = small(600, name="system-prompts", rate=8.0)
+    config = ClusterConfig(replicas=4, routers=3, block_size=16, kv_blocks=4000)
+    row, _, cluster = run_policy(requests, config, "cache_aware")
+    assert [r.stats.routed for r in cluster.routers] == [200, 200, 200]
+    rr, _, _ = run_policy(requests, config, "round_robin")
+    assert row["hit_rate"] > rr["hit_rate"]
+
+
+def test_cli_simulate_writes_the_documented_schema(tmp_path, capsys):
+    out = tmp_path / "sim.json"
+    code = main(["simulate", "--workload", "chat", "--requests", "150", "--replicas", "3",
+                 "--policy", "round_robin", "--policy", "cache_aware", "--json", str(out)])
+    assert code == 0
+    doc = json.loads(out.read_text())
+    for key in ("trace", "replicas", "ideal_hit_rate", "results"):
+        assert key in doc
+    assert [r["policy"] for r in doc["results"]] == ["round_robin", "cache_aware"]
+    for row in doc["results"]:
+        for key in ("policy", "requests", "completed", "hit_rate", "ttft_mean_s", "ttft_p50_s", "ttft_p99_s",
+                    "tpot_p50_s", "e2e_p50_s", "throughput_tok_s", "max_replica_share", "preemptions", "wall_s"):
+            assert key in row, key
+        assert row["requests"] == row["completed"] == 150
+        assert row["ttft_p50_s"] <= row["ttft_p99_s"]
+    assert "cache_aware" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, field", [
+    (["simulate", "--policy", "nope", "--requests", "10"], "nope"),
+    (["simulate", "--trace", "/no/such/file.jsonl"], "trace"),
+    (["simulate", "--workload", "nope"], "nope"),
+    (["simulate", "--profile", "nope", "--requests", "10"], "profile"),
+    (["simulate", "--rate-scale", "0", "--requests", "10"], "rate_scale"),
+])
+def test_cli_simulate_bad_input_fails_naming_it(argv, field, capsys):
+    assert main(argv) == 2
+    assert field in capsys.readouterr().err
