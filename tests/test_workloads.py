@@ -9,6 +9,7 @@ wrong rate or shape.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -445,6 +446,7 @@ def test_generated_requests_are_well_formed(name):
     assert requests[0].arrival_s > 0
     for r in requests:
         assert type(r.content) is Segments and r.content.tokens == r.prompt_tokens
+        assert dataclasses.replace(r) == r  # generators skip __post_init__: run its checks here
         assert 1 <= r.prompt_tokens <= 8192 and 50 <= r.output_tokens <= 500
     sessions = {r.session_id for r in requests}
     if name in ("chat", "agent"):

@@ -14,9 +14,10 @@ For session workloads (``chat``, ``agent``) the arrival process paces session *s
 ``rate_per_s / expected requests per session``; each later turn is open loop: it arrives at
 the previous turn's arrival + an expected response time (``response_base_s +
 response_s_per_token * output_tokens``, a stand-in for the real latency, which the generator
-cannot know) + an exponential think or tool time. The long-run request rate is
-``rate_per_s`` as long as ``max_prompt_tokens`` rarely cuts sessions short (with the
-defaults, well under 1% of sessions).
+cannot know) + an exponential think or tool time. Because ``max_prompt_tokens`` ends some
+long sessions early, the expected requests per session is measured by a small pilot run at
+construction (~10 ms; see ``_requests_per_session``), so the long-run request rate is
+``rate_per_s`` to about 2%. The first minutes run below it while sessions ramp up.
 
 Default sizes (all overridable by keyword; lengths are log-normal with the given median
 and sigma, clipped to the range, or uniform over a range of shared prefixes):
@@ -29,9 +30,9 @@ few-shot           6 templates (instructions + examples) of 1000-4000 tokens, un
 chat               4 system prompts of 200-1000 tokens, Zipf(1.1); sessions of geometric
                    length, mean 5 turns (at most 30); user message median 80 (5-2000);
                    assistant reply = output, median 150 (50-500); think time mean 15 s
-agent              4 tool sets of 1500-3000 tokens, Zipf(1.1); task median 400 (100-2000)
-                   per agent; geometric mean 8 steps (at most 50); tool call = output,
-                   median 100 (50-500); tool result median 300 (10-4000); tool time mean 1 s
+agent              4 tool sets of 1000-2500 tokens, Zipf(1.1); task median 400 (100-2000)
+                   per agent; geometric mean 6 steps (at most 20); tool call = output,
+                   median 100 (50-500); tool result median 200 (10-4000); tool time mean 1 s
 mixed              the four above interleaved by arrival time, a quarter of the rate each
 =================  ==========================================================================
 
@@ -51,7 +52,7 @@ from itertools import accumulate
 import xxhash
 
 from simulator.workloads.arrivals import ARRIVALS, arrival_process
-from simulator.workloads.model import SimRequest, WorkloadError, _is_int, _trusted_segments
+from simulator.workloads.model import SimRequest, WorkloadError, _is_int, _trusted_request, _trusted_segments
 
 _xxh3 = xxhash.xxh3_64_intdigest
 
@@ -424,7 +425,7 @@ _STREAMS: dict[str, Callable[..., Iterator[Raw]]] = {
 def _numbered(stream: Iterator[Raw], count: int) -> Iterator[SimRequest]:
     # range first: once count requests are out, the stream is not advanced again.
     for request_id, (t, prompt, output, content, session) in zip(range(count), stream):
-        yield SimRequest(request_id, t, prompt, output, content, session)
+        yield _trusted_request(request_id, t, prompt, output, content, session)
 
 
 def _generate(workload: str, count: int, seed: int, rate_per_s: float, arrival: str, params: dict):
