@@ -73,7 +73,7 @@ def test_the_league_conserves_requests_and_reports_the_ceiling(league, trace):
         row = league[name]
         assert row["completed"] + row["rejected"] + row["failed"] == row["requests"] == len(trace)
         assert row["hit_rate"] <= doc["ideal_hit_rate"] + 1e-9
-        assert sum(row["replica_share"].values()) == pytest.approx(1.0)
+        assert sum(row["replica_share"].values()) == pytest.approx(1.0, abs=1e-4)
 
 
 def small(n=300, seed=1, name="mixed", rate=6.0):
@@ -93,8 +93,8 @@ def test_same_seed_same_bytes_other_seed_other_bytes():
 
 
 def test_every_request_completes_once_and_tokens_out_equal_tokens_asked():
-    requests = small(400, name="chat")
-    config = ClusterConfig(replicas=3, block_size=16, kv_blocks=600)  # small: forces preemption
+    requests = small(400, name="chat", rate=80.0)
+    config = ClusterConfig(replicas=3, block_size=16, kv_blocks=400)  # small and busy: forces preemption
     row, metrics, cluster = run_policy(requests, config, "cache_aware")
     assert row["completed"] == len(requests) and row["rejected"] == row["failed"] == 0
     assert sum(metrics.output) == sum(r.output_tokens for r in requests)
