@@ -80,6 +80,7 @@ class CacheAwarePolicy(Policy):
         self.profile = get_profile(self.config.profile)
         self._params_for: tuple = ()
         self._params: tuple = ()
+        self._distinct: tuple | None = None  # the last replicas tuple checked to have no repeats
 
     def _native(self, request: RouteRequest, view: RoutingView, jitter: bool, rank: bool):
         """The C cost loop (rank false: the costs dict; true: the tiers), or None when it
@@ -94,10 +95,18 @@ class CacheAwarePolicy(Policy):
                             prof.attention_s_per_context_token, prof.prefill_s_per_token,
                             prof.max_batched_tokens, cfg.load_factor, cfg.session_slack_s, _OVER_BOUND)
             self._params_for = (cfg, prof)
+        mode = 0
+        if rank:
+            # The core passes the same replicas tuple on every request: check it for
+            # repeats once (a repeat would need the Python dict semantics), not per call.
+            replicas = view.replicas
+            if replicas is not self._distinct and len(set(replicas)) == len(replicas):
+                self._distinct = replicas
+            mode = 2 if replicas is self._distinct else 1
         return fast.cache_aware(view.replicas, view.load, view.matched_blocks, view.capacities,
                                 view.default_capacity, view.now, request.prompt_tokens, request.block_tokens,
                                 request.output_tokens or 0, self._params, view.rng.random if jitter else None,
-                                _IDLE, view.session_replica, rank)
+                                _IDLE, view.session_replica, mode)
 
     def costs(self, request: RouteRequest, view: RoutingView, *, jitter: bool = False) -> dict:
         """Estimated seconds to first token plus KV barrier, per candidate.

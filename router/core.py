@@ -233,7 +233,12 @@ class RoutingCore:
         matched_blocks = view.matched_blocks
         matched = matched_blocks.get(replica, 0)
         best = max(matched_blocks.values(), default=0)
-        self.on_routed(request, replica, now, matched_blocks=matched)
+        if type(self).on_routed is RoutingCore.on_routed:
+            # The match above is current (same ``now``, nothing changed since): the tree
+            # may skip re-probing the ``matched`` keys it just found held by ``replica``.
+            self._on_routed(request, replica, now, matched, matched)
+        else:
+            self.on_routed(request, replica, now, matched_blocks=matched)
         outcome = self._outcome(replica, matched, best, view.session_replica)
         self.stats.outcomes[outcome] += 1
         return _new_decision(replica, matched, best, outcome, tiers)
@@ -252,8 +257,15 @@ class RoutingCore:
         session and account its load. ``matched_blocks`` saves a second match."""
         if matched_blocks is None:
             matched_blocks = self.tree.match(request.keys, (replica,), now)[replica]
-        self.tree.insert(replica, request.keys, now)
-        self.sessions.put(request.session_id, replica, now)
+        self._on_routed(request, replica, now, matched_blocks, 0)
+
+    def _on_routed(self, request: RouteRequest, replica: ReplicaId, now: float, matched_blocks: int,
+                   held: int) -> None:
+        """``on_routed``; ``held`` > 0 only when ``replica`` is known to hold that many of
+        the request's keys right now (``route``'s own match). O(len(keys))."""
+        self.tree._insert(replica, request.keys, now, False, held)
+        if request.session_id:
+            self.sessions.put(request.session_id, replica, now)
         cached_tokens = min(request.prompt_tokens, matched_blocks * request.block_tokens)
         kv_blocks = math.ceil((request.prompt_tokens + (request.output_tokens or 0)) / request.block_tokens)
         if request.request_id is not None:

@@ -161,16 +161,18 @@ move_to_end(PyObject *from, PyObject *to, PyObject *key, PyObject *now)
     return PyDict_SetItem(to, key, now);
 }
 
-/* insert_walk(owners, spec, conf, keys, bit, now, stale_before, confirmed) -> new
+/* insert_walk(owners, spec, conf, keys, bit, now, stale_before, confirmed, held) -> new
  * The loop of PrefixTree.insert (see there): leaf first; a key new to the replica gets
  * its owner bit and an entry in spec (or conf if confirmed); a held one is promoted
- * (confirming) or moved when its last move is older than stale_before. O(len(keys)). */
+ * (confirming) or moved when its last move is older than stale_before. The first
+ * ``held`` keys are known to be held (a match just said so): their owner probe is
+ * skipped. O(len(keys)). */
 static PyObject *
 insert_walk(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 8 || !PyDict_Check(args[0]) || !PyDict_Check(args[1]) || !PyDict_Check(args[2])) {
+    if (nargs != 9 || !PyDict_Check(args[0]) || !PyDict_Check(args[1]) || !PyDict_Check(args[2])) {
         PyErr_SetString(PyExc_TypeError,
-                        "insert_walk(owners, spec, conf, keys, bit, now, stale_before, confirmed)");
+                        "insert_walk(owners, spec, conf, keys, bit, now, stale_before, confirmed, held)");
         return NULL;
     }
     PyObject *owners = args[0], *spec = args[1], *conf = args[2], *bit_obj = args[4], *now = args[5];
@@ -187,6 +189,9 @@ insert_walk(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     int confirmed = PyObject_IsTrue(args[7]);
     if (confirmed < 0)
         return NULL;
+    Py_ssize_t held = PyLong_AsSsize_t(args[8]);
+    if (held == -1 && PyErr_Occurred())
+        return NULL;
     PyObject *target = confirmed ? conf : spec;
     PyObject *seq = PySequence_Fast(args[3], "keys must be a sequence");
     if (seq == NULL)
@@ -196,6 +201,8 @@ insert_walk(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     Py_ssize_t added = 0;
     for (Py_ssize_t i = n - 1; i >= 0; i--) {
         PyObject *key = items[i];
+        if (i < held)
+            goto touch;
         /* One probe for the common case, a key no replica holds: setdefault stores the
          * replica's own bit (one shared int object, nothing allocated). */
         Py_ssize_t size = PyDict_GET_SIZE(owners);
@@ -222,6 +229,7 @@ insert_walk(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
             added++;
             continue;
         }
+    touch:;
         PyObject *moved = PyDict_GetItemWithError(spec, key);
         if (moved != NULL) {  /* speculative */
             if (confirmed) {
@@ -457,14 +465,14 @@ by_cost(const void *a, const void *b)
 }
 
 /* cache_aware(replicas, loads, matched, capacities, default_capacity, now, prompt,
- *             block_tokens, output, params, rng_random, idle, session, rank) -> dict | list | None
+ *             block_tokens, output, params, rng_random, idle, session, mode) -> dict | list | None
  *
  * params = (kv_soft_limit, kv_barrier_s, step_overhead_s, decode_s_per_seq,
  *           attention_s_per_context_token, prefill_s_per_token, max_batched_tokens,
  *           load_factor, session_slack_s, over_bound)
  * rng_random: None for no jitter, else called once per replica in order, as the Python
- * loop does. With rank false, returns the costs dict of CacheAwarePolicy.costs; with rank
- * true, the tiers of CacheAwarePolicy.rank. None means "use the Python twin": an input is
+ * loop does. With mode 0, returns the costs dict of CacheAwarePolicy.costs; with mode 1,
+ * the tiers of CacheAwarePolicy.rank; mode 2 is mode 1 for replicas known distinct. None means "use the Python twin": an input is
  * not a dict / exact int / float, a replica repeats, or a cost is NaN. O(n log n). */
 static PyObject *
 cache_aware(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
@@ -475,9 +483,11 @@ cache_aware(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     }
     PyObject *replicas = args[0], *loads = args[1], *matched = args[2], *capacities = args[3];
     PyObject *params = args[9], *rng = args[10], *idle = args[11], *session = args[12];
-    int rank = PyObject_IsTrue(args[13]);
-    if (rank < 0)
+    /* args[13]: 0 costs dict, 1 tiers, 2 tiers of replicas the caller knows are distinct */
+    int mode = PyLong_AsLong(args[13]);
+    if (mode == -1 && PyErr_Occurred())
         return NULL;
+    int rank = mode != 0, distinct = mode == 2;
     if (!PyTuple_CheckExact(replicas) || !PyDict_CheckExact(loads) || !PyDict_CheckExact(matched)
             || !PyDict_CheckExact(capacities) || !PyTuple_CheckExact(params) || PyTuple_GET_SIZE(params) != 10)
         Py_RETURN_NONE;
@@ -613,6 +623,8 @@ cache_aware(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
             items[i].cost = cost;
             items[i].index = in_flight;  /* the in-flight count, until the bound is known */
         }
+        if (rank && distinct)  /* no costs dict needed: nothing can collapse */
+            continue;
         PyObject *value = PyFloat_FromDouble(cost);
         if (value == NULL) {
             status = -1;
@@ -630,7 +642,7 @@ cache_aware(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         costs = NULL;
         goto finish;
     }
-    if (PyDict_GET_SIZE(costs) != n) {  /* a repeated replica: Python's dict semantics apply */
+    if (!distinct && PyDict_GET_SIZE(costs) != n) {  /* a repeated replica: Python's dict semantics apply */
         status = FALLBACK;
         goto finish;
     }
@@ -708,7 +720,7 @@ static PyMethodDef methods[] = {
     {"match_walk", (PyCFunction)(void (*)(void))match_walk, METH_FASTCALL,
      "match_walk(owners, keys, alive) -> [(dropped mask, depth), ...]"},
     {"insert_walk", (PyCFunction)(void (*)(void))insert_walk, METH_FASTCALL,
-     "insert_walk(owners, spec, conf, keys, bit, now, stale_before, confirmed) -> new entries"},
+     "insert_walk(owners, spec, conf, keys, bit, now, stale_before, confirmed, held) -> new entries"},
     {"cache_aware", (PyCFunction)(void (*)(void))cache_aware, METH_FASTCALL,
      "CacheAwarePolicy's cost loop (rank false: costs dict) or ranking (rank true: tiers)."},
     {NULL, NULL, 0, NULL},
