@@ -209,6 +209,8 @@ def run(*, replicas: list[int], prompts: int, policy: str, tree_blocks: int, see
         "python": sys.version.split()[0],
         "machine": platform.machine(),
         "ray_available": ray_ok,
+        # the C hot paths (router._speedups) were used, not the pure-Python twins
+        "speedups": _speedups_active(),
         "token_keying_p50_us": round(_token_keying_us(core), 2),
         "results": results,
         # The first row's headline numbers, flattened for quick reading.
@@ -221,6 +223,11 @@ def run(*, replicas: list[int], prompts: int, policy: str, tree_blocks: int, see
     }
     report["targets"] = _targets(results)
     return report
+
+
+def _speedups_active() -> bool:
+    from router._fast import speedups
+    return speedups is not None
 
 
 def _targets(results: list[dict[str, Any]]) -> dict[str, Any]:
@@ -239,7 +246,8 @@ def format_table(report: dict[str, Any]) -> str:
     head = (f"{'replicas':>8} {'tree blocks':>12} {'p50 us':>8} {'p99 us':>8} {'keying us':>9} "
             f"{'ray p50 us':>10} {'speedup':>8} {'B/entry':>8} {'B/node':>7}")
     lines = [f"kvroute bench router: policy {report['policy']}, {report['keyer']}, "
-             f"{report['prompts']} decisions per row", head]
+             f"{report['prompts']} decisions per row, "
+             + ("C speedups" if report.get("speedups") else "pure Python (no C speedups)"), head]
     for r in report["results"]:
         ray = f"{r['ray_prefix_tree_p50_us']:.1f}" if r["ray_prefix_tree_p50_us"] is not None else "-"
         speed = f"{r['speedup_vs_ray_p50']:.1f}x" if r["speedup_vs_ray_p50"] is not None else "-"

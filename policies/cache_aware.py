@@ -32,6 +32,11 @@ The profile (``router.profile``) supplies the time constants; the default is roo
 arithmetic for an 8B model on an H100, and calibrated profiles can be named instead.
 Returns every candidate as its own tier, best first, so Ray Serve falls back to the next
 one when a replica's queue is full. O(replicas log replicas) per decision.
+
+``costs`` and ``rank`` run in C (``router._speedups``) when it is built; the Python code
+below is the reference, computes the same floats in the same order (the C build turns off
+fused multiply-add) and runs whenever the C side declines an input (a non-dict mapping, a
+non-int count, a repeated replica) or ``KVROUTE_PURE_PYTHON=1``.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ import math
 from dataclasses import dataclass
 
 from policies.base import Policy, PolicyConfig, RouteRequest, RoutingView, Tiers, register_policy, require
+from router._fast import speedups
 from router.load import ReplicaLoad
 from router.profile import DEFAULT_PROFILE, get_profile
 
@@ -67,17 +73,54 @@ class CacheAwarePolicy(Policy):
             require(0 <= self.kv_soft_limit < 1, f"{policy}.kv_soft_limit", f"must be in [0, 1), got {self.kv_soft_limit}")
             require(self.kv_barrier_s >= 0, f"{policy}.kv_barrier_s", f"must be >= 0, got {self.kv_barrier_s}")
 
+    _speedups = speedups  # None: Python only (tests set it on an instance)
+
     def __init__(self, config: PolicyConfig | None = None, **options) -> None:
         super().__init__(config, **options)
         self.profile = get_profile(self.config.profile)
+        self._params_for: tuple = ()
+        self._params: tuple = ()
+        self._distinct: tuple | None = None  # the last replicas tuple checked to have no repeats
+
+    def _native(self, request: RouteRequest, view: RoutingView, jitter: bool, rank: bool):
+        """The C cost loop (rank false: the costs dict; true: the tiers), or None when it
+        is not built or declines the input (the Python code then runs; if it declined
+        midway, ``view.rng`` has advanced, which only reshuffles nanosecond jitter)."""
+        fast = self._speedups
+        if fast is None:
+            return None
+        cfg, prof = self.config, self.profile
+        if not self._params_for or self._params_for[0] is not cfg or self._params_for[1] is not prof:
+            self._params = (cfg.kv_soft_limit, cfg.kv_barrier_s, prof.step_overhead_s, prof.decode_s_per_seq,
+                            prof.attention_s_per_context_token, prof.prefill_s_per_token,
+                            prof.max_batched_tokens, cfg.load_factor, cfg.session_slack_s, _OVER_BOUND)
+            self._params_for = (cfg, prof)
+        mode = 0
+        if rank:
+            # The core passes the same replicas tuple on every request: check it for
+            # repeats once (a repeat would need the Python dict semantics), not per call.
+            replicas = view.replicas
+            if replicas is not self._distinct and len(set(replicas)) == len(replicas):
+                self._distinct = replicas
+            mode = 2 if replicas is self._distinct else 1
+        return fast.cache_aware(view.replicas, view.load, view.matched_blocks, view.capacities,
+                                view.default_capacity, view.now, request.prompt_tokens, request.block_tokens,
+                                request.output_tokens or 0, self._params, view.rng.random if jitter else None,
+                                _IDLE, view.session_replica, mode)
 
     def costs(self, request: RouteRequest, view: RoutingView, *, jitter: bool = False) -> dict:
         """Estimated seconds to first token plus KV barrier, per candidate.
 
         With ``jitter`` each cost gets a random nanosecond-scale addition, which breaks
         exact ties at random without changing any real ordering. Written as one flat
-        loop: it runs for every candidate on every request.
+        loop: it runs for every candidate on every request. O(candidates).
         """
+        fast = self._native(request, view, jitter, rank=False)
+        if fast is not None:
+            return fast
+        return self._costs_py(request, view, jitter)
+
+    def _costs_py(self, request: RouteRequest, view: RoutingView, jitter: bool) -> dict:
         cfg = self.config
         prof = self.profile
         now = view.now
@@ -136,6 +179,10 @@ class CacheAwarePolicy(Policy):
         replicas = view.replicas
         if not replicas:
             return []
+        if type(self).costs is CacheAwarePolicy.costs:  # a subclass's own costs() runs in Python
+            tiers = self._native(request, view, jitter=True, rank=True)
+            if tiers is not None:
+                return tiers
         costs = self.costs(request, view, jitter=True)
         loads = view.load
         in_flight = {r: (loads.get(r) or _IDLE).in_flight for r in replicas}

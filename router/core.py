@@ -21,7 +21,7 @@ from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from policies.base import Policy, RouteRequest, RoutingView, Tiers
+from policies.base import Policy, RouteRequest, RoutingView, Tiers, new_route_request
 from router.errors import ConfigError
 from router.events import AllBlocksCleared, BlocksRemoved, BlocksStored
 from router.keys import DEFAULT_SEED, Keyer, make_keyer, namespace_seed
@@ -59,6 +59,24 @@ class CoreStats:
     kv_events_malformed: int = 0
     invalid_tiers: int = 0
     outcomes: dict[str, int] = field(default_factory=lambda: dict.fromkeys(OUTCOMES, 0))
+
+
+_new_object = object.__new__
+_DECISION_SLOTS = tuple(getattr(Decision, name).__set__ for name in
+                        ("replica", "matched_blocks", "best_matched_blocks", "outcome", "tiers"))
+
+
+def _new_decision(replica: ReplicaId | None, matched: int, best: int, outcome: str, tiers: Tiers) -> Decision:
+    """``Decision(...)`` built by filling its slots (the frozen dataclass ``__init__``
+    costs about a microsecond per routing decision). The same immutable object."""
+    decision = _new_object(Decision)
+    set_replica, set_matched, set_best, set_outcome, set_tiers = _DECISION_SLOTS
+    set_replica(decision, replica)
+    set_matched(decision, matched)
+    set_best(decision, best)
+    set_outcome(decision, outcome)
+    set_tiers(decision, tiers)
+    return decision
 
 
 def pick_from_tiers(tiers: Tiers, view: RoutingView, allowed: Iterable[ReplicaId] | None = None) -> ReplicaId | None:
@@ -169,13 +187,15 @@ class RoutingCore:
     def make_request(self, content, *, prompt_tokens: int | None = None, model: str = "", lora: str = "",
                      cache_salt: str = "", session_id: str | None = None,
                      output_tokens: int | None = None, request_id: Hashable | None = None) -> RouteRequest:
-        """Key a prompt (text, token ids or block ids, per the keyer) into a RouteRequest."""
+        """Key a prompt (text, token ids or block ids, per the keyer) into a RouteRequest.
+        O(prompt length)."""
+        keyer = self.keyer
         seed = namespace_seed(model, lora, cache_salt) if (model or lora or cache_salt) else DEFAULT_SEED
-        keys = self.keyer.keys(content, seed)
+        keys = keyer.keys(content, seed)
         if prompt_tokens is None:
-            prompt_tokens = self.keyer.prompt_tokens(content)
-        return RouteRequest(keys=keys, prompt_tokens=prompt_tokens, block_tokens=self.keyer.block_tokens,
-                            session_id=session_id or None, output_tokens=output_tokens, request_id=request_id)
+            prompt_tokens = keyer.prompt_tokens(content)
+        return new_route_request(keys, prompt_tokens, keyer.block_tokens, session_id or None, output_tokens,
+                                 request_id)
 
     def view(self, request: RouteRequest, now: float, candidates: Sequence[ReplicaId] | None = None) -> RoutingView:
         """What the policy sees for ``request`` among ``candidates`` (default: all replicas)."""
@@ -183,10 +203,10 @@ class RoutingCore:
         session_replica = self.sessions.get(request.session_id, now) if request.session_id else None
         if session_replica is not None and session_replica not in replicas:
             session_replica = None
-        return RoutingView(replicas=replicas, matched_blocks=self.tree.match(request.keys, replicas, now),
-                           load=self.load.loads, now=now, rng=self.rng, session_replica=session_replica,
-                           cached_blocks=self.tree.replica_blocks, capacities=self.tree.capacities,
-                           default_capacity=self.tree.default_capacity_blocks)
+        tree = self.tree
+        return RoutingView.fast(replicas, tree.match(request.keys, replicas, now), self.load.loads, now, self.rng,
+                                session_replica, tree.replica_blocks, tree.capacities,
+                                tree.default_capacity_blocks)
 
     def rank(self, request: RouteRequest, now: float,
              candidates: Sequence[ReplicaId] | None = None) -> tuple[Tiers, RoutingView]:
@@ -209,13 +229,19 @@ class RoutingCore:
                 replica = pick_from_tiers([list(view.replicas)], view)
             else:
                 self.stats.no_replica += 1
-                return Decision(None, 0, 0, "miss", tiers)
-        matched = view.matched(replica)
-        best = max(view.matched_blocks.values(), default=0)
-        self.on_routed(request, replica, now, matched_blocks=matched)
+                return _new_decision(None, 0, 0, "miss", tiers)
+        matched_blocks = view.matched_blocks
+        matched = matched_blocks.get(replica, 0)
+        best = max(matched_blocks.values(), default=0)
+        if type(self).on_routed is RoutingCore.on_routed:
+            # The match above is current (same ``now``, nothing changed since): the tree
+            # may skip re-probing the ``matched`` keys it just found held by ``replica``.
+            self._on_routed(request, replica, now, matched, matched)
+        else:
+            self.on_routed(request, replica, now, matched_blocks=matched)
         outcome = self._outcome(replica, matched, best, view.session_replica)
         self.stats.outcomes[outcome] += 1
-        return Decision(replica, matched, best, outcome, tiers)
+        return _new_decision(replica, matched, best, outcome, tiers)
 
     @staticmethod
     def _outcome(replica: ReplicaId, matched: int, best: int, session_replica: ReplicaId | None) -> str:
@@ -231,8 +257,15 @@ class RoutingCore:
         session and account its load. ``matched_blocks`` saves a second match."""
         if matched_blocks is None:
             matched_blocks = self.tree.match(request.keys, (replica,), now)[replica]
-        self.tree.insert(replica, request.keys, now)
-        self.sessions.put(request.session_id, replica, now)
+        self._on_routed(request, replica, now, matched_blocks, 0)
+
+    def _on_routed(self, request: RouteRequest, replica: ReplicaId, now: float, matched_blocks: int,
+                   held: int) -> None:
+        """``on_routed``; ``held`` > 0 only when ``replica`` is known to hold that many of
+        the request's keys right now (``route``'s own match). O(len(keys))."""
+        self.tree._insert(replica, request.keys, now, False, held)
+        if request.session_id:
+            self.sessions.put(request.session_id, replica, now)
         cached_tokens = min(request.prompt_tokens, matched_blocks * request.block_tokens)
         kv_blocks = math.ceil((request.prompt_tokens + (request.output_tokens or 0)) / request.block_tokens)
         if request.request_id is not None:

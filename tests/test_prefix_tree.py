@@ -22,6 +22,12 @@ from router.keys import (DEFAULT_SEED, CharChunkKeyer, PrehashedKeyer, TokenBloc
                          namespace_seed)
 from router.prefix_tree import PrefixTree
 
+class PurePythonPrefixTree(PrefixTree):
+    """The tree with its C walks turned off: the Python reference loops only."""
+
+    _speedups = None
+
+
 KEYER = PrehashedKeyer(block_tokens=1)
 TTL = 5.0
 
@@ -82,6 +88,9 @@ jumps = st.integers(1, 900).map(lambda centis: centis / 100.0)
 class PrefixTreeMachine(RuleBasedStateMachine):
     # sequences inserted so far: later rules reuse them so chains overlap often
     chains = Bundle("chains")
+    # PrefixTree uses the C walks when router._speedups is built; the subclass machine at
+    # the end of this section runs the same rules on the pure-Python loops.
+    tree_class = PrefixTree
 
     def __init__(self) -> None:
         super().__init__()
@@ -96,8 +105,8 @@ class PrefixTreeMachine(RuleBasedStateMachine):
     def setup(self, capacity, step):
         self.default_capacity = capacity
         self.step = step
-        self.tree = PrefixTree(default_capacity_blocks=capacity, speculative_ttl_s=TTL,
-                               touch_coalesce_s=0.0)
+        self.tree = self.tree_class(default_capacity_blocks=capacity, speculative_ttl_s=TTL,
+                                    touch_coalesce_s=0.0)
 
     def tick(self) -> float:
         self.now += self.step
@@ -308,6 +317,23 @@ PrefixTreeMachine.TestCase.settings = settings(
     phases=(Phase.explicit, Phase.reuse, Phase.generate),
     suppress_health_check=[HealthCheck.too_slow])
 TestPrefixTreeMachine = PrefixTreeMachine.TestCase
+
+
+class PurePythonPrefixTreeMachine(PrefixTreeMachine):
+    tree_class = PurePythonPrefixTree
+
+
+PurePythonPrefixTreeMachine.TestCase.settings = PrefixTreeMachine.TestCase.settings
+TestPurePythonPrefixTreeMachine = PurePythonPrefixTreeMachine.TestCase
+
+
+def test_the_default_tree_uses_the_c_walks_when_they_are_built():
+    from router._fast import speedups
+
+    tree = PrefixTree(default_capacity_blocks=4)
+    tree.add_replica("a")
+    assert tree._walks is speedups
+    assert PurePythonPrefixTree(default_capacity_blocks=4)._walks is None
 
 
 # ---------------------------------------------------------------------------------------

@@ -1,0 +1,742 @@
+/* router._speedups: C versions of kvroute's per-request hot loops.
+ *
+ * Every function here has a pure-Python twin that is the reference (router/keys.py,
+ * router/prefix_tree.py, policies/cache_aware.py); the twins compute the same values
+ * step for step, and the test suite runs both. Set KVROUTE_PURE_PYTHON=1 to use the
+ * Python twins only. Nothing here keeps state: the data stays in the Python objects
+ * (dicts, ReplicaLoad records) the Python code owns.
+ *
+ *   chain(data, step, seed)           chained xxh3_64 keys of each full ``step``-byte block
+ *   match_walk(owners, keys, alive)   the prefix-match walk of PrefixTree.match
+ *   insert_walk(owners, spec, conf, keys, bit, now, stale_before, confirmed)
+ *                                     the touch/insert loop of PrefixTree.insert
+ *   cache_aware(...)                  CacheAwarePolicy's cost loop, and optionally its ranking
+ *
+ * Masks are handled as uint64: the tree calls the walks only while every replica slot is
+ * below 64. The cost loop returns None (the caller then runs the Python twin) whenever an
+ * input is not of the plain type it expects, so the Python semantics always win.
+ *
+ * Built with -ffp-contract=off: no fused multiply-add, so float results are bit-identical
+ * to CPython's, which rounds after every operation.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <structmember.h>
+#include <string.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+#define XXH_INLINE_ALL
+#include "xxhash.h"
+
+/* ---------------------------------------------------------------------------------- */
+/* keys                                                                                */
+/* ---------------------------------------------------------------------------------- */
+
+/* chain(data, step, seed) -> list[int]: key_i = xxh3_64(block_i, seed=key_{i-1}),
+ * key_{-1} = seed, over the len(data) // step full blocks. O(len(data)). */
+static PyObject *
+chain(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "chain(data, step, seed) takes 3 arguments");
+        return NULL;
+    }
+    Py_ssize_t step = PyLong_AsSsize_t(args[1]);
+    if (step == -1 && PyErr_Occurred())
+        return NULL;
+    if (step <= 0) {
+        PyErr_SetString(PyExc_ValueError, "step must be positive");
+        return NULL;
+    }
+    /* The same conversion as xxhash's own binding ('K': modulo 2**64). */
+    unsigned long long seed = PyLong_AsUnsignedLongLongMask(args[2]);
+    if (seed == (unsigned long long)-1 && PyErr_Occurred())
+        return NULL;
+    Py_buffer buf;
+    if (PyObject_GetBuffer(args[0], &buf, PyBUF_SIMPLE) < 0)
+        return NULL;
+    Py_ssize_t count = buf.len / step;
+    PyObject *out = PyList_New(count);
+    if (out == NULL)
+        goto done;
+    const char *data = (const char *)buf.buf;
+    XXH64_hash_t prev = (XXH64_hash_t)seed;
+    for (Py_ssize_t i = 0; i < count; i++) {
+        prev = XXH3_64bits_withSeed(data + i * step, (size_t)step, prev);
+        PyObject *key = PyLong_FromUnsignedLongLong(prev);
+        if (key == NULL) {
+            Py_CLEAR(out);
+            goto done;
+        }
+        PyList_SET_ITEM(out, i, key);
+    }
+done:
+    PyBuffer_Release(&buf);
+    return out;
+}
+
+/* ---------------------------------------------------------------------------------- */
+/* prefix tree                                                                         */
+/* ---------------------------------------------------------------------------------- */
+
+/* The owner mask of ``key`` (0 if absent); -1 with an exception set on error. */
+static inline int
+owner_mask(PyObject *owners, PyObject *key, uint64_t *mask)
+{
+    PyObject *m = PyDict_GetItemWithError(owners, key);
+    if (m == NULL) {
+        *mask = 0;
+        return PyErr_Occurred() ? -1 : 0;
+    }
+    *mask = (uint64_t)PyLong_AsUnsignedLongLong(m);
+    if (*mask == (uint64_t)-1 && PyErr_Occurred())
+        return -1;
+    return 0;
+}
+
+static int
+append_pair(PyObject *out, uint64_t mask, Py_ssize_t depth)
+{
+    PyObject *pair = Py_BuildValue("(Kn)", (unsigned long long)mask, depth);
+    if (pair == NULL)
+        return -1;
+    int rc = PyList_Append(out, pair);
+    Py_DECREF(pair);
+    return rc;
+}
+
+/* match_walk(owners, keys, alive) -> [(mask, depth), ...]
+ * Walks ``keys`` in order keeping ``alive``, the candidates holding every key so far;
+ * each time some drop out, yields (the bits that dropped, their matched depth); the
+ * survivors of the whole chain come last with depth len(keys). Stops when none is left.
+ * O(matched blocks), one dict probe per block. */
+static PyObject *
+match_walk(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3 || !PyDict_Check(args[0])) {
+        PyErr_SetString(PyExc_TypeError, "match_walk(owners: dict, keys, alive: int)");
+        return NULL;
+    }
+    PyObject *owners = args[0];
+    uint64_t alive = (uint64_t)PyLong_AsUnsignedLongLong(args[2]);
+    if (alive == (uint64_t)-1 && PyErr_Occurred())
+        return NULL;
+    PyObject *seq = PySequence_Fast(args[1], "keys must be a sequence");
+    if (seq == NULL)
+        return NULL;
+    PyObject *out = PyList_New(0);
+    if (out == NULL)
+        goto error;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    PyObject **items = PySequence_Fast_ITEMS(seq);
+    for (Py_ssize_t depth = 0; depth < n && alive; depth++) {
+        uint64_t mask;
+        if (owner_mask(owners, items[depth], &mask) < 0)
+            goto error;
+        uint64_t still = mask & alive;
+        if (still != alive) {
+            if (append_pair(out, alive ^ still, depth) < 0)
+                goto error;
+            alive = still;
+        }
+    }
+    if (alive && append_pair(out, alive, n) < 0)
+        goto error;
+    Py_DECREF(seq);
+    return out;
+error:
+    Py_XDECREF(out);
+    Py_DECREF(seq);
+    return NULL;
+}
+
+/* Move ``key`` to the young end of ``d`` with time ``now`` (delete, then re-insert). */
+static inline int
+move_to_end(PyObject *from, PyObject *to, PyObject *key, PyObject *now)
+{
+    if (PyDict_DelItem(from, key) < 0)
+        return -1;
+    return PyDict_SetItem(to, key, now);
+}
+
+/* insert_walk(owners, spec, conf, keys, bit, now, stale_before, confirmed, held) -> new
+ * The loop of PrefixTree.insert (see there): leaf first; a key new to the replica gets
+ * its owner bit and an entry in spec (or conf if confirmed); a held one is promoted
+ * (confirming) or moved when its last move is older than stale_before. The first
+ * ``held`` keys are known to be held (a match just said so): their owner probe is
+ * skipped. O(len(keys)). */
+static PyObject *
+insert_walk(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 9 || !PyDict_Check(args[0]) || !PyDict_Check(args[1]) || !PyDict_Check(args[2])) {
+        PyErr_SetString(PyExc_TypeError,
+                        "insert_walk(owners, spec, conf, keys, bit, now, stale_before, confirmed, held)");
+        return NULL;
+    }
+    PyObject *owners = args[0], *spec = args[1], *conf = args[2], *bit_obj = args[4], *now = args[5];
+    if (!PyLong_CheckExact(bit_obj)) {
+        PyErr_SetString(PyExc_TypeError, "bit must be an int");
+        return NULL;
+    }
+    uint64_t bit = (uint64_t)PyLong_AsUnsignedLongLong(args[4]);
+    if (bit == (uint64_t)-1 && PyErr_Occurred())
+        return NULL;
+    double stale_before = PyFloat_AsDouble(args[6]);
+    if (stale_before == -1.0 && PyErr_Occurred())
+        return NULL;
+    int confirmed = PyObject_IsTrue(args[7]);
+    if (confirmed < 0)
+        return NULL;
+    Py_ssize_t held = PyLong_AsSsize_t(args[8]);
+    if (held == -1 && PyErr_Occurred())
+        return NULL;
+    PyObject *target = confirmed ? conf : spec;
+    PyObject *seq = PySequence_Fast(args[3], "keys must be a sequence");
+    if (seq == NULL)
+        return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    PyObject **items = PySequence_Fast_ITEMS(seq);  /* the sequence keeps every key alive */
+    Py_ssize_t added = 0;
+    for (Py_ssize_t i = n - 1; i >= 0; i--) {
+        PyObject *key = items[i];
+        if (i < held)
+            goto touch;
+        /* One probe for the common case, a key no replica holds: setdefault stores the
+         * replica's own bit (one shared int object, nothing allocated). */
+        Py_ssize_t size = PyDict_GET_SIZE(owners);
+        PyObject *m = PyDict_SetDefault(owners, key, bit_obj);
+        if (m == NULL)
+            goto error;
+        if (PyDict_GET_SIZE(owners) != size) {  /* it was absent: now owned by this replica */
+            if (PyDict_SetItem(target, key, now) < 0)
+                goto error;
+            added++;
+            continue;
+        }
+        uint64_t mask = (uint64_t)PyLong_AsUnsignedLongLong(m);
+        if (mask == (uint64_t)-1 && PyErr_Occurred())
+            goto error;
+        if (!(mask & bit)) {  /* held by others, new for this replica */
+            PyObject *grown = PyLong_FromUnsignedLongLong(mask | bit);
+            if (grown == NULL)
+                goto error;
+            int rc = PyDict_SetItem(owners, key, grown);
+            Py_DECREF(grown);
+            if (rc < 0 || PyDict_SetItem(target, key, now) < 0)
+                goto error;
+            added++;
+            continue;
+        }
+    touch:;
+        PyObject *moved = PyDict_GetItemWithError(spec, key);
+        if (moved != NULL) {  /* speculative */
+            if (confirmed) {
+                if (move_to_end(spec, conf, key, now) < 0)
+                    goto error;
+            } else {
+                double t = PyFloat_AsDouble(moved);
+                if (t == -1.0 && PyErr_Occurred())
+                    goto error;
+                if (t < stale_before && move_to_end(spec, spec, key, now) < 0)
+                    goto error;
+            }
+            continue;
+        }
+        if (PyErr_Occurred())
+            goto error;
+        PyObject *held = PyDict_GetItemWithError(conf, key);
+        if (held == NULL) {
+            if (!PyErr_Occurred())
+                PyErr_SetObject(PyExc_KeyError, key);
+            goto error;
+        }
+        double t = PyFloat_AsDouble(held);
+        if (t == -1.0 && PyErr_Occurred())
+            goto error;
+        if (t < stale_before && move_to_end(conf, conf, key, now) < 0)
+            goto error;
+    }
+    Py_DECREF(seq);
+    return PyLong_FromSsize_t(added);
+error:
+    Py_DECREF(seq);
+    return NULL;
+}
+
+/* ---------------------------------------------------------------------------------- */
+/* cache_aware policy                                                                  */
+/* ---------------------------------------------------------------------------------- */
+
+/* The ReplicaLoad fields the cost loop reads, in this order. */
+enum { F_WAITING_PREFILL_TOKENS, F_RUNNING, F_ENGINE_REPORT_TIME, F_REPORT_TTL_S, F_ENGINE_WAITING,
+       F_WAITING, F_ENGINE_RUNNING, F_CONTEXT_TOKENS, F_KV_BLOCKS, F_ENGINE_KV_USAGE, F_IN_FLIGHT,
+       N_FIELDS };
+static const char *field_names[N_FIELDS] = {
+    "waiting_prefill_tokens", "running", "engine_report_time", "_report_ttl_s", "engine_waiting",
+    "waiting", "engine_running", "context_tokens", "kv_blocks", "engine_kv_usage", "in_flight",
+};
+static PyObject *field_strs[N_FIELDS];
+
+/* ReplicaLoad declares __slots__, so each field is a member descriptor at a fixed offset
+ * in the object. Reading the slot directly skips a generic attribute lookup per field
+ * (16 replicas x 8 fields per request). The offsets are resolved once per load class and
+ * used only for objects of exactly that class whose fields are all plain object slots;
+ * anything else goes through PyObject_GetAttr. */
+static PyTypeObject *slot_type = NULL;  /* strong reference */
+static PyTypeObject *unslotted_type = NULL;  /* last class that failed; only compared */
+static Py_ssize_t slot_offset[N_FIELDS];
+
+static int
+resolve_slots(PyTypeObject *type)
+{
+    unslotted_type = type;  /* until proven otherwise */
+    if (type->tp_getattro != PyObject_GenericGetAttr)
+        return 0;
+    Py_ssize_t offsets[N_FIELDS];
+    for (int f = 0; f < N_FIELDS; f++) {
+        PyObject *descr = PyObject_GetAttr((PyObject *)type, field_strs[f]);
+        if (descr == NULL) {
+            PyErr_Clear();
+            return 0;
+        }
+        int ok = Py_IS_TYPE(descr, &PyMemberDescr_Type)
+                 && ((PyMemberDescrObject *)descr)->d_member->type == T_OBJECT_EX;
+        if (ok)
+            offsets[f] = ((PyMemberDescrObject *)descr)->d_member->offset;
+        Py_DECREF(descr);
+        if (!ok)
+            return 0;
+    }
+    Py_INCREF(type);
+    Py_XSETREF(slot_type, type);
+    unslotted_type = NULL;
+    memcpy(slot_offset, offsets, sizeof(offsets));
+    return 1;
+}
+
+/* A new reference to field ``f`` of ``obj``, or NULL with an exception set. */
+static inline PyObject *
+field(PyObject *obj, int f)
+{
+    PyTypeObject *type = Py_TYPE(obj);
+    if (type == slot_type || (type != unslotted_type && resolve_slots(type))) {
+        PyObject *v = *(PyObject **)((char *)obj + slot_offset[f]);
+        if (v != NULL) {
+            Py_INCREF(v);
+            return v;
+        }  /* an unset slot: let getattr raise its AttributeError */
+    }
+    return PyObject_GetAttr(obj, field_strs[f]);
+}
+
+/* Result of reading an attribute: 0 ok, 1 "not the plain type: use the Python twin",
+ * -1 error. */
+#define OK 0
+#define FALLBACK 1
+
+static int
+get_int(PyObject *obj, int f, long long *out)
+{
+    PyObject *v = field(obj, f);
+    if (v == NULL)
+        return -1;
+    int rc = FALLBACK;
+    if (PyLong_CheckExact(v)) {
+        int overflow;
+        *out = PyLong_AsLongLongAndOverflow(v, &overflow);
+        rc = overflow ? FALLBACK : OK;
+    }
+    Py_DECREF(v);
+    return rc;
+}
+
+/* An int or None attribute (is_none set for None). */
+static int
+get_opt_int(PyObject *obj, int f, long long *out, int *is_none)
+{
+    PyObject *v = field(obj, f);
+    if (v == NULL)
+        return -1;
+    int rc = FALLBACK;
+    *is_none = (v == Py_None);
+    if (*is_none) {
+        *out = 0;
+        rc = OK;
+    } else if (PyLong_CheckExact(v)) {
+        int overflow;
+        *out = PyLong_AsLongLongAndOverflow(v, &overflow);
+        rc = overflow ? FALLBACK : OK;
+    }
+    Py_DECREF(v);
+    return rc;
+}
+
+/* A float-or-int or None attribute. */
+static int
+get_opt_num(PyObject *obj, int f, double *out, int *is_none)
+{
+    PyObject *v = field(obj, f);
+    if (v == NULL)
+        return -1;
+    int rc = FALLBACK;
+    *is_none = (v == Py_None);
+    if (*is_none) {
+        *out = 0.0;
+        rc = OK;
+    } else if (PyFloat_CheckExact(v)) {
+        *out = PyFloat_AS_DOUBLE(v);
+        rc = OK;
+    } else if (PyLong_CheckExact(v)) {
+        *out = PyLong_AsDouble(v);
+        if (*out == -1.0 && PyErr_Occurred()) {
+            PyErr_Clear();
+            rc = FALLBACK;
+        } else {
+            rc = OK;
+        }
+    }
+    Py_DECREF(v);
+    return rc;
+}
+
+static int
+plain_int(PyObject *v, long long *out)
+{
+    if (!PyLong_CheckExact(v))
+        return FALLBACK;
+    int overflow;
+    *out = PyLong_AsLongLongAndOverflow(v, &overflow);
+    return overflow ? FALLBACK : OK;
+}
+
+static int
+plain_num(PyObject *v, double *out)
+{
+    if (PyFloat_CheckExact(v)) {
+        *out = PyFloat_AS_DOUBLE(v);
+        return OK;
+    }
+    if (PyLong_CheckExact(v)) {
+        *out = PyLong_AsDouble(v);
+        if (*out == -1.0 && PyErr_Occurred()) {
+            PyErr_Clear();
+            return FALLBACK;
+        }
+        return OK;
+    }
+    return FALLBACK;
+}
+
+/* Python's floor division of ints. */
+static inline long long
+floordiv(long long a, long long b)
+{
+    long long q = a / b;
+    if ((a % b != 0) && ((a < 0) != (b < 0)))
+        q -= 1;
+    return q;
+}
+
+#define CHECK(expr)                 \
+    do {                            \
+        int rc_ = (expr);           \
+        if (rc_ != OK) {            \
+            status = rc_;           \
+            goto finish;            \
+        }                           \
+    } while (0)
+
+typedef struct {
+    double cost;
+    Py_ssize_t index;
+} ranked;
+
+static int
+by_cost(const void *a, const void *b)
+{
+    const ranked *x = (const ranked *)a, *y = (const ranked *)b;
+    if (x->cost < y->cost)
+        return -1;
+    if (x->cost > y->cost)
+        return 1;
+    return (x->index > y->index) - (x->index < y->index);  /* stable, as sorted() */
+}
+
+/* cache_aware(replicas, loads, matched, capacities, default_capacity, now, prompt,
+ *             block_tokens, output, params, rng_random, idle, session, mode) -> dict | list | None
+ *
+ * params = (kv_soft_limit, kv_barrier_s, step_overhead_s, decode_s_per_seq,
+ *           attention_s_per_context_token, prefill_s_per_token, max_batched_tokens,
+ *           load_factor, session_slack_s, over_bound)
+ * rng_random: None for no jitter, else called once per replica in order, as the Python
+ * loop does. With mode 0, returns the costs dict of CacheAwarePolicy.costs; with mode 1,
+ * the tiers of CacheAwarePolicy.rank; mode 2 is mode 1 for replicas known distinct. None means "use the Python twin": an input is
+ * not a dict / exact int / float, a replica repeats, or a cost is NaN. O(n log n). */
+static PyObject *
+cache_aware(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 14) {
+        PyErr_SetString(PyExc_TypeError, "cache_aware takes 14 arguments");
+        return NULL;
+    }
+    PyObject *replicas = args[0], *loads = args[1], *matched = args[2], *capacities = args[3];
+    PyObject *params = args[9], *rng = args[10], *idle = args[11], *session = args[12];
+    /* args[13]: 0 costs dict, 1 tiers, 2 tiers of replicas the caller knows are distinct */
+    int mode = PyLong_AsLong(args[13]);
+    if (mode == -1 && PyErr_Occurred())
+        return NULL;
+    int rank = mode != 0, distinct = mode == 2;
+    if (!PyTuple_CheckExact(replicas) || !PyDict_CheckExact(loads) || !PyDict_CheckExact(matched)
+            || !PyDict_CheckExact(capacities) || !PyTuple_CheckExact(params) || PyTuple_GET_SIZE(params) != 10)
+        Py_RETURN_NONE;
+
+    int status = OK;
+    PyObject *costs = NULL, *result = NULL;
+    ranked *items = NULL;
+    long long default_capacity, prompt, block_tokens, output, max_batched;
+    double now, soft, barrier_s, overhead, per_seq, per_ctx, per_token, load_factor, slack, over_bound;
+    CHECK(plain_int(args[4], &default_capacity));
+    CHECK(plain_num(args[5], &now));
+    CHECK(plain_int(args[6], &prompt));
+    CHECK(plain_int(args[7], &block_tokens));
+    CHECK(plain_int(args[8], &output));
+    CHECK(plain_num(PyTuple_GET_ITEM(params, 0), &soft));
+    CHECK(plain_num(PyTuple_GET_ITEM(params, 1), &barrier_s));
+    CHECK(plain_num(PyTuple_GET_ITEM(params, 2), &overhead));
+    CHECK(plain_num(PyTuple_GET_ITEM(params, 3), &per_seq));
+    CHECK(plain_num(PyTuple_GET_ITEM(params, 4), &per_ctx));
+    CHECK(plain_num(PyTuple_GET_ITEM(params, 5), &per_token));
+    CHECK(plain_int(PyTuple_GET_ITEM(params, 6), &max_batched));
+    CHECK(plain_num(PyTuple_GET_ITEM(params, 7), &load_factor));
+    CHECK(plain_num(PyTuple_GET_ITEM(params, 8), &slack));
+    CHECK(plain_num(PyTuple_GET_ITEM(params, 9), &over_bound));
+
+    Py_ssize_t n = PyTuple_GET_SIZE(replicas);
+    costs = PyDict_New();
+    items = PyMem_Malloc(sizeof(ranked) * (n ? n : 1));
+    if (costs == NULL || items == NULL) {
+        PyErr_NoMemory();
+        status = -1;
+        goto finish;
+    }
+    long long total_in_flight = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *replica = PyTuple_GET_ITEM(replicas, i);
+        PyObject *load = PyDict_GetItemWithError(loads, replica);
+        if (load == NULL) {
+            if (PyErr_Occurred()) {
+                status = -1;
+                goto finish;
+            }
+            load = idle;
+        }
+        long long queued, running, context_tokens, kv_blocks, in_flight;
+        double report_time, ttl;
+        int no_report, unused;
+        CHECK(get_int(load, F_WAITING_PREFILL_TOKENS, &queued));
+        CHECK(get_int(load, F_RUNNING, &running));
+        CHECK(get_opt_num(load, F_ENGINE_REPORT_TIME, &report_time, &no_report));
+        int fresh = 0;
+        if (!no_report) {
+            CHECK(get_opt_num(load, F_REPORT_TTL_S, &ttl, &unused));
+            fresh = now - report_time <= ttl;
+        }
+        if (fresh) {
+            long long engine_waiting, waiting, engine_running;
+            int none_waiting, none_running;
+            CHECK(get_opt_int(load, F_ENGINE_WAITING, &engine_waiting, &none_waiting));
+            CHECK(get_int(load, F_WAITING, &waiting));
+            long long extra = engine_waiting - waiting;  /* None counts as 0 */
+            if (extra > 0)  /* requests other routers sent, sized like ours on average */
+                queued += extra * (waiting ? floordiv(queued, waiting) : prompt);
+            CHECK(get_opt_int(load, F_ENGINE_RUNNING, &engine_running, &none_running));
+            if (engine_running && engine_running > running)
+                running = engine_running;
+        }
+        CHECK(get_int(load, F_CONTEXT_TOKENS, &context_tokens));
+        double step_s = overhead + per_seq * (double)running + per_ctx * (double)context_tokens;
+        long long budget = max_batched - running;
+        double token_s = per_token + step_s / (double)(budget > 0 ? budget : 1);
+        long long held = 0;
+        PyObject *m = PyDict_GetItemWithError(matched, replica);
+        if (m == NULL && PyErr_Occurred()) {
+            status = -1;
+            goto finish;
+        }
+        if (m != NULL)
+            CHECK(plain_int(m, &held));
+        long long uncached = prompt - held * block_tokens;
+        if (uncached < 0)
+            uncached = 0;
+        double cost = (double)(queued + uncached) * token_s + step_s;
+        if (barrier_s != 0.0) {
+            long long capacity = default_capacity;
+            PyObject *c = PyDict_GetItemWithError(capacities, replica);
+            if (c == NULL && PyErr_Occurred()) {
+                status = -1;
+                goto finish;
+            }
+            if (c != NULL)
+                CHECK(plain_int(c, &capacity));
+            if (capacity > 0) {
+                CHECK(get_int(load, F_KV_BLOCKS, &kv_blocks));
+                double usage = (double)kv_blocks / (double)capacity;
+                if (fresh) {
+                    double engine_usage;
+                    int none_usage;
+                    CHECK(get_opt_num(load, F_ENGINE_KV_USAGE, &engine_usage, &none_usage));
+                    if (!none_usage && engine_usage > usage)
+                        usage = engine_usage;
+                }
+                usage += (double)(uncached + output) / (double)(block_tokens * capacity);
+                if (usage > soft) {
+                    if (0.999 < usage)
+                        usage = 0.999;
+                    double x = (usage - soft) / (1.0 - soft);
+                    cost += barrier_s * x * x / (1.0 - usage);
+                }
+            }
+        }
+        if (rng != Py_None) {
+            PyObject *r = PyObject_CallNoArgs(rng);
+            if (r == NULL) {
+                status = -1;
+                goto finish;
+            }
+            double jitter = PyFloat_AsDouble(r);
+            Py_DECREF(r);
+            if (jitter == -1.0 && PyErr_Occurred()) {
+                status = -1;
+                goto finish;
+            }
+            cost += jitter * 1e-9;
+        }
+        if (cost != cost) {  /* NaN: leave the ordering to Python */
+            status = FALLBACK;
+            goto finish;
+        }
+        if (rank) {
+            CHECK(get_int(load, F_IN_FLIGHT, &in_flight));
+            total_in_flight += in_flight;
+            items[i].cost = cost;
+            items[i].index = in_flight;  /* the in-flight count, until the bound is known */
+        }
+        if (rank && distinct)  /* no costs dict needed: nothing can collapse */
+            continue;
+        PyObject *value = PyFloat_FromDouble(cost);
+        if (value == NULL) {
+            status = -1;
+            goto finish;
+        }
+        int rc = PyDict_SetItem(costs, replica, value);
+        Py_DECREF(value);
+        if (rc < 0) {
+            status = -1;
+            goto finish;
+        }
+    }
+    if (!rank) {
+        result = costs;
+        costs = NULL;
+        goto finish;
+    }
+    if (!distinct && PyDict_GET_SIZE(costs) != n) {  /* a repeated replica: Python's dict semantics apply */
+        status = FALLBACK;
+        goto finish;
+    }
+    if (n == 0) {
+        result = PyList_New(0);
+        goto finish;
+    }
+    /* bounded load: over its fair share of in-flight requests -> after every replica within */
+    double bound = ceil(load_factor * (double)(total_in_flight + 1) / (double)n);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if ((double)items[i].index >= bound)
+            items[i].cost += over_bound;
+        items[i].index = i;
+    }
+    qsort(items, (size_t)n, sizeof(ranked), by_cost);
+    /* sessions: the session's replica first unless it costs more than slack above the best */
+    Py_ssize_t first = 0;
+    if (session != Py_None) {
+        for (Py_ssize_t k = 1; k < n; k++) {
+            PyObject *candidate = PyTuple_GET_ITEM(replicas, items[k].index);
+            int same = PyObject_RichCompareBool(candidate, session, Py_EQ);
+            if (same < 0) {
+                status = -1;
+                goto finish;
+            }
+            if (same) {
+                int is_best = PyObject_RichCompareBool(PyTuple_GET_ITEM(replicas, items[0].index), session, Py_EQ);
+                if (is_best < 0) {
+                    status = -1;
+                    goto finish;
+                }
+                if (!is_best && items[k].cost <= items[0].cost + slack)
+                    first = k;
+                break;
+            }
+        }
+    }
+    result = PyList_New(n);
+    if (result == NULL) {
+        status = -1;
+        goto finish;
+    }
+    for (Py_ssize_t pos = 0, k = 0; k < n; k++) {
+        Py_ssize_t src = (k == 0) ? first : (k <= first ? k - 1 : k);
+        PyObject *tier = PyList_New(1);
+        if (tier == NULL) {
+            Py_CLEAR(result);
+            status = -1;
+            goto finish;
+        }
+        PyObject *replica = PyTuple_GET_ITEM(replicas, items[src].index);
+        Py_INCREF(replica);
+        PyList_SET_ITEM(tier, 0, replica);
+        PyList_SET_ITEM(result, pos++, tier);
+    }
+finish:
+    PyMem_Free(items);
+    Py_XDECREF(costs);
+    if (status == -1) {
+        Py_XDECREF(result);
+        return NULL;
+    }
+    if (status == FALLBACK) {
+        if (PyErr_Occurred())
+            PyErr_Clear();
+        Py_XDECREF(result);
+        Py_RETURN_NONE;
+    }
+    return result;
+}
+
+static PyMethodDef methods[] = {
+    {"chain", (PyCFunction)(void (*)(void))chain, METH_FASTCALL,
+     "chain(data, step, seed) -> list[int]: chained xxh3_64 keys of each full block."},
+    {"match_walk", (PyCFunction)(void (*)(void))match_walk, METH_FASTCALL,
+     "match_walk(owners, keys, alive) -> [(dropped mask, depth), ...]"},
+    {"insert_walk", (PyCFunction)(void (*)(void))insert_walk, METH_FASTCALL,
+     "insert_walk(owners, spec, conf, keys, bit, now, stale_before, confirmed, held) -> new entries"},
+    {"cache_aware", (PyCFunction)(void (*)(void))cache_aware, METH_FASTCALL,
+     "CacheAwarePolicy's cost loop (rank false: costs dict) or ranking (rank true: tiers)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "router._speedups",
+    "C versions of kvroute's per-request hot loops (see router/_native/speedups.c).", -1, methods,
+};
+
+PyMODINIT_FUNC
+PyInit__speedups(void)
+{
+for (int f = 0; f < N_FIELDS; f++) {
+        if ((field_strs[f] = PyUnicode_InternFromString(field_names[f])) == NULL)
+            return NULL;
+    }
+    return PyModule_Create(&module);
+}

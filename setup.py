@@ -1,0 +1,26 @@
+"""Builds the optional C speedups (router/_native/speedups.c) as ``router._speedups``.
+
+Everything else is configured in pyproject.toml. The extension is optional: if it cannot
+be compiled (no compiler, an unusual platform), installation still succeeds and kvroute
+runs its pure-Python code paths, which compute the same results.
+"""
+
+import sys
+
+from setuptools import Extension, setup
+
+# -ffp-contract=off: no fused multiply-add, so float results match CPython bit for bit.
+compile_args = [] if sys.platform == "win32" else ["-O2", "-ffp-contract=off"]
+
+setup(
+    ext_modules=[
+        Extension(
+            "router._speedups",
+            sources=["router/_native/speedups.c"],
+            depends=["router/_native/xxhash.h"],
+            include_dirs=["router/_native"],
+            extra_compile_args=compile_args,
+            optional=True,
+        )
+    ]
+)

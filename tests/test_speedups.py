@@ -1,0 +1,152 @@
+"""The C speedups (router._speedups) against their pure-Python twins.
+
+Each C function must return exactly what the Python code it replaces returns: the same
+keys, the same float costs bit for bit, the same tiers from the same random stream. The
+tree's walks are checked by the state machine in test_prefix_tree.py, which runs on both.
+Skipped where the extension is not built (then only the Python code exists).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import policies
+from policies.base import RoutingView
+from router.core import RoutingCore
+from router.keys import DEFAULT_SEED, CharChunkKeyer, TokenBlockKeyer, _chain_py
+from router.load import ReplicaLoad
+from tests.helpers import request
+
+speedups = pytest.importorskip("router._speedups")
+from router._fast import speedups as active  # noqa: E402
+
+pytestmark = pytest.mark.skipif(active is None, reason="KVROUTE_PURE_PYTHON is set")
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.binary(max_size=600), step=st.integers(1, 70),
+       seed=st.one_of(st.just(DEFAULT_SEED), st.integers(0, (1 << 64) - 1)))
+def test_chain_gives_the_python_keys(data, step, seed):
+    assert speedups.chain(data, step, seed) == _chain_py(data, step, seed)
+
+
+def test_keyers_give_the_python_keys():
+    text = "".join(chr(32 + (i * 7919) % 90) for i in range(5000)) + "\udcff tail é"
+    keyer = CharChunkKeyer(128)
+    data = keyer._text(text).encode("utf-8", "surrogatepass")
+    assert keyer.keys(text) == _chain_py(data, 128, DEFAULT_SEED)
+    tokens = TokenBlockKeyer(16)
+    ids = [(i * 31) % 50_000 for i in range(1250)]
+    assert tokens.keys(ids, 12345) == _chain_py(tokens._pack(ids), 64, 12345)
+
+
+def test_pure_python_env_var_turns_the_speedups_off():
+    code = "from router._fast import speedups; print(speedups is None)"
+    env = dict(os.environ, KVROUTE_PURE_PYTHON="1")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert out.stdout.strip() == "True"
+
+
+# -- cache_aware -------------------------------------------------------------------------
+def random_load(rng: random.Random, now: float) -> ReplicaLoad:
+    load = ReplicaLoad(report_ttl_s=rng.choice([1.0, 5.0]))
+    load.in_flight = rng.randint(0, 40)
+    load.waiting = rng.randint(0, load.in_flight)
+    load.running = load.in_flight - load.waiting
+    load.waiting_prefill_tokens = rng.randint(0, 30_000) if load.waiting else 0
+    load.context_tokens = rng.randint(0, 200_000) if load.running else 0
+    load.kv_blocks = rng.randint(0, 6000)
+    if rng.random() < 0.5:  # an engine report, fresh or stale
+        load.engine_report_time = now - rng.choice([0.0, 0.5, 3.0, 10.0])
+        load.engine_waiting = rng.choice([None, 0, rng.randint(0, 60)])
+        load.engine_running = rng.choice([None, 0, rng.randint(0, 300)])
+        load.engine_kv_usage = rng.choice([None, rng.random()])
+    return load
+
+
+def random_case(seed: int):
+    rng = random.Random(seed)
+    now = 100.0 + rng.random()
+    n = rng.randint(1, 20)
+    replicas = [f"r{i}" for i in range(n)]
+    loads = {r: random_load(rng, now) for r in replicas if rng.random() < 0.9}  # some unknown
+    matched = {r: rng.randint(0, 400) for r in replicas if rng.random() < 0.4}
+    capacities = {r: rng.choice([800, 2000, 6000, 65_536]) for r in replicas if rng.random() < 0.7}
+    session = rng.choice([None, rng.choice(replicas), "gone"])
+    req = request(rng.randint(1, 300), block_tokens=16, output_tokens=rng.choice([None, 200, 4000]))
+
+    def view(seed2: int) -> RoutingView:
+        return RoutingView(replicas=replicas, matched_blocks=matched, load=loads, now=now,
+                           rng=random.Random(seed2), session_replica=session, capacities=capacities,
+                           default_capacity=rng.choice([0, 4096]) if seed2 < 0 else 4096)
+
+    options = rng.choice([{}, {"kv_soft_limit": 0.0}, {"kv_barrier_s": 0.0}, {"load_factor": 1.0},
+                          {"session_slack_s": 5.0}])
+    return req, view, options
+
+
+def pure(policy):
+    policy._speedups = None
+    return policy
+
+
+@pytest.mark.parametrize("seed", range(300))
+def test_cache_aware_costs_and_ranks_match_the_python_code(seed):
+    req, view, options = random_case(seed)
+    fast = policies.get("cache_aware", **options)
+    slow = pure(policies.get("cache_aware", **options))
+    assert fast.costs(req, view(seed)) == slow.costs(req, view(seed))  # bit-identical floats
+    assert fast.costs(req, view(seed), jitter=True) == slow.costs(req, view(seed), jitter=True)
+    assert fast.rank(req, view(seed)) == slow.rank(req, view(seed))
+    # the distinct-replicas shortcut (second call on the same tuple) gives the same tiers
+    v1, v2 = view(seed), view(seed)
+    v2.replicas = v1.replicas
+    assert fast.rank(req, v1) == slow.rank(req, view(seed))
+    assert fast.rank(req, v2) == slow.rank(req, view(seed))
+
+
+def test_cache_aware_falls_back_to_python_for_repeats_and_odd_types():
+    req = request(10)
+    loads = {"a": ReplicaLoad(), "b": ReplicaLoad()}
+    loads["b"].waiting_prefill_tokens = 1.5  # not an int: the C side declines
+    for replicas, mapping in ((["a", "b", "a"], loads), (["a", "b"], loads)):
+        views = [RoutingView(replicas=replicas, matched_blocks={"a": 3}, load=mapping, now=0.0,
+                             rng=random.Random(1)) for _ in range(2)]
+        fast = policies.get("cache_aware")
+        slow = pure(policies.get("cache_aware"))
+        assert fast.rank(req, views[0]) == slow.rank(req, views[1])
+
+
+def test_routing_decisions_are_identical_with_and_without_the_speedups():
+    def decisions(core: RoutingCore) -> list:
+        core.on_replicas_changed([f"r{i}" for i in range(8)], 0.0)
+        rng = random.Random(7)
+        systems = ["".join(chr(97 + rng.randrange(26)) for _ in range(700)) for _ in range(5)]
+        out = []
+        for i in range(400):
+            prompt = rng.choice(systems) + "".join(chr(97 + rng.randrange(26)) for _ in range(rng.randint(0, 600)))
+            now = i * 0.01
+            decision = core.route(core.make_request(prompt, request_id=i, session_id=f"s{i % 9}"), now)
+            out.append((decision.replica, decision.matched_blocks, decision.best_matched_blocks, decision.outcome))
+            if i >= 20:
+                core.on_first_token(i - 20, now)
+                core.on_completed(i - 20, now)
+            if i % 50 == 0:
+                core.on_engine_report("r1", now, kv_usage=0.5, waiting=3, running=10)
+        core.check_invariants()
+        return out
+
+    fast = RoutingCore.from_options("cache_aware", seed=3, kv_capacity_tokens=20_000)
+    slow = RoutingCore.from_options("cache_aware", seed=3, kv_capacity_tokens=20_000)
+    slow.policy._speedups = None
+    slow.tree._speedups = None  # read when replicas register
+    assert decisions(fast) == decisions(slow)
+    assert fast.tree._walks is not None and slow.tree._walks is None
