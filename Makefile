@@ -1,6 +1,8 @@
 # Everything a fresh machine needs, starting from Python and pip.
-#   make demo   the main job: set up, then run the router benchmark against Ray's PrefixTree
+#   make demo   the main job: set up, then simulate the embedded default workload through
+#               every routing policy (table, results/simulate.json, plots in results/plots)
 #   make test   set up, then run the whole test suite
+#   make bench  the router benchmark against Ray's PrefixTree, and the simulator benchmark
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -20,13 +22,19 @@ $(VENV)/.serve: pyproject.toml | $(PY)
 	$(PIP) install -e ".[serve,dev]"
 	touch $@
 
-demo: $(VENV)/.serve
-	$(VENV)/bin/kvroute bench router --json results/bench_router.json
+$(VENV)/.plot: pyproject.toml | $(PY)
+	$(PIP) install -e ".[plot]"
+	touch $@
+
+demo: $(VENV)/.plot
+	$(VENV)/bin/kvroute simulate --json results/simulate.json --plot results/plots
 
 test: $(VENV)/.dev
 	$(PY) -m pytest
 
-bench: demo
+bench: $(VENV)/.serve
+	$(VENV)/bin/kvroute bench router --json results/bench_router.json
+	$(VENV)/bin/kvroute bench simulator --json results/bench_simulator.json
 
 clean:
 	rm -rf $(VENV) results/*.tmp.json .pytest_cache .hypothesis

@@ -160,11 +160,13 @@ class BlockPool:
                 free_queue[block] = None
 
     def reset(self) -> list[int]:
-        """Drop every cached key (engine restart / reset_prefix_cache); returns the keys."""
+        """Drop every cached key (vLLM's reset_prefix_cache, or an engine restart); returns
+        the keys. Blocks in use stay allocated to their requests, without a key; the
+        requests' next full blocks are cached again as usual."""
         keys = list(self.cached)
-        for block, key in enumerate(self.key_of):
-            if key is not None:
-                self.key_of[block] = None
+        key_of = self.key_of
+        for block in range(self.num_blocks):
+            key_of[block] = None
         self.cached.clear()
         self.duplicates.clear()
         return keys

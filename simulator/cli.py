@@ -23,8 +23,8 @@ def add_parser(sub: argparse._SubParsersAction, positive_int, write_json) -> Non
     src.add_argument("--workload", metavar="NAME",
                      help="a generated workload (chat, system-prompts, agent, few-shot, mixed; default mixed)")
     p.add_argument("--trace-format", choices=["mooncake", "jsonl"], help="trace format (default: detected)")
-    p.add_argument("--requests", type=positive_int, help="generated requests (default 3000) or a trace's first N")
-    p.add_argument("--rate", type=float, help="generated arrivals per second (default 12)")
+    p.add_argument("--requests", type=positive_int, help="generated requests (default 4000) or a trace's first N")
+    p.add_argument("--rate", type=float, help="generated arrivals per second (default 200)")
     p.add_argument("--arrival", choices=["poisson", "gamma"], default="poisson",
                    help="arrival process of generated workloads (gamma = bursty)")
     p.add_argument("--replicas", type=positive_int, default=8, help="engine replicas (default 8)")
@@ -76,6 +76,7 @@ class Progress:
 def load_requests(args: argparse.Namespace) -> tuple[list, str, int]:
     """(requests, trace label, default block size) from --trace or --workload."""
     from simulator import workloads
+    from simulator.run import DEFAULT_RATE, DEFAULT_REQUESTS, DEFAULT_WORKLOAD
 
     if args.trace:
         fmt = args.trace_format or _detect_format(args.trace)
@@ -89,12 +90,12 @@ def load_requests(args: argparse.Namespace) -> tuple[list, str, int]:
             requests = requests[:args.requests]
         label, block = args.trace, 512 if fmt == "mooncake" else 16
     else:
-        name = args.workload or "mixed"
-        rate = args.rate if args.rate is not None else 12.0
+        name = args.workload or DEFAULT_WORKLOAD
+        rate = args.rate if args.rate is not None else DEFAULT_RATE
         if not rate > 0:
             raise ConfigError("rate", f"must be > 0, got {rate}")
         try:
-            requests = list(workloads.make_workload(name, args.requests or 3000, seed=args.seed, rate_per_s=rate,
+            requests = list(workloads.make_workload(name, args.requests or DEFAULT_REQUESTS, seed=args.seed, rate_per_s=rate,
                                                     arrival=args.arrival))
         except workloads.WorkloadError as exc:
             raise ConfigError("workload", str(exc)) from None

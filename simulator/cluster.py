@@ -21,18 +21,20 @@ from typing import Any
 from policies.base import RouteRequest
 from router.core import RoutingCore
 from router.errors import ConfigError
-from router.events import BlocksRemoved, BlocksStored
+from router.events import AllBlocksCleared, BlocksRemoved, BlocksStored
 from router.profile import DEFAULT_PROFILE, LatencyProfile
 from simulator.kernel import PRIORITY_ARRIVAL, PRIORITY_CLUSTER, PRIORITY_EVENTS, Kernel
 from simulator.metrics import RunMetrics
 from simulator.replica import EngineReplica, EngineRequest
 
-CHANGE_ACTIONS = ("add", "remove", "fail")
+CHANGE_ACTIONS = ("add", "remove", "fail", "reset")
 
 
 @dataclass(frozen=True, slots=True)
 class ReplicaChange:
-    """At ``at_s``, ``action`` ("add", "remove" = drain, "fail") the replica ``replica``."""
+    """At ``at_s``, ``action`` the replica ``replica``: "add", "remove" (drain), "fail"
+    (in-flight requests lost), or "reset" (its prefix cache dropped, as vLLM's
+    ``reset_prefix_cache``: an AllBlocksCleared event reaches the routers)."""
 
     at_s: float
     action: str
@@ -148,6 +150,11 @@ class Cluster:
         engine = self.engines.get(change.replica)
         if engine is None:
             raise ConfigError("changes.replica", f"no replica named {change.replica!r}")
+        if change.action == "reset":
+            engine.pool.reset()
+            if self.config.kv_events:
+                self._kv_event(change.replica, AllBlocksCleared())
+            return
         if change.replica in self.routable:
             self.routable.remove(change.replica)
         if change.action == "remove":

@@ -21,10 +21,12 @@ from simulator.kernel import Kernel
 from simulator.metrics import RunMetrics
 from simulator.workloads import SimRequest, block_keys, ideal_hit_rate
 
-#: The embedded default of ``kvroute simulate`` with no arguments.
+#: The embedded default of ``kvroute simulate`` with no arguments: the four generated
+#: workloads interleaved, at a rate that keeps 8 replicas of the default profile busy
+#: enough for routing to matter (queues form behind long prefills) but not overloaded.
 DEFAULT_WORKLOAD = "mixed"
-DEFAULT_REQUESTS = 3000
-DEFAULT_RATE = 12.0
+DEFAULT_REQUESTS = 4000
+DEFAULT_RATE = 200.0
 
 
 class KeyCache:

@@ -162,3 +162,27 @@ def test_cli_simulate_writes_the_documented_schema(tmp_path, capsys):
 def test_cli_simulate_bad_input_fails_naming_it(argv, field, capsys):
     assert main(argv) == 2
     assert field in capsys.readouterr().err
+
+
+def test_a_reset_replica_clears_its_cache_and_the_routers_forget_it():
+    from simulator.cluster import Cluster
+    from simulator.kernel import Kernel
+    from simulator.workloads import block_keys
+
+    requests = small(50, name="system-prompts")
+    last = requests[-1].arrival_s
+    config = ClusterConfig(replicas=2, block_size=16, kv_blocks=4000,
+                           changes=(ReplicaChange(last + 60, "reset", "replica-0"),))
+    kernel = Kernel()
+    cluster = Cluster(kernel, config, "cache_aware")
+    for r in requests:
+        kernel.schedule(r.arrival_s, cluster.submit, r.request_id, r.arrival_s, r.prompt_tokens, r.output_tokens,
+                        block_keys(r, 16), r.session_id)
+    kernel.run(until=last + 30)
+    router = cluster.routers[0]
+    assert cluster.engines["replica-0"].pool.cached and router.tree.replica_blocks("replica-0") > 0
+    cluster.finish()
+    kernel.run()
+    assert not cluster.engines["replica-0"].pool.cached
+    assert router.tree.replica_blocks("replica-0") == 0
+    assert router.tree.replica_blocks("replica-1") > 0
