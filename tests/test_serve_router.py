@@ -1,0 +1,109 @@
+"""CacheAwareRouter inside a real local Ray Serve cluster (no vLLM: the replicas here report
+which replica served a request, so the tests see exactly where the router sent it).
+
+The vLLM end-to-end tests live in tests/live/. Skipped when Ray Serve is not installed.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+ray = pytest.importorskip("ray")
+serve = pytest.importorskip("ray.serve")
+
+from router import cache_aware_router_config  # noqa: E402
+from router.errors import ConfigError  # noqa: E402
+
+REPO = str(Path(__file__).resolve().parents[1])
+pytestmark = pytest.mark.serve
+
+
+@serve.deployment(num_replicas=3, ray_actor_options={"num_cpus": 0.1})
+class Where:
+    """Answers with its own replica id; reports a small routing stats dict."""
+
+    def __init__(self) -> None:
+        self.replica = serve.get_replica_context().replica_id.unique_id
+
+    def chat(self, body: dict) -> str:
+        return self.replica
+
+    def record_routing_stats(self) -> dict:
+        return {"kv_usage": 0.1, "waiting": 0, "running": 0}
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    os.environ["PYTHONPATH"] = REPO + os.pathsep + os.environ.get("PYTHONPATH", "")
+    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": os.environ["PYTHONPATH"]}})
+    yield
+    serve.shutdown()
+    ray.shutdown()
+
+
+def deploy(name: str, **router_kwargs):
+    app = Where.options(name=name, request_router_config=cache_aware_router_config(**router_kwargs)).bind()
+    return serve.run(app, name=name, route_prefix=f"/{name}")
+
+
+def body(prefix: str, i: int, session: str | None = None) -> dict:
+    out = {"model": "m", "messages": [{"role": "system", "content": prefix},
+                                       {"role": "user", "content": f"question {i} " + "x" * 50}]}
+    if session:
+        out["session_id"] = session
+    return out
+
+
+def test_requests_sharing_a_long_prefix_go_where_it_is_cached(cluster):
+    handle = deploy("prefix", policy="cache_aware")
+    prefixes = ["".join(random.Random(seed).choice("abcdefgh ") for _ in range(3000)) for seed in range(3)]
+    where: dict[int, Counter] = {p: Counter() for p in range(3)}
+    for i in range(60):
+        p = i % 3
+        where[p][handle.chat.remote(body(prefixes[p], i)).result(timeout_s=60)] += 1
+    # Each prefix settles on one replica (its first pick) for nearly all its requests: a
+    # router without the tree would spread each prefix over all three replicas.
+    for p, counts in where.items():
+        assert counts.most_common(1)[0][1] >= 18, (p, counts)
+
+
+def test_a_session_sticks_to_its_replica(cluster):
+    handle = deploy("sessions", policy="cache_aware")
+    served = {handle.chat.remote(body(f"short prompt {i}", i, session="alice")).result(timeout_s=60)
+              for i in range(10)}
+    assert len(served) == 1
+
+
+def test_round_robin_policy_spreads_the_same_traffic(cluster):
+    """The control: the same plug-in with a cache-blind policy spreads a prefix evenly."""
+    handle = deploy("rr", policy="round_robin")
+    counts = Counter(handle.chat.remote(body("same prefix " * 200, i)).result(timeout_s=60) for i in range(30))
+    assert len(counts) == 3 and max(counts.values()) <= 12
+
+
+@pytest.mark.parametrize("kwargs, field", [({"policy": "nope"}, "policy"),
+                                           ({"policy_options": {"load_factor": 0.5}}, "cache_aware.load_factor"),
+                                           ({"block_size": 0}, "block_size"),
+                                           ({"no_such_option": 1}, "router.no_such_option")])
+def test_a_bad_router_config_fails_when_the_app_is_built(kwargs, field):
+    with pytest.raises(ConfigError) as exc:
+        cache_aware_router_config(**kwargs)
+    assert exc.value.field == field
+
+
+def test_a_dead_replica_is_purged_and_traffic_continues(cluster):
+    handle = deploy("deaths", policy="cache_aware")
+    prefix = "shared " * 400
+    first = handle.chat.remote(body(prefix, 0)).result(timeout_s=60)
+    victim = next(a for a in ray.util.list_named_actors(all_namespaces=True)
+                  if first in a["name"] and "deaths" in a["name"])
+    ray.kill(ray.get_actor(victim["name"], namespace=victim["namespace"]), no_restart=True)
+    served = Counter(handle.chat.remote(body(prefix, i)).result(timeout_s=120) for i in range(1, 20))
+    assert first not in served
+    assert sum(served.values()) == 19
