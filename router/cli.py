@@ -59,6 +59,20 @@ def _bench_simulator(args: argparse.Namespace) -> int:
     return 0
 
 
+def _calibrate(args: argparse.Namespace) -> int:
+    from simulator.calibrate import fit_profile, measure, write_profile
+
+    samples = measure(args.url, args.model, repeats=args.repeats, id_range=(args.id_min, args.id_max),
+                      progress=lambda m: print(m, file=sys.stderr, flush=True))
+    profile, report = fit_profile(samples, name=args.name, max_batched_tokens=args.max_batched_tokens,
+                                  max_num_seqs=args.max_num_seqs, kv_capacity_tokens=args.kv_capacity_tokens,
+                                  source=f"kvroute calibrate against {args.url} ({args.model})")
+    path = write_profile(profile, report, args.out)
+    print(json.dumps({**profile.to_json(), "fit": report}, indent=2))
+    print(f"wrote {path}: use it with kvroute simulate --profile {path}", file=sys.stderr)
+    return 0
+
+
 def _policies(args: argparse.Namespace) -> int:
     import policies
 
@@ -101,6 +115,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     from simulator.cli import add_parser as add_simulate
     add_simulate(sub, _positive_int, _write_json)
+
+    cal = sub.add_parser("calibrate", help="fit the simulator's latency profile on a live replica")
+    cal.add_argument("--url", required=True, help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1")
+    cal.add_argument("--model", required=True, help="model name the endpoint serves")
+    cal.add_argument("--out", default="profiles/calibrated.json", help="profile file to write")
+    cal.add_argument("--name", default="calibrated", help="profile name")
+    cal.add_argument("--repeats", type=_positive_int, default=3)
+    cal.add_argument("--max-batched-tokens", type=_positive_int, default=8192,
+                     help="the engine's max_num_batched_tokens")
+    cal.add_argument("--max-num-seqs", type=_positive_int, default=256, help="the engine's max_num_seqs")
+    cal.add_argument("--kv-capacity-tokens", type=_positive_int, default=400_000,
+                     help="the engine's KV cache size in tokens (blocks x block size)")
+    cal.add_argument("--id-min", type=int, default=5, help="smallest token id used in measurement prompts")
+    cal.add_argument("--id-max", type=int, default=500, help="token ids are drawn below this")
+    cal.set_defaults(func=_calibrate)
 
     pols = sub.add_parser("policies", help="list the registered routing policies")
     pols.set_defaults(func=_policies)

@@ -1,0 +1,161 @@
+"""``kvroute calibrate``: fit the simulator's step-time model on a live replica.
+
+Two kinds of measurement against an OpenAI-compatible endpoint (streaming, so the first
+chunk marks the first token):
+
+* prefill: one request at a time, a unique prompt of L tokens (unique so nothing is
+  cached), ``max_tokens=1``: its time to first token is one prefill of L tokens
+  (plus fixed per-request overhead);
+* decode: n streams at once, each a unique prompt of C tokens and T output tokens: the
+  median gap between their chunks is one decode step with n sequences of about C + T/2
+  tokens of context.
+
+Least squares (non-negative) then gives the profile's coefficients:
+
+    ttft(L)      = o_p + prefill_s_per_token * L + prefill_attention_s_per_pair * L^2 / 2
+    step(n, ctx) = step_overhead_s + decode_s_per_seq * n + attention_s_per_context_token * n * ctx
+
+The fit is a pure function (``fit_profile``) tested on synthetic samples drawn from a known
+profile; ``measure`` does the HTTP. The result is written as a profile JSON file that
+``kvroute simulate --profile PATH`` (and ``cache_aware``'s ``profile`` option) load.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import statistics
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from router.errors import ConfigError
+from router.profile import LatencyProfile
+
+
+@dataclass
+class Samples:
+    """Raw measurements: (prompt tokens, seconds to first token) and
+    (sequences, mean context tokens, seconds per decode step)."""
+
+    prefill: list[tuple[int, float]] = field(default_factory=list)
+    decode: list[tuple[int, float, float]] = field(default_factory=list)
+
+
+def _nnls(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Non-negative least squares by active-set elimination (small problems only):
+    solve, drop the most negative coefficient, repeat."""
+    active = list(range(a.shape[1]))
+    x = np.zeros(a.shape[1])
+    while active:
+        sol, *_ = np.linalg.lstsq(a[:, active], b, rcond=None)
+        if (sol >= 0).all():
+            x[:] = 0
+            x[active] = sol
+            return x
+        active.pop(int(np.argmin(sol)))
+    return x
+
+
+def _r2(a: np.ndarray, x: np.ndarray, b: np.ndarray) -> float:
+    resid = b - a @ x
+    total = ((b - b.mean()) ** 2).sum()
+    return float(1 - (resid ** 2).sum() / total) if total > 0 else 1.0
+
+
+def fit_profile(samples: Samples, *, name: str, max_batched_tokens: int, max_num_seqs: int,
+                kv_capacity_tokens: int, source: str = "kvroute calibrate") -> tuple[LatencyProfile, dict[str, Any]]:
+    """The profile that best explains ``samples``, and a report of the fit (R^2 per part)."""
+    if len(samples.prefill) < 3 or len({length for length, _ in samples.prefill}) < 3:
+        raise ConfigError("calibrate", "need prefill samples at 3 or more prompt lengths")
+    if len(samples.decode) < 3 or len({n for n, _, _ in samples.decode}) < 2:
+        raise ConfigError("calibrate", "need decode samples at 2 or more batch sizes")
+    pre = np.array([[1.0, length, length * length / 2] for length, _ in samples.prefill])
+    pre_y = np.array([t for _, t in samples.prefill])
+    p = _nnls(pre, pre_y)
+    dec = np.array([[1.0, n, n * ctx] for n, ctx, _ in samples.decode])
+    dec_y = np.array([t for _, _, t in samples.decode])
+    d = _nnls(dec, dec_y)
+    profile = LatencyProfile(
+        name=name, step_overhead_s=float(d[0]), prefill_s_per_token=float(p[1]),
+        decode_s_per_seq=float(d[1]), attention_s_per_context_token=float(d[2]),
+        prefill_attention_s_per_pair=float(p[2]), max_batched_tokens=max_batched_tokens,
+        max_num_seqs=max_num_seqs, kv_capacity_tokens=kv_capacity_tokens, source=source)
+    report = {"prefill_r2": round(_r2(pre, p, pre_y), 4), "decode_r2": round(_r2(dec, d, dec_y), 4),
+              "prefill_request_overhead_s": float(p[0]),
+              "prefill_samples": len(samples.prefill), "decode_samples": len(samples.decode)}
+    return profile, report
+
+
+def write_profile(profile: LatencyProfile, report: dict[str, Any], path: str | Path) -> Path:
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(json.dumps({**profile.to_json(), "fit": report}, indent=2) + "\n")
+    return target
+
+
+# -- measuring a live endpoint ---------------------------------------------------------
+def _unique_prompt(tokens: int, rng: random.Random, id_range: tuple[int, int]) -> list[int]:
+    # Token ids, so the prompt has exactly ``tokens`` tokens whatever the tokenizer; random
+    # ids from the first block on keep it out of any prefix cache.
+    low, high = id_range
+    return [rng.randrange(low, high) for _ in range(tokens)]
+
+
+def _stream(url: str, model: str, prompt: list[int], max_tokens: int, timeout: float) -> list[float]:
+    """Send one streaming completion; return the arrival times of its content chunks."""
+    payload = json.dumps({"model": model, "prompt": prompt, "max_tokens": max_tokens, "stream": True,
+                          "temperature": 0.0, "ignore_eos": True}).encode()
+    req = urllib.request.Request(url.rstrip("/") + "/completions", data=payload,
+                                 headers={"Content-Type": "application/json"})
+    times: list[float] = []
+    started = time.perf_counter()
+    with urllib.request.urlopen(req, timeout=timeout) as resp:
+        for raw in resp:
+            line = raw.decode("utf-8", "replace").strip()
+            if not line.startswith("data:"):
+                continue
+            data = line[5:].strip()
+            if data == "[DONE]":
+                break
+            times.append(time.perf_counter() - started)
+    return times
+
+
+def measure(url: str, model: str, *, prefill_lengths: Sequence[int] = (32, 128, 256, 512, 1024),
+            batch_sizes: Sequence[int] = (1, 2, 4, 8), decode_context: int = 128, decode_tokens: int = 32,
+            repeats: int = 3, seed: int = 0, timeout: float = 120.0, id_range: tuple[int, int] = (5, 500),
+            progress: Callable[[str], None] | None = None) -> Samples:
+    """Measure prefill and decode step times on a live OpenAI-compatible endpoint.
+    Prompts are random token ids in ``id_range`` (valid for the model's vocabulary)."""
+    rng = random.Random(seed)
+    samples = Samples()
+    try:
+        _stream(url, model, _unique_prompt(16, rng, id_range), 2, timeout)  # warm-up
+    except (urllib.error.URLError, OSError) as exc:
+        raise ConfigError("url", f"cannot reach {url}: {exc}") from None
+    for length in prefill_lengths:
+        if progress:
+            progress(f"prefill {length} tokens")
+        for _ in range(repeats):
+            times = _stream(url, model, _unique_prompt(length, rng, id_range), 1, timeout)
+            if times:
+                samples.prefill.append((length, times[0]))
+    for n in batch_sizes:
+        if progress:
+            progress(f"decode with {n} streams")
+        for _ in range(repeats):
+            prompts = [_unique_prompt(decode_context, rng, id_range) for _ in range(n)]
+            with ThreadPoolExecutor(max_workers=n) as pool:
+                streams = list(pool.map(lambda p: _stream(url, model, p, decode_tokens, timeout), prompts))
+            gaps = [b - a for times in streams for a, b in zip(times[1:], times[2:])]
+            if gaps:
+                samples.decode.append((n, decode_context + decode_tokens / 2, statistics.median(gaps)))
+    return samples

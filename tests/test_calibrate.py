@@ -1,0 +1,79 @@
+"""kvroute calibrate's fit: samples drawn from a known profile give that profile back.
+(The measurement against a live vLLM replica is tested in tests/live/.)"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from router.errors import ConfigError
+from router.profile import LatencyProfile, get_profile
+from simulator.calibrate import Samples, fit_profile, write_profile
+
+TRUE = LatencyProfile(name="truth", step_overhead_s=0.004, prefill_s_per_token=5e-5, decode_s_per_seq=3e-4,
+                      attention_s_per_context_token=2e-7, prefill_attention_s_per_pair=4e-9)
+
+
+def synthetic(noise: float, seed: int = 0) -> Samples:
+    rng = random.Random(seed)
+    s = Samples()
+    for length in (32, 128, 512, 1024, 2048):
+        for _ in range(3):
+            t = 0.01 + TRUE.step_s(length, 0, 0, length * length // 2)
+            s.prefill.append((length, t * (1 + rng.gauss(0, noise))))
+    for n in (1, 2, 4, 8, 16):
+        for ctx in (100.0, 400.0):
+            t = TRUE.step_s(0, n, int(n * ctx))
+            s.decode.append((n, ctx, t * (1 + rng.gauss(0, noise))))
+    return s
+
+
+def test_exact_samples_give_the_profile_back():
+    profile, report = fit_profile(synthetic(0.0), name="fit", max_batched_tokens=2048, max_num_seqs=64,
+                                  kv_capacity_tokens=50_000)
+    for field in ("step_overhead_s", "prefill_s_per_token", "decode_s_per_seq", "attention_s_per_context_token",
+                  "prefill_attention_s_per_pair"):
+        assert getattr(profile, field) == pytest.approx(getattr(TRUE, field), rel=1e-6), field
+    # The prefill intercept is the per-request overhead plus one step overhead.
+    assert report["prefill_request_overhead_s"] == pytest.approx(0.01 + TRUE.step_overhead_s, rel=1e-6)
+    assert report["prefill_r2"] > 0.999999 and report["decode_r2"] > 0.999999
+
+
+def test_noisy_samples_stay_close_and_coefficients_never_go_negative():
+    profile, report = fit_profile(synthetic(0.03, seed=4), name="fit", max_batched_tokens=2048, max_num_seqs=64,
+                                  kv_capacity_tokens=50_000)
+    assert profile.prefill_s_per_token == pytest.approx(TRUE.prefill_s_per_token, rel=0.2)
+    assert profile.decode_s_per_seq == pytest.approx(TRUE.decode_s_per_seq, rel=0.3)
+    assert all(getattr(profile, f) >= 0 for f in ("step_overhead_s", "attention_s_per_context_token",
+                                                   "prefill_attention_s_per_pair"))
+    assert report["prefill_r2"] > 0.95
+
+
+def test_the_written_profile_loads_by_path(tmp_path):
+    profile, report = fit_profile(synthetic(0.0), name="tiny-cpu", max_batched_tokens=2048, max_num_seqs=64,
+                                  kv_capacity_tokens=50_000)
+    path = write_profile(profile, report, tmp_path / "tiny.json")
+    loaded = get_profile(str(path))
+    assert loaded.name == "tiny-cpu" and loaded.prefill_s_per_token == profile.prefill_s_per_token
+
+
+def test_too_few_samples_is_a_clear_error():
+    s = synthetic(0.0)
+    s.prefill = s.prefill[:2]
+    with pytest.raises(ConfigError, match="prefill samples"):
+        fit_profile(s, name="x", max_batched_tokens=1, max_num_seqs=1, kv_capacity_tokens=1)
+
+
+def test_a_bad_profile_file_names_the_field(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"step_overhead_s": -1, "prefill_s_per_token": 0, "decode_s_per_seq": 0, '
+                   '"attention_s_per_context_token": 0}')
+    with pytest.raises(ConfigError) as exc:
+        get_profile(str(bad))
+    assert exc.value.field == "profile.step_overhead_s"
+    unknown = tmp_path / "unknown.json"
+    unknown.write_text('{"prefil_s_per_token": 1}')
+    with pytest.raises(ConfigError) as exc:
+        get_profile(str(unknown))
+    assert exc.value.field == "profile.prefil_s_per_token"
