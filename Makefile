@@ -29,7 +29,8 @@ $(VENV)/.plot: pyproject.toml | $(PY)
 demo: $(VENV)/.plot
 	$(VENV)/bin/kvroute simulate --json results/simulate.json --plot results/plots
 
-test: $(VENV)/.dev
+# The suite includes real Ray Serve clusters, so the test set-up installs kvroute[serve].
+test: $(VENV)/.serve
 	$(PY) -m pytest
 
 bench: $(VENV)/.serve
