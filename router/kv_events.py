@@ -66,11 +66,12 @@ DEFAULT_MAX_ENTRIES = 2_000_000
 # ---------------------------------------------------------------------------------------
 # Schema: vLLM's own structs when already loaded, else a wire-identical mirror.
 # ---------------------------------------------------------------------------------------
-class _MirrorBlockStored(msgspec.Struct, tag="BlockStored", omit_defaults=True, gc=False):
-    """Mirror of ``vllm.distributed.kv_events.BlockStored`` (vLLM 0.32), same field names
-    and tag. Only the fields the router reads are declared: msgspec skips unknown map
-    keys, so newer vLLM fields decode fine; older vLLMs without ``lora_name``/``medium``
-    too (defaults here)."""
+class _MirrorBlockStored(msgspec.Struct, tag="BlockStored", gc=False):
+    """Mirror of ``vllm.distributed.kv_events.BlockStored`` (vLLM 0.32): same tag and
+    field names. Only the fields the router reads are declared: msgspec skips unknown map
+    keys, so newer vLLM fields decode fine, and older vLLMs without ``lora_name`` or
+    ``medium`` too (defaults here). Every field is written when encoded, so the mirror's
+    bytes are also what vLLM's decoder accepts (tests use that)."""
 
     block_hashes: list[int | bytes]
     parent_block_hash: int | bytes | None
@@ -83,13 +84,13 @@ class _MirrorBlockStored(msgspec.Struct, tag="BlockStored", omit_defaults=True, 
     group_idx: int | None = None
 
 
-class _MirrorBlockRemoved(msgspec.Struct, tag="BlockRemoved", omit_defaults=True, gc=False):
+class _MirrorBlockRemoved(msgspec.Struct, tag="BlockRemoved", gc=False):
     block_hashes: list[int | bytes]
     medium: str | None = None
     group_idx: int | None = None
 
 
-class _MirrorAllBlocksCleared(msgspec.Struct, tag="AllBlocksCleared", omit_defaults=True, gc=False):
+class _MirrorAllBlocksCleared(msgspec.Struct, tag="AllBlocksCleared", gc=False):
     pass
 
 
