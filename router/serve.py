@@ -132,6 +132,8 @@ class CacheAwareRouter(MultiplexMixin, RequestRouter):
         self._pending: OrderedDict[str, tuple[RouteRequest, dict]] = OrderedDict()
         self._stats_seen: dict[str, int] = {}
         self._kv_hub = None
+        self._kv_delivery = None
+        self.kv_endpoint_errors = 0
         self.bad_requests = 0
         self._profile = getattr(core.policy, "profile", None)
 
@@ -240,8 +242,7 @@ class CacheAwareRouter(MultiplexMixin, RequestRouter):
                 capacities[self._key(r.replica_id)] = blocks * size
         self._core.on_replicas_changed([self._key(r.replica_id) for r in replicas], now, capacity_tokens=capacities)
         self._absorb_stats(replicas, now)
-        if self._kv_hub is not None:
-            self._kv_hub.update(self._kv_endpoints(replicas))
+        self._update_kv_subscriptions(replicas)
 
     def on_replica_actor_died(self, replica_id: ReplicaID) -> None:
         super().on_replica_actor_died(replica_id)
@@ -250,6 +251,7 @@ class CacheAwareRouter(MultiplexMixin, RequestRouter):
     def _absorb_stats(self, replicas: list[RunningReplica], now: float) -> None:
         """Feed each replica's latest ``record_routing_stats`` report to the load view once."""
         seen = self._stats_seen
+        changed = False
         for r in replicas:
             stats = r.routing_stats
             if not stats:
@@ -258,6 +260,7 @@ class CacheAwareRouter(MultiplexMixin, RequestRouter):
             if seen.get(key) == id(stats):
                 continue
             seen[key] = id(stats)
+            changed = True
             usage = stats.get("kv_usage")
             waiting = stats.get("waiting")
             running = stats.get("running")
@@ -270,14 +273,48 @@ class CacheAwareRouter(MultiplexMixin, RequestRouter):
             live = set(self._core.replicas)
             for key in [k for k in seen if k not in live]:
                 del seen[key]
+        if changed:  # a new report may carry a (new) KV-event endpoint
+            self._update_kv_subscriptions(list(self.curr_replicas.values()))
 
     def _kv_endpoints(self, replicas: list[RunningReplica]) -> dict[str, dict]:
+        """Replica -> KV-event endpoint spec, from the engines' routing stats."""
         out = {}
         for r in replicas:
             stats = r.routing_stats or {}
-            if stats.get("kv_events_endpoint"):
-                out[self._key(r.replica_id)] = stats
+            endpoint = stats.get("kv_events_endpoint")
+            if endpoint:
+                out[self._key(r.replica_id)] = {
+                    "endpoint": endpoint, "replay_endpoint": stats.get("kv_replay_endpoint"),
+                    "block_size": stats.get("block_size", self._options["block_size"]),
+                    "model": stats.get("model", ""), "topic": stats.get("kv_events_topic", "")}
         return out
+
+    def _update_kv_subscriptions(self, replicas: list[RunningReplica]) -> None:
+        """Subscribe to every replica's KV events (token mode only: the events carry token
+        ids, which key the same as the router's token blocks). Subscribers run on their
+        own threads; ``LoopDelivery`` applies their events on this router's loop."""
+        if not self._options["kv_events"] or self._tokenizer is None:
+            return
+        endpoints = self._kv_endpoints(replicas)
+        if self._kv_hub is None:
+            if not endpoints:
+                return
+            from router.kv_events import KVEventHub, LoopDelivery
+
+            self._kv_delivery = LoopDelivery(self._event_loop, self._apply_kv_event)
+            self._kv_hub = KVEventHub(self._kv_delivery)
+        try:
+            self._kv_hub.update(endpoints)
+        except ConfigError as exc:
+            self.kv_endpoint_errors += 1
+            logger.warning("CacheAwareRouter: KV-event subscription failed: %s", exc)
+
+    def _apply_kv_event(self, replica: str, event: Any) -> None:
+        self._core.on_kv_event(replica, event, self._now())
+
+    def kv_event_stats(self) -> dict[str, int]:
+        """Counters of the KV-event subscribers (messages, events, gaps, replayed, ...)."""
+        return self._kv_hub.totals() if self._kv_hub is not None else {}
 
     @property
     def core(self) -> RoutingCore:
