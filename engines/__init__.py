@@ -1,2 +1,4 @@
-"""Engine adapters: the vLLM Serve deployment, the tiny local test model, KV-event
-publishers. Empty until the live Ray Serve issue lands; nothing imports it yet."""
+"""Engine adapters: vLLM as Ray Serve replicas (``vllm_engine``), the OpenAI ingress
+(``openai_app``), ``ray.serve.llm`` wiring (``ray_llm``), the tiny local test model
+(``tiny_model``) and the request-body protocol (``protocol``, ``errors``). Importing the
+package imports none of vLLM, Ray or torch; see docs/engines.md."""

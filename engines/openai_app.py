@@ -1,0 +1,176 @@
+"""OpenAI-compatible HTTP ingress in front of the vLLM engine deployment.
+
+Routes: ``POST /v1/chat/completions``, ``POST /v1/completions`` (both with ``"stream":
+true`` for SSE) and ``GET /v1/models``. The ingress parses and validates the body
+(malformed JSON, missing ``messages``/``prompt``, bad field types -> 400; unknown
+``model`` -> 404), takes the session id from the ``x-session-id`` header, else body
+``session_id``, else ``user``, stores it in the body as ``session_id`` and forwards that
+dict to the engine deployment: ``handle.chat.remote(body)`` or
+``handle.options(stream=True).chat.remote(body)``. Errors found by the engine (prompt
+longer than the context -> 400) come back as ``BadRequest`` and get the same OpenAI error
+body. A request router on the engine deployment therefore sees the body dict as
+``pending_request.args[0]``.
+
+    app = build_app(build_tiny_model(), num_replicas=2,
+                    request_router_config={"request_router_class": "router:CacheAwareRouter"})
+    serve.run(app)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from ray import serve
+from ray.serve.config import RequestRouterConfig
+from ray.serve.handle import DeploymentHandle
+
+from engines.errors import BadRequest, find_bad_request
+from engines.protocol import parse_chat, parse_completion, session_of
+
+logger = logging.getLogger("kvroute.engines")
+
+#: Environment for engine replicas unless the caller overrides it: a 1 GiB KV cache on CPU
+#: (vLLM's default takes a share of RAM), and no OpenMP core pinning (every replica on a
+#: small machine would pin the same core).
+DEFAULT_ENGINE_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
+
+app = FastAPI(title="kvroute OpenAI ingress")
+
+
+def _error(status: int, message: str, param: str | None = None) -> JSONResponse:
+    return JSONResponse(BadRequest(status, message, param=param).to_openai(), status_code=status)
+
+
+def _from_exception(exc: BaseException) -> JSONResponse:
+    bad = find_bad_request(exc)
+    if bad is not None:
+        return JSONResponse(bad.to_openai(), status_code=bad.status)
+    logger.exception("engine call failed")
+    return JSONResponse({"error": {"message": f"internal error: {type(exc).__name__}: {exc}",
+                                   "type": "internal_error", "param": None, "code": 500}}, status_code=500)
+
+
+@serve.deployment(name="OpenAIIngress", ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=256)
+@serve.ingress(app)
+class OpenAIIngress:
+    """HTTP front end; ``engine`` is the engine deployment's handle, ``model_name`` the
+    served model's name (checked here so an unknown model costs no routing)."""
+
+    def __init__(self, engine: DeploymentHandle, model_name: str, model_aliases: tuple[str, ...] = ()) -> None:
+        self.engine = engine
+        self.model_name = model_name
+        self.model_names = {model_name, *model_aliases}
+
+    async def _body(self, request: Request) -> dict:
+        raw = await request.body()
+        try:
+            body = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise BadRequest(400, f"request body is not valid JSON: {exc}") from exc
+        if not isinstance(body, dict):
+            raise BadRequest(400, f"request body must be a JSON object, got {type(body).__name__}")
+        return body
+
+    def _check_model(self, body: dict) -> None:
+        model = body.get("model")
+        if model is not None and model not in self.model_names:
+            raise BadRequest(404, f"The model '{model}' does not exist (served: '{self.model_name}')", param="model")
+
+    async def _forward(self, method: str, request: Request, parse) -> Any:
+        try:
+            body = await self._body(request)
+            params = parse(body)
+            self._check_model(body)
+            session = session_of(request.headers, body)
+        except BadRequest as exc:
+            return JSONResponse(exc.to_openai(), status_code=exc.status)
+        if session is not None:
+            body["session_id"] = session
+        else:
+            body.pop("session_id", None)
+        if not params.stream:
+            try:
+                result = await getattr(self.engine, method).remote(body)
+            except Exception as exc:
+                return _from_exception(exc)
+            return JSONResponse(result)
+        gen = getattr(self.engine.options(stream=True), method).remote(body)
+        try:
+            first = await gen.__anext__()
+        except StopAsyncIteration:
+            first = None
+        except Exception as exc:
+            return _from_exception(exc)
+
+        async def chunks():
+            if first is not None:
+                yield first
+            try:
+                async for chunk in gen:
+                    yield chunk
+            except Exception as exc:  # after the status line: report in-band, then end
+                bad = find_bad_request(exc)
+                error = bad.to_openai() if bad is not None else {
+                    "error": {"message": f"internal error: {exc}", "type": "internal_error", "code": 500}}
+                yield f"data: {json.dumps(error)}\n\n"
+                yield "data: [DONE]\n\n"
+
+        return StreamingResponse(chunks(), media_type="text/event-stream",
+                                 headers={"cache-control": "no-cache"})
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request):
+        return await self._forward("chat", request, parse_chat)
+
+    @app.post("/v1/completions")
+    async def completions(self, request: Request):
+        return await self._forward("completions", request, parse_completion)
+
+    @app.get("/v1/models")
+    async def models(self):
+        try:
+            return JSONResponse(await self.engine.models.remote())
+        except Exception as exc:
+            return _from_exception(exc)
+
+    @app.get("/health")
+    async def health(self):
+        return {"status": "ok"}
+
+
+def build_app(model_path: str | Path, num_replicas: int = 2,
+              request_router_config: RequestRouterConfig | dict | None = None,
+              engine_options: dict | None = None, *, engine_env: dict | None = None,
+              engine_actor_options: dict | None = None, ingress_options: dict | None = None):
+    """The Serve application: ``OpenAIIngress`` -> ``VLLMEngine`` x ``num_replicas``.
+
+    ``request_router_config`` (a ``RequestRouterConfig`` or its dict) goes on the engine
+    deployment, e.g. ``{"request_router_class": "router:CacheAwareRouter",
+    "request_routing_stats_period_s": 2}``; ``None`` keeps Ray's default router.
+    ``engine_options`` are ``EngineRunner`` keywords (``block_size``, ``max_model_len``,
+    ``served_model_name``, ``engine_kwargs``, ...). ``engine_env`` is merged over
+    ``DEFAULT_ENGINE_ENV`` into the engine replicas' environment; ``engine_actor_options``
+    over ``{"num_cpus": 1}``; ``ingress_options`` are ``OpenAIIngress.options(...)``.
+    """
+    from engines.vllm_engine import VLLMEngineDeployment
+
+    engine_options = dict(engine_options or {})
+    model_path = str(Path(model_path).expanduser().absolute())
+    model_name = engine_options.get("served_model_name") or Path(model_path).name
+    actor_options: dict[str, Any] = {"num_cpus": 1, **(engine_actor_options or {})}
+    runtime_env = dict(actor_options.get("runtime_env") or {})
+    runtime_env["env_vars"] = {**DEFAULT_ENGINE_ENV, **(runtime_env.get("env_vars") or {}), **(engine_env or {})}
+    actor_options["runtime_env"] = runtime_env
+    options: dict[str, Any] = {"num_replicas": num_replicas, "ray_actor_options": actor_options}
+    if request_router_config is not None:
+        if isinstance(request_router_config, dict):
+            request_router_config = RequestRouterConfig(**request_router_config)
+        options["request_router_config"] = request_router_config
+    engine = VLLMEngineDeployment.options(**options).bind(model_path, **engine_options)
+    ingress = OpenAIIngress.options(**ingress_options) if ingress_options else OpenAIIngress
+    return ingress.bind(engine, model_name, (model_path,))

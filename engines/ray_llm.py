@@ -1,0 +1,133 @@
+"""The tiny model on ``ray.serve.llm``'s own ``LLMServer`` replicas, with KV events on.
+
+    from engines.ray_llm import build_llm_config, build_openai_app
+    app = build_openai_app(build_llm_config(request_router_config={...}))
+    serve.run(app)      # vLLM's own OpenAI server behind Ray's ingress, on /v1/...
+
+``build_llm_config`` turns on prefix caching and vLLM KV-cache events through
+``engine_kwargs["kv_events_config"]`` (ZMQ publisher and replay socket on ``tcp://*:0``:
+each replica binds free ports on its node IP, so colocated replicas never collide) and
+puts ``request_router_config`` into ``deployment_config``. Its server class is
+``KVRouteLLMServer``: Ray's ``LLMServer`` whose ``record_routing_stats`` also reports what
+``engines.vllm_engine.EngineRunner.routing_stats`` does (Ray's own hook reports only for
+its KV-aware router). Ray's requests reach the replicas as Ray LLM request objects (e.g.
+``ChatCompletionRequest``), not the dicts ``engines.openai_app`` forwards.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from ray.serve.llm import LLMConfig, LLMServer
+
+from engines.tiny_model import build_tiny_model
+from engines.vllm_engine import _SchedulerSnapshot, _stat_logger_factory
+
+#: The placement bundle for a CPU-only replica (no accelerator).
+CPU_PLACEMENT = {"bundles": [{"CPU": 1}]}
+
+
+class KVRouteLLMServer(LLMServer):
+    """``LLMServer`` whose routing stats carry load, KV-cache size and KV-event endpoints."""
+
+    async def start(self):
+        await super().start()
+        self._kvroute_snapshot = _SchedulerSnapshot()
+        self._kvroute_attach_stat_logger()
+
+    def _kvroute_client(self):
+        return getattr(self.engine, "_engine_client", None)
+
+    def _kvroute_attach_stat_logger(self) -> None:
+        """Add our per-engine stat logger beside Ray's (vLLM's ``AsyncLLM`` takes loggers
+        only at construction, which Ray's engine owns; its manager keeps a plain list)."""
+        client = self._kvroute_client()
+        manager = getattr(client, "logger_manager", None)
+        if manager is None:
+            return
+        from vllm.v1.metrics.loggers import PerEngineStatLoggerAdapter
+
+        manager.stat_loggers.append(PerEngineStatLoggerAdapter(
+            vllm_config=client.vllm_config, engine_indexes=manager.engine_indexes,
+            per_engine_stat_logger_factory=_stat_logger_factory(self._kvroute_snapshot)))
+
+    async def record_routing_stats(self) -> dict[str, Any]:
+        stats = dict(await super().record_routing_stats() or {})
+        client = self._kvroute_client()
+        if client is None:
+            return stats
+        cache = client.vllm_config.cache_config
+        sources = client.get_kv_event_sources()
+        source = sources.get(0) or next(iter(sources.values()), None)
+        snap: _SchedulerSnapshot = self._kvroute_snapshot
+        unfinished = client.get_num_unfinished_requests()
+        idle = unfinished == 0
+        blocks = int(cache.num_gpu_blocks or 0)
+        stats.update({
+            "model": self._llm_config.model_id,
+            "kv_usage": 0.0 if idle else min(1.0, max(0.0, snap.kv_usage)),
+            "waiting": 0 if idle else snap.waiting,
+            "running": 0 if idle else snap.running,
+            "num_unfinished": unfinished,
+            "kv_events_endpoint": source.endpoint if source else None,
+            "kv_replay_endpoint": source.replay_endpoint if source else None,
+            "kv_events_topic": source.topic if source else "",
+            "block_size": int(cache.block_size),
+            "num_gpu_blocks": blocks,
+            "kv_capacity_tokens": blocks * int(cache.block_size),
+            "max_model_len": int(client.model_config.max_model_len),
+            "prefix_cache_queries": snap.prefix_queries,
+            "prefix_cache_hits": snap.prefix_hits,
+            "stats_age_s": (time.time() - snap.updated) if snap.reports else None,
+        })
+        return stats
+
+
+def build_llm_config(model_path: str | Path | None = None, *, model_id: str = "tiny-llama", num_replicas: int = 2,
+                     block_size: int = 32, max_model_len: int = 1024,
+                     request_router_config: dict | Any | None = None, engine_kwargs: dict | None = None,
+                     deployment_config: dict | None = None, env_vars: dict | None = None,
+                     server_cls: type | str | None = KVRouteLLMServer) -> LLMConfig:
+    """An ``LLMConfig`` for the tiny model (built if needed) on CPU replicas.
+
+    ``request_router_config`` (dict or ``RequestRouterConfig``) goes into
+    ``deployment_config``; ``engine_kwargs`` override the defaults (prefix caching on, KV
+    events on ``tcp://*:0``, ``block_size``, ``max_model_len``, eager mode);
+    ``env_vars`` are merged over a 1 GiB CPU KV cache and no OpenMP pinning.
+    """
+    path = str(build_tiny_model(model_path))
+    kwargs = {
+        "block_size": block_size,
+        "max_model_len": max_model_len,
+        "enable_prefix_caching": True,
+        "enforce_eager": True,
+        "kv_events_config": {"enable_kv_cache_events": True, "publisher": "zmq",
+                             "endpoint": "tcp://*:0", "replay_endpoint": "tcp://*:0"},
+        **(engine_kwargs or {}),
+    }
+    deployment = {"num_replicas": num_replicas, **(deployment_config or {})}
+    if request_router_config is not None:
+        deployment["request_router_config"] = request_router_config
+    env = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind", **(env_vars or {})}
+    return LLMConfig(
+        model_loading_config={"model_id": model_id, "model_source": path},
+        engine_kwargs=kwargs,
+        deployment_config=deployment,
+        placement_group_config=CPU_PLACEMENT,
+        runtime_env={"env_vars": env},
+        server_cls=server_cls,
+    )
+
+
+def build_openai_app(llm_config: LLMConfig | None = None, **config_options: Any):
+    """``ray.serve.llm.build_openai_app`` over one ``LLMConfig`` (default:
+    ``build_llm_config(**config_options)``)."""
+    from ray.serve.llm import build_openai_app as ray_build_openai_app
+
+    if llm_config is None:
+        llm_config = build_llm_config(**config_options)
+    elif config_options:
+        raise TypeError("pass either an LLMConfig or build_llm_config options, not both")
+    return ray_build_openai_app({"llm_configs": [llm_config]})
