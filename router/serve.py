@@ -135,6 +135,9 @@ class CacheAwareRouter(MultiplexMixin, RequestRouter):
         self._kv_delivery = None
         self.kv_endpoint_errors = 0
         self.bad_requests = 0
+        # The served model's name, from the engines' reports: a body without "model" is
+        # for it, and its KV events are keyed in its namespace.
+        self._default_model = ""
         self._profile = getattr(core.policy, "profile", None)
 
     # -- time and ids ----------------------------------------------------------------------
@@ -157,8 +160,9 @@ class CacheAwareRouter(MultiplexMixin, RequestRouter):
         except BadRequest:
             self.bad_requests += 1
             return None
-        seed = namespace_seed(fields.model, fields.lora, fields.cache_salt) \
-            if (fields.model or fields.lora or fields.cache_salt) else DEFAULT_SEED
+        model = fields.model or self._default_model
+        seed = namespace_seed(model, fields.lora, fields.cache_salt) \
+            if (model or fields.lora or fields.cache_salt) else DEFAULT_SEED
         keyer = self._token_keyer if fields.is_tokens else self._char_keyer
         keys = keyer.keys(fields.content, seed)
         prompt_tokens = keyer.prompt_tokens(fields.content)
@@ -176,12 +180,12 @@ class CacheAwareRouter(MultiplexMixin, RequestRouter):
             preferred = self.apply_multiplex_routing(pending_request=pending_request)
             if preferred:
                 candidate_replicas = [r for r in candidate_replicas if r.replica_id in preferred] or candidate_replicas
+        now = self._now()
+        self._absorb_stats(candidate_replicas, now)
         request = self.route_request(pending_request) if pending_request is not None else None
         if request is None:
             return [candidate_replicas]
-        now = self._now()
         by_key = {self._key(r.replica_id): r for r in candidate_replicas}
-        self._absorb_stats(candidate_replicas, now)
         tiers, view = self._core.rank(request, now, candidates=list(by_key))
         self._remember(request, view.matched_blocks)
         ranked = [[by_key[k] for k in tier if k in by_key] for tier in tiers]
@@ -261,6 +265,8 @@ class CacheAwareRouter(MultiplexMixin, RequestRouter):
                 continue
             seen[key] = id(stats)
             changed = True
+            if isinstance(stats.get("model"), str):
+                self._default_model = stats["model"]
             usage = stats.get("kv_usage")
             waiting = stats.get("waiting")
             running = stats.get("running")
