@@ -118,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     cal = sub.add_parser("calibrate", help="fit the simulator's latency profile on a live replica")
     cal.add_argument("--url", required=True, help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1")
-    cal.add_argument("--model", required=True, help="model name the endpoint serves")
+    cal.add_argument("--model", default="", help="model name (default: the endpoint's only model)")
     cal.add_argument("--out", default="profiles/calibrated.json", help="profile file to write")
     cal.add_argument("--name", default="calibrated", help="profile name")
     cal.add_argument("--repeats", type=_positive_int, default=3)

@@ -111,8 +111,10 @@ def _unique_prompt(tokens: int, rng: random.Random, id_range: tuple[int, int]) -
 
 def _stream(url: str, model: str, prompt: list[int], max_tokens: int, timeout: float) -> list[float]:
     """Send one streaming completion; return the arrival times of its content chunks."""
-    payload = json.dumps({"model": model, "prompt": prompt, "max_tokens": max_tokens, "stream": True,
-                          "temperature": 0.0, "ignore_eos": True}).encode()
+    body = {"prompt": prompt, "max_tokens": max_tokens, "stream": True, "temperature": 0.0, "ignore_eos": True}
+    if model:  # empty: the endpoint's only model
+        body["model"] = model
+    payload = json.dumps(body).encode()
     req = urllib.request.Request(url.rstrip("/") + "/completions", data=payload,
                                  headers={"Content-Type": "application/json"})
     times: list[float] = []

@@ -107,3 +107,23 @@ def test_a_dead_replica_is_purged_and_traffic_continues(cluster):
     served = Counter(handle.chat.remote(body(prefix, i)).result(timeout_s=120) for i in range(1, 20))
     assert first not in served
     assert sum(served.values()) == 19
+
+
+def test_the_router_class_survives_serves_pickling_into_a_fresh_process():
+    """Ray Serve pickles the class by value along with the whole package its path names
+    (``router``) and rebuilds it in every proxy and handle. The rebuilt class must load and
+    must route with the real core, not a rebuilt copy of it."""
+    import subprocess
+    import sys
+
+    from ray.serve.config import RequestRouterConfig
+
+    blob = RequestRouterConfig(**cache_aware_router_config()).get_serialized_request_router_cls()
+    check = ("import sys; from ray import cloudpickle; cls = cloudpickle.loads(sys.stdin.buffer.read()); "
+             "import router.serve_state, router.core; "
+             "assert cls.__name__ == 'CacheAwareRouter'; "
+             "assert cls.initialize_state.__globals__['importlib'].import_module('router.serve_state') "
+             "is router.serve_state; print('ok')")
+    out = subprocess.run([sys.executable, "-c", check], input=blob, capture_output=True, cwd="/",
+                         env={**os.environ, "PYTHONPATH": REPO}, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == b"ok", out.stderr.decode()[-2000:]

@@ -98,12 +98,36 @@ def test_the_tree_is_confirmed_by_the_engines_kv_events(service):
             break
         time.sleep(0.5)
     assert stats.get("events", 0) > 0 and stats.get("malformed", 0) == 0, stats
-    ids = router._tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
+    ids = router.state._tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
     ids = ids["input_ids"] if hasattr(ids, "keys") else ids
-    keys = TokenBlockKeyer(BLOCK).keys(list(ids), namespace_seed(router._default_model))
+    keys = TokenBlockKeyer(BLOCK).keys(list(ids), namespace_seed(router.state._default_model))
     assert keys, "the prompt is longer than one block"
     time.sleep(1.0)
     tree = router.core.tree
     confirmed = {r for r in router.core.replicas if tree.is_confirmed(r, keys[0])}
     # The system prompt's first block was computed (and announced) by at least one engine.
     assert confirmed, {r: tree.is_confirmed(r, keys[0]) for r in router.core.replicas}
+
+
+def test_calibrate_fits_a_profile_on_the_live_replicas_that_the_simulator_loads(service, tmp_path):
+    import statistics
+
+    from router.profile import get_profile
+    from simulator.calibrate import fit_profile, measure, write_profile
+    from simulator.cluster import ClusterConfig
+    from simulator.run import run_policy
+    from simulator.workloads import make_workload
+
+    samples = measure("http://127.0.0.1:8000/kvroute/v1", "", prefill_lengths=(32, 128, 256, 512, 768),
+                      batch_sizes=(1, 2, 4), decode_context=128, decode_tokens=16, repeats=2, id_range=(5, 500))
+    assert len(samples.prefill) == 10 and len(samples.decode) == 6
+    profile, report = fit_profile(samples, name="tiny-cpu", max_batched_tokens=2048, max_num_seqs=16,
+                                  kv_capacity_tokens=30_000)
+    # The fitted step model explains the measured decode steps (median error under 50%).
+    errors = [abs(profile.step_s(0, n, int(n * ctx)) - t) / t for n, ctx, t in samples.decode]
+    assert statistics.median(errors) < 0.5, (errors, report)
+    path = write_profile(profile, report, tmp_path / "tiny-cpu.json")
+    loaded = get_profile(str(path))
+    row, _, _ = run_policy(list(make_workload("chat", 60, seed=1, rate_per_s=5.0)),
+                           ClusterConfig(replicas=2, block_size=32, kv_blocks=900, profile=loaded), "cache_aware")
+    assert row["completed"] == 60 and row["ttft_p50_s"] > 0

@@ -1,0 +1,307 @@
+"""The state and logic behind ``router.serve.CacheAwareRouter`` (see that module).
+
+``CacheAwareRouter`` is a thin shell that delegates here. Ray Serve pickles a request
+router class *by value* together with every object of the package its class path names
+(``router:CacheAwareRouter`` registers the whole ``router`` package), and rebuilds them in
+each proxy and handle process. Rebuilt copies of the core's classes are not the real ones
+(slots dataclasses do not survive it, and ``isinstance`` checks against the real modules
+fail), so the shell holds no reference to anything in ``router`` and imports this module by
+name at run time: every process then uses the one real package.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections import OrderedDict
+from collections.abc import Mapping
+from typing import Any
+
+from policies.base import RouteRequest
+from router.core import RoutingCore
+from router.errors import ConfigError
+from router.keys import DEFAULT_SEED, CharChunkKeyer, TokenBlockKeyer, namespace_seed
+from router.requests import BadRequest, parse_request
+
+from ray.serve.request_router import PendingRequest, ReplicaID, RunningReplica
+
+logger = logging.getLogger("ray.serve")
+
+#: ``request_router_kwargs`` the router accepts beside RoutingCore's own options.
+ROUTER_OPTIONS = ("policy", "policy_options", "tokenizer", "block_size", "chunk_chars", "kv_events",
+                  "max_pending")
+MAX_PENDING = 10_000
+
+
+def _validate(kwargs: Mapping[str, Any]) -> tuple[RoutingCore, dict[str, Any]]:
+    """Build the core from router kwargs; ConfigError names any bad field."""
+    kwargs = dict(kwargs)
+    own = {k: kwargs.pop(k) for k in list(kwargs) if k in ROUTER_OPTIONS}
+    block_size = own.get("block_size", 16)
+    if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size <= 0:
+        raise ConfigError("block_size", f"must be a positive integer, got {block_size!r}")
+    chunk_chars = own.get("chunk_chars", 128)
+    if not isinstance(chunk_chars, int) or isinstance(chunk_chars, bool) or chunk_chars <= 0:
+        raise ConfigError("chunk_chars", f"must be a positive integer, got {chunk_chars!r}")
+    max_pending = own.get("max_pending", MAX_PENDING)
+    if not isinstance(max_pending, int) or isinstance(max_pending, bool) or max_pending <= 0:
+        raise ConfigError("max_pending", f"must be a positive integer, got {max_pending!r}")
+    tokenizer = own.get("tokenizer")
+    if tokenizer is not None and not isinstance(tokenizer, str):
+        raise ConfigError("tokenizer", f"must be a model path or name, got {tokenizer!r}")
+    kv_events = own.get("kv_events", True)
+    if not isinstance(kv_events, bool):
+        raise ConfigError("kv_events", f"must be true or false, got {kv_events!r}")
+    policy_options = own.get("policy_options")
+    if policy_options is not None and not isinstance(policy_options, Mapping):
+        raise ConfigError("policy_options", "must be a mapping of option -> value")
+    core = RoutingCore.from_options(own.get("policy", "cache_aware"), policy_options=policy_options,
+                                    keys={"kind": "tokens", "block_size": block_size}, **kwargs)
+    own.update(block_size=block_size, chunk_chars=chunk_chars, max_pending=max_pending, kv_events=kv_events)
+    return core, own
+
+
+def cache_aware_router_config(**kwargs: Any) -> dict[str, Any]:
+    """A validated ``request_router_config`` mapping for ``CacheAwareRouter``.
+
+    Accepts ``policy``, ``policy_options``, ``tokenizer`` (model path: key token blocks
+    exactly as the engine does), ``block_size`` (the engine's), ``chunk_chars``,
+    ``kv_events``, ``max_pending`` and any ``RoutingCore`` option. Raises ``ConfigError``
+    naming the field.
+    """
+    _validate(kwargs)
+    return {"request_router_class": "router:CacheAwareRouter", "request_router_kwargs": dict(kwargs),
+            "request_routing_stats_period_s": 1.0}
+
+
+def _load_tokenizer(path: str):
+    try:
+        from transformers import AutoTokenizer
+    except ImportError:
+        raise ConfigError("tokenizer", "needs the transformers package (installed with vLLM)") from None
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except Exception as exc:  # noqa: BLE001 - any load failure is a configuration error
+        raise ConfigError("tokenizer", f"cannot load a tokenizer from {path!r}: {exc}") from None
+
+
+class RouterState:
+    """Everything one ``CacheAwareRouter`` instance knows, and its hooks' logic.
+
+    Holds the core (prefix tree, sessions, load view, policy), the keyers, a bounded map of
+    requests between ranking and routing (``max_pending``), and the KV-event hub when
+    enabled; ``router`` is the Serve router it serves (for Serve's own replica table, event
+    loop and multiplexing rule). ``choose_replicas`` costs keying + the core's rank
+    (microseconds to a few hundred for long prompts); lifecycle hooks are O(1) plus the
+    speculative insert.
+    """
+
+    def __init__(self, router: Any, kwargs: Mapping[str, Any]) -> None:
+        self.router = router
+        try:
+            core, own = _validate(kwargs)
+        except ConfigError as exc:
+            # Serve surfaces this where the router is built; name the field either way.
+            raise ValueError(f"CacheAwareRouter: {exc}") from None
+        self._core = core
+        self._options = own
+        self._tokenizer = _load_tokenizer(own["tokenizer"]) if own.get("tokenizer") else None
+        self._token_keyer = TokenBlockKeyer(own["block_size"])
+        self._char_keyer = CharChunkKeyer(own["chunk_chars"])
+        self._pending: OrderedDict[str, tuple[RouteRequest, dict]] = OrderedDict()
+        self._stats_seen: dict[str, int] = {}
+        self._kv_hub = None
+        self._kv_delivery = None
+        self.kv_endpoint_errors = 0
+        self.bad_requests = 0
+        # The served model's name, from the engines' reports: a body without "model" is
+        # for it, and its KV events are keyed in its namespace.
+        self._default_model = ""
+        self._profile = getattr(core.policy, "profile", None)
+
+    # -- time and ids ----------------------------------------------------------------------
+    @staticmethod
+    def _now() -> float:
+        return time.monotonic()
+
+    @staticmethod
+    def _key(replica_id: ReplicaID) -> str:
+        return replica_id.to_full_id_str()
+
+    # -- request understanding -------------------------------------------------------------
+    def route_request(self, pending_request: PendingRequest) -> RouteRequest | None:
+        """The core's view of a pending request (None when it has no routable body)."""
+        if not pending_request.args:
+            return None
+        lora = pending_request.metadata.multiplexed_model_id or ""
+        try:
+            fields = parse_request(pending_request.args[0], lora=lora, tokenizer=self._tokenizer)
+        except BadRequest:
+            self.bad_requests += 1
+            return None
+        model = fields.model or self._default_model
+        seed = namespace_seed(model, fields.lora, fields.cache_salt) \
+            if (model or fields.lora or fields.cache_salt) else DEFAULT_SEED
+        keyer = self._token_keyer if fields.is_tokens else self._char_keyer
+        keys = keyer.keys(fields.content, seed)
+        prompt_tokens = keyer.prompt_tokens(fields.content)
+        return RouteRequest(keys=keys, prompt_tokens=max(1, prompt_tokens), block_tokens=keyer.block_tokens,
+                            session_id=fields.session_id, output_tokens=fields.max_tokens,
+                            request_id=pending_request.metadata.internal_request_id)
+
+    # -- routing ---------------------------------------------------------------------------
+    def choose_replicas(self, candidate_replicas: list[RunningReplica],
+                        pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
+        if not candidate_replicas:
+            return []
+        if pending_request is not None and pending_request.metadata.multiplexed_model_id:
+            # LoRA: prefer replicas that have the adapter loaded (Serve's own rule).
+            preferred = self.router.apply_multiplex_routing(pending_request=pending_request)
+            if preferred:
+                candidate_replicas = [r for r in candidate_replicas if r.replica_id in preferred] or candidate_replicas
+        now = self._now()
+        self._absorb_stats(candidate_replicas, now)
+        request = self.route_request(pending_request) if pending_request is not None else None
+        if request is None:
+            return [candidate_replicas]
+        by_key = {self._key(r.replica_id): r for r in candidate_replicas}
+        tiers, view = self._core.rank(request, now, candidates=list(by_key))
+        self._remember(request, view.matched_blocks)
+        ranked = [[by_key[k] for k in tier if k in by_key] for tier in tiers]
+        ranked = [tier for tier in ranked if tier]
+        return ranked or [candidate_replicas]
+
+    def _remember(self, request: RouteRequest, matched: dict) -> None:
+        pending = self._pending
+        pending[request.request_id] = (request, matched)
+        pending.move_to_end(request.request_id)
+        while len(pending) > self._options["max_pending"]:
+            pending.popitem(last=False)
+
+    def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result: Any) -> None:
+        entry = self._pending.pop(pending_request.metadata.internal_request_id, None)
+        if entry is None:
+            return
+        request, matched = entry
+        key = self._key(replica_id)
+        if key not in self._core.replicas:
+            return
+        now = self._now()
+        self._core.on_routed(request, key, now, matched_blocks=matched.get(key, 0))
+        self._schedule_first_token(request, key, matched.get(key, 0))
+
+    def _schedule_first_token(self, request: RouteRequest, key: str, matched_blocks: int) -> None:
+        # Serve does not show the router a response's first chunk. Estimate when prefill
+        # ends (the uncached tokens at the profile's prefill rate) and move the request from
+        # "waiting" to "running" then; the engines' own waiting/running reports, applied on
+        # every decision, correct the estimate.
+        profile = self._profile
+        uncached = max(0, request.prompt_tokens - matched_blocks * request.block_tokens)
+        if profile is None:
+            delay = 0.0
+        else:
+            delay = profile.step_overhead_s + uncached * profile.prefill_s_per_token
+        request_id = request.request_id
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self._core.on_first_token(request_id, self._now())
+            return
+        loop.call_later(delay, lambda: self._core.on_first_token(request_id, self._now()))
+
+    def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
+        self._pending.pop(internal_request_id, None)
+        self._core.on_completed(internal_request_id, self._now())
+
+    # -- replicas --------------------------------------------------------------------------
+    def update_replicas(self, replicas: list[RunningReplica]) -> None:
+        """After Serve's own bookkeeping: the core's replica set and capacities."""
+        now = self._now()
+        capacities = {}
+        for r in replicas:
+            blocks = (r.routing_stats or {}).get("num_gpu_blocks")
+            size = (r.routing_stats or {}).get("block_size")
+            if isinstance(blocks, int) and isinstance(size, int) and blocks > 0 and size > 0:
+                capacities[self._key(r.replica_id)] = blocks * size
+        self._core.on_replicas_changed([self._key(r.replica_id) for r in replicas], now, capacity_tokens=capacities)
+        self._absorb_stats(replicas, now)
+        self._update_kv_subscriptions(replicas)
+
+    def on_replica_actor_died(self, replica_id: ReplicaID) -> None:
+        self._core.on_replica_died(self._key(replica_id), self._now())
+
+    def _absorb_stats(self, replicas: list[RunningReplica], now: float) -> None:
+        """Feed each replica's latest ``record_routing_stats`` report to the load view once."""
+        seen = self._stats_seen
+        changed = False
+        for r in replicas:
+            stats = r.routing_stats
+            if not stats:
+                continue
+            key = self._key(r.replica_id)
+            if seen.get(key) == id(stats):
+                continue
+            seen[key] = id(stats)
+            changed = True
+            if isinstance(stats.get("model"), str):
+                self._default_model = stats["model"]
+            usage = stats.get("kv_usage")
+            waiting = stats.get("waiting")
+            running = stats.get("running")
+            self._core.on_engine_report(
+                key, now,
+                kv_usage=float(usage) if isinstance(usage, (int, float)) and math.isfinite(usage) else None,
+                waiting=waiting if isinstance(waiting, int) and waiting >= 0 else None,
+                running=running if isinstance(running, int) and running >= 0 else None)
+        if len(seen) > 4 * max(1, len(self._core.replicas)):
+            live = set(self._core.replicas)
+            for key in [k for k in seen if k not in live]:
+                del seen[key]
+        if changed:  # a new report may carry a (new) KV-event endpoint
+            self._update_kv_subscriptions(list(self.router.curr_replicas.values()))
+
+    def _kv_endpoints(self, replicas: list[RunningReplica]) -> dict[str, dict]:
+        """Replica -> KV-event endpoint spec, from the engines' routing stats."""
+        out = {}
+        for r in replicas:
+            stats = r.routing_stats or {}
+            endpoint = stats.get("kv_events_endpoint")
+            if endpoint:
+                out[self._key(r.replica_id)] = {
+                    "endpoint": endpoint, "replay_endpoint": stats.get("kv_replay_endpoint"),
+                    "block_size": stats.get("block_size", self._options["block_size"]),
+                    "model": stats.get("model", ""), "topic": stats.get("kv_events_topic", "")}
+        return out
+
+    def _update_kv_subscriptions(self, replicas: list[RunningReplica]) -> None:
+        """Subscribe to every replica's KV events (token mode only: the events carry token
+        ids, which key the same as the router's token blocks). Subscribers run on their
+        own threads; ``LoopDelivery`` applies their events on this router's loop."""
+        if not self._options["kv_events"] or self._tokenizer is None:
+            return
+        endpoints = self._kv_endpoints(replicas)
+        if self._kv_hub is None:
+            if not endpoints:
+                return
+            from router.kv_events import KVEventHub, LoopDelivery
+
+            self._kv_delivery = LoopDelivery(self.router._event_loop, self._apply_kv_event)
+            self._kv_hub = KVEventHub(self._kv_delivery)
+        try:
+            self._kv_hub.update(endpoints)
+        except ConfigError as exc:
+            self.kv_endpoint_errors += 1
+            logger.warning("CacheAwareRouter: KV-event subscription failed: %s", exc)
+
+    def _apply_kv_event(self, replica: str, event: Any) -> None:
+        self._core.on_kv_event(replica, event, self._now())
+
+    def kv_event_stats(self) -> dict[str, int]:
+        """Counters of the KV-event subscribers (messages, events, gaps, replayed, ...)."""
+        return self._kv_hub.totals() if self._kv_hub is not None else {}
+
+    @property
+    def core(self) -> RoutingCore:
+        return self._core
