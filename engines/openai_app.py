@@ -174,3 +174,17 @@ def build_app(model_path: str | Path, num_replicas: int = 2,
     engine = VLLMEngineDeployment.options(**options).bind(model_path, **engine_options)
     ingress = OpenAIIngress.options(**ingress_options) if ingress_options else OpenAIIngress
     return ingress.bind(engine, model_name, (model_path,))
+
+
+def app_builder(args: dict) -> Any:
+    """Serve application builder for YAML configs (``import_path:
+    engines.openai_app:app_builder``). ``args``: ``model_path`` (default: the tiny local
+    model, built if needed), ``num_replicas``, ``block_size``, ``max_model_len``. Routing is
+    set per deployment in the YAML's ``deployments`` section (see
+    examples/serve_cache_aware.yaml)."""
+    from engines.tiny_model import build_tiny_model
+
+    args = dict(args or {})
+    model_path = args.pop("model_path", None) or build_tiny_model()
+    engine_options = {k: args.pop(k) for k in ("block_size", "max_model_len") if k in args}
+    return build_app(model_path, num_replicas=int(args.pop("num_replicas", 2)), engine_options=engine_options)
