@@ -186,3 +186,13 @@ def test_a_reset_replica_clears_its_cache_and_the_routers_forget_it():
     assert not cluster.engines["replica-0"].pool.cached
     assert router.tree.replica_blocks("replica-0") == 0
     assert router.tree.replica_blocks("replica-1") > 0
+
+
+def test_cli_simulate_plots_a_ttft_cdf_and_per_replica_series(tmp_path):
+    pytest.importorskip("matplotlib")
+    code = main(["simulate", "--workload", "system-prompts", "--requests", "120", "--replicas", "2",
+                 "--policy", "cache_aware", "--policy", "round_robin", "--plot", str(tmp_path)])
+    assert code == 0
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["replicas_cache_aware.png", "replicas_round_robin.png", "ttft_cdf.png"]
+    assert all((tmp_path / n).read_bytes()[:4] == b"\x89PNG" for n in names)
