@@ -5,10 +5,14 @@ true`` for SSE) and ``GET /v1/models``. The ingress parses and validates the bod
 (malformed JSON, missing ``messages``/``prompt``, bad field types -> 400; unknown
 ``model`` -> 404), takes the session id from the ``x-session-id`` header, else body
 ``session_id``, else ``user``, stores it in the body as ``session_id`` and forwards that
-dict to the engine deployment: ``handle.chat.remote(body)`` or
-``handle.options(stream=True).chat.remote(body)``. Errors found by the engine (prompt
-longer than the context -> 400) come back as ``BadRequest`` and get the same OpenAI error
-body. A request router on the engine deployment therefore sees the body dict as
+dict (as ``engines.protocol.RequestBody``, a dict that also answers ``.messages`` /
+``.prompt``, so Ray's own ``PrefixCacheAffinityRouter`` can route it too) to the engine
+deployment: ``handle.chat.remote(body)`` or ``handle.options(stream=True).chat.remote(body)``.
+When the engine replica dies before anything reached the client (a non-streaming call, or a
+stream before its first chunk), the call is sent again and routed among the live replicas,
+up to ``MAX_ATTEMPTS`` in all; ``GET /kvroute/stats`` counts those retries. Errors found
+by the engine (prompt longer than the context -> 400) come back as ``BadRequest`` and get
+the same OpenAI error body. A request router on the engine deployment therefore sees the body dict as
 ``pending_request.args[0]``.
 
     app = build_app(build_tiny_model(), num_replicas=2,
@@ -30,7 +34,7 @@ from ray.serve.config import RequestRouterConfig
 from ray.serve.handle import DeploymentHandle
 
 from engines.errors import BadRequest, find_bad_request
-from engines.protocol import parse_chat, parse_completion, session_of
+from engines.protocol import RequestBody, parse_chat, parse_completion, session_of
 
 logger = logging.getLogger("kvroute.engines")
 
@@ -39,7 +43,26 @@ logger = logging.getLogger("kvroute.engines")
 #: small machine would pin the same core).
 DEFAULT_ENGINE_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
 
+#: Attempts per request when the engine replica serving it dies before anything was sent
+#: to the client (the first try plus two retries, each routed afresh among live replicas).
+MAX_ATTEMPTS = 3
+
 app = FastAPI(title="kvroute OpenAI ingress")
+
+
+def is_replica_loss(exc: BaseException) -> bool:
+    """Whether ``exc`` says the engine replica went away (its actor died or became
+    unreachable) rather than that the request failed: only then is a retry safe."""
+    from ray.exceptions import ActorUnavailableError, RayActorError
+
+    seen = 0
+    while exc is not None and seen < 8:
+        if isinstance(exc, (RayActorError, ActorUnavailableError)):
+            return True
+        cause = getattr(exc, "cause", None)
+        exc = cause if isinstance(cause, BaseException) else exc.__cause__
+        seen += 1
+    return False
 
 
 def _error(status: int, message: str, param: str | None = None) -> JSONResponse:
@@ -65,6 +88,7 @@ class OpenAIIngress:
         self.engine = engine
         self.model_name = model_name
         self.model_names = {model_name, *model_aliases}
+        self.retries = 0  # requests re-sent after their replica was lost (see ``_call``)
 
     async def _body(self, request: Request) -> dict:
         raw = await request.body()
@@ -93,19 +117,44 @@ class OpenAIIngress:
             body["session_id"] = session
         else:
             body.pop("session_id", None)
+        body = RequestBody(body)
         if not params.stream:
+            return await self._call(method, body)
+        return await self._call_streaming(method, body)
+
+    async def _call(self, method: str, body: RequestBody) -> JSONResponse:
+        """A non-streaming call. Nothing reaches the client before the whole answer, so a
+        replica lost mid-request is retried on another (up to ``MAX_ATTEMPTS``)."""
+        attempt = 1
+        while True:
             try:
-                result = await getattr(self.engine, method).remote(body)
+                return JSONResponse(await getattr(self.engine, method).remote(body))
             except Exception as exc:
+                if attempt >= MAX_ATTEMPTS or not is_replica_loss(exc):
+                    return _from_exception(exc)
+                self.retries += 1
+                logger.warning("replica lost before answering (%s); retry %d", type(exc).__name__, attempt)
+                attempt += 1
+
+    async def _call_streaming(self, method: str, body: RequestBody):
+        """A streaming call: retried on another replica while nothing has been streamed
+        (the first chunk not yet received); once the client has bytes, a lost replica
+        ends the stream with an in-band error instead (a retry would repeat output)."""
+        for attempt in range(1, MAX_ATTEMPTS + 1):
+            gen = getattr(self.engine.options(stream=True), method).remote(body)
+            try:
+                first = await gen.__anext__()
+                break
+            except StopAsyncIteration:
+                first = None
+                break
+            except Exception as exc:
+                if attempt < MAX_ATTEMPTS and is_replica_loss(exc):
+                    self.retries += 1
+                    logger.warning("replica lost before the first chunk (%s); retry %d",
+                                   type(exc).__name__, attempt)
+                    continue
                 return _from_exception(exc)
-            return JSONResponse(result)
-        gen = getattr(self.engine.options(stream=True), method).remote(body)
-        try:
-            first = await gen.__anext__()
-        except StopAsyncIteration:
-            first = None
-        except Exception as exc:
-            return _from_exception(exc)
 
         async def chunks():
             if first is not None:
@@ -141,6 +190,11 @@ class OpenAIIngress:
     @app.get("/health")
     async def health(self):
         return {"status": "ok"}
+
+    @app.get("/kvroute/stats")
+    async def stats(self):
+        """Ingress counters: ``retries`` (requests re-sent after a lost replica)."""
+        return {"retries": self.retries}
 
 
 def build_app(model_path: str | Path, num_replicas: int = 2,

@@ -130,6 +130,9 @@ class EngineRunner:
         self.kv_events_endpoint: str | None = None
         self.kv_replay_endpoint: str | None = None
         self.started_s = 0.0
+        # OpenAI's ``system_fingerprint``: which replica answered (the Serve deployment sets
+        # its replica id), so operators and tests can see where a request was served.
+        self.fingerprint: str | None = None
         self._snapshot = _SchedulerSnapshot()
 
     # -- life cycle ------------------------------------------------------------------------
@@ -321,7 +324,7 @@ class EngineRunner:
             choice = {"index": 0, "text": "".join(text), "logprobs": None, "finish_reason": finish_reason}
             obj = "text_completion"
         return {"id": request_id, "object": obj, "created": created, "model": self.model_name,
-                "choices": [choice], "usage": usage}
+                "system_fingerprint": self.fingerprint, "choices": [choice], "usage": usage}
 
     async def _stream(self, kind: str, request_id: str, stream, include_usage: bool) -> AsyncIterator[str]:
         """SSE chunks; the last content chunk carries ``finish_reason``; a final chunk with
@@ -331,7 +334,8 @@ class EngineRunner:
         created = int(time.time())
         chat = kind == "chat"
         obj = "chat.completion.chunk" if chat else "text_completion"
-        base = {"id": request_id, "object": obj, "created": created, "model": self.model_name}
+        base = {"id": request_id, "object": obj, "created": created, "model": self.model_name,
+                "system_fingerprint": self.fingerprint}
         prompt_tokens = cached = completion_tokens = 0
         first = True
         try:
@@ -390,6 +394,10 @@ class VLLMEngine:
 
     async def __init__(self, model_path: str, **options: Any) -> None:
         self.runner = EngineRunner(model_path, **options)
+        try:
+            self.runner.fingerprint = _serve.get_replica_context().replica_id.to_full_id_str()
+        except Exception:  # noqa: BLE001 - outside a Serve replica (direct use): no fingerprint
+            self.runner.fingerprint = None
         await self.runner.start()
 
     async def chat(self, body: dict):

@@ -59,6 +59,74 @@ def _bench_simulator(args: argparse.Namespace) -> int:
     return 0
 
 
+def _live_options(args: argparse.Namespace):
+    from benchmarks.live_bench import LiveConfig
+    from benchmarks.live_workload import LiveShape
+
+    shape = LiveShape(token_scale=args.token_scale, max_prompt_tokens=args.max_prompt_tokens,
+                      max_output_tokens=args.max_output_tokens)
+    profile = str(Path(args.profile).absolute()) if args.profile and Path(args.profile).is_file() else args.profile
+    live = LiveConfig(replicas=args.replicas, model_path=args.model, block_size=args.block_size,
+                      kv_blocks=args.kv_blocks or None, max_num_seqs=args.max_num_seqs,
+                      max_num_batched_tokens=args.max_batched_tokens, profile=profile, port=args.port)
+    return shape, live
+
+
+def _bench_live(args: argparse.Namespace) -> int:
+    from benchmarks import live_bench
+
+    shape, live = _live_options(args)
+    report = live_bench.run(policies=args.policy or live_bench.DEFAULT_POLICIES, workload=args.workload,
+                            trace=args.trace, requests=args.requests, rate=args.rate, rate_scale=args.rate_scale,
+                            seed=args.seed, shape=shape, live=live,
+                            progress=lambda m: print(m, file=sys.stderr, flush=True))
+    report["command"] = "kvroute " + " ".join(args.argv)
+    print(live_bench.format_table(report))
+    _write_json(args.json, report)
+    return 0
+
+
+def _bench_fidelity(args: argparse.Namespace) -> int:
+    from benchmarks import fidelity
+
+    shape, live = _live_options(args)
+    report = fidelity.run(policies=args.policy or fidelity.DEFAULT_POLICIES, workload=args.workload,
+                          trace=args.trace, requests=args.requests, rate=args.rate, rate_scale=args.rate_scale,
+                          seed=args.seed, shape=shape, live=live, calibrate=not args.profile,
+                          profile_out=args.profile_out, progress=lambda m: print(m, file=sys.stderr, flush=True))
+    report["command"] = "kvroute " + " ".join(args.argv)
+    print(fidelity.format_table(report))
+    _write_json(args.json, report)
+    return 0 if report["all_within_targets"] or not args.check else 1
+
+
+def _add_live_arguments(parser: argparse.ArgumentParser, *, requests: int, rate: float) -> None:
+    parser.add_argument("--replicas", type=_positive_int, default=2, help="vLLM replicas (default 2)")
+    parser.add_argument("--policy", action="append",
+                        help="router (repeatable): a kvroute policy, ray:PrefixCacheAffinityRouter or "
+                             "ray:PowerOfTwoChoicesRequestRouter (Serve's default)")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--workload", default="chat", help="generated workload (default chat)")
+    source.add_argument("--trace", help="a trace file (Mooncake or kvroute JSONL) instead")
+    parser.add_argument("--requests", type=_positive_int, default=requests, help=f"requests (default {requests})")
+    parser.add_argument("--rate", type=float, default=rate, help=f"arrivals per second, generated (default {rate})")
+    parser.add_argument("--rate-scale", type=float, default=1.0, help="trace arrival rate multiplier (default 1)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--token-scale", type=float, default=0.25,
+                        help="segment lengths multiplied by this to fit the tiny model (default 0.25)")
+    parser.add_argument("--max-prompt-tokens", type=_positive_int, default=1536)
+    parser.add_argument("--max-output-tokens", type=_positive_int, default=32)
+    parser.add_argument("--model", help="model directory (default: the tiny local model, built if needed)")
+    parser.add_argument("--block-size", type=_positive_int, default=32, help="KV block size (default 32)")
+    parser.add_argument("--kv-blocks", type=int, default=256,
+                        help="KV cache blocks per replica (default 256; 0: vLLM's own sizing)")
+    parser.add_argument("--max-num-seqs", type=_positive_int, default=16)
+    parser.add_argument("--max-batched-tokens", type=_positive_int, default=2048)
+    parser.add_argument("--profile", help="latency profile (name or JSON) for policies that take one")
+    parser.add_argument("--port", type=int, default=0, help="Serve HTTP port (default: a free one)")
+    parser.add_argument("--json", metavar="PATH", help="write the results as JSON")
+
+
 def _calibrate(args: argparse.Namespace) -> int:
     from simulator.calibrate import fit_profile, measure, write_profile
 
@@ -112,6 +180,18 @@ def build_parser() -> argparse.ArgumentParser:
     simb.add_argument("--seed", type=int, default=0)
     simb.add_argument("--json", metavar="PATH", help="write the results as JSON")
     simb.set_defaults(func=_bench_simulator)
+
+    live = bench_sub.add_parser("live", help="real vLLM replicas on a local Ray cluster, once per router")
+    _add_live_arguments(live, requests=200, rate=8.0)
+    live.set_defaults(func=_bench_live)
+
+    fid = bench_sub.add_parser("fidelity", help="the same requests live and in the simulator, per policy")
+    _add_live_arguments(fid, requests=200, rate=8.0)
+    fid.add_argument("--check", action="store_true", help="exit 1 when a policy misses a fidelity target")
+    fid.add_argument("--profile-out", metavar="PATH",
+                     help="where to write the calibrated profile (default: a temporary file); "
+                          "without --profile, the replicas are calibrated first")
+    fid.set_defaults(func=_bench_fidelity)
 
     from simulator.cli import add_parser as add_simulate
     add_simulate(sub, _positive_int, _write_json)

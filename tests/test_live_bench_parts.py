@@ -1,0 +1,124 @@
+"""The pure parts of ``kvroute bench live`` / ``bench fidelity``: fitting workloads to the tiny
+model, rendering prompts, summarizing outcomes, comparing live and simulated figures.
+(The deployments themselves run in tests/live/test_bench_live.py.)"""
+
+from __future__ import annotations
+
+import pytest
+
+from benchmarks.live_bench import Outcome, summarize
+from benchmarks.live_workload import FALLBACK_WORDS, LiveShape, TextRenderer, fit_for_live
+from simulator.workloads import Segments, SimRequest, WorkloadError, make_workload
+
+
+def _leading_shared_segments(a: SimRequest, b: SimRequest) -> int:
+    n = 0
+    for x, y in zip(a.content, b.content):
+        if x[0] != y[0]:
+            break
+        n += 1
+    return n
+
+
+def test_fitting_scales_segments_keeps_sharing_and_clips():
+    original = list(make_workload("chat", 120, seed=2, rate_per_s=5.0))
+    shape = LiveShape(token_scale=0.25, max_prompt_tokens=400, max_output_tokens=16)
+    fitted = fit_for_live(original, shape)
+    assert [r.request_id for r in fitted] == [r.request_id for r in original]
+    assert [r.arrival_s for r in fitted] == [r.arrival_s for r in original]
+    assert [r.session_id for r in fitted] == [r.session_id for r in original]
+    assert all(r.prompt_tokens <= 400 and r.output_tokens <= 16 for r in fitted)
+    assert any(r.prompt_tokens == 400 for r in fitted)  # long sessions were clipped
+    for before, after in zip(original, fitted):
+        for (sid, n), (sid2, m) in zip(before.content, after.content):
+            assert sid == sid2 and m <= max(1, round(n * 0.25))
+    # Which requests share which leading segments is unchanged, up to the clip.
+    for a, b in zip(original, original[1:]):
+        fa, fb = fitted[a.request_id], fitted[b.request_id]
+        shared = _leading_shared_segments(a, b)
+        assert _leading_shared_segments(fa, fb) == min(shared, len(fa.content), len(fb.content))
+
+
+def test_a_bad_shape_names_its_field():
+    with pytest.raises(WorkloadError, match="token_scale"):
+        LiveShape(token_scale=0)
+    with pytest.raises(WorkloadError, match="max_output_tokens"):
+        LiveShape(max_output_tokens=0)
+
+
+def test_rendered_prompts_share_text_exactly_where_they_share_segments():
+    renderer = TextRenderer()
+    a = SimRequest(0, 0.0, 30, 1, Segments([(7, 20), (8, 10)]))
+    b = SimRequest(1, 0.0, 35, 1, Segments([(7, 20), (9, 15)]))
+    c = SimRequest(2, 0.0, 20, 1, Segments([(11, 20)]))
+    ta, tb, tc = renderer.prompt(a), renderer.prompt(b), renderer.prompt(c)
+    head = renderer.segment_text(7, 20)
+    assert ta.startswith(head) and tb.startswith(head)
+    assert ta[len(head):] != tb[len(head):]
+    assert not tc.startswith(renderer.segment_text(7, 3))  # another segment, other words
+    assert len(head.split()) == 20 and set(head.split()) <= set(FALLBACK_WORDS)
+    # Token-id content is sent as ids, text as is.
+    assert renderer.prompt(SimRequest(3, 0.0, 3, 1, (5, 6, 7))) == [5, 6, 7]
+    assert renderer.prompt(SimRequest(4, 0.0, 3, 1, "plain text")) == "plain text"
+
+
+def test_with_the_tiny_tokenizer_a_segment_of_n_tokens_renders_to_n_tokens(tiny_tokenizer):
+    from benchmarks.live_workload import single_token_words
+
+    renderer = TextRenderer(single_token_words(tiny_tokenizer))
+    for sid, n in ((1, 1), (2, 17), (3, 250)):
+        ids = tiny_tokenizer.encode(renderer.segment_text(sid, n), add_special_tokens=True)
+        assert len(ids) == n
+    # Shared segments give identical leading token ids: what the engines' prefix cache sees.
+    a = tiny_tokenizer.encode(renderer.prompt(SimRequest(0, 0.0, 90, 1, Segments([(5, 64), (6, 26)]))))
+    b = tiny_tokenizer.encode(renderer.prompt(SimRequest(1, 0.0, 90, 1, Segments([(5, 64), (7, 26)]))))
+    assert a[:64] == b[:64] and a[64:] != b[64:]
+
+
+@pytest.fixture(scope="module")
+def tiny_tokenizer():
+    pytest.importorskip("transformers")
+    from transformers import AutoTokenizer
+
+    from engines.tiny_model import build_tiny_model
+
+    return AutoTokenizer.from_pretrained(str(build_tiny_model()))
+
+
+def test_summary_counts_engine_cache_hits_over_successful_requests_only():
+    ok = [Outcome(i, 0.1 * i, sent_s=0.1 * i, ttft_s=0.05 * (i + 1), e2e_s=1.0, prompt_tokens=100,
+                  cached_tokens=60, output_tokens=8, status=200) for i in range(4)]
+    failed = Outcome(9, 1.0, sent_s=1.0, status=500, error="boom", prompt_tokens=100)
+    row = summarize("x", ok + [failed], wall_s=2.0)
+    assert row["completed"] == 4 and row["failed"] == 1 and row["errors"] == ["boom"]
+    assert row["hit_rate"] == pytest.approx(0.6)
+    assert row["prompt_tokens"] == 400
+    assert row["ttft_p50_s"] in {0.1, 0.15}  # the median of 0.05, 0.10, 0.15, 0.20
+    assert row["throughput_rps"] == 2.0 and row["output_tokens_per_s"] == 16.0
+
+
+def test_fidelity_replays_what_was_actually_sent_and_judges_against_the_targets():
+    from benchmarks.fidelity import compare, simulated_requests
+
+    renderer = TextRenderer()
+    requests = [SimRequest(i, float(i), 10, 4, Segments([(i, 10)])) for i in range(3)]
+    outcomes = [Outcome(0, 0.0, sent_s=0.2, ttft_s=0.1, status=200, output_tokens=4),
+                Outcome(1, 1.0, sent_s=0.1, ttft_s=0.1, status=200, output_tokens=4),
+                Outcome(2, 2.0, sent_s=2.0, status=503, error="down")]
+    sim = simulated_requests(requests, outcomes, renderer, tokenizer=_WordTokenizer())
+    assert [r.arrival_s for r in sim] == [0.1, 0.2]  # actual send times, in order
+    assert [r.request_id for r in sim] == [0, 1]
+    assert all(isinstance(r.content, tuple) and r.prompt_tokens == 10 for r in sim)
+    live = {"hit_rate": 0.50, "ttft_p50_s": 0.100, "ttft_p90_s": 0.2, "ttft_p99_s": 0.3, "completed": 2}
+    close = {"hit_rate": 0.515, "ttft_p50_s": 0.120, "ttft_p90_s": 0.2, "ttft_p99_s": 0.3}
+    far = {"hit_rate": 0.53, "ttft_p50_s": 0.130, "ttft_p90_s": 0.2, "ttft_p99_s": 0.3}
+    good, bad = compare("cache_aware", live, close), compare("cache_aware", live, far)
+    assert good["hit_rate_ok"] and good["ttft_p50_ok"] and good["hit_rate_diff_pp"] == 1.5
+    assert not bad["hit_rate_ok"] and not bad["ttft_p50_ok"] and bad["ttft_p50_rel_diff"] == 0.3
+
+
+class _WordTokenizer:
+    """One id per word: enough to check ``simulated_requests`` without a model."""
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return [hash(w) % 500 for w in text.split()]
