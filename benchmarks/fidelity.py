@@ -158,6 +158,12 @@ def run(*, policies: Sequence[str] = DEFAULT_POLICIES, workload: str | None = "c
         "workload": report["workload"], "deployment": report["deployment"], "machine": report["machine"],
         "live": report["results"], "simulated": sims, "comparison": rows,
         "all_within_targets": all(r["hit_rate_ok"] and r["ttft_p50_ok"] for r in rows),
+        # Per policy, per request: [sent_s, ttft_s, e2e_s, prompt_tokens, cached_tokens,
+        # output_tokens] (times None for a failed request), to re-examine the comparison offline.
+        "live_requests": {policy: [[round(o.sent_s, 4), None if o.ttft_s is None else round(o.ttft_s, 4),
+                                    None if o.e2e_s is None else round(o.e2e_s, 4),
+                                    o.prompt_tokens, o.cached_tokens, o.output_tokens] for o in outs]
+                          for policy, outs in report["outcomes"].items()},
         "live_wall_s": round(live_wall, 1),
     }
 

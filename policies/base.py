@@ -291,13 +291,23 @@ def register_policy(name: str) -> Callable[[type[Policy]], type[Policy]]:
     return decorate
 
 
+#: Entry points that failed to load: name -> why. A broken third-party plug-in must not take
+#: down every other policy; asking for it by name raises ``ConfigError`` with this message.
+_BROKEN: dict[str, str] = {}
+
+
 def _load_entry_points() -> None:
     for ep in entry_points(group=ENTRY_POINT_GROUP):
-        if ep.name in _REGISTRY:
+        if ep.name in _REGISTRY or ep.name in _BROKEN:
             continue
-        cls = ep.load()
+        try:
+            cls = ep.load()
+        except Exception as exc:  # noqa: BLE001 - any failure while importing the plug-in
+            _BROKEN[ep.name] = f"entry point {ep.name!r} ({ep.value}) failed to load: {type(exc).__name__}: {exc}"
+            continue
         if not (isinstance(cls, type) and issubclass(cls, Policy)):
-            raise ConfigError("policy", f"entry point {ep.name!r} ({ep.value}) is not a Policy subclass")
+            _BROKEN[ep.name] = f"entry point {ep.name!r} ({ep.value}) is not a Policy subclass"
+            continue
         if not cls.name:
             cls.name = ep.name
         _REGISTRY[ep.name] = cls
@@ -309,6 +319,9 @@ def _load_by_path(path: str) -> type[Policy]:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise UnknownPolicyError("policy", f"cannot import {module_name!r} for {path!r}: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - the module itself failed while importing
+        raise ConfigError("policy", f"importing {module_name!r} for {path!r} failed: "
+                                    f"{type(exc).__name__}: {exc}") from None
     cls = getattr(module, attr, None)
     if not (isinstance(cls, type) and issubclass(cls, Policy)):
         raise UnknownPolicyError("policy", f"{path!r} does not name a Policy subclass")
@@ -328,11 +341,13 @@ def policy_class(name: str) -> type[Policy]:
     _load_entry_points()
     if name in _REGISTRY:
         return _REGISTRY[name]
+    if name in _BROKEN:
+        raise ConfigError("policy", _BROKEN[name])
     raise UnknownPolicyError("policy", f"unknown policy {name!r}; valid: {', '.join(available())}")
 
 
 def available() -> list[str]:
-    """Names of every registered policy (built-ins and entry points), sorted."""
+    """Names of every registered policy (built-ins and entry points that load), sorted."""
     _load_entry_points()
     return sorted(_REGISTRY)
 

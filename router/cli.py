@@ -141,6 +141,14 @@ def _calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from engines.serve_command import serve_forever
+
+    return serve_forever(model=args.model, replicas=args.replicas, policy=args.policy, host=args.host,
+                         port=args.port, block_size=args.block_size, max_model_len=args.max_model_len,
+                         kv_blocks=args.kv_blocks or None, profile=args.profile, address=args.address)
+
+
 def _policies(args: argparse.Namespace) -> int:
     import policies
 
@@ -210,6 +218,20 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--id-min", type=int, default=5, help="smallest token id used in measurement prompts")
     cal.add_argument("--id-max", type=int, default=500, help="token ids are drawn below this")
     cal.set_defaults(func=_calibrate)
+
+    srv = sub.add_parser("serve", help="an OpenAI-compatible app of vLLM replicas behind a router (Ctrl-C stops)")
+    srv.add_argument("--model", help="model directory (default: the tiny local model, built if needed)")
+    srv.add_argument("--replicas", type=_positive_int, default=2, help="vLLM replicas (default 2)")
+    srv.add_argument("--policy", default="cache_aware",
+                     help="kvroute policy, or ray:PrefixCacheAffinityRouter / ray:PowerOfTwoChoicesRequestRouter")
+    srv.add_argument("--host", default="127.0.0.1", help="HTTP host (default 127.0.0.1)")
+    srv.add_argument("--port", type=_positive_int, default=8000, help="HTTP port (default 8000)")
+    srv.add_argument("--block-size", type=_positive_int, default=32, help="KV block size (default 32)")
+    srv.add_argument("--max-model-len", type=_positive_int, default=2048)
+    srv.add_argument("--kv-blocks", type=int, default=0, help="KV blocks per replica (default: vLLM's sizing)")
+    srv.add_argument("--profile", help="latency profile for cache_aware (default for the tiny model: tiny-llama-cpu)")
+    srv.add_argument("--address", help="join this Ray cluster instead of starting one")
+    srv.set_defaults(func=_serve)
 
     pols = sub.add_parser("policies", help="list the registered routing policies")
     pols.set_defaults(func=_policies)

@@ -251,6 +251,20 @@ class RoutingCore:
             return "prefix_hit"
         return "spill" if best else "miss"
 
+    def reserve(self, request: RouteRequest, replica: ReplicaId, matched_blocks: int) -> None:
+        """Count ``request`` on ``replica`` (its likely destination) in the load view now,
+        before the caller confirms with ``on_routed`` (which replaces this accounting) or
+        drops it with ``on_completed``. Ray Serve ranks many concurrent requests before it
+        reports any of them routed; without this, each ranking sees the same stale load and
+        a burst of requests lands on one replica. Load view only (no tree, no session).
+        O(1); needs ``request.request_id``."""
+        if request.request_id is None:
+            return
+        cached_tokens = min(request.prompt_tokens, matched_blocks * request.block_tokens)
+        kv_blocks = math.ceil((request.prompt_tokens + (request.output_tokens or 0)) / request.block_tokens)
+        self.load.on_routed(request.request_id, replica, prompt_tokens=request.prompt_tokens,
+                            uncached_tokens=request.prompt_tokens - cached_tokens, kv_blocks=kv_blocks)
+
     def on_routed(self, request: RouteRequest, replica: ReplicaId, now: float,
                   matched_blocks: int | None = None) -> None:
         """``request`` was sent to ``replica``: learn its prefix (speculatively), pin its

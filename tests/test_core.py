@@ -236,3 +236,18 @@ def test_prehashed_and_char_keyers_are_selectable():
     req = core.make_request([1, 2, 3], prompt_tokens=1400)
     assert len(req.keys) == 3 and req.prompt_tokens == 1400
     assert isinstance(RoutingCore.from_options("random").keyer, CharChunkKeyer)
+
+
+def test_a_reservation_counts_until_the_real_routing_replaces_or_drops_it():
+    core = make_core(replicas=["a", "b"])
+    request = core.make_request("some prompt " * 40, request_id="q1")
+    core.reserve(request, "a", 0)
+    assert core.load.loads["a"].in_flight == 1
+    # Routed elsewhere after all: the reservation moves with it, counted once.
+    core.on_routed(request, "b", 0.0)
+    assert core.load.loads["a"].in_flight == 0 and core.load.loads["b"].in_flight == 1
+    other = core.make_request("another prompt " * 40, request_id="q2")
+    core.reserve(other, "a", 0)
+    core.on_completed("q2", 1.0)  # never routed (cancelled): released
+    assert core.load.loads["a"].in_flight == 0
+    assert core.tree.replica_blocks("a") == 0  # a reservation never teaches the tree

@@ -83,3 +83,30 @@ def test_entry_point_group_registers_a_policy(tmp_path, monkeypatch):
         from policies import base
         base._REGISTRY.pop("first_listed", None)
         sys.modules.pop("thirdparty_ep_pkg", None)
+
+
+def test_a_broken_plug_in_is_named_when_asked_for_and_breaks_nothing_else(tmp_path, monkeypatch):
+    (tmp_path / "broken_ep_pkg.py").write_text("raise RuntimeError('half-installed')\n")
+    (tmp_path / "wrong_ep_pkg.py").write_text("NotAPolicy = 42\n")
+    dist = tmp_path / "broken_ep_pkg-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: broken-ep-pkg\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[kvroute.policies]\nbroken = broken_ep_pkg:Policy\n"
+                                           "not_a_policy = wrong_ep_pkg:NotAPolicy\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    from policies import base
+    try:
+        assert "broken" not in policies.available() and "cache_aware" in policies.available()
+        assert policies.get("round_robin").name == "round_robin"
+        with pytest.raises(ConfigError, match="half-installed") as exc:
+            policies.get("broken")
+        assert exc.value.field == "policy"
+        with pytest.raises(ConfigError, match="not a Policy subclass"):
+            policies.get("not_a_policy")
+        # A module path whose import fails (not with ImportError) is named too.
+        with pytest.raises(ConfigError, match="RuntimeError: half-installed"):
+            policies.get("broken_ep_pkg:Policy")
+    finally:
+        base._BROKEN.pop("broken", None)
+        base._BROKEN.pop("not_a_policy", None)
+        sys.modules.pop("broken_ep_pkg", None)

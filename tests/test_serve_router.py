@@ -37,6 +37,23 @@ class Where:
         return {"kv_usage": 0.1, "waiting": 0, "running": 0}
 
 
+@serve.deployment(num_replicas=3, ray_actor_options={"num_cpus": 0.1})
+class SlowWhere:
+    """``Where`` that takes half a second per request, so a burst overlaps in flight."""
+
+    def __init__(self) -> None:
+        self.replica = serve.get_replica_context().replica_id.unique_id
+
+    async def chat(self, body: dict) -> str:
+        import asyncio
+
+        await asyncio.sleep(0.5)
+        return self.replica
+
+    def record_routing_stats(self) -> dict:
+        return {"kv_usage": 0.1, "waiting": 0, "running": 0}
+
+
 @pytest.fixture(scope="module")
 def cluster():
     os.environ["PYTHONPATH"] = REPO + os.pathsep + os.environ.get("PYTHONPATH", "")
@@ -107,6 +124,17 @@ def test_a_dead_replica_is_purged_and_traffic_continues(cluster):
     served = Counter(handle.chat.remote(body(prefix, i)).result(timeout_s=120) for i in range(1, 20))
     assert first not in served
     assert sum(served.values()) == 19
+
+
+def test_a_burst_of_unrelated_requests_spreads_over_the_replicas(cluster):
+    # Serve ranks every request of a burst before it reports any of them routed; the
+    # router counts each where it ranked it first, so later rankings see the earlier ones.
+    app = SlowWhere.options(name="burst", request_router_config=cache_aware_router_config(policy="cache_aware"))
+    handle = serve.run(app.bind(), name="burst", route_prefix="/burst")
+    handle.chat.remote(body("warm", 0)).result(timeout_s=60)
+    responses = [handle.chat.remote(body(f"unrelated prompt number {i} " * 30, i)) for i in range(12)]
+    served = Counter(r.result(timeout_s=60) for r in responses)
+    assert len(served) == 3 and max(served.values()) <= 6, served
 
 
 def test_the_router_class_survives_serves_pickling_into_a_fresh_process():
