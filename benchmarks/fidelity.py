@@ -25,9 +25,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import policies as registry
 from benchmarks import live_bench
 from benchmarks.live_workload import LiveShape
+from engines.routers import profile_options
 from router.profile import get_profile
 from simulator.cluster import ClusterConfig
 from simulator.run import run_policy
@@ -144,9 +144,7 @@ def run(*, policies: Sequence[str] = DEFAULT_POLICIES, workload: str | None = "c
         policy = live_row["policy"]
         sim_requests = simulated_requests(report["requests"], report["outcomes"][policy], report["renderer"], tokenizer)
         sim_policy = SIM_POLICY.get(policy, policy)
-        takes_profile = "profile" in {f.name for f in dataclasses.fields(registry.policy_class(sim_policy).Config)}
-        options = {"profile": live.profile} if takes_profile else {}
-        sim_row, _, _ = run_policy(sim_requests, config, sim_policy, options)
+        sim_row, _, _ = run_policy(sim_requests, config, sim_policy, profile_options(sim_policy, live.profile))
         sims.append(sim_row)
         rows.append(compare(policy, live_row, sim_row))
     return {

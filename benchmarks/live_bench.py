@@ -20,7 +20,6 @@ defaults; ``ray:PowerOfTwoChoicesRequestRouter`` (alias ``ray:default``) is Serv
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import platform
@@ -37,13 +36,14 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.live_workload import LiveShape, TextRenderer, fit_for_live, single_token_words
+from engines import routers
 from router.errors import ConfigError
+from simulator.calibrate import sse_payloads
 from simulator.metrics import percentile
 from simulator.workloads import SimRequest, ideal_hit_rate, load_trace, make_workload, scale_rate
 
-RAY_PREFIX = "ray:PrefixCacheAffinityRouter"
-RAY_POW2 = "ray:PowerOfTwoChoicesRequestRouter"
-_ALIASES = {"ray:default": RAY_POW2, "ray:pow2": RAY_POW2, "ray:prefix": RAY_PREFIX}
+RAY_PREFIX = routers.RAY_PREFIX
+RAY_POW2 = routers.RAY_POW2
 DEFAULT_POLICIES = ("cache_aware", RAY_PREFIX, RAY_POW2)
 APP_PREFIX = "kvroute-bench"
 ROUTE = "/bench"
@@ -95,24 +95,8 @@ class Outcome:
 
 
 def router_config(policy: str, live: LiveConfig, model_path: str) -> tuple[str, dict | None]:
-    """(canonical router name, ``request_router_config`` or None for Serve's default)."""
-    policy = _ALIASES.get(policy, policy)
-    if policy == RAY_POW2:
-        return policy, None
-    if policy == RAY_PREFIX:
-        return policy, {"request_router_class": "ray.serve.llm.request_router:PrefixCacheAffinityRouter",
-                        "request_routing_stats_period_s": 1.0}
-    if policy.startswith("ray:"):
-        raise ConfigError("policy", f"unknown Ray router {policy!r}; valid: {RAY_PREFIX}, {RAY_POW2}")
-    import policies as policy_registry
-    from router import cache_aware_router_config
-
-    cls = policy_registry.policy_class(policy)  # unknown names fail here, before any deploy
-    # A calibrated profile goes to every policy whose config takes one (cache_aware does).
-    takes_profile = "profile" in {f.name for f in dataclasses.fields(cls.Config)}
-    options = {"profile": live.profile} if live.profile and takes_profile else {}
-    return policy, cache_aware_router_config(policy=policy, policy_options=options, tokenizer=model_path,
-                                             block_size=live.block_size)
+    """``engines.routers.router_config`` for this deployment's block size and profile."""
+    return routers.router_config(policy, model_path=model_path, block_size=live.block_size, profile=live.profile)
 
 
 def load_requests(*, workload: str | None, trace: str | None, count: int, rate: float, rate_scale: float,
@@ -191,13 +175,7 @@ def _post(url: str, body: dict, timeout: float, started: float, outcome: Outcome
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             outcome.status = response.status
-            for raw in response:
-                line = raw.decode("utf-8", "replace").strip()
-                if not line.startswith("data:"):
-                    continue
-                data = line[5:].strip()
-                if data == "[DONE]":
-                    break
+            for data in sse_payloads(response):
                 chunk = json.loads(data)
                 now = time.perf_counter() - started
                 if "error" in chunk:

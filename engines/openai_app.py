@@ -12,8 +12,8 @@ When the engine replica dies before anything reached the client (a non-streaming
 stream before its first chunk), the call is sent again and routed among the live replicas,
 up to ``MAX_ATTEMPTS`` in all; ``GET /kvroute/stats`` counts those retries. Errors found
 by the engine (prompt longer than the context -> 400) come back as ``BadRequest`` and get
-the same OpenAI error body. A request router on the engine deployment therefore sees the body dict as
-``pending_request.args[0]``.
+the same OpenAI error body. A request router on the engine deployment therefore sees the
+body dict as ``pending_request.args[0]``.
 
     app = build_app(build_tiny_model(), num_replicas=2,
                     request_router_config={"request_router_class": "router:CacheAwareRouter"})

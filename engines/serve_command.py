@@ -30,16 +30,15 @@ def serve_forever(*, model: str | None, replicas: int, policy: str, host: str, p
     import ray
     from ray import serve
 
-    from benchmarks.live_bench import LiveConfig, router_config
     from engines.openai_app import build_app
+    from engines.routers import router_config
     from engines.tiny_model import build_tiny_model
 
     model_path = str(Path(model).expanduser().absolute()) if model else str(build_tiny_model())
     if profile is None and not model:
         profile = "tiny-llama-cpu"
-    live = LiveConfig(replicas=replicas, model_path=model_path, block_size=block_size, kv_blocks=kv_blocks,
-                      max_model_len=max_model_len, profile=profile)
-    name, config = router_config(policy, live, model_path)  # a bad policy fails here, before Ray starts
+    # A bad policy fails here, before Ray starts.
+    name, config = router_config(policy, model_path=model_path, block_size=block_size, profile=profile)
 
     stop = threading.Event()
 

@@ -29,7 +29,7 @@ import statistics
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -125,15 +125,22 @@ def _stream(url: str, model: str, prompt: list[int], max_tokens: int, timeout: f
     times: list[float] = []
     started = time.perf_counter()
     with urllib.request.urlopen(req, timeout=timeout) as resp:
-        for raw in resp:
-            line = raw.decode("utf-8", "replace").strip()
-            if not line.startswith("data:"):
-                continue
-            data = line[5:].strip()
-            if data == "[DONE]":
-                break
+        for _ in sse_payloads(resp):
             times.append(time.perf_counter() - started)
     return times
+
+
+def sse_payloads(lines: Iterable[bytes]) -> Iterator[str]:
+    """The ``data:`` payloads of a server-sent-event stream (an HTTP response iterates by
+    line), up to ``[DONE]``; other lines are skipped."""
+    for raw in lines:
+        line = raw.decode("utf-8", "replace").strip()
+        if not line.startswith("data:"):
+            continue
+        data = line[5:].strip()
+        if data == "[DONE]":
+            return
+        yield data
 
 
 def measure(url: str, model: str, *, prefill_lengths: Sequence[int] = (32, 128, 256, 512, 1024),

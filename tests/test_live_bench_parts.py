@@ -122,3 +122,31 @@ class _WordTokenizer:
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return [hash(w) % 500 for w in text.split()]
+
+
+def test_router_names_resolve_before_anything_is_deployed():
+    pytest.importorskip("ray.serve")
+    from engines.routers import RAY_POW2, RAY_PREFIX, router_config
+    from router.errors import ConfigError
+
+    assert router_config("ray:default", model_path="m", block_size=32) == (RAY_POW2, None)
+    name, config = router_config("ray:prefix", model_path="m", block_size=32)
+    assert name == RAY_PREFIX and config["request_router_class"].endswith(":PrefixCacheAffinityRouter")
+    name, config = router_config("cache_aware", model_path="m", block_size=32, profile="tiny-llama-cpu")
+    kwargs = config["request_router_kwargs"]
+    assert config["request_router_class"] == "router:CacheAwareRouter"
+    assert kwargs["policy_options"] == {"profile": "tiny-llama-cpu"} and kwargs["block_size"] == 32
+    # A policy without a profile option gets none, whatever is passed.
+    _, config = router_config("round_robin", model_path="m", block_size=32, profile="tiny-llama-cpu")
+    assert config["request_router_kwargs"]["policy_options"] == {}
+    for bad in ("ray:bogus", "no_such_policy"):
+        with pytest.raises(ConfigError) as exc:
+            router_config(bad, model_path="m", block_size=32)
+        assert exc.value.field == "policy"
+
+
+def test_sse_payloads_stop_at_done_and_skip_other_lines():
+    from simulator.calibrate import sse_payloads
+
+    lines = [b": keep-alive\n", b"data: {\"a\": 1}\n", b"\n", b"event: x\n", b"data: [DONE]\n", b"data: late\n"]
+    assert list(sse_payloads(lines)) == ['{"a": 1}']
