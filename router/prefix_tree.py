@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import heapq
 import math
+import sys
 from collections.abc import Hashable, Iterable, Sequence
 from heapq import merge
 from itertools import chain, islice
@@ -86,6 +87,9 @@ class _ReplicaBlocks:
 
 
 _TIME = itemgetter(1)
+#: A 64-bit key as a Python int: a 24-byte header and three 30-bit digits, rounded up by
+#: the allocator.
+_KEY_OBJECT_BYTES = sys.getsizeof(1 << 63) + 4
 
 
 def _check_capacity(capacity: int, field: str = "tree.capacity_blocks") -> int:
@@ -208,6 +212,17 @@ class PrefixTree:
                     "evicted": 0, "expired": 0}
         return {"blocks": len(rb), "speculative": len(rb.spec), "capacity": rb.capacity,
                 "evicted": rb.evicted, "expired": rb.expired}
+
+    def replica_bytes(self, replica: ReplicaId) -> int:
+        """Memory of ``replica``'s own entries (its two LRU dicts; the key and time objects
+        are shared with the block map and the clock). O(1)."""
+        rb = self._replicas.get(replica)
+        return sys.getsizeof(rb.spec) + sys.getsizeof(rb.conf) if rb is not None else 0
+
+    def shared_bytes(self) -> int:
+        """Memory of the block map shared by all replicas: the dict plus one 64-bit key
+        object per block (masks above 256 add one small int each, not counted). O(1)."""
+        return sys.getsizeof(self._owners) + len(self._owners) * _KEY_OBJECT_BYTES
 
     def __len__(self) -> int:
         """Distinct blocks in the tree (nodes)."""

@@ -23,6 +23,7 @@ from policies.base import RouteRequest
 from router.core import RoutingCore
 from router.errors import ConfigError
 from router.keys import DEFAULT_SEED, CharChunkKeyer, TokenBlockKeyer, namespace_seed
+from router.metrics import FLUSH_INTERVAL_S, ReplicaSnapshot, RouterMetrics, RouterSnapshot
 from router.requests import BadRequest, parse_request
 
 from ray.serve.request_router import PendingRequest, ReplicaID, RunningReplica
@@ -33,6 +34,7 @@ logger = logging.getLogger("ray.serve")
 ROUTER_OPTIONS = ("policy", "policy_options", "tokenizer", "block_size", "chunk_chars", "kv_events",
                   "max_pending")
 MAX_PENDING = 10_000
+_FALLBACK = object()  # in a pending entry's session slot: the policy ranked no candidate
 
 
 def _validate(kwargs: Mapping[str, Any]) -> tuple[RoutingCore, dict[str, Any]]:
@@ -110,7 +112,9 @@ class RouterState:
         self._tokenizer = _load_tokenizer(own["tokenizer"]) if own.get("tokenizer") else None
         self._token_keyer = TokenBlockKeyer(own["block_size"])
         self._char_keyer = CharChunkKeyer(own["chunk_chars"])
-        self._pending: OrderedDict[str, tuple[RouteRequest, dict]] = OrderedDict()
+        # request id -> (request, matched blocks per replica, session replica, seconds
+        # the decision took), from ranking until Serve reports where it sent the request.
+        self._pending: OrderedDict[str, tuple[RouteRequest, dict, Any, float]] = OrderedDict()
         self._stats_seen: dict[str, int] = {}
         self._kv_hub = None
         self._kv_delivery = None
@@ -120,6 +124,10 @@ class RouterState:
         # for it, and its KV events are keyed in its namespace.
         self._default_model = ""
         self._profile = getattr(core.policy, "profile", None)
+        policy = own.get("policy", "cache_aware")
+        self.metrics = RouterMetrics(policy if isinstance(policy, str) else type(policy).__name__)
+        self._engine_prefix: dict[str, tuple[int, int]] = {}  # replica -> engine's (queries, hits)
+        self._flush_scheduled = False
 
     # -- time and ids ----------------------------------------------------------------------
     @staticmethod
@@ -156,6 +164,8 @@ class RouterState:
                         pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
         if not candidate_replicas:
             return []
+        started = time.perf_counter()
+        self._schedule_metrics_flush()
         if pending_request is not None and pending_request.metadata.multiplexed_model_id:
             # LoRA: prefer replicas that have the adapter loaded (Serve's own rule).
             preferred = self.router.apply_multiplex_routing(pending_request=pending_request)
@@ -165,12 +175,16 @@ class RouterState:
         self._absorb_stats(candidate_replicas, now)
         request = self.route_request(pending_request) if pending_request is not None else None
         if request is None:
+            self.metrics.record_decision("fallback", None)
             return [candidate_replicas]
         by_key = {self._key(r.replica_id): r for r in candidate_replicas}
         tiers, view = self._core.rank(request, now, candidates=list(by_key))
-        self._remember(request, view.matched_blocks)
         ranked = [[by_key[k] for k in tier if k in by_key] for tier in tiers]
         ranked = [tier for tier in ranked if tier]
+        # A request the policy did not rank (no candidate in its tiers) still goes out
+        # among all candidates and is learned once routed: its outcome is "fallback".
+        self._remember(request, view.matched_blocks, view.session_replica if ranked else _FALLBACK,
+                       time.perf_counter() - started)
         if ranked:
             # Serve sends to the first tier (fewest in flight inside it): count the request
             # there now, so the rankings of requests arriving before it is reported routed
@@ -181,26 +195,31 @@ class RouterState:
             self._core.reserve(request, top_key, view.matched_blocks.get(top_key, 0))
         return ranked or [candidate_replicas]
 
-    def _remember(self, request: RouteRequest, matched: dict) -> None:
+    def _remember(self, request: RouteRequest, matched: dict, session_replica: Any, latency_s: float) -> None:
         pending = self._pending
-        pending[request.request_id] = (request, matched)
+        pending[request.request_id] = (request, matched, session_replica, latency_s)
         pending.move_to_end(request.request_id)
         while len(pending) > self._options["max_pending"]:
-            dropped, _ = pending.popitem(last=False)
+            dropped, _entry = pending.popitem(last=False)
             self._core.load.on_completed(dropped)  # never routed: release its reservation
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result: Any) -> None:
         entry = self._pending.pop(pending_request.metadata.internal_request_id, None)
         if entry is None:
             return
-        request, matched = entry
+        request, matched, session_replica, latency_s = entry
         key = self._key(replica_id)
         if key not in self._core.replicas:
             self._core.load.on_completed(request.request_id)  # release the reservation
             return
         now = self._now()
-        self._core.on_routed(request, key, now, matched_blocks=matched.get(key, 0))
-        self._schedule_first_token(request, key, matched.get(key, 0))
+        chosen = matched.get(key, 0)
+        self._core.on_routed(request, key, now, matched_blocks=chosen)
+        self._schedule_first_token(request, key, chosen)
+        outcome = "fallback" if session_replica is _FALLBACK else \
+            RoutingCore._outcome(key, chosen, max(matched.values(), default=0), session_replica)
+        self.metrics.record_decision(outcome, latency_s, request.prompt_tokens,
+                                     min(request.prompt_tokens, chosen * request.block_tokens))
 
     def _schedule_first_token(self, request: RouteRequest, key: str, matched_blocks: int) -> None:
         # Serve does not show the router a response's first chunk. Estimate when prefill
@@ -257,6 +276,9 @@ class RouterState:
             changed = True
             if isinstance(stats.get("model"), str):
                 self._default_model = stats["model"]
+            queries, hits = stats.get("prefix_cache_queries"), stats.get("prefix_cache_hits")
+            if isinstance(queries, int) and isinstance(hits, int) and 0 <= hits <= queries:
+                self._engine_prefix[key] = (queries, hits)
             usage = stats.get("kv_usage")
             waiting = stats.get("waiting")
             running = stats.get("running")
@@ -269,6 +291,7 @@ class RouterState:
             live = set(self._core.replicas)
             for key in [k for k in seen if k not in live]:
                 del seen[key]
+                self._engine_prefix.pop(key, None)
         if changed:  # a new report may carry a (new) KV-event endpoint
             self._update_kv_subscriptions(list(self.router.curr_replicas.values()))
 
@@ -311,6 +334,57 @@ class RouterState:
     def kv_event_stats(self) -> dict[str, int]:
         """Counters of the KV-event subscribers (messages, events, gaps, replayed, ...)."""
         return self._kv_hub.totals() if self._kv_hub is not None else {}
+
+    # -- metrics ---------------------------------------------------------------------------
+    def _schedule_metrics_flush(self) -> None:
+        """Flush the metrics every ``FLUSH_INTERVAL_S`` on this router's loop (started by
+        the first decision: a router that never routes exports nothing)."""
+        if self._flush_scheduled:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        self._flush_scheduled = True
+        loop.call_later(FLUSH_INTERVAL_S, self._flush_metrics_periodically)
+
+    def _flush_metrics_periodically(self) -> None:
+        try:
+            self.flush_metrics()
+        except Exception:  # noqa: BLE001 - metrics must never take the router down
+            logger.exception("CacheAwareRouter: metrics flush failed")
+        asyncio.get_running_loop().call_later(FLUSH_INTERVAL_S, self._flush_metrics_periodically)
+
+    def metrics_snapshot(self) -> RouterSnapshot:
+        """The core's state for the metrics: O(replicas)."""
+        core = self._core
+        tree = core.tree
+        now = self._now()
+        kv_stats = self._kv_hub.stats() if self._kv_hub is not None else {}
+        replicas = {}
+        for replica in core.replicas:
+            tree_stats = tree.stats(replica)
+            load = core.load.loads.get(replica)
+            engine = self._engine_prefix.get(replica)
+            lag = (kv_stats.get(replica) or {}).get("lag_s")
+            replicas[replica] = ReplicaSnapshot(
+                tree_blocks=tree_stats["blocks"], tree_speculative=tree_stats["speculative"],
+                tree_bytes=tree.replica_bytes(replica), tree_evicted=tree_stats["evicted"],
+                in_flight=load.in_flight if load else 0,
+                waiting_prefill_tokens=load.waiting_prefill_tokens if load else 0,
+                engine_kv_usage=load.engine_kv_usage if load else None,
+                engine_report_age_s=load.report_age(now) if load else None,
+                prefix_cache_queries=engine[0] if engine else None,
+                prefix_cache_hits=engine[1] if engine else None,
+                kv_event_lag_s=lag if isinstance(lag, (int, float)) else None)
+        down = sum(1 for row in kv_stats.values() if row.get("stream_down"))
+        return RouterSnapshot(replicas=replicas, tree_shared_bytes=tree.shared_bytes(), sessions=len(core.sessions),
+                              session_evictions=core.sessions.evicted, kv_events=self.kv_event_stats(),
+                              kv_streams_down=down, bad_requests=self.bad_requests)
+
+    def flush_metrics(self) -> None:
+        """Export what was recorded since the last flush (also called by tests)."""
+        self.metrics.flush(self.metrics_snapshot())
 
     @property
     def core(self) -> RoutingCore:

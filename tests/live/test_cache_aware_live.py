@@ -20,6 +20,17 @@ pytest.importorskip("zmq", reason="live tests need pyzmq")
 pytestmark = pytest.mark.live
 
 APP = "kvroute-cache-aware"
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+METRICS_PORT = _free_port()  # the node's Prometheus endpoint (Ray's metrics agent)
 BLOCK = 32
 SYSTEM = ("You are the assistant of a cache-aware router test; answer briefly and politely. " * 8).strip()
 
@@ -32,7 +43,7 @@ def service(tiny_model_path):
     from engines.openai_app import build_app
     from router import cache_aware_router_config
 
-    ray.init(num_cpus=16, include_dashboard=False, ignore_reinit_error=True,
+    ray.init(num_cpus=16, include_dashboard=False, ignore_reinit_error=True, _metrics_export_port=METRICS_PORT,
              runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).parents[2])}})
     config = cache_aware_router_config(policy="cache_aware", tokenizer=str(tiny_model_path), block_size=BLOCK)
     serve.run(build_app(tiny_model_path, num_replicas=2, request_router_config=config,
@@ -131,3 +142,60 @@ def test_calibrate_fits_a_profile_on_the_live_replicas_that_the_simulator_loads(
     row, _, _ = run_policy(list(make_workload("chat", 60, seed=1, rate_per_s=5.0)),
                            ClusterConfig(replicas=2, block_size=32, kv_blocks=900, profile=loaded), "cache_aware")
     assert row["completed"] == 60 and row["ttft_p50_s"] > 0
+
+
+def _scrape() -> dict[str, float]:
+    """The node's Prometheus endpoint: series name{labels} -> value, kvroute's only."""
+    import urllib.request
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{METRICS_PORT}/metrics", timeout=10).read().decode()
+    out = {}
+    for line in text.splitlines():
+        if line.startswith("ray_kvroute_"):
+            series, value = line.rsplit(" ", 1)
+            out[series] = float(value)
+    return out
+
+
+def _total(scraped: dict[str, float], name: str, **labels: str) -> float:
+    return sum(v for series, v in scraped.items() if series.split("{", 1)[0] == name
+               and all(f'{k}="{w}"' in series for k, w in labels.items()))
+
+
+def test_metrics_reach_rays_prometheus_endpoint_after_real_requests(service):
+    from router.metrics import all_prometheus_series
+
+    before = _scrape()
+    sessions_before = _total(before, "ray_kvroute_router_decisions_total", outcome="session")
+    messages = [{"role": "system", "content": SYSTEM}]
+    turns = 6
+    for turn in range(turns):
+        messages.append({"role": "user", "content": f"metrics turn {turn}, tell me about block reuse " * 2})
+        out, _, _ = ask(service, messages, session="metrics-session", max_tokens=4)
+        messages.append({"role": "assistant", "content": out["choices"][0]["message"]["content"]})
+    # Flushed every 2 s by the router, exported every few seconds by Ray's metrics agent.
+    deadline = time.monotonic() + 120
+    scraped = {}
+    while time.monotonic() < deadline:
+        scraped = _scrape()
+        if (_total(scraped, "ray_kvroute_router_decisions_total", outcome="session") - sessions_before >= turns - 1
+                and _total(scraped, "ray_kvroute_router_achieved_hit_ratio") > 0
+                and _total(scraped, "ray_kvroute_kv_events_total") > 0):
+            break
+        time.sleep(3)
+    names = {series.split("{", 1)[0] for series in scraped}
+    # Every series Ray serves is one the dashboard and docs know by that exact name.
+    assert names <= all_prometheus_series(), sorted(names - all_prometheus_series())
+    # Every turn after the first follows its session (the first one had none yet).
+    assert _total(scraped, "ray_kvroute_router_decisions_total", outcome="session") - sessions_before >= turns - 1
+    assert _total(scraped, "ray_kvroute_router_decision_latency_us_count") >= turns
+    # The router expected cached tokens, and the engines confirm they hit their cache.
+    assert _total(scraped, "ray_kvroute_router_predicted_cached_tokens_total") > 0
+    assert _total(scraped, "ray_kvroute_engine_prefix_cache_hits") > 0
+    assert _total(scraped, "ray_kvroute_router_achieved_hit_ratio") > 0
+    assert _total(scraped, "ray_kvroute_kv_events_total") > 0
+    assert _total(scraped, "ray_kvroute_kv_event_malformed_total") == 0
+    assert _total(scraped, "ray_kvroute_router_tree_blocks") > 0
+    assert _total(scraped, "ray_kvroute_router_sessions") >= 1
+    # No label carries the session id (bounded cardinality, and no id in clear).
+    assert not any("metrics-session" in series for series in scraped)
