@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import os
 import time
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -83,6 +84,8 @@ def _load_tokenizer(path: str):
         from transformers import AutoTokenizer
     except ImportError:
         raise ConfigError("tokenizer", "needs the transformers package (installed with vLLM)") from None
+    if path.startswith("~"):  # a local path written for any user (YAML configs)
+        path = os.path.expanduser(path)
     try:
         return AutoTokenizer.from_pretrained(path)
     except Exception as exc:  # noqa: BLE001 - any load failure is a configuration error

