@@ -1,14 +1,18 @@
 # Everything a fresh machine needs, starting from Python and pip.
-#   make demo   the main job: set up, then simulate the embedded default workload through
-#               every routing policy (table, results/simulate.json, plots in results/plots)
-#   make test   set up, then run the whole test suite
-#   make bench  the router benchmark against Ray's PrefixTree, and the simulator benchmark
+#   make demo      the main job, live: two vLLM CPU replicas of the tiny local model on a
+#                  local Ray cluster; the same multi-turn requests under kvroute's
+#                  cache_aware and Serve's default router; the engines' hit rates and TTFT
+#                  side by side (results/demo.json); everything shut down after
+#   make simulate  simulate the embedded default workload through every routing policy
+#                  (table, results/simulate.json, plots in results/plots)
+#   make test      set up, then run the whole test suite
+#   make bench     the router benchmark against Ray's PrefixTree, and the simulator benchmark
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check -q
 
-.PHONY: demo test bench clean
+.PHONY: demo simulate test bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -26,7 +30,7 @@ $(VENV)/.plot: pyproject.toml | $(PY)
 	$(PIP) install -e ".[plot]"
 	touch $@
 
-demo: $(VENV)/.plot
+simulate: $(VENV)/.plot
 	$(VENV)/bin/kvroute simulate --json results/simulate.json --plot results/plots
 
 # The suite runs real Ray Serve clusters and real vLLM CPU engines (tests/live), so the
@@ -39,6 +43,9 @@ $(VENV)/.live: pyproject.toml | $(PY)
 
 test: $(VENV)/.live
 	$(PY) -m pytest
+
+demo: $(VENV)/.live
+	$(VENV)/bin/kvroute demo --json results/demo.json
 
 bench: $(VENV)/.serve
 	$(VENV)/bin/kvroute bench router --json results/bench_router.json

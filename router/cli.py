@@ -66,6 +66,8 @@ def _live_options(args: argparse.Namespace):
     shape = LiveShape(token_scale=args.token_scale, max_prompt_tokens=args.max_prompt_tokens,
                       max_output_tokens=args.max_output_tokens)
     profile = str(Path(args.profile).absolute()) if args.profile and Path(args.profile).is_file() else args.profile
+    if profile is None and not args.model:
+        profile = "tiny-llama-cpu"  # the built-in profile measured on the tiny model's CPU engines
     live = LiveConfig(replicas=args.replicas, model_path=args.model, block_size=args.block_size,
                       kv_blocks=args.kv_blocks or None, max_num_seqs=args.max_num_seqs,
                       max_num_batched_tokens=args.max_batched_tokens, profile=profile, port=args.port)
@@ -84,6 +86,29 @@ def _bench_live(args: argparse.Namespace) -> int:
     print(live_bench.format_table(report))
     _write_json(args.json, report)
     return 0
+
+
+DEMO_POLICIES = ("cache_aware", "ray:pow2")
+
+
+def _demo(args: argparse.Namespace) -> int:
+    """The main job: the same multi-turn requests, live, under kvroute and Serve's default."""
+    from benchmarks import live_bench
+
+    shape, live = _live_options(args)
+    policies = args.policy or list(DEMO_POLICIES)
+    print(f"kvroute demo: {live.replicas} vLLM CPU replicas of the tiny local model on a local Ray cluster, "
+          f"{args.requests} requests of the {args.workload or args.trace} workload, once per router: "
+          + ", ".join(policies), file=sys.stderr, flush=True)
+    report = live_bench.run(policies=policies, workload=args.workload, trace=args.trace, requests=args.requests,
+                            rate=args.rate, rate_scale=args.rate_scale, seed=args.seed, shape=shape, live=live,
+                            progress=lambda m: print(m, file=sys.stderr, flush=True))
+    report["command"] = "kvroute " + " ".join(args.argv)
+    print(live_bench.format_table(report))
+    _write_json(args.json, report)
+    rows = report["results"]
+    failed = sum(r["failed"] for r in rows)
+    return 0 if failed == 0 else 1
 
 
 def _bench_fidelity(args: argparse.Namespace) -> int:
@@ -232,6 +257,11 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--profile", help="latency profile for cache_aware (default for the tiny model: tiny-llama-cpu)")
     srv.add_argument("--address", help="join this Ray cluster instead of starting one")
     srv.set_defaults(func=_serve)
+
+    demo = sub.add_parser("demo", help="live: the same multi-turn requests under cache_aware and Serve's "
+                                       "default router, engines' hit rates and TTFT side by side")
+    _add_live_arguments(demo, requests=120, rate=6.0)
+    demo.set_defaults(func=_demo)
 
     pols = sub.add_parser("policies", help="list the registered routing policies")
     pols.set_defaults(func=_policies)

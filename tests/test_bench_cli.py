@@ -48,3 +48,11 @@ def test_cli_lists_policies(capsys):
     assert cli.main(["policies"]) == 0
     out = capsys.readouterr().out
     assert "cache_aware" in out and "sglang" in out
+
+
+def test_demo_rejects_a_bad_router_before_starting_anything(capsys):
+    # Every router name is validated before Ray starts or any replica is deployed.
+    code = cli.main(["demo", "--policy", "cache_aware", "--policy", "nope"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "unknown policy 'nope'" in err
