@@ -150,3 +150,39 @@ def test_sse_payloads_stop_at_done_and_skip_other_lines():
 
     lines = [b": keep-alive\n", b"data: {\"a\": 1}\n", b"\n", b"event: x\n", b"data: [DONE]\n", b"data: late\n"]
     assert list(sse_payloads(lines)) == ['{"a": 1}']
+
+
+def test_load_calibration_adds_the_median_ttft_the_model_misses_at_the_operating_point(tiny_tokenizer):
+    """Live TTFTs a known margin above what the fitted profile simulates for the same
+    requests: the calibrated overhead grows by that margin (and a live run faster than the
+    model never drives it below zero)."""
+    import dataclasses
+
+    from benchmarks import fidelity
+    from benchmarks.live_bench import LiveConfig, load_requests
+    from benchmarks.live_workload import LiveShape, TextRenderer, single_token_words
+    from engines.tiny_model import build_tiny_model
+    from router.profile import get_profile
+
+    live = LiveConfig(replicas=2)
+    model_path = str(build_tiny_model())
+    profile = get_profile("tiny-llama-cpu")
+    requests = load_requests(workload="chat", trace=None, count=30, rate=4.0, rate_scale=1.0, seed=3,
+                             shape=LiveShape())
+    renderer = TextRenderer(single_token_words(tiny_tokenizer))
+
+    def outcomes(ttft_s):
+        return [Outcome(r.request_id, r.arrival_s, sent_s=r.arrival_s, ttft_s=ttft_s, status=200,
+                        output_tokens=r.output_tokens) for r in requests]
+
+    # First, what the profile predicts for these requests (the same helper's simulation).
+    _, probe = fidelity._fit_load_overhead(dataclasses.replace(profile, request_overhead_s=0.0), live, model_path,
+                                           requests, outcomes(10.0), renderer)
+    predicted = probe["sim_ttft_p50_s_before"]
+    margin = 0.037
+    tuned, report = fidelity._fit_load_overhead(profile, live, model_path, requests,
+                                                outcomes(predicted + profile.request_overhead_s + margin), renderer)
+    assert report["applied"] and report["requests"] == len(requests)
+    assert tuned.request_overhead_s == pytest.approx(profile.request_overhead_s + margin, abs=2e-3)
+    faster, _ = fidelity._fit_load_overhead(profile, live, model_path, requests, outcomes(0.0001), renderer)
+    assert faster.request_overhead_s == 0.0
