@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +66,11 @@ def is_replica_loss(exc: BaseException) -> bool:
     return False
 
 
+#: Larger bodies get a 413 before they are parsed: a million-token prompt is about 4 MB of
+#: JSON, so this leaves room while bounding what one request can make the ingress hold.
+MAX_BODY_BYTES = 32 * 1024 * 1024
+
+
 def _error(status: int, message: str, param: str | None = None) -> JSONResponse:
     return JSONResponse(BadRequest(status, message, param=param).to_openai(), status_code=status)
 
@@ -73,9 +79,16 @@ def _from_exception(exc: BaseException) -> JSONResponse:
     bad = find_bad_request(exc)
     if bad is not None:
         return JSONResponse(bad.to_openai(), status_code=bad.status)
-    logger.exception("engine call failed")
-    return JSONResponse({"error": {"message": f"internal error: {type(exc).__name__}: {exc}",
-                                   "type": "internal_error", "param": None, "code": 500}}, status_code=500)
+    return JSONResponse(_internal_error(exc), status_code=500)
+
+
+def _internal_error(exc: BaseException) -> dict:
+    """An OpenAI error body for an unexpected failure. The client gets an id to quote, not
+    the exception's text (which can carry engine internals); the log has the details."""
+    error_id = uuid.uuid4().hex[:12]
+    logger.error("engine call failed [error id %s]", error_id, exc_info=exc)
+    return {"error": {"message": f"internal error (id {error_id}): the engine call failed; the server log has "
+                                 "the details", "type": "internal_error", "param": None, "code": 500}}
 
 
 @serve.deployment(name="OpenAIIngress", ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=256)
@@ -84,6 +97,8 @@ class OpenAIIngress:
     """HTTP front end; ``engine`` is the engine deployment's handle, ``model_name`` the
     served model's name (checked here so an unknown model costs no routing)."""
 
+    max_body_bytes = MAX_BODY_BYTES
+
     def __init__(self, engine: DeploymentHandle, model_name: str, model_aliases: tuple[str, ...] = ()) -> None:
         self.engine = engine
         self.model_name = model_name
@@ -91,11 +106,22 @@ class OpenAIIngress:
         self.retries = 0  # requests re-sent after their replica was lost (see ``_call``)
 
     async def _body(self, request: Request) -> dict:
-        raw = await request.body()
+        declared = request.headers.get("content-length")
+        limit = self.max_body_bytes
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise BadRequest(413, f"request body too large: {declared} bytes (limit {limit})")
+        raw = bytearray()
+        async for part in request.stream():  # chunked bodies have no length: count as they come
+            raw += part
+            if len(raw) > limit:
+                raise BadRequest(413, f"request body too large (limit {limit} bytes)")
+        raw = bytes(raw)
         try:
             body = json.loads(raw)
         except (ValueError, UnicodeDecodeError) as exc:
             raise BadRequest(400, f"request body is not valid JSON: {exc}") from exc
+        except RecursionError:  # e.g. 100,000 '[': the decoder recurses once per level
+            raise BadRequest(400, "request body is not valid JSON: nested too deeply") from None
         if not isinstance(body, dict):
             raise BadRequest(400, f"request body must be a JSON object, got {type(body).__name__}")
         return body
@@ -164,8 +190,7 @@ class OpenAIIngress:
                     yield chunk
             except Exception as exc:  # after the status line: report in-band, then end
                 bad = find_bad_request(exc)
-                error = bad.to_openai() if bad is not None else {
-                    "error": {"message": f"internal error: {exc}", "type": "internal_error", "code": 500}}
+                error = bad.to_openai() if bad is not None else _internal_error(exc)
                 yield f"data: {json.dumps(error)}\n\n"
                 yield "data: [DONE]\n\n"
 

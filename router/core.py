@@ -261,7 +261,7 @@ class RoutingCore:
         if request.request_id is None:
             return
         cached_tokens = min(request.prompt_tokens, matched_blocks * request.block_tokens)
-        kv_blocks = math.ceil((request.prompt_tokens + (request.output_tokens or 0)) / request.block_tokens)
+        kv_blocks = _ceil_div(request.prompt_tokens + (request.output_tokens or 0), request.block_tokens)
         self.load.on_routed(request.request_id, replica, prompt_tokens=request.prompt_tokens,
                             uncached_tokens=request.prompt_tokens - cached_tokens, kv_blocks=kv_blocks)
 
@@ -281,7 +281,7 @@ class RoutingCore:
         if request.session_id:
             self.sessions.put(request.session_id, replica, now)
         cached_tokens = min(request.prompt_tokens, matched_blocks * request.block_tokens)
-        kv_blocks = math.ceil((request.prompt_tokens + (request.output_tokens or 0)) / request.block_tokens)
+        kv_blocks = _ceil_div(request.prompt_tokens + (request.output_tokens or 0), request.block_tokens)
         if request.request_id is not None:
             self.load.on_routed(request.request_id, replica, prompt_tokens=request.prompt_tokens,
                                 uncached_tokens=request.prompt_tokens - cached_tokens, kv_blocks=kv_blocks)
@@ -332,6 +332,12 @@ class RoutingCore:
         self.load.check_invariants()
         assert set(self.load.loads) == set(self._replicas)
         assert set(self.tree.replicas) >= set(self._replicas)
+
+
+def _ceil_div(a: int, b: int) -> int:
+    """Integer ceiling division: exact for any int (float division overflows past 1e308,
+    e.g. a client's absurd ``max_tokens``)."""
+    return -(-a // b)
 
 
 def _valid_keys(keys: Any) -> bool:

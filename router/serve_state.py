@@ -149,17 +149,28 @@ class RouterState:
         lora = pending_request.metadata.multiplexed_model_id or ""
         try:
             fields = parse_request(pending_request.args[0], lora=lora, tokenizer=self._tokenizer)
+            model = fields.model or self._default_model
+            namespaced = bool(model or fields.lora or fields.cache_salt)
+            seed = namespace_seed(model, fields.lora, fields.cache_salt) if namespaced else DEFAULT_SEED
+            keyer = self._token_keyer if fields.is_tokens else self._char_keyer
+            keys = keyer.keys(fields.content, seed)
+            prompt_tokens = keyer.prompt_tokens(fields.content)
         except BadRequest:
             self.bad_requests += 1
             return None
-        model = fields.model or self._default_model
-        seed = namespace_seed(model, fields.lora, fields.cache_salt) \
-            if (model or fields.lora or fields.cache_salt) else DEFAULT_SEED
-        keyer = self._token_keyer if fields.is_tokens else self._char_keyer
-        keys = keyer.keys(fields.content, seed)
-        prompt_tokens = keyer.prompt_tokens(fields.content)
+        except Exception as exc:  # noqa: BLE001 - a body the router cannot read must not fail routing
+            self.bad_requests += 1
+            # The type only: the exception's text may quote the body (a session id, a prompt).
+            logger.warning("CacheAwareRouter: could not read a request body (%s); Serve routes it unranked",
+                           type(exc).__name__)
+            return None
+        session = fields.session_id
+        if session and (fields.lora or fields.cache_salt):
+            # Sessions are per tenant: the same id under another adapter or salt is another
+            # conversation, and must not steer (or be steered by) this tenant's traffic.
+            session = f"{seed:016x}:{session}"
         return RouteRequest(keys=keys, prompt_tokens=max(1, prompt_tokens), block_tokens=keyer.block_tokens,
-                            session_id=fields.session_id, output_tokens=fields.max_tokens,
+                            session_id=session, output_tokens=fields.max_tokens,
                             request_id=pending_request.metadata.internal_request_id)
 
     # -- routing ---------------------------------------------------------------------------
