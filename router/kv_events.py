@@ -17,7 +17,9 @@ Three layers, each usable alone:
     into ``BlocksStored`` / ``BlocksRemoved`` / ``AllBlocksCleared`` with the router's own
     chained keys (see the class docstring for why engine hashes are not used directly).
 ``KVEventSubscriber`` / ``KVEventHub``
-    a SUB socket per replica on its own thread, sequence-gap detection and replay, and a
+    a SUB socket per replica on its own thread, sequence handling (gaps replayed,
+    duplicates and late batches dropped, publisher restarts detected), liveness (idle
+    probes of the replay endpoint, ``stream_down``, recovery and warm start), and a
     manager keeping one subscriber per live replica.
 
 Threading: every subscriber runs its sockets, decoding and key hashing on its own daemon
@@ -38,6 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import sys
 import threading
 import time
@@ -61,6 +64,8 @@ OnEvent = Callable[[ReplicaId, KvEvent], None]
 #: The replay stream's end marker (vLLM's ``ZmqEventPublisher.END_SEQ``).
 END_SEQ = (-1).to_bytes(8, "big", signed=True)
 DEFAULT_MAX_ENTRIES = 2_000_000
+#: Longest engine block hash (bytes) accepted: vLLM's are 64-bit ints or 32-byte digests.
+MAX_HASH_BYTES = 64
 
 
 # ---------------------------------------------------------------------------------------
@@ -161,6 +166,12 @@ def decode_seq(frames: Sequence[bytes]) -> int:
     return int.from_bytes(seq, "big")
 
 
+#: What msgspec raises on bad input: ``DecodeError``/``ValidationError`` (ValueErrors), but
+#: also ``UnicodeDecodeError`` for a string that is not UTF-8 and ``RecursionError`` for
+#: arrays nested deeper than the stack (both found by fuzzing).
+_DECODE_ERRORS = (ValueError, RecursionError)
+
+
 def decode_payload(payload: bytes, schema: _Schema | None = None) -> DecodedBatch:
     """A msgpack ``KVEventBatch`` -> ``DecodedBatch``. A payload that is not a batch raises
     ``MalformedMessage``; an event inside it that does not decode is counted, not raised.
@@ -168,15 +179,15 @@ def decode_payload(payload: bytes, schema: _Schema | None = None) -> DecodedBatc
     schema = schema or event_schema()
     try:
         batch = schema.batch_decoder.decode(payload)
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-        raise MalformedMessage(f"payload is not a KVEventBatch: {exc}") from None
+    except _DECODE_ERRORS as exc:
+        raise MalformedMessage(f"payload is not a KVEventBatch: {type(exc).__name__}: {exc}") from None
     decode = schema.event_decoder.decode
     events = []
     undecodable = 0
     for raw in batch.events:
         try:
             events.append(decode(raw))
-        except (msgspec.DecodeError, msgspec.ValidationError):
+        except _DECODE_ERRORS:
             undecodable += 1
     return DecodedBatch(batch.ts, tuple(events), batch.data_parallel_rank, undecodable)
 
@@ -211,6 +222,7 @@ class KeyMapStats:
     skipped_medium: int = 0
     skipped_group: int = 0
     bad_tokens: int = 0
+    bad_hashes: int = 0
     clears: int = 0
 
 
@@ -293,6 +305,10 @@ class ReplicaKeyMap:
     def clear(self) -> None:
         self._map.clear()
 
+    def router_keys(self) -> list[int]:
+        """Every mapped router key, least recently used first. O(entries)."""
+        return list(self._map.values())
+
     def _accepts(self, event: Any) -> bool:
         if self.media is not None and event.medium not in self.media:
             self.stats.skipped_medium += 1
@@ -337,6 +353,11 @@ class ReplicaKeyMap:
             # Null or masked blocks (sliding window) are left out of block_hashes but not
             # out of token_ids: the hashes cannot be paired with their tokens.
             self.stats.skipped_unaligned += 1
+            return None
+        if not all(type(h) is int or len(h) <= MAX_HASH_BYTES for h in hashes):
+            # vLLM's hashes are 64-bit ints or 32-byte digests; a longer one is garbage,
+            # and storing it would let one message inflate the map's memory per entry.
+            self.stats.bad_hashes += 1
             return None
         table = self._map
         parent = event.parent_block_hash
@@ -436,12 +457,26 @@ class ReplicaEndpoint:
 class SubscriberStats:
     """A subscriber's counters (monotonic; written by its thread, read by anyone).
 
-    messages: live messages received; events: engine events decoded; gaps: jumps in the
-    sequence; replayed: batches recovered through the replay endpoint; lost: sequence
-    numbers neither received nor replayed; malformed: messages and events that did not
-    decode (skipped); restarts: the sequence went backwards (engine restarted: its cache
-    was dropped); catchups: first message after (re)connect was not seq 0 and the replay
-    buffer was asked for the rest; callback_errors: ``on_event`` raised."""
+    messages: live messages received; events: engine events decoded; router_events: events
+    delivered to ``on_event``; gaps: jumps in the sequence; replayed: batches recovered
+    through the replay endpoint (gap fills, catch-ups, probes); lost: sequence numbers
+    neither received nor replayed; malformed: messages and events that did not decode
+    (skipped); restarts: a new publisher was detected (its cache was dropped); catchups:
+    the replay buffer was asked for everything from seq 0 (late join, idle warm start,
+    after a restart); replay_timeouts: gap or catch-up replays without a complete answer;
+    callback_errors: ``on_event`` raised.
+
+    duplicates: live batches already applied (same seq, same bytes), dropped;
+    reordered: live batches older than the last applied one that were never applied
+    (lost earlier), dropped -- batches are only ever applied in sequence order;
+    probes / probe_failures: replay-endpoint probes sent while the stream was quiet, and
+    those without an answer in ``replay_timeout_s``; stream_downs / stream_recoveries:
+    transitions of ``stream_down``; resumed: after a reconnect or an outage, the
+    publisher proved to be the same process (its buffer holds our last batch byte for
+    byte); disconnects: the SUB socket's connection to the publisher dropped;
+    withdrawn_blocks / restored_blocks: confirmed blocks withdrawn from the router when
+    the stream went down and re-announced when the same publisher came back;
+    internal_errors: a message whose handling raised unexpectedly (logged, skipped)."""
 
     messages: int = 0
     events: int = 0
@@ -454,59 +489,167 @@ class SubscriberStats:
     catchups: int = 0
     replay_timeouts: int = 0
     callback_errors: int = 0
+    duplicates: int = 0
+    reordered: int = 0
+    probes: int = 0
+    probe_failures: int = 0
+    stream_downs: int = 0
+    stream_recoveries: int = 0
+    resumed: int = 0
+    disconnects: int = 0
+    withdrawn_blocks: int = 0
+    restored_blocks: int = 0
+    internal_errors: int = 0
+
+
+class _NoAnswer(Exception):
+    """The replay endpoint did not answer completely within ``replay_timeout_s``."""
+
+
+#: Keys per ``BlocksRemoved``/``BlocksStored`` when withdrawing or restoring a replica's
+#: confirmed blocks: bounds one event's size (and one loop callback's work).
+_RESTORE_CHUNK = 4096
+_MAX_SEQ = (1 << 64) - 1
+
+
+def _positive(value: Any, field: str) -> float:
+    if (not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0
+            or value == float("inf")):
+        raise ConfigError(f"kv_events.{field}", f"must be a finite number > 0, got {value!r}")
+    return float(value)
 
 
 class KVEventSubscriber:
     """Subscribes to one replica's vLLM KV events and delivers router events.
 
-    Holds: a ZMQ SUB socket (+ a DEALER for replay, opened on first need), the replica's
-    ``ReplicaKeyMap`` (bounded by ``max_entries``), the next expected sequence number and
-    counters. Runs on its own daemon thread (``start``/``stop``); ``on_event(replica_id,
-    event)`` is called on that thread, in sequence order.
+    Holds: a ZMQ SUB socket and its connection monitor (+ a DEALER for replay, opened on
+    first need), the replica's ``ReplicaKeyMap`` (bounded by ``max_entries``), the next
+    expected sequence number, a window of the last ``dedup_window`` applied sequence
+    numbers with a 64-bit digest of each batch's bytes (about 100 bytes each, so
+    bounded regardless of traffic), liveness timestamps and counters. Runs on its own
+    daemon thread (``start``/``stop``); ``on_event(replica_id, event)`` is called on that
+    thread, in sequence order. Per message: O(payload) to digest and decode, O(1) for the
+    sequence bookkeeping.
 
-    Sequence handling: the first message sets the position (a first seq > 0 asks the
-    replay buffer for 0.. -- the slow-joiner window); seq == expected is applied; seq >
-    expected is a gap: batches ``[expected, seq)`` are requested from the replay endpoint
-    (bounded by ``replay_timeout_s``), applied in order, and whatever the buffer no longer
-    holds is counted ``lost`` (the map then keeps going: missed removals leave stale keys
-    that the tree's per-replica capacity bound ages out, missed stores show up as
-    ``unknown_parent``); seq < expected means the publisher restarted (vLLM's counter
-    starts at 0 in a new process): the replica's cache is gone, so ``AllBlocksCleared`` is
-    delivered and the map cleared.
+    Sequence semantics (vLLM's stream is a log: each batch is applied once, in order):
+
+    * in order (seq == expected): applied.
+    * first message (nothing applied yet) with seq > 0: catch-up -- the replay buffer is
+      asked for everything from seq 0 (vLLM resends every buffered batch with seq >=
+      start; it keeps the last ``buffer_steps`` batches), then the message is applied.
+    * ahead (seq > expected): a gap; ``[expected, seq)`` is requested from the replay
+      endpoint (bounded by ``replay_timeout_s``) and applied in order; what the buffer no
+      longer holds is counted ``lost`` (missed removals leave stale keys that the tree's
+      per-replica capacity bound ages out, missed stores show up as ``unknown_parent``).
+    * behind (seq < expected), decided against the window: the same seq with the same
+      bytes is a duplicate (dropped, ``duplicates``); a seq in the window span that was
+      never applied is a late, reordered batch (dropped, ``reordered``: applying it after
+      later batches could resurrect a block a later batch removed, or orphan one it
+      re-stored); a seq whose batch differs from the one applied under that number, one
+      older than the whole window, or any lower seq after the connection dropped, means
+      a new publisher (vLLM's counter starts at 0 in a new engine process): the replica's
+      cache is gone, so ``AllBlocksCleared`` is delivered, the map cleared, and the new
+      stream caught up from seq 0.
+    * a message that does not decode moves the sequence only when it is the expected one
+      or the first one (replaying it would return the same bytes); out of order it is
+      counted and ignored, so garbage can neither trigger a replay nor fake a restart.
+
+    Liveness: vLLM publishes only when its cache changes, so a quiet stream may just be an
+    idle engine. After ``probe_interval_s`` without a message the subscriber probes the
+    replay endpoint for batches from ``expected`` (vLLM's publisher thread answers, with
+    whatever was published and missed -- tail loss is recovered here -- then its end
+    marker). The first probe of a subscriber that has seen nothing asks from seq 0: a
+    router started after the engine warms up from the buffer even if the engine is idle.
+    Evidence of life is a live message or a replay answer (without a replay endpoint, an
+    established connection: the SUB socket sends ZMTP heartbeats, so a dead peer is
+    dropped). After ``down_after_s`` without evidence ``stream_down`` is set; with
+    ``withdraw_on_down`` the replica's confirmed blocks are withdrawn from the router
+    (``BlocksRemoved`` of every key in the map; the map itself is kept), because confirmed
+    entries never expire and nothing would correct them while the stream is down -- the
+    router then works on its speculative entries and their TTL. When the publisher is
+    heard again (or the connection drops and comes back), it is verified through the
+    replay endpoint: if its buffer still holds our last applied batch byte for byte it is
+    the same process (``resumed``): the missed batches are applied and the withdrawn
+    blocks re-announced; otherwise it is a new process (a restart, handled as above) or
+    one whose buffer no longer covers the outage (handled the same way: conservative).
     """
 
     def __init__(self, replica_id: ReplicaId, spec: ReplicaEndpoint | Mapping | Sequence, on_event: OnEvent, *,
                  max_entries: int = DEFAULT_MAX_ENTRIES, replay_timeout_s: float = 2.0,
                  poll_interval_s: float = 0.1, rcvhwm: int = 100_000, clear_on_start: bool = False,
                  media: Iterable[str | None] | None = ("GPU",), group_idx: int | None = 0,
-                 schema: str = "auto") -> None:
+                 schema: str = "auto", probe_interval_s: float = 1.0, down_after_s: float = 5.0,
+                 withdraw_on_down: bool = True, dedup_window: int = 256) -> None:
         self.replica_id = replica_id
         self.spec = ReplicaEndpoint.of(spec)
         self.on_event = on_event
         self.key_map = ReplicaKeyMap(self.spec.block_size, self.spec.model, max_entries=max_entries,
                                      media=media, group_idx=group_idx, schema=schema)
-        if not replay_timeout_s > 0:
-            raise ConfigError("kv_events.replay_timeout_s", f"must be > 0, got {replay_timeout_s!r}")
-        if not poll_interval_s > 0:
-            raise ConfigError("kv_events.poll_interval_s", f"must be > 0, got {poll_interval_s!r}")
-        self.replay_timeout_s = float(replay_timeout_s)
-        self.poll_interval_s = float(poll_interval_s)
+        self.replay_timeout_s = _positive(replay_timeout_s, "replay_timeout_s")
+        self.poll_interval_s = _positive(poll_interval_s, "poll_interval_s")
+        self.probe_interval_s = _positive(probe_interval_s, "probe_interval_s")
+        self.down_after_s = _positive(down_after_s, "down_after_s")
+        if not self.down_after_s > self.probe_interval_s:
+            # A healthy idle stream is only heard from when probed: a shorter down
+            # threshold would flap between down and up.
+            raise ConfigError("kv_events.down_after_s",
+                              f"must be greater than probe_interval_s ({probe_interval_s!r}), got {down_after_s!r}")
+        if not isinstance(dedup_window, int) or isinstance(dedup_window, bool) or dedup_window <= 0:
+            raise ConfigError("kv_events.dedup_window", f"must be a positive integer, got {dedup_window!r}")
+        self.dedup_window = dedup_window
+        self.withdraw_on_down = bool(withdraw_on_down)
         self.rcvhwm = rcvhwm
         self.clear_on_start = clear_on_start
         self.stats = SubscriberStats()
         self.expected: int | None = None
+        # Seconds between the newest applied batch's creation (vLLM stamps ``ts`` with
+        # the engine's wall clock) and its arrival here; None before the first.
+        self.lag_s: float | None = None
+        self._window: OrderedDict[int, int] = OrderedDict()  # seq -> digest, increasing seq
         self._topic = self.spec.topic.encode("utf-8")
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._ready = threading.Event()
         self._error: BaseException | None = None
         self._dealer = None
+        # Liveness (monotonic seconds; written by the subscriber thread only).
+        now = time.monotonic()
+        self._last_life = now        # last evidence the publisher is up
+        self._last_message: float | None = None  # last live message or replay answer
+        self._last_probe = now
+        self._down = False
+        self._suspect = False        # the connection dropped: verify the publisher before trusting seq
+        self._withdrawn = False      # confirmed blocks withdrawn while down, to restore
+        self._connected = False
 
-    # -- lifecycle --------------------------------------------------------------------------
+    # -- state read by other threads --------------------------------------------------------
     @property
     def running(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
+    @property
+    def stream_down(self) -> bool:
+        """True while the publisher has given no sign of life for ``down_after_s``."""
+        return self._down
+
+    @property
+    def connected(self) -> bool:
+        """Whether the SUB socket currently has a connection to the publisher."""
+        return self._connected
+
+    @property
+    def last_message_age_s(self) -> float | None:
+        """Seconds since the publisher was last heard (a live message or a replay answer,
+        probes included); None if never."""
+        last = self._last_message
+        return None if last is None else max(0.0, time.monotonic() - last)
+
+    def health(self) -> dict[str, Any]:
+        """``stream_down``, ``connected``, ``last_message_age_s`` and ``expected_seq``."""
+        return {"stream_down": self._down, "connected": self._connected,
+                "last_message_age_s": self.last_message_age_s, "expected_seq": self.expected}
+
+    # -- lifecycle --------------------------------------------------------------------------
     def start(self, timeout: float = 5.0) -> KVEventSubscriber:
         """Open the sockets on a new thread; raises ``ConfigError`` if they cannot be
         opened (bad address). Idempotent while running."""
@@ -515,6 +658,8 @@ class KVEventSubscriber:
         self._stop.clear()
         self._ready.clear()
         self._error = None
+        now = time.monotonic()
+        self._last_life = self._last_probe = now
         self._thread = threading.Thread(target=self._run, name=f"kv-events-{self.replica_id}", daemon=True)
         self._thread.start()
         if not self._ready.wait(timeout):
@@ -537,15 +682,24 @@ class KVEventSubscriber:
         import zmq
 
         ctx = zmq.Context.instance()
-        sub = None
+        sub = monitor = None
         try:
             sub = ctx.socket(zmq.SUB)
             sub.setsockopt(zmq.LINGER, 0)
             sub.setsockopt(zmq.RCVHWM, self.rcvhwm)
+            # ZMTP heartbeats: a publisher host that vanished without closing the TCP
+            # connection is dropped (and reconnected to) instead of looking idle forever.
+            heartbeat_ms = max(100, int(self.probe_interval_s * 1000))
+            sub.setsockopt(zmq.HEARTBEAT_IVL, heartbeat_ms)
+            sub.setsockopt(zmq.HEARTBEAT_TIMEOUT, max(heartbeat_ms, int(self.down_after_s * 1000)))
             sub.setsockopt(zmq.SUBSCRIBE, self._topic)
+            monitor = sub.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
             sub.connect(self.spec.endpoint)
         except Exception as exc:  # a bad address: reported by start()
             self._error = exc
+            if monitor is not None:
+                sub.disable_monitor()
+                monitor.close(0)
             if sub is not None:
                 sub.close(0)
             self._ready.set()
@@ -557,24 +711,103 @@ class KVEventSubscriber:
             self._deliver([AllBlocksCleared()])
         poller = zmq.Poller()
         poller.register(sub, zmq.POLLIN)
+        poller.register(monitor, zmq.POLLIN)
         timeout_ms = max(1, int(self.poll_interval_s * 1000))
         try:
             while not self._stop.is_set():
-                if not poller.poll(timeout_ms):
-                    continue
-                # Drain what is queued, but look at the stop flag now and then.
-                for _ in range(1024):
-                    try:
-                        frames = sub.recv_multipart(zmq.NOBLOCK)
-                    except zmq.Again:
-                        break
-                    self._on_live(frames)
+                ready = dict(poller.poll(timeout_ms))
+                if monitor in ready:
+                    self._on_monitor(monitor)
+                if sub in ready:
+                    # Drain what is queued, but look at the stop flag now and then.
+                    for _ in range(1024):
+                        try:
+                            frames = sub.recv_multipart(zmq.NOBLOCK)
+                        except zmq.Again:
+                            break
+                        self._guarded(self._on_live, frames)
+                self._guarded(self._tick, time.monotonic())
         except Exception:  # never expected; keep the failure visible, never crash silently
             log.exception("kv events subscriber for %r failed", self.replica_id)
         finally:
+            sub.disable_monitor()
+            monitor.close(0)
             sub.close(0)
             self._close_dealer()
 
+    def _guarded(self, handler: Callable[[Any], None], arg: Any) -> None:
+        """One message's (or tick's) failure must not end the stream: count, log, go on."""
+        try:
+            handler(arg)
+        except Exception:
+            self.stats.internal_errors += 1
+            log.exception("kv events subscriber for %r: handling failed", self.replica_id)
+
+    def _on_monitor(self, monitor: Any) -> None:
+        import zmq
+        from zmq.utils.monitor import parse_monitor_message
+
+        while True:
+            try:
+                event = parse_monitor_message(monitor.recv_multipart(zmq.NOBLOCK))["event"]
+            except zmq.Again:
+                return
+            if event == zmq.EVENT_DISCONNECTED:
+                self._connected = False
+                self.stats.disconnects += 1
+                # Whoever we reconnect to may be a new engine process on the same
+                # endpoint, possibly already past our sequence number.
+                self._suspect = True
+            elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self._connected = True
+
+    def _tick(self, now: float) -> None:
+        """Probe a quiet stream, and decide whether it is down."""
+        if self.spec.replay_endpoint is not None:
+            if now - max(self._last_life, self._last_probe) >= self.probe_interval_s:
+                self._probe()
+                now = time.monotonic()
+        elif self._connected and not self._suspect:
+            # No replay endpoint to ask: an established (heartbeat-checked) connection is
+            # the only evidence there is. After a reconnect, wait for a message to verify.
+            self._last_life = now
+        if not self._down and now - self._last_life > self.down_after_s:
+            self._go_down(now)
+
+    # -- liveness transitions ---------------------------------------------------------------
+    def _heard(self) -> None:
+        now = time.monotonic()
+        self._last_life = self._last_message = now
+
+    def _go_down(self, now: float) -> None:
+        self._down = True
+        self._suspect = True  # whatever comes back must prove it is the same publisher
+        self.stats.stream_downs += 1
+        log.warning("kv events for %r: no sign of the publisher for %.1f s; stream marked down",
+                    self.replica_id, now - self._last_life)
+        if self.withdraw_on_down and not self._withdrawn:
+            keys = self.key_map.router_keys()
+            self._withdrawn = True
+            for i in range(0, len(keys), _RESTORE_CHUNK):
+                self._deliver([BlocksRemoved(tuple(keys[i:i + _RESTORE_CHUNK]))])
+            self.stats.withdrawn_blocks += len(keys)
+
+    def _up(self) -> None:
+        """The publisher was heard and verified: leave the down/suspect state."""
+        self._suspect = False
+        if self._down:
+            self._down = False
+            self.stats.stream_recoveries += 1
+            log.info("kv events for %r: publisher is back", self.replica_id)
+        if self._withdrawn:
+            self._withdrawn = False
+            # Oldest first, so the tree's LRU order roughly follows the map's.
+            keys = self.key_map.router_keys()
+            for i in range(0, len(keys), _RESTORE_CHUNK):
+                self._deliver([BlocksStored(tuple(keys[i:i + _RESTORE_CHUNK]))])
+            self.stats.restored_blocks += len(keys)
+
+    # -- live messages ----------------------------------------------------------------------
     def _on_live(self, frames: Sequence[bytes]) -> None:
         self.stats.messages += 1
         try:
@@ -582,11 +815,55 @@ class KVEventSubscriber:
         except MalformedMessage:
             self.stats.malformed += 1
             return
+        payload = bytes(frames[2])
+        self._heard()
+        if self._down or self._suspect:
+            self._recover(seq, payload)
+        self._sequence(seq, payload)
+
+    def _recover(self, seq: int | None, payload: bytes | None) -> None:
+        """First contact after an outage or a reconnect: is this the same publisher?"""
+        outcome = None
+        if self.spec.replay_endpoint is not None:
+            outcome = self._verify()
+        if outcome is None:
+            if seq is None:
+                return  # a probe that got no answer: still down
+            try:
+                decode_payload(payload, self.key_map.schema)
+            except MalformedMessage:
+                return  # garbage proves nothing either way (``_sequence`` counts it)
+            if self.expected is not None and seq < self.expected and self._window.get(seq) != hash(payload):
+                # No buffer to ask: after the connection dropped, a lower sequence number
+                # is a new publisher (a live stream never goes backwards).
+                self._restart()
+        self._up()
+
+    def _sequence(self, seq: int, payload: bytes) -> None:
         expected = self.expected
+        if expected is not None and seq == expected:
+            self._apply_seq(seq, payload)
+            return
+        # Out of order: decode before acting, so garbage can neither trigger a replay nor
+        # pass for a restart. (The first message is in order by definition: it takes the
+        # position whatever its payload, so a replay never returns it to be counted twice.)
+        try:
+            batch = decode_payload(payload, self.key_map.schema)
+        except MalformedMessage:
+            if expected is not None:
+                self.stats.malformed += 1
+                return
+            batch = None
         if expected is not None and seq < expected:
-            self.stats.restarts += 1
-            self.key_map.clear()
-            self._deliver([AllBlocksCleared()])
+            known = self._window.get(seq)
+            digest = hash(payload)
+            if known == digest:
+                self.stats.duplicates += 1
+                return
+            if known is None and seq >= expected - self.dedup_window:
+                self.stats.reordered += 1
+                return
+            self._restart()
             expected = None
         if expected is None:
             if seq > 0 and self.spec.replay_endpoint is not None:
@@ -595,19 +872,37 @@ class KVEventSubscriber:
         elif seq > expected:
             self.stats.gaps += 1
             self._replay(expected, seq, count_lost=True)
-        self._apply(frames[2])
-        self.expected = seq + 1
+        self._apply_seq(seq, payload, batch)
 
-    def _apply(self, payload: bytes) -> None:
-        """Decode one batch and deliver its router events. A malformed payload is skipped
+    def _restart(self) -> None:
+        """A new publisher: the old engine's cache is gone."""
+        self.stats.restarts += 1
+        log.info("kv events for %r: publisher restarted; clearing its blocks", self.replica_id)
+        self.key_map.clear()
+        self._window.clear()
+        self.expected = None
+        self._withdrawn = False  # nothing left to restore
+        self._deliver([AllBlocksCleared()])
+
+    def _apply_seq(self, seq: int, payload: bytes, batch: DecodedBatch | None = None) -> None:
+        """Apply one batch in sequence order and advance. A malformed payload is skipped
         (its seq still counts as seen: replaying it would return the same bytes)."""
-        try:
-            batch = decode_payload(bytes(payload), self.key_map.schema)
-        except MalformedMessage:
-            self.stats.malformed += 1
-            return
+        window = self._window
+        window[seq] = hash(payload)
+        if len(window) > self.dedup_window:
+            window.popitem(last=False)
+        self.expected = seq + 1
+        if batch is None:
+            try:
+                batch = decode_payload(payload, self.key_map.schema)
+            except MalformedMessage:
+                self.stats.malformed += 1
+                return
         self.stats.events += len(batch.events) + batch.undecodable
         self.stats.malformed += batch.undecodable
+        ts = batch.ts
+        if isinstance(ts, (int, float)) and not isinstance(ts, bool) and math.isfinite(ts):
+            self.lag_s = max(0.0, time.time() - ts)
         self._deliver(self.key_map.translate_all(batch.events))
 
     def _deliver(self, events: list[KvEvent]) -> None:
@@ -620,18 +915,17 @@ class KVEventSubscriber:
                 self.stats.callback_errors += 1
                 log.exception("kv events callback failed for %r", replica)
 
+    # -- the replay endpoint ----------------------------------------------------------------
     def _close_dealer(self) -> None:
         if self._dealer is not None:
             self._dealer.close(0)
             self._dealer = None
 
-    def _replay(self, start: int, stop: int, *, count_lost: bool) -> None:
-        """Ask the replay endpoint for batches from ``start`` and apply those in
-        ``[start, stop)`` in order. Bounded by ``replay_timeout_s``."""
-        if self.spec.replay_endpoint is None:
-            if count_lost:
-                self.stats.lost += stop - start
-            return
+    def _replies(self, start: int) -> Iterable[tuple[int, bytes]]:
+        """Ask the replay endpoint for batches from ``start``; yield ``(seq, payload)`` in
+        the order sent, until the end marker. Raises ``_NoAnswer`` when the answer is not
+        complete within ``replay_timeout_s``. A consumer that stops early (or a timeout)
+        closes the DEALER, so late replies to this request are never read as the next's."""
         import zmq
 
         if self._dealer is None:
@@ -640,40 +934,154 @@ class KVEventSubscriber:
             dealer.connect(self.spec.replay_endpoint)
             self._dealer = dealer
         dealer = self._dealer
-        next_seq = start
         deadline = time.monotonic() + self.replay_timeout_s
+        complete = False
         try:
-            dealer.send_multipart((b"", start.to_bytes(8, "big")), zmq.NOBLOCK)
+            dealer.send_multipart((b"", min(start, _MAX_SEQ).to_bytes(8, "big")), zmq.NOBLOCK)
             while True:
                 remaining_ms = int((deadline - time.monotonic()) * 1000)
                 if remaining_ms <= 0 or not dealer.poll(remaining_ms):
-                    # Late replies to this request must not be read as the next one's.
-                    self.stats.replay_timeouts += 1
-                    self._close_dealer()
-                    break
+                    raise _NoAnswer(f"no complete answer in {self.replay_timeout_s} s")
                 frames = dealer.recv_multipart()
+                self._heard()
                 if len(frames) != 4:
                     self.stats.malformed += 1
                     continue
                 _, _topic, seq_bytes, payload = frames
                 if seq_bytes == END_SEQ:
-                    break
+                    complete = True
+                    return
                 if len(seq_bytes) != 8:
                     self.stats.malformed += 1
                     continue
-                seq = int.from_bytes(seq_bytes, "big")
-                if seq < next_seq or seq >= stop:
+                yield int.from_bytes(seq_bytes, "big"), payload
+        except zmq.ZMQError as exc:
+            raise _NoAnswer(str(exc)) from None
+        finally:
+            if not complete:
+                self._close_dealer()
+
+    def _replay(self, start: int, stop: int | None, *, count_lost: bool) -> bool:
+        """Ask for batches from ``start`` and apply those in ``[start, stop)`` (all from
+        ``start`` when ``stop`` is None) in order. Returns whether the endpoint answered."""
+        if self.spec.replay_endpoint is None:
+            if count_lost and stop is not None:
+                self.stats.lost += stop - start
+            return False
+        next_seq = start
+        answered = True
+        try:
+            for seq, payload in self._replies(start):
+                if seq < next_seq or (stop is not None and seq >= stop):
                     continue  # before the gap, or will arrive (or has arrived) live
                 if seq > next_seq and count_lost:
                     self.stats.lost += seq - next_seq  # fell out of the publisher's buffer
-                self._apply(payload)
+                self._apply_seq(seq, payload)
                 self.stats.replayed += 1
                 next_seq = seq + 1
-        except zmq.ZMQError:
-            log.warning("kv events replay from %r failed", self.spec.replay_endpoint, exc_info=True)
-            self._close_dealer()
-        if next_seq < stop and count_lost:
+        except _NoAnswer as exc:
+            answered = False
+            self.stats.replay_timeouts += 1
+            log.warning("kv events replay from %r failed: %s", self.spec.replay_endpoint, exc)
+        if stop is not None and next_seq < stop and count_lost:
             self.stats.lost += stop - next_seq
+        return answered
+
+    def _probe(self) -> None:
+        """The stream has been quiet for ``probe_interval_s``: ask the replay endpoint.
+        Nothing seen yet: everything from seq 0 (warm start). Down or reconnected: verify
+        the publisher. Otherwise: batches from ``expected`` (tail loss) -- an answer, even
+        just the end marker, proves the publisher's thread is alive."""
+        self.stats.probes += 1
+        try:
+            if self._down or self._suspect:
+                self._recover(None, None)
+                return
+            if self.expected is None:
+                applied = self._replay_quietly(0)
+                if applied:
+                    self.stats.catchups += 1
+            else:
+                self._replay_quietly(self.expected, count_lost=True)
+        finally:
+            self._last_probe = time.monotonic()
+
+    def _replay_quietly(self, start: int, *, count_lost: bool = False) -> int | None:
+        """A probe's replay: like ``_replay`` with no upper bound, but an unanswered probe
+        is a ``probe_failure`` (logged at debug level: a down stream is probed often)."""
+        next_seq = start
+        applied = 0
+        try:
+            for seq, payload in self._replies(start):
+                if seq < next_seq:
+                    continue
+                if self.expected is not None and seq < self.expected:
+                    continue  # applied meanwhile
+                if seq > next_seq and count_lost:
+                    self.stats.lost += seq - next_seq
+                self._apply_seq(seq, payload)
+                self.stats.replayed += 1
+                applied += 1
+                next_seq = seq + 1
+        except _NoAnswer as exc:
+            self.stats.probe_failures += 1
+            log.debug("kv events probe of %r failed: %s", self.spec.replay_endpoint, exc)
+            return None
+        return applied
+
+    def _verify(self) -> str | None:
+        """Ask the replay endpoint for our last applied batch and what follows it.
+        ``"same"``: its buffer holds that batch byte for byte -- the same publisher; the
+        batches after it are applied. ``"restarted"``: it does not (a new process, or an
+        outage longer than its buffer): the replica is cleared and caught up from seq 0.
+        ``"fresh"``: nothing was applied yet; caught up from seq 0. None: no answer."""
+        if self.expected is None:
+            applied = self._replay_quietly(0)
+            if applied is None:
+                return None
+            if applied:
+                self.stats.catchups += 1
+            return "fresh"
+        last = self.expected - 1
+        want = self._window.get(last)
+        outcome = "restarted"
+        replies = self._replies(last)
+        try:
+            first = True
+            for seq, payload in replies:
+                if first:
+                    first = False
+                    if seq != last or want is None or hash(payload) != want:
+                        break
+                    outcome = "same"
+                    # Re-announce what was withdrawn (the engine still holds it, as of
+                    # our last batch) before applying what happened since.
+                    self._up()
+                    continue
+                expected = self.expected
+                if seq < expected:
+                    continue
+                if seq > expected:
+                    self.stats.lost += seq - expected
+                self._apply_seq(seq, payload)
+                self.stats.replayed += 1
+        except _NoAnswer as exc:
+            if outcome != "same":
+                self.stats.probe_failures += 1
+                log.debug("kv events verification against %r failed: %s", self.spec.replay_endpoint, exc)
+                return None
+            # Verified, but the rest of the answer was cut short: the next gap or probe
+            # asks again for what is missing.
+            self.stats.replay_timeouts += 1
+        finally:
+            replies.close()
+        if outcome == "same":
+            self.stats.resumed += 1
+            return outcome
+        self._restart()
+        self.stats.catchups += 1
+        self._replay(0, None, count_lost=False)
+        return outcome
 
 
 # ---------------------------------------------------------------------------------------
@@ -743,15 +1151,28 @@ class KVEventHub:
         for name, value in asdict(subscriber.stats).items():
             setattr(self._retired, name, getattr(self._retired, name) + value)
 
-    def stats(self) -> dict[ReplicaId, dict[str, int]]:
-        """Per live replica: subscriber counters, key-map counters and map size."""
+    def stats(self) -> dict[ReplicaId, dict[str, Any]]:
+        """Per live replica: subscriber counters, key-map counters, map size,
+        ``stream_down`` (1 while the replica's stream is down, else 0) and ``lag_s`` (the
+        newest batch's age on arrival, None before one)."""
         out = {}
         for replica, subscriber in list(self._subscribers.items()):
             row = asdict(subscriber.stats)
             row.update(asdict(subscriber.key_map.stats))
             row["map_entries"] = len(subscriber.key_map)
+            row["stream_down"] = int(subscriber.stream_down)
+            row["lag_s"] = subscriber.lag_s
             out[replica] = row
         return out
+
+    def health(self) -> dict[ReplicaId, dict[str, Any]]:
+        """Per live replica: ``KVEventSubscriber.health()`` (``stream_down``,
+        ``connected``, ``last_message_age_s``, ``expected_seq``)."""
+        return {replica: subscriber.health() for replica, subscriber in list(self._subscribers.items())}
+
+    def streams_down(self) -> list[ReplicaId]:
+        """The live replicas whose stream is currently down."""
+        return [replica for replica, subscriber in list(self._subscribers.items()) if subscriber.stream_down]
 
     def totals(self) -> dict[str, int]:
         """Subscriber counters summed over live and retired subscribers."""

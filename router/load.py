@@ -8,6 +8,7 @@ carries its age and goes stale after ``report_ttl_s``.
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from collections.abc import Hashable, Iterable
 from dataclasses import dataclass
@@ -27,7 +28,11 @@ class ReplicaLoad:
       running          requests past their first token (decoding)
       kv_blocks        KV blocks (router block size) held by this router's in-flight requests
       context_tokens   prompt tokens of the running requests (what decode attention reads)
-      engine_*         the engine's last report and its time (None until one arrives)
+      engine_*         the engine's last report (a snapshot: fields it did not carry are
+                       None) and its time (None until one arrives). A report counts only
+                       while fresh -- at most ``report_ttl_s`` old -- and every reader
+                       (``queue_len``, ``kv_usage``, policies) must check
+                       ``report_is_fresh(now)`` before using an ``engine_*`` field.
     Memory: about 200 bytes per replica.
     """
 
@@ -79,6 +84,17 @@ class ReplicaLoad:
                 f"kv_blocks={self.kv_blocks}, engine_kv_usage={self.engine_kv_usage})")
 
 
+def _finite_number(value: object) -> bool:
+    """An int or float (not a bool) that is finite as a float (an int beyond the float
+    range is not: ``math.isfinite`` would raise on it)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
 @dataclass(slots=True)
 class _InFlight:
     replica: ReplicaId
@@ -95,7 +111,8 @@ class LoadView:
     ``max_tracked_requests``; past that the oldest record is forgotten and counted in
     ``forgotten_requests``, so a lost completion cannot grow memory without bound).
     Every update is O(1); memory is O(replicas + tracked requests), about 120 bytes per
-    tracked request.
+    tracked request. Engine reports: see ``on_engine_report`` (snapshot semantics, bad
+    values dropped and counted, out-of-order reports ignored).
     """
 
     def __init__(self, *, report_ttl_s: float = 5.0, max_tracked_requests: int = 100_000) -> None:
@@ -112,6 +129,8 @@ class LoadView:
         self._requests: OrderedDict[Hashable, _InFlight] = OrderedDict()
         self.forgotten_requests = 0
         self.unknown_request_events = 0
+        self.invalid_report_fields = 0
+        self.ignored_reports = 0
 
     # -- replica set -------------------------------------------------------------------
     def add_replica(self, replica: ReplicaId) -> ReplicaLoad:
@@ -184,17 +203,41 @@ class LoadView:
         return rec.replica
 
     def on_engine_report(self, replica: ReplicaId, now: float, *, kv_usage: float | None = None,
-                         waiting: int | None = None, running: int | None = None) -> None:
+                         waiting: int | None = None, running: int | None = None) -> bool:
+        """Record an engine's load report taken at ``now``; returns whether it was recorded.
+
+        A report is a snapshot: it replaces the previous one whole, so a field it does not
+        carry is unknown (None) rather than an older report's value wearing this report's
+        time -- every field ages out with the report it came in. Values are cleaned, never
+        raised on: ``kv_usage`` is clamped to [0, 1], counts below 0 to 0; a value that is
+        not a finite number (NaN, infinity, a string, a bool) is dropped and counted in
+        ``invalid_report_fields``. A report with a time that is not a finite number, or
+        older than the one held (delivered out of order), is ignored and counted in
+        ``ignored_reports``. A report for a replica this view does not track is ignored
+        (not counted: it is routine around a change of the replica set)."""
         load = self.loads.get(replica)
         if load is None:
-            return  # a report from a replica we do not route to: nothing to update
-        if kv_usage is not None:
-            load.engine_kv_usage = min(1.0, max(0.0, float(kv_usage)))
-        if waiting is not None:
-            load.engine_waiting = max(0, int(waiting))
-        if running is not None:
-            load.engine_running = max(0, int(running))
-        load.engine_report_time = now
+            return False  # a report from a replica we do not route to: nothing to update
+        if (not _finite_number(now)
+                or (load.engine_report_time is not None and now < load.engine_report_time)):
+            self.ignored_reports += 1
+            return False
+        usage = self._number(kv_usage)
+        load.engine_kv_usage = None if usage is None else min(1.0, max(0.0, usage))
+        count = self._number(waiting)
+        load.engine_waiting = None if count is None else max(0, int(count))
+        count = self._number(running)
+        load.engine_running = None if count is None else max(0, int(count))
+        load.engine_report_time = float(now)
+        return True
+
+    def _number(self, value: object) -> float | None:
+        if value is None:
+            return None
+        if _finite_number(value):
+            return value
+        self.invalid_report_fields += 1
+        return None
 
     @property
     def tracked_requests(self) -> int:
@@ -220,3 +263,10 @@ class LoadView:
             assert got == totals[replica], (replica, got, totals[replica])
             assert min(got) >= 0, (replica, got)
         assert len(self._requests) <= self.max_tracked_requests
+        for replica, load in self.loads.items():
+            usage = load.engine_kv_usage
+            assert usage is None or 0.0 <= usage <= 1.0, (replica, usage)
+            for count in (load.engine_waiting, load.engine_running):
+                assert count is None or (isinstance(count, int) and count >= 0), (replica, count)
+            if load.engine_report_time is None:
+                assert usage is None and load.engine_waiting is None and load.engine_running is None, replica

@@ -55,8 +55,10 @@ def _validate(kwargs: Mapping[str, Any]) -> tuple[RoutingCore, dict[str, Any]]:
     if tokenizer is not None and not isinstance(tokenizer, str):
         raise ConfigError("tokenizer", f"must be a model path or name, got {tokenizer!r}")
     kv_events = own.get("kv_events", True)
-    if not isinstance(kv_events, bool):
-        raise ConfigError("kv_events", f"must be true or false, got {kv_events!r}")
+    if isinstance(kv_events, Mapping):
+        _validate_kv_event_options(kv_events)
+    elif not isinstance(kv_events, bool):
+        raise ConfigError("kv_events", f"must be true, false or a mapping of subscriber options, got {kv_events!r}")
     policy_options = own.get("policy_options")
     if policy_options is not None and not isinstance(policy_options, Mapping):
         raise ConfigError("policy_options", "must be a mapping of option -> value")
@@ -64,6 +66,22 @@ def _validate(kwargs: Mapping[str, Any]) -> tuple[RoutingCore, dict[str, Any]]:
                                     keys={"kind": "tokens", "block_size": block_size}, **kwargs)
     own.update(block_size=block_size, chunk_chars=chunk_chars, max_pending=max_pending, kv_events=kv_events)
     return core, own
+
+
+#: Subscriber options a ``kv_events`` mapping may set (see ``router.kv_events``).
+KV_EVENT_OPTIONS = ("probe_interval_s", "down_after_s", "replay_timeout_s", "withdraw_on_down", "dedup_window")
+
+
+def _validate_kv_event_options(options: Mapping[str, Any]) -> None:
+    """Fail at start-up naming a bad ``kv_events`` option, not when a replica appears."""
+    for name in options:
+        if name not in KV_EVENT_OPTIONS:
+            raise ConfigError(f"kv_events.{name}", f"unknown option (valid: {', '.join(KV_EVENT_OPTIONS)})")
+    from router.kv_events import KVEventSubscriber
+
+    # The subscriber checks every value when built; building one opens no socket.
+    KVEventSubscriber("validation", {"endpoint": "tcp://127.0.0.1:1"}, lambda replica, event: None,
+                      **dict(options))
 
 
 def cache_aware_router_config(**kwargs: Any) -> dict[str, Any]:
@@ -326,7 +344,7 @@ class RouterState:
         """Subscribe to every replica's KV events (token mode only: the events carry token
         ids, which key the same as the router's token blocks). Subscribers run on their
         own threads; ``LoopDelivery`` applies their events on this router's loop."""
-        if not self._options["kv_events"] or self._tokenizer is None:
+        if self._options["kv_events"] is False or self._tokenizer is None:
             return
         endpoints = self._kv_endpoints(replicas)
         if self._kv_hub is None:
@@ -335,7 +353,8 @@ class RouterState:
             from router.kv_events import KVEventHub, LoopDelivery
 
             self._kv_delivery = LoopDelivery(self.router._event_loop, self._apply_kv_event)
-            self._kv_hub = KVEventHub(self._kv_delivery)
+            options = self._options["kv_events"]
+            self._kv_hub = KVEventHub(self._kv_delivery, **(dict(options) if isinstance(options, Mapping) else {}))
         try:
             self._kv_hub.update(endpoints)
         except ConfigError as exc:

@@ -107,7 +107,9 @@ def test_round_robin_policy_spreads_the_same_traffic(cluster):
 @pytest.mark.parametrize("kwargs, field", [({"policy": "nope"}, "policy"),
                                            ({"policy_options": {"load_factor": 0.5}}, "cache_aware.load_factor"),
                                            ({"block_size": 0}, "block_size"),
-                                           ({"no_such_option": 1}, "router.no_such_option")])
+                                           ({"no_such_option": 1}, "router.no_such_option"),
+                                           ({"kv_events": {"nope": 1}}, "kv_events.nope"),
+                                           ({"kv_events": {"down_after_s": 0.5}}, "kv_events.down_after_s")])
 def test_a_bad_router_config_fails_when_the_app_is_built(kwargs, field):
     with pytest.raises(ConfigError) as exc:
         cache_aware_router_config(**kwargs)
