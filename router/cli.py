@@ -59,6 +59,39 @@ def _bench_simulator(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_soak(args: argparse.Namespace) -> int:
+    from benchmarks import soak_bench
+
+    options = {name: getattr(args, name) for name in ("replicas", "capacity_blocks", "max_sessions",
+                                                      "max_tracked_requests", "seed")}
+    report = soak_bench.run(requests=args.requests, policy=args.policy, sample_every=args.sample_every,
+                            progress=lambda m: print(m, file=sys.stderr, flush=True), **options)
+    report["command"] = "kvroute " + " ".join(args.argv)
+    print(soak_bench.format_table(report))
+    _write_json(args.json, report)
+    return 0 if report["bounds_held"] else 1
+
+
+def _bench_routers(args: argparse.Namespace) -> int:
+    from benchmarks import many_routers
+
+    if args.trace or args.workload:
+        spec = many_routers.WorkloadSpec(
+            args.trace or f"workload:{args.workload}", trace=args.trace, workload=args.workload,
+            requests=args.requests, rate_per_s=args.rate or many_routers.DEFAULT_RATE, replicas=args.replicas,
+            block_size=512 if args.trace else 16, kv_blocks=args.kv_blocks)
+        workloads = (spec,)
+    else:
+        workloads = many_routers.STANDARD_WORKLOADS
+    report = many_routers.run(policies_to_run=args.policy or many_routers.DEFAULT_POLICIES, routers=args.routers,
+                              workloads=workloads, seed=args.seed, sweeps=not args.no_sweeps,
+                              progress=lambda m: print(m, file=sys.stderr, flush=True))
+    report["command"] = "kvroute " + " ".join(args.argv)
+    print(many_routers.format_table(report))
+    _write_json(args.json, report)
+    return 0
+
+
 def _live_options(args: argparse.Namespace):
     from benchmarks.live_bench import LiveConfig
     from benchmarks.live_workload import LiveShape
@@ -213,6 +246,35 @@ def build_parser() -> argparse.ArgumentParser:
     simb.add_argument("--seed", type=int, default=0)
     simb.add_argument("--json", metavar="PATH", help="write the results as JSON")
     simb.set_defaults(func=_bench_simulator)
+
+    soak = bench_sub.add_parser("soak", help="unique sessions and prompts through the core: bounded tables and RSS")
+    soak.add_argument("--requests", type=_positive_int, default=1_000_000, help="requests (default 1,000,000)")
+    soak.add_argument("--policy", default="cache_aware", help="policy (default cache_aware)")
+    soak.add_argument("--replicas", type=_positive_int, default=8, help="replicas (default 8)")
+    soak.add_argument("--capacity-blocks", type=_positive_int, default=8192,
+                      help="tree capacity per replica in blocks (default 8192)")
+    soak.add_argument("--max-sessions", type=_positive_int, default=50_000, help="session table bound (default 50,000)")
+    soak.add_argument("--max-tracked-requests", type=_positive_int, default=10_000,
+                      help="in-flight records bound (default 10,000)")
+    soak.add_argument("--sample-every", type=_positive_int, help="requests between samples (default requests/100)")
+    soak.add_argument("--seed", type=int, default=0)
+    soak.add_argument("--json", metavar="PATH", help="write the results as JSON")
+    soak.set_defaults(func=_bench_soak)
+
+    routers_b = bench_sub.add_parser("routers", help="hit rate with 1 vs N independent routers, per policy (simulated)")
+    routers_b.add_argument("--routers", type=_positive_int, default=4, help="routers to compare with one (default 4)")
+    routers_b.add_argument("--policy", action="append", help="policy (repeatable; default: cache_aware and five peers)")
+    routers_src = routers_b.add_mutually_exclusive_group()
+    routers_src.add_argument("--trace", help="a Mooncake trace instead of the standard workloads")
+    routers_src.add_argument("--workload", help="a generated workload instead of the standard workloads")
+    routers_b.add_argument("--requests", type=_positive_int, help="requests of --trace/--workload")
+    routers_b.add_argument("--rate", type=float, help="arrivals per second of --workload (default 200)")
+    routers_b.add_argument("--replicas", type=_positive_int, default=8, help="replicas for --trace/--workload")
+    routers_b.add_argument("--kv-blocks", type=_positive_int, help="KV blocks per replica for --trace/--workload")
+    routers_b.add_argument("--no-sweeps", action="store_true", help="skip the delay sweeps and diagnoses")
+    routers_b.add_argument("--seed", type=int, default=0)
+    routers_b.add_argument("--json", metavar="PATH", help="write the results as JSON")
+    routers_b.set_defaults(func=_bench_routers)
 
     live = bench_sub.add_parser("live", help="real vLLM replicas on a local Ray cluster, once per router")
     _add_live_arguments(live, requests=200, rate=8.0)

@@ -7,8 +7,13 @@ replica tells all routers: KV events after ``kv_event_delay_s`` and a load repor
 ``report_interval_s``. First-token and completion notices reach the routing router at once,
 as a response stream does.
 
-Replicas can be added, drained (removed: no new requests, in-flight ones finish) or failed
-(in-flight requests lost and counted as failed) at given times.
+Replicas can be added, drained (removed: no new requests, in-flight ones finish), failed
+(in-flight requests lost and counted as failed), crashed (requests that have not streamed
+a token yet are retried on another replica by the router that routed them; those already
+streaming fail), restarted cold after a crash or failure, have their prefix cache reset,
+or stop and resume sending load reports, at given times (``ClusterConfig.changes``). The
+schedule is checked when the cluster is built: a change naming no replica, or restarting
+one that is running, is a ``ConfigError`` then, never mid-run.
 """
 
 from __future__ import annotations
@@ -27,14 +32,32 @@ from simulator.kernel import PRIORITY_ARRIVAL, PRIORITY_CLUSTER, PRIORITY_EVENTS
 from simulator.metrics import RunMetrics
 from simulator.replica import EngineReplica, EngineRequest
 
-CHANGE_ACTIONS = ("add", "remove", "fail", "reset")
+CHANGE_ACTIONS = ("add", "remove", "fail", "crash", "restart", "reset", "reports_off", "reports_on")
 
 
 @dataclass(frozen=True, slots=True)
 class ReplicaChange:
-    """At ``at_s``, ``action`` the replica ``replica``: "add", "remove" (drain), "fail"
-    (in-flight requests lost), or "reset" (its prefix cache dropped, as vLLM's
-    ``reset_prefix_cache``: an AllBlocksCleared event reaches the routers)."""
+    """At ``at_s``, ``action`` the replica ``replica``:
+
+    add          a new replica joins (cold)
+    remove       drain: no new requests, in-flight ones finish where they are
+    fail         the engine dies; every request in it is lost (counted in ``failed``):
+                 a client that never retries
+    crash        the engine dies; every router purges it (tree entries, sessions, load);
+                 a request that has not produced its first token is routed again, by the
+                 router that routed it, among the live replicas (``retried``: nothing was
+                 streamed, so nothing is lost, as the Serve ingress retries); one already
+                 streaming fails (``failed``)
+    restart      a failed or crashed replica comes back cold under the same name: an
+                 empty KV cache, an ``AllBlocksCleared`` event queued to the routers
+                 (after any event the dead engine still had on the wire, so a stale event
+                 cannot survive it), routable again at once
+    reset        its prefix cache is dropped, as vLLM's ``reset_prefix_cache``: an
+                 AllBlocksCleared event reaches the routers
+    reports_off  its load reports stop reaching the routers (a hung stats pusher); the
+                 routers' last report ages out after ``report_ttl_s``
+    reports_on   its load reports resume
+    """
 
     at_s: float
     action: str
@@ -90,9 +113,12 @@ class ClusterConfig:
 class Cluster:
     """Replicas, routers and the plumbing between them for one run of one policy.
 
-    Holds the engines (by name), the routers, the in-flight requests (uid -> router index)
-    and the metrics. ``submit`` routes one request at the kernel's current time: O(the
-    routing decision + the engine admission).
+    Holds the engines (by name), the routers, the in-flight requests (uid -> router index,
+    engine request, route request: removed when the request finishes, fails or is
+    rejected, so O(requests in flight)), the KV events on the wire per replica and the
+    metrics. ``submit`` routes one request at the kernel's current time: O(the routing
+    decision + the engine admission). A crash costs O(the replica's requests + the
+    routers' purge) plus one routing decision per retried request.
     """
 
     def __init__(self, kernel: Kernel, config: ClusterConfig, policy: str,
@@ -109,9 +135,13 @@ class Cluster:
             for i in range(config.routers)]
         self.engines: dict[str, EngineReplica] = {}
         self.routable: list[str] = []
-        self._in_flight: dict[int, tuple[int, EngineRequest]] = {}
+        self._in_flight: dict[int, tuple[int, EngineRequest, RouteRequest]] = {}
         self._next_router = 0
         self._pending_events: dict[str, list] = {}
+        self._muted: set[str] = set()  # replicas whose load reports are off
+        # Counters of engines replaced by a restart, so engine_totals still counts them.
+        self._retired_totals = {"preemptions": 0, "evictions": 0, "steps": 0}
+        _check_changes(config)
         for i in range(config.replicas):
             self._add_engine(f"replica-{i}")
         self._publish_replicas()
@@ -124,6 +154,12 @@ class Cluster:
     def _add_engine(self, name: str) -> None:
         if name in self.engines and self.engines[name].alive:
             raise ConfigError("changes.replica", f"replica {name!r} already exists")
+        old = self.engines.get(name)
+        if old is not None:  # a dead engine replaced (restart, or add under its name)
+            retired = self._retired_totals
+            retired["preemptions"] += old.preemptions
+            retired["evictions"] += old.pool.evictions
+            retired["steps"] += old.steps
         cfg = self.config
         engine = EngineReplica(
             name, self.kernel, cfg.profile, num_blocks=cfg.blocks_per_replica, block_size=cfg.block_size,
@@ -143,42 +179,92 @@ class Cluster:
 
     def _apply_change(self, change: ReplicaChange) -> None:
         now = self.kernel.now
-        if change.action == "add":
+        action = change.action
+        if action == "add":
             self._add_engine(change.replica)
             self._publish_replicas()
             return
         engine = self.engines.get(change.replica)
         if engine is None:
             raise ConfigError("changes.replica", f"no replica named {change.replica!r}")
-        if change.action == "reset":
+        if action == "reset":
             engine.pool.reset()
             if self.config.kv_events:
                 self._kv_event(change.replica, AllBlocksCleared())
             return
+        if action in ("reports_off", "reports_on"):
+            (self._muted.add if action == "reports_off" else self._muted.discard)(change.replica)
+            return
+        if action == "restart":
+            self._restart(change.replica)
+            return
         if change.replica in self.routable:
             self.routable.remove(change.replica)
-        if change.action == "remove":
+        if action == "remove":
             self._publish_replicas()  # drain: in-flight requests finish where they are
             return
+        if action == "crash":
+            self._crash(change.replica, engine)
+            return
         for req in engine.fail():
-            router_index, _ = self._in_flight.pop(req.uid, (None, None))
+            router_index, _, _ = self._in_flight.pop(req.uid, (None, None, None))
             if router_index is not None:
                 self.routers[router_index].on_completed(req.uid, now)
             self.metrics.failed += 1
         for router in self.routers:
             router.on_replica_died(change.replica, now)
 
+    def _crash(self, name: str, engine: EngineReplica) -> None:
+        """The engine dies (already unroutable): streaming requests fail, the routers purge
+        it, then the requests that had streamed nothing are routed again, oldest first."""
+        now = self.kernel.now
+        retry = []
+        for req in engine.fail():
+            entry = self._in_flight.pop(req.uid, None)
+            if entry is None:
+                continue
+            router_index, _, request = entry
+            # Release this attempt's accounting before the purge (which would also drop it).
+            self.routers[router_index].on_completed(req.uid, now)
+            if req.first_token_s >= 0:  # tokens already reached the client: cannot retry
+                self.metrics.failed += 1
+            else:
+                retry.append((req.arrival_s, req.uid, router_index, request))
+        for router in self.routers:
+            router.on_replica_died(name, now)
+        retry.sort(key=lambda item: (item[0], item[1]))
+        for arrival_s, _, router_index, request in retry:
+            self.metrics.retried += 1
+            self._dispatch(router_index, request, arrival_s)
+
+    def _restart(self, name: str) -> None:
+        """A dead replica comes back cold: a fresh engine (empty pool) under the same name."""
+        self._add_engine(name)
+        if self.config.kv_events:
+            # Queued behind whatever the dead engine published before it died, so the
+            # routers apply those stale events first and this clears them.
+            self._kv_event(name, AllBlocksCleared())
+        self._publish_replicas()
+
     # -- requests --------------------------------------------------------------------------
     def submit(self, request_id: int, arrival_s: float, prompt_tokens: int, output_tokens: int,
                keys: Sequence[int], session_id: str | None = None) -> None:
         """Route one request now (the kernel's time is its arrival)."""
-        now = self.kernel.now
         self.metrics.on_submitted(arrival_s)
         router_index = self._next_router
         self._next_router = (router_index + 1) % len(self.routers)
-        router = self.routers[router_index]
         request = RouteRequest(keys=keys, prompt_tokens=prompt_tokens, block_tokens=self.config.block_size,
                                session_id=session_id, output_tokens=output_tokens, request_id=request_id)
+        self._dispatch(router_index, request, arrival_s)
+
+    def _dispatch(self, router_index: int, request: RouteRequest, arrival_s: float) -> None:
+        """Route ``request`` through router ``router_index`` now and hand it to the engine
+        (a first attempt or a retry; ``arrival_s`` stays the client's arrival)."""
+        now = self.kernel.now
+        router = self.routers[router_index]
+        request_id = request.request_id
+        prompt_tokens = request.prompt_tokens
+        output_tokens = request.output_tokens
         decision = router.route(request, now)
         if decision.replica is None:
             self.metrics.rejected += 1
@@ -190,8 +276,8 @@ class Cluster:
             self.metrics.rejected += 1
             return
         self.metrics.on_routed(decision.replica, prompt_tokens, decision.outcome)
-        req = EngineRequest(request_id, prompt_tokens, output_tokens, keys, arrival_s, tag=decision.replica)
-        self._in_flight[request_id] = (router_index, req)
+        req = EngineRequest(request_id, prompt_tokens, output_tokens, request.keys, arrival_s, tag=decision.replica)
+        self._in_flight[request_id] = (router_index, req, request)
         engine.add_request(req)
 
     def _on_first_token(self, req: EngineRequest, now: float) -> None:
@@ -232,7 +318,10 @@ class Cluster:
 
     def _report(self) -> None:
         now = self.kernel.now
+        muted = self._muted
         for name in self.routable:
+            if name in muted:
+                continue
             engine = self.engines[name]
             for router in self.routers:
                 router.on_engine_report(name, now, kv_usage=engine.kv_usage(), waiting=len(engine.waiting),
@@ -246,9 +335,34 @@ class Cluster:
 
     def engine_totals(self) -> dict[str, int]:
         engines = self.engines.values()
-        return {"preemptions": sum(e.preemptions for e in engines),
-                "evictions": sum(e.pool.evictions for e in engines),
-                "steps": sum(e.steps for e in engines)}
+        retired = self._retired_totals
+        return {"preemptions": retired["preemptions"] + sum(e.preemptions for e in engines),
+                "evictions": retired["evictions"] + sum(e.pool.evictions for e in engines),
+                "steps": retired["steps"] + sum(e.steps for e in engines)}
+
+
+def _check_changes(config: ClusterConfig) -> None:
+    """Walk the change schedule in time order (as the kernel will apply it) and reject,
+    at construction, a change that could not apply: one naming a replica that does not
+    exist then, adding a running replica, or restarting one that is not dead."""
+    state = {f"replica-{i}": "live" for i in range(config.replicas)}  # live | drained | dead
+    for change in sorted(config.changes, key=lambda c: c.at_s):
+        name, action, now = change.replica, change.action, state.get(change.replica)
+        where = f"{action} {name!r} at {change.at_s:g} s"
+        if action == "add":
+            if now in ("live", "drained"):
+                raise ConfigError("changes.replica", f"{where}: the replica already exists")
+            state[name] = "live"
+        elif now is None:
+            raise ConfigError("changes.replica", f"{where}: no replica by that name")
+        elif action == "restart":
+            if now != "dead":
+                raise ConfigError("changes.action", f"{where}: only a failed or crashed replica can restart")
+            state[name] = "live"
+        elif action == "remove":
+            state[name] = "drained" if now == "live" else now
+        elif action in ("fail", "crash"):
+            state[name] = "dead"
 
 
 def replay(cluster: Cluster, requests: Iterable[Any], keys_of: Callable[[Any], Sequence[int]],

@@ -23,7 +23,10 @@ class RunMetrics:
     """Everything measured in one simulation run.
 
     Per completed request (columns): arrival, TTFT, end-to-end time, time per output token,
-    prompt tokens, cached tokens, output tokens, replica index. Per replica: requests and
+    prompt tokens, cached tokens, output tokens, replica index. Counters: submitted, rejected,
+    failed (lost in a failed or crashed replica) and retried (routed again after a crash,
+    counted once per retry; a retried request is also counted again in the per-replica
+    routed figures, as each routing is). Per replica: requests and
     tokens routed, and a time series of (requests, prompt tokens, cached tokens) per bucket
     of ``bucket_s`` seconds for the plots. O(1) per event; memory O(requests + replicas *
     buckets).
@@ -41,6 +44,7 @@ class RunMetrics:
         self.submitted = 0
         self.rejected = 0
         self.failed = 0
+        self.retried = 0  # routings again after a crash, for requests that had streamed nothing
         self.first_arrival = math.inf
         self.last_finish = 0.0
         self.bucket_s = bucket_s
@@ -113,6 +117,7 @@ class RunMetrics:
             "completed": self.completed,
             "rejected": self.rejected,
             "failed": self.failed,
+            "retried": self.retried,
             "hit_rate": round(cached / prompt, 6) if prompt else 0.0,
             "ttft_mean_s": round(sum(ttft) / len(ttft), 6) if ttft else None,
             "ttft_p50_s": _round(percentile(ttft, 0.50)),
