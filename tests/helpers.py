@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import random
+import socket
+import time
 
 from policies.base import RouteRequest, RoutingView
 from router.load import ReplicaLoad
@@ -30,3 +32,20 @@ def view(replicas, *, matched=None, loads=None, seed=0, now=0.0, session_replica
                        rng=random.Random(seed), session_replica=session_replica,
                        cached_blocks=lambda r: cached.get(r, 0),
                        capacities=capacity, default_capacity=1 << 20)
+
+
+def free_port() -> int:
+    """A TCP port free on localhost right now (for a server the test starts next)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for(predicate, timeout: float = 20.0, interval: float = 0.01) -> bool:
+    """Poll ``predicate`` until it holds or ``timeout`` seconds pass; its last value."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()

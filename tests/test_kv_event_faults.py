@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import math
 import queue
-import socket
 import tempfile
 import threading
 import time
 import uuid
 
 import pytest
+
+from tests import helpers
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
@@ -57,18 +58,7 @@ def vk():
 
 
 def wait_for(predicate, timeout: float = WAIT_S, interval: float = 0.01) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return predicate()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return helpers.wait_for(predicate, timeout, interval)
 
 
 def router_keys(tokens) -> list[int]:
@@ -144,7 +134,7 @@ class VllmPublisher:
     def __init__(self, vk, ipc: str | None = None, replay: str | None = None, buffer_steps: int = 1000) -> None:
         self.vk = vk
         self.ipc = ipc or f"ipc://{tempfile.gettempdir()}/kvroute-faults-{uuid.uuid4().hex[:12]}"
-        self.replay = replay or f"tcp://127.0.0.1:{free_port()}"
+        self.replay = replay or f"tcp://127.0.0.1:{helpers.free_port()}"
         self.pub = vk.ZmqEventPublisher(0, endpoint=self.ipc, replay_endpoint=self.replay,
                                         buffer_steps=buffer_steps)
         self._real = self.pub._pub

@@ -19,6 +19,8 @@ import uuid
 
 import pytest
 
+from tests import helpers
+
 msgspec = pytest.importorskip("msgspec")
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -43,12 +45,7 @@ WAIT_S = 20.0  # generous bound for any single condition on a slow machine
 
 
 def wait_for(predicate, timeout: float = WAIT_S, interval: float = 0.01) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return predicate()
+    return helpers.wait_for(predicate, timeout, interval)
 
 
 class Collector:

