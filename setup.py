@@ -1,4 +1,5 @@
-"""Builds the optional C speedups (router/_native/speedups.c) as ``router._speedups``.
+"""Builds the optional C speedups: router/_native/speedups.c as ``router._speedups`` and
+router/_native/blockmap.c (the prefix tree's block table) as ``router._blockmap``.
 
 Everything else is configured in pyproject.toml. The extension is optional: if it cannot
 be compiled (no compiler, an unusual platform), installation still succeeds and kvroute
@@ -21,6 +22,12 @@ setup(
             include_dirs=["router/_native"],
             extra_compile_args=compile_args,
             optional=True,
-        )
+        ),
+        Extension(
+            "router._blockmap",
+            sources=["router/_native/blockmap.c"],
+            extra_compile_args=compile_args,
+            optional=True,
+        ),
     ]
 )

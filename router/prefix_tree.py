@@ -7,9 +7,14 @@ blocks (a hash -> block map probed block by block), including its one quirk: a b
 whose parent was evicted is found again once the parent is computed again.
 
 Layout
-  _owners   key -> bitmask of replica slots holding that block (bit i = slot i)
-  per replica (``_ReplicaBlocks``), each entry in exactly one of two dicts, key -> time of
-  its last move, whose insertion order is LRU order (oldest first):
+  _owners   key -> bitmask of replica slots holding that block (bit i = slot i): a C
+            ``BlockMap`` (router/_native/blockmap.c: 16-byte slots in one open-addressing
+            array, one cache line per probe) while every slot is below 64 and the
+            extension is built, else a dict
+  per replica (``_ReplicaBlocks``), each entry in exactly one of two insertion-ordered
+  maps, key -> time of its last move, whose order is LRU order (oldest first): C
+  ``BlockLRU``s (open addressing, each entry linked to its LRU neighbours in its slot)
+  beside the ``BlockMap``, else ``_OrderedTimes`` dicts:
     spec    entries learned from routing, not yet confirmed by the engine's KV events.
             A speculative entry expires ``speculative_ttl_s`` after its last move, so this
             dict is also in deadline order and expiry pops from its front.
@@ -37,9 +42,10 @@ Complexity
   remove / clear / drop   O(blocks touched)
   expire(now)             O(expired + replicas)
   eviction                O(evicted): a merge of the two dicts' oldest entries
-Memory: about 52 bytes for a replica's entry (its slot in ``spec`` or ``conf``) plus
-about 120 bytes per distinct block (map slot, key int, mask int) shared by all of its
-owners; the router benchmark measures it.
+Memory: with the C tables, 32 to 64 bytes for a replica's entry (its ``BlockLRU`` slot)
+plus 24 to 48 bytes per distinct block (its ``BlockMap`` slot), and no Python object per
+block; with dicts, about 52 bytes per entry plus about 120 per block (map slot, key int,
+mask int). The router benchmark measures it.
 """
 
 from __future__ import annotations
@@ -52,23 +58,49 @@ from heapq import merge
 from itertools import chain, islice
 from operator import itemgetter
 
-from router._fast import speedups
+from router._fast import BlockLRU, BlockMap, speedups
 from router.errors import ConfigError
 
 ReplicaId = Hashable
 
 
+class _OrderedTimes(dict):
+    """key -> time of last move, in insertion (LRU) order: the pure-Python twin of the C
+    ``BlockLRU``, with the two operations it adds to a dict."""
+
+    __slots__ = ()
+
+    def oldest(self, count: int) -> list[tuple[int, float]]:
+        """The first ``count`` (key, time) pairs, oldest first. O(count)."""
+        return list(islice(self.items(), max(0, count)))
+
+    def pop_expired(self, ttl: float, now: float) -> tuple[list[int], float]:
+        """Pop from the old end every entry whose deadline (time + ttl) is before
+        ``now``; returns them and the first deadline kept (inf if none). O(popped)."""
+        victims = []
+        next_deadline = math.inf
+        for key, moved in self.items():
+            deadline = moved + ttl
+            if deadline >= now:
+                next_deadline = deadline
+                break
+            victims.append(key)
+        for key in victims:
+            del self[key]
+        return victims, next_deadline
+
+
 class _ReplicaBlocks:
-    """One replica's speculative and confirmed blocks, each dict in LRU order."""
+    """One replica's speculative and confirmed blocks, each map in LRU order."""
 
     __slots__ = ("replica", "slot", "bit", "spec", "conf", "capacity", "evicted", "expired")
 
-    def __init__(self, replica: ReplicaId, slot: int, capacity: int) -> None:
+    def __init__(self, replica: ReplicaId, slot: int, capacity: int, times: type) -> None:
         self.replica = replica
         self.slot = slot
         self.bit = 1 << slot
-        self.spec: dict[int, float] = {}
-        self.conf: dict[int, float] = {}
+        self.spec = times()  # BlockLRU or _OrderedTimes
+        self.conf = times()
         self.capacity = capacity
         self.evicted = 0
         self.expired = 0
@@ -79,8 +111,8 @@ class _ReplicaBlocks:
     def lru(self, count: int | None = None) -> list[int]:
         """The ``count`` least recently moved keys (all if None), oldest first; at equal
         times speculative before confirmed."""
-        spec = self.spec.items() if count is None else islice(self.spec.items(), count)
-        conf = self.conf.items() if count is None else islice(self.conf.items(), count)
+        spec = self.spec.items() if count is None else self.spec.oldest(count)
+        conf = self.conf.items() if count is None else self.conf.oldest(count)
         # heapq.merge is stable: on equal times the first iterable (spec) comes first.
         merged = merge(spec, conf, key=_TIME)
         return [key for key, _ in (merged if count is None else islice(merged, count))]
@@ -107,13 +139,14 @@ class PrefixTree:
     each operation and memory per entry. Single owner, no locks: the router's event loop
     or the simulator drives it.
 
-    The walks of ``match`` and ``insert`` run in C (``router._speedups``) when it is
-    built and every replica slot fits a 64-bit mask; the Python loops beside them are
-    the reference and compute the same result (a subclass with ``_speedups = None``
-    runs them only; the tests check both).
+    The block table is a C ``BlockMap`` whose methods run the walks of ``match``,
+    ``insert`` and the owner drops, when it is built and every replica slot fits a 64-bit
+    mask; the dict and the Python loops beside them are the reference and compute the
+    same result (a subclass with ``_speedups = None`` runs them only; the tests check
+    both).
     """
 
-    _speedups = speedups
+    _speedups = speedups  # None: the pure-Python reference (dict and loops)
 
     def __init__(self, *, default_capacity_blocks: int = 65_536,
                  speculative_ttl_s: float = 300.0, touch_coalesce_s: float = 1.0) -> None:
@@ -125,7 +158,7 @@ class PrefixTree:
             raise ConfigError("tree.touch_coalesce_s", f"must be a number >= 0, got {touch_coalesce_s!r}")
         self.speculative_ttl_s = float(speculative_ttl_s)
         self.touch_coalesce_s = float(touch_coalesce_s)
-        self._owners: dict[int, int] = {}
+        self._owners = self._new_block_map()
         self._replicas: dict[ReplicaId, _ReplicaBlocks] = {}
         self.capacities: dict[ReplicaId, int] = {}  # replica -> capacity, for policy views
         self._slot_replica: list[ReplicaId | None] = []
@@ -134,7 +167,7 @@ class PrefixTree:
         self._members_of: dict[int, tuple] = {}  # memo of _members(mask)
         self._mask_for: tuple | None = None  # the candidate set whose mask is in _mask
         self._mask = 0
-        self._walks = None  # the C speedups while every slot is below 64, else None
+        self._walks = None  # the BlockMap while it holds the blocks, else None (dict)
         self._next_expiry = math.inf  # earliest speculative deadline (a lower bound)
 
     # -- replicas ----------------------------------------------------------------------
@@ -152,17 +185,34 @@ class PrefixTree:
         else:
             slot = len(self._slot_replica)
             self._slot_replica.append(replica)
-        rb = self._replicas[replica] = _ReplicaBlocks(replica, slot, self.default_capacity_blocks)
+        rb = self._replicas[replica] = _ReplicaBlocks(replica, slot, self.default_capacity_blocks,
+                                                      self._times_type())
         self._bit_replica[rb.bit] = replica
         self.capacities[replica] = rb.capacity
         self._replicas_changed()
         return rb
 
+    def _new_block_map(self):
+        return BlockMap() if BlockMap is not None and self._speedups is not None else {}
+
+    def _times_type(self) -> type:
+        """The per-replica LRU map: C ``BlockLRU`` unless running the Python reference.
+        Independent of the slot count (it holds no masks), so it never changes."""
+        return BlockLRU if BlockLRU is not None and self._speedups is not None else _OrderedTimes
+
     def _replicas_changed(self) -> None:
         self._mask_for = None
         self._members_of.clear()
-        # The C walks keep masks in 64 bits: usable while no slot is 64 or above.
-        self._walks = self._speedups if len(self._slot_replica) <= 64 else None
+        # The BlockMap keeps masks in 64 bits: usable while no slot is 64 or above. Slots
+        # are reused, never released, so the switch to a dict happens at most once.
+        fast = (BlockMap is not None and self._speedups is not None and len(self._slot_replica) <= 64
+                and all(type(rb.spec) is BlockLRU for rb in self._replicas.values()))
+        if fast != isinstance(self._owners, BlockMap or ()):
+            table = self._new_block_map() if fast else {}
+            for key, mask in self._owners.items():
+                table[key] = mask
+            self._owners = table
+        self._walks = self._owners if fast else None
 
     def set_capacity(self, replica: ReplicaId, capacity_blocks: int) -> None:
         """Set a replica's capacity in blocks; evicts its LRU blocks if now over it."""
@@ -220,9 +270,12 @@ class PrefixTree:
         return sys.getsizeof(rb.spec) + sys.getsizeof(rb.conf) if rb is not None else 0
 
     def shared_bytes(self) -> int:
-        """Memory of the block map shared by all replicas: the dict plus one 64-bit key
-        object per block (masks above 256 add one small int each, not counted). O(1)."""
-        return sys.getsizeof(self._owners) + len(self._owners) * _KEY_OBJECT_BYTES
+        """Memory of the block map shared by all replicas: a ``BlockMap`` holds keys and
+        masks inline; a dict adds one 64-bit key object per block (masks above 256 add
+        one small int each, not counted). O(1)."""
+        if type(self._owners) is dict:
+            return sys.getsizeof(self._owners) + len(self._owners) * _KEY_OBJECT_BYTES
+        return sys.getsizeof(self._owners)
 
     def __len__(self) -> int:
         """Distinct blocks in the tree (nodes)."""
@@ -246,15 +299,13 @@ class PrefixTree:
         alive = self._candidate_mask(replicas)
         if not alive or not keys:
             return result
+        walks = self._walks
+        if walks is not None:  # the same walk in C, writing into ``result``
+            walks.match_into(keys, alive, result, self._slot_replica)
+            return result
         members = self._members
         update = result.update
         fromkeys = dict.fromkeys
-        walks = self._walks
-        if walks is not None:  # the same walk in C: (dropped bits, their depth) pairs
-            for dropped, depth in walks.match_walk(self._owners, keys, alive):
-                if depth:  # the result already says 0
-                    update(fromkeys(members(dropped), depth))
-            return result
         owners_get = self._owners.get
         for depth, key in enumerate(keys):
             still = owners_get(key, 0) & alive
@@ -327,7 +378,7 @@ class PrefixTree:
         bit = rb.bit
         stale_before = now - self.touch_coalesce_s
         if self._walks is not None:  # the loop below, in C
-            new = self._walks.insert_walk(self._owners, spec, conf, keys, bit, now, stale_before, confirmed, held)
+            new = self._walks.insert_walk(spec, conf, keys, bit, now, stale_before, confirmed, held)
         else:
             new = self._insert_walk(rb, keys, now, stale_before, confirmed, held)
         if not confirmed:
@@ -373,26 +424,29 @@ class PrefixTree:
                 conf[key] = now
         return new
 
-    def _drop_owner(self, key: int, bit: int) -> None:
-        mask = self._owners[key] & ~bit
-        if mask:
-            self._owners[key] = mask
-        else:
-            del self._owners[key]
-
-    def _evict(self, rb: _ReplicaBlocks, count: int) -> None:
+    def _drop_bits(self, keys: Sequence[int], bit: int) -> None:
+        """Clear ``bit`` on each of ``keys`` (all held by that replica); a key left with no
+        owner leaves the table. O(len(keys))."""
+        if self._walks is not None:
+            self._walks.drop_bits(keys, bit)
+            return
         owners = self._owners
-        keep = ~rb.bit
-        spec_pop = rb.spec.pop
-        conf = rb.conf
-        for key in rb.lru(count):  # the oldest ``count`` entries of both kinds
-            if spec_pop(key, None) is None:
-                del conf[key]
+        keep = ~bit
+        for key in keys:
             mask = owners[key] & keep
             if mask:
                 owners[key] = mask
             else:
                 del owners[key]
+
+    def _evict(self, rb: _ReplicaBlocks, count: int) -> None:
+        spec_pop = rb.spec.pop
+        conf = rb.conf
+        victims = rb.lru(count)  # the oldest ``count`` entries of both kinds
+        for key in victims:
+            if spec_pop(key, None) is None:
+                del conf[key]
+        self._drop_bits(victims, rb.bit)
         rb.evicted += count
 
     def evict_lru(self, replica: ReplicaId, count: int) -> int:
@@ -412,23 +466,20 @@ class PrefixTree:
             return 0
         spec_pop = rb.spec.pop
         conf_pop = rb.conf.pop
-        removed = 0
-        for key in keys:
-            if spec_pop(key, None) is not None or conf_pop(key, None) is not None:
-                self._drop_owner(key, rb.bit)
-                removed += 1
-        return removed
+        gone = [key for key in keys if spec_pop(key, None) is not None or conf_pop(key, None) is not None]
+        self._drop_bits(gone, rb.bit)
+        return len(gone)
 
     def clear_replica(self, replica: ReplicaId) -> int:
         """Forget every block of ``replica`` but keep it registered (AllBlocksCleared)."""
         rb = self._replicas.get(replica)
         if rb is None:
             return 0
-        for key in chain(rb.spec, rb.conf):
-            self._drop_owner(key, rb.bit)
+        self._drop_bits(list(chain(rb.spec, rb.conf)), rb.bit)
         removed = len(rb)
-        rb.spec = {}
-        rb.conf = {}
+        times = type(rb.spec)
+        rb.spec = times()
+        rb.conf = times()
         return removed
 
     def drop_replica(self, replica: ReplicaId) -> int:
@@ -450,18 +501,10 @@ class PrefixTree:
         total = 0
         next_expiry = math.inf
         for rb in self._replicas.values():
-            spec = rb.spec
-            victims = []
-            for key, moved in spec.items():
-                deadline = moved + ttl
-                if deadline >= now:
-                    if deadline < next_expiry:
-                        next_expiry = deadline
-                    break
-                victims.append(key)
-            for key in victims:
-                del spec[key]
-                self._drop_owner(key, rb.bit)
+            victims, deadline = rb.spec.pop_expired(ttl, now)
+            if deadline < next_expiry:
+                next_expiry = deadline
+            self._drop_bits(victims, rb.bit)
             rb.expired += len(victims)
             total += len(victims)
         self._next_expiry = next_expiry
@@ -484,14 +527,15 @@ class PrefixTree:
             assert self._slot_replica[rb.slot] == replica
             assert rb.bit == 1 << rb.slot
             assert len(rb) <= rb.capacity, (replica, len(rb), rb.capacity)
-            assert rb.spec.keys().isdisjoint(rb.conf.keys()), "an entry is both speculative and confirmed"
+            assert set(rb.spec).isdisjoint(rb.conf), "an entry is both speculative and confirmed"
+            assert type(rb.spec) is type(rb.conf)
             for key in chain(rb.spec, rb.conf):
                 assert self._owners.get(key, 0) & rb.bit, f"{replica} holds {key} but is not an owner"
             for kind in (rb.spec, rb.conf):
                 times = list(kind.values())
                 assert times == sorted(times), "entries out of LRU order"
             if rb.spec:
-                first = next(iter(rb.spec.values()))
+                first = rb.spec.oldest(1)[0][1]
                 assert first + self.speculative_ttl_s >= self._next_expiry, "next_expiry is not a lower bound"
             entries += len(rb)
         live_bits = sum(1 << s for s in seen_slots)

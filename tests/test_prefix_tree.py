@@ -327,13 +327,39 @@ PurePythonPrefixTreeMachine.TestCase.settings = PrefixTreeMachine.TestCase.setti
 TestPurePythonPrefixTreeMachine = PurePythonPrefixTreeMachine.TestCase
 
 
-def test_the_default_tree_uses_the_c_walks_when_they_are_built():
-    from router._fast import speedups
+def test_the_default_tree_uses_the_c_block_map_when_it_is_built():
+    from router._fast import BlockMap
 
     tree = PrefixTree(default_capacity_blocks=4)
     tree.add_replica("a")
-    assert tree._walks is speedups
-    assert PurePythonPrefixTree(default_capacity_blocks=4)._walks is None
+    if BlockMap is None:
+        pytest.skip("router._blockmap not built")
+    assert type(tree._owners) is BlockMap and tree._walks is tree._owners
+    pure = PurePythonPrefixTree(default_capacity_blocks=4)
+    pure.add_replica("a")
+    assert type(pure._owners) is dict and pure._walks is None
+
+
+@pytest.mark.parametrize("tree_class", [PrefixTree, PurePythonPrefixTree])
+def test_a_65th_replica_moves_the_blocks_to_a_dict_and_loses_nothing(tree_class):
+    # Masks in the C table are 64 bits: slot 64 needs the dict. The switch must carry
+    # every block and owner across, and matching must go on giving the same answers.
+    tree = tree_class(default_capacity_blocks=100, speculative_ttl_s=1e9)
+    replicas = [f"r{i}" for i in range(64)]
+    for i, replica in enumerate(replicas):
+        tree.insert(replica, [1000, 2000 + i % 3, 3000 + i], 0.0, confirmed=i % 2 == 0)
+    before = tree.match([1000, 2001, 3001], replicas, 1.0)
+    assert before["r1"] == 3 and before["r4"] == 2 and before["r0"] == 1
+    tree.add_replica("r64")
+    assert type(tree._owners) is dict and tree._walks is None
+    assert tree.match([1000, 2001, 3001], replicas, 1.0) == before
+    tree.insert("r64", [1000, 2001], 2.0)
+    assert tree.match([1000, 2001], ["r64", "r1", "r0"], 2.0) == {"r64": 2, "r1": 2, "r0": 1}
+    tree.check_invariants()
+    for replica in replicas:
+        tree.drop_replica(replica)
+    assert len(tree) == 2 and tree.entries == 2
+    tree.check_invariants()
 
 
 # ---------------------------------------------------------------------------------------
