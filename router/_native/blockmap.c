@@ -154,8 +154,8 @@ prefetch_homes(const BlockMap *bm, PyObject **items, Py_ssize_t start, Py_ssize_
     for (Py_ssize_t i = start; i < stop; i++) {
         if (!PyLong_CheckExact(items[i]))
             continue;
-        uint64_t key = (uint64_t)PyLong_AsUnsignedLongLong(items[i]);
-        if (key == (uint64_t)-1 && PyErr_Occurred()) {
+        uint64_t key;
+        if (as_u64(items[i], &key) < 0) {
             PyErr_Clear(); /* out of range: the walk raises it in order */
             continue;
         }
@@ -163,6 +163,24 @@ prefetch_homes(const BlockMap *bm, PyObject **items, Py_ssize_t start, Py_ssize_
         __builtin_prefetch(&bm->slots[home(bm, key)], 1, 3);
 #endif
     }
+}
+
+/* int object -> uint64, OverflowError outside [0, 2**64). CPython 3.11's
+ * PyLong_AsUnsignedLongLong goes through _PyLong_AsByteArray, several times slower than
+ * the digit loop of PyLong_AsUnsignedLongLongMask; the range is checked first with the
+ * sign and bit length instead. */
+static inline int
+as_u64(PyObject *obj, uint64_t *out)
+{
+    if (_PyLong_Sign(obj) < 0 || _PyLong_NumBits(obj) > 64) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_OverflowError, "int out of the uint64 range");
+        return -1;
+    }
+    *out = (uint64_t)PyLong_AsUnsignedLongLongMask(obj);
+    if (*out == (uint64_t)-1 && PyErr_Occurred())
+        return -1;
+    return 0;
 }
 
 /* key object -> uint64, TypeError/OverflowError for anything but an int in range. */
@@ -173,10 +191,7 @@ as_key(PyObject *obj, uint64_t *key)
         PyErr_Format(PyExc_TypeError, "block keys are ints, got %.100s", Py_TYPE(obj)->tp_name);
         return -1;
     }
-    *key = (uint64_t)PyLong_AsUnsignedLongLong(obj);
-    if (*key == (uint64_t)-1 && PyErr_Occurred())
-        return -1;
-    return 0;
+    return as_u64(obj, key);
 }
 
 static inline int
@@ -186,10 +201,7 @@ as_mask(PyObject *obj, uint64_t *mask)
         PyErr_Format(PyExc_TypeError, "owner masks are ints, got %.100s", Py_TYPE(obj)->tp_name);
         return -1;
     }
-    *mask = (uint64_t)PyLong_AsUnsignedLongLong(obj);
-    if (*mask == (uint64_t)-1 && PyErr_Occurred())
-        return -1;
-    return 0;
+    return as_u64(obj, mask);
 }
 
 /* ---------------------------------------------------------------------------------- */
@@ -430,7 +442,10 @@ lru_unlink(BlockLRU *m, int32_t i)
         m->tail = p;
 }
 
-/* Rebuild at ``cap`` slots, re-inserting oldest first (the order is kept). */
+/* Rebuild at ``cap`` slots, keeping the LRU order. The old table is scanned in slot
+ * order (not along the list, whose every step would be a dependent cache miss), each
+ * entry re-homed with its old neighbour numbers; a second pass over the new table maps
+ * those through ``moved`` (old slot -> new slot). O(old capacity + capacity). */
 static int
 lru_resize(BlockLRU *m, Py_ssize_t cap)
 {
@@ -442,22 +457,41 @@ lru_resize(BlockLRU *m, Py_ssize_t cap)
     if (fresh == NULL)
         return -1;
     Entry *old = m->slots;
-    int32_t at = m->head;
+    Py_ssize_t old_cap = m->cap;
+    int32_t *moved = PyMem_Malloc((size_t)old_cap * sizeof(int32_t));
+    if (moved == NULL) {
+        PyMem_Free(fresh);
+        PyErr_NoMemory();
+        return -1;
+    }
     m->slots = fresh;
     m->cap = cap;
     int log2 = 0;
     while (((Py_ssize_t)1 << log2) < cap)
         log2++;
     m->shift = 64 - log2;
-    m->head = m->tail = LRU_NONE;
-    while (at != LRU_NONE) {
-        const Entry *e = &old[at];
-        int32_t i = (int32_t)lru_probe(m, e->key);
-        fresh[i].key = e->key;
-        fresh[i].time = e->time;
-        lru_link_tail(m, i);
-        at = e->next;
+    for (Py_ssize_t j = 0; j < old_cap; j++) {
+        if (old[j].next == LRU_EMPTY)
+            continue;
+        /* A copied entry's old ``next`` is never LRU_EMPTY, so it reads as occupied. */
+        size_t i = lru_probe(m, old[j].key);
+        fresh[i] = old[j];
+        moved[j] = (int32_t)i;
     }
+    for (Py_ssize_t i = 0; i < cap; i++) {
+        Entry *e = &fresh[i];
+        if (e->next == LRU_EMPTY)
+            continue;
+        if (e->prev != LRU_NONE)
+            e->prev = moved[e->prev];
+        if (e->next != LRU_NONE)
+            e->next = moved[e->next];
+    }
+    if (m->head != LRU_NONE) {
+        m->head = moved[m->head];
+        m->tail = moved[m->tail];
+    }
+    PyMem_Free(moved);
     PyMem_Free(old);
     return 0;
 }
@@ -1016,8 +1050,8 @@ BlockMap_insert_walk(BlockMap *bm, PyObject *const *args, Py_ssize_t nargs)
 #if defined(__GNUC__) || defined(__clang__)
     for (Py_ssize_t i = n > PREFETCH ? n - PREFETCH : 0; i < n; i++) {
         if (PyLong_CheckExact(items[i])) {
-            uint64_t key = (uint64_t)PyLong_AsUnsignedLongLong(items[i]);
-            if (key == (uint64_t)-1 && PyErr_Occurred()) {
+            uint64_t key;
+            if (as_u64(items[i], &key) < 0) {
                 PyErr_Clear();
                 continue;
             }
