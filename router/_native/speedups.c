@@ -4,17 +4,14 @@
  * router/prefix_tree.py, policies/cache_aware.py); the twins compute the same values
  * step for step, and the test suite runs both. Set KVROUTE_PURE_PYTHON=1 to use the
  * Python twins only. Nothing here keeps state: the data stays in the Python objects
- * (dicts, ReplicaLoad records) the Python code owns.
+ * (dicts, ReplicaLoad records) the Python code owns. The prefix tree's tables and walks
+ * are in blockmap.c.
  *
  *   chain(data, step, seed)           chained xxh3_64 keys of each full ``step``-byte block
- *   match_walk(owners, keys, alive)   the prefix-match walk of PrefixTree.match
- *   insert_walk(owners, spec, conf, keys, bit, now, stale_before, confirmed)
- *                                     the touch/insert loop of PrefixTree.insert
  *   cache_aware(...)                  CacheAwarePolicy's cost loop, and optionally its ranking
  *
- * Masks are handled as uint64: the tree calls the walks only while every replica slot is
- * below 64. The cost loop returns None (the caller then runs the Python twin) whenever an
- * input is not of the plain type it expects, so the Python semantics always win.
+ * The cost loop returns None (the caller then runs the Python twin) whenever an input is
+ * not of the plain type it expects, so the Python semantics always win.
  *
  * Built with -ffp-contract=off: no fused multiply-add, so float results are bit-identical
  * to CPython's, which rounds after every operation.
@@ -75,194 +72,6 @@ chain(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 done:
     PyBuffer_Release(&buf);
     return out;
-}
-
-/* ---------------------------------------------------------------------------------- */
-/* prefix tree                                                                         */
-/* ---------------------------------------------------------------------------------- */
-
-/* The owner mask of ``key`` (0 if absent); -1 with an exception set on error. */
-static inline int
-owner_mask(PyObject *owners, PyObject *key, uint64_t *mask)
-{
-    PyObject *m = PyDict_GetItemWithError(owners, key);
-    if (m == NULL) {
-        *mask = 0;
-        return PyErr_Occurred() ? -1 : 0;
-    }
-    *mask = (uint64_t)PyLong_AsUnsignedLongLong(m);
-    if (*mask == (uint64_t)-1 && PyErr_Occurred())
-        return -1;
-    return 0;
-}
-
-static int
-append_pair(PyObject *out, uint64_t mask, Py_ssize_t depth)
-{
-    PyObject *pair = Py_BuildValue("(Kn)", (unsigned long long)mask, depth);
-    if (pair == NULL)
-        return -1;
-    int rc = PyList_Append(out, pair);
-    Py_DECREF(pair);
-    return rc;
-}
-
-/* match_walk(owners, keys, alive) -> [(mask, depth), ...]
- * Walks ``keys`` in order keeping ``alive``, the candidates holding every key so far;
- * each time some drop out, yields (the bits that dropped, their matched depth); the
- * survivors of the whole chain come last with depth len(keys). Stops when none is left.
- * O(matched blocks), one dict probe per block. */
-static PyObject *
-match_walk(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
-{
-    if (nargs != 3 || !PyDict_Check(args[0])) {
-        PyErr_SetString(PyExc_TypeError, "match_walk(owners: dict, keys, alive: int)");
-        return NULL;
-    }
-    PyObject *owners = args[0];
-    uint64_t alive = (uint64_t)PyLong_AsUnsignedLongLong(args[2]);
-    if (alive == (uint64_t)-1 && PyErr_Occurred())
-        return NULL;
-    PyObject *seq = PySequence_Fast(args[1], "keys must be a sequence");
-    if (seq == NULL)
-        return NULL;
-    PyObject *out = PyList_New(0);
-    if (out == NULL)
-        goto error;
-    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
-    PyObject **items = PySequence_Fast_ITEMS(seq);
-    for (Py_ssize_t depth = 0; depth < n && alive; depth++) {
-        uint64_t mask;
-        if (owner_mask(owners, items[depth], &mask) < 0)
-            goto error;
-        uint64_t still = mask & alive;
-        if (still != alive) {
-            if (append_pair(out, alive ^ still, depth) < 0)
-                goto error;
-            alive = still;
-        }
-    }
-    if (alive && append_pair(out, alive, n) < 0)
-        goto error;
-    Py_DECREF(seq);
-    return out;
-error:
-    Py_XDECREF(out);
-    Py_DECREF(seq);
-    return NULL;
-}
-
-/* Move ``key`` to the young end of ``d`` with time ``now`` (delete, then re-insert). */
-static inline int
-move_to_end(PyObject *from, PyObject *to, PyObject *key, PyObject *now)
-{
-    if (PyDict_DelItem(from, key) < 0)
-        return -1;
-    return PyDict_SetItem(to, key, now);
-}
-
-/* insert_walk(owners, spec, conf, keys, bit, now, stale_before, confirmed, held) -> new
- * The loop of PrefixTree.insert (see there): leaf first; a key new to the replica gets
- * its owner bit and an entry in spec (or conf if confirmed); a held one is promoted
- * (confirming) or moved when its last move is older than stale_before. The first
- * ``held`` keys are known to be held (a match just said so): their owner probe is
- * skipped. O(len(keys)). */
-static PyObject *
-insert_walk(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
-{
-    if (nargs != 9 || !PyDict_Check(args[0]) || !PyDict_Check(args[1]) || !PyDict_Check(args[2])) {
-        PyErr_SetString(PyExc_TypeError,
-                        "insert_walk(owners, spec, conf, keys, bit, now, stale_before, confirmed, held)");
-        return NULL;
-    }
-    PyObject *owners = args[0], *spec = args[1], *conf = args[2], *bit_obj = args[4], *now = args[5];
-    if (!PyLong_CheckExact(bit_obj)) {
-        PyErr_SetString(PyExc_TypeError, "bit must be an int");
-        return NULL;
-    }
-    uint64_t bit = (uint64_t)PyLong_AsUnsignedLongLong(args[4]);
-    if (bit == (uint64_t)-1 && PyErr_Occurred())
-        return NULL;
-    double stale_before = PyFloat_AsDouble(args[6]);
-    if (stale_before == -1.0 && PyErr_Occurred())
-        return NULL;
-    int confirmed = PyObject_IsTrue(args[7]);
-    if (confirmed < 0)
-        return NULL;
-    Py_ssize_t held = PyLong_AsSsize_t(args[8]);
-    if (held == -1 && PyErr_Occurred())
-        return NULL;
-    PyObject *target = confirmed ? conf : spec;
-    PyObject *seq = PySequence_Fast(args[3], "keys must be a sequence");
-    if (seq == NULL)
-        return NULL;
-    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
-    PyObject **items = PySequence_Fast_ITEMS(seq);  /* the sequence keeps every key alive */
-    Py_ssize_t added = 0;
-    for (Py_ssize_t i = n - 1; i >= 0; i--) {
-        PyObject *key = items[i];
-        if (i < held)
-            goto touch;
-        /* One probe for the common case, a key no replica holds: setdefault stores the
-         * replica's own bit (one shared int object, nothing allocated). */
-        Py_ssize_t size = PyDict_GET_SIZE(owners);
-        PyObject *m = PyDict_SetDefault(owners, key, bit_obj);
-        if (m == NULL)
-            goto error;
-        if (PyDict_GET_SIZE(owners) != size) {  /* it was absent: now owned by this replica */
-            if (PyDict_SetItem(target, key, now) < 0)
-                goto error;
-            added++;
-            continue;
-        }
-        uint64_t mask = (uint64_t)PyLong_AsUnsignedLongLong(m);
-        if (mask == (uint64_t)-1 && PyErr_Occurred())
-            goto error;
-        if (!(mask & bit)) {  /* held by others, new for this replica */
-            PyObject *grown = PyLong_FromUnsignedLongLong(mask | bit);
-            if (grown == NULL)
-                goto error;
-            int rc = PyDict_SetItem(owners, key, grown);
-            Py_DECREF(grown);
-            if (rc < 0 || PyDict_SetItem(target, key, now) < 0)
-                goto error;
-            added++;
-            continue;
-        }
-    touch:;
-        PyObject *moved = PyDict_GetItemWithError(spec, key);
-        if (moved != NULL) {  /* speculative */
-            if (confirmed) {
-                if (move_to_end(spec, conf, key, now) < 0)
-                    goto error;
-            } else {
-                double t = PyFloat_AsDouble(moved);
-                if (t == -1.0 && PyErr_Occurred())
-                    goto error;
-                if (t < stale_before && move_to_end(spec, spec, key, now) < 0)
-                    goto error;
-            }
-            continue;
-        }
-        if (PyErr_Occurred())
-            goto error;
-        PyObject *held = PyDict_GetItemWithError(conf, key);
-        if (held == NULL) {
-            if (!PyErr_Occurred())
-                PyErr_SetObject(PyExc_KeyError, key);
-            goto error;
-        }
-        double t = PyFloat_AsDouble(held);
-        if (t == -1.0 && PyErr_Occurred())
-            goto error;
-        if (t < stale_before && move_to_end(conf, conf, key, now) < 0)
-            goto error;
-    }
-    Py_DECREF(seq);
-    return PyLong_FromSsize_t(added);
-error:
-    Py_DECREF(seq);
-    return NULL;
 }
 
 /* ---------------------------------------------------------------------------------- */
@@ -727,10 +536,6 @@ finish:
 static PyMethodDef methods[] = {
     {"chain", (PyCFunction)(void (*)(void))chain, METH_FASTCALL,
      "chain(data, step, seed) -> list[int]: chained xxh3_64 keys of each full block."},
-    {"match_walk", (PyCFunction)(void (*)(void))match_walk, METH_FASTCALL,
-     "match_walk(owners, keys, alive) -> [(dropped mask, depth), ...]"},
-    {"insert_walk", (PyCFunction)(void (*)(void))insert_walk, METH_FASTCALL,
-     "insert_walk(owners, spec, conf, keys, bit, now, stale_before, confirmed, held) -> new entries"},
     {"cache_aware", (PyCFunction)(void (*)(void))cache_aware, METH_FASTCALL,
      "CacheAwarePolicy's cost loop (rank false: costs dict) or ranking (rank true: tiers)."},
     {NULL, NULL, 0, NULL},
