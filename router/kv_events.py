@@ -63,7 +63,34 @@ OnEvent = Callable[[ReplicaId, KvEvent], None]
 
 #: The replay stream's end marker (vLLM's ``ZmqEventPublisher.END_SEQ``).
 END_SEQ = (-1).to_bytes(8, "big", signed=True)
+#: A replica's key map holds at most this many entries per block of the engine's KV cache
+#: (``num_gpu_blocks``, from its routing stats), unless ``max_entries`` is given. With
+#: every event delivered the map holds exactly the blocks the engine caches, so at most
+#: ``num_gpu_blocks``; the second copy is room for stale entries (a removal lost beyond
+#: the replay buffer) before the LRU bound can push out a block the engine still holds
+#: (cached blocks that are hit publish nothing, so an old, popular prefix sits at the LRU
+#: end of the map).
+KEY_MAP_BLOCKS_MULTIPLE = 2
+#: The bound when the engine's block count is not known (a spec without
+#: ``num_gpu_blocks``): large enough for a 1M-block engine at the multiple above; ~360 MB
+#: per replica at worst.
 DEFAULT_MAX_ENTRIES = 2_000_000
+
+
+def key_map_bound(num_gpu_blocks: int | None, max_entries: int | None = None) -> int:
+    """Entries a replica's ``ReplicaKeyMap`` keeps: ``max_entries`` when given, else
+    ``KEY_MAP_BLOCKS_MULTIPLE * num_gpu_blocks`` when the engine's block count is known,
+    else ``DEFAULT_MAX_ENTRIES``. Raises ``ConfigError`` for a value that is not a
+    positive integer (or None)."""
+    if max_entries is not None:
+        if not isinstance(max_entries, int) or isinstance(max_entries, bool) or max_entries <= 0:
+            raise ConfigError("kv_events.max_entries", f"must be a positive integer, got {max_entries!r}")
+        return max_entries
+    if num_gpu_blocks is not None:
+        if not isinstance(num_gpu_blocks, int) or isinstance(num_gpu_blocks, bool) or num_gpu_blocks <= 0:
+            raise ConfigError("kv_events.num_gpu_blocks", f"must be a positive integer, got {num_gpu_blocks!r}")
+        return KEY_MAP_BLOCKS_MULTIPLE * num_gpu_blocks
+    return DEFAULT_MAX_ENTRIES
 #: Longest engine block hash (bytes) accepted: vLLM's are 64-bit ints or 32-byte digests.
 MAX_HASH_BYTES = 64
 
@@ -266,22 +293,23 @@ class ReplicaKeyMap:
     not carry, and a key computed from a guessed seed would never match a request.
 
     Holds: an ``OrderedDict`` engine hash -> router key in LRU order (a store, a re-store
-    or a parent lookup refreshes), at most ``max_entries`` (oldest evicted). Memory: about
-    180 bytes per entry with vLLM's default 64-bit int hashes, about 65 more with 32-byte
-    hashes (tracemalloc, see docs/kv-events.md), so the 2,000,000 default is ~360 MB worst
-    case per replica; a replica never holds more blocks than its KV cache, so size it to
-    a small multiple of the engine's block count. Each
-    event costs O(its blocks) (O(tokens) hashing for stores). Single owner (the
-    subscriber's thread), no locks.
+    or a parent lookup refreshes), at most ``max_entries`` (oldest evicted). A replica
+    never holds more blocks than its KV cache, so the bound follows the engine:
+    ``KEY_MAP_BLOCKS_MULTIPLE`` (2) x ``num_gpu_blocks`` when that is given, else
+    ``DEFAULT_MAX_ENTRIES`` (2,000,000); an explicit ``max_entries`` overrides both
+    (``key_map_bound``). Memory: about 180 bytes per entry with vLLM's default 64-bit int
+    hashes, about 65 more with 32-byte hashes (tracemalloc, see docs/kv-events.md): ~36 MB
+    for a 100,000-block engine, ~360 MB at the fallback bound. Each event costs O(its
+    blocks) (O(tokens) hashing for stores). Single owner (the subscriber's thread), no
+    locks.
     """
 
-    def __init__(self, block_size: int, model: str = "", *, max_entries: int = DEFAULT_MAX_ENTRIES,
-                 media: Iterable[str | None] | None = ("GPU",), group_idx: int | None = 0,
-                 schema: str | _Schema = "auto") -> None:
+    def __init__(self, block_size: int, model: str = "", *, max_entries: int | None = None,
+                 num_gpu_blocks: int | None = None, media: Iterable[str | None] | None = ("GPU",),
+                 group_idx: int | None = 0, schema: str | _Schema = "auto") -> None:
         if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size <= 0:
             raise ConfigError("kv_events.block_size", f"must be a positive integer, got {block_size!r}")
-        if not isinstance(max_entries, int) or isinstance(max_entries, bool) or max_entries <= 0:
-            raise ConfigError("kv_events.max_entries", f"must be a positive integer, got {max_entries!r}")
+        max_entries = key_map_bound(num_gpu_blocks, max_entries)
         if not isinstance(model, str):
             raise ConfigError("kv_events.model", f"must be a string, got {type(model).__name__}")
         self.block_size = block_size
@@ -418,13 +446,16 @@ class ReplicaKeyMap:
 class ReplicaEndpoint:
     """Where a replica's engine publishes and how its blocks are keyed. ``endpoint`` and
     ``replay_endpoint`` must be connectable (``tcp://host:port``, ``ipc://...``), never a
-    wildcard bind address."""
+    wildcard bind address. ``num_gpu_blocks``, the engine's KV cache size in blocks (its
+    routing stats carry it beside the endpoint), sizes the replica's key map; None:
+    unknown (the map takes ``DEFAULT_MAX_ENTRIES``)."""
 
     endpoint: str
     replay_endpoint: str | None = None
     block_size: int = 16
     model: str = ""
     topic: str = ""
+    num_gpu_blocks: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("endpoint", "replay_endpoint"):
@@ -437,12 +468,14 @@ class ReplicaEndpoint:
                 raise ConfigError(f"kv_events.{name}", f"{value!r} is a bind address; give the host to connect to")
         if not isinstance(self.block_size, int) or isinstance(self.block_size, bool) or self.block_size <= 0:
             raise ConfigError("kv_events.block_size", f"must be a positive integer, got {self.block_size!r}")
+        key_map_bound(self.num_gpu_blocks)  # None or a positive integer
 
     @classmethod
     def of(cls, spec: ReplicaEndpoint | Mapping[str, Any] | Sequence[Any]) -> ReplicaEndpoint:
         """From a ``ReplicaEndpoint``, a mapping with its field names (e.g. Ray Serve LLM's
         ``kv_event_metadata`` routing stats, extra keys ignored), or a tuple
-        ``(endpoint, replay_endpoint, block_size, model)``."""
+        ``(endpoint, replay_endpoint, block_size, model, topic, num_gpu_blocks)`` (or a
+        prefix of it)."""
         if isinstance(spec, ReplicaEndpoint):
             return spec
         if isinstance(spec, Mapping):
@@ -523,7 +556,8 @@ class KVEventSubscriber:
     """Subscribes to one replica's vLLM KV events and delivers router events.
 
     Holds: a ZMQ SUB socket and its connection monitor (+ a DEALER for replay, opened on
-    first need), the replica's ``ReplicaKeyMap`` (bounded by ``max_entries``), the next
+    first need), the replica's ``ReplicaKeyMap`` (bounded by ``max_entries`` when given,
+    else by twice the spec's ``num_gpu_blocks``; see ``key_map_bound``), the next
     expected sequence number, a window of the last ``dedup_window`` applied sequence
     numbers with a 64-bit digest of each batch's bytes (about 100 bytes each, so
     bounded regardless of traffic), liveness timestamps and counters. Runs on its own
@@ -575,7 +609,7 @@ class KVEventSubscriber:
     """
 
     def __init__(self, replica_id: ReplicaId, spec: ReplicaEndpoint | Mapping | Sequence, on_event: OnEvent, *,
-                 max_entries: int = DEFAULT_MAX_ENTRIES, replay_timeout_s: float = 2.0,
+                 max_entries: int | None = None, replay_timeout_s: float = 2.0,
                  poll_interval_s: float = 0.1, rcvhwm: int = 100_000, clear_on_start: bool = False,
                  media: Iterable[str | None] | None = ("GPU",), group_idx: int | None = 0,
                  schema: str = "auto", probe_interval_s: float = 1.0, down_after_s: float = 5.0,
@@ -584,7 +618,8 @@ class KVEventSubscriber:
         self.spec = ReplicaEndpoint.of(spec)
         self.on_event = on_event
         self.key_map = ReplicaKeyMap(self.spec.block_size, self.spec.model, max_entries=max_entries,
-                                     media=media, group_idx=group_idx, schema=schema)
+                                     num_gpu_blocks=self.spec.num_gpu_blocks, media=media, group_idx=group_idx,
+                                     schema=schema)
         self.replay_timeout_s = _positive(replay_timeout_s, "replay_timeout_s")
         self.poll_interval_s = _positive(poll_interval_s, "poll_interval_s")
         self.probe_interval_s = _positive(probe_interval_s, "probe_interval_s")
@@ -1093,9 +1128,11 @@ class KVEventHub:
 
     A new replica gets a subscriber; a vanished one is stopped (the core purges its state
     on its own replica change); a replica whose endpoint spec changed (restarted
-    elsewhere) gets a fresh subscriber that first delivers ``AllBlocksCleared``. Holds one
-    subscriber (and its bounded map) per replica: memory is ``replicas x max_entries``
-    entries at most. Call from one thread (the owner's); subscribers run on their own.
+    elsewhere, or with another KV cache size) gets a fresh subscriber that first delivers
+    ``AllBlocksCleared``. Holds one subscriber (and its bounded map) per replica: memory
+    is at most, per replica, ``max_entries`` entries if that option is given, else twice
+    its engine's ``num_gpu_blocks`` (``DEFAULT_MAX_ENTRIES`` when a spec does not carry
+    it). Call from one thread (the owner's); subscribers run on their own.
     """
 
     def __init__(self, on_event: OnEvent, **subscriber_options: Any) -> None:

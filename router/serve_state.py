@@ -69,7 +69,8 @@ def _validate(kwargs: Mapping[str, Any]) -> tuple[RoutingCore, dict[str, Any]]:
 
 
 #: Subscriber options a ``kv_events`` mapping may set (see ``router.kv_events``).
-KV_EVENT_OPTIONS = ("probe_interval_s", "down_after_s", "replay_timeout_s", "withdraw_on_down", "dedup_window")
+KV_EVENT_OPTIONS = ("probe_interval_s", "down_after_s", "replay_timeout_s", "withdraw_on_down", "dedup_window",
+                    "max_entries")
 
 
 def _validate_kv_event_options(options: Mapping[str, Any]) -> None:
@@ -334,10 +335,15 @@ class RouterState:
             stats = r.routing_stats or {}
             endpoint = stats.get("kv_events_endpoint")
             if endpoint:
+                # The engine's KV size bounds the replica's key map (twice its blocks);
+                # anything but a positive int (0 before the engine is up) is unknown.
+                blocks = stats.get("num_gpu_blocks")
+                valid = isinstance(blocks, int) and not isinstance(blocks, bool) and blocks > 0
                 out[self._key(r.replica_id)] = {
                     "endpoint": endpoint, "replay_endpoint": stats.get("kv_replay_endpoint"),
                     "block_size": stats.get("block_size", self._options["block_size"]),
-                    "model": stats.get("model", ""), "topic": stats.get("kv_events_topic", "")}
+                    "model": stats.get("model", ""), "topic": stats.get("kv_events_topic", ""),
+                    "num_gpu_blocks": blocks if valid else None}
         return out
 
     def _update_kv_subscriptions(self, replicas: list[RunningReplica]) -> None:

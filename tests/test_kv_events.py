@@ -31,8 +31,8 @@ from router.errors import ConfigError
 from router.events import AllBlocksCleared, BlocksRemoved, BlocksStored
 from router.keys import TokenBlockKeyer, namespace_seed
 from router.kv_events import (
-    END_SEQ, KVEventHub, KVEventSubscriber, LoopDelivery, MalformedMessage, ReplicaEndpoint, ReplicaKeyMap,
-    _MirrorAllBlocksCleared, _MirrorBlockRemoved, _MirrorBlockStored, decode_frames, decode_message, event_schema,
+    DEFAULT_MAX_ENTRIES, END_SEQ, KVEventHub, KVEventSubscriber, LoopDelivery, MalformedMessage, ReplicaEndpoint,
+    ReplicaKeyMap, _MirrorAllBlocksCleared, _MirrorBlockRemoved, _MirrorBlockStored, decode_frames, decode_message, event_schema,
 )
 
 try:
@@ -264,6 +264,70 @@ def test_bad_config_names_field():
     spec = ReplicaEndpoint.of({"endpoint": "tcp://10.0.0.1:5557", "replay_endpoint": "tcp://10.0.0.1:5558",
                                "block_size": 32, "max_num_batched_tokens": 8192, "dp_rank": 0})
     assert spec == ReplicaEndpoint.of(("tcp://10.0.0.1:5557", "tcp://10.0.0.1:5558", 32))
+
+
+def test_key_map_is_bounded_at_twice_the_engines_kv_blocks():
+    """An engine with N KV blocks never caches more than N blocks, so its map keeps 2N
+    (room for N stale entries from lost removals): storing 3N blocks keeps the newest 2N,
+    evicting the oldest N."""
+    n = 50
+    key_map = ReplicaKeyMap(2, "m", num_gpu_blocks=n)
+    assert key_map.max_entries == 2 * n
+    hashes = list(range(3 * n))
+    tokens = [i % 7 for i in range(2 * len(hashes))]
+    for event in chain_events(tokens, 2, range(0, 3 * n, 10), hashes):
+        assert key_map.translate(event) is not None
+    assert len(key_map) == 2 * n and key_map.stats.evicted == n
+    assert all(key_map.get(h) is None for h in hashes[:n])
+    assert all(key_map.get(h) is not None for h in hashes[n:])
+    key_map.check_invariants()
+    # An explicit max_entries overrides the engine's size, in either direction.
+    assert ReplicaKeyMap(2, num_gpu_blocks=n, max_entries=7).max_entries == 7
+    assert ReplicaKeyMap(2, num_gpu_blocks=n, max_entries=10 * n).max_entries == 10 * n
+    # Unknown size: the documented fallback.
+    assert ReplicaKeyMap(2).max_entries == DEFAULT_MAX_ENTRIES == 2_000_000
+    with pytest.raises(ConfigError, match="num_gpu_blocks"):
+        ReplicaKeyMap(2, num_gpu_blocks=0)
+
+
+def test_a_subscriber_sizes_its_key_map_from_the_replicas_spec():
+    """The engine's block count travels in the replica's endpoint spec (the routing stats'
+    ``num_gpu_blocks``); the ``max_entries`` option overrides it. Building a subscriber
+    opens no socket."""
+    spec = {"endpoint": "tcp://10.0.0.1:5557", "block_size": 16, "num_gpu_blocks": 4096, "kv_usage": 0.5}
+    assert ReplicaEndpoint.of(spec).num_gpu_blocks == 4096
+    assert KVEventSubscriber("r0", spec, lambda replica, event: None).key_map.max_entries == 8192
+    assert KVEventSubscriber("r0", spec, lambda replica, event: None, max_entries=1000).key_map.max_entries == 1000
+    unknown = {"endpoint": "tcp://10.0.0.1:5557"}
+    assert KVEventSubscriber("r0", unknown, lambda replica, event: None).key_map.max_entries == DEFAULT_MAX_ENTRIES
+    for bad in (0, -5, True, 2.5, "4096"):
+        with pytest.raises(ConfigError, match="num_gpu_blocks"):
+            ReplicaEndpoint.of({**spec, "num_gpu_blocks": bad})
+
+
+def test_the_serve_router_passes_each_engines_kv_size_with_its_endpoint():
+    """``RouterState`` builds each replica's spec from its routing stats, ``num_gpu_blocks``
+    included (0, before the engine is up, or a non-int is unknown); ``kv_events:
+    {max_entries}`` is an accepted option. No Ray cluster: fake replicas."""
+    pytest.importorskip("ray.serve")
+    from router.serve_state import RouterState, _validate_kv_event_options
+
+    class Replica:
+        def __init__(self, name, stats):
+            self.replica_id = type("Id", (), {"to_full_id_str": lambda _self: name})()
+            self.routing_stats = stats
+
+    base = {"kv_events_endpoint": "tcp://10.0.0.1:5557", "block_size": 16}
+    state = RouterState(None, {"block_size": 16})
+    specs = state._kv_endpoints([Replica("a", {**base, "num_gpu_blocks": 4096}),
+                                 Replica("b", {**base, "num_gpu_blocks": 0}),
+                                 Replica("c", {**base, "num_gpu_blocks": "many"}), Replica("d", base)])
+    assert {name: spec["num_gpu_blocks"] for name, spec in specs.items()} == {"a": 4096, "b": None, "c": None,
+                                                                               "d": None}
+    assert KVEventSubscriber("a", specs["a"], lambda replica, event: None).key_map.max_entries == 8192
+    _validate_kv_event_options({"max_entries": 1000})
+    with pytest.raises(ConfigError, match="max_entries"):
+        _validate_kv_event_options({"max_entries": 0})
 
 
 class KeyMapMachine(RuleBasedStateMachine):
