@@ -40,6 +40,9 @@ def add_parser(sub: argparse._SubParsersAction, positive_int, write_json) -> Non
     p.add_argument("--rate-scale", type=float, default=1.0, help="speed arrivals up (2 = twice the rate)")
     p.add_argument("--kv-event-delay", type=float, default=0.01, help="seconds before KV events reach routers")
     p.add_argument("--no-kv-events", action="store_true", help="routers learn only from their own routing")
+    p.add_argument("--host-slots", type=float, metavar="S",
+                   help="all replicas share one machine's compute, which runs S engines' steps at full speed "
+                        "at once (CPU engines on one host; default: each replica on its own accelerator)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", metavar="PATH", help="write the results as JSON")
     p.add_argument("--plot", metavar="DIR", help="write plots (needs kvroute[plot])")
@@ -129,7 +132,8 @@ def _simulate(args: argparse.Namespace, write_json) -> int:
     requests, label, default_block = load_requests(args)
     names = args.policy or policies.available()
     progress = Progress()
-    cluster_options = {"kv_event_delay_s": args.kv_event_delay, "kv_events": not args.no_kv_events}
+    cluster_options = {"kv_event_delay_s": args.kv_event_delay, "kv_events": not args.no_kv_events,
+                       "host_slots": args.host_slots}
     doc = simulate(requests, trace=label, replicas=args.replicas, policies_to_run=names,
                    block_size=args.block_size or default_block, kv_blocks=args.kv_blocks, profile=profile,
                    routers=args.routers, seed=args.seed, cluster_options=cluster_options,

@@ -30,7 +30,7 @@ from router.events import AllBlocksCleared, BlocksRemoved, BlocksStored
 from router.profile import DEFAULT_PROFILE, LatencyProfile
 from simulator.kernel import PRIORITY_ARRIVAL, PRIORITY_CLUSTER, PRIORITY_EVENTS, Kernel
 from simulator.metrics import RunMetrics
-from simulator.replica import EngineReplica, EngineRequest
+from simulator.replica import EngineReplica, EngineRequest, SharedHost
 
 CHANGE_ACTIONS = ("add", "remove", "fail", "crash", "restart", "reset", "reports_off", "reports_on")
 
@@ -86,6 +86,10 @@ class ClusterConfig:
     report_interval_s: float = 1.0
     changes: tuple[ReplicaChange, ...] = ()
     fast_decode: bool = True  # runs of pure-decode steps as one event (same results, faster)
+    # None: every replica has its own accelerator. A number: all replicas share one
+    # machine's compute, which runs this many engines' steps at full speed at once
+    # (simulator.replica.SharedHost: processor sharing), e.g. CPU engines on one host.
+    host_slots: float | None = None
     router_options: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
 
@@ -102,6 +106,10 @@ class ClusterConfig:
                 raise ConfigError(name, f"must be a number >= 0, got {value!r}")
         if self.report_interval_s == 0:
             raise ConfigError("report_interval_s", "must be > 0")
+        if self.host_slots is not None and (isinstance(self.host_slots, bool)
+                                            or not isinstance(self.host_slots, (int, float))
+                                            or not math.isfinite(self.host_slots) or self.host_slots <= 0):
+            raise ConfigError("host_slots", f"must be a number > 0 or None, got {self.host_slots!r}")
 
     @property
     def blocks_per_replica(self) -> int:
@@ -139,6 +147,7 @@ class Cluster:
         self._next_router = 0
         self._pending_events: dict[str, list] = {}
         self._muted: set[str] = set()  # replicas whose load reports are off
+        self.host = SharedHost(kernel, config.host_slots) if config.host_slots is not None else None
         # Counters of engines replaced by a restart, so engine_totals still counts them.
         self._retired_totals = {"preemptions": 0, "evictions": 0, "steps": 0}
         _check_changes(config)
@@ -164,7 +173,7 @@ class Cluster:
         engine = EngineReplica(
             name, self.kernel, cfg.profile, num_blocks=cfg.blocks_per_replica, block_size=cfg.block_size,
             max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=cfg.max_num_batched_tokens,
-            fast_decode=cfg.fast_decode,
+            fast_decode=cfg.fast_decode, host=self.host,
             on_first_token=self._on_first_token, on_finished=self._on_finished,
             on_stored=(lambda keys, n=name: self._kv_event(n, BlocksStored(tuple(keys)))) if cfg.kv_events else None,
             on_removed=(lambda keys, n=name: self._kv_event(n, BlocksRemoved(tuple(keys)))) if cfg.kv_events else None)

@@ -26,6 +26,13 @@ new block, be given a key or finish for ``k`` steps, those ``k`` steps are taken
 (their total duration has a closed form, since each step's context grows by one token per
 request). An arrival during such a run cuts it after the step in progress, exactly where vLLM
 would admit the newcomer, so the result is the same as stepping one by one.
+
+Shared compute (``SharedHost``): by default every replica has its own accelerator, so its
+steps take exactly what the profile says whatever the other replicas do. Replicas that share
+one machine's compute (CPU engines on one host) are given one ``SharedHost``: a step's
+profile time is then its *work*, and the host divides its compute among the engines that are
+stepping (processor sharing): with ``slots`` 1, two engines stepping at once each progress at
+half speed.
 """
 
 from __future__ import annotations
@@ -41,6 +48,83 @@ from simulator.block_pool import BlockPool
 from simulator.kernel import PRIORITY_ENGINE, Kernel, Timer
 
 _xxh3 = xxhash.xxh3_64_intdigest
+
+
+class SharedHost:
+    """Compute shared by the engines of one machine, divided by processor sharing.
+
+    ``slots``: how many engines can step at once at full speed (a GPU each: as many as
+    there are engines; CPU engines whose threads fill the machine: 1). While ``k`` engines
+    are stepping, each progresses at ``min(1, slots / k)`` of its profile speed; when an
+    engine starts or stops stepping, every other stepping engine's step end is moved to
+    match its remaining work at the new speed. Holds one record per stepping engine:
+    O(engines) per change of the stepping set, O(1) when an engine goes from one step to
+    the next.
+    """
+
+    __slots__ = ("kernel", "slots", "_work")
+
+    def __init__(self, kernel: Kernel, slots: float) -> None:
+        if isinstance(slots, bool) or not isinstance(slots, (int, float)) or not math.isfinite(slots) or slots <= 0:
+            raise ValueError(f"host slots must be a finite number > 0, got {slots!r}")
+        self.kernel = kernel
+        self.slots = float(slots)
+        # engine -> [remaining work (s at full speed), time of that figure, finish callback]
+        self._work: dict[EngineReplica, list] = {}
+
+    def speed(self, stepping: int | None = None) -> float:
+        """Fraction of full speed each engine gets while ``stepping`` engines step."""
+        k = len(self._work) if stepping is None else stepping
+        return 1.0 if k <= self.slots else self.slots / k
+
+    def stepping(self) -> int:
+        return len(self._work)
+
+    def _sync(self, now: float) -> None:
+        speed = self.speed()
+        for record in self._work.values():
+            left = record[0] - (now - record[1]) * speed
+            record[0] = left if left > 0.0 else 0.0
+            record[1] = now
+
+    def _schedule(self, engine: EngineReplica, now: float, speed: float) -> None:
+        record = self._work[engine]
+        if engine._timer is not None:
+            engine._timer.cancel()
+        engine._timer = self.kernel.schedule(now + record[0] / speed, record[2], priority=PRIORITY_ENGINE)
+
+    def run(self, engine: EngineReplica, now: float, work: float, callback: Callable[[], None]) -> None:
+        """``engine`` steps for ``work`` seconds of full-speed compute, then ``callback``."""
+        joining = engine not in self._work
+        self._sync(now)
+        self._work[engine] = [work, now, callback]
+        speed = self.speed()
+        if joining:
+            for other in self._work:
+                self._schedule(other, now, speed)
+        else:
+            self._schedule(engine, now, speed)
+
+    def set_work(self, engine: EngineReplica, now: float, work: float) -> None:
+        """``engine``'s current step now has ``work`` seconds of full-speed compute left."""
+        self._sync(now)
+        self._work[engine][0] = max(0.0, work)
+        self._schedule(engine, now, self.speed())
+
+    def remaining(self, engine: EngineReplica, now: float) -> float:
+        """Full-speed seconds of ``engine``'s current step not yet done at ``now``."""
+        record = self._work[engine]
+        return max(0.0, record[0] - (now - record[1]) * self.speed())
+
+    def release(self, engine: EngineReplica, now: float) -> None:
+        """``engine`` stopped stepping (idle or dead): the others speed up."""
+        if engine not in self._work:
+            return
+        self._sync(now)
+        del self._work[engine]
+        speed = self.speed()
+        for other in self._work:
+            self._schedule(other, now, speed)
 
 
 class EngineRequest:
@@ -84,8 +168,10 @@ class EngineReplica:
                  on_first_token: Callable[[EngineRequest, float], None] | None = None,
                  on_finished: Callable[[EngineRequest, float], None] | None = None,
                  on_stored: Callable[[list[int]], None] | None = None,
-                 on_removed: Callable[[list[int]], None] | None = None, fast_decode: bool = True) -> None:
+                 on_removed: Callable[[list[int]], None] | None = None, fast_decode: bool = True,
+                 host: SharedHost | None = None) -> None:
         self.name = name
+        self.host = host
         self.fast_decode = fast_decode
         self.kernel = kernel
         self.profile = profile
@@ -109,7 +195,6 @@ class EngineReplica:
         self._run_steps = 0
         self._run_a = 0.0       # per-step time of the run's first step
         self._run_b = 0.0       # growth of the step time per step
-        self._step_end = 0.0
 
     # -- admission -------------------------------------------------------------------------
     def fits(self, prompt_tokens: int, output_tokens: int) -> bool:
@@ -240,6 +325,8 @@ class EngineReplica:
         scheduled = self._schedule()
         if not scheduled:
             self.busy = False
+            if self.host is not None:
+                self.host.release(self, now)
             return
         prof = self.profile
         prefill = 0
@@ -259,8 +346,10 @@ class EngineReplica:
         self._scheduled = scheduled
         self._run_steps = 1
         self._run_start = now
-        self._step_end = now + step
-        self._timer = self.kernel.schedule(now + step, self._finish_step, priority=PRIORITY_ENGINE)
+        if self.host is not None:
+            self.host.run(self, now, step, self._finish_step)
+        else:
+            self._timer = self.kernel.schedule(now + step, self._finish_step, priority=PRIORITY_ENGINE)
 
     def _finish_step(self) -> None:
         now = self.kernel.now
@@ -334,14 +423,22 @@ class EngineReplica:
         self._run_start = now
         self._run_steps = steps
         self.busy = True
-        self._timer = self.kernel.schedule(now + self._run_time(steps), self._finish_run, priority=PRIORITY_ENGINE)
+        if self.host is not None:
+            self.host.run(self, now, self._run_time(steps), self._finish_run)
+        else:
+            self._timer = self.kernel.schedule(now + self._run_time(steps), self._finish_run,
+                                               priority=PRIORITY_ENGINE)
 
     def _run_time(self, steps: int) -> float:
         return steps * self._run_a + self._run_b * steps * (steps - 1) / 2
 
     def _cut_run(self, now: float) -> None:
         """An arrival during a run of decode steps: stop after the step in progress."""
-        elapsed = now - self._run_start
+        host = self.host
+        if host is not None:  # progress in full-speed seconds of compute, not wall time
+            elapsed = self._run_time(self._run_steps) - host.remaining(self, now)
+        else:
+            elapsed = now - self._run_start
         a, b = self._run_a, self._run_b
         # Steps completed by ``now``: the largest k with run_time(k) <= elapsed.
         if b > 0:
@@ -355,8 +452,11 @@ class EngineReplica:
         steps = min(k + 1, self._run_steps)  # the step in progress completes first
         if steps >= self._run_steps:
             return
-        self._timer.cancel()
         self._run_steps = steps
+        if host is not None:
+            host.set_work(self, now, self._run_time(steps) - elapsed)
+            return
+        self._timer.cancel()
         self._timer = self.kernel.schedule(self._run_start + self._run_time(steps), self._finish_run,
                                            priority=PRIORITY_ENGINE)
 
@@ -382,6 +482,8 @@ class EngineReplica:
         self.alive = False
         if self._timer is not None:
             self._timer.cancel()
+        if self.host is not None:
+            self.host.release(self, self.kernel.now)
         lost = list(self.running) + list(self.waiting)
         self.running = []
         self.waiting.clear()

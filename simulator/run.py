@@ -104,6 +104,8 @@ def simulate(requests: Sequence[SimRequest], *, trace: str, replicas: int, polic
         "ideal_hit_rate_blocks": round(ideal["blocks"], 6),
         "results": results,
     }
+    if config.host_slots is not None:  # replicas sharing one machine's compute
+        doc["host_slots"] = config.host_slots
     if keep_series:
         doc["_series"] = series  # for plots; removed before writing JSON
     return doc

@@ -141,3 +141,96 @@ def test_an_arrival_during_a_decode_run_joins_after_the_step_in_progress():
     mixed = (p.step_overhead_s + p.prefill_s_per_token * 100 + p.prefill_attention_s_per_pair * 100 * 50
              + p.decode_s_per_seq + p.attention_s_per_context_token * ctx)
     assert first[2] == pytest.approx(admitted + mixed, rel=1e-9)
+
+
+# -- shared compute (SharedHost) -----------------------------------------------------------
+def shared_engines(kernel, slots, fast=True, blocks=200):
+    from simulator.replica import SharedHost
+
+    host = SharedHost(kernel, slots)
+    a, log_a = make_engine(kernel, blocks=blocks, fast=fast, host=host)
+    b, log_b = make_engine(kernel, blocks=blocks, fast=fast, host=host)
+    return host, (a, log_a), (b, log_b)
+
+
+def test_a_lone_engine_on_a_shared_host_runs_at_full_speed():
+    kernel = Kernel()
+    _, (a, log), _ = shared_engines(kernel, slots=1)
+    submit(kernel, a, [(1, 0.0, 2500, 4, list(range(156)))])
+    kernel.run()
+    alone_kernel = Kernel()
+    alone, alone_log = make_engine(alone_kernel)
+    submit(alone_kernel, alone, [(1, 0.0, 2500, 4, list(range(156)))])
+    alone_kernel.run()
+    assert log["done"] == [(1, pytest.approx(alone_log["done"][0][1], rel=1e-12))]
+
+
+def test_two_engines_stepping_at_once_share_one_slot_half_and_half():
+    p = PROFILE
+    prefill = p.step_overhead_s + p.prefill_s_per_token * 500 + p.prefill_attention_s_per_pair * 500 * 250
+    kernel = Kernel()
+    _, (a, log_a), (b, log_b) = shared_engines(kernel, slots=1)
+    submit(kernel, a, [(1, 0.0, 500, 1, [])])
+    submit(kernel, b, [(2, 0.0, 500, 1, [])])
+    kernel.run()
+    # The same single step on each, both at half speed the whole time: twice as long.
+    assert log_a["first"] == [(1, pytest.approx(2 * prefill, rel=1e-12))]
+    assert log_b["first"] == [(2, pytest.approx(2 * prefill, rel=1e-12))]
+    # Two slots: no sharing at all.
+    kernel = Kernel()
+    _, (a, log_a), (b, log_b) = shared_engines(kernel, slots=2)
+    submit(kernel, a, [(1, 0.0, 500, 1, [])])
+    submit(kernel, b, [(2, 0.0, 500, 1, [])])
+    kernel.run()
+    assert log_a["first"] == [(1, pytest.approx(prefill, rel=1e-12))]
+
+
+def test_an_engine_starting_mid_step_slows_the_rest_of_the_others_step_only():
+    p = PROFILE
+    prefill = p.step_overhead_s + p.prefill_s_per_token * 500 + p.prefill_attention_s_per_pair * 500 * 250
+    kernel = Kernel()
+    _, (a, log_a), (b, log_b) = shared_engines(kernel, slots=1)
+    join = prefill / 2
+    submit(kernel, a, [(1, 0.0, 500, 1, [])])
+    submit(kernel, b, [(2, join, 500, 1, [])])
+    kernel.run()
+    # A: half its work alone, the other half at half speed -> 1.5 x; B: half its work
+    # shared with A (taking a whole `prefill` of wall time), then alone.
+    assert log_a["first"] == [(1, pytest.approx(1.5 * prefill, rel=1e-9))]
+    assert log_b["first"] == [(2, pytest.approx(join + prefill + prefill / 2, rel=1e-9))]
+
+
+@settings(max_examples=15, deadline=None)
+@given(seed=st.integers(0, 10_000), slots=st.sampled_from([1, 1.5, 2]))
+def test_on_a_shared_host_the_fast_path_is_still_exact_and_nothing_is_lost(seed, slots):
+    results = []
+    for fast in (True, False):
+        kernel = Kernel()
+        host, (a, log_a), (b, log_b) = shared_engines(kernel, slots=slots, fast=fast, blocks=120)
+        reqs = random_requests(seed)
+        submit(kernel, a, reqs[::2])
+        submit(kernel, b, reqs[1::2])
+        kernel.run()
+        assert sorted(u for u, _ in log_a["done"] + log_b["done"]) == sorted(r[0] for r in reqs)
+        assert host.stepping() == 0 and not a.busy and not b.busy
+        results.append((log_a, log_b, a.steps + b.steps))
+    (fa, fb, fsteps), (sa, sb, ssteps) = results
+    assert fsteps == ssteps
+    for fast_log, slow_log in ((fa, sa), (fb, sb)):
+        for name in ("first", "done"):
+            assert [u for u, _ in fast_log[name]] == [u for u, _ in slow_log[name]]
+            for (_, x), (_, y) in zip(fast_log[name], slow_log[name]):
+                assert x == pytest.approx(y, rel=1e-9, abs=1e-12)
+
+
+def test_a_shared_host_rejects_a_bad_slot_count():
+    from simulator.cluster import ClusterConfig
+    from simulator.replica import SharedHost
+    from router.errors import ConfigError
+
+    for bad in (0, -1, float("nan"), True, "2"):
+        with pytest.raises(ValueError):
+            SharedHost(Kernel(), bad)
+        with pytest.raises(ConfigError) as exc:
+            ClusterConfig(host_slots=bad)
+        assert exc.value.field == "host_slots"
