@@ -260,10 +260,18 @@ class RoutingCore:
         O(1); needs ``request.request_id``."""
         if request.request_id is None:
             return
-        cached_tokens = min(request.prompt_tokens, matched_blocks * request.block_tokens)
-        kv_blocks = _ceil_div(request.prompt_tokens + (request.output_tokens or 0), request.block_tokens)
-        self.load.on_routed(request.request_id, replica, prompt_tokens=request.prompt_tokens,
-                            uncached_tokens=request.prompt_tokens - cached_tokens, kv_blocks=kv_blocks)
+        self._account(request, replica, matched_blocks)
+
+    def _account(self, request: RouteRequest, replica: ReplicaId, matched_blocks: int) -> None:
+        """Count ``request`` in ``replica``'s load: its uncached prompt tokens, its whole KV
+        footprint (prompt + output) and the part of it the replica does not already hold
+        (uncached prompt + output), in blocks. O(1); needs ``request.request_id``."""
+        prompt = request.prompt_tokens
+        output = request.output_tokens or 0
+        uncached = prompt - min(prompt, matched_blocks * request.block_tokens)
+        self.load.on_routed(request.request_id, replica, prompt_tokens=prompt, uncached_tokens=uncached,
+                            kv_blocks=_ceil_div(prompt + output, request.block_tokens),
+                            added_kv_blocks=_ceil_div(uncached + output, request.block_tokens))
 
     def on_routed(self, request: RouteRequest, replica: ReplicaId, now: float,
                   matched_blocks: int | None = None) -> None:
@@ -280,11 +288,8 @@ class RoutingCore:
         self.tree._insert(replica, request.keys, now, False, held)
         if request.session_id:
             self.sessions.put(request.session_id, replica, now)
-        cached_tokens = min(request.prompt_tokens, matched_blocks * request.block_tokens)
-        kv_blocks = _ceil_div(request.prompt_tokens + (request.output_tokens or 0), request.block_tokens)
         if request.request_id is not None:
-            self.load.on_routed(request.request_id, replica, prompt_tokens=request.prompt_tokens,
-                                uncached_tokens=request.prompt_tokens - cached_tokens, kv_blocks=kv_blocks)
+            self._account(request, replica, matched_blocks)
         self.policy.observe_routed(request, replica, now, matched_blocks)
         self.stats.routed += 1
         if now >= self._next_session_sweep:

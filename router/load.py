@@ -26,7 +26,11 @@ class ReplicaLoad:
       waiting          of those, requests without a first token yet (queued or prefilling)
       waiting_prefill_tokens  uncached prompt tokens of the waiting requests
       running          requests past their first token (decoding)
-      kv_blocks        KV blocks (router block size) held by this router's in-flight requests
+      kv_blocks        KV blocks (router block size) of this router's in-flight requests,
+                       whole prompt + output each
+      kv_added_blocks  the KV blocks those requests add to the replica beyond the prefix it
+                       was believed to hold for them when routed: uncached prompt + output
+                       tokens, in blocks (a shared prefix is held once, not per request)
       context_tokens   prompt tokens of the running requests (what decode attention reads)
       engine_*         the engine's last report (a snapshot: fields it did not carry are
                        None) and its time (None until one arrives). A report counts only
@@ -36,7 +40,7 @@ class ReplicaLoad:
     Memory: about 200 bytes per replica.
     """
 
-    __slots__ = ("in_flight", "waiting", "waiting_prefill_tokens", "running", "kv_blocks",
+    __slots__ = ("in_flight", "waiting", "waiting_prefill_tokens", "running", "kv_blocks", "kv_added_blocks",
                  "context_tokens", "engine_kv_usage", "engine_waiting", "engine_running",
                  "engine_report_time", "_report_ttl_s")
 
@@ -46,6 +50,7 @@ class ReplicaLoad:
         self.waiting_prefill_tokens = 0
         self.running = 0
         self.kv_blocks = 0
+        self.kv_added_blocks = 0
         self.context_tokens = 0
         self.engine_kv_usage: float | None = None
         self.engine_waiting: int | None = None
@@ -101,6 +106,7 @@ class _InFlight:
     uncached_tokens: int
     prompt_tokens: int
     kv_blocks: int
+    added_blocks: int
     started: bool = False
 
 
@@ -154,16 +160,21 @@ class LoadView:
 
     # -- request lifecycle -------------------------------------------------------------
     def on_routed(self, request_id: Hashable, replica: ReplicaId, *, prompt_tokens: int,
-                  uncached_tokens: int, kv_blocks: int) -> None:
+                  uncached_tokens: int, kv_blocks: int, added_kv_blocks: int | None = None) -> None:
+        """Count a request routed to ``replica``: ``kv_blocks`` its whole KV footprint,
+        ``added_kv_blocks`` what it adds beyond the replica's cached prefix (None: all of
+        it, ``kv_blocks``)."""
         if request_id in self._requests:  # a retry: release the first attempt's accounting
             self.on_completed(request_id)
         load = self.add_replica(replica)
         uncached_tokens = max(0, uncached_tokens)
+        added = kv_blocks if added_kv_blocks is None else max(0, min(added_kv_blocks, kv_blocks))
         load.in_flight += 1
         load.waiting += 1
         load.waiting_prefill_tokens += uncached_tokens
         load.kv_blocks += kv_blocks
-        self._requests[request_id] = _InFlight(replica, uncached_tokens, prompt_tokens, kv_blocks)
+        load.kv_added_blocks += added
+        self._requests[request_id] = _InFlight(replica, uncached_tokens, prompt_tokens, kv_blocks, added)
         while len(self._requests) > self.max_tracked_requests:
             oldest_id = next(iter(self._requests))
             self.on_completed(oldest_id)
@@ -194,6 +205,7 @@ class LoadView:
         if load is not None:
             load.in_flight -= 1
             load.kv_blocks -= rec.kv_blocks
+            load.kv_added_blocks -= rec.added_blocks
             if rec.started:
                 load.running -= 1
                 load.context_tokens -= rec.prompt_tokens
@@ -244,13 +256,15 @@ class LoadView:
         return len(self._requests)
 
     def check_invariants(self) -> None:
-        totals: dict[ReplicaId, list[int]] = {r: [0, 0, 0, 0, 0, 0] for r in self.loads}
+        totals: dict[ReplicaId, list[int]] = {r: [0, 0, 0, 0, 0, 0, 0] for r in self.loads}
         for rec in self._requests.values():
             t = totals.get(rec.replica)
             if t is None:
                 continue
             t[0] += 1
             t[4] += rec.kv_blocks
+            t[6] += rec.added_blocks
+            assert 0 <= rec.added_blocks <= rec.kv_blocks, rec
             if rec.started:
                 t[3] += 1
                 t[5] += rec.prompt_tokens
@@ -259,7 +273,7 @@ class LoadView:
                 t[2] += rec.uncached_tokens
         for replica, load in self.loads.items():
             got = [load.in_flight, load.waiting, load.waiting_prefill_tokens, load.running,
-                   load.kv_blocks, load.context_tokens]
+                   load.kv_blocks, load.context_tokens, load.kv_added_blocks]
             assert got == totals[replica], (replica, got, totals[replica])
             assert min(got) >= 0, (replica, got)
         assert len(self._requests) <= self.max_tracked_requests

@@ -72,10 +72,12 @@ def test_work_weight_keeps_a_long_prompt_on_its_cache_holder_behind_a_short_queu
 
 
 def test_kv_barrier_steers_away_from_a_nearly_full_replica():
-    # a holds the whole prefix but its KV cache is 97 % used by running requests.
+    # a holds the whole prefix but this router's requests in flight there add 970 of its
+    # 1,000 KV blocks (their uncached prompts and outputs).
     req = request(100)
     # (b carries as many requests, so neither is over its fair share: only KV differs.)
-    loads = {"a": load(kv_blocks=970, running=3, in_flight=3), "b": load(running=3, in_flight=3)}
+    loads = {"a": load(kv_blocks=1200, kv_added_blocks=970, running=3, in_flight=3),
+             "b": load(running=3, in_flight=3)}
     v = view(["a", "b"], matched={"a": 100}, loads=loads, capacity={"a": 1000, "b": 1000})
     assert rank(v, req)[0] == "b"
     # Without the barrier the cached prefix wins.
@@ -87,10 +89,42 @@ def test_barrier_rises_steeply_with_usage():
     req = request(1)
     costs = []
     for used in (500, 850, 900, 950, 990):
-        v = view(["a"], loads={"a": load(kv_blocks=used)}, capacity={"a": 1000})
+        v = view(["a"], loads={"a": load(kv_blocks=used, kv_added_blocks=used)}, capacity={"a": 1000})
         costs.append(policy.costs(req, v)["a"])
     assert costs[0] < costs[1] < costs[2] < costs[3] < costs[4]
     assert costs[4] - costs[3] > 5 * (costs[2] - costs[1])  # convex, not linear
+
+
+def test_barrier_counts_what_in_flight_requests_add_not_their_whole_prompts():
+    # 40 requests in flight on a share one 3,600-token system prompt that a holds once:
+    # in whole prompts + outputs they are 230 blocks each (9,200 of a's 10,000), but each
+    # adds only its 16-token question and 64 output tokens (5 blocks: 200 in all).
+    req = request(226, output_tokens=64)  # the same system prompt + one question block
+    b = load(running=40, in_flight=40)
+    added = load(kv_blocks=40 * 230, kv_added_blocks=40 * 5, running=40, in_flight=40)
+    v = view(["a", "b"], matched={"a": 225}, loads={"a": added, "b": b}, capacity={"a": 10_000, "b": 10_000})
+    policy = policies.get("cache_aware", bound_floor=64)
+    bare = policies.get("cache_aware", kv_barrier_s=0.0, bound_floor=64)
+    assert policy.costs(req, v)["a"] == pytest.approx(bare.costs(req, v)["a"])  # 2% used: no barrier
+    assert rank(v, req, bound_floor=64)[0] == "a"
+    # Counted whole, the shared prompt would fill a to 92% and push the request off its
+    # cached prefix onto b, to prefill all 3,616 tokens there.
+    whole = load(kv_blocks=40 * 230, kv_added_blocks=40 * 230, running=40, in_flight=40)
+    v = view(["a", "b"], matched={"a": 225}, loads={"a": whole, "b": b}, capacity={"a": 10_000, "b": 10_000})
+    assert rank(v, req, bound_floor=64)[0] == "b"
+
+
+def test_barrier_ignores_the_engines_kv_usage_report():
+    """The engine's KV usage report is one number every router gets at once and keeps for
+    a report interval: a steep cost on it would make every router avoid (or crowd) the
+    same replica together. The barrier counts this router's own in-flight KV only; the
+    report's waiting/running counts still enter the queue term."""
+    req = request(100)
+    policy = policies.get("cache_aware")
+    reported_full = load(engine_kv_usage=0.99, engine_report_time=0.0)
+    v = view(["a", "b"], matched={"a": 100}, loads={"a": reported_full}, capacity={"a": 1000, "b": 1000})
+    assert policy.costs(req, v) == policies.get("cache_aware", kv_barrier_s=0.0).costs(req, v)
+    assert rank(v, req)[0] == "a"
 
 
 def test_engine_report_counts_only_while_fresh():

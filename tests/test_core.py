@@ -91,9 +91,28 @@ def test_load_accounting_follows_the_request_lifecycle():
     core.on_first_token("x", 0.5)
     assert (a.waiting, a.running, a.waiting_prefill_tokens, a.context_tokens) == (0, 1, 0, req.prompt_tokens)
     core.on_completed("x", 1.0)
-    assert (a.in_flight, a.running, a.kv_blocks, a.context_tokens) == (0, 0, 0, 0)
+    assert (a.in_flight, a.running, a.kv_blocks, a.kv_added_blocks, a.context_tokens) == (0, 0, 0, 0, 0)
     core.on_completed("x", 1.0)  # a duplicate completion changes nothing
     assert a.in_flight == 0 and core.load.unknown_request_events == 1
+    core.check_invariants()
+
+
+def test_kv_accounting_counts_a_cached_prefix_once():
+    """Each request in flight counts its whole KV (prompt + output) in ``kv_blocks`` and,
+    in ``kv_added_blocks``, only what it adds beyond the prefix the replica holds (what
+    cache_aware's KV barrier reads)."""
+    core = make_core(replicas=["a"], keys={"kind": "tokens", "block_size": 16})
+    prefix = list(range(3200))  # 200 blocks
+    first = core.make_request(prefix + [7] * 32, request_id="first", output_tokens=64)
+    core.route(first, 0.0)
+    a = core.load.loads["a"]
+    assert a.kv_blocks == a.kv_added_blocks == (3232 + 64) // 16  # cold: all of it
+    second = core.make_request(prefix + [9] * 32, request_id="second", output_tokens=64)
+    core.route(second, 0.1)  # holds the 200-block prefix (the first one's speculative entry)
+    assert a.kv_blocks == 2 * 206
+    assert a.kv_added_blocks == 206 + (32 + 64) // 16
+    core.on_completed("first", 1.0)
+    assert (a.kv_blocks, a.kv_added_blocks) == (206, 6)
     core.check_invariants()
 
 

@@ -238,7 +238,8 @@ TestSessionMachine = SessionMachine.TestCase
 # ---------------------------------------------------------------------------------------
 # LoadView
 # ---------------------------------------------------------------------------------------
-COUNTERS = ("in_flight", "waiting", "waiting_prefill_tokens", "running", "kv_blocks", "context_tokens")
+COUNTERS = ("in_flight", "waiting", "waiting_prefill_tokens", "running", "kv_blocks", "kv_added_blocks",
+            "context_tokens")
 
 
 def counters(load) -> dict[str, int]:
@@ -247,14 +248,14 @@ def counters(load) -> dict[str, int]:
 
 def test_request_lifecycle_counters():
     view = LoadView(report_ttl_s=5.0, max_tracked_requests=10)
-    view.on_routed("q1", "r", prompt_tokens=100, uncached_tokens=60, kv_blocks=7)
-    view.on_routed("q2", "r", prompt_tokens=50, uncached_tokens=50, kv_blocks=4)
+    view.on_routed("q1", "r", prompt_tokens=100, uncached_tokens=60, kv_blocks=7, added_kv_blocks=5)
+    view.on_routed("q2", "r", prompt_tokens=50, uncached_tokens=50, kv_blocks=4)  # added: all 4
     assert counters(view.loads["r"]) == {"in_flight": 2, "waiting": 2, "waiting_prefill_tokens": 110,
-                                         "running": 0, "kv_blocks": 11, "context_tokens": 0}
+                                         "running": 0, "kv_blocks": 11, "kv_added_blocks": 9, "context_tokens": 0}
     view.on_first_token("q1")
     view.on_first_token("q1")  # a duplicate first token changes nothing
     assert counters(view.loads["r"]) == {"in_flight": 2, "waiting": 1, "waiting_prefill_tokens": 50,
-                                         "running": 1, "kv_blocks": 11, "context_tokens": 100}
+                                         "running": 1, "kv_blocks": 11, "kv_added_blocks": 9, "context_tokens": 100}
     assert view.on_completed("q1") == "r"
     assert view.on_completed("q2") == "r"
     assert counters(view.loads["r"]) == dict.fromkeys(COUNTERS, 0)
@@ -272,7 +273,8 @@ def test_retry_releases_the_first_attempt():
     view.on_routed("q", "b", prompt_tokens=20, uncached_tokens=5, kv_blocks=2)
     assert counters(view.loads["a"]) == dict.fromkeys(COUNTERS, 0)
     assert counters(view.loads["b"]) == {"in_flight": 1, "waiting": 1, "waiting_prefill_tokens": 5,
-                                         "running": 0, "kv_blocks": 2, "context_tokens": 0}
+                                         "running": 0, "kv_blocks": 2, "kv_added_blocks": 2,
+                                         "context_tokens": 0}
     assert view.tracked_requests == 1
     assert view.unknown_request_events == 0
     view.check_invariants()
@@ -379,7 +381,7 @@ class LoadMachine(RuleBasedStateMachine):
         self.max_tracked = 1
         self.now = 0.0
         self.replicas: set = set()
-        # request id -> [replica, uncached, prompt, kv_blocks, started]; oldest first
+        # request id -> [replica, uncached, prompt, kv_blocks, started, added blocks]; oldest first
         self.requests: OrderedDict = OrderedDict()
         self.reports: dict = {}  # replica -> (kv_usage, waiting, running, time)
         self.forgotten = 0
@@ -401,14 +403,16 @@ class LoadMachine(RuleBasedStateMachine):
         self.now += tenths / 10.0
 
     @rule(target=routed, rid=REQUEST_IDS, replica=st.sampled_from(LOAD_REPLICAS), prompt=st.integers(0, 200),
-          cached=st.integers(0, 250), kv=st.integers(0, 15))
-    def on_routed(self, rid, replica, prompt, cached, kv):
+          cached=st.integers(0, 250), kv=st.integers(0, 15), added=st.none() | st.integers(-2, 20))
+    def on_routed(self, rid, replica, prompt, cached, kv, added):
         self.view.on_routed(rid, replica, prompt_tokens=prompt, uncached_tokens=prompt - cached,
-                            kv_blocks=kv)
+                            kv_blocks=kv, added_kv_blocks=added)
         self.requests.pop(rid, None)  # a retry releases the first attempt
         if replica not in self.replicas:
             self.replicas.add(replica)
-        self.requests[rid] = [replica, max(0, prompt - cached), prompt, kv, False]
+        # added blocks: all of kv when not given, else clamped to [0, kv]
+        self.requests[rid] = [replica, max(0, prompt - cached), prompt, kv, False,
+                              kv if added is None else max(0, min(added, kv))]
         while len(self.requests) > self.max_tracked:
             self.requests.popitem(last=False)
             self.forgotten += 1
@@ -472,6 +476,7 @@ class LoadMachine(RuleBasedStateMachine):
                 "waiting_prefill_tokens": sum(r[1] for r in recs if not r[4]),
                 "running": sum(1 for r in recs if r[4]),
                 "kv_blocks": sum(r[3] for r in recs),
+                "kv_added_blocks": sum(r[5] for r in recs),
                 "context_tokens": sum(r[2] for r in recs if r[4]),
             }
             got = counters(load)

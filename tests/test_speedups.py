@@ -64,6 +64,7 @@ def random_load(rng: random.Random, now: float) -> ReplicaLoad:
     load.waiting_prefill_tokens = rng.randint(0, 30_000) if load.waiting else 0
     load.context_tokens = rng.randint(0, 200_000) if load.running else 0
     load.kv_blocks = rng.randint(0, 6000)
+    load.kv_added_blocks = rng.randint(0, load.kv_blocks)
     if rng.random() < 0.5:  # an engine report, fresh or stale
         load.engine_report_time = now - rng.choice([0.0, 0.5, 3.0, 10.0])
         load.engine_waiting = rng.choice([None, 0, rng.randint(0, 60)])

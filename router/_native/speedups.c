@@ -80,11 +80,11 @@ done:
 
 /* The ReplicaLoad fields the cost loop reads, in this order. */
 enum { F_WAITING_PREFILL_TOKENS, F_RUNNING, F_ENGINE_REPORT_TIME, F_REPORT_TTL_S, F_ENGINE_WAITING,
-       F_WAITING, F_ENGINE_RUNNING, F_CONTEXT_TOKENS, F_KV_BLOCKS, F_ENGINE_KV_USAGE, F_IN_FLIGHT,
+       F_WAITING, F_ENGINE_RUNNING, F_CONTEXT_TOKENS, F_KV_ADDED_BLOCKS, F_IN_FLIGHT,
        N_FIELDS };
 static const char *field_names[N_FIELDS] = {
     "waiting_prefill_tokens", "running", "engine_report_time", "_report_ttl_s", "engine_waiting",
-    "waiting", "engine_running", "context_tokens", "kv_blocks", "engine_kv_usage", "in_flight",
+    "waiting", "engine_running", "context_tokens", "kv_added_blocks", "in_flight",
 };
 static PyObject *field_strs[N_FIELDS];
 
@@ -346,7 +346,7 @@ cache_aware(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
             }
             load = idle;
         }
-        long long queued, running, context_tokens, kv_blocks, in_flight;
+        long long queued, running, context_tokens, kv_added_blocks, in_flight;
         double report_time, ttl;
         int no_report, unused;
         CHECK(get_int(load, F_WAITING_PREFILL_TOKENS, &queued));
@@ -398,15 +398,9 @@ cache_aware(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
             if (c != NULL)
                 CHECK(plain_int(c, &capacity));
             if (capacity > 0) {
-                CHECK(get_int(load, F_KV_BLOCKS, &kv_blocks));
-                double usage = (double)kv_blocks / (double)capacity;
-                if (fresh) {
-                    double engine_usage;
-                    int none_usage;
-                    CHECK(get_opt_num(load, F_ENGINE_KV_USAGE, &engine_usage, &none_usage));
-                    if (!none_usage && engine_usage > usage)
-                        usage = engine_usage;
-                }
+                /* this router's own in-flight KV only, not the engine's report (see Python) */
+                CHECK(get_int(load, F_KV_ADDED_BLOCKS, &kv_added_blocks));
+                double usage = (double)kv_added_blocks / (double)capacity;
                 usage += (double)(uncached + output) / (double)(block_tokens * capacity);
                 if (usage > soft) {
                     if (0.999 < usage)
