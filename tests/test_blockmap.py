@@ -177,6 +177,15 @@ def test_bad_keys_and_values_raise_without_changing_anything():
     with pytest.raises(KeyError):
         table.drop_bits([5, 7], 1)  # 5 loses bit 1, then 7 is unknown
     assert table.items() == [(5, 2)] and lru.items() == [(5, 1.0)]
+    # Lookups of keys that could never be stored answer "absent", as a dict would.
+    for absent in (-1, 2**64, "5", 5.5, None):
+        assert absent not in table and absent not in lru
+        assert table.get(absent, 7) == 7 and lru.get(absent) is None and lru.pop(absent, None) is None
+        for mapping in (table, lru):
+            with pytest.raises(KeyError):
+                mapping[absent]
+            with pytest.raises(KeyError):
+                del mapping[absent]
     assert lru.pop_expired(1.0, 0.0) == ([], 2.0)  # deadline 1.0 + 1.0 is not before 0.0
     assert lru.pop_expired(1.0, 3.0) == ([5], math.inf) and len(lru) == 0
 

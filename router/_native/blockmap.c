@@ -140,6 +140,24 @@ maybe_shrink(BlockMap *bm)
     return 0;
 }
 
+/* int object -> uint64, OverflowError outside [0, 2**64). CPython 3.11's
+ * PyLong_AsUnsignedLongLong goes through _PyLong_AsByteArray, several times slower than
+ * the digit loop of PyLong_AsUnsignedLongLongMask; the range is checked first with the
+ * sign and bit length instead. */
+static inline int
+as_u64(PyObject *obj, uint64_t *out)
+{
+    if (_PyLong_Sign(obj) < 0 || _PyLong_NumBits(obj) > 64) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_OverflowError, "int out of the uint64 range");
+        return -1;
+    }
+    *out = (uint64_t)PyLong_AsUnsignedLongLongMask(obj);
+    if (*out == (uint64_t)-1 && PyErr_Occurred())
+        return -1;
+    return 0;
+}
+
 /* Prefetch the home slots of up to PREFETCH keys (from ``start``) before a walk: a
  * walk's probes are independent cache misses on a big table, and issuing them together
  * overlaps their latency. Keys that are not ints are skipped here (the walk reports
@@ -165,22 +183,21 @@ prefetch_homes(const BlockMap *bm, PyObject **items, Py_ssize_t start, Py_ssize_
     }
 }
 
-/* int object -> uint64, OverflowError outside [0, 2**64). CPython 3.11's
- * PyLong_AsUnsignedLongLong goes through _PyLong_AsByteArray, several times slower than
- * the digit loop of PyLong_AsUnsignedLongLongMask; the range is checked first with the
- * sign and bit length instead. */
+/* For lookups: 1 and the key if ``obj`` is an int in [0, 2**64), 0 if it is anything
+ * else (such a key cannot be stored, so it is simply absent, as in a dict), -1 on an
+ * unexpected error. */
 static inline int
-as_u64(PyObject *obj, uint64_t *out)
+find_key(PyObject *obj, uint64_t *key)
 {
-    if (_PyLong_Sign(obj) < 0 || _PyLong_NumBits(obj) > 64) {
-        if (!PyErr_Occurred())
-            PyErr_SetString(PyExc_OverflowError, "int out of the uint64 range");
-        return -1;
+    if (!PyLong_Check(obj))
+        return 0;
+    if (as_u64(obj, key) < 0) {
+        if (!PyErr_ExceptionMatches(PyExc_OverflowError))
+            return -1;
+        PyErr_Clear();
+        return 0;
     }
-    *out = (uint64_t)PyLong_AsUnsignedLongLongMask(obj);
-    if (*out == (uint64_t)-1 && PyErr_Occurred())
-        return -1;
-    return 0;
+    return 1;
 }
 
 /* key object -> uint64, TypeError/OverflowError for anything but an int in range. */
@@ -246,10 +263,11 @@ static PyObject *
 BlockMap_getitem(BlockMap *bm, PyObject *key_obj)
 {
     uint64_t key;
-    if (as_key(key_obj, &key) < 0)
+    int found = find_key(key_obj, &key);
+    if (found < 0)
         return NULL;
-    const Slot *s = &bm->slots[probe(bm, key)];
-    if (s->mask == 0) {
+    const Slot *s = found ? &bm->slots[probe(bm, key)] : NULL;
+    if (s == NULL || s->mask == 0) {
         PyErr_SetObject(PyExc_KeyError, key_obj);
         return NULL;
     }
@@ -260,17 +278,20 @@ static int
 BlockMap_setitem(BlockMap *bm, PyObject *key_obj, PyObject *value)
 {
     uint64_t key;
-    if (as_key(key_obj, &key) < 0)
-        return -1;
     if (value == NULL) { /* del bm[key] */
-        size_t i = probe(bm, key);
-        if (bm->slots[i].mask == 0) {
+        int found = find_key(key_obj, &key);
+        if (found < 0)
+            return -1;
+        size_t i = found ? probe(bm, key) : 0;
+        if (!found || bm->slots[i].mask == 0) {
             PyErr_SetObject(PyExc_KeyError, key_obj);
             return -1;
         }
         erase_at(bm, i);
         return maybe_shrink(bm);
     }
+    if (as_key(key_obj, &key) < 0)
+        return -1;
     uint64_t mask;
     if (as_mask(value, &mask) < 0)
         return -1;
@@ -293,8 +314,9 @@ static int
 BlockMap_contains(BlockMap *bm, PyObject *key_obj)
 {
     uint64_t key;
-    if (as_key(key_obj, &key) < 0)
-        return -1;
+    int found = find_key(key_obj, &key);
+    if (found <= 0)
+        return found;
     return bm->slots[probe(bm, key)].mask != 0;
 }
 
@@ -306,10 +328,11 @@ BlockMap_get(BlockMap *bm, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     }
     uint64_t key;
-    if (as_key(args[0], &key) < 0)
+    int found = find_key(args[0], &key);
+    if (found < 0)
         return NULL;
-    const Slot *s = &bm->slots[probe(bm, key)];
-    if (s->mask)
+    const Slot *s = found ? &bm->slots[probe(bm, key)] : NULL;
+    if (s != NULL && s->mask)
         return PyLong_FromUnsignedLongLong(s->mask);
     PyObject *fallback = nargs == 2 ? args[1] : Py_None;
     Py_INCREF(fallback);
@@ -629,10 +652,11 @@ static PyObject *
 BlockLRU_getitem(BlockLRU *m, PyObject *key_obj)
 {
     uint64_t key;
-    if (as_key(key_obj, &key) < 0)
+    int found = find_key(key_obj, &key);
+    if (found < 0)
         return NULL;
-    size_t i = lru_probe(m, key);
-    if (!lru_found(m, i)) {
+    size_t i = found ? lru_probe(m, key) : 0;
+    if (!found || !lru_found(m, i)) {
         PyErr_SetObject(PyExc_KeyError, key_obj);
         return NULL;
     }
@@ -643,17 +667,20 @@ static int
 BlockLRU_setitem(BlockLRU *m, PyObject *key_obj, PyObject *value)
 {
     uint64_t key;
-    if (as_key(key_obj, &key) < 0)
-        return -1;
     if (value == NULL) {
-        size_t i = lru_probe(m, key);
-        if (!lru_found(m, i)) {
+        int found = find_key(key_obj, &key);
+        if (found < 0)
+            return -1;
+        size_t i = found ? lru_probe(m, key) : 0;
+        if (!found || !lru_found(m, i)) {
             PyErr_SetObject(PyExc_KeyError, key_obj);
             return -1;
         }
         lru_erase_at(m, i);
         return lru_maybe_shrink(m);
     }
+    if (as_key(key_obj, &key) < 0)
+        return -1;
     double time;
     if (as_time(value, &time) < 0)
         return -1;
@@ -671,8 +698,9 @@ static int
 BlockLRU_contains(BlockLRU *m, PyObject *key_obj)
 {
     uint64_t key;
-    if (as_key(key_obj, &key) < 0)
-        return -1;
+    int found = find_key(key_obj, &key);
+    if (found <= 0)
+        return found;
     return lru_found(m, lru_probe(m, key));
 }
 
@@ -684,10 +712,11 @@ BlockLRU_get(BlockLRU *m, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     }
     uint64_t key;
-    if (as_key(args[0], &key) < 0)
+    int found = find_key(args[0], &key);
+    if (found < 0)
         return NULL;
-    size_t i = lru_probe(m, key);
-    if (lru_found(m, i))
+    size_t i = found ? lru_probe(m, key) : 0;
+    if (found && lru_found(m, i))
         return PyFloat_FromDouble(m->slots[i].time);
     PyObject *fallback = nargs == 2 ? args[1] : Py_None;
     Py_INCREF(fallback);
@@ -702,10 +731,11 @@ BlockLRU_pop(BlockLRU *m, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     }
     uint64_t key;
-    if (as_key(args[0], &key) < 0)
+    int found = find_key(args[0], &key);
+    if (found < 0)
         return NULL;
-    size_t i = lru_probe(m, key);
-    if (!lru_found(m, i)) {
+    size_t i = found ? lru_probe(m, key) : 0;
+    if (!found || !lru_found(m, i)) {
         if (nargs == 2) {
             Py_INCREF(args[1]);
             return args[1];
