@@ -29,6 +29,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -87,6 +88,7 @@ class Outcome:
     output_tokens: int = 0
     status: int = 0
     error: str | None = None
+    replica: str | None = None  # the engine replica that answered (``system_fingerprint``)
     chunk_times: list[float] = field(default_factory=list)
 
     @property
@@ -181,6 +183,8 @@ def _post(url: str, body: dict, timeout: float, started: float, outcome: Outcome
                 if "error" in chunk:
                     outcome.error = str(chunk["error"].get("message"))
                     break
+                if outcome.replica is None and chunk.get("system_fingerprint"):
+                    outcome.replica = str(chunk["system_fingerprint"])
                 if chunk.get("choices"):
                     if outcome.ttft_s is None:
                         outcome.ttft_s = now - outcome.sent_s
@@ -203,13 +207,7 @@ def replay(url: str, requests: Sequence[SimRequest], renderer: TextRenderer, *, 
     """Send every request at its ``arrival_s`` (open loop) as a streaming completion; wait
     for all. A request whose send time comes while ``max_concurrency`` are open waits for
     a slot (reported as a later ``sent_s``)."""
-    bodies = []
-    for r in requests:
-        body = {"prompt": renderer.prompt(r), "max_tokens": r.output_tokens, "min_tokens": r.output_tokens,
-                "ignore_eos": True, "temperature": 0.0, "stream": True}
-        if r.session_id is not None:
-            body["session_id"] = r.session_id
-        bodies.append(body)
+    bodies = [_body(r, renderer) for r in requests]
     outcomes = [Outcome(r.request_id, r.arrival_s) for r in requests]
     done = [0]
     lock = threading.Lock()
@@ -231,6 +229,116 @@ def replay(url: str, requests: Sequence[SimRequest], renderer: TextRenderer, *, 
     return outcomes
 
 
+def engine_counters(base_url: str, timeout_s: float = 30.0) -> dict[str, dict]:
+    """Each engine replica's own report (``GET /kvroute/engines`` on the ingress at
+    ``base_url``: vLLM's cumulative prefix-cache counters, requests scheduled, ...), by
+    replica id."""
+    with urllib.request.urlopen(base_url + "/kvroute/engines", timeout=timeout_s) as response:
+        rows = json.loads(response.read())["engines"]
+    out = {}
+    for i, row in enumerate(rows):
+        if "error" in row:
+            raise RuntimeError(f"an engine replica did not report: {row['error']}")
+        out[str(row.get("replica") or i)] = row
+    return out
+
+
+def engines_delta(after: dict[str, dict], before: dict[str, dict], key: str) -> int:
+    """How much counter ``key`` grew, summed over the replicas, between two
+    ``engine_counters`` readings."""
+    return sum(int(row.get(key) or 0) - int((before.get(name) or {}).get(key) or 0) for name, row in after.items())
+
+
+def _body(r: SimRequest, renderer: TextRenderer) -> dict:
+    body = {"prompt": renderer.prompt(r), "max_tokens": r.output_tokens, "min_tokens": r.output_tokens,
+            "ignore_eos": True, "temperature": 0.0, "stream": True}
+    if r.session_id is not None:
+        body["session_id"] = r.session_id
+    return body
+
+
+def _call_handle(handle, body: dict, outcome: Outcome, started: float) -> None:
+    """One streaming completion through a deployment handle (the body as the ingress
+    forwards it), recorded in ``outcome`` as ``_post`` records an HTTP one."""
+    from engines.protocol import RequestBody
+
+    outcome.sent_s = time.perf_counter() - started
+    try:
+        for raw in handle.options(stream=True).completions.remote(RequestBody(body)):
+            for data in sse_payloads(raw.encode().splitlines()):
+                chunk = json.loads(data)
+                now = time.perf_counter() - started
+                if "error" in chunk:
+                    outcome.error = str(chunk["error"].get("message"))
+                    continue
+                if outcome.replica is None and chunk.get("system_fingerprint"):
+                    outcome.replica = str(chunk["system_fingerprint"])
+                if chunk.get("choices"):
+                    if outcome.ttft_s is None:
+                        outcome.ttft_s = now - outcome.sent_s
+                    outcome.chunk_times.append(now - outcome.sent_s)
+                usage = chunk.get("usage")
+                if usage:
+                    outcome.prompt_tokens = int(usage.get("prompt_tokens") or 0)
+                    outcome.output_tokens = int(usage.get("completion_tokens") or 0)
+                    outcome.cached_tokens = int((usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0)
+        outcome.status = 200
+        outcome.e2e_s = time.perf_counter() - started - outcome.sent_s
+    except Exception as exc:  # noqa: BLE001 - recorded as this request's failure
+        outcome.error = f"{type(exc).__name__}: {exc}"[:300]
+
+
+def open_handles(app_name: str, handles: int) -> tuple[list, dict]:
+    """``handles`` independent ``DeploymentHandle``s to the app's engine deployment, made
+    in this process (``serve.get_deployment_handle`` once each: Serve gives every handle
+    object its own router, so each routes on its own, as each Serve proxy and each calling
+    replica does; handles made with ``.options`` share their parent's). Each router is
+    built on its handle's first call: one warm-up request per handle (distinct text,
+    outside any workload), then one routing-stats period. Returns the handles and how many
+    distinct router instances they hold."""
+    from ray import serve
+
+    hs = [serve.get_deployment_handle("VLLMEngine", app_name) for _ in range(handles)]
+    started = time.perf_counter()
+    for i, handle in enumerate(hs):
+        warm = Outcome(-1 - i, 0.0)
+        _call_handle(handle, {"prompt": f"warm up router number {i} {'y' * i}", "max_tokens": 2, "stream": True},
+                     warm, started)
+        if not warm.ok:
+            raise RuntimeError(f"handle {i}: warm-up request failed: {warm.error or warm.status}")
+    routers = {id(getattr(h, "_router", None)) for h in hs}
+    time.sleep(2.0)
+    return hs, {"handles": handles, "router_instances": len(routers)}
+
+
+def replay_handles(hs: Sequence, requests: Sequence[SimRequest], renderer: TextRenderer, *,
+                   timeout_s: float = 120.0, max_concurrency: int = 128,
+                   progress: Callable[[int, int], None] | None = None) -> list[Outcome]:
+    """``replay``, but request ``i`` through handle ``hs[i % len(hs)]`` (``open_handles``),
+    bypassing the HTTP proxy and the ingress (the body is what the ingress would forward)."""
+    outcomes = [Outcome(r.request_id, r.arrival_s) for r in requests]
+    bodies = [_body(r, renderer) for r in requests]
+    done = [0]
+    lock = threading.Lock()
+    started = time.perf_counter()
+    del timeout_s  # a handle call has no client timeout; the run is bounded by its requests
+
+    def one(index: int) -> None:
+        _call_handle(hs[index % len(hs)], bodies[index], outcomes[index], started)
+        with lock:
+            done[0] += 1
+            if progress and done[0] % 10 == 0:
+                progress(done[0], len(requests))
+
+    with ThreadPoolExecutor(max_workers=max_concurrency) as pool:
+        for index, r in enumerate(requests):
+            delay = r.arrival_s - (time.perf_counter() - started)
+            if delay > 0:
+                time.sleep(delay)
+            pool.submit(one, index)
+    return outcomes
+
+
 def summarize(policy: str, outcomes: Sequence[Outcome], wall_s: float) -> dict[str, Any]:
     ok = [o for o in outcomes if o.ok]
     ttft = sorted(o.ttft_s for o in ok)
@@ -238,6 +346,7 @@ def summarize(policy: str, outcomes: Sequence[Outcome], wall_s: float) -> dict[s
     prompt = sum(o.prompt_tokens for o in ok)
     cached = sum(o.cached_tokens for o in ok)
     lag = sorted(max(0.0, o.sent_s - o.scheduled_s) for o in outcomes)
+    served = Counter(o.replica for o in ok if o.replica)
 
     def r(v: float | None, digits: int = 4) -> float | None:
         return None if v is None else round(v, digits)
@@ -252,19 +361,28 @@ def summarize(policy: str, outcomes: Sequence[Outcome], wall_s: float) -> dict[s
         "throughput_rps": r(len(ok) / wall_s if wall_s else 0.0, 2),
         "output_tokens_per_s": r(sum(o.output_tokens for o in ok) / wall_s if wall_s else 0.0, 1),
         "send_lag_p99_s": r(percentile(lag, 0.99)), "wall_s": round(wall_s, 2),
+        # Share of the answered requests each engine replica served (its system_fingerprint).
+        "max_replica_share": r(max(served.values()) / len(ok)) if served else None,
+        "replica_share": {name: r(count / len(ok)) for name, count in sorted(served.items())},
     }
 
 
 def run_one(policy: str, requests: Sequence[SimRequest], renderer: TextRenderer, live: LiveConfig, model_path: str,
-            cluster: Cluster, *, progress: Callable[[str], None] | None = None) -> tuple[dict, list[Outcome]]:
-    """Deploy ``policy``'s router, warm up, replay ``requests``, delete the app."""
+            cluster: Cluster, *, progress: Callable[[str], None] | None = None,
+            handles: int | None = None) -> tuple[dict, list[Outcome]]:
+    """Deploy ``policy``'s router, warm up, replay ``requests`` (over HTTP, or through
+    ``handles`` independent deployment handles: ``replay_handles``), delete the app. The
+    row also has the engines' own prefix-cache counters over the replay
+    (``engine_hit_rate``: vLLM's hits / queries, from ``GET /kvroute/engines``)."""
     from ray import serve
 
     name, _ = router_config(policy, live, model_path)
     app = f"{APP_PREFIX}-{abs(hash(name)) % 10**6}"
+    label = name if handles is None else f"{name} via {handles} handle{'s' if handles > 1 else ''}"
     if progress:
-        progress(f"{name}: deploying {live.replicas} vLLM replicas")
+        progress(f"{label}: deploying {live.replicas} vLLM replicas")
     info = deploy(name, live, model_path, app)
+    routers_info: dict = {}
     try:
         url = cluster.url()
         # One request per replica (with distinct text, outside the workload) so no replica's
@@ -275,16 +393,37 @@ def run_one(policy: str, requests: Sequence[SimRequest], renderer: TextRenderer,
             if not outcome.ok:
                 raise RuntimeError(f"{name}: warm-up request failed: {outcome.error or outcome.status}")
         time.sleep(2.0)
+        base = url[: -len("/v1")]
+        if handles is not None:
+            hs, routers_info = open_handles(app, handles)
+        before = engine_counters(base)
         if progress:
-            progress(f"{name}: replaying {len(requests)} requests")
+            progress(f"{label}: replaying {len(requests)} requests")
         started = time.perf_counter()
-        outcomes = replay(url, requests, renderer, timeout_s=live.timeout_s,
-                          progress=(lambda d, n: progress(f"{name}: {d}/{n}")) if progress else None)
+        step = (lambda d, n: progress(f"{label}: {d}/{n}")) if progress else None
+        if handles is None:
+            outcomes = replay(url, requests, renderer, timeout_s=live.timeout_s, progress=step)
+        else:
+            outcomes = replay_handles(hs, requests, renderer, timeout_s=live.timeout_s, progress=step)
         wall = time.perf_counter() - started
+        # vLLM reports its counters with each scheduler step: wait until every answered
+        # request is counted (or 10 s).
+        answered = sum(1 for o in outcomes if o.ok)
+        deadline = time.monotonic() + 10.0
+        after = engine_counters(base)
+        while engines_delta(after, before, "requests_scheduled") < answered and time.monotonic() < deadline:
+            time.sleep(0.5)
+            after = engine_counters(base)
     finally:
         serve.delete(app)
     row = summarize(name, outcomes, wall)
     row.update(info)
+    queries = engines_delta(after, before, "prefix_cache_queries")
+    hits = engines_delta(after, before, "prefix_cache_hits")
+    row.update({"transport": "http" if handles is None else "handles", "handles": handles, **routers_info,
+                "engine_requests_scheduled": engines_delta(after, before, "requests_scheduled"),
+                "engine_prefix_cache_queries": queries, "engine_prefix_cache_hits": hits,
+                "engine_hit_rate": round(hits / queries, 4) if queries else None})
     return row, outcomes
 
 
@@ -292,10 +431,16 @@ def run(*, policies: Sequence[str] = DEFAULT_POLICIES, workload: str | None = "c
         requests: int = 200, rate: float = 8.0, rate_scale: float = 1.0, seed: int = 0,
         shape: LiveShape = LiveShape(), live: LiveConfig = LiveConfig(),
         progress: Callable[[str], None] | None = None, keep_outcomes: bool = False,
-        cluster: Cluster | None = None) -> dict[str, Any]:
+        cluster: Cluster | None = None, handles: Sequence[int] | None = None) -> dict[str, Any]:
     """The ``kvroute bench live`` report (see the module doc); ``keep_outcomes`` adds the
     per-request records under ``"outcomes"`` (``kvroute bench fidelity`` uses them).
-    ``cluster``: a running ``Cluster`` to deploy on (default: start one, stop it after)."""
+    ``cluster``: a running ``Cluster`` to deploy on (default: start one, stop it after).
+    ``handles``: instead of HTTP, send through that many independent deployment handles,
+    one run per count and policy (e.g. ``(1, 4)``: one router vs four)."""
+    if handles is not None:
+        handles = list(handles)
+        if not handles or any(not isinstance(n, int) or isinstance(n, bool) or n <= 0 for n in handles):
+            raise ConfigError("handles", f"must be positive integers, got {handles!r}")
     from engines.tiny_model import build_tiny_model
 
     model_path = str(Path(live.model_path).expanduser().absolute()) if live.model_path else str(build_tiny_model())
@@ -314,9 +459,11 @@ def run(*, policies: Sequence[str] = DEFAULT_POLICIES, workload: str | None = "c
     rows, outcomes = [], {}
     try:
         for policy in names:
-            row, outs = run_one(policy, workload_requests, renderer, live, model_path, cluster, progress=progress)
-            rows.append(row)
-            outcomes[policy] = outs
+            for count in handles or (None,):
+                row, outs = run_one(policy, workload_requests, renderer, live, model_path, cluster,
+                                    progress=progress, handles=count)
+                rows.append(row)
+                outcomes[policy if count is None else f"{policy} via {count} handles"] = outs
     finally:
         if own_cluster:
             cluster.close()
@@ -353,12 +500,16 @@ def format_table(report: dict[str, Any]) -> str:
     head = (f"{w['requests']} requests of {w['trace'] or w['name']} over {w['span_s']} s "
             f"(prompt {w['prompt_tokens_mean']} tokens mean, ceiling hit {w['ceiling_hit_rate']:.1%}); "
             f"{d['replicas']} vLLM CPU replicas, {d['kv_blocks_per_replica']} blocks of {d['block_size']}")
-    lines = [head, f"{'router':<36} {'done':>5} {'fail':>4} {'hit':>7} {'TTFT p50':>9} {'p90':>8} {'p99':>8} "
-                   f"{'req/s':>6} {'tok/s':>7}"]
+    lines = [head, f"{'router':<48} {'done':>5} {'fail':>4} {'hit':>7} {'engine':>7} {'TTFT p50':>9} {'p90':>8} "
+                   f"{'p99':>8} {'req/s':>6} {'tok/s':>7}"]
     for row in report["results"]:
         def ms(v):
             return "-" if v is None else f"{v * 1000:.0f}ms"
-        lines.append(f"{row['policy']:<36} {row['completed']:>5} {row['failed']:>4} {row['hit_rate']:>7.1%} "
+        label = row["policy"]
+        if row.get("handles"):
+            label += f" via {row['handles']} handle{'s' if row['handles'] > 1 else ''}"
+        engine = "-" if row.get("engine_hit_rate") is None else f"{row['engine_hit_rate']:.1%}"
+        lines.append(f"{label:<48} {row['completed']:>5} {row['failed']:>4} {row['hit_rate']:>7.1%} {engine:>7} "
                      f"{ms(row['ttft_p50_s']):>9} {ms(row['ttft_p90_s']):>8} {ms(row['ttft_p99_s']):>8} "
                      f"{row['throughput_rps']:>6} {row['output_tokens_per_s']:>7}")
     return "\n".join(lines)

@@ -221,6 +221,20 @@ class OpenAIIngress:
         """Ingress counters: ``retries`` (requests re-sent after a lost replica)."""
         return {"retries": self.retries}
 
+    @app.get("/kvroute/engines")
+    async def engines(self):
+        """Every engine replica's routing-stats report (``VLLMEngine.record_routing_stats``:
+        load, KV cache size, cumulative prefix-cache counters, requests scheduled), asked of
+        each replica directly (Serve's broadcast, not routed). A replica that does not
+        answer within 10 s is listed with its error."""
+        try:
+            results = await self.engine.broadcast("record_routing_stats").results_async(
+                timeout_s=10.0, return_exceptions=True)
+        except Exception as exc:  # noqa: BLE001 - no replica reachable: an error body, not a crash
+            return _from_exception(exc)
+        return {"engines": [r if isinstance(r, dict) else {"error": f"{type(r).__name__}: {r}"[:300]}
+                            for r in results]}
+
 
 def build_app(model_path: str | Path, num_replicas: int = 2,
               request_router_config: RequestRouterConfig | dict | None = None,

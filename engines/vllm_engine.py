@@ -50,7 +50,8 @@ class _SchedulerSnapshot:
     Written by the stat logger on the engine's output loop, read by ``routing_stats``
     on the same event loop (no locks)."""
 
-    __slots__ = ("kv_usage", "waiting", "running", "updated", "prefix_queries", "prefix_hits", "reports")
+    __slots__ = ("kv_usage", "waiting", "running", "updated", "prefix_queries", "prefix_hits", "prefix_requests",
+                 "reports")
 
     def __init__(self) -> None:
         self.kv_usage = 0.0
@@ -59,6 +60,7 @@ class _SchedulerSnapshot:
         self.updated = 0.0
         self.prefix_queries = 0
         self.prefix_hits = 0
+        self.prefix_requests = 0
         self.reports = 0
 
     def record(self, stats: Any) -> None:
@@ -71,6 +73,9 @@ class _SchedulerSnapshot:
                 self.prefix_queries = self.prefix_hits = 0
             self.prefix_queries += int(prefix.queries)
             self.prefix_hits += int(prefix.hits)
+            # Requests scheduled for the first time (a preempted one is not counted again):
+            # how many requests this engine ran; not reset with the prefix cache.
+            self.prefix_requests += int(getattr(prefix, "requests", 0) or 0)
         self.updated = time.time()
         self.reports += 1
 
@@ -195,7 +200,9 @@ class EngineRunner:
         ``kv_replay_endpoint`` (``tcp://<node ip>:<port>``, ``None`` with events off),
         ``kv_events_topic``, ``block_size``, ``num_gpu_blocks`` (KV cache blocks),
         ``kv_capacity_tokens`` (= blocks * block size), ``max_model_len``, ``model``,
-        ``prefix_cache_queries``/``prefix_cache_hits`` (tokens, cumulative), ``stats_age_s``
+        ``prefix_cache_queries``/``prefix_cache_hits`` (tokens, cumulative),
+        ``requests_scheduled`` (requests the engine scheduled, each once, cumulative),
+        ``replica`` (this replica's id, as in ``system_fingerprint``), ``stats_age_s``
         (seconds since the engine's last scheduler report, ``None`` before the first) and
         ``engine_start_s``.
 
@@ -221,6 +228,8 @@ class EngineRunner:
             "max_model_len": self.max_model_len,
             "prefix_cache_queries": snap.prefix_queries,
             "prefix_cache_hits": snap.prefix_hits,
+            "requests_scheduled": snap.prefix_requests,
+            "replica": self.fingerprint,
             "stats_age_s": (time.time() - snap.updated) if snap.reports else None,
             "engine_start_s": round(self.started_s, 3),
         }

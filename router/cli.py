@@ -113,7 +113,7 @@ def _bench_live(args: argparse.Namespace) -> int:
     shape, live = _live_options(args)
     report = live_bench.run(policies=args.policy or live_bench.DEFAULT_POLICIES, workload=args.workload,
                             trace=args.trace, requests=args.requests, rate=args.rate, rate_scale=args.rate_scale,
-                            seed=args.seed, shape=shape, live=live,
+                            seed=args.seed, shape=shape, live=live, handles=args.handles,
                             progress=lambda m: print(m, file=sys.stderr, flush=True))
     report["command"] = "kvroute " + " ".join(args.argv)
     print(live_bench.format_table(report))
@@ -278,6 +278,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     live = bench_sub.add_parser("live", help="real vLLM replicas on a local Ray cluster, once per router")
     _add_live_arguments(live, requests=200, rate=8.0)
+    live.add_argument("--handles", type=_positive_int, action="append", metavar="N",
+                      help="send through N independent deployment handles from this process instead of Serve's "
+                           "HTTP proxy (each handle builds its own router); repeatable, one run per count, "
+                           "e.g. --handles 1 --handles 4")
     live.set_defaults(func=_bench_live)
 
     fid = bench_sub.add_parser("fidelity", help="the same requests live and in the simulator, per policy")
