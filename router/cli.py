@@ -151,7 +151,8 @@ def _bench_fidelity(args: argparse.Namespace) -> int:
     report = fidelity.run(policies=args.policy or fidelity.DEFAULT_POLICIES, workload=args.workload,
                           trace=args.trace, requests=args.requests, rate=args.rate, rate_scale=args.rate_scale,
                           seed=args.seed, shape=shape, live=live, calibrate=not args.profile,
-                          profile_out=args.profile_out, progress=lambda m: print(m, file=sys.stderr, flush=True))
+                          profile_out=args.profile_out, sim_seeds=args.sim_seeds,
+                          progress=lambda m: print(m, file=sys.stderr, flush=True))
     report["command"] = "kvroute " + " ".join(args.argv)
     print(fidelity.format_table(report))
     _write_json(args.json, report)
@@ -290,6 +291,9 @@ def build_parser() -> argparse.ArgumentParser:
     fid.add_argument("--profile-out", metavar="PATH",
                      help="where to write the calibrated profile (default: a temporary file); "
                           "without --profile, the replicas are calibrated first")
+    fid.add_argument("--sim-seeds", type=_positive_int, default=10,
+                     help="simulated runs (seeds) per policy: the simulated side is their mean and spread "
+                          "(default 10)")
     fid.set_defaults(func=_bench_fidelity)
 
     from simulator.cli import add_parser as add_simulate

@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import random
 import statistics
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -116,6 +117,13 @@ def _unique_prompt(tokens: int, rng: random.Random, id_range: tuple[int, int]) -
 
 def _stream(url: str, model: str, prompt: list[int], max_tokens: int, timeout: float) -> list[float]:
     """Send one streaming completion; return the arrival times of its content chunks."""
+    return _stream_from(url, model, prompt, max_tokens, timeout)[0]
+
+
+def _stream_from(url: str, model: str, prompt: list[int], max_tokens: int, timeout: float,
+                 on_first: Callable[[], None] | None = None) -> tuple[list[float], str | None]:
+    """``_stream``, also returning the replica that answered (the chunks'
+    ``system_fingerprint``, None if absent); ``on_first`` is called at the first chunk."""
     body = {"prompt": prompt, "max_tokens": max_tokens, "stream": True, "temperature": 0.0, "ignore_eos": True}
     if model:  # empty: the endpoint's only model
         body["model"] = model
@@ -123,11 +131,19 @@ def _stream(url: str, model: str, prompt: list[int], max_tokens: int, timeout: f
     req = urllib.request.Request(url.rstrip("/") + "/completions", data=payload,
                                  headers={"Content-Type": "application/json"})
     times: list[float] = []
+    replica = None
     started = time.perf_counter()
     with urllib.request.urlopen(req, timeout=timeout) as resp:
-        for _ in sse_payloads(resp):
+        for data in sse_payloads(resp):
             times.append(time.perf_counter() - started)
-    return times
+            if len(times) == 1:
+                try:
+                    replica = json.loads(data).get("system_fingerprint")
+                except (ValueError, AttributeError):
+                    replica = None
+                if on_first is not None:
+                    on_first()
+    return times, replica
 
 
 def sse_payloads(lines: Iterable[bytes]) -> Iterator[str]:
@@ -173,3 +189,77 @@ def measure(url: str, model: str, *, prefill_lengths: Sequence[int] = (32, 128, 
             if gaps:
                 samples.decode.append((n, decode_context + decode_tokens / 2, statistics.median(gaps)))
     return samples
+
+
+# -- shared compute ----------------------------------------------------------------------
+def contention_slots(alone_s: float, busy_s: float, outside_s: float, replicas: int = 2) -> dict[str, Any]:
+    """``host_slots`` (see ``simulator.cluster.ClusterConfig``) from a prefill's time to
+    first token with the other replicas idle (``alone_s``) and with them all stepping
+    (``busy_s``): the engine part (TTFT minus ``outside_s``, the serving path's fixed
+    latency) is ``slowdown`` times longer when busy; under processor sharing ``replicas``
+    stepping engines each run at ``slots / replicas`` of full speed, so
+    ``slots = replicas / slowdown``, kept within [1, replicas] (1: the host runs one
+    engine's step at full speed; ``replicas``: no measurable sharing). Pure function."""
+    if replicas < 2:
+        return {"host_slots": None, "slowdown": 1.0, "reason": "one replica: nothing shares its compute"}
+    engine_alone = alone_s - outside_s
+    engine_busy = busy_s - outside_s
+    if engine_alone <= 0 or engine_busy <= 0:
+        return {"host_slots": None, "slowdown": None, "reason": "prefill no longer than the serving overhead"}
+    slowdown = engine_busy / engine_alone
+    slots = min(float(replicas), max(1.0, replicas / slowdown))
+    return {"host_slots": round(slots, 3), "slowdown": round(slowdown, 3)}
+
+
+def measure_contention(url: str, model: str, *, outside_s: float, replicas: int = 2, prompt_tokens: int = 768,
+                       repeats: int = 5, busy_tokens: int = 96, seed: int = 1, timeout: float = 120.0,
+                       id_range: tuple[int, int] = (5, 500)) -> dict[str, Any]:
+    """Do the replicas slow each other down (CPU engines sharing one machine)?
+
+    Measures a unique prefill of ``prompt_tokens`` (``max_tokens=1``) alone, then while
+    every other replica decodes a stream (``busy_tokens`` tokens, started first and already
+    streaming when the probe is sent), ``repeats`` times each, and derives ``host_slots``
+    with ``contention_slots``. The busy streams and the probe must land on different
+    replicas: the endpoint's router must send a request to a replica with fewer requests
+    in flight (Serve's default router does, by queue length; with 2 replicas it compares
+    both); a probe that shared a replica with a busy stream (by ``system_fingerprint``) is
+    not counted. Returns the medians, the counts and the fit."""
+    rng = random.Random(seed)
+    alone: list[float] = []
+    busy: list[float] = []
+    discarded = 0
+    for _ in range(repeats):
+        times = _stream(url, model, _unique_prompt(prompt_tokens, rng, id_range), 1, timeout)
+        if times:
+            alone.append(times[0])
+    for _ in range(repeats):
+        started = [threading.Event() for _ in range(replicas - 1)]
+        holders: list[str | None] = [None] * (replicas - 1)
+
+        def hold(i: int, prompt: list[int]) -> None:
+            try:
+                _, holders[i] = _stream_from(url, model, prompt, busy_tokens, timeout, on_first=started[i].set)
+            except (urllib.error.URLError, OSError, ValueError):
+                holders[i] = "failed"
+            finally:
+                started[i].set()
+
+        threads = [threading.Thread(target=hold, args=(i, _unique_prompt(64, rng, id_range)), daemon=True)
+                   for i in range(replicas - 1)]
+        for i, thread in enumerate(threads):
+            thread.start()
+            started[i].wait(timeout)  # one at a time: each lands where nothing is in flight
+        times, probe_replica = _stream_from(url, model, _unique_prompt(prompt_tokens, rng, id_range), 1, timeout)
+        for thread in threads:
+            thread.join(timeout)
+        if not times or "failed" in holders or (probe_replica is not None and probe_replica in holders):
+            discarded += 1
+            continue
+        busy.append(times[0])
+    if not alone or not busy:
+        return {"host_slots": None, "reason": "no usable probe", "discarded": discarded}
+    alone_s, busy_s = statistics.median(alone), statistics.median(busy)
+    fit = contention_slots(alone_s, busy_s, outside_s, replicas)
+    return {**fit, "prefill_tokens": prompt_tokens, "alone_ttft_s": round(alone_s, 4),
+            "busy_ttft_s": round(busy_s, 4), "outside_s": round(outside_s, 4), "samples": [len(alone), len(busy)],
+            "discarded": discarded}

@@ -98,3 +98,20 @@ def test_the_request_overhead_shifts_every_simulated_ttft_and_nothing_else():
     # The overhead is outside the engines: the same cache hits, every TTFT exactly 0.25 s later.
     assert list(base.cached) == list(shifted.cached)
     assert [b + 0.25 for b in base.ttft] == pytest.approx(list(shifted.ttft), abs=1e-9)
+
+
+def test_contention_slots_follow_processor_sharing():
+    from simulator.calibrate import contention_slots
+
+    # Engine part 100 ms alone, 200 ms with the other replica stepping: the host runs one
+    # engine at full speed (two share it half and half).
+    fit = contention_slots(alone_s=0.15, busy_s=0.25, outside_s=0.05, replicas=2)
+    assert fit["slowdown"] == 2.0 and fit["host_slots"] == 1.0
+    # No slowdown: as many slots as replicas (no effect); a partial one in between.
+    assert contention_slots(0.15, 0.15, 0.05)["host_slots"] == 2.0
+    assert contention_slots(0.15, 0.20, 0.05)["host_slots"] == pytest.approx(2 / 1.5, abs=1e-3)
+    # Worse than full sharing (other processes too) is kept at 1; faster busy than alone is 2.
+    assert contention_slots(0.15, 0.45, 0.05)["host_slots"] == 1.0
+    assert contention_slots(0.15, 0.10, 0.05)["host_slots"] == 2.0
+    assert contention_slots(0.15, 0.25, 0.05, replicas=1)["host_slots"] is None
+    assert contention_slots(0.04, 0.25, 0.05)["host_slots"] is None  # prefill under the overhead

@@ -110,11 +110,42 @@ def test_fidelity_replays_what_was_actually_sent_and_judges_against_the_targets(
     assert [r.request_id for r in sim] == [0, 1]
     assert all(isinstance(r.content, tuple) and r.prompt_tokens == 10 for r in sim)
     live = {"hit_rate": 0.50, "ttft_p50_s": 0.100, "ttft_p90_s": 0.2, "ttft_p99_s": 0.3, "completed": 2}
-    close = {"hit_rate": 0.515, "ttft_p50_s": 0.120, "ttft_p90_s": 0.2, "ttft_p99_s": 0.3}
-    far = {"hit_rate": 0.53, "ttft_p50_s": 0.130, "ttft_p90_s": 0.2, "ttft_p99_s": 0.3}
+
+    def sim(hit, p50):
+        return {"hit_rate": hit, "ttft_p50_s": p50, "ttft_p90_s": 0.2, "ttft_p99_s": 0.15, "e2e_p50_s": 0.4}
+
+    close, far = [sim(0.515, 0.120)], [sim(0.53, 0.130)]
     good, bad = compare("cache_aware", live, close), compare("cache_aware", live, far)
     assert good["hit_rate_ok"] and good["ttft_p50_ok"] and good["hit_rate_diff_pp"] == 1.5
+    assert good["live_hit_in_sim_range"] is None  # one seed (or all equal): no spread to lie in
     assert not bad["hit_rate_ok"] and not bad["ttft_p50_ok"] and bad["ttft_p50_rel_diff"] == 0.3
+    assert good["ttft_p99_ratio_live_to_sim"] == 2.0
+    # A random policy: judged against the mean over seeds, with the seeds' spread beside it.
+    seeds = [sim(0.47, 0.09), sim(0.49, 0.10), sim(0.51, 0.11), sim(0.53, 0.12)]
+    row = compare("pow2", live, seeds)
+    assert row["sim_seeds"] == 4 and row["sim_hit_rate"] == pytest.approx(0.50)
+    assert row["hit_rate_diff_pp"] == 0.0 and row["live_hit_in_sim_range"] and row["live_ttft_p50_in_sim_range"]
+    assert row["sim_hit_rate_seeds"]["min"] == 0.47 and row["sim_hit_rate_seeds"]["max"] == 0.53
+    assert row["ttft_p50_rel_diff"] == pytest.approx(0.05)
+    far_draw = compare("pow2", {**live, "hit_rate": 0.545}, seeds)
+    assert not far_draw["hit_rate_ok"] and not far_draw["live_hit_in_sim_range"]
+    # Within the target of the mean, yet outside a tight spread: both are reported.
+    tight = compare("pow2", {**live, "hit_rate": 0.51}, [sim(0.50, 0.1), sim(0.502, 0.1)])
+    assert tight["hit_rate_ok"] and tight["live_hit_in_sim_range"] is False
+    # A live figure rounded to 4 decimals at the edge of the spread is inside it.
+    assert compare("pow2", {**live, "hit_rate": 0.5020}, [sim(0.50, 0.1), sim(0.502049, 0.1)])[
+        "live_hit_in_sim_range"] is True
+
+
+def test_a_calibrated_profile_file_carries_its_host_slots(tmp_path):
+    from benchmarks.fidelity import host_slots_of
+
+    path = tmp_path / "p.json"
+    path.write_text('{"name": "x", "fit": {"host_slots": 1.2}}')
+    assert host_slots_of(str(path)) == 1.2
+    path.write_text('{"name": "x", "fit": {"host_slots": null}}')
+    assert host_slots_of(str(path)) is None
+    assert host_slots_of("tiny-llama-cpu") is None and host_slots_of(None) is None
 
 
 class _WordTokenizer:
