@@ -121,6 +121,19 @@ def _bench_live(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_load(args: argparse.Namespace) -> int:
+    from benchmarks import load_bench
+
+    _, live = _live_options(args)
+    report = load_bench.run(policy=args.policy, requests=args.requests, clients=args.clients, seed=args.seed,
+                            bad_every=args.bad_every, max_tokens=args.max_tokens, live=live,
+                            progress=lambda m: print(m, file=sys.stderr, flush=True))
+    report["command"] = "kvroute " + " ".join(args.argv)
+    print(load_bench.format_table(report))
+    _write_json(args.json, report)
+    return 0 if report["checks"]["ok"] else 1
+
+
 DEMO_POLICIES = ("cache_aware", "ray:pow2")
 
 
@@ -284,6 +297,29 @@ def build_parser() -> argparse.ArgumentParser:
                            "HTTP proxy (each handle builds its own router); repeatable, one run per count, "
                            "e.g. --handles 1 --handles 4")
     live.set_defaults(func=_bench_live)
+
+    load = bench_sub.add_parser("load", help="many concurrent clients through Serve's HTTP proxy (real vLLM "
+                                             "replicas): every request answered exactly once")
+    load.add_argument("--policy", default="cache_aware",
+                      help="router: a kvroute policy, ray:PrefixCacheAffinityRouter or ray:PowerOfTwoChoicesRequestRouter "
+                           "(default cache_aware)")
+    load.add_argument("--clients", type=_positive_int, default=48, help="concurrent clients (default 48)")
+    load.add_argument("--requests", type=_positive_int, default=300, help="requests in all (default 300)")
+    load.add_argument("--bad-every", type=int, default=7,
+                      help="every Nth request is bad input (default 7)")
+    load.add_argument("--max-tokens", type=_positive_int, default=12, help="output tokens per request (default 12)")
+    load.add_argument("--seed", type=int, default=0)
+    for name, default, text in (("--replicas", 2, "vLLM replicas (default 2)"),
+                                ("--block-size", 32, "KV block size (default 32)"),
+                                ("--max-num-seqs", 16, "engine batch limit (default 16)"),
+                                ("--max-batched-tokens", 2048, "engine token budget (default 2048)")):
+        load.add_argument(name, type=_positive_int, default=default, help=text)
+    load.add_argument("--kv-blocks", type=int, default=256, help="KV blocks per replica (default 256; 0: vLLM's)")
+    load.add_argument("--model", help="model directory (default: the tiny local model, built if needed)")
+    load.add_argument("--profile", help="latency profile for policies that take one (default tiny-llama-cpu)")
+    load.add_argument("--port", type=int, default=0, help="Serve HTTP port (default: a free one)")
+    load.add_argument("--json", metavar="PATH", help="write the results as JSON")
+    load.set_defaults(func=_bench_load, token_scale=0.25, max_prompt_tokens=1536, max_output_tokens=32)
 
     fid = bench_sub.add_parser("fidelity", help="the same requests live and in the simulator, per policy")
     _add_live_arguments(fid, requests=200, rate=8.0)

@@ -193,3 +193,48 @@ def test_metrics_reach_rays_prometheus_endpoint_after_real_requests(service):
     assert _total(scraped, "ray_kvroute_router_sessions") >= 1
     # No label carries the session id (bounded cardinality, and no id in clear).
     assert not any("metrics-session" in series for series in scraped)
+
+
+# -- many concurrent clients through Serve's HTTP proxy (kvroute bench load, small) ---------
+@pytest.fixture(scope="module")
+def load_report(service, tiny_model_path):
+    """16 concurrent clients send 60 requests (multi-turn sessions on both endpoints,
+    streaming or not, and bad input) through Serve's real HTTP proxy to this module's two
+    replicas behind CacheAwareRouter (last in the module: it fills the caches)."""
+    from transformers import AutoTokenizer
+
+    from benchmarks.load_bench import build_cases, load_test
+
+    cases = build_cases(requests=60, clients=16, tokenizer=AutoTokenizer.from_pretrained(str(tiny_model_path)),
+                        seed=1, bad_every=5, max_tokens=8, max_model_len=1024, max_prompt_tokens=700)
+    return load_test("http://127.0.0.1:8000/kvroute", cases, clients=16, timeout_s=120)
+
+
+def test_under_concurrent_load_every_request_is_answered_exactly_once_with_its_own_answer(load_report):
+    checks, summary, engines = load_report["checks"], load_report["summary"], load_report["engines"]
+    assert checks["counts"]["not_exactly_one_response"] == 0, checks["examples"]
+    assert checks["counts"]["transport_error"] == 0, checks["examples"]
+    # Each valid request's prompt has a token count no other has, and the engine's usage
+    # names it: no answer went to another client, none is missing, none came twice.
+    assert checks["answers_not_matching_requests"] == 0, checks["examples"]
+    assert checks["counts"]["wrong_prompt_tokens"] == 0 and checks["counts"]["wrong_output_tokens"] == 0, \
+        checks["examples"]
+    assert checks["counts"]["stream_not_finished"] == 0, checks["examples"]
+    # The engines scheduled exactly the valid requests: each ran once, bad input never did.
+    assert engines["requests_scheduled"] == engines["valid_requests"] == summary["valid"], engines
+    assert checks["ok"], checks
+
+
+def test_under_concurrent_load_errors_come_only_for_bad_input_and_never_a_5xx(load_report):
+    checks, summary = load_report["checks"], load_report["summary"]
+    assert checks["counts"]["server_error"] == 0, checks["examples"]
+    assert checks["counts"]["wrong_status"] == 0, checks["examples"]
+    assert checks["counts"]["error_body_missing"] == 0, checks["examples"]
+    assert summary["bad_input"] >= 10 and summary["valid"] >= 45
+    for key in summary["by_kind_and_status"]:
+        kind, status = key.rsplit(" ", 1)
+        assert (kind == "valid") == (status == "200") and int(status) < 500, key
+    # Throughput and latency are measured; sessions behind the router hit the engines' caches.
+    assert summary["throughput_rps"] > 0 and 0 < summary["latency_p50_s"] <= summary["latency_p99_s"]
+    assert summary["ttft_p50_s"] is not None and summary["streaming"] > 0 and summary["chat"] > 0
+    assert load_report["engines"]["hit_rate"] > 0.2
