@@ -290,15 +290,17 @@ def _call_handle(handle, body: dict, outcome: Outcome, started: float) -> None:
 
 def open_handles(app_name: str, handles: int) -> tuple[list, dict]:
     """``handles`` independent ``DeploymentHandle``s to the app's engine deployment, made
-    in this process (``serve.get_deployment_handle`` once each: Serve gives every handle
-    object its own router, so each routes on its own, as each Serve proxy and each calling
-    replica does; handles made with ``.options`` share their parent's). Each router is
-    built on its handle's first call: one warm-up request per handle (distinct text,
-    outside any workload), then one routing-stats period. Returns the handles and how many
-    distinct router instances they hold."""
-    from ray import serve
+    in this process. Serve gives every handle object its own router (its own
+    ``CacheAwareRouter`` instance), so each routes on its own, as each Serve proxy and each
+    calling replica does; handles made with ``.options`` share their parent's, and
+    ``serve.get_deployment_handle`` returns one cached handle per deployment and process,
+    so the handles are constructed directly, as that function does. Each router is built
+    on its handle's first call: one warm-up request per handle (distinct text, outside any
+    workload), then one routing-stats period. Returns the handles and how many distinct
+    request-router instances they hold (Ray internals, read for this check only)."""
+    from ray.serve.handle import DeploymentHandle
 
-    hs = [serve.get_deployment_handle("VLLMEngine", app_name) for _ in range(handles)]
+    hs = [DeploymentHandle("VLLMEngine", app_name) for _ in range(handles)]
     started = time.perf_counter()
     for i, handle in enumerate(hs):
         warm = Outcome(-1 - i, 0.0)
@@ -306,7 +308,11 @@ def open_handles(app_name: str, handles: int) -> tuple[list, dict]:
                      warm, started)
         if not warm.ok:
             raise RuntimeError(f"handle {i}: warm-up request failed: {warm.error or warm.status}")
-    routers = {id(getattr(h, "_router", None)) for h in hs}
+    routers = set()
+    for h in hs:
+        router = getattr(h, "_router", None)
+        inner = getattr(getattr(router, "_asyncio_router", None), "request_router", None)
+        routers.add(id(inner if inner is not None else router))
     time.sleep(2.0)
     return hs, {"handles": handles, "router_instances": len(routers)}
 
