@@ -440,6 +440,10 @@ class PrefixTree:
                 del owners[key]
 
     def _evict(self, rb: _ReplicaBlocks, count: int) -> None:
+        if self._walks is not None:  # the loop below, in C
+            self._walks.evict(rb.spec, rb.conf, count, rb.bit)
+            rb.evicted += count
+            return
         spec_pop = rb.spec.pop
         conf = rb.conf
         victims = rb.lru(count)  # the oldest ``count`` entries of both kinds

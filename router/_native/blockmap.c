@@ -19,8 +19,9 @@
  *                                  the same walk, written into the result dict
  *   insert_walk(spec, conf, keys, bit, now, stale_before, confirmed, held)
  *                                  the touch/insert loop of PrefixTree.insert
- *   drop_bits(keys, bit)           clear one replica's bit on each key (eviction, expiry,
- *                                  removal), deleting the keys left with no owner
+ *   evict(spec, conf, count, bit)  LRU eviction of one replica's oldest entries
+ *   drop_bits(keys, bit)           clear one replica's bit on each key (expiry, removal),
+ *                                  deleting the keys left with no owner
  *
  * Each has a pure-Python twin in PrefixTree over a dict, which is the reference; the
  * test suite runs both (hypothesis state machine against a naive model).
@@ -1144,6 +1145,49 @@ error:
     return NULL;
 }
 
+/* evict(spec, conf, count, bit) -> evicted
+ * Remove the replica's ``count`` least recently moved entries: the merge of its two
+ * BlockLRUs by time, speculative first on equal times (as heapq.merge(spec, conf) in
+ * _ReplicaBlocks.lru), clearing its bit on each and removing blocks left with no owner.
+ * O(count). */
+static PyObject *
+BlockMap_evict(BlockMap *bm, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 4 || !PyObject_TypeCheck(args[0], &BlockLRUType) || !PyObject_TypeCheck(args[1], &BlockLRUType)) {
+        PyErr_SetString(PyExc_TypeError, "evict(spec: BlockLRU, conf: BlockLRU, count, bit)");
+        return NULL;
+    }
+    BlockLRU *spec = (BlockLRU *)args[0], *conf = (BlockLRU *)args[1];
+    Py_ssize_t count = PyLong_AsSsize_t(args[2]);
+    if (count == -1 && PyErr_Occurred())
+        return NULL;
+    uint64_t bit;
+    if (as_mask(args[3], &bit) < 0)
+        return NULL;
+    Py_ssize_t done = 0;
+    for (; done < count; done++) {
+        int32_t s = spec->head, c = conf->head;
+        if (s == LRU_NONE && c == LRU_NONE)
+            break;
+        BlockLRU *from = (c == LRU_NONE || (s != LRU_NONE && spec->slots[s].time <= conf->slots[c].time))
+                             ? spec : conf;
+        size_t at = (size_t)from->head;
+        uint64_t key = from->slots[at].key;
+        lru_erase_at(from, at);
+        size_t i = probe(bm, key);
+        if (!(bm->slots[i].mask & bit)) {
+            PyErr_SetString(PyExc_RuntimeError, "evicted block without its owner bit");
+            return NULL;
+        }
+        bm->slots[i].mask &= ~bit;
+        if (bm->slots[i].mask == 0)
+            erase_at(bm, i);
+    }
+    if (lru_maybe_shrink(spec) < 0 || lru_maybe_shrink(conf) < 0 || maybe_shrink(bm) < 0)
+        return NULL;
+    return PyLong_FromSsize_t(done);
+}
+
 /* drop_bits(keys, bit) -> None: clear ``bit`` on every key, removing the keys left with
  * no owner. Every key must be present with that bit (KeyError otherwise, after the keys
  * before it were handled). O(len(keys)). */
@@ -1197,6 +1241,8 @@ static PyMethodDef BlockMap_methods[] = {
      "match_into(keys, alive, result, slot_replica): match_walk written into result."},
     {"insert_walk", (PyCFunction)(void (*)(void))BlockMap_insert_walk, METH_FASTCALL,
      "insert_walk(spec, conf, keys, bit, now, stale_before, confirmed, held) -> new keys."},
+    {"evict", (PyCFunction)(void (*)(void))BlockMap_evict, METH_FASTCALL,
+     "evict(spec, conf, count, bit) -> evicted: the replica's count LRU entries."},
     {"drop_bits", (PyCFunction)(void (*)(void))BlockMap_drop_bits, METH_FASTCALL,
      "drop_bits(keys, bit): clear bit on each key; keys left with no owner are removed."},
     {"__sizeof__", (PyCFunction)BlockMap_sizeof, METH_NOARGS, "Bytes held, slots included."},
