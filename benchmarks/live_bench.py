@@ -171,6 +171,23 @@ def deploy(policy: str, live: LiveConfig, model_path: str, app_name: str) -> dic
     return {"deploy_s": round(time.perf_counter() - started, 1)}
 
 
+def _record_chunk(outcome: Outcome, chunk: dict, now: float) -> None:
+    """Record one streamed (non-error) chunk in ``outcome``: the serving replica, the
+    first-token and chunk times (from ``now``, seconds since the replay started) and the
+    usage totals. Shared by the HTTP and the DeploymentHandle paths."""
+    if outcome.replica is None and chunk.get("system_fingerprint"):
+        outcome.replica = str(chunk["system_fingerprint"])
+    if chunk.get("choices"):
+        if outcome.ttft_s is None:
+            outcome.ttft_s = now - outcome.sent_s
+        outcome.chunk_times.append(now - outcome.sent_s)
+    usage = chunk.get("usage")
+    if usage:
+        outcome.prompt_tokens = int(usage.get("prompt_tokens") or 0)
+        outcome.output_tokens = int(usage.get("completion_tokens") or 0)
+        outcome.cached_tokens = int((usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0)
+
+
 def _post(url: str, body: dict, timeout: float, started: float, outcome: Outcome) -> None:
     request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
     outcome.sent_s = time.perf_counter() - started
@@ -183,17 +200,7 @@ def _post(url: str, body: dict, timeout: float, started: float, outcome: Outcome
                 if "error" in chunk:
                     outcome.error = str(chunk["error"].get("message"))
                     break
-                if outcome.replica is None and chunk.get("system_fingerprint"):
-                    outcome.replica = str(chunk["system_fingerprint"])
-                if chunk.get("choices"):
-                    if outcome.ttft_s is None:
-                        outcome.ttft_s = now - outcome.sent_s
-                    outcome.chunk_times.append(now - outcome.sent_s)
-                usage = chunk.get("usage")
-                if usage:
-                    outcome.prompt_tokens = int(usage.get("prompt_tokens") or 0)
-                    outcome.output_tokens = int(usage.get("completion_tokens") or 0)
-                    outcome.cached_tokens = int((usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0)
+                _record_chunk(outcome, chunk, now)
             outcome.e2e_s = time.perf_counter() - started - outcome.sent_s
     except urllib.error.HTTPError as exc:
         outcome.status = exc.code
@@ -271,17 +278,7 @@ def _call_handle(handle, body: dict, outcome: Outcome, started: float) -> None:
                 if "error" in chunk:
                     outcome.error = str(chunk["error"].get("message"))
                     continue
-                if outcome.replica is None and chunk.get("system_fingerprint"):
-                    outcome.replica = str(chunk["system_fingerprint"])
-                if chunk.get("choices"):
-                    if outcome.ttft_s is None:
-                        outcome.ttft_s = now - outcome.sent_s
-                    outcome.chunk_times.append(now - outcome.sent_s)
-                usage = chunk.get("usage")
-                if usage:
-                    outcome.prompt_tokens = int(usage.get("prompt_tokens") or 0)
-                    outcome.output_tokens = int(usage.get("completion_tokens") or 0)
-                    outcome.cached_tokens = int((usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0)
+                _record_chunk(outcome, chunk, now)
         outcome.status = 200
         outcome.e2e_s = time.perf_counter() - started - outcome.sent_s
     except Exception as exc:  # noqa: BLE001 - recorded as this request's failure

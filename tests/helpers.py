@@ -49,3 +49,20 @@ def wait_for(predicate, timeout: float = 20.0, interval: float = 0.01) -> bool:
             return True
         time.sleep(interval)
     return predicate()
+
+
+class DroppingSocket:
+    """Stands in for vLLM's ``ZmqEventPublisher._pub``: forwards every send except the
+    sequence numbers in ``drop`` (the replay buffer still gets them, as with a loss on
+    the wire)."""
+
+    def __init__(self, sock, drop: set[int] | None = None) -> None:
+        self.sock, self.drop = sock, set() if drop is None else drop
+
+    def send_multipart(self, parts, *args, **kwargs):
+        if int.from_bytes(parts[1], "big") in self.drop:
+            return None
+        return self.sock.send_multipart(parts, *args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.sock, name)

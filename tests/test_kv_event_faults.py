@@ -111,22 +111,6 @@ def holds_none(pump: CorePump, keys, replica="r0") -> bool:
 # ---------------------------------------------------------------------------------------
 # Publishers
 # ---------------------------------------------------------------------------------------
-class _DroppingSocket:
-    """Stands in for ``ZmqEventPublisher._pub``: forwards every send except chosen sequence
-    numbers (the replay buffer still gets them, as with a loss on the wire)."""
-
-    def __init__(self, sock) -> None:
-        self.sock, self.drop = sock, set()
-
-    def send_multipart(self, parts, *args, **kwargs):
-        if int.from_bytes(parts[1], "big") in self.drop:
-            return None
-        return self.sock.send_multipart(parts, *args, **kwargs)
-
-    def __getattr__(self, name):
-        return getattr(self.sock, name)
-
-
 class VllmPublisher:
     """vLLM's ``ZmqEventPublisher`` on an ipc PUB (vLLM connects, rather than binds, any
     non-wildcard tcp address) and a loopback replay ROUTER, with wire drops on demand."""
@@ -138,7 +122,7 @@ class VllmPublisher:
         self.pub = vk.ZmqEventPublisher(0, endpoint=self.ipc, replay_endpoint=self.replay,
                                         buffer_steps=buffer_steps)
         self._real = self.pub._pub
-        self.dropping = _DroppingSocket(self._real)
+        self.dropping = helpers.DroppingSocket(self._real)
         self.pub._pub = self.dropping
         self.published = 0
 

@@ -716,37 +716,15 @@ def test_loop_delivery_applies_on_the_loop_in_order(publisher):
 # ---------------------------------------------------------------------------------------
 # vLLM's own publisher
 # ---------------------------------------------------------------------------------------
-def _free_loopback_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class _DroppingSocket:
-    """Stands in for ZmqEventPublisher._pub: forwards every send except chosen sequence
-    numbers (the replay buffer still gets them, as with a real drop on the wire)."""
-
-    def __init__(self, sock, drop: set[int]) -> None:
-        self.sock, self.drop = sock, drop
-
-    def send_multipart(self, parts, *args, **kwargs):
-        if int.from_bytes(parts[1], "big") in self.drop:
-            return None
-        return self.sock.send_multipart(parts, *args, **kwargs)
-
-    def __getattr__(self, name):
-        return getattr(self.sock, name)
-
-
 @needs_zmq
 def test_vllm_publisher_round_trip_with_gap_recovery(vk):
     # vLLM binds only wildcard or ipc endpoints for PUB (it connects to anything else), so
     # PUB is a local ipc socket and the replay ROUTER binds 127.0.0.1 (never a wildcard).
     ipc = f"ipc://{tempfile.gettempdir()}/kvroute-test-{uuid.uuid4().hex[:12]}"
-    replay = f"tcp://127.0.0.1:{_free_loopback_port()}"
+    replay = f"tcp://127.0.0.1:{helpers.free_port()}"
     pub = vk.ZmqEventPublisher(0, endpoint=ipc, replay_endpoint=replay, buffer_steps=1000)
     real_pub = pub._pub
-    dropping = _DroppingSocket(real_pub, set())
+    dropping = helpers.DroppingSocket(real_pub, set())
     pub._pub = dropping
     published = 0
     got = Collector()
