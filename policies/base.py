@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from importlib.metadata import entry_points
 from typing import Any, ClassVar
 
+from router._fast import slot_maker
 from router.errors import ConfigError
 from router.load import ReplicaLoad
 
@@ -70,28 +71,12 @@ class RouteRequest:
         return len(self.keys)
 
 
-_new_object = object.__new__
-_set_keys = RouteRequest.keys.__set__
-_set_prompt_tokens = RouteRequest.prompt_tokens.__set__
-_set_block_tokens = RouteRequest.block_tokens.__set__
-_set_session_id = RouteRequest.session_id.__set__
-_set_output_tokens = RouteRequest.output_tokens.__set__
-_set_request_id = RouteRequest.request_id.__set__
-
-
-def new_route_request(keys: Sequence[int], prompt_tokens: int, block_tokens: int, session_id: str | None,
-                      output_tokens: int | None, request_id: Hashable | None) -> RouteRequest:
-    """``RouteRequest(...)`` with every field positional, built by filling its slots
-    directly: the same immutable object (RouteRequest has no ``__post_init__``), for
-    about a third of the frozen dataclass ``__init__``'s cost. O(1)."""
-    request = _new_object(RouteRequest)
-    _set_keys(request, keys)
-    _set_prompt_tokens(request, prompt_tokens)
-    _set_block_tokens(request, block_tokens)
-    _set_session_id(request, session_id)
-    _set_output_tokens(request, output_tokens)
-    _set_request_id(request, request_id)
-    return request
+#: ``new_route_request(keys, prompt_tokens, block_tokens, session_id, output_tokens,
+#: request_id)``: ``RouteRequest(...)`` with every field positional, built by filling its
+#: slots directly (``router._fast.slot_maker``): the same immutable object (RouteRequest
+#: has no ``__post_init__``) for a fraction of the frozen dataclass ``__init__``'s cost. O(1).
+new_route_request: Callable[..., RouteRequest] = slot_maker(
+    RouteRequest, ("keys", "prompt_tokens", "block_tokens", "session_id", "output_tokens", "request_id"))
 
 
 class RoutingView:
@@ -125,24 +110,11 @@ class RoutingView:
         self.capacities = capacities if capacities is not None else {}
         self.default_capacity = default_capacity
 
-    @classmethod
-    def fast(cls, replicas: tuple, matched_blocks: Mapping[ReplicaId, int], load: Mapping[ReplicaId, ReplicaLoad],
-             now: float, rng: random.Random, session_replica: ReplicaId | None,
-             cached_blocks: Callable[[ReplicaId], int], capacities: Mapping[ReplicaId, int],
-             default_capacity: int) -> RoutingView:
-        """The constructor without keyword parsing, for the router's per-request path:
-        ``replicas`` must already be a tuple and ``capacities`` a mapping. O(1)."""
-        view = _new_object(cls)
-        view.replicas = replicas
-        view.matched_blocks = matched_blocks
-        view.load = load
-        view.session_replica = session_replica
-        view.now = now
-        view.rng = rng
-        view._cached_blocks = cached_blocks
-        view.capacities = capacities
-        view.default_capacity = default_capacity
-        return view
+    #: ``RoutingView.fast(replicas, matched_blocks, load, now, rng, session_replica,
+    #: cached_blocks, capacities, default_capacity)``: the constructor without keyword
+    #: parsing or conversions, for the router's per-request path: ``replicas`` must already
+    #: be a tuple and ``capacities`` a mapping. Set below the class. O(1).
+    fast: ClassVar[Callable[..., RoutingView]]
 
     def matched(self, replica: ReplicaId) -> int:
         """Blocks of the request's prefix this replica is believed to cache (0 if unknown)."""
@@ -161,6 +133,10 @@ class RoutingView:
         """The replica's KV cache size in blocks, as configured for the router
         (``capacities`` holds the same as a mapping, for hot loops)."""
         return self.capacities.get(replica, self.default_capacity)
+
+
+RoutingView.fast = slot_maker(RoutingView, ("replicas", "matched_blocks", "load", "now", "rng", "session_replica",
+                                            "_cached_blocks", "capacities", "default_capacity"))
 
 
 _EMPTY_LOAD = ReplicaLoad()

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from policies.base import Policy, RouteRequest, RoutingView, Tiers, new_route_request
+from router._fast import slot_maker
 from router.errors import ConfigError
 from router.events import AllBlocksCleared, BlocksRemoved, BlocksStored
 from router.keys import DEFAULT_SEED, Keyer, make_keyer, namespace_seed
@@ -61,22 +62,10 @@ class CoreStats:
     outcomes: dict[str, int] = field(default_factory=lambda: dict.fromkeys(OUTCOMES, 0))
 
 
-_new_object = object.__new__
-_DECISION_SLOTS = tuple(getattr(Decision, name).__set__ for name in
-                        ("replica", "matched_blocks", "best_matched_blocks", "outcome", "tiers"))
-
-
-def _new_decision(replica: ReplicaId | None, matched: int, best: int, outcome: str, tiers: Tiers) -> Decision:
-    """``Decision(...)`` built by filling its slots (the frozen dataclass ``__init__``
-    costs about a microsecond per routing decision). The same immutable object."""
-    decision = _new_object(Decision)
-    set_replica, set_matched, set_best, set_outcome, set_tiers = _DECISION_SLOTS
-    set_replica(decision, replica)
-    set_matched(decision, matched)
-    set_best(decision, best)
-    set_outcome(decision, outcome)
-    set_tiers(decision, tiers)
-    return decision
+#: ``Decision(...)`` built by filling its slots (``router._fast.slot_maker``; the frozen
+#: dataclass ``__init__`` costs about half a microsecond per routing decision). The same
+#: immutable object.
+_new_decision = slot_maker(Decision, ("replica", "matched_blocks", "best_matched_blocks", "outcome", "tiers"))
 
 
 def pick_from_tiers(tiers: Tiers, view: RoutingView, allowed: Iterable[ReplicaId] | None = None) -> ReplicaId | None:
@@ -219,17 +208,20 @@ class RoutingCore:
     def route(self, request: RouteRequest, now: float, candidates: Sequence[ReplicaId] | None = None) -> Decision:
         """Rank, pick by Ray Serve's tier rule, and record the routing. The simulator's and
         benchmarks' entry point."""
-        tiers, view = self.rank(request, now, candidates)
+        view = self.view(request, now, candidates)
+        if not view.replicas:
+            self.stats.no_replica += 1
+            return _new_decision(None, 0, 0, "miss", [])
+        tiers = self.policy.rank(request, view)
         allowed = self._replica_set if candidates is None else frozenset(view.replicas)
-        replica = pick_from_tiers(tiers, view, allowed)
-        if replica is None:
-            if view.replicas:
+        if tiers and len(tiers[0]) == 1 and tiers[0][0] in allowed:
+            replica = tiers[0][0]  # Ray's rule on a singleton first tier (cache_aware's shape)
+        else:
+            replica = pick_from_tiers(tiers, view, allowed)
+            if replica is None:
                 # A policy named no candidate: count it and fall back rather than fail.
                 self.stats.invalid_tiers += 1
                 replica = pick_from_tiers([list(view.replicas)], view)
-            else:
-                self.stats.no_replica += 1
-                return _new_decision(None, 0, 0, "miss", tiers)
         matched_blocks = view.matched_blocks
         matched = matched_blocks.get(replica, 0)
         best = max(matched_blocks.values(), default=0)
@@ -268,10 +260,13 @@ class RoutingCore:
         (uncached prompt + output), in blocks. O(1); needs ``request.request_id``."""
         prompt = request.prompt_tokens
         output = request.output_tokens or 0
-        uncached = prompt - min(prompt, matched_blocks * request.block_tokens)
+        block_tokens = request.block_tokens
+        uncached = prompt - min(prompt, matched_blocks * block_tokens)
+        # -(-a // b) is ceiling division, exact for any int (float division overflows past
+        # 1e308, e.g. a client's absurd ``max_tokens``).
         self.load.on_routed(request.request_id, replica, prompt_tokens=prompt, uncached_tokens=uncached,
-                            kv_blocks=_ceil_div(prompt + output, request.block_tokens),
-                            added_kv_blocks=_ceil_div(uncached + output, request.block_tokens))
+                            kv_blocks=-(-(prompt + output) // block_tokens),
+                            added_kv_blocks=-(-(uncached + output) // block_tokens))
 
     def on_routed(self, request: RouteRequest, replica: ReplicaId, now: float,
                   matched_blocks: int | None = None) -> None:
@@ -337,12 +332,6 @@ class RoutingCore:
         self.load.check_invariants()
         assert set(self.load.loads) == set(self._replicas)
         assert set(self.tree.replicas) >= set(self._replicas)
-
-
-def _ceil_div(a: int, b: int) -> int:
-    """Integer ceiling division: exact for any int (float division overflows past 1e308,
-    e.g. a client's absurd ``max_tokens``)."""
-    return -(-a // b)
 
 
 def _valid_keys(keys: Any) -> bool:

@@ -13,6 +13,7 @@ from collections import OrderedDict
 from collections.abc import Hashable, Iterable
 from dataclasses import dataclass
 
+from router._fast import slot_maker
 from router.errors import ConfigError
 
 ReplicaId = Hashable
@@ -102,12 +103,20 @@ def _finite_number(value: object) -> bool:
 
 @dataclass(slots=True)
 class _InFlight:
+    """One in-flight request's share of its replica's load (what to give back on completion)."""
+
     replica: ReplicaId
     uncached_tokens: int
     prompt_tokens: int
     kv_blocks: int
     added_blocks: int
     started: bool = False
+
+
+#: ``_InFlight(...)`` with all six fields positional, without the dataclass ``__init__``
+#: (a third of ``on_routed``'s cost): one is built per routed request.
+_new_in_flight = slot_maker(_InFlight, ("replica", "uncached_tokens", "prompt_tokens", "kv_blocks", "added_blocks",
+                                        "started"))
 
 
 class LoadView:
@@ -164,19 +173,23 @@ class LoadView:
         """Count a request routed to ``replica``: ``kv_blocks`` its whole KV footprint,
         ``added_kv_blocks`` what it adds beyond the replica's cached prefix (None: all of
         it, ``kv_blocks``)."""
-        if request_id in self._requests:  # a retry: release the first attempt's accounting
+        requests = self._requests
+        if request_id in requests:  # a retry: release the first attempt's accounting
             self.on_completed(request_id)
-        load = self.add_replica(replica)
-        uncached_tokens = max(0, uncached_tokens)
+        load = self.loads.get(replica)
+        if load is None:
+            load = self.add_replica(replica)
+        if uncached_tokens < 0:
+            uncached_tokens = 0
         added = kv_blocks if added_kv_blocks is None else max(0, min(added_kv_blocks, kv_blocks))
         load.in_flight += 1
         load.waiting += 1
         load.waiting_prefill_tokens += uncached_tokens
         load.kv_blocks += kv_blocks
         load.kv_added_blocks += added
-        self._requests[request_id] = _InFlight(replica, uncached_tokens, prompt_tokens, kv_blocks, added)
-        while len(self._requests) > self.max_tracked_requests:
-            oldest_id = next(iter(self._requests))
+        requests[request_id] = _new_in_flight(replica, uncached_tokens, prompt_tokens, kv_blocks, added, False)
+        while len(requests) > self.max_tracked_requests:
+            oldest_id = next(iter(requests))
             self.on_completed(oldest_id)
             self.forgotten_requests += 1
 

@@ -8,6 +8,7 @@ Skipped where the extension is not built (then only the Python code exists).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 import subprocess
@@ -21,6 +22,7 @@ import policies
 from policies.base import RoutingView
 from router.core import RoutingCore
 from router.keys import DEFAULT_SEED, CharChunkKeyer, TokenBlockKeyer, _chain_py
+from router._fast import slot_maker_py
 from router.load import ReplicaLoad
 from tests.helpers import request
 
@@ -35,6 +37,20 @@ pytestmark = pytest.mark.skipif(active is None, reason="KVROUTE_PURE_PYTHON is s
        seed=st.one_of(st.just(DEFAULT_SEED), st.integers(0, (1 << 64) - 1)))
 def test_chain_gives_the_python_keys(data, step, seed):
     assert speedups.chain(data, step, seed) == _chain_py(data, step, seed)
+
+
+@settings(max_examples=300, deadline=None)
+@given(text=st.one_of(st.text(alphabet=st.characters(max_codepoint=127), max_size=400),
+                      st.text(max_size=200),
+                      st.text(max_size=100).map(lambda t: t + "\udcff" + t)),
+       step=st.integers(1, 70))
+def test_chain_keys_a_str_as_its_utf8_bytes(text, step):
+    """An ASCII str is keyed in place, any other str through its UTF-8 encoding (lone
+    surrogates kept): both are the keys of the encoded bytes, in C and in Python."""
+    data = text.encode("utf-8", "surrogatepass")
+    expected = _chain_py(data, step, DEFAULT_SEED)
+    assert speedups.chain(text, step, DEFAULT_SEED) == expected
+    assert _chain_py(text, step, DEFAULT_SEED) == expected
 
 
 def test_keyers_give_the_python_keys():
@@ -151,3 +167,52 @@ def test_routing_decisions_are_identical_with_and_without_the_speedups():
     slow.tree._speedups = None  # read when replicas register
     assert decisions(fast) == decisions(slow)
     assert type(fast.tree._owners) is not dict and slow.tree._walks is None
+
+
+# -- slot makers -------------------------------------------------------------------------
+ROUTE_REQUEST_SLOTS = ("keys", "prompt_tokens", "block_tokens", "session_id", "output_tokens", "request_id")
+
+
+@pytest.mark.parametrize("maker", [speedups.SlotMaker, slot_maker_py], ids=["C", "Python"])
+def test_slot_maker_builds_the_object_the_constructor_builds(maker):
+    from policies.base import RouteRequest
+
+    make = maker(RouteRequest, ROUTE_REQUEST_SLOTS)
+    built = make([1, 2, 3], 48, 16, "s", 7, "r1")
+    assert type(built) is RouteRequest
+    assert built == RouteRequest([1, 2, 3], 48, 16, "s", 7, "r1")
+    assert hash(RouteRequest((1,), 16, 16)) == hash(make((1,), 16, 16, None, None, None))
+    with pytest.raises(dataclasses.FrozenInstanceError):  # still frozen
+        built.prompt_tokens = 1
+    view = maker(RoutingView, ("replicas", "now"))(("a", "b"), 2.5)
+    assert view.replicas == ("a", "b") and view.now == 2.5
+    with pytest.raises(AttributeError):  # a slot not passed stays unset, as after object.__new__
+        view.rng
+
+
+@pytest.mark.parametrize("maker", [speedups.SlotMaker, slot_maker_py], ids=["C", "Python"])
+def test_slot_maker_rejects_what_is_not_a_slot_and_a_wrong_count(maker):
+    from policies.base import RouteRequest
+
+    with pytest.raises(TypeError, match="blocks"):  # a property, not a slot
+        maker(RouteRequest, ("keys", "blocks"))
+    with pytest.raises(TypeError, match="nope"):
+        maker(RouteRequest, ("nope",))
+    make = maker(RouteRequest, ROUTE_REQUEST_SLOTS)
+    with pytest.raises(TypeError, match="exactly 6"):
+        make([1], 16)
+
+
+def test_slot_maker_keeps_reference_counts_exact():
+    """Each stored value gains one reference while the object lives and loses it when the
+    object dies (a leak or a missing reference would show here, not as a crash later)."""
+    from policies.base import RouteRequest
+
+    make = speedups.SlotMaker(RouteRequest, ROUTE_REQUEST_SLOTS)
+    keys, session = [1, 2], "session-" + str(random.random())
+    before = sys.getrefcount(keys), sys.getrefcount(session)
+    built = [make(keys, 32, 16, session, None, None) for _ in range(100)]
+    assert sys.getrefcount(keys) == before[0] + 100
+    assert sys.getrefcount(session) == before[1] + 100
+    del built
+    assert (sys.getrefcount(keys), sys.getrefcount(session)) == before
