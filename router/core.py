@@ -188,19 +188,24 @@ class RoutingCore:
 
     def view(self, request: RouteRequest, now: float, candidates: Sequence[ReplicaId] | None = None) -> RoutingView:
         """What the policy sees for ``request`` among ``candidates`` (default: all replicas)."""
+        return self._view(request, now, candidates)[0]
+
+    def _view(self, request: RouteRequest, now: float,
+              candidates: Sequence[ReplicaId] | None) -> tuple[RoutingView, int]:
+        """``view``, and the longest match among the candidates."""
         replicas = self._replicas if candidates is None else tuple(candidates)
         session_replica = self.sessions.get(request.session_id, now) if request.session_id else None
         if session_replica is not None and session_replica not in replicas:
             session_replica = None
         tree = self.tree
-        return RoutingView.fast(replicas, tree.match(request.keys, replicas, now), self.load.loads, now, self.rng,
-                                session_replica, tree.replica_blocks, tree.capacities,
-                                tree.default_capacity_blocks)
+        matched, best = tree.match_best(request.keys, replicas, now)
+        return RoutingView.fast(replicas, matched, self.load.loads, now, self.rng, session_replica,
+                                tree.replica_blocks, tree.capacities, tree.default_capacity_blocks), best
 
     def rank(self, request: RouteRequest, now: float,
              candidates: Sequence[ReplicaId] | None = None) -> tuple[Tiers, RoutingView]:
         """The policy's tiers for ``request``, and the view they were computed from."""
-        view = self.view(request, now, candidates)
+        view, best = self._view(request, now, candidates)
         if not view.replicas:
             return [], view
         return self.policy.rank(request, view), view
@@ -208,7 +213,7 @@ class RoutingCore:
     def route(self, request: RouteRequest, now: float, candidates: Sequence[ReplicaId] | None = None) -> Decision:
         """Rank, pick by Ray Serve's tier rule, and record the routing. The simulator's and
         benchmarks' entry point."""
-        view = self.view(request, now, candidates)
+        view, best = self._view(request, now, candidates)
         if not view.replicas:
             self.stats.no_replica += 1
             return _new_decision(None, 0, 0, "miss", [])
@@ -222,9 +227,7 @@ class RoutingCore:
                 # A policy named no candidate: count it and fall back rather than fail.
                 self.stats.invalid_tiers += 1
                 replica = pick_from_tiers([list(view.replicas)], view)
-        matched_blocks = view.matched_blocks
-        matched = matched_blocks.get(replica, 0)
-        best = max(matched_blocks.values(), default=0)
+        matched = view.matched_blocks.get(replica, 0)
         if type(self).on_routed is RoutingCore.on_routed:
             # The match above is current (same ``now``, nothing changed since): the tree
             # may skip re-probing the ``matched`` keys it just found held by ``replica``.

@@ -293,31 +293,39 @@ class PrefixTree:
         Unknown replicas match 0. Sweeps expired speculative entries first when any can
         have expired. O(matched blocks + replicas).
         """
+        return self.match_best(keys, replicas, now)[0]
+
+    def match_best(self, keys: Sequence[int], replicas: Sequence[ReplicaId],
+                   now: float) -> tuple[dict[ReplicaId, int], int]:
+        """``match``, and the longest of its matches (0 if none), which the walk knows for
+        free. O(matched blocks + replicas)."""
         if now > self._next_expiry:
             self.expire(now)
         result = dict.fromkeys(replicas, 0)
         alive = self._candidate_mask(replicas)
         if not alive or not keys:
-            return result
+            return result, 0
         walks = self._walks
         if walks is not None:  # the same walk in C, writing into ``result``
-            walks.match_into(keys, alive, result, self._slot_replica)
-            return result
+            return result, walks.match_into(keys, alive, result, self._slot_replica)
         members = self._members
         update = result.update
         fromkeys = dict.fromkeys
         owners_get = self._owners.get
+        longest = 0
         for depth, key in enumerate(keys):
             still = owners_get(key, 0) & alive
             if still != alive:
                 if depth:  # the result already says 0
                     update(fromkeys(members(alive ^ still), depth))
+                    longest = depth
                 alive = still
                 if not alive:
                     break
         else:
             update(fromkeys(members(alive), len(keys)))
-        return result
+            longest = len(keys)
+        return result, longest
 
     def _members(self, mask: int) -> tuple:
         """The replicas whose bits are set in ``mask`` (memoised; few masks recur)."""

@@ -203,7 +203,7 @@ class PrefixTreeMachine(RuleBasedStateMachine):
 
     def check_match(self, seq, asked, now) -> None:
         # Documented: match first sweeps every expired speculative entry (as expire does).
-        got = self.tree.match(keys_of(seq), asked, now)
+        got, longest = self.tree.match_best(keys_of(seq), asked, now)
         self.ref_expire(now)
         expected = {}
         for replica in asked:
@@ -214,6 +214,8 @@ class PrefixTreeMachine(RuleBasedStateMachine):
                     depth += 1
             expected[replica] = depth
         assert got == expected, (seq, asked, now)
+        assert longest == max(expected.values(), default=0)
+        assert self.tree.match(keys_of(seq), asked, now) == expected  # nothing expired since
 
     @rule()
     def expire(self):

@@ -978,11 +978,13 @@ lowest_bit(uint64_t x) /* x != 0 */
 #endif
 }
 
-/* match_into(keys, alive, result, slot_replica) -> None
+/* match_into(keys, alive, result, slot_replica) -> longest
  * match_walk, written straight into ``result`` (a dict replica -> matched blocks whose
  * candidates the caller set to 0): every replica whose bit drops out at depth d > 0, or
- * survives the whole chain (d = len(keys)), gets result[slot_replica[slot]] = d. Saves
- * the pairs and the Python loop over them on the router's per-request path. */
+ * survives the whole chain (d = len(keys)), gets result[slot_replica[slot]] = d. Returns
+ * the longest d written (0 if none): the best match, which the router needs and max()
+ * over the dict would cost more than the walk. Saves the pairs and the Python loop over
+ * them on the router's per-request path. */
 static PyObject *
 BlockMap_match_into(BlockMap *bm, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -1001,7 +1003,7 @@ BlockMap_match_into(BlockMap *bm, PyObject *const *args, Py_ssize_t nargs)
     PyObject **items = PySequence_Fast_ITEMS(seq);
     if (alive)
         prefetch_homes(bm, items, 0, n);
-    Py_ssize_t depth = 0;
+    Py_ssize_t depth = 0, longest = 0;
     for (; depth <= n && alive; depth++) {
         uint64_t still = 0; /* past the last key every survivor "drops" at depth n */
         if (depth < n) {
@@ -1028,11 +1030,12 @@ BlockMap_match_into(BlockMap *bm, PyObject *const *args, Py_ssize_t nargs)
                 }
             }
             Py_DECREF(depth_obj);
+            longest = depth;
         }
         alive = still;
     }
     Py_DECREF(seq);
-    Py_RETURN_NONE;
+    return PyLong_FromSsize_t(longest);
 error:
     Py_DECREF(seq);
     return NULL;
