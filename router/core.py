@@ -205,7 +205,7 @@ class RoutingCore:
     def rank(self, request: RouteRequest, now: float,
              candidates: Sequence[ReplicaId] | None = None) -> tuple[Tiers, RoutingView]:
         """The policy's tiers for ``request``, and the view they were computed from."""
-        view, best = self._view(request, now, candidates)
+        view = self.view(request, now, candidates)
         if not view.replicas:
             return [], view
         return self.policy.rank(request, view), view
