@@ -209,19 +209,17 @@ def _post(url: str, body: dict, timeout: float, started: float, outcome: Outcome
         outcome.error = f"{type(exc).__name__}: {exc}"
 
 
-def replay(url: str, requests: Sequence[SimRequest], renderer: TextRenderer, *, timeout_s: float = 120.0,
-           max_concurrency: int = 128, progress: Callable[[int, int], None] | None = None) -> list[Outcome]:
-    """Send every request at its ``arrival_s`` (open loop) as a streaming completion; wait
-    for all. A request whose send time comes while ``max_concurrency`` are open waits for
-    a slot (reported as a later ``sent_s``)."""
-    bodies = [_body(r, renderer) for r in requests]
-    outcomes = [Outcome(r.request_id, r.arrival_s) for r in requests]
+def _open_loop(requests: Sequence[SimRequest], send: Callable[[int, float], None], max_concurrency: int,
+               progress: Callable[[int, int], None] | None) -> None:
+    """Call ``send(index, started)`` for every request at its ``arrival_s`` (open loop) on
+    up to ``max_concurrency`` threads; wait for all. A request whose send time comes while
+    every thread is busy waits for one (its outcome records the later ``sent_s``)."""
     done = [0]
     lock = threading.Lock()
     started = time.perf_counter()
 
     def one(index: int) -> None:
-        _post(url + "/completions", bodies[index], timeout_s, started, outcomes[index])
+        send(index, started)
         with lock:
             done[0] += 1
             if progress and done[0] % 10 == 0:
@@ -233,6 +231,17 @@ def replay(url: str, requests: Sequence[SimRequest], renderer: TextRenderer, *, 
             if delay > 0:
                 time.sleep(delay)
             pool.submit(one, index)
+
+
+def replay(url: str, requests: Sequence[SimRequest], renderer: TextRenderer, *, timeout_s: float = 120.0,
+           max_concurrency: int = 128, progress: Callable[[int, int], None] | None = None) -> list[Outcome]:
+    """Send every request at its ``arrival_s`` (open loop) as a streaming completion; wait
+    for all. A request whose send time comes while ``max_concurrency`` are open waits for
+    a slot (reported as a later ``sent_s``)."""
+    bodies = [_body(r, renderer) for r in requests]
+    outcomes = [Outcome(r.request_id, r.arrival_s) for r in requests]
+    _open_loop(requests, lambda index, started: _post(url + "/completions", bodies[index], timeout_s, started,
+                                                      outcomes[index]), max_concurrency, progress)
     return outcomes
 
 
@@ -321,24 +330,9 @@ def replay_handles(hs: Sequence, requests: Sequence[SimRequest], renderer: TextR
     bypassing the HTTP proxy and the ingress (the body is what the ingress would forward)."""
     outcomes = [Outcome(r.request_id, r.arrival_s) for r in requests]
     bodies = [_body(r, renderer) for r in requests]
-    done = [0]
-    lock = threading.Lock()
-    started = time.perf_counter()
     del timeout_s  # a handle call has no client timeout; the run is bounded by its requests
-
-    def one(index: int) -> None:
-        _call_handle(hs[index % len(hs)], bodies[index], outcomes[index], started)
-        with lock:
-            done[0] += 1
-            if progress and done[0] % 10 == 0:
-                progress(done[0], len(requests))
-
-    with ThreadPoolExecutor(max_workers=max_concurrency) as pool:
-        for index, r in enumerate(requests):
-            delay = r.arrival_s - (time.perf_counter() - started)
-            if delay > 0:
-                time.sleep(delay)
-            pool.submit(one, index)
+    _open_loop(requests, lambda index, started: _call_handle(hs[index % len(hs)], bodies[index], outcomes[index],
+                                                             started), max_concurrency, progress)
     return outcomes
 
 

@@ -217,3 +217,35 @@ def test_load_calibration_adds_the_median_ttft_the_model_misses_at_the_operating
     assert tuned.request_overhead_s == pytest.approx(profile.request_overhead_s + margin, abs=2e-3)
     faster, _ = fidelity._fit_load_overhead(profile, live, model_path, requests, outcomes(0.0001), renderer)
     assert faster.request_overhead_s == 0.0
+
+
+def test_the_open_loop_sends_each_request_once_never_before_its_arrival():
+    """The pacing both replays share (HTTP and deployment handles): every index is sent
+    exactly once, none before its arrival time, at most ``max_concurrency`` at a time,
+    and progress is reported every 10 completions."""
+    import threading
+    import time
+
+    from benchmarks.live_bench import _open_loop
+
+    requests = [SimRequest(i, 0.002 * i, 1, 1, "x") for i in range(25)]
+    sent: dict[int, float] = {}
+    open_now = [0, 0]  # current, most seen
+    lock = threading.Lock()
+
+    def send(index: int, started: float) -> None:
+        with lock:
+            assert index not in sent
+            sent[index] = time.perf_counter() - started
+            open_now[0] += 1
+            open_now[1] = max(open_now[1], open_now[0])
+        time.sleep(0.01)
+        with lock:
+            open_now[0] -= 1
+
+    reports = []
+    _open_loop(requests, send, max_concurrency=3, progress=lambda done, total: reports.append((done, total)))
+    assert sorted(sent) == list(range(25))
+    assert all(sent[r.request_id] >= r.arrival_s for r in requests)
+    assert open_now[1] <= 3
+    assert reports == [(10, 25), (20, 25)]
