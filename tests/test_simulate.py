@@ -80,11 +80,12 @@ def test_cache_aware_beats_every_peer_on_ttft_p99_where_routing_decides(league_x
 def test_at_the_traces_own_rate_cache_aware_has_the_best_mean_ttft_and_ties_the_tails(league):
     """At the trace's own rate the cluster is lightly loaded and the p99 is the prefill of
     the longest prompts nobody has cached, which no router avoids: the top policies land
-    within a percent or two of each other on p50 and p99, and which is ahead depends on
-    the tie-breaking draws (cache_aware against dynamo's p99, or llmd's p50, flips with the
-    router seed). What holds for every seed (0-3 checked): cache_aware has the best mean
-    TTFT (3-8% ahead of the next), its p50 and p99 are within 3% of the best peer's, and
-    no replica gets more than 1.5x its fair share."""
+    within a few percent of each other on p50 and p99 (cache_aware leads llmd's p50 by
+    0.7-4% and dynamo's p99 by 0.3% at seed 0), and a change to the tie-breaking draws
+    alone (one draw per decision instead of one per replica) put dynamo's p99 ahead at
+    seed 0. What holds with a margin for every router seed checked (0-3): cache_aware has
+    the best mean TTFT (3-8% ahead of the next), its p50 and p99 are within 3% of the
+    best peer's, and no replica gets more than 1.5x its fair share."""
     ours = league["cache_aware"]
     assert ours["max_share_of_fair"] <= 1.5
     peers = [league[name] for name in policies.available() if name != "cache_aware"]
