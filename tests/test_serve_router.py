@@ -18,6 +18,7 @@ serve = pytest.importorskip("ray.serve")
 
 from router import cache_aware_router_config  # noqa: E402
 from router.errors import ConfigError  # noqa: E402
+from tests.helpers import wait_for  # noqa: E402
 
 REPO = str(Path(__file__).resolve().parents[1])
 pytestmark = pytest.mark.serve
@@ -37,17 +38,40 @@ class Where:
         return {"kv_usage": 0.1, "waiting": 0, "running": 0}
 
 
-@serve.deployment(num_replicas=3, ray_actor_options={"num_cpus": 0.1})
-class SlowWhere:
-    """``Where`` that takes half a second per request, so a burst overlaps in flight."""
+@ray.remote(num_cpus=0)
+class Gate:
+    """Holds callers until opened, and counts them: a test waits until every request of a
+    burst is in flight at once (an observable condition), then lets them all finish."""
 
     def __init__(self) -> None:
-        self.replica = serve.get_replica_context().replica_id.unique_id
-
-    async def chat(self, body: dict) -> str:
         import asyncio
 
-        await asyncio.sleep(0.5)
+        self.arrived = 0
+        self.opened = asyncio.Event()
+
+    async def wait(self) -> None:
+        self.arrived += 1
+        await self.opened.wait()
+
+    def open(self) -> None:
+        self.opened.set()
+
+    def count(self) -> int:
+        return self.arrived
+
+
+@serve.deployment(num_replicas=3, ray_actor_options={"num_cpus": 0.1})
+class HeldWhere:
+    """``Where`` whose requests marked ``hold`` wait at ``gate`` before answering, so a
+    burst stays in flight until the test has seen all of it arrive."""
+
+    def __init__(self, gate) -> None:
+        self.replica = serve.get_replica_context().replica_id.unique_id
+        self.gate = gate
+
+    async def chat(self, body: dict) -> str:
+        if body.get("hold"):
+            await self.gate.wait.remote()
         return self.replica
 
     def record_routing_stats(self) -> dict:
@@ -131,10 +155,18 @@ def test_a_dead_replica_is_purged_and_traffic_continues(cluster):
 def test_a_burst_of_unrelated_requests_spreads_over_the_replicas(cluster):
     # Serve ranks every request of a burst before it reports any of them routed; the
     # router counts each where it ranked it first, so later rankings see the earlier ones.
-    app = SlowWhere.options(name="burst", request_router_config=cache_aware_router_config(policy="cache_aware"))
-    handle = serve.run(app.bind(), name="burst", route_prefix="/burst")
+    # The replicas hold the burst until all twelve are in flight, whatever the machine's
+    # speed: no request can finish (and lower its replica's load) before the last is routed.
+    gate = Gate.remote()
+    app = HeldWhere.options(name="burst", request_router_config=cache_aware_router_config(policy="cache_aware"))
+    handle = serve.run(app.bind(gate), name="burst", route_prefix="/burst")
     handle.chat.remote(body("warm", 0)).result(timeout_s=60)
-    responses = [handle.chat.remote(body(f"unrelated prompt number {i} " * 30, i)) for i in range(12)]
+    responses = [handle.chat.remote({**body(f"unrelated prompt number {i} " * 30, i), "hold": True})
+                 for i in range(12)]
+    try:
+        assert wait_for(lambda: ray.get(gate.count.remote()) == 12, timeout=120, interval=0.05)
+    finally:
+        gate.open.remote()
     served = Counter(r.result(timeout_s=60) for r in responses)
     assert len(served) == 3 and max(served.values()) <= 6, served
 

