@@ -1,5 +1,7 @@
-"""Builds the optional C speedups: router/_native/speedups.c as ``router._speedups`` and
-router/_native/blockmap.c (the prefix tree's block table) as ``router._blockmap``.
+"""Builds the optional C speedups: router/_native/speedups.c as ``router._speedups``,
+router/_native/blockmap.c (the prefix tree's block table) as ``router._blockmap`` and
+router/_native/pieces.c (the prompt tokenizer's piece cache and splitter) as
+``router._pieces``.
 
 Everything else is configured in pyproject.toml. The extension is optional: if it cannot
 be compiled (no compiler, an unusual platform), installation still succeeds and kvroute
@@ -26,6 +28,14 @@ setup(
         Extension(
             "router._blockmap",
             sources=["router/_native/blockmap.c"],
+            extra_compile_args=compile_args,
+            optional=True,
+        ),
+        Extension(
+            "router._pieces",
+            sources=["router/_native/pieces.c"],
+            depends=["router/_native/xxhash.h"],
+            include_dirs=["router/_native"],
             extra_compile_args=compile_args,
             optional=True,
         ),

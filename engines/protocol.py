@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from engines.errors import BadRequest
+from router.tokenization import chat_template_options
 
 ROLES = ("system", "user", "assistant", "tool", "developer")
 
@@ -74,6 +75,10 @@ class ChatParams:
     include_usage: bool
     session_id: str | None
     cache_salt: str | None
+    #: ``add_generation_prompt``, ``continue_final_message`` and ``chat_template_kwargs``
+    #: for the chat template (``router.tokenization.chat_template_options``).
+    template_options: dict = field(default_factory=lambda: {"add_generation_prompt": True,
+                                                             "continue_final_message": False})
 
 
 @dataclass(frozen=True, slots=True)
@@ -230,9 +235,13 @@ def parse_chat(body: Any) -> ChatParams:
     body = _require_body(body)
     _reject_other_endpoint(body, "prompt", "/v1/completions")
     stream, include_usage = _stream_options(body)
+    try:
+        template_options = chat_template_options(body)
+    except ValueError as exc:
+        raise BadRequest(400, str(exc), param=str(exc).split("'")[1]) from None
     return ChatParams(model=_opt_str(body, "model"), messages=parse_messages(body), sampling=_sampling(body),
                       stream=stream, include_usage=include_usage, session_id=_session(body),
-                      cache_salt=_opt_str(body, "cache_salt"))
+                      cache_salt=_opt_str(body, "cache_salt"), template_options=template_options)
 
 
 def parse_prompt(body: Mapping) -> str | tuple[int, ...]:

@@ -12,10 +12,18 @@ puts ``request_router_config`` into ``deployment_config``. Its server class is
 ``engines.vllm_engine.EngineRunner.routing_stats`` does (Ray's own hook reports only for
 its KV-aware router). Ray's requests reach the replicas as Ray LLM request objects (e.g.
 ``ChatCompletionRequest``), not the dicts ``engines.openai_app`` forwards.
+
+Tokenize once: the server reports its tokenizer's fingerprint (``kvroute_tokenizer``); a
+kvroute router with the same tokenizer sends the prompt's token ids with each request (the
+``kvroute_prompt`` keyword), and the server hands them to vLLM as
+``kv_transfer_params["prompt_token_ids"]``, which vLLM's OpenAI renderer uses instead of
+rendering and tokenizing the request again (it still renders when the request has media
+or ``echo``).
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -24,18 +32,64 @@ from ray.serve.llm import LLMConfig, LLMServer
 
 from engines.tiny_model import build_tiny_model
 from engines.vllm_engine import _SchedulerSnapshot, _stat_logger_factory
+from router.tokenization import tokenizer_fingerprint, unpack_ids
+
+logger = logging.getLogger("kvroute.engines")
 
 #: The placement bundle for a CPU-only replica (no accelerator).
 CPU_PLACEMENT = {"bundles": [{"CPU": 1}]}
 
 
 class KVRouteLLMServer(LLMServer):
-    """``LLMServer`` whose routing stats carry load, KV-cache size and KV-event endpoints."""
+    """``LLMServer`` whose routing stats carry load, KV-cache size, KV-event endpoints and
+    its tokenizer's fingerprint, and which takes a kvroute router's token ids."""
 
     async def start(self):
         await super().start()
         self._kvroute_snapshot = _SchedulerSnapshot()
         self._kvroute_attach_stat_logger()
+        self._kvroute_ids_used = self._kvroute_ids_rejected = 0
+        self._kvroute_tokenizer = None
+        client = self._kvroute_client()
+        if client is not None:
+            try:
+                tokenizer = client.get_tokenizer()
+                tokenizer = await tokenizer if hasattr(tokenizer, "__await__") else tokenizer
+                serving = getattr(self.engine, "_oai_serving_chat", None)
+                self._kvroute_tokenizer = tokenizer_fingerprint(tokenizer, getattr(serving, "chat_template", None))
+            except Exception as exc:  # noqa: BLE001 - no fingerprint: routers' ids are just not used
+                logger.warning("KVRouteLLMServer: no tokenizer fingerprint (%s); router token ids unused", exc)
+
+    def _kvroute_take_ids(self, request: Any, prompt: Any) -> None:
+        """Put a kvroute router's token ids (``prompt``: ``{"token_ids": packed uint32,
+        "tokenizer": fingerprint}``) where vLLM's renderer takes them, if they were made
+        with this server's tokenizer; otherwise leave the request to be tokenized."""
+        if prompt is None:
+            return
+        ids = None
+        if isinstance(prompt, dict) and prompt.get("tokenizer") == self._kvroute_tokenizer \
+                and isinstance(prompt.get("token_ids"), (bytes, bytearray)):
+            try:
+                ids = unpack_ids(bytes(prompt["token_ids"]))
+            except ValueError:
+                ids = None
+        if not ids:
+            self._kvroute_ids_rejected += 1
+            return
+        params = getattr(request, "kv_transfer_params", None)
+        params = dict(params) if isinstance(params, dict) else {}
+        params["prompt_token_ids"] = ids
+        request.kv_transfer_params = params
+        self._kvroute_ids_used += 1
+
+    async def chat(self, request, raw_request_info=None, kvroute_prompt=None):
+        self._kvroute_take_ids(request, kvroute_prompt)
+        return await super().chat(request, raw_request_info)
+
+    async def completions(self, request, raw_request_info=None, kvroute_prompt=None):
+        if isinstance(getattr(request, "prompt", None), str):
+            self._kvroute_take_ids(request, kvroute_prompt)
+        return await super().completions(request, raw_request_info)
 
     def _kvroute_client(self):
         return getattr(self.engine, "_engine_client", None)
@@ -81,6 +135,9 @@ class KVRouteLLMServer(LLMServer):
             "prefix_cache_queries": snap.prefix_queries,
             "prefix_cache_hits": snap.prefix_hits,
             "stats_age_s": (time.time() - snap.updated) if snap.reports else None,
+            "kvroute_tokenizer": self._kvroute_tokenizer,
+            "router_ids_used": self._kvroute_ids_used,
+            "router_ids_rejected": self._kvroute_ids_rejected,
         })
         return stats
 

@@ -1,10 +1,13 @@
 """A tiny random-weight Llama and its tokenizer, built locally (nothing is downloaded).
 
 The live tests and the example app serve this model with real vLLM on CPU: 2 layers,
-hidden size 128, head_dim 64 (vLLM's CPU attention rejects 16), 512-token vocabulary from a
-byte-level BPE trained on a few built-in sentences (so any text encodes), special tokens
-``<s>``/``</s>``/``<pad>`` and a plain chat template. The weights are seeded: two builds
-give the same tensors and the same tokenizer.
+hidden size 128, head_dim 64 (vLLM's CPU attention rejects 16), 32,768 positions (RoPE: a
+long context costs nothing in weights, and lets live benchmarks send long histories),
+512-token vocabulary from a byte-level BPE trained on a few built-in sentences (so any
+text encodes), special tokens ``<pad>``/``<s>``/``</s>`` and ChatML's ``<|im_start|>`` /
+``<|im_end|>`` around each message, as production chat templates have them (so a router
+can tokenize a conversation message by message: see ``router.tokenization``). The
+weights are seeded: two builds give the same tensors and the same tokenizer.
 
     path = build_tiny_model()               # ~/.cache/kvroute/tiny-llama, or $KVROUTE_TINY_MODEL
     python -m engines.tiny_model [PATH]     # the same from a shell; prints the path
@@ -24,23 +27,24 @@ import tempfile
 from pathlib import Path
 
 #: Bumped whenever the built files change, so an old cache is rebuilt.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MARKER = "kvroute-tiny-model.json"
 ENV_VAR = "KVROUTE_TINY_MODEL"
 DEFAULT_DIR = Path("~/.cache/kvroute/tiny-llama")
 
 VOCAB_SIZE = 512
-MAX_POSITIONS = 4096
+MAX_POSITIONS = 32_768
 SEED = 0
-SPECIAL_TOKENS = ("<pad>", "<s>", "</s>")
+SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>")
 
-#: ``{role}: {content}`` lines, ``<s>`` first, and ``assistant:`` to prompt a reply.
+#: ``<s>`` first, then ``<|im_start|>{role}\n{content}<|im_end|>\n`` per message (ChatML),
+#: and ``<|im_start|>assistant\n`` to prompt a reply.
 CHAT_TEMPLATE = (
     "{{ bos_token }}"
     "{% for message in messages %}"
-    "{{ message['role'] }}: {{ message['content'] }}\n"
+    "<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
     "{% endfor %}"
-    "{% if add_generation_prompt %}assistant:{% endif %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
 MODEL_CONFIG = dict(

@@ -38,6 +38,7 @@ from typing import Any
 
 from engines.errors import BadRequest
 from engines.protocol import ChatParams, CompletionParams, SamplingOptions, parse_chat, parse_completion
+from router.tokenization import render_chat, tokenizer_fingerprint, unpack_ids
 
 logger = logging.getLogger("kvroute.engines")
 
@@ -138,6 +139,11 @@ class EngineRunner:
         # OpenAI's ``system_fingerprint``: which replica answered (the Serve deployment sets
         # its replica id), so operators and tests can see where a request was served.
         self.fingerprint: str | None = None
+        # The tokenizer's fingerprint (router.tokenization.tokenizer_fingerprint): a router
+        # with the same one sends its token ids with each request, and they are used as is.
+        self.tokenizer_fingerprint: str | None = None
+        self.router_ids_used = 0
+        self.router_ids_rejected = 0
         self._snapshot = _SchedulerSnapshot()
 
     # -- life cycle ------------------------------------------------------------------------
@@ -172,6 +178,10 @@ class EngineRunner:
                                log_stats=False, log_requests=False,
                                stat_loggers=[_stat_logger_factory(self._snapshot)])
         self.tokenizer = self.engine.get_tokenizer()
+        try:
+            self.tokenizer_fingerprint = tokenizer_fingerprint(self.tokenizer)
+        except Exception as exc:  # noqa: BLE001 - a slow tokenizer: routers' ids are just not used
+            logger.warning("no tokenizer fingerprint (%s): router token ids will not be used", exc)
         cache = self.engine.vllm_config.cache_config
         self.block_size = int(cache.block_size)
         self.num_gpu_blocks = int(cache.num_gpu_blocks or 0)
@@ -203,8 +213,10 @@ class EngineRunner:
         ``prefix_cache_queries``/``prefix_cache_hits`` (tokens, cumulative),
         ``requests_scheduled`` (requests the engine scheduled, each once, cumulative),
         ``replica`` (this replica's id, as in ``system_fingerprint``), ``stats_age_s``
-        (seconds since the engine's last scheduler report, ``None`` before the first) and
-        ``engine_start_s``.
+        (seconds since the engine's last scheduler report, ``None`` before the first),
+        ``engine_start_s``, ``kvroute_tokenizer`` (the tokenizer's fingerprint: a router with
+        the same one sends its token ids) and ``router_ids_used``/``router_ids_rejected``
+        (requests whose router ids were used, or ignored).
 
         vLLM reports scheduler stats only while it steps: when no request is unfinished the
         queues are empty and no block is held, so ``waiting``, ``running`` and ``kv_usage``
@@ -232,6 +244,9 @@ class EngineRunner:
             "replica": self.fingerprint,
             "stats_age_s": (time.time() - snap.updated) if snap.reports else None,
             "engine_start_s": round(self.started_s, 3),
+            "kvroute_tokenizer": self.tokenizer_fingerprint,
+            "router_ids_used": self.router_ids_used,
+            "router_ids_rejected": self.router_ids_rejected,
         }
 
     def models(self) -> dict:
@@ -260,14 +275,13 @@ class EngineRunner:
                               output_kind=RequestOutputKind.DELTA)
 
     def _encode_chat(self, params: ChatParams) -> list[int]:
+        # The router renders with the same function (router.tokenization.render_chat), so
+        # its token ids, when it sends them, are these.
         try:
-            ids = self.tokenizer.apply_chat_template(list(params.messages), add_generation_prompt=True,
-                                                     tokenize=True)
+            text = render_chat(self.tokenizer, list(params.messages), params.template_options)
         except Exception as exc:  # a template that rejects the conversation
             raise BadRequest(400, f"messages: the chat template rejected them: {exc}", param="messages") from exc
-        if isinstance(ids, dict) or hasattr(ids, "keys"):
-            ids = ids["input_ids"]
-        return [int(t) for t in ids]
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
 
     def _encode_prompt(self, params: CompletionParams) -> list[int]:
         if isinstance(params.prompt, str):
@@ -277,16 +291,36 @@ class EngineRunner:
             raise BadRequest(400, f"'prompt' token ids must be below the vocabulary size {vocab}", param="prompt")
         return list(params.prompt)
 
-    async def chat(self, body: dict) -> dict | AsyncIterator[str]:
+    def _router_ids(self, prompt: Any) -> list[int] | None:
+        """The token ids a kvroute router computed for this request (the ``kvroute_prompt``
+        keyword argument), if it used this engine's tokenizer: the prompt is then not
+        tokenized again. Anything else (another tokenizer, a malformed attachment, ids
+        outside the vocabulary) is ignored and counted: the engine tokenizes as usual."""
+        if prompt is None:
+            return None
+        ids = None
+        if isinstance(prompt, dict) and prompt.get("tokenizer") == self.tokenizer_fingerprint:
+            data = prompt.get("token_ids")
+            if isinstance(data, (bytes, bytearray)) and data and len(data) % 4 == 0:
+                ids = unpack_ids(bytes(data))
+                if max(ids) >= len(self.tokenizer):
+                    ids = None
+        if ids is None:
+            self.router_ids_rejected += 1
+        else:
+            self.router_ids_used += 1
+        return ids
+
+    async def chat(self, body: dict, prompt: Any = None) -> dict | AsyncIterator[str]:
         params = parse_chat(body)
         self._check_model(params.model)
-        ids = self._encode_chat(params)
+        ids = self._router_ids(prompt) or self._encode_chat(params)
         return await self._run("chat", params, ids)
 
-    async def completions(self, body: dict) -> dict | AsyncIterator[str]:
+    async def completions(self, body: dict, prompt: Any = None) -> dict | AsyncIterator[str]:
         params = parse_completion(body)
         self._check_model(params.model)
-        ids = self._encode_prompt(params)
+        ids = (self._router_ids(prompt) if isinstance(params.prompt, str) else None) or self._encode_prompt(params)
         return await self._run("completion", params, ids)
 
     async def _run(self, kind: str, params: ChatParams | CompletionParams, ids: list[int]):
@@ -409,11 +443,11 @@ class VLLMEngine:
             self.runner.fingerprint = None
         await self.runner.start()
 
-    async def chat(self, body: dict):
-        return await self.runner.chat(body)
+    async def chat(self, body: dict, kvroute_prompt: Any = None):
+        return await self.runner.chat(body, kvroute_prompt)
 
-    async def completions(self, body: dict):
-        return await self.runner.completions(body)
+    async def completions(self, body: dict, kvroute_prompt: Any = None):
+        return await self.runner.completions(body, kvroute_prompt)
 
     async def models(self) -> dict:
         return self.runner.models()

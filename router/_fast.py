@@ -2,7 +2,9 @@
 
 ``speedups`` is ``router._speedups`` (keying, the cost loop of cache_aware, slot makers);
 ``BlockMap`` and ``BlockLRU`` are ``router._blockmap``'s (the prefix tree's block table
-with its walks, and its per-replica LRU maps); each is None when it was not built or the environment sets
+with its walks, and its per-replica LRU maps); ``PieceCache`` and ``PieceSplitter`` are
+``router._pieces``'s (the prompt tokenizer's piece cache, and its splitter and joiner of
+cached pieces); each is None when it was not built or the environment sets
 ``KVROUTE_PURE_PYTHON=1``. Every caller then runs its pure-Python twin, which computes the
 same values (the tests run both). Read once, at import.
 """
@@ -17,6 +19,8 @@ from typing import Any
 speedups: ModuleType | None = None
 BlockMap: type | None = None
 BlockLRU: type | None = None
+PieceCache: type | None = None
+PieceSplitter: type | None = None
 if os.environ.get("KVROUTE_PURE_PYTHON", "").strip() in ("", "0"):
     try:
         from router import _speedups as speedups
@@ -26,6 +30,10 @@ if os.environ.get("KVROUTE_PURE_PYTHON", "").strip() in ("", "0"):
         from router._blockmap import BlockLRU, BlockMap
     except ImportError:
         BlockMap = BlockLRU = None
+    try:
+        from router._pieces import PieceCache, PieceSplitter
+    except ImportError:
+        PieceCache = PieceSplitter = None
 
 
 def slot_maker(cls: type, names: tuple[str, ...]) -> Callable[..., Any]:

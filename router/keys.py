@@ -107,6 +107,11 @@ class TokenBlockKeyer(Keyer):
     def keys(self, content: Sequence[int], seed: int = DEFAULT_SEED) -> list[int]:
         return _chain(self._pack(content), self._step, seed)
 
+    def keys_packed(self, data: bytes, seed: int = DEFAULT_SEED) -> list[int]:
+        """``keys`` of token ids already packed as little-endian uint32 (what
+        ``router.tokenization`` produces): no list of ints in between."""
+        return _chain(data, self._step, seed)
+
     def prompt_tokens(self, content: Sequence[int]) -> int:
         return len(content)
 

@@ -12,8 +12,9 @@ loop) pushes the accumulated counts and samples, and sets the gauges from a snap
 the core.
 
 Label cardinality is bounded: ``policy`` (one per router), ``outcome`` (the five of
-``OUTCOMES``), ``replica`` (the deployment's replicas; a replica that leaves has its
-gauges set to 0 once and is then forgotten). Nothing is labelled by request or session.
+``OUTCOMES``), ``result`` (the five of ``TOKENIZE_RESULTS``), ``replica`` (the deployment's
+replicas; a replica that leaves has its gauges set to 0 once and is then forgotten).
+Nothing is labelled by request or session.
 """
 
 from __future__ import annotations
@@ -26,6 +27,12 @@ from typing import Any, NamedTuple
 #: ``fallback``: the router could not rank the request (no routable body, nothing ranked)
 #: and let Serve choose among all candidates.
 OUTCOMES = ("prefix_hit", "spill", "miss", "session", "fallback")
+
+#: How a request's prompt got its token ids (router with a tokenizer): every piece was in
+#: the piece cache (``cached``), missing pieces were encoded off the loop (``encoded``),
+#: the tokenizer pool was full or the text too long, so it was keyed in characters and the
+#: engine tokenizes it (``overflow``), the tokenizer failed on it (``error``).
+TOKENIZE_RESULTS = ("cached", "encoded", "overflow", "error")
 
 FLUSH_INTERVAL_S = 2.0
 #: Decision latencies kept between two flushes (beyond it, samples are dropped and
@@ -43,7 +50,7 @@ class MetricSpec(NamedTuple):
     buckets: tuple[float, ...] = ()
 
 
-_P, _PO, _R = ("policy",), ("policy", "outcome"), ("replica",)
+_P, _PO, _PT, _R = ("policy",), ("policy", "outcome"), ("policy", "result"), ("replica",)
 
 #: Everything the router exports. Names are stable: dashboards and alerts use them.
 METRICS: tuple[MetricSpec, ...] = (
@@ -89,6 +96,19 @@ METRICS: tuple[MetricSpec, ...] = (
     MetricSpec("kvroute_kv_event_streams_down", "gauge",
                "KV-event streams the router is not receiving (routing falls back to speculative entries).", _P),
     MetricSpec("kvroute_router_bad_requests", "counter", "Requests whose body the router could not read.", _P),
+    MetricSpec("kvroute_router_tokenize", "counter",
+               "Prompts the router tokenized, by how (cached pieces, encoded off the loop, overflow, error).", _PT),
+    MetricSpec("kvroute_router_prompt_ids_sent", "counter",
+               "Requests sent with the router's token ids, so the engine did not tokenize them.", _P),
+    MetricSpec("kvroute_router_tokenizer_cache_bytes", "gauge",
+               "Memory of the router's prompt-piece cache (bytes; bounded by tokenizer_cache_bytes).", _P),
+    MetricSpec("kvroute_router_tokenizer_cache_entries", "gauge", "Pieces in the router's prompt-piece cache.", _P),
+    MetricSpec("kvroute_router_tokenizer_cache_hit_chars", "counter",
+               "Prompt characters whose token ids came from the piece cache.", _P),
+    MetricSpec("kvroute_router_tokenizer_cache_miss_chars", "counter",
+               "Prompt characters the router had to tokenize.", _P),
+    MetricSpec("kvroute_router_tokenizer_cache_evictions", "counter",
+               "Pieces evicted from the prompt-piece cache (its byte bound).", _P),
 )
 
 SPECS: dict[str, MetricSpec] = {spec.name: spec for spec in METRICS}
@@ -163,6 +183,9 @@ class RouterSnapshot:
     kv_events: Mapping[str, int] = field(default_factory=dict)  # cumulative subscriber totals
     kv_streams_down: int = 0
     bad_requests: int = 0  # cumulative
+    tokenize: Mapping[str, int] = field(default_factory=dict)  # cumulative, by TOKENIZE_RESULTS
+    prompt_ids_sent: int = 0  # cumulative
+    tokenizer_cache: Mapping[str, int] = field(default_factory=dict)  # the piece cache's CacheStats
 
 
 class RouterMetrics:
@@ -244,6 +267,19 @@ class RouterMetrics:
         m["kvroute_kv_event_streams_down"].set(snapshot.kv_streams_down, tags=tags)
         self._inc("kvroute_router_session_evictions", "sessions.evicted", snapshot.session_evictions, tags)
         self._inc("kvroute_router_bad_requests", "bad_requests", snapshot.bad_requests, tags)
+        for result, count in snapshot.tokenize.items():
+            delta = self._counter_delta("tokenize." + result, int(count))
+            if delta > 0:
+                m["kvroute_router_tokenize"].inc(delta, tags={"policy": self.policy, "result": result})
+        self._inc("kvroute_router_prompt_ids_sent", "prompt_ids_sent", snapshot.prompt_ids_sent, tags)
+        cache = snapshot.tokenizer_cache
+        if cache:
+            m["kvroute_router_tokenizer_cache_bytes"].set(cache.get("bytes", 0), tags=tags)
+            m["kvroute_router_tokenizer_cache_entries"].set(cache.get("entries", 0), tags=tags)
+            for name, stat in (("kvroute_router_tokenizer_cache_hit_chars", "hit_chars"),
+                               ("kvroute_router_tokenizer_cache_miss_chars", "miss_chars"),
+                               ("kvroute_router_tokenizer_cache_evictions", "evictions")):
+                self._inc(name, "tokenizer." + stat, int(cache.get(stat, 0)), tags)
         events = snapshot.kv_events
         for name, stat in (("kvroute_kv_events", "events"), ("kvroute_kv_event_gaps", "gaps"),
                            ("kvroute_kv_event_lost", "lost"), ("kvroute_kv_event_malformed", "malformed")):

@@ -5,11 +5,14 @@ an OpenAI-style body as a dict (kvroute's own ingress) or a pydantic request obj
 (``ray.serve.llm``'s ``ChatCompletionRequest`` / ``CompletionRequest``). Both are read the
 same way, through ``_get``.
 
-* Chat bodies (``messages``) are rendered with the model's own chat template and tokenizer
-  when the router has one (so the router's token blocks are exactly the engine's and KV
-  events line up with them); otherwise their text is concatenated with role markers and
-  keyed in character chunks (approximate mode).
-* Completion bodies (``prompt``) may be text or a list of token ids.
+* Chat bodies (``messages``) are rendered with the model's own chat template when the router
+  has a tokenizer (``router.tokenization``), with the body's ``add_generation_prompt``,
+  ``continue_final_message`` and ``chat_template_kwargs`` as vLLM's server applies them;
+  the caller then tokenizes that text exactly as the engine will (so the router's token
+  blocks are the engine's and KV events line up with them). Without a tokenizer their
+  text is concatenated with role markers and keyed in character chunks (approximate mode).
+* Completion bodies (``prompt``) may be text (tokenized with the tokenizer's special
+  tokens, as vLLM does for completions) or a list of token ids.
 * Namespace: ``model``, the LoRA adapter (the multiplexed model id) and ``cache_salt``.
 * Session: body ``session_id``, else ``user`` (kvroute's ingress copies the
   ``x-session-id`` header into ``session_id``). A session id longer than
@@ -17,9 +20,8 @@ same way, through ``_get``.
   digest), so the session table's memory stays bounded whatever clients send.
 
 Everything is bounded: text beyond ``MAX_PROMPT_CHARS`` (token ids beyond
-``MAX_PROMPT_TOKENS``) is not keyed; a tokenizer sees at most ``MAX_TOKENIZED_CHARS`` of
-the prompt's head (it runs on the router's event loop at about 1.5 us per character: a
-4-million-character prompt would stall every other routing decision for seconds); and
+``MAX_PROMPT_TOKENS``) is not keyed; a text longer than ``max_tokenized_chars`` is not
+tokenized (it is keyed in character chunks, and the engine tokenizes it); and
 ``max_tokens`` counts as at most ``MAX_OUTPUT_TOKENS``.
 
 A malformed body raises ``BadRequest`` naming the problem; the ingress turns it into a 4xx
@@ -28,11 +30,13 @@ before the request ever reaches a router, so in the router it is a guard, not a 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import xxhash
+
+from router.tokenization import UNSUPPORTED_CHAT_FIELDS, chat_template_options, render_chat
 
 MAX_PROMPT_CHARS = 4_000_000  # a bound on what is keyed; a longer prompt is keyed by its head
 MAX_PROMPT_TOKENS = MAX_PROMPT_CHARS // 4  # the same bound for token ids (about 4 characters each)
@@ -40,8 +44,10 @@ MAX_PROMPT_TOKENS = MAX_PROMPT_CHARS // 4  # the same bound for token ids (about
 #: counting it as is would overflow the router's float load arithmetic (10**400 / 16).
 MAX_OUTPUT_TOKENS = 1 << 24
 MAX_SESSION_CHARS = 256
-#: About 32k tokens of text, tokenized in about 0.2 s; a longer prompt is keyed by this head.
-MAX_TOKENIZED_CHARS = 1 << 17
+#: The longest text the router tokenizes by default (about 500k tokens, far past any
+#: model's context): it is encoded off the routing loop, so the bound is on memory and
+#: on one request's share of the tokenizer pool, not on routing latency.
+MAX_TOKENIZED_CHARS = 2_000_000
 
 
 class BadRequest(ValueError):
@@ -50,7 +56,13 @@ class BadRequest(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class RequestFields:
-    """What the router needs from one request. ``content`` is text or a list of token ids."""
+    """What the router needs from one request. ``content`` is text or a list of token ids.
+
+    ``tokenize``: ``content`` is the text the engine will tokenize (a rendered chat, or a
+    completion's prompt), to be encoded with ``add_special_tokens`` (when it cannot be,
+    the router keys the same text in character chunks); ``exact``: the body has nothing
+    the router's rendering leaves out, so ids computed from ``content`` are the engine's
+    own and may be sent to it."""
 
     content: str | list[int]
     is_tokens: bool
@@ -59,6 +71,9 @@ class RequestFields:
     cache_salt: str
     session_id: str | None
     max_tokens: int | None
+    tokenize: bool = False
+    add_special_tokens: bool = False
+    exact: bool = False
 
 
 def _get(body: Any, name: str, default: Any = None) -> Any:
@@ -119,44 +134,16 @@ def _session_of(body: Any) -> str | None:
     return None
 
 
-def _head(text: str, limit: int) -> str:
-    """At most ``limit`` characters of ``text``, cut before a space when one is near the
-    limit: tokenizers split words at spaces, so the head then tokenizes exactly as the same
-    characters of the whole text do (a cut inside a word may change its last tokens)."""
-    if len(text) <= limit:
-        return text
-    cut = text.rfind(" ", max(0, limit - 1024), limit)
-    return text[:cut] if cut > 0 else text[:limit]
-
-
-def _bounded_messages(messages: list[dict[str, str]], limit: int) -> list[dict[str, str]]:
-    """The conversation's head up to ``limit`` characters of content (later messages
-    dropped, the last kept one cut), so a tokenizer never sees an unbounded input. A chat
-    template renders a prefix of the conversation as a prefix of the full text, so the
-    head's keys are the full conversation's first keys (but perhaps the last)."""
-    total = 0
-    for i, message in enumerate(messages):
-        total += len(message["content"])
-        if total > limit:
-            keep = len(message["content"]) - (total - limit)
-            return messages[:i] + [{"role": message["role"], "content": _head(message["content"], keep)}]
-    return messages
-
-
-def _token_ids(ids: Any) -> list[int]:
-    """A tokenizer's output as a list of ints (``BatchEncoding``, dict or list)."""
-    if isinstance(ids, Mapping) or hasattr(ids, "input_ids"):  # some tokenizers return a BatchEncoding
-        ids = ids["input_ids"]
-    return [int(t) for t in ids]
-
-
 def render_messages_as_text(messages: Sequence[dict[str, str]]) -> str:
     """Approximate-mode rendering: role markers keep "user: hi" and "assistant: hi" apart."""
     return "".join(f"<|{m['role']}|>{m['content']}\n" for m in messages)
 
 
-def parse_request(body: Any, *, lora: str = "", tokenizer: Any = None) -> RequestFields:
-    """Extract the routing fields of an OpenAI chat or completion request."""
+def parse_request(body: Any, *, lora: str = "", tokenizer: Any = None,
+                  max_tokenized_chars: int = MAX_TOKENIZED_CHARS) -> RequestFields:
+    """Extract the routing fields of an OpenAI chat or completion request. With a
+    ``tokenizer`` (a Hugging Face tokenizer with a chat template) the prompt text the
+    engine will tokenize is returned with ``tokenize`` set; the caller tokenizes it."""
     if body is None:
         raise BadRequest("empty request")
     # ``is None`` tests, never ``value or default``: truthiness of a client's value may be
@@ -179,15 +166,25 @@ def parse_request(body: Any, *, lora: str = "", tokenizer: Any = None) -> Reques
         max_tokens = min(max_tokens, MAX_OUTPUT_TOKENS)
     if _get(body, "messages") is not None:
         messages = messages_of(body)
-        if tokenizer is not None:
+        if tokenizer is not None and sum(len(m["content"]) for m in messages) <= max_tokenized_chars:
             try:
-                head = _bounded_messages(messages, MAX_TOKENIZED_CHARS)
-                ids = _token_ids(tokenizer.apply_chat_template(head, tokenize=True, add_generation_prompt=True))
+                options = chat_template_options(body)
+            except ValueError as exc:
+                raise BadRequest(str(exc)) from None
+            # What the engine renders from tools or documents is not the router's to
+            # reproduce, nor how it joins content parts (vLLM joins text parts with "\n"
+            # for string templates, kvroute's engine with ""): such a body is keyed as
+            # rendered here, its ids not sent.
+            exact = all(_get(body, name) is None for name in UNSUPPORTED_CHAT_FIELDS) and all(
+                isinstance(_get(m, "content"), str) for m in _get(body, "messages"))
+            try:
+                text = render_chat(tokenizer, messages, options)
             except Exception as exc:  # noqa: BLE001 - a template may reject any conversation
                 # (jinja's raise_exception: "roles must alternate"); the engine answers it 400.
-                raise BadRequest("messages: the chat template or the tokenizer rejected them: "
+                raise BadRequest("messages: the chat template rejected them: "
                                  f"{type(exc).__name__}") from None
-            return RequestFields(ids, True, model, lora, salt, session, max_tokens)
+            return RequestFields(text, False, model, lora, salt, session, max_tokens, tokenize=True,
+                                 add_special_tokens=False, exact=exact)
         content: str | list[int] = render_messages_as_text(messages)
         is_tokens = False
     else:
@@ -197,12 +194,9 @@ def parse_request(body: Any, *, lora: str = "", tokenizer: Any = None) -> Reques
         if isinstance(prompt, str):
             if not prompt:
                 raise BadRequest("'prompt' is empty")
-            if tokenizer is not None:
-                try:
-                    ids = _token_ids(tokenizer.encode(_head(prompt, MAX_TOKENIZED_CHARS)))
-                except Exception as exc:  # noqa: BLE001 - e.g. a lone surrogate: TypeError
-                    raise BadRequest(f"'prompt' cannot be tokenized: {type(exc).__name__}") from None
-                return RequestFields(ids, True, model, lora, salt, session, max_tokens)
+            if tokenizer is not None and len(prompt) <= max_tokenized_chars:
+                return RequestFields(prompt, False, model, lora, salt, session, max_tokens, tokenize=True,
+                                     add_special_tokens=True, exact=True)
             content, is_tokens = prompt, False
         elif isinstance(prompt, (list, tuple)) and prompt and all(
                 isinstance(t, int) and not isinstance(t, bool) for t in prompt):

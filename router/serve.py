@@ -14,9 +14,12 @@ Every Serve proxy and every deployment handle runs its own router instance; each
 a ``RoutingCore`` (no locks: Serve calls these hooks on the router's event loop) and learns
 what it routes, plus what the engines report through ``record_routing_stats`` (KV usage,
 queue, KV capacity and their KV-event endpoints, which every instance subscribes to so
-they agree on what is cached). ``choose_replicas`` never blocks: it parses and keys the
-request in-process, asks the core for ranked tiers and maps them back to Serve's replica
-objects; Ray Serve then takes the first tier with a replica that accepts the request.
+they agree on what is cached). ``choose_replicas`` never blocks the event loop: it parses
+the request, takes its token ids from cached pieces (or awaits the tokenizer's thread pool
+for pieces it has not seen), keys it, asks the core for ranked tiers and maps them back to
+Serve's replica objects; Ray Serve then takes the first tier with a replica that accepts
+the request. With a tokenizer, the ids travel to the engine with the request
+(``router.tokenization``), so the engine does not tokenize the prompt again.
 
 Why the class is a shell: Ray Serve pickles the router class by value together with the
 whole package its class path names and rebuilds it in every proxy and handle process.
@@ -55,7 +58,7 @@ class CacheAwareRouter(MultiplexMixin, RequestRouter):
         self._state = importlib.import_module("router.serve_state").RouterState(self, kwargs)
 
     async def choose_replicas(self, candidate_replicas, pending_request=None):
-        return self._state.choose_replicas(candidate_replicas, pending_request)
+        return await self._state.choose_replicas(candidate_replicas, pending_request)
 
     def on_request_routed(self, pending_request, replica_id, result) -> None:
         self._state.on_request_routed(pending_request, replica_id, result)

@@ -24,8 +24,9 @@ from policies.base import RouteRequest
 from router.core import RoutingCore
 from router.errors import ConfigError
 from router.keys import DEFAULT_SEED, CharChunkKeyer, TokenBlockKeyer, namespace_seed
-from router.metrics import FLUSH_INTERVAL_S, ReplicaSnapshot, RouterMetrics, RouterSnapshot
-from router.requests import BadRequest, parse_request
+from router.metrics import FLUSH_INTERVAL_S, TOKENIZE_RESULTS, ReplicaSnapshot, RouterMetrics, RouterSnapshot
+from router.requests import MAX_TOKENIZED_CHARS, BadRequest, RequestFields, parse_request
+from router.tokenization import ATTACHMENT_KWARG, DEFAULT_CACHE_BYTES, PromptTokenizer, TokenizerPool
 
 from ray.serve.request_router import PendingRequest, ReplicaID, RunningReplica
 
@@ -33,8 +34,13 @@ logger = logging.getLogger("ray.serve")
 
 #: ``request_router_kwargs`` the router accepts beside RoutingCore's own options.
 ROUTER_OPTIONS = ("policy", "policy_options", "tokenizer", "block_size", "chunk_chars", "kv_events",
-                  "max_pending")
+                  "max_pending", "tokenizer_cache_bytes", "tokenizer_threads", "tokenizer_max_queued_chars",
+                  "max_tokenized_chars", "send_prompt_ids")
 MAX_PENDING = 10_000
+#: Integer options with their defaults and lower bounds.
+_INT_OPTIONS = {"block_size": (16, 1), "chunk_chars": (128, 1), "max_pending": (MAX_PENDING, 1),
+                "tokenizer_cache_bytes": (DEFAULT_CACHE_BYTES, 0), "tokenizer_threads": (2, 1),
+                "tokenizer_max_queued_chars": (8 << 20, 1), "max_tokenized_chars": (MAX_TOKENIZED_CHARS, 1)}
 _FALLBACK = object()  # in a pending entry's session slot: the policy ranked no candidate
 
 
@@ -42,15 +48,14 @@ def _validate(kwargs: Mapping[str, Any]) -> tuple[RoutingCore, dict[str, Any]]:
     """Build the core from router kwargs; ConfigError names any bad field."""
     kwargs = dict(kwargs)
     own = {k: kwargs.pop(k) for k in list(kwargs) if k in ROUTER_OPTIONS}
-    block_size = own.get("block_size", 16)
-    if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size <= 0:
-        raise ConfigError("block_size", f"must be a positive integer, got {block_size!r}")
-    chunk_chars = own.get("chunk_chars", 128)
-    if not isinstance(chunk_chars, int) or isinstance(chunk_chars, bool) or chunk_chars <= 0:
-        raise ConfigError("chunk_chars", f"must be a positive integer, got {chunk_chars!r}")
-    max_pending = own.get("max_pending", MAX_PENDING)
-    if not isinstance(max_pending, int) or isinstance(max_pending, bool) or max_pending <= 0:
-        raise ConfigError("max_pending", f"must be a positive integer, got {max_pending!r}")
+    for name, (default, lowest) in _INT_OPTIONS.items():
+        value = own.get(name, default)
+        if not isinstance(value, int) or isinstance(value, bool) or value < lowest:
+            kind = "a positive integer" if lowest > 0 else "a non-negative integer"
+            raise ConfigError(name, f"must be {kind}, got {value!r}")
+        own[name] = value
+    if not isinstance(own.get("send_prompt_ids", True), bool):
+        raise ConfigError("send_prompt_ids", f"must be true or false, got {own['send_prompt_ids']!r}")
     tokenizer = own.get("tokenizer")
     if tokenizer is not None and not isinstance(tokenizer, str):
         raise ConfigError("tokenizer", f"must be a model path or name, got {tokenizer!r}")
@@ -63,8 +68,8 @@ def _validate(kwargs: Mapping[str, Any]) -> tuple[RoutingCore, dict[str, Any]]:
     if policy_options is not None and not isinstance(policy_options, Mapping):
         raise ConfigError("policy_options", "must be a mapping of option -> value")
     core = RoutingCore.from_options(own.get("policy", "cache_aware"), policy_options=policy_options,
-                                    keys={"kind": "tokens", "block_size": block_size}, **kwargs)
-    own.update(block_size=block_size, chunk_chars=chunk_chars, max_pending=max_pending, kv_events=kv_events)
+                                    keys={"kind": "tokens", "block_size": own["block_size"]}, **kwargs)
+    own.update(kv_events=kv_events, send_prompt_ids=own.get("send_prompt_ids", True))
     return core, own
 
 
@@ -90,36 +95,28 @@ def cache_aware_router_config(**kwargs: Any) -> dict[str, Any]:
 
     Accepts ``policy``, ``policy_options``, ``tokenizer`` (model path: key token blocks
     exactly as the engine does), ``block_size`` (the engine's), ``chunk_chars``,
-    ``kv_events``, ``max_pending`` and any ``RoutingCore`` option. Raises ``ConfigError``
-    naming the field.
+    ``kv_events``, ``max_pending``, the tokenizer's ``tokenizer_cache_bytes`` (piece cache
+    bound, default 256 MiB), ``tokenizer_threads`` (default 2),
+    ``tokenizer_max_queued_chars`` (default 8M), ``max_tokenized_chars`` (default 2M) and
+    ``send_prompt_ids`` (default true: send the router's ids to engines that use the same
+    tokenizer), and any ``RoutingCore`` option. Raises ``ConfigError`` naming the field.
     """
     _validate(kwargs)
     return {"request_router_class": "router:CacheAwareRouter", "request_router_kwargs": dict(kwargs),
             "request_routing_stats_period_s": 1.0}
 
 
-def _load_tokenizer(path: str):
-    try:
-        from transformers import AutoTokenizer
-    except ImportError:
-        raise ConfigError("tokenizer", "needs the transformers package (installed with vLLM)") from None
-    if path.startswith("~"):  # a local path written for any user (YAML configs)
-        path = os.path.expanduser(path)
-    try:
-        return AutoTokenizer.from_pretrained(path)
-    except Exception as exc:  # noqa: BLE001 - any load failure is a configuration error
-        raise ConfigError("tokenizer", f"cannot load a tokenizer from {path!r}: {exc}") from None
-
-
 class RouterState:
     """Everything one ``CacheAwareRouter`` instance knows, and its hooks' logic.
 
-    Holds the core (prefix tree, sessions, load view, policy), the keyers, a bounded map of
-    requests between ranking and routing (``max_pending``), and the KV-event hub when
+    Holds the core (prefix tree, sessions, load view, policy), the keyers, the prompt
+    tokenizer (shared by the routers of this process) and its thread pool, a bounded map
+    of requests between ranking and routing (``max_pending``), and the KV-event hub when
     enabled; ``router`` is the Serve router it serves (for Serve's own replica table, event
-    loop and multiplexing rule). ``choose_replicas`` costs keying + the core's rank
-    (microseconds to a few hundred for long prompts); lifecycle hooks are O(1) plus the
-    speculative insert.
+    loop and multiplexing rule). ``choose_replicas`` costs parsing + rendering + assembling
+    cached token pieces + keying + the core's rank on the event loop (O(prompt length),
+    about 0.1 ms at 100k characters); pieces not cached yet are encoded on the pool while
+    the loop routes other requests. Lifecycle hooks are O(1) plus the speculative insert.
     """
 
     def __init__(self, router: Any, kwargs: Mapping[str, Any]) -> None:
@@ -131,7 +128,19 @@ class RouterState:
             raise ValueError(f"CacheAwareRouter: {exc}") from None
         self._core = core
         self._options = own
-        self._tokenizer = _load_tokenizer(own["tokenizer"]) if own.get("tokenizer") else None
+        path = own.get("tokenizer")
+        if path is not None and path.startswith("~"):  # a local path written for any user (YAML)
+            path = os.path.expanduser(path)
+        try:
+            self._prompts = PromptTokenizer.shared(path, cache_bytes=own["tokenizer_cache_bytes"]) if path else None
+        except ConfigError as exc:
+            raise ValueError(f"CacheAwareRouter: {exc}") from None
+        self._tokenizer = self._prompts.hf if self._prompts is not None else None
+        self._pool = TokenizerPool(own["tokenizer_threads"], own["tokenizer_max_queued_chars"])
+        self.tokenize_counts = dict.fromkeys(TOKENIZE_RESULTS, 0)
+        self.prompt_ids_sent = 0
+        # replica -> the tokenizer fingerprint its engine reports (it takes our ids if equal)
+        self._engine_tokenizers: dict[str, str] = {}
         self._token_keyer = TokenBlockKeyer(own["block_size"])
         self._char_keyer = CharChunkKeyer(own["chunk_chars"])
         # request id -> (request, matched blocks per replica, session replica, seconds
@@ -161,28 +170,79 @@ class RouterState:
         return replica_id.to_full_id_str()
 
     # -- request understanding -------------------------------------------------------------
-    def route_request(self, pending_request: PendingRequest) -> RouteRequest | None:
-        """The core's view of a pending request (None when it has no routable body)."""
+    def _fields(self, pending_request: PendingRequest) -> RequestFields | None:
+        """The routing fields of a pending request (None when it has no routable body)."""
         if not pending_request.args:
             return None
         lora = pending_request.metadata.multiplexed_model_id or ""
         try:
-            fields = parse_request(pending_request.args[0], lora=lora, tokenizer=self._tokenizer)
-            model = fields.model or self._default_model
-            namespaced = bool(model or fields.lora or fields.cache_salt)
-            seed = namespace_seed(model, fields.lora, fields.cache_salt) if namespaced else DEFAULT_SEED
-            keyer = self._token_keyer if fields.is_tokens else self._char_keyer
-            keys = keyer.keys(fields.content, seed)
-            prompt_tokens = keyer.prompt_tokens(fields.content)
+            return parse_request(pending_request.args[0], lora=lora, tokenizer=self._tokenizer,
+                                 max_tokenized_chars=self._options["max_tokenized_chars"])
         except BadRequest:
             self.bad_requests += 1
-            return None
         except Exception as exc:  # noqa: BLE001 - a body the router cannot read must not fail routing
             self.bad_requests += 1
             # The type only: the exception's text may quote the body (a session id, a prompt).
             logger.warning("CacheAwareRouter: could not read a request body (%s); Serve routes it unranked",
                            type(exc).__name__)
+        return None
+
+    def route_request(self, pending_request: PendingRequest) -> RouteRequest | None:
+        """The core's view of a pending request (None when it has no routable body). A
+        prompt not yet in the piece cache is tokenized on this thread (``choose_replicas``
+        tokenizes it off the event loop instead)."""
+        fields = self._fields(pending_request)
+        if fields is None:
             return None
+        ids = None
+        if fields.tokenize:
+            try:
+                ids = self._prompts.encode(fields.content, fields.add_special_tokens)
+            except Exception:  # noqa: BLE001 - e.g. a lone surrogate: keyed in characters
+                self.tokenize_counts["error"] += 1
+        return self._route_request(pending_request, fields, ids)
+
+    async def _tokenized(self, fields: RequestFields) -> bytes | None:
+        """``fields.content``'s token ids: from cached pieces on the loop, else encoded on
+        the tokenizer pool while the loop routes others. None when the pool is full (the
+        request is then keyed in characters and the engine tokenizes it) or the tokenizer
+        fails on the text."""
+        prompts = self._prompts
+        ids, missing = prompts.assemble(fields.content, fields.add_special_tokens)
+        if ids is not None:
+            self.tokenize_counts["cached"] += 1
+            return ids
+        future = self._pool.submit(prompts, missing)
+        if future is None:
+            self.tokenize_counts["overflow"] += 1
+            return None
+        try:
+            encoded = await future
+        except Exception:  # noqa: BLE001 - e.g. a lone surrogate: keyed in characters instead
+            self.tokenize_counts["error"] += 1
+            return None
+        prompts.store(missing, encoded)
+        ids, _ = prompts.assemble(fields.content, fields.add_special_tokens)
+        if ids is None:  # the cache cannot hold all of this prompt's pieces at once
+            ids = await asyncio.get_running_loop().run_in_executor(
+                None, prompts.encode_uncached, fields.content, fields.add_special_tokens)
+        self.tokenize_counts["encoded"] += 1
+        return ids
+
+    def _route_request(self, pending_request: PendingRequest, fields: RequestFields,
+                       ids: bytes | None) -> RouteRequest:
+        """Key ``fields`` (``ids``: the prompt's packed token ids, when tokenized)."""
+        model = fields.model or self._default_model
+        namespaced = bool(model or fields.lora or fields.cache_salt)
+        seed = namespace_seed(model, fields.lora, fields.cache_salt) if namespaced else DEFAULT_SEED
+        if ids is not None:
+            keyer = self._token_keyer
+            keys = keyer.keys_packed(ids, seed)
+            prompt_tokens = len(ids) // 4
+        else:
+            keyer = self._token_keyer if fields.is_tokens else self._char_keyer
+            keys = keyer.keys(fields.content, seed)
+            prompt_tokens = keyer.prompt_tokens(fields.content)
         session = fields.session_id
         if session and (fields.lora or fields.cache_salt):
             # Sessions are per tenant: the same id under another adapter or salt is another
@@ -192,13 +252,26 @@ class RouterState:
                             session_id=session, output_tokens=fields.max_tokens,
                             request_id=pending_request.metadata.internal_request_id)
 
+    def _send_ids(self, pending_request: PendingRequest, ids: bytes) -> None:
+        """Hand the prompt's token ids to the engine with the request (a keyword argument
+        of the replica's method), when an engine of this deployment reported the same
+        tokenizer: it then skips tokenizing (and checks the fingerprint again itself)."""
+        fingerprint = self._prompts.fingerprint
+        if fingerprint in self._engine_tokenizers.values():
+            pending_request.kwargs[ATTACHMENT_KWARG] = {"token_ids": ids, "tokenizer": fingerprint}
+            self.prompt_ids_sent += 1
+
     # -- routing ---------------------------------------------------------------------------
-    def choose_replicas(self, candidate_replicas: list[RunningReplica],
-                        pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
+    async def choose_replicas(self, candidate_replicas: list[RunningReplica],
+                              pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
         if not candidate_replicas:
             return []
         started = time.perf_counter()
         self._schedule_metrics_flush()
+        fields = self._fields(pending_request) if pending_request is not None else None
+        ids = None
+        if fields is not None and fields.tokenize:
+            ids = await self._tokenized(fields)
         if pending_request is not None and pending_request.metadata.multiplexed_model_id:
             # LoRA: prefer replicas that have the adapter loaded (Serve's own rule).
             preferred = self.router.apply_multiplex_routing(pending_request=pending_request)
@@ -206,10 +279,12 @@ class RouterState:
                 candidate_replicas = [r for r in candidate_replicas if r.replica_id in preferred] or candidate_replicas
         now = self._now()
         self._absorb_stats(candidate_replicas, now)
-        request = self.route_request(pending_request) if pending_request is not None else None
-        if request is None:
+        if fields is None:
             self.metrics.record_decision("fallback", None)
             return [candidate_replicas]
+        request = self._route_request(pending_request, fields, ids)
+        if ids is not None and fields.exact and self._options["send_prompt_ids"]:
+            self._send_ids(pending_request, ids)
         by_key = {self._key(r.replica_id): r for r in candidate_replicas}
         tiers, view = self._core.rank(request, now, candidates=list(by_key))
         ranked = [[by_key[k] for k in tier if k in by_key] for tier in tiers]
@@ -309,6 +384,8 @@ class RouterState:
             changed = True
             if isinstance(stats.get("model"), str):
                 self._default_model = stats["model"]
+            if isinstance(stats.get("kvroute_tokenizer"), str):
+                self._engine_tokenizers[key] = stats["kvroute_tokenizer"]
             queries, hits = stats.get("prefix_cache_queries"), stats.get("prefix_cache_hits")
             if isinstance(queries, int) and isinstance(hits, int) and 0 <= hits <= queries:
                 self._engine_prefix[key] = (queries, hits)
@@ -325,6 +402,7 @@ class RouterState:
             for key in [k for k in seen if k not in live]:
                 del seen[key]
                 self._engine_prefix.pop(key, None)
+                self._engine_tokenizers.pop(key, None)
         if changed:  # a new report may carry a (new) KV-event endpoint
             self._update_kv_subscriptions(list(self.router.curr_replicas.values()))
 
@@ -419,7 +497,9 @@ class RouterState:
         down = sum(1 for row in kv_stats.values() if row.get("stream_down"))
         return RouterSnapshot(replicas=replicas, tree_shared_bytes=tree.shared_bytes(), sessions=len(core.sessions),
                               session_evictions=core.sessions.evicted, kv_events=self.kv_event_stats(),
-                              kv_streams_down=down, bad_requests=self.bad_requests)
+                              kv_streams_down=down, bad_requests=self.bad_requests,
+                              tokenize=dict(self.tokenize_counts), prompt_ids_sent=self.prompt_ids_sent,
+                              tokenizer_cache=self._prompts.cache.stats.as_dict() if self._prompts else {})
 
     def flush_metrics(self) -> None:
         """Export what was recorded since the last flush (also called by tests)."""

@@ -18,7 +18,7 @@ import sysconfig
 
 import pytest
 
-EXTENSIONS = {"router._speedups": "speedups.c", "router._blockmap": "blockmap.c"}
+EXTENSIONS = {"router._speedups": "speedups.c", "router._blockmap": "blockmap.c", "router._pieces": "pieces.c"}
 NATIVE = pathlib.Path(__file__).resolve().parent.parent / "router" / "_native"
 
 
@@ -55,3 +55,12 @@ def test_the_tree_uses_the_c_tables():
     tree = PrefixTree()
     tree.add_replica("a")
     assert type(tree._owners) is BlockMap and BlockLRU is not None
+
+
+def test_the_prompt_tokenizer_uses_the_c_pieces():
+    from router._fast import PieceCache, PieceSplitter
+    from router.tokenization import _make_cache, _make_splitter
+
+    assert type(_make_cache(1 << 20, None)) is PieceCache
+    splitter, cache_type = _make_splitter({"<s>": 1}, [], None)
+    assert type(splitter) is PieceSplitter and cache_type is PieceCache

@@ -17,10 +17,12 @@ Three layers see a client's body, and none may fail on it with anything but a cl
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import json
 import math
 import string
+from types import SimpleNamespace
 
 import pytest
 from hypothesis import HealthCheck, event, example, given, settings
@@ -31,8 +33,9 @@ from engines.protocol import (ROLES, RequestBody, parse_chat, parse_completion, 
                               session_of)
 from router import requests as router_requests
 from router.core import RoutingCore
+from router.keys import DEFAULT_SEED
 from router.requests import (MAX_OUTPUT_TOKENS, MAX_PROMPT_CHARS, MAX_PROMPT_TOKENS, MAX_SESSION_CHARS,
-                             MAX_TOKENIZED_CHARS, parse_request, render_messages_as_text)
+                             parse_request, render_messages_as_text)
 
 MODEL = "tiny"
 MODEL_PATH = "/models/tiny"
@@ -423,30 +426,58 @@ def tokenizer(tmp_path_factory):
     return tok
 
 
-def test_a_template_that_rejects_the_conversation_is_a_bad_request(tokenizer):
+@pytest.fixture(scope="module")
+def prompts(tokenizer):
+    from router.tokenization import PromptTokenizer
+
+    return PromptTokenizer(tokenizer)
+
+
+def test_a_template_that_rejects_the_conversation_is_a_bad_request(tokenizer, prompts):
+    from router.tokenization import pack_ids
+
     ok = parse_request({"messages": [{"role": "user", "content": "hello"}]}, tokenizer=tokenizer)
     expected = tokenizer.apply_chat_template([{"role": "user", "content": "hello"}], tokenize=True,
                                              add_generation_prompt=True)
-    assert ok.is_tokens and ok.content == list(expected["input_ids"])
+    # The router renders the template's text; tokenizing it (without special tokens, as
+    # the engine does for chat) gives exactly the template's own ids.
+    assert ok.tokenize and not ok.add_special_tokens and ok.exact
+    assert prompts.encode(ok.content, ok.add_special_tokens) == pack_ids(expected["input_ids"])
     with pytest.raises(router_requests.BadRequest, match="chat template"):  # was jinja2 TemplateError
         parse_request({"messages": [{"role": "assistant", "content": "hi"}]}, tokenizer=tokenizer)
+    # Tools and documents change what the engine renders: keyed, but the ids are not sent.
+    with_tools = parse_request({"messages": [{"role": "user", "content": "hello"}], "tools": []},
+                               tokenizer=tokenizer)
+    assert with_tools.tokenize and not with_tools.exact
+    with pytest.raises(router_requests.BadRequest, match="add_generation_prompt"):
+        parse_request({"messages": [{"role": "user", "content": "hi"}], "add_generation_prompt": "yes"},
+                      tokenizer=tokenizer)
 
 
-def test_an_untokenizable_prompt_is_a_bad_request(tokenizer):
-    assert parse_request({"prompt": "hello"}, tokenizer=tokenizer).content == tokenizer.encode("hello")
-    with pytest.raises(router_requests.BadRequest, match="prompt"):  # was TypeError from the tokenizer
-        parse_request({"prompt": "a\ud800b"}, tokenizer=tokenizer)
+def test_a_prompt_the_tokenizer_rejects_is_keyed_in_characters(tokenizer, tmp_path):
+    """A lone surrogate passes the router's parsing (the ingress rejects it first), but no
+    tokenizer takes it: the router counts an error and keys the text in characters."""
+    from router.serve_state import RouterState
+
+    tokenizer.save_pretrained(tmp_path)
+    state = RouterState(None, {"tokenizer": str(tmp_path), "block_size": 4, "chunk_chars": 16})
+    fields = parse_request({"prompt": "hello"}, tokenizer=tokenizer)
+    assert fields.tokenize and fields.add_special_tokens and fields.content == "hello"
+    text = "a\ud800b" * 20
+    bad = SimpleNamespace(args=[{"prompt": text}],
+                          metadata=SimpleNamespace(multiplexed_model_id="", internal_request_id="r1"))
+    request = state.route_request(bad)
+    assert state.tokenize_counts["error"] == 1
+    assert request.keys == state._char_keyer.keys(text, DEFAULT_SEED)
 
 
-def test_the_tokenizer_sees_a_bounded_head(tokenizer, cores):
-    words = "lorem ipsum dolor sit amet " * (4 * MAX_TOKENIZED_CHARS // 27)
-    fields = parse_request({"prompt": words}, tokenizer=tokenizer)
-    cut = words.rfind(" ", 0, MAX_TOKENIZED_CHARS)
-    # Cut between words: the head's ids are exactly the whole text's first ids.
-    assert fields.content == tokenizer.encode(words[:cut])
-    assert fields.content == tokenizer.encode(words[:cut + 1000])[:len(fields.content)]
-    chat = parse_request({"messages": [{"role": "user", "content": words}]}, tokenizer=tokenizer)
-    assert len(tokenizer.decode(chat.content)) < MAX_TOKENIZED_CHARS + 100
+def test_a_text_past_the_tokenizing_bound_is_keyed_in_characters(tokenizer, cores):
+    words = "lorem ipsum dolor sit amet " * 100
+    fields = parse_request({"prompt": words}, tokenizer=tokenizer, max_tokenized_chars=1000)
+    assert not fields.tokenize and not fields.is_tokens and fields.content == words
+    chat = parse_request({"messages": [{"role": "user", "content": words}]}, tokenizer=tokenizer,
+                         max_tokenized_chars=1000)
+    assert not chat.tokenize and chat.content == render_messages_as_text([{"role": "user", "content": words}])
     route_fields(cores, chat)
 
 
@@ -463,13 +494,21 @@ def _chars(value) -> int:
 
 @settings(suppress_health_check=[HealthCheck.function_scoped_fixture], max_examples=40)
 @given(body=(chat_bodies | completion_bodies).filter(lambda b: _chars(b) < 5000))
-def test_router_with_a_tokenizer_never_crashes(tokenizer, cores, body):
+def test_router_with_a_tokenizer_never_crashes(tokenizer, prompts, cores, body):
+    from router.tokenization import unpack_ids
+
     try:
         fields = parse_request(body, tokenizer=tokenizer)
     except router_requests.BadRequest as exc:
         assert str(exc)
         return
-    assert fields.is_tokens
+    assert fields.is_tokens or fields.tokenize
+    if fields.tokenize:
+        try:
+            ids = prompts.encode(fields.content, fields.add_special_tokens)
+        except Exception:  # a lone surrogate: the router keys it in characters (tested above)
+            return
+        fields = dataclasses.replace(fields, content=unpack_ids(ids), is_tokens=True, tokenize=False)
     route_fields(cores, fields)
 
 

@@ -250,12 +250,15 @@ def test_tokenized_chat_keys_adapters_salts_and_models_apart(tokenizer):
     core = RoutingCore.from_options("cache_aware", keys={"kind": "tokens", "block_size": 4})
     body = {"model": "tiny", "messages": [{"role": "system", "content": "a shared system prompt " * 6},
                                           {"role": "user", "content": "and the same question"}]}
+    from router.tokenization import PromptTokenizer, unpack_ids
+
+    prompts = PromptTokenizer(tokenizer)
     keys = {}
     for name, (variant, lora) in namespace_variants(body).items():
         fields = parse_request(variant, lora=lora, tokenizer=tokenizer)
-        assert fields.is_tokens
-        keys[name] = core.make_request(fields.content, model=fields.model, lora=fields.lora,
-                                       cache_salt=fields.cache_salt).keys
+        assert fields.tokenize
+        ids = unpack_ids(prompts.encode(fields.content, fields.add_special_tokens))
+        keys[name] = core.make_request(ids, model=fields.model, lora=fields.lora, cache_salt=fields.cache_salt).keys
     assert_pairwise_disjoint(keys)
 
 

@@ -45,7 +45,17 @@ def service(tiny_model_path):
               name=APP, route_prefix="/kvroute")
     engine = serve.get_deployment_handle("VLLMEngine", app_name=APP)
     engine.chat.remote({"messages": [{"role": "user", "content": "warm up"}], "max_tokens": 2}).result(timeout_s=120)
-    time.sleep(2.5)  # one routing-stats period: the driver's router learns endpoints and the model
+    # The driver's router learns the model, both engines' tokenizers and their KV-event
+    # endpoints from the routing-stats reports (about one a second): wait until it has.
+    state = router_of(engine).state
+
+    def learned():
+        engine.chat.remote({"messages": [{"role": "user", "content": "warm up"}], "max_tokens": 1}).result(
+            timeout_s=120)
+        return bool(state._default_model) and len(state._engine_tokenizers) == 2 and state._kv_hub is not None \
+            and len(state._kv_hub.subscribers) == 2
+
+    assert wait_for(learned, timeout=120, interval=0.5), (state._default_model, state._engine_tokenizers)
     yield engine
     serve.shutdown()
     ray.shutdown()
@@ -241,3 +251,39 @@ def test_under_concurrent_load_errors_come_only_for_bad_input_and_never_a_5xx(lo
     assert summary["throughput_rps"] > 0 and 0 < summary["latency_p50_s"] <= summary["latency_p99_s"]
     assert summary["ttft_p50_s"] is not None and summary["streaming"] > 0 and summary["chat"] > 0
     assert load_report["engines"]["hit_rate"] > 0.2
+
+
+def engine_reports(engine) -> list[dict]:
+    return engine.broadcast("record_routing_stats").results(timeout_s=30)
+
+
+def test_the_engines_take_the_routers_token_ids_and_answer_the_same(service):
+    """Tokenize once: the router's ids travel with the request and the engine uses them
+    (its counters say so); with them or without them, the answers are identical."""
+    state = router_of(service).state
+    fingerprint = state._prompts.fingerprint
+    assert {r["kvroute_tokenizer"] for r in engine_reports(service)} == {fingerprint}
+    conversations = [[{"role": "system", "content": SYSTEM},
+                      {"role": "user", "content": f"question {i}: " + "which replica holds my prefix? " * (i + 1)}]
+                     for i in range(4)]
+
+    def answers():
+        used = sum(r["router_ids_used"] for r in engine_reports(service))
+        out = [service.chat.remote({"messages": m, "max_tokens": 12, "temperature": 0, "ignore_eos": True}).result(
+            timeout_s=120) for m in conversations]
+        return [(o["choices"][0]["message"]["content"], o["usage"]["prompt_tokens"]) for o in out], \
+            sum(r["router_ids_used"] for r in engine_reports(service)) - used
+
+    sent_before = state.prompt_ids_sent
+    with_ids, used = answers()
+    assert used == len(conversations) and state.prompt_ids_sent - sent_before == len(conversations)
+    state._options["send_prompt_ids"] = False  # this router only: the engines tokenize themselves
+    try:
+        without_ids, used = answers()
+    finally:
+        state._options["send_prompt_ids"] = True
+    assert used == 0
+    assert with_ids == without_ids
+    for messages, (_, prompt_tokens) in zip(conversations, with_ids):
+        ids = state._tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)["input_ids"]
+        assert prompt_tokens == len(ids)

@@ -1,0 +1,177 @@
+"""``RouterState`` with a tokenizer: token ids from cached pieces, misses encoded off the
+event loop, characters when the pool is full, and the ids handed to engines that use the
+same tokenizer. Unit tests of kvroute's own logic: Serve's pending requests and replicas
+are stand-ins here (tests/live and the serve-path benchmark run the real ones)."""
+
+from __future__ import annotations
+
+import asyncio
+from types import SimpleNamespace
+
+import pytest
+
+pytest.importorskip("ray.serve", reason="RouterState imports Ray Serve's request-router types")
+transformers = pytest.importorskip("transformers")
+
+from router.keys import TokenBlockKeyer, namespace_seed  # noqa: E402
+from router.serve_state import RouterState  # noqa: E402
+from router.tokenization import ATTACHMENT_KWARG, PromptTokenizer, pack_ids, tokenizer_fingerprint  # noqa: E402
+
+BLOCK = 4
+
+
+@pytest.fixture(scope="module")
+def tokenizer_path(tmp_path_factory):
+    from engines.tiny_model import _write_tokenizer
+
+    path = tmp_path_factory.mktemp("tiny-tokenizer")
+    _write_tokenizer(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def hf(tokenizer_path):
+    return transformers.AutoTokenizer.from_pretrained(tokenizer_path)
+
+
+def replica(name: str, **stats):
+    return SimpleNamespace(replica_id=SimpleNamespace(to_full_id_str=lambda: name), routing_stats=stats)
+
+
+def pending(body: dict, request_id: str):
+    return SimpleNamespace(args=[body], kwargs={},
+                           metadata=SimpleNamespace(multiplexed_model_id="", internal_request_id=request_id))
+
+
+def make_state(tokenizer_path, **options):
+    router = SimpleNamespace(apply_multiplex_routing=lambda **_: set(), curr_replicas={}, _event_loop=None)
+    state = RouterState(router, {"tokenizer": tokenizer_path, "block_size": BLOCK, "kv_events": False, **options})
+    state._prompts = PromptTokenizer(state._tokenizer)  # a piece cache of its own (routers of a process share one)
+    return state
+
+
+def conversation(turns: int, words: int = 40) -> list[dict]:
+    messages = [{"role": "system", "content": "You route requests to cached replicas. " * 5}]
+    for turn in range(turns):
+        messages.append({"role": "user", "content": f"question {turn}: " + "why is the cache warm? " * words})
+        messages.append({"role": "assistant", "content": f"answer {turn}: " + "because it was used. " * words})
+    messages.append({"role": "user", "content": "and now?"})
+    return messages
+
+
+def choose(state, replicas, body, request_id):
+    request = pending(body, request_id)
+    ranked = asyncio.run(state.choose_replicas(replicas, request))
+    return request, ranked
+
+
+def test_a_conversation_is_tokenized_once_and_extended_piece_by_piece(tokenizer_path, hf):
+    state = make_state(tokenizer_path)
+    replicas = [replica("r0"), replica("r1")]
+    first = {"messages": conversation(3)}
+    choose(state, replicas, first, "a")
+    assert state.tokenize_counts["encoded"] == 1
+    cache = state._prompts.cache.stats
+    missed_first = cache.miss_chars
+
+    # The same body again: every piece cached.
+    choose(state, replicas, {"messages": conversation(3)}, "b")
+    assert state.tokenize_counts["cached"] == 1 and cache.miss_chars == missed_first
+
+    # The next turn: only the new messages are tokenized.
+    longer = conversation(4)
+    choose(state, replicas, {"messages": longer}, "c")
+    assert state.tokenize_counts["encoded"] == 2
+    new_chars = sum(len(m["content"]) for m in longer[-3:])
+    assert cache.miss_chars - missed_first <= new_chars + 64 < missed_first
+
+    # The keys are those of the engine's own token ids (apply_chat_template).
+    ids = hf.apply_chat_template(longer, tokenize=True, add_generation_prompt=True)["input_ids"]
+    request = state.route_request(pending({"messages": longer}, "d"))
+    assert request.keys == TokenBlockKeyer(BLOCK).keys(ids, namespace_seed(""))[:len(request.keys)]
+    assert len(request.keys) == len(ids) // BLOCK and request.prompt_tokens == len(ids)
+
+
+def test_ids_go_to_engines_with_the_same_tokenizer_only(tokenizer_path, hf):
+    fingerprint = tokenizer_fingerprint(hf)
+    body = {"messages": conversation(1)}
+    want = pack_ids(hf.apply_chat_template(body["messages"], tokenize=True, add_generation_prompt=True)["input_ids"])
+
+    state = make_state(tokenizer_path)
+    request, _ = choose(state, [replica("r0"), replica("r1")], body, "none")
+    assert ATTACHMENT_KWARG not in request.kwargs  # no engine said which tokenizer it uses
+
+    same = [replica("r0", kvroute_tokenizer=fingerprint), replica("r1", kvroute_tokenizer=fingerprint)]
+    request, _ = choose(state, same, body, "same")
+    assert request.kwargs[ATTACHMENT_KWARG] == {"token_ids": want, "tokenizer": fingerprint}
+    assert state.prompt_ids_sent == 1
+
+    other = make_state(tokenizer_path, send_prompt_ids=True)
+    request, _ = choose(other, [replica("r0", kvroute_tokenizer="another tokenizer")], body, "other")
+    assert ATTACHMENT_KWARG not in request.kwargs
+
+    off = make_state(tokenizer_path, send_prompt_ids=False)
+    request, _ = choose(off, same, body, "off")
+    assert ATTACHMENT_KWARG not in request.kwargs
+
+    # A body with tools renders differently in the engine: keyed, ids not sent.
+    request, _ = choose(state, same, {**body, "tools": [{"type": "function"}]}, "tools")
+    assert ATTACHMENT_KWARG not in request.kwargs
+
+    # So does a message in content parts (vLLM joins text parts with "\n", kvroute's engine with "").
+    parts = {"messages": [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]}
+    request, _ = choose(state, same, parts, "parts")
+    assert ATTACHMENT_KWARG not in request.kwargs
+
+    # A completion's text is tokenized with the tokenizer's special tokens, as vLLM does.
+    request, _ = choose(state, same, {"prompt": "plain text " * 30}, "completion")
+    assert request.kwargs[ATTACHMENT_KWARG]["token_ids"] == pack_ids(hf.encode("plain text " * 30))
+
+
+def test_a_full_pool_routes_by_characters_and_sends_no_ids(tokenizer_path, hf):
+    state = make_state(tokenizer_path, tokenizer_max_queued_chars=1000)
+    same = [replica("r0", kvroute_tokenizer=tokenizer_fingerprint(hf))]
+    state._pool.queued_chars = 1000  # as if another request's text were being encoded
+    request, ranked = choose(state, same, {"messages": conversation(2)}, "full")
+    assert state.tokenize_counts["overflow"] == 1 and ranked == [same]
+    assert ATTACHMENT_KWARG not in request.kwargs
+    pending_request, *_ = state._pending["full"]
+    assert pending_request.block_tokens == state._char_keyer.block_tokens  # keyed in characters
+
+
+def test_a_cold_prompt_does_not_hold_the_loop(tokenizer_path):
+    """While a long new prompt is encoded on the pool, a request whose pieces are cached
+    is routed: it finishes first, whatever the machine's speed (it is scheduled before the
+    encoding's result can be)."""
+    state = make_state(tokenizer_path)
+    replicas = [replica("r0"), replica("r1")]
+    warm = {"messages": conversation(1)}
+    state.route_request(pending(warm, "warm"))
+    finished = []
+
+    async def one(body, request_id):
+        await state.choose_replicas(replicas, pending(body, request_id))
+        finished.append(request_id)
+
+    async def main():
+        cold = {"messages": [{"role": "user", "content": "a new document, never seen. " * 8000}]}
+        await asyncio.gather(one(cold, "cold"), one(warm, "cached"))
+
+    asyncio.run(main())
+    assert finished == ["cached", "cold"]
+    assert state.tokenize_counts["encoded"] == 1 and state.tokenize_counts["cached"] == 1
+
+
+def test_tokenizer_options_fail_at_start_naming_the_field(tokenizer_path):
+    from router import cache_aware_router_config
+    from router.errors import ConfigError
+
+    for options, field in (({"tokenizer_threads": 0}, "tokenizer_threads"),
+                           ({"tokenizer_cache_bytes": -1}, "tokenizer_cache_bytes"),
+                           ({"max_tokenized_chars": "many"}, "max_tokenized_chars"),
+                           ({"send_prompt_ids": "yes"}, "send_prompt_ids")):
+        with pytest.raises(ConfigError) as exc:
+            cache_aware_router_config(tokenizer=tokenizer_path, **options)
+        assert exc.value.field == field
+    with pytest.raises(ValueError, match="tokenizer"):
+        make_state("/nonexistent/tokenizer")
