@@ -231,6 +231,18 @@ class Policy(ABC):
     def rank(self, request: RouteRequest, view: RoutingView) -> Tiers:
         """Tiers of candidate replicas, best first. Must only name replicas in ``view.replicas``."""
 
+    def rank_matched(self, request: RouteRequest, replicas: tuple, matched_blocks: Mapping[ReplicaId, int],
+                     load: Mapping[ReplicaId, ReplicaLoad], now: float, rng: random.Random,
+                     session_replica: ReplicaId | None, cached_blocks: Callable[[ReplicaId], int],
+                     capacities: Mapping[ReplicaId, int], default_capacity: int) -> Tiers:
+        """``rank(request, view)`` for the view these values make (``RoutingView.fast``'s
+        arguments, in its order): what the router calls once per request. The default
+        builds the view and calls ``rank``; a policy whose ranking does not need the view
+        object may override this to skip building it (``cache_aware`` does), and must
+        then return exactly what ``rank`` would."""
+        return self.rank(request, RoutingView.fast(replicas, matched_blocks, load, now, rng, session_replica,
+                                                   cached_blocks, capacities, default_capacity))
+
     def observe_routed(self, request: RouteRequest, replica: ReplicaId, now: float,
                        matched_blocks: int = 0) -> None:
         """Called after the request was sent to ``replica``, which was believed to hold

@@ -70,7 +70,9 @@ one when a replica's queue is full. O(replicas log replicas) per decision.
 ``costs`` and ``rank`` run in C (``router._speedups``) when it is built; the Python code
 below is the reference, computes the same floats in the same order (the C build turns off
 fused multiply-add) and runs whenever the C side declines an input (a non-dict mapping, a
-non-int count, a repeated replica) or ``KVROUTE_PURE_PYTHON=1``.
+non-int count, a repeated replica) or ``KVROUTE_PURE_PYTHON=1``. The router's own entry,
+``rank_matched``, is a C ``Ranker`` put on the instance: the same ranking from the view's
+fields, with no view object and no Python frame (see ``_install_ranker``).
 """
 
 from __future__ import annotations
@@ -116,36 +118,81 @@ class CacheAwarePolicy(Policy):
     def __init__(self, config: PolicyConfig | None = None, **options) -> None:
         super().__init__(config, **options)
         self.profile = get_profile(self.config.profile)
-        self._params_for: tuple = ()
+        self._params_for: tuple = (None, None)  # the (config, profile) _params was built from
         self._params: tuple = ()
         self._distinct: tuple | None = None  # the last replicas tuple checked to have no repeats
+        # The C ranking's last tiers list, refilled in place once nothing else holds it
+        # (router/_native/speedups.c, build_tiers): n + 1 fewer allocations per request.
+        self._tiers: list = [None]
+        self._install_ranker()
+
+    #: Attributes the C ``Ranker`` depends on: setting one reinstalls it.
+    _RANKER_INPUTS = frozenset(("config", "profile", "_speedups"))
+
+    def __setattr__(self, name: str, value) -> None:
+        super().__setattr__(name, value)
+        if name in self._RANKER_INPUTS and "_tiers" in self.__dict__:  # after __init__
+            self._install_ranker()
+
+    def __delattr__(self, name: str) -> None:
+        super().__delattr__(name)
+        if name in self._RANKER_INPUTS:
+            self._install_ranker()
+
+    def _install_ranker(self) -> None:
+        """Shadow ``rank_matched`` (``Policy``'s: build the view, call ``rank``) on this
+        instance with the C ``Ranker``, which returns the same tiers without a view or a
+        Python frame per request and falls back to the method whenever the C cost loop
+        declines (router/_native/speedups.c). Only when the speedups are built and the
+        class ranks as CacheAwarePolicy does (a subclass with its own ``rank``, ``costs``
+        or ``rank_matched`` keeps them)."""
+        self.__dict__.pop("rank_matched", None)
+        ranker = getattr(self._speedups, "Ranker", None)
+        cls = type(self)
+        if (ranker is not None and cls.rank is CacheAwarePolicy.rank and cls.costs is CacheAwarePolicy.costs
+                and cls.rank_matched is Policy.rank_matched):
+            self.__dict__["rank_matched"] = ranker(self, Policy.rank_matched, self._native_params(), _IDLE)
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state.pop("rank_matched", None)  # the C Ranker: rebuilt on load
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._install_ranker()
 
     def _native(self, request: RouteRequest, view: RoutingView, jitter: bool, rank: bool):
         """The C cost loop (rank false: the costs dict; true: the tiers), or None when it
-        is not built or declines the input (the Python code then runs; if it declined
-        midway, ``view.rng`` has advanced, which only reshuffles nanosecond jitter)."""
+        is not built or declines the input (the Python code then runs; the C side declines
+        before its first draw from ``view.rng``, so the Python code draws the same)."""
         fast = self._speedups
         if fast is None:
             return None
+        return fast.cache_aware(view.replicas, view.load, view.matched_blocks, view.capacities,
+                                view.default_capacity, view.now, request.prompt_tokens, request.block_tokens,
+                                request.output_tokens or 0, self._native_params(), view.rng.random if jitter else None,
+                                _IDLE, view.session_replica, self._mode(view.replicas) if rank else 0, self._tiers)
+
+    def _native_params(self) -> tuple:
+        """The constants of the C cost loop, from the config and profile (rebuilt if either
+        object was replaced)."""
         cfg, prof = self.config, self.profile
-        if not self._params_for or self._params_for[0] is not cfg or self._params_for[1] is not prof:
+        if self._params_for[0] is not cfg or self._params_for[1] is not prof:
             self._params = (cfg.kv_soft_limit, cfg.kv_barrier_s, prof.step_overhead_s, prof.decode_s_per_seq,
                             prof.attention_s_per_context_token, prof.prefill_s_per_token,
                             prof.max_batched_tokens, cfg.load_factor, cfg.session_slack_s, _OVER_BOUND,
                             prof.prefill_attention_s_per_pair, cfg.work_weight, float(cfg.bound_floor))
             self._params_for = (cfg, prof)
-        mode = 0
-        if rank:
-            # The core passes the same replicas tuple on every request: check it for
-            # repeats once (a repeat would need the Python dict semantics), not per call.
-            replicas = view.replicas
-            if replicas is not self._distinct and len(set(replicas)) == len(replicas):
-                self._distinct = replicas
-            mode = 2 if replicas is self._distinct else 1
-        return fast.cache_aware(view.replicas, view.load, view.matched_blocks, view.capacities,
-                                view.default_capacity, view.now, request.prompt_tokens, request.block_tokens,
-                                request.output_tokens or 0, self._params, view.rng.random if jitter else None,
-                                _IDLE, view.session_replica, mode)
+        return self._params
+
+    def _mode(self, replicas) -> int:
+        """The C ranking's mode: 2 for a replicas tuple known to hold no repeats, else 1.
+        The core passes the same tuple on every request: it is checked for repeats once (a
+        repeat would need the Python dict semantics), not per call."""
+        if replicas is not self._distinct and len(set(replicas)) == len(replicas):
+            self._distinct = replicas
+        return 2 if replicas is self._distinct else 1
 
     def costs(self, request: RouteRequest, view: RoutingView, *, jitter: bool = False) -> dict:
         """Estimated seconds to first token plus KV barrier, per candidate.

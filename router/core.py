@@ -66,6 +66,7 @@ class CoreStats:
 #: dataclass ``__init__`` costs about half a microsecond per routing decision). The same
 #: immutable object.
 _new_decision = slot_maker(Decision, ("replica", "matched_blocks", "best_matched_blocks", "outcome", "tiers"))
+_new_view = RoutingView.fast
 
 
 def pick_from_tiers(tiers: Tiers, view: RoutingView, allowed: Iterable[ReplicaId] | None = None) -> ReplicaId | None:
@@ -96,6 +97,14 @@ class RoutingCore:
     ``rank`` + O(new blocks) for the speculative insert. Single owner, no locks.
     """
 
+    #: False in a subclass that overrides ``on_routed``: ``route`` then calls it (set by
+    #: ``__init_subclass__``, so ``route`` need not look the method up per request).
+    _plain_on_routed = True
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls._plain_on_routed = cls.on_routed is RoutingCore.on_routed
+
     def __init__(self, policy: Policy, keyer: Keyer | None = None, *,
                  kv_capacity_tokens: int = 1 << 20, speculative_ttl_s: float = 300.0,
                  touch_coalesce_s: float = 1.0, session_ttl_s: float = 1800.0,
@@ -114,6 +123,7 @@ class RoutingCore:
         self.load = LoadView(report_ttl_s=report_ttl_s, max_tracked_requests=max_tracked_requests)
         self.rng = random.Random(seed)
         self.stats = CoreStats()
+        self._blocks_of = self.tree.replica_blocks  # the tree's bound method, made once
         self._replicas: tuple[ReplicaId, ...] = ()
         self._replica_set: frozenset = frozenset()
         self._next_session_sweep = 0.0
@@ -212,31 +222,116 @@ class RoutingCore:
 
     def route(self, request: RouteRequest, now: float, candidates: Sequence[ReplicaId] | None = None) -> Decision:
         """Rank, pick by Ray Serve's tier rule, and record the routing. The simulator's and
-        benchmarks' entry point."""
-        view, best = self._view(request, now, candidates)
-        if not view.replicas:
-            self.stats.no_replica += 1
-            return _new_decision(None, 0, 0, "miss", [])
-        tiers = self.policy.rank(request, view)
-        allowed = self._replica_set if candidates is None else frozenset(view.replicas)
+        benchmarks' entry point.
+
+        This runs once per request and costs a few microseconds, so the steps of ``_view``,
+        ``PrefixTree.match_best`` and ``_insert``, ``_on_routed`` and ``_account`` are
+        written out here rather than called (each call and attribute lookup saved is a
+        visible share; docs/design-choices.md, "What one decision costs"). The methods
+        stay, for ``view``, ``rank``, ``on_routed``, ``reserve`` and the tree's other
+        callers, and compute the same values: a change to one of them must be made here
+        too (the tests compare this path with the pure-Python one, which calls them)."""
+        tree = self.tree
+        walks = tree._walks
+        keys = request.keys
+        session_id = request.session_id
+        session_replica = None
+        if candidates is None and walks is not None and self._replicas:
+            # The common case: every replica a candidate, the tree in its C tables.
+            replicas = self._replicas
+            allowed = self._replica_set
+            if session_id:
+                session_replica = self.sessions.get(session_id, now)
+                if session_replica is not None and session_replica not in allowed:
+                    session_replica = None
+            # tree.match_best(keys, replicas, now)
+            if now > tree._next_expiry:
+                tree.expire(now)
+            alive = tree._mask if replicas is tree._mask_for else tree._candidate_mask(replicas)
+            matched = tree._zeros.copy()
+            best = walks.match_into(keys, alive, matched, tree._slot_replica) if alive and keys else 0
+        else:
+            if candidates is None:
+                replicas = self._replicas
+                allowed = self._replica_set
+            else:
+                replicas = tuple(candidates)
+                allowed = None
+            if session_id:
+                session_replica = self.sessions.get(session_id, now)
+                if session_replica is not None and session_replica not in replicas:
+                    session_replica = None
+            matched, best = tree.match_best(keys, replicas, now)
+            if not replicas:
+                self.stats.no_replica += 1
+                return _new_decision(None, 0, 0, "miss", [])
+            if allowed is None:
+                allowed = frozenset(replicas)
+        # policy.rank(request, view) for this view, which a policy may rank without
+        # building it (Policy.rank_matched)
+        policy = self.policy
+        loads = self.load.loads
+        blocks_of = self._blocks_of
+        if blocks_of.__self__ is not tree:  # the tree was replaced
+            blocks_of = self._blocks_of = tree.replica_blocks
+        tiers = policy.rank_matched(request, replicas, matched, loads, now, self.rng, session_replica,
+                                    blocks_of, tree.capacities, tree.default_capacity_blocks)
         if tiers and len(tiers[0]) == 1 and tiers[0][0] in allowed:
             replica = tiers[0][0]  # Ray's rule on a singleton first tier (cache_aware's shape)
         else:
+            view = _new_view(replicas, matched, loads, now, self.rng, session_replica,
+                             blocks_of, tree.capacities, tree.default_capacity_blocks)
             replica = pick_from_tiers(tiers, view, allowed)
             if replica is None:
                 # A policy named no candidate: count it and fall back rather than fail.
                 self.stats.invalid_tiers += 1
-                replica = pick_from_tiers([list(view.replicas)], view)
-        matched = view.matched_blocks.get(replica, 0)
-        if type(self).on_routed is RoutingCore.on_routed:
-            # The match above is current (same ``now``, nothing changed since): the tree
-            # may skip re-probing the ``matched`` keys it just found held by ``replica``.
-            self._on_routed(request, replica, now, matched, matched)
+                replica = pick_from_tiers([list(replicas)], view)
+        held = matched.get(replica, 0)
+        if not self._plain_on_routed:
+            self.on_routed(request, replica, now, matched_blocks=held)
         else:
-            self.on_routed(request, replica, now, matched_blocks=matched)
-        outcome = self._outcome(replica, matched, best, view.session_replica)
+            # ``_on_routed`` with ``held`` = the matched blocks: the match above is current
+            # (same ``now``, nothing changed since), so the tree may skip re-probing the
+            # keys it just found held by ``replica``.
+            rb = tree._replicas.get(replica) if walks is not None else None
+            if rb is None or len(keys) > rb.capacity or tree._walks is not walks:
+                tree._insert(replica, keys, now, False, held)
+            else:  # tree._insert(replica, keys, now, False, held)
+                spec = rb.spec
+                conf = rb.conf
+                walks.insert_walk(spec, conf, keys, rb.bit, now, now - tree.touch_coalesce_s, False, held)
+                deadline = now + tree.speculative_ttl_s
+                if deadline < tree._next_expiry:
+                    tree._next_expiry = deadline
+                excess = len(spec) + len(conf) - rb.capacity
+                if excess > 0:
+                    tree._evict(rb, excess)
+            if session_id:
+                self.sessions.put(session_id, replica, now)
+            request_id = request.request_id
+            if request_id is not None:
+                # ``_account``
+                prompt = request.prompt_tokens
+                output = request.output_tokens or 0
+                block_tokens = request.block_tokens
+                cached = held * block_tokens
+                uncached = prompt - cached if cached < prompt else prompt - prompt  # prompt - min(prompt, cached)
+                self.load.routed(request_id, replica, prompt, uncached, -(-(prompt + output) // block_tokens),
+                                 -(-(uncached + output) // block_tokens))
+            policy.observe_routed(request, replica, now, held)
+            self.stats.routed += 1
+            if now >= self._next_session_sweep:
+                self.sessions.expire(now)
+                self._next_session_sweep = now + self.sessions.ttl_s / 8
+        # ``_outcome``
+        if session_replica is not None and replica == session_replica:
+            outcome = "session"
+        elif held and held == best:
+            outcome = "prefix_hit"
+        else:
+            outcome = "spill" if best else "miss"
         self.stats.outcomes[outcome] += 1
-        return _new_decision(replica, matched, best, outcome, tiers)
+        return _new_decision(replica, held, best, outcome, tiers)
 
     @staticmethod
     def _outcome(replica: ReplicaId, matched: int, best: int, session_replica: ReplicaId | None) -> str:
@@ -266,10 +361,9 @@ class RoutingCore:
         block_tokens = request.block_tokens
         uncached = prompt - min(prompt, matched_blocks * block_tokens)
         # -(-a // b) is ceiling division, exact for any int (float division overflows past
-        # 1e308, e.g. a client's absurd ``max_tokens``).
-        self.load.on_routed(request.request_id, replica, prompt_tokens=prompt, uncached_tokens=uncached,
-                            kv_blocks=-(-(prompt + output) // block_tokens),
-                            added_kv_blocks=-(-(uncached + output) // block_tokens))
+        # 1e308, e.g. a client's absurd ``max_tokens``). ``route`` has a copy of this.
+        self.load.routed(request.request_id, replica, prompt, uncached, -(-(prompt + output) // block_tokens),
+                         -(-(uncached + output) // block_tokens))
 
     def on_routed(self, request: RouteRequest, replica: ReplicaId, now: float,
                   matched_blocks: int | None = None) -> None:
@@ -282,7 +376,8 @@ class RoutingCore:
     def _on_routed(self, request: RouteRequest, replica: ReplicaId, now: float, matched_blocks: int,
                    held: int) -> None:
         """``on_routed``; ``held`` > 0 only when ``replica`` is known to hold that many of
-        the request's keys right now (``route``'s own match). O(len(keys))."""
+        the request's keys right now (``route``'s own match). ``route`` has a copy of this.
+        O(len(keys))."""
         self.tree._insert(replica, request.keys, now, False, held)
         if request.session_id:
             self.sessions.put(request.session_id, replica, now)

@@ -13,7 +13,7 @@ from collections import OrderedDict
 from collections.abc import Hashable, Iterable
 from dataclasses import dataclass
 
-from router._fast import slot_maker
+from router._fast import slot_maker, speedups
 from router.errors import ConfigError
 
 ReplicaId = Hashable
@@ -130,6 +130,8 @@ class LoadView:
     values dropped and counted, out-of-order reports ignored).
     """
 
+    _speedups = speedups  # None: the pure-Python reference (tests set it on an instance)
+
     def __init__(self, *, report_ttl_s: float = 5.0, max_tracked_requests: int = 100_000) -> None:
         if (not isinstance(report_ttl_s, (int, float)) or isinstance(report_ttl_s, bool)
                 or not report_ttl_s > 0 or report_ttl_s == float("inf")):
@@ -146,6 +148,39 @@ class LoadView:
         self.unknown_request_events = 0
         self.invalid_report_fields = 0
         self.ignored_reports = 0
+        self._install_accountant()
+
+    #: Attributes the C ``Accountant`` holds: setting one reinstalls it.
+    _ACCOUNTANT_INPUTS = frozenset(("_speedups", "_requests", "loads", "max_tracked_requests"))
+
+    def __setattr__(self, name: str, value) -> None:
+        super().__setattr__(name, value)
+        if name in self._ACCOUNTANT_INPUTS and "ignored_reports" in self.__dict__:  # after __init__
+            self._install_accountant()
+
+    def __delattr__(self, name: str) -> None:
+        super().__delattr__(name)
+        if name in self._ACCOUNTANT_INPUTS:
+            self._install_accountant()
+
+    def _install_accountant(self) -> None:
+        """Shadow ``routed`` on this instance with the C ``Accountant`` (the same
+        accounting without a Python frame per request; router/_native/speedups.c) when the
+        speedups are built and the class's ``routed`` is this one; else use the method."""
+        self.__dict__.pop("routed", None)
+        accountant = getattr(self._speedups, "Accountant", None)
+        if accountant is not None and type(self).routed is LoadView.routed:
+            self.__dict__["routed"] = accountant(self._requests, self.loads, _new_in_flight,
+                                                 self.max_tracked_requests, self._routed_py, self._forget_oldest)
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state.pop("routed", None)  # the C Accountant: rebuilt on load
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._install_accountant()
 
     # -- replica set -------------------------------------------------------------------
     def add_replica(self, replica: ReplicaId) -> ReplicaLoad:
@@ -155,9 +190,12 @@ class LoadView:
         return load
 
     def set_replicas(self, replicas: Iterable[ReplicaId]) -> None:
-        """Keep exactly these replicas; forget the in-flight records of removed ones."""
+        """Keep exactly these replicas; forget the in-flight records of removed ones. New
+        replicas are added in the order given, so ``loads`` iterates in the router's order
+        (the C cost loop then reads it without hashing; see router/_native/speedups.c)."""
+        replicas = list(replicas)
         keep = set(replicas)
-        for replica in keep:
+        for replica in replicas:
             self.add_replica(replica)
         for replica in [r for r in self.loads if r not in keep]:
             self.drop_replica(replica)
@@ -173,6 +211,23 @@ class LoadView:
         """Count a request routed to ``replica``: ``kv_blocks`` its whole KV footprint,
         ``added_kv_blocks`` what it adds beyond the replica's cached prefix (None: all of
         it, ``kv_blocks``)."""
+        self.routed(request_id, replica, prompt_tokens, uncached_tokens, kv_blocks, added_kv_blocks)
+
+    def routed(self, request_id: Hashable, replica: ReplicaId, prompt_tokens: int, uncached_tokens: int,
+               kv_blocks: int, added_kv_blocks: int | None = None) -> None:
+        """``on_routed`` with positional arguments, for the router's per-request path. The
+        common case runs in C (``router._speedups.load_routed``: a new request id, a known
+        replica, plain int counts), the rest in ``_routed_py``, its twin. O(1)."""
+        fast = self._speedups
+        if fast is None or not fast.load_routed(self._requests, self.loads, request_id, replica, prompt_tokens,
+                                                uncached_tokens, kv_blocks, added_kv_blocks, _new_in_flight):
+            self._routed_py(request_id, replica, prompt_tokens, uncached_tokens, kv_blocks, added_kv_blocks)
+        if len(self._requests) > self.max_tracked_requests:
+            self._forget_oldest()
+
+    def _routed_py(self, request_id: Hashable, replica: ReplicaId, prompt_tokens: int, uncached_tokens: int,
+                   kv_blocks: int, added_kv_blocks: int | None) -> None:
+        """``routed`` in Python (the reference), without bounding the request table."""
         requests = self._requests
         if request_id in requests:  # a retry: release the first attempt's accounting
             self.on_completed(request_id)
@@ -181,13 +236,22 @@ class LoadView:
             load = self.add_replica(replica)
         if uncached_tokens < 0:
             uncached_tokens = 0
-        added = kv_blocks if added_kv_blocks is None else max(0, min(added_kv_blocks, kv_blocks))
+        if added_kv_blocks is None:
+            added = kv_blocks
+        else:  # max(0, min(added_kv_blocks, kv_blocks)), without the two calls
+            added = kv_blocks if kv_blocks < added_kv_blocks else added_kv_blocks
+            if not added > 0:
+                added = 0
         load.in_flight += 1
         load.waiting += 1
         load.waiting_prefill_tokens += uncached_tokens
         load.kv_blocks += kv_blocks
         load.kv_added_blocks += added
         requests[request_id] = _new_in_flight(replica, uncached_tokens, prompt_tokens, kv_blocks, added, False)
+
+    def _forget_oldest(self) -> None:
+        """Release the oldest in-flight records until at most ``max_tracked_requests`` remain."""
+        requests = self._requests
         while len(requests) > self.max_tracked_requests:
             oldest_id = next(iter(requests))
             self.on_completed(oldest_id)

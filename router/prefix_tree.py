@@ -42,8 +42,8 @@ Complexity
   remove / clear / drop   O(blocks touched)
   expire(now)             O(expired + replicas)
   eviction                O(evicted): a merge of the two dicts' oldest entries
-Memory: with the C tables, 32 to 64 bytes for a replica's entry (its ``BlockLRU`` slot)
-plus 24 to 48 bytes per distinct block (its ``BlockMap`` slot), and no Python object per
+Memory: with the C tables, 48 to 96 bytes for a replica's entry (its ``BlockLRU`` slot)
+plus 32 to 64 bytes per distinct block (its ``BlockMap`` slot), and no Python object per
 block; with dicts, about 52 bytes per entry plus about 120 per block (map slot, key int,
 mask int). The router benchmark measures it.
 """
@@ -167,6 +167,7 @@ class PrefixTree:
         self._members_of: dict[int, tuple] = {}  # memo of _members(mask)
         self._mask_for: tuple | None = None  # the candidate set whose mask is in _mask
         self._mask = 0
+        self._zeros: dict[ReplicaId, int] = {}  # dict.fromkeys(_mask_for, 0)
         self._walks = None  # the BlockMap while it holds the blocks, else None (dict)
         self._next_expiry = math.inf  # earliest speculative deadline (a lower bound)
 
@@ -301,8 +302,8 @@ class PrefixTree:
         free. O(matched blocks + replicas)."""
         if now > self._next_expiry:
             self.expire(now)
-        result = dict.fromkeys(replicas, 0)
-        alive = self._candidate_mask(replicas)
+        alive = self._mask if replicas is self._mask_for else self._candidate_mask(replicas)
+        result = self._zeros.copy()  # dict.fromkeys(replicas, 0), cached with the mask
         if not alive or not keys:
             return result, 0
         walks = self._walks
@@ -343,7 +344,9 @@ class PrefixTree:
         return found
 
     def _candidate_mask(self, replicas: Sequence[ReplicaId]) -> int:
-        """Bitmask of the known replicas among ``replicas`` (cached for the last set)."""
+        """Bitmask of the known replicas among ``replicas`` (cached for the last set), and
+        ``_zeros``, ``dict.fromkeys(replicas, 0)`` for ``match`` to copy (a copy of a
+        16-entry dict costs a fifth of building it)."""
         if replicas is self._mask_for:
             return self._mask
         if not isinstance(replicas, tuple):
@@ -358,6 +361,7 @@ class PrefixTree:
                 mask |= rb.bit
         self._mask_for = replicas
         self._mask = mask
+        self._zeros = dict.fromkeys(replicas, 0)
         return mask
 
     # -- updates -----------------------------------------------------------------------
@@ -379,21 +383,21 @@ class PrefixTree:
         rb = self._replicas.get(replica)
         if rb is None:
             rb = self._register(replica)
-        if len(keys) > rb.capacity:
-            keys = keys[:rb.capacity]
+        capacity = rb.capacity
+        if len(keys) > capacity:
+            keys = keys[:capacity]
         spec = rb.spec
         conf = rb.conf
-        bit = rb.bit
-        stale_before = now - self.touch_coalesce_s
-        if self._walks is not None:  # the loop below, in C
-            new = self._walks.insert_walk(spec, conf, keys, bit, now, stale_before, confirmed, held)
+        walks = self._walks
+        if walks is not None:  # the loop below, in C
+            new = walks.insert_walk(spec, conf, keys, rb.bit, now, now - self.touch_coalesce_s, confirmed, held)
         else:
-            new = self._insert_walk(rb, keys, now, stale_before, confirmed, held)
+            new = self._insert_walk(rb, keys, now, now - self.touch_coalesce_s, confirmed, held)
         if not confirmed:
             deadline = now + self.speculative_ttl_s
             if deadline < self._next_expiry:
                 self._next_expiry = deadline
-        excess = len(spec) + len(conf) - rb.capacity
+        excess = len(spec) + len(conf) - capacity
         if excess > 0:
             self._evict(rb, excess)
         return new

@@ -194,3 +194,48 @@ def test_insert_walk_rejects_dict_maps():
     # The tree pairs a BlockMap with BlockLRUs only; a dict here would be a wiring bug.
     with pytest.raises(TypeError, match="BlockLRU"):
         BlockMap().insert_walk({}, {}, [1, 2], 1, 0.0, 0.0, False, 0)
+
+
+# Keys are read inline from an int's 30-bit digits when they fit three of them: the edges
+# of each digit count, the top of the uint64 range, and what lies just past it.
+DIGIT_EDGES = [0, 1, 2**30 - 1, 2**30, 2**30 + 1, 2**60 - 1, 2**60, 2**63, 2**64 - 2, 2**64 - 1]
+
+
+def test_keys_at_every_digit_boundary_are_stored_and_found_exactly():
+    table, lru = BlockMap(), BlockLRU()
+    for i, key in enumerate(DIGIT_EDGES):
+        table[key] = i + 1
+        lru[key] = float(i)
+    assert sorted(table.items()) == sorted((k, i + 1) for i, k in enumerate(DIGIT_EDGES))
+    assert lru.keys() == DIGIT_EDGES
+    for i, key in enumerate(DIGIT_EDGES):
+        assert table[key] == i + 1 and lru[key] == float(i) and key in table
+    # the walks read keys the same way
+    alive = (1 << 3) - 1
+    for key in DIGIT_EDGES:
+        table[key] = alive
+    assert table.match_walk(DIGIT_EDGES, alive) == [(alive, len(DIGIT_EDGES))]
+    assert table.match_walk(DIGIT_EDGES + [12345], alive) == [(alive, len(DIGIT_EDGES))]
+
+
+class _Int(int):
+    pass
+
+
+@pytest.mark.parametrize("key", [2**64, 2**64 + 1, 2**90 - 1, 2**90, -1, -(2**30), -(2**64)])
+def test_keys_just_outside_the_range_raise(key):
+    table, lru = BlockMap(), BlockLRU()
+    with pytest.raises(OverflowError):
+        table[key] = 1
+    with pytest.raises(OverflowError):
+        lru[key] = 1.0
+    with pytest.raises(OverflowError):
+        table.match_walk([key], 1)
+    assert key not in table and len(table) == len(lru) == 0
+
+
+def test_int_subclasses_and_bools_are_keys_by_value():
+    table = BlockMap()
+    table[_Int(2**40)] = 3
+    table[True] = 5
+    assert table[2**40] == 3 and table[1] == 5 and table.get(_Int(1)) == 5

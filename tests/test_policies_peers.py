@@ -15,6 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import policies.cache_aware  # noqa: F401
 import policies.dynamo  # noqa: F401  (registers the policies under test)
 import policies.least_load  # noqa: F401
 import policies.llmd  # noqa: F401
@@ -222,6 +223,41 @@ def test_tiers_valid_for_arbitrary_views(name, data):
             policy.observe_routed(request, tiers[0][0], view.now)
     again = get(name).rank(request, mkview(replicas, **kwargs))
     assert again == get(name).rank(request, mkview(replicas, **kwargs)), "same seed, same tiers"
+
+
+@pytest.mark.parametrize("name", policies.available())
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=scenarios())
+def test_rank_matched_is_rank_of_the_same_view(name, data):
+    """The router calls ``rank_matched`` with the view's fields instead of building the
+    view (cache_aware ranks from them directly): same tiers, same random draws, and the
+    same state for the next decision."""
+    replicas, request, kwargs = data
+    by_view, by_fields = get(name), get(name)
+    for step in range(3):
+        args = {**kwargs, "now": kwargs["now"] + 100.0 * step}
+        view = mkview(replicas, **args)
+        fields = mkview(replicas, **args)
+        tiers = by_view.rank(request, view)
+        assert by_fields.rank_matched(request, fields.replicas, fields.matched_blocks, fields.load, fields.now,
+                                      fields.rng, fields.session_replica, fields._cached_blocks, fields.capacities,
+                                      fields.default_capacity) == tiers
+        assert view.rng.getstate() == fields.rng.getstate()
+        if tiers:
+            by_view.observe_routed(request, tiers[0][0], view.now)
+            by_fields.observe_routed(request, tiers[0][0], view.now)
+
+
+def test_a_cache_aware_subclass_with_its_own_rank_is_ranked_through_it():
+    class Reversed(policies.cache_aware.CacheAwarePolicy):
+        def rank(self, request, view):
+            return super().rank(request, view)[::-1]
+
+    view = mkview(["a", "b", "c"], matched={"b": 3})
+    expected = Reversed().rank(mkreq(4), mkview(["a", "b", "c"], matched={"b": 3}))
+    assert Reversed().rank_matched(mkreq(4), view.replicas, view.matched_blocks, view.load, view.now, view.rng,
+                                   None, view._cached_blocks, view.capacities, view.default_capacity) == expected
+    assert expected[-1] == ["b"]
 
 
 # ---------------------------------------------------------------------------------------

@@ -387,10 +387,14 @@ class LoadMachine(RuleBasedStateMachine):
         self.forgotten = 0
         self.unknown = 0
 
+    pure_python = False  # True: the Python accounting only (LoadView's C fast path off)
+
     @initialize(max_tracked=st.integers(1, 5))
     def setup(self, max_tracked):
         self.max_tracked = max_tracked
         self.view = LoadView(report_ttl_s=REPORT_TTL, max_tracked_requests=max_tracked)
+        if self.pure_python:
+            self.view._speedups = None
 
     def forget_replica(self, replica) -> None:
         self.replicas.discard(replica)
@@ -519,6 +523,14 @@ class LoadMachine(RuleBasedStateMachine):
 LoadMachine.TestCase.settings = settings(max_examples=250, stateful_step_count=40, deadline=None,
                                          suppress_health_check=[HealthCheck.too_slow])
 TestLoadMachine = LoadMachine.TestCase
+
+
+class PurePythonLoadMachine(LoadMachine):
+    pure_python = True
+
+
+PurePythonLoadMachine.TestCase.settings = LoadMachine.TestCase.settings
+TestPurePythonLoadMachine = PurePythonLoadMachine.TestCase
 
 
 @pytest.mark.parametrize("kwargs, field", [({"report_ttl_s": True}, "load.report_ttl_s"),

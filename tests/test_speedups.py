@@ -130,6 +130,26 @@ def test_cache_aware_costs_and_ranks_match_the_python_code(seed):
     assert fast.rank(req, v2) == slow.rank(req, view(seed))
 
 
+@pytest.mark.parametrize("n", [63, 64, 65, 97])
+def test_cache_aware_matches_python_past_its_stack_arrays(n):
+    """Up to 64 replicas the C ranking works in stack arrays, beyond in heap ones."""
+    rng = random.Random(n)
+    now = 50.0
+    replicas = [f"r{i}" for i in range(n)]
+    loads = {r: random_load(rng, now) for r in replicas}
+    matched = {r: rng.randint(0, 60) for r in replicas if rng.random() < 0.5}
+    req = request(60, block_tokens=16, output_tokens=300)
+
+    def view(seed):
+        return RoutingView(replicas=replicas, matched_blocks=matched, load=loads, now=now, rng=random.Random(seed),
+                           session_replica=replicas[n // 2], capacities={}, default_capacity=4096)
+
+    fast, slow = policies.get("cache_aware"), pure(policies.get("cache_aware"))
+    for seed in range(3):
+        assert fast.rank(req, view(seed)) == slow.rank(req, view(seed))
+        assert fast.costs(req, view(seed), jitter=True) == slow.costs(req, view(seed), jitter=True)
+
+
 def test_cache_aware_falls_back_to_python_for_repeats_and_odd_types():
     req = request(10)
     loads = {"a": ReplicaLoad(), "b": ReplicaLoad()}
@@ -167,6 +187,194 @@ def test_routing_decisions_are_identical_with_and_without_the_speedups():
     slow.tree._speedups = None  # read when replicas register
     assert decisions(fast) == decisions(slow)
     assert type(fast.tree._owners) is not dict and slow.tree._walks is None
+
+
+def test_cache_aware_leaves_the_generator_where_the_python_code_does():
+    """The C loop draws its jitter after reading every replica (a second pass), one draw
+    per replica in order: same tiers, and the generator ends where the Python loop leaves
+    it, also for a Random subclass with its own random()."""
+    for seed in range(40):
+        req, view, options = random_case(seed)
+        fast, slow = policies.get("cache_aware", **options), pure(policies.get("cache_aware", **options))
+        v_fast, v_slow = view(seed), view(seed)
+        assert fast.rank(req, v_fast) == slow.rank(req, v_slow)
+        assert v_fast.rng.getstate() == v_slow.rng.getstate()
+
+    class Loaded(random.Random):
+        def random(self):
+            return 0.5 * super().random()
+
+    req, view, _ = random_case(3)
+    v_fast, v_slow = view(3), view(3)
+    v_fast.rng, v_slow.rng = Loaded(1), Loaded(1)
+    assert policies.get("cache_aware").rank(req, v_fast) == pure(policies.get("cache_aware")).rank(req, v_slow)
+    assert v_fast.rng.getstate() == v_slow.rng.getstate()
+
+
+def test_cache_aware_declines_before_drawing():
+    """A load the C loop cannot read makes it return None before its first draw, so the
+    Python code that runs instead draws exactly what it would have drawn alone."""
+    loads = {"a": ReplicaLoad(), "b": ReplicaLoad()}
+    loads["b"].running = 2.0  # a float count: the C side declines
+    view = RoutingView(replicas=["a", "b"], matched_blocks={"a": 3}, load=loads, now=0.0, rng=random.Random(1))
+    state = view.rng.getstate()
+    assert policies.get("cache_aware")._native(request(10), view, True, True) is None
+    assert view.rng.getstate() == state
+
+
+def test_cache_aware_refills_only_tiers_nothing_else_holds():
+    """The C ranking reuses its previous tiers list (and each singleton list in it) only
+    once nothing else refers to it: tiers a caller still holds never change."""
+    replicas = ["a", "b", "c", "d"]
+    loads = {r: ReplicaLoad() for r in replicas}
+
+    def view(seed):
+        return RoutingView(replicas=replicas, matched_blocks={"b": 2}, load=loads, now=0.0, rng=random.Random(seed))
+
+    fast, slow = policies.get("cache_aware"), pure(policies.get("cache_aware"))
+    req = request(4)
+    first = fast.rank(req, view(1))
+    snapshot = [list(t) for t in first]
+    second = fast.rank(req, view(2))  # ``first`` is still held: all new lists
+    assert second is not first and not any(a is b for a, b in zip(first, second))
+    assert first == snapshot and second == slow.rank(req, view(2))
+    tier = second[-1]  # one singleton list kept on its own
+    tier_snapshot = list(tier)
+    ident = id(second)
+    del first, second
+    third = fast.rank(req, view(3))  # the old tiers list is free again: refilled in place
+    assert id(third) == ident and third == slow.rank(req, view(3))
+    assert tier == tier_snapshot and not any(t is tier for t in third)
+
+
+def test_the_c_ranker_stands_in_for_rank_matched():
+    """CacheAwarePolicy puts a C Ranker on the instance as ``rank_matched``: the same tiers
+    as the Python method for every input it takes, the Python method for the rest
+    (repeats, a list, no replicas), and it follows the policy's speedups switch."""
+    import gc
+    import pickle
+    import weakref
+
+    from policies.cache_aware import CacheAwarePolicy
+
+    def fields(replicas, seed):
+        loads = {r: ReplicaLoad() for r in set(replicas)}
+        if replicas:
+            loads[replicas[0]].in_flight = 3
+        return (request(5, output_tokens=40), replicas, {r: 2 for r in replicas[:1]}, loads, 1.0,
+                random.Random(seed), None, lambda r: 0, {}, 4096)
+
+    policy = policies.get("cache_aware")
+    assert type(policy.rank_matched) is speedups.Ranker
+    for replicas in (("a", "b", "c"), ("a", "b", "a"), ["a", "b", "c"], ()):
+        for seed in range(3):
+            got = policy.rank_matched(*fields(replicas, seed))
+            assert got == CacheAwarePolicy.rank_matched(pure(policies.get("cache_aware")), *fields(replicas, seed))
+    policy._speedups = None  # the switch the tests use: the method again
+    assert "rank_matched" not in policy.__dict__
+    del policy._speedups  # back to the class's: the Ranker again
+    assert type(policy.rank_matched) is speedups.Ranker
+    clone = pickle.loads(pickle.dumps(policy))
+    assert type(clone.rank_matched) is speedups.Ranker and clone.rank_matched is not policy.rank_matched
+    assert clone.rank_matched(*fields(("a", "b"), 1)) == policy.rank_matched(*fields(("a", "b"), 1))
+    ref = weakref.ref(policy)
+    del policy, clone
+    gc.collect()
+    assert ref() is None  # the policy <-> Ranker cycle is collected
+
+
+def test_the_c_accountant_stands_in_for_routed():
+    import gc
+    import weakref
+
+    from router.load import LoadView
+
+    view = LoadView(max_tracked_requests=2)
+    view.set_replicas(["a"])
+    assert type(view.routed) is speedups.Accountant
+    for rid in range(4):
+        view.routed(rid, "a", 100, 40, 9)
+    assert view.tracked_requests == 2 and view.forgotten_requests == 2
+    view.max_tracked_requests = 3  # a new bound: a new Accountant
+    view.routed(9, "a", 100, 40, 9, 4)
+    assert view.tracked_requests == 3 and view.loads["a"].kv_added_blocks == 9 + 9 + 4
+    view.check_invariants()
+    view._speedups = None
+    assert "routed" not in view.__dict__
+    del view._speedups
+    assert type(view.routed) is speedups.Accountant
+    ref = weakref.ref(view)
+    del view
+    gc.collect()
+    assert ref() is None
+
+
+# -- load view -------------------------------------------------------------------------
+def lockstep_views():
+    from router.load import LoadView
+
+    fast = LoadView(report_ttl_s=5.0, max_tracked_requests=6)
+    slow = LoadView(report_ttl_s=5.0, max_tracked_requests=6)
+    slow._speedups = None
+    for v in (fast, slow):
+        v.set_replicas(["a", "b", "c"])
+    return fast, slow
+
+
+def view_state(view):
+    loads = {r: tuple(getattr(load, f) for f in ("in_flight", "waiting", "waiting_prefill_tokens", "running",
+                                                 "kv_blocks", "kv_added_blocks", "context_tokens"))
+             for r, load in view.loads.items()}
+    records = [(rid, rec.replica, rec.uncached_tokens, rec.prompt_tokens, rec.kv_blocks, rec.added_blocks,
+                rec.started) for rid, rec in view._requests.items()]
+    return loads, records, view.forgotten_requests, view.unknown_request_events
+
+
+@settings(max_examples=200, deadline=None)
+@given(steps=st.lists(st.tuples(
+    st.sampled_from(["routed", "first", "done"]),
+    st.one_of(st.integers(0, 9), st.sampled_from(["x", "y"]), st.just(2.5)),  # ids: ints, strs, odd
+    st.sampled_from(["a", "b", "c", "new", 7]),
+    st.integers(0, 3000), st.integers(-5, 3000), st.integers(0, 200),
+    st.one_of(st.none(), st.integers(-3, 250), st.just(1.5))), max_size=40))
+def test_load_routed_gives_the_python_accounting(steps):
+    """``LoadView.routed``'s C fast path against its Python twin, step for step: same
+    counts, same records in the same order (retries, unknown replicas, odd values and the
+    table bound all included: the C side hands those to the Python code)."""
+    fast, slow = lockstep_views()
+    for kind, rid, replica, prompt, uncached, kv, added in steps:
+        for v in (fast, slow):
+            if kind == "routed":
+                v.routed(rid, replica, prompt, uncached, kv, added)
+            elif kind == "first":
+                v.on_first_token(rid)
+            else:
+                v.on_completed(rid)
+        assert view_state(fast) == view_state(slow)
+    fast.check_invariants()
+
+
+def test_load_routed_runs_the_common_case_in_c_only():
+    from router.load import LoadView, _new_in_flight
+
+    view = LoadView()
+    view.set_replicas(["a"])
+    assert speedups.load_routed(view._requests, view.loads, 1, "a", 100, 60, 7, 5, _new_in_flight) is True
+    assert view.tracked_requests == 1 and view.loads["a"].kv_added_blocks == 5
+    # a retry, an unknown replica, a float count: nothing changed, the Python code decides
+    assert speedups.load_routed(view._requests, view.loads, 1, "a", 100, 60, 7, 5, _new_in_flight) is False
+    assert speedups.load_routed(view._requests, view.loads, 2, "zz", 100, 60, 7, 5, _new_in_flight) is False
+    assert speedups.load_routed(view._requests, view.loads, 3, "a", 100, 60.0, 7, 5, _new_in_flight) is False
+    assert view.tracked_requests == 1 and view.loads["a"].in_flight == 1
+    view.check_invariants()
+
+
+def test_load_view_keeps_replicas_in_the_order_given():
+    from router.load import LoadView
+
+    view = LoadView()
+    view.set_replicas(["r3", "r1", "r2", "r1"])
+    assert list(view.loads) == ["r3", "r1", "r2"]
 
 
 # -- slot makers -------------------------------------------------------------------------

@@ -29,6 +29,12 @@
 #define XXH_INLINE_ALL
 #include "xxhash.h"
 
+#if defined(__GNUC__) || defined(__clang__)
+#define ALWAYS_INLINE __attribute__((always_inline))
+#else
+#define ALWAYS_INLINE
+#endif
+
 /* ---------------------------------------------------------------------------------- */
 /* keys                                                                                */
 /* ---------------------------------------------------------------------------------- */
@@ -103,13 +109,13 @@ done:
 /* cache_aware policy                                                                  */
 /* ---------------------------------------------------------------------------------- */
 
-/* The ReplicaLoad fields the cost loop reads, in this order. */
+/* The ReplicaLoad fields the cost loop reads (and load_routed updates), in this order. */
 enum { F_WAITING_PREFILL_TOKENS, F_RUNNING, F_ENGINE_REPORT_TIME, F_REPORT_TTL_S, F_ENGINE_WAITING,
-       F_WAITING, F_ENGINE_RUNNING, F_CONTEXT_TOKENS, F_KV_ADDED_BLOCKS, F_IN_FLIGHT,
+       F_WAITING, F_ENGINE_RUNNING, F_CONTEXT_TOKENS, F_KV_ADDED_BLOCKS, F_IN_FLIGHT, F_KV_BLOCKS,
        N_FIELDS };
 static const char *field_names[N_FIELDS] = {
     "waiting_prefill_tokens", "running", "engine_report_time", "_report_ttl_s", "engine_waiting",
-    "waiting", "engine_running", "context_tokens", "kv_added_blocks", "in_flight",
+    "waiting", "engine_running", "context_tokens", "kv_added_blocks", "in_flight", "kv_blocks",
 };
 static PyObject *field_strs[N_FIELDS];
 
@@ -150,18 +156,22 @@ resolve_slots(PyTypeObject *type)
     return 1;
 }
 
-/* A new reference to field ``f`` of ``obj``, or NULL with an exception set. */
-static inline PyObject *
-field(PyObject *obj, int f)
+/* The value of field ``f`` of ``obj``: borrowed from its slot (*owned = 0) when ``obj`` is
+ * of the resolved slotted class, else a new reference from getattr (*owned = 1); NULL with
+ * an exception set on failure. Borrowing is safe: the caller converts the value before
+ * any Python code can run. */
+static inline ALWAYS_INLINE PyObject *
+field(PyObject *obj, int f, int *owned)
 {
     PyTypeObject *type = Py_TYPE(obj);
     if (type == slot_type || (type != unslotted_type && resolve_slots(type))) {
         PyObject *v = *(PyObject **)((char *)obj + slot_offset[f]);
         if (v != NULL) {
-            Py_INCREF(v);
+            *owned = 0;
             return v;
         }  /* an unset slot: let getattr raise its AttributeError */
     }
+    *owned = 1;
     return PyObject_GetAttr(obj, field_strs[f]);
 }
 
@@ -170,82 +180,42 @@ field(PyObject *obj, int f)
 #define OK 0
 #define FALLBACK 1
 
-static int
-get_int(PyObject *obj, int f, long long *out)
-{
-    PyObject *v = field(obj, f);
-    if (v == NULL)
-        return -1;
-    int rc = FALLBACK;
-    if (PyLong_CheckExact(v)) {
-        int overflow;
-        *out = PyLong_AsLongLongAndOverflow(v, &overflow);
-        rc = overflow ? FALLBACK : OK;
-    }
-    Py_DECREF(v);
-    return rc;
-}
-
-/* An int or None attribute (is_none set for None). */
-static int
-get_opt_int(PyObject *obj, int f, long long *out, int *is_none)
-{
-    PyObject *v = field(obj, f);
-    if (v == NULL)
-        return -1;
-    int rc = FALLBACK;
-    *is_none = (v == Py_None);
-    if (*is_none) {
-        *out = 0;
-        rc = OK;
-    } else if (PyLong_CheckExact(v)) {
-        int overflow;
-        *out = PyLong_AsLongLongAndOverflow(v, &overflow);
-        rc = overflow ? FALLBACK : OK;
-    }
-    Py_DECREF(v);
-    return rc;
-}
-
-/* A float-or-int or None attribute. */
-static int
-get_opt_num(PyObject *obj, int f, double *out, int *is_none)
-{
-    PyObject *v = field(obj, f);
-    if (v == NULL)
-        return -1;
-    int rc = FALLBACK;
-    *is_none = (v == Py_None);
-    if (*is_none) {
-        *out = 0.0;
-        rc = OK;
-    } else if (PyFloat_CheckExact(v)) {
-        *out = PyFloat_AS_DOUBLE(v);
-        rc = OK;
-    } else if (PyLong_CheckExact(v)) {
-        *out = PyLong_AsDouble(v);
-        if (*out == -1.0 && PyErr_Occurred()) {
-            PyErr_Clear();
-            rc = FALLBACK;
-        } else {
-            rc = OK;
-        }
-    }
-    Py_DECREF(v);
-    return rc;
-}
-
-static int
+/* An exact int that fits a long long: OK and its value, else FALLBACK. Counts and token
+ * totals are one or two 30-bit digits: those are read inline (CPython 3.11's layout),
+ * anything else through PyLong_AsLongLongAndOverflow. */
+static inline ALWAYS_INLINE int
 plain_int(PyObject *v, long long *out)
 {
     if (!PyLong_CheckExact(v))
         return FALLBACK;
+#if PY_VERSION_HEX < 0x030C0000 && PyLong_SHIFT == 30
+    const digit *d = ((PyLongObject *)v)->ob_digit;
+    switch (Py_SIZE(v)) {
+    case 0:
+        *out = 0;
+        return OK;
+    case 1:
+        *out = (long long)d[0];
+        return OK;
+    case -1:
+        *out = -(long long)d[0];
+        return OK;
+    case 2:
+        *out = (long long)((uint64_t)d[0] | (uint64_t)d[1] << 30);
+        return OK;
+    case -2:
+        *out = -(long long)((uint64_t)d[0] | (uint64_t)d[1] << 30);
+        return OK;
+    default:
+        break;
+    }
+#endif
     int overflow;
     *out = PyLong_AsLongLongAndOverflow(v, &overflow);
     return overflow ? FALLBACK : OK;
 }
 
-static int
+static inline int
 plain_num(PyObject *v, double *out)
 {
     if (PyFloat_CheckExact(v)) {
@@ -262,6 +232,100 @@ plain_num(PyObject *v, double *out)
     }
     return FALLBACK;
 }
+
+static inline ALWAYS_INLINE int
+get_int(PyObject *obj, int f, long long *out)
+{
+    int owned;
+    PyObject *v = field(obj, f, &owned);
+    if (v == NULL)
+        return -1;
+    int rc = plain_int(v, out);
+    if (owned)
+        Py_DECREF(v);
+    return rc;
+}
+
+/* An int or None attribute (is_none set for None). */
+static inline ALWAYS_INLINE int
+get_opt_int(PyObject *obj, int f, long long *out, int *is_none)
+{
+    int owned;
+    PyObject *v = field(obj, f, &owned);
+    if (v == NULL)
+        return -1;
+    int rc;
+    *is_none = (v == Py_None);
+    if (*is_none) {
+        *out = 0;
+        rc = OK;
+    } else {
+        rc = plain_int(v, out);
+    }
+    if (owned)
+        Py_DECREF(v);
+    return rc;
+}
+
+/* A float-or-int or None attribute. */
+static inline ALWAYS_INLINE int
+get_opt_num(PyObject *obj, int f, double *out, int *is_none)
+{
+    int owned;
+    PyObject *v = field(obj, f, &owned);
+    if (v == NULL)
+        return -1;
+    int rc;
+    *is_none = (v == Py_None);
+    if (*is_none) {
+        *out = 0.0;
+        rc = OK;
+    } else {
+        rc = plain_num(v, out);
+    }
+    if (owned)
+        Py_DECREF(v);
+    return rc;
+}
+
+/* A lookup in a dict whose entries usually come in the order of the replicas tuple (the
+ * match result is a copy of dict.fromkeys(replicas, 0); the load view and the tree
+ * register replicas in the core's order). A cursor walks the dict beside the replicas:
+ * while each entry's key is the replica itself (the same object), its value is taken
+ * without hashing; from the first entry that is not, every value is looked up. Either
+ * way the value is the dict's value for that replica. Borrowed; NULL and no error when
+ * absent; NULL with an error set on failure. */
+typedef struct {
+    PyObject *dict;
+    Py_ssize_t pos;
+    int aligned;
+} cursor;
+
+static inline ALWAYS_INLINE PyObject *
+cursor_get(cursor *c, PyObject *replica)
+{
+    if (c->aligned) {
+        PyObject *key, *value;
+        Py_ssize_t pos = c->pos;
+        if (PyDict_Next(c->dict, &pos, &key, &value) && key == replica) {
+            c->pos = pos;
+            return value;
+        }
+        c->aligned = 0;
+    }
+    return PyDict_GetItemWithError(c->dict, replica);
+}
+
+/* Call ``f()``: a built-in method taking no arguments (``random.Random().random``) is
+ * called through its C function directly, anything else through the call protocol. */
+static inline PyObject *
+call_noargs(PyObject *f)
+{
+    if (PyCFunction_CheckExact(f) && PyCFunction_GET_FLAGS(f) == METH_NOARGS)
+        return PyCFunction_GET_FUNCTION(f)(PyCFunction_GET_SELF(f), NULL);
+    return PyObject_CallNoArgs(f);
+}
+
 
 /* Python's floor division of ints. */
 static inline long long
@@ -287,6 +351,15 @@ typedef struct {
     Py_ssize_t index;
 } ranked;
 
+/* Up to this many replicas, a ranking's work arrays live on the stack. */
+#define STACK_REPLICAS 64
+
+/* One replica's numbers for the cost formula, read from its load record and the dicts.
+ * capacity is 0 when no KV barrier applies (barrier off, or no capacity). */
+typedef struct {
+    long long queued, running, context_tokens, held, capacity, kv_added_blocks;
+} inputs;
+
 static int
 by_cost(const void *a, const void *b)
 {
@@ -298,8 +371,102 @@ by_cost(const void *a, const void *b)
     return (x->index > y->index) - (x->index < y->index);  /* stable, as sorted() */
 }
 
+/* Sort by (cost, index): a total order (no NaN reaches here), so any sort gives the one
+ * order sorted() gives. Insertion sort for the usual few replicas, qsort beyond. */
+static void
+sort_ranked(ranked *items, Py_ssize_t n)
+{
+    if (n > 32) {
+        qsort(items, (size_t)n, sizeof(ranked), by_cost);
+        return;
+    }
+    for (Py_ssize_t i = 1; i < n; i++) {
+        ranked x = items[i];
+        Py_ssize_t j = i;
+        while (j > 0 && by_cost(&items[j - 1], &x) > 0) {
+            items[j] = items[j - 1];
+            j--;
+        }
+        items[j] = x;
+    }
+}
+
+/* The tiers [[replicas[order[0]]], [replicas[order[1]]], ...] as a new reference.
+ *
+ * ``cache`` (a one-item list, or NULL) keeps the tiers list of the previous call. When
+ * nothing else refers to it any more (the previous Decision is gone), it is refilled in
+ * place instead of allocating n + 1 lists again, and each of its singleton lists that
+ * nothing else refers to either is reused with its one item set. No one can tell: an
+ * object only the cache holds is unreachable from Python. Anything dropped is released
+ * only at the end, once the cache is consistent. O(n). */
+static PyObject *
+build_tiers(PyObject *replicas, const Py_ssize_t *order, Py_ssize_t n, PyObject *cache)
+{
+    PyObject *tiers = NULL;
+    PyObject *dropped_stack[STACK_REPLICAS + 1];
+    PyObject **dropped = n <= STACK_REPLICAS ? dropped_stack : PyMem_Malloc(sizeof(PyObject *) * (size_t)(n + 1));
+    Py_ssize_t ndropped = 0;
+    if (dropped == NULL)
+        return PyErr_NoMemory();
+    PyObject *held = cache != NULL ? PyList_GET_ITEM(cache, 0) : NULL;
+    if (held != NULL && PyList_CheckExact(held) && Py_REFCNT(held) == 1 && PyList_GET_SIZE(held) == n) {
+        tiers = held;
+        Py_INCREF(tiers);
+        for (Py_ssize_t k = 0; k < n; k++) {
+            PyObject *replica = PyTuple_GET_ITEM(replicas, order[k]);
+            PyObject *tier = PyList_GET_ITEM(tiers, k);
+            if (PyList_CheckExact(tier) && Py_REFCNT(tier) == 1 && PyList_GET_SIZE(tier) == 1) {
+                PyObject *old = PyList_GET_ITEM(tier, 0);
+                if (old != replica) {
+                    Py_INCREF(replica);
+                    PyList_SET_ITEM(tier, 0, replica);
+                    dropped[ndropped++] = old;
+                }
+                continue;
+            }
+            PyObject *fresh = PyList_New(1);
+            if (fresh == NULL) {
+                Py_CLEAR(tiers);
+                goto done;
+            }
+            Py_INCREF(replica);
+            PyList_SET_ITEM(fresh, 0, replica);
+            PyList_SET_ITEM(tiers, k, fresh);
+            dropped[ndropped++] = tier;
+        }
+        goto done;
+    }
+    tiers = PyList_New(n);
+    if (tiers == NULL)
+        goto done;
+    for (Py_ssize_t k = 0; k < n; k++) {
+        PyObject *tier = PyList_New(1);
+        if (tier == NULL) {
+            Py_CLEAR(tiers);
+            goto done;
+        }
+        PyObject *replica = PyTuple_GET_ITEM(replicas, order[k]);
+        Py_INCREF(replica);
+        PyList_SET_ITEM(tier, 0, replica);
+        PyList_SET_ITEM(tiers, k, tier);
+    }
+    if (cache != NULL) {
+        Py_INCREF(tiers);
+        PyList_SET_ITEM(cache, 0, tiers);
+        if (held != NULL)
+            dropped[ndropped++] = held;
+    }
+done:
+    for (Py_ssize_t i = 0; i < ndropped; i++)
+        Py_DECREF(dropped[i]);
+    if (dropped != dropped_stack)
+        PyMem_Free(dropped);
+    return tiers;
+}
+
 /* cache_aware(replicas, loads, matched, capacities, default_capacity, now, prompt,
- *             block_tokens, output, params, rng_random, idle, session, mode) -> dict | list | None
+ *             block_tokens, output, params, rng_random, idle, session, mode[, tier_cache])
+ *   -> dict | list | None
  *
  * params = (kv_soft_limit, kv_barrier_s, step_overhead_s, decode_s_per_seq,
  *           attention_s_per_context_token, prefill_s_per_token, max_batched_tokens,
@@ -307,13 +474,17 @@ by_cost(const void *a, const void *b)
  *           work_weight, bound_floor)
  * rng_random: None for no jitter, else called once per replica in order, as the Python
  * loop does. With mode 0, returns the costs dict of CacheAwarePolicy.costs; with mode 1,
- * the tiers of CacheAwarePolicy.rank; mode 2 is mode 1 for replicas known distinct. None means "use the Python twin": an input is
- * not a dict / exact int / float, a replica repeats, or a cost is NaN. O(n log n). */
+ * the tiers of CacheAwarePolicy.rank; mode 2 is mode 1 for replicas known distinct.
+ * tier_cache (mode 2 only; a one-item list the caller keeps, or None): see build_tiers.
+ * None means "use the Python twin": an input is not a dict / exact int / float, a replica
+ * repeats (mode 1), or a cost is NaN; it is returned before the first call of rng_random,
+ * so the twin then draws the same numbers as if it had run alone. The dicts are read through cursors (see cursor_get).
+ * O(n log n). */
 static PyObject *
 cache_aware(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 14) {
-        PyErr_SetString(PyExc_TypeError, "cache_aware takes 14 arguments");
+    if (nargs != 14 && nargs != 15) {
+        PyErr_SetString(PyExc_TypeError, "cache_aware takes 14 or 15 arguments");
         return NULL;
     }
     PyObject *replicas = args[0], *loads = args[1], *matched = args[2], *capacities = args[3];
@@ -323,13 +494,20 @@ cache_aware(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     if (mode == -1 && PyErr_Occurred())
         return NULL;
     int rank = mode != 0, distinct = mode == 2;
+    PyObject *tier_cache = nargs == 15 && distinct ? args[14] : NULL;
+    if (tier_cache == Py_None || (tier_cache != NULL && !(PyList_CheckExact(tier_cache)
+                                                         && PyList_GET_SIZE(tier_cache) == 1)))
+        tier_cache = NULL;
     if (!PyTuple_CheckExact(replicas) || !PyDict_CheckExact(loads) || !PyDict_CheckExact(matched)
             || !PyDict_CheckExact(capacities) || !PyTuple_CheckExact(params) || PyTuple_GET_SIZE(params) != 13)
         Py_RETURN_NONE;
 
     int status = OK;
     PyObject *costs = NULL, *result = NULL;
-    ranked *items = NULL;
+    PyObject *reading = NULL;  /* the load record being read */
+    ranked items_stack[STACK_REPLICAS], *items = NULL;
+    inputs gathered_stack[STACK_REPLICAS], *gathered = NULL;
+    Py_ssize_t order_stack[STACK_REPLICAS], *order = NULL;
     long long default_capacity, prompt, block_tokens, output, max_batched;
     double now, soft, barrier_s, overhead, per_seq, per_ctx, per_token, load_factor, slack, over_bound;
     double pair_s, work_weight, bound_floor;
@@ -353,17 +531,38 @@ cache_aware(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     CHECK(plain_num(PyTuple_GET_ITEM(params, 12), &bound_floor));
 
     Py_ssize_t n = PyTuple_GET_SIZE(replicas);
-    costs = PyDict_New();
-    items = PyMem_Malloc(sizeof(ranked) * (n ? n : 1));
-    if (costs == NULL || items == NULL) {
+    if (rank && !distinct) {  /* a repeated replica: Python's dict semantics apply */
+        PyObject *seen = PySet_New(replicas);
+        if (seen == NULL)
+            return NULL;
+        Py_ssize_t unique = PySet_GET_SIZE(seen);
+        Py_DECREF(seen);
+        if (unique != n)
+            Py_RETURN_NONE;
+    }
+    size_t slots = (size_t)(n ? n : 1);
+    /* the usual few replicas fit on the stack: no allocation per request */
+    if (n <= STACK_REPLICAS) {
+        items = items_stack;
+        gathered = gathered_stack;
+    } else {
+        items = PyMem_Malloc(sizeof(ranked) * slots);
+        gathered = PyMem_Malloc(sizeof(inputs) * slots);
+    }
+    if (items == NULL || gathered == NULL) {
         PyErr_NoMemory();
         status = -1;
         goto finish;
     }
+    cursor load_at = {loads, 0, 1}, matched_at = {matched, 0, 1}, capacity_at = {capacities, 0, 1};
     long long total_in_flight = 0;
+    /* First pass: read every replica's numbers (plain data only: no Python code runs, so
+     * borrowed references stay valid, and a FALLBACK leaves the rng untouched). Each
+     * value is read exactly when the Python loop reads it. */
     for (Py_ssize_t i = 0; i < n; i++) {
+        inputs *in = &gathered[i];
         PyObject *replica = PyTuple_GET_ITEM(replicas, i);
-        PyObject *load = PyDict_GetItemWithError(loads, replica);
+        PyObject *load = cursor_get(&load_at, replica);
         if (load == NULL) {
             if (PyErr_Occurred()) {
                 status = -1;
@@ -371,11 +570,14 @@ cache_aware(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
             }
             load = idle;
         }
-        long long queued, running, context_tokens, kv_added_blocks, in_flight;
+        /* held while its fields are read: a field that is not a plain slot is read by
+         * getattr, which may run Python code */
+        Py_INCREF(load);
+        Py_XSETREF(reading, load);
         double report_time, ttl;
         int no_report, unused;
-        CHECK(get_int(load, F_WAITING_PREFILL_TOKENS, &queued));
-        CHECK(get_int(load, F_RUNNING, &running));
+        CHECK(get_int(load, F_WAITING_PREFILL_TOKENS, &in->queued));
+        CHECK(get_int(load, F_RUNNING, &in->running));
         CHECK(get_opt_num(load, F_ENGINE_REPORT_TIME, &report_time, &no_report));
         int fresh = 0;
         if (!no_report) {
@@ -389,33 +591,24 @@ cache_aware(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
             CHECK(get_int(load, F_WAITING, &waiting));
             long long extra = engine_waiting - waiting;  /* None counts as 0 */
             if (extra > 0)  /* requests other routers sent, sized like ours on average */
-                queued += extra * (waiting ? floordiv(queued, waiting) : prompt);
+                in->queued += extra * (waiting ? floordiv(in->queued, waiting) : prompt);
             CHECK(get_opt_int(load, F_ENGINE_RUNNING, &engine_running, &none_running));
-            if (engine_running && engine_running > running)
-                running = engine_running;
+            if (engine_running && engine_running > in->running)
+                in->running = engine_running;
         }
-        CHECK(get_int(load, F_CONTEXT_TOKENS, &context_tokens));
-        double step_s = overhead + per_seq * (double)running + per_ctx * (double)context_tokens;
-        long long budget = max_batched - running;
-        double token_s = per_token + step_s / (double)(budget > 0 ? budget : 1);
-        long long held = 0;
-        PyObject *m = PyDict_GetItemWithError(matched, replica);
+        CHECK(get_int(load, F_CONTEXT_TOKENS, &in->context_tokens));
+        in->held = 0;
+        PyObject *m = cursor_get(&matched_at, replica);
         if (m == NULL && PyErr_Occurred()) {
             status = -1;
             goto finish;
         }
         if (m != NULL)
-            CHECK(plain_int(m, &held));
-        long long uncached = prompt - held * block_tokens;
-        if (uncached < 0)
-            uncached = 0;
-        double cost = (double)(queued + uncached) * token_s + step_s;
-        /* attention over the cached prefix and itself, and the work it adds (see Python) */
-        cost += pair_s * (double)uncached * ((double)(held * block_tokens) + (double)uncached / 2.0)
-                + work_weight * (double)uncached * per_token;
+            CHECK(plain_int(m, &in->held));
+        in->capacity = 0;  /* no barrier */
         if (barrier_s != 0.0) {
             long long capacity = default_capacity;
-            PyObject *c = PyDict_GetItemWithError(capacities, replica);
+            PyObject *c = cursor_get(&capacity_at, replica);
             if (c == NULL && PyErr_Occurred()) {
                 status = -1;
                 goto finish;
@@ -423,63 +616,94 @@ cache_aware(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
             if (c != NULL)
                 CHECK(plain_int(c, &capacity));
             if (capacity > 0) {
-                /* this router's own in-flight KV only, not the engine's report (see Python) */
-                CHECK(get_int(load, F_KV_ADDED_BLOCKS, &kv_added_blocks));
-                double usage = (double)kv_added_blocks / (double)capacity;
-                usage += (double)(uncached + output) / (double)(block_tokens * capacity);
-                if (usage > soft) {
-                    if (0.999 < usage)
-                        usage = 0.999;
-                    double x = (usage - soft) / (1.0 - soft);
-                    cost += barrier_s * x * x / (1.0 - usage);
-                }
+                in->capacity = capacity;
+                CHECK(get_int(load, F_KV_ADDED_BLOCKS, &in->kv_added_blocks));
             }
         }
-        if (rng != Py_None) {
-            PyObject *r = PyObject_CallNoArgs(rng);
-            if (r == NULL) {
-                status = -1;
-                goto finish;
+        if (rank) {
+            long long in_flight;
+            CHECK(get_int(load, F_IN_FLIGHT, &in_flight));
+            total_in_flight += in_flight;
+            items[i].index = in_flight;  /* the in-flight count, until the bound is known */
+        }
+    }
+    /* Second pass: the costs, the Python loop's float operations in its order. Nothing
+     * here calls out, so the replicas' divisions overlap in the CPU. */
+    for (Py_ssize_t i = 0; i < n; i++) {
+        const inputs *in = &gathered[i];
+        double step_s = overhead + per_seq * (double)in->running + per_ctx * (double)in->context_tokens;
+        long long budget = max_batched - in->running;
+        double token_s = per_token + step_s / (double)(budget > 0 ? budget : 1);
+        long long uncached = prompt - in->held * block_tokens;
+        if (uncached < 0)
+            uncached = 0;
+        double cost = (double)(in->queued + uncached) * token_s + step_s;
+        /* attention over the cached prefix and itself, and the work it adds (see Python) */
+        cost += pair_s * (double)uncached * ((double)(in->held * block_tokens) + (double)uncached / 2.0)
+                + work_weight * (double)uncached * per_token;
+        if (in->capacity > 0) {
+            /* this router's own in-flight KV only, not the engine's report (see Python) */
+            double usage = (double)in->kv_added_blocks / (double)in->capacity;
+            usage += (double)(uncached + output) / (double)(block_tokens * in->capacity);
+            if (usage > soft) {
+                if (0.999 < usage)
+                    usage = 0.999;
+                double x = (usage - soft) / (1.0 - soft);
+                cost += barrier_s * x * x / (1.0 - usage);
             }
-            double jitter = PyFloat_AsDouble(r);
-            Py_DECREF(r);
-            if (jitter == -1.0 && PyErr_Occurred()) {
-                status = -1;
-                goto finish;
-            }
-            cost += jitter * 1e-9;
         }
         if (cost != cost) {  /* NaN: leave the ordering to Python */
             status = FALLBACK;
             goto finish;
         }
-        if (rank) {
-            CHECK(get_int(load, F_IN_FLIGHT, &in_flight));
-            total_in_flight += in_flight;
-            items[i].cost = cost;
-            items[i].index = in_flight;  /* the in-flight count, until the bound is known */
+        items[i].cost = cost;
+    }
+    /* Second pass: the jitter, one draw per replica in order, added last as in Python
+     * (cost + jitter * 1e-9 is the final operation on each cost there too). A jitter
+     * cannot make a finite cost NaN. */
+    if (rng != Py_None) {
+        for (Py_ssize_t i = 0; i < n; i++) {
+            PyObject *r = call_noargs(rng);
+            if (r == NULL) {
+                status = -1;
+                goto finish;
+            }
+            double draw = PyFloat_AsDouble(r);
+            Py_DECREF(r);
+            if (draw == -1.0 && PyErr_Occurred()) {
+                status = -1;
+                goto finish;
+            }
+            items[i].cost += draw * 1e-9;
+            if (items[i].cost != items[i].cost) {  /* an odd rng gave NaN: as above */
+                status = FALLBACK;
+                goto finish;
+            }
         }
-        if (rank && distinct)  /* no costs dict needed: nothing can collapse */
-            continue;
-        PyObject *value = PyFloat_FromDouble(cost);
-        if (value == NULL) {
+    }
+    if (!rank) {  /* the costs dict, mode 0's result */
+        costs = PyDict_New();
+        if (costs == NULL) {
             status = -1;
             goto finish;
         }
-        int rc = PyDict_SetItem(costs, replica, value);
-        Py_DECREF(value);
-        if (rc < 0) {
-            status = -1;
-            goto finish;
+        for (Py_ssize_t i = 0; i < n; i++) {
+            PyObject *value = PyFloat_FromDouble(items[i].cost);
+            if (value == NULL) {
+                status = -1;
+                goto finish;
+            }
+            int rc = PyDict_SetItem(costs, PyTuple_GET_ITEM(replicas, i), value);
+            Py_DECREF(value);
+            if (rc < 0) {
+                status = -1;
+                goto finish;
+            }
         }
     }
     if (!rank) {
         result = costs;
         costs = NULL;
-        goto finish;
-    }
-    if (!distinct && PyDict_GET_SIZE(costs) != n) {  /* a repeated replica: Python's dict semantics apply */
-        status = FALLBACK;
         goto finish;
     }
     if (n == 0) {
@@ -495,7 +719,7 @@ cache_aware(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
             items[i].cost += over_bound;
         items[i].index = i;
     }
-    qsort(items, (size_t)n, sizeof(ranked), by_cost);
+    sort_ranked(items, n);
     /* sessions: the session's replica first unless it costs more than slack above the best */
     Py_ssize_t first = 0;
     if (session != Py_None) {
@@ -518,26 +742,25 @@ cache_aware(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
             }
         }
     }
-    result = PyList_New(n);
-    if (result == NULL) {
+    order = n <= STACK_REPLICAS ? order_stack : PyMem_Malloc(sizeof(Py_ssize_t) * (size_t)n);
+    if (order == NULL) {
+        PyErr_NoMemory();
         status = -1;
         goto finish;
     }
-    for (Py_ssize_t pos = 0, k = 0; k < n; k++) {
-        Py_ssize_t src = (k == 0) ? first : (k <= first ? k - 1 : k);
-        PyObject *tier = PyList_New(1);
-        if (tier == NULL) {
-            Py_CLEAR(result);
-            status = -1;
-            goto finish;
-        }
-        PyObject *replica = PyTuple_GET_ITEM(replicas, items[src].index);
-        Py_INCREF(replica);
-        PyList_SET_ITEM(tier, 0, replica);
-        PyList_SET_ITEM(result, pos++, tier);
-    }
+    for (Py_ssize_t k = 0; k < n; k++)
+        order[k] = items[(k == 0) ? first : (k <= first ? k - 1 : k)].index;
+    result = build_tiers(replicas, order, n, tier_cache);
+    if (result == NULL)
+        status = -1;
 finish:
-    PyMem_Free(items);
+    Py_XDECREF(reading);
+    if (items != items_stack)
+        PyMem_Free(items);
+    if (gathered != gathered_stack)
+        PyMem_Free(gathered);
+    if (order != order_stack)
+        PyMem_Free(order);
     Py_XDECREF(costs);
     if (status == -1) {
         Py_XDECREF(result);
@@ -551,6 +774,460 @@ finish:
     }
     return result;
 }
+
+/* Ranker(policy, python_rank_matched, params, idle): CacheAwarePolicy.rank_matched in C.
+ *
+ * The router calls policy.rank_matched(request, replicas, matched_blocks, load, now, rng,
+ * session_replica, cached_blocks, capacities, default_capacity) once per request.
+ * CacheAwarePolicy puts a Ranker on the instance under that name, so the call goes
+ * straight to the C ranking without a Python frame: it reads the request's three sizes,
+ * checks the replicas tuple for repeats once per tuple, and runs cache_aware (mode 2,
+ * with its own tiers list to refill). Whenever cache_aware declines (None), or the
+ * replicas are not a non-empty tuple, it calls python_rank_matched(policy, ...) -- the
+ * Python method it stands in for, which computes the same tiers -- so the two never
+ * disagree. ``params`` are the policy's cost constants; the policy installs a new Ranker
+ * when its config, profile or speedups change. O(n log n). */
+typedef struct {
+    PyObject_HEAD
+    vectorcallfunc vectorcall;
+    PyObject *policy, *fallback, *params, *idle;
+    PyObject *tiers;     /* a one-item list: the previous tiers, for build_tiers */
+    PyObject *distinct;  /* the last replicas tuple found to hold no repeats, or NULL */
+} Ranker;
+
+static PyObject *str_prompt_tokens, *str_block_tokens, *str_output_tokens, *str_random;
+
+/* The request's prompt_tokens, block_tokens and output_tokens, as new references: read
+ * from their slots for RouteRequest (a slotted dataclass; offsets resolved once per
+ * class, as resolve_slots does for the load records), through getattr otherwise. */
+static PyTypeObject *request_type = NULL;       /* strong reference */
+static PyTypeObject *request_unslotted = NULL;  /* only compared */
+static Py_ssize_t request_offset[3];
+
+static int
+resolve_request(PyTypeObject *type)
+{
+    PyObject *names[3] = {str_prompt_tokens, str_block_tokens, str_output_tokens};
+    Py_ssize_t offsets[3];
+    request_unslotted = type;
+    if (type->tp_getattro != PyObject_GenericGetAttr)
+        return 0;
+    for (int f = 0; f < 3; f++) {
+        PyObject *descr = PyObject_GetAttr((PyObject *)type, names[f]);
+        if (descr == NULL) {
+            PyErr_Clear();
+            return 0;
+        }
+        int ok = Py_IS_TYPE(descr, &PyMemberDescr_Type)
+                 && ((PyMemberDescrObject *)descr)->d_member->type == T_OBJECT_EX;
+        if (ok)
+            offsets[f] = ((PyMemberDescrObject *)descr)->d_member->offset;
+        Py_DECREF(descr);
+        if (!ok)
+            return 0;
+    }
+    Py_INCREF(type);
+    Py_XSETREF(request_type, type);
+    request_unslotted = NULL;
+    memcpy(request_offset, offsets, sizeof(offsets));
+    return 1;
+}
+
+static inline PyObject *
+request_field(PyObject *request, int f, PyObject *name)
+{
+    PyTypeObject *type = Py_TYPE(request);
+    if (type == request_type || (type != request_unslotted && resolve_request(type))) {
+        PyObject *v = *(PyObject **)((char *)request + request_offset[f]);
+        if (v != NULL)
+            return Py_NewRef(v);
+    }
+    return PyObject_GetAttr(request, name);
+}
+
+static PyObject *
+Ranker_fallback(Ranker *self, PyObject *const *args)
+{
+    PyObject *call[11];
+    call[0] = self->policy;
+    for (int i = 0; i < 10; i++)
+        call[i + 1] = args[i];
+    return PyObject_Vectorcall(self->fallback, call, 11, NULL);
+}
+
+static PyObject *
+Ranker_vectorcall(PyObject *self_obj, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    Ranker *self = (Ranker *)self_obj;
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    if (nargs != 10 || (kwnames != NULL && PyTuple_GET_SIZE(kwnames) != 0)) {
+        PyErr_SetString(PyExc_TypeError, "rank_matched(request, replicas, matched_blocks, load, now, rng, "
+                                         "session_replica, cached_blocks, capacities, default_capacity)");
+        return NULL;
+    }
+    PyObject *request = args[0], *replicas = args[1];
+    if (!PyTuple_CheckExact(replicas) || PyTuple_GET_SIZE(replicas) == 0)
+        return Ranker_fallback(self, args);
+    if (replicas != self->distinct) {
+        PyObject *seen = PySet_New(replicas);
+        if (seen == NULL)
+            return NULL;
+        int unique = PySet_GET_SIZE(seen) == PyTuple_GET_SIZE(replicas);
+        Py_DECREF(seen);
+        if (!unique)  /* repeats: Python's dict semantics decide */
+            return Ranker_fallback(self, args);
+        Py_INCREF(replicas);
+        Py_XSETREF(self->distinct, replicas);
+    }
+    PyObject *prompt = NULL, *block = NULL, *output = NULL, *draw = NULL, *result = NULL;
+    if ((prompt = request_field(request, 0, str_prompt_tokens)) == NULL
+            || (block = request_field(request, 1, str_block_tokens)) == NULL
+            || (output = request_field(request, 2, str_output_tokens)) == NULL)
+        goto done;
+    int given = PyObject_IsTrue(output);  /* request.output_tokens or 0 */
+    if (given < 0)
+        goto done;
+    if (!given)
+        Py_SETREF(output, PyLong_FromLong(0));
+    if (output == NULL || (draw = PyObject_GetAttr(args[5], str_random)) == NULL)
+        goto done;
+    PyObject *mode = PyLong_FromLong(2);  /* a small int: cached, cannot fail */
+    PyObject *call[15] = {replicas, args[3], args[2], args[8], args[9], args[4], prompt, block, output,
+                          self->params, draw, self->idle, args[6], mode, self->tiers};
+    result = cache_aware(NULL, call, 15);
+    Py_DECREF(mode);
+    if (result == Py_None) {
+        Py_CLEAR(result);
+        result = Ranker_fallback(self, args);
+    }
+done:
+    Py_XDECREF(prompt);
+    Py_XDECREF(block);
+    Py_XDECREF(output);
+    Py_XDECREF(draw);
+    return result;
+}
+
+static PyObject *
+Ranker_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    PyObject *policy, *fallback, *params, *idle;
+    if (kwds != NULL && PyDict_GET_SIZE(kwds) != 0) {
+        PyErr_SetString(PyExc_TypeError, "Ranker(policy, python_rank_matched, params, idle) takes no keywords");
+        return NULL;
+    }
+    if (!PyArg_ParseTuple(args, "OOO!O:Ranker", &policy, &fallback, &PyTuple_Type, &params, &idle))
+        return NULL;
+    Ranker *self = (Ranker *)type->tp_alloc(type, 0);
+    if (self == NULL)
+        return NULL;
+    self->vectorcall = Ranker_vectorcall;
+    self->tiers = PyList_New(1);
+    if (self->tiers == NULL) {
+        Py_DECREF(self);
+        return NULL;
+    }
+    Py_INCREF(Py_None);
+    PyList_SET_ITEM(self->tiers, 0, Py_None);
+    self->policy = Py_NewRef(policy);
+    self->fallback = Py_NewRef(fallback);
+    self->params = Py_NewRef(params);
+    self->idle = Py_NewRef(idle);
+    return (PyObject *)self;
+}
+
+static int
+Ranker_traverse(Ranker *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->policy);
+    Py_VISIT(self->fallback);
+    Py_VISIT(self->params);
+    Py_VISIT(self->idle);
+    Py_VISIT(self->tiers);
+    Py_VISIT(self->distinct);
+    return 0;
+}
+
+static int
+Ranker_clear(Ranker *self)
+{
+    Py_CLEAR(self->policy);
+    Py_CLEAR(self->fallback);
+    Py_CLEAR(self->params);
+    Py_CLEAR(self->idle);
+    Py_CLEAR(self->tiers);
+    Py_CLEAR(self->distinct);
+    return 0;
+}
+
+static void
+Ranker_dealloc(Ranker *self)
+{
+    PyObject_GC_UnTrack(self);
+    Ranker_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyTypeObject RankerType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "router._speedups.Ranker",
+    .tp_basicsize = sizeof(Ranker),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_VECTORCALL | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "Ranker(policy, python_rank_matched, params, idle): CacheAwarePolicy.rank_matched in C.",
+    .tp_new = Ranker_new,
+    .tp_dealloc = (destructor)Ranker_dealloc,
+    .tp_traverse = (traverseproc)Ranker_traverse,
+    .tp_clear = (inquiry)Ranker_clear,
+    .tp_vectorcall_offset = offsetof(Ranker, vectorcall),
+    .tp_call = PyVectorcall_Call,
+};
+
+/* ---------------------------------------------------------------------------------- */
+/* load view                                                                           */
+/* ---------------------------------------------------------------------------------- */
+
+/* load_routed(requests, loads, request_id, replica, prompt_tokens, uncached_tokens,
+ *             kv_blocks, added_kv_blocks, make_record) -> bool
+ *
+ * LoadView.routed (router/load.py), the Python twin, in its common case: ``requests`` is
+ * the view's OrderedDict, ``request_id`` an int or str it does not track yet,
+ * ``loads[replica]`` a ReplicaLoad (the slotted class the cost loop reads) whose counts are
+ * plain ints, every count argument a plain int (``added_kv_blocks`` may be None), and
+ * ``make_record`` a SlotMaker. Then it adds the request to the replica's counts (in_flight
+ * and waiting by one, waiting_prefill_tokens by the uncached tokens clamped at 0,
+ * kv_blocks, kv_added_blocks by max(0, min(added, kv_blocks))), records
+ * ``requests[request_id] = make_record(replica, uncached, prompt_tokens, kv_blocks,
+ * added, False)`` and returns True. Otherwise it changes nothing and returns False, and
+ * the caller runs the Python code (a retry, a new replica, odd values). The caller bounds
+ * the request table afterwards. O(1). */
+static PyTypeObject SlotMakerType;
+static PyObject *ordered_dict_type = NULL;  /* collections.OrderedDict */
+
+static int
+slot_ref(PyObject *obj, int f, PyObject ***ref)
+{
+    PyTypeObject *type = Py_TYPE(obj);
+    if (!(type == slot_type || (type != unslotted_type && resolve_slots(type))))
+        return FALLBACK;
+    *ref = (PyObject **)((char *)obj + slot_offset[f]);
+    return **ref != NULL ? OK : FALLBACK;
+}
+
+/* load_routed's work on its nine arguments: 1 done, 0 declined (nothing changed), -1
+ * error. */
+static int
+load_routed_impl(PyObject *const *args)
+{
+    PyObject *requests = args[0], *loads = args[1], *request_id = args[2], *replica = args[3];
+    PyObject *make_record = args[8];
+    /* Exact types only: nothing below may run Python code except the record's allocation
+     * (a garbage collection), after which the counts are read afresh. */
+    if ((PyObject *)Py_TYPE(requests) != ordered_dict_type || !PyDict_CheckExact(loads)
+            || !(PyLong_CheckExact(request_id) || PyUnicode_CheckExact(request_id))
+            || !PyUnicode_CheckExact(replica) || !Py_IS_TYPE(make_record, &SlotMakerType))
+        return 0;
+    long long prompt, uncached, kv, added;
+    if (plain_int(args[4], &prompt) != OK || plain_int(args[5], &uncached) != OK || plain_int(args[6], &kv) != OK)
+        return 0;
+    if (args[7] == Py_None) {
+        added = kv;
+    } else {
+        if (plain_int(args[7], &added) != OK)
+            return 0;
+        if (kv < added)  /* max(0, min(added, kv)) */
+            added = kv;
+        if (!(added > 0))
+            added = 0;
+    }
+    if (uncached < 0)
+        uncached = 0;
+    int tracked = PyDict_Contains(requests, request_id);
+    if (tracked)
+        return tracked < 0 ? -1 : 0;
+    PyObject *load = PyDict_GetItemWithError(loads, replica);
+    if (load == NULL)
+        return PyErr_Occurred() ? -1 : 0;
+    Py_INCREF(load);
+    int result = -1;
+    PyObject *record = NULL;
+    PyObject *values[5] = {NULL, NULL, NULL, NULL, NULL};
+    /* The record's two counts: the arguments themselves unless clamped above. */
+    long long given_uncached, given_added;
+    plain_int(args[5], &given_uncached);  /* checked above */
+    PyObject *uncached_obj = given_uncached == uncached ? Py_NewRef(args[5]) : PyLong_FromLongLong(uncached);
+    PyObject *added_obj;
+    if (args[7] == Py_None)
+        added_obj = Py_NewRef(args[6]);
+    else {
+        plain_int(args[7], &given_added);
+        added_obj = given_added == added ? Py_NewRef(args[7]) : PyLong_FromLongLong(added);
+    }
+    if (uncached_obj == NULL || added_obj == NULL)
+        goto done;
+    PyObject *record_args[6] = {replica, uncached_obj, args[4], args[6], added_obj, Py_False};
+    record = PyObject_Vectorcall(make_record, record_args, 6, NULL);
+    if (record == NULL)
+        goto done;
+    static const int fields[5] = {F_IN_FLIGHT, F_WAITING, F_WAITING_PREFILL_TOKENS, F_KV_BLOCKS, F_KV_ADDED_BLOCKS};
+    long long add[5] = {1, 1, uncached, kv, added};
+    PyObject **refs[5];
+    for (int k = 0; k < 5; k++) {
+        long long current;
+        if (slot_ref(load, fields[k], &refs[k]) != OK || plain_int(*refs[k], &current) != OK
+                || (add[k] > 0 && current > LLONG_MAX - add[k])
+                || (add[k] < 0 && current < LLONG_MIN - add[k])) {  /* past a long long: Python's ints */
+            result = 0;
+            goto done;
+        }
+        if ((values[k] = PyLong_FromLongLong(current + add[k])) == NULL)
+            goto done;
+    }
+    if (PyObject_SetItem(requests, request_id, record) < 0)
+        goto done;
+    for (int k = 0; k < 5; k++) {
+        Py_SETREF(*refs[k], values[k]);
+        values[k] = NULL;
+    }
+    result = 1;
+done:
+    for (int k = 0; k < 5; k++)
+        Py_XDECREF(values[k]);
+    Py_XDECREF(record);
+    Py_XDECREF(uncached_obj);
+    Py_XDECREF(added_obj);
+    Py_DECREF(load);
+    return result;
+}
+
+static PyObject *
+load_routed(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 9) {
+        PyErr_SetString(PyExc_TypeError, "load_routed takes 9 arguments");
+        return NULL;
+    }
+    int rc = load_routed_impl(args);
+    if (rc < 0)
+        return NULL;
+    return PyBool_FromLong(rc);
+}
+
+/* Accountant(requests, loads, make_record, max_tracked, routed_py, forget_oldest):
+ * LoadView.routed in C.
+ *
+ * The router calls view.routed(request_id, replica, prompt_tokens, uncached_tokens,
+ * kv_blocks[, added_kv_blocks]) once per request; LoadView puts an Accountant on the
+ * instance under that name (the view's request table and loads, its record maker and
+ * bound), so the call runs load_routed without a Python frame. When load_routed
+ * declines it calls routed_py with the same arguments (the Python twin); when the table
+ * then holds more than max_tracked records it calls forget_oldest(). The view installs
+ * a new Accountant when one of those attributes is set. O(1). */
+typedef struct {
+    PyObject_HEAD
+    vectorcallfunc vectorcall;
+    PyObject *requests, *loads, *make_record, *routed_py, *forget_oldest;
+    Py_ssize_t max_tracked;
+} Accountant;
+
+static PyObject *
+Accountant_vectorcall(PyObject *self_obj, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    Accountant *self = (Accountant *)self_obj;
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    if (nargs < 5 || nargs > 6 || (kwnames != NULL && PyTuple_GET_SIZE(kwnames) != 0)) {
+        PyErr_SetString(PyExc_TypeError, "routed(request_id, replica, prompt_tokens, uncached_tokens, kv_blocks, "
+                                         "added_kv_blocks=None)");
+        return NULL;
+    }
+    PyObject *added = nargs == 6 ? args[5] : Py_None;
+    PyObject *call[9] = {self->requests, self->loads, args[0], args[1], args[2], args[3], args[4], added,
+                         self->make_record};
+    int rc = load_routed_impl(call);
+    if (rc < 0)
+        return NULL;
+    if (rc == 0) {
+        PyObject *py_args[6] = {args[0], args[1], args[2], args[3], args[4], added};
+        PyObject *r = PyObject_Vectorcall(self->routed_py, py_args, 6, NULL);
+        if (r == NULL)
+            return NULL;
+        Py_DECREF(r);
+    }
+    Py_ssize_t size = PyObject_Size(self->requests);
+    if (size < 0)
+        return NULL;
+    if (size > self->max_tracked)
+        return PyObject_CallNoArgs(self->forget_oldest);
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+Accountant_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    PyObject *requests, *loads, *make_record, *routed_py, *forget_oldest;
+    Py_ssize_t max_tracked;
+    if (kwds != NULL && PyDict_GET_SIZE(kwds) != 0) {
+        PyErr_SetString(PyExc_TypeError, "Accountant() takes no keywords");
+        return NULL;
+    }
+    if (!PyArg_ParseTuple(args, "OOOnOO:Accountant", &requests, &loads, &make_record, &max_tracked, &routed_py,
+                          &forget_oldest))
+        return NULL;
+    Accountant *self = (Accountant *)type->tp_alloc(type, 0);
+    if (self == NULL)
+        return NULL;
+    self->vectorcall = Accountant_vectorcall;
+    self->requests = Py_NewRef(requests);
+    self->loads = Py_NewRef(loads);
+    self->make_record = Py_NewRef(make_record);
+    self->routed_py = Py_NewRef(routed_py);
+    self->forget_oldest = Py_NewRef(forget_oldest);
+    self->max_tracked = max_tracked;
+    return (PyObject *)self;
+}
+
+static int
+Accountant_traverse(Accountant *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->requests);
+    Py_VISIT(self->loads);
+    Py_VISIT(self->make_record);
+    Py_VISIT(self->routed_py);
+    Py_VISIT(self->forget_oldest);
+    return 0;
+}
+
+static int
+Accountant_clear(Accountant *self)
+{
+    Py_CLEAR(self->requests);
+    Py_CLEAR(self->loads);
+    Py_CLEAR(self->make_record);
+    Py_CLEAR(self->routed_py);
+    Py_CLEAR(self->forget_oldest);
+    return 0;
+}
+
+static void
+Accountant_dealloc(Accountant *self)
+{
+    PyObject_GC_UnTrack(self);
+    Accountant_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyTypeObject AccountantType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "router._speedups.Accountant",
+    .tp_basicsize = sizeof(Accountant),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_VECTORCALL | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "Accountant(requests, loads, make_record, max_tracked, routed_py, forget_oldest): LoadView.routed in C.",
+    .tp_new = Accountant_new,
+    .tp_dealloc = (destructor)Accountant_dealloc,
+    .tp_traverse = (traverseproc)Accountant_traverse,
+    .tp_clear = (inquiry)Accountant_clear,
+    .tp_vectorcall_offset = offsetof(Accountant, vectorcall),
+    .tp_call = PyVectorcall_Call,
+};
 
 /* ---------------------------------------------------------------------------------- */
 /* SlotMaker: build a __slots__ object from positional values                          */
@@ -675,6 +1352,8 @@ static PyMethodDef methods[] = {
      "chain(data, step, seed) -> list[int]: chained xxh3_64 keys of each full block."},
     {"cache_aware", (PyCFunction)(void (*)(void))cache_aware, METH_FASTCALL,
      "CacheAwarePolicy's cost loop (rank false: costs dict) or ranking (rank true: tiers)."},
+    {"load_routed", (PyCFunction)(void (*)(void))load_routed, METH_FASTCALL,
+     "LoadView.routed's common case; False (nothing changed) when the Python code must run."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -690,7 +1369,19 @@ PyInit__speedups(void)
         if ((field_strs[f] = PyUnicode_InternFromString(field_names[f])) == NULL)
             return NULL;
     }
-    if (PyType_Ready(&SlotMakerType) < 0)
+    if (PyType_Ready(&SlotMakerType) < 0 || PyType_Ready(&RankerType) < 0 || PyType_Ready(&AccountantType) < 0)
+        return NULL;
+    if ((str_prompt_tokens = PyUnicode_InternFromString("prompt_tokens")) == NULL
+            || (str_block_tokens = PyUnicode_InternFromString("block_tokens")) == NULL
+            || (str_output_tokens = PyUnicode_InternFromString("output_tokens")) == NULL
+            || (str_random = PyUnicode_InternFromString("random")) == NULL)
+        return NULL;
+    PyObject *collections = PyImport_ImportModule("collections");
+    if (collections == NULL)
+        return NULL;
+    ordered_dict_type = PyObject_GetAttrString(collections, "OrderedDict");
+    Py_DECREF(collections);
+    if (ordered_dict_type == NULL)
         return NULL;
     PyObject *m = PyModule_Create(&module);
     if (m == NULL)
@@ -698,6 +1389,18 @@ PyInit__speedups(void)
     Py_INCREF(&SlotMakerType);
     if (PyModule_AddObject(m, "SlotMaker", (PyObject *)&SlotMakerType) < 0) {
         Py_DECREF(&SlotMakerType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    Py_INCREF(&RankerType);
+    if (PyModule_AddObject(m, "Ranker", (PyObject *)&RankerType) < 0) {
+        Py_DECREF(&RankerType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    Py_INCREF(&AccountantType);
+    if (PyModule_AddObject(m, "Accountant", (PyObject *)&AccountantType) < 0) {
+        Py_DECREF(&AccountantType);
         Py_DECREF(m);
         return NULL;
     }
