@@ -101,6 +101,27 @@ def router_config(policy: str, live: LiveConfig, model_path: str) -> tuple[str, 
     return routers.router_config(policy, model_path=model_path, block_size=live.block_size, profile=live.profile)
 
 
+#: Live-only workloads: a generated workload with its parameters, and the run options it
+#: needs unless the caller sets them (``kvroute bench live --workload NAME``).
+#: ``long-chat``: conversations whose history grows to about 16k tokens (tens of thousands
+#: of characters) re-sent as chat messages on every turn, on engines with a 16k context and
+#: caches smaller than the working set: the agentic/coding shape, where tokenizing the
+#: history and finding its cached prefix decide the TTFT.
+LIVE_WORKLOADS: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
+    "long-chat": ("chat",
+                  dict(system_prompts=4, system_tokens=(1500, 3000), user_median=500, user_sigma=0.6,
+                       user_range=(100, 2000), turns_mean=14.0, max_turns=40, output_median=24, output_sigma=0.4,
+                       output_range=(8, 48), think_mean_s=3.0, response_s_per_token=0.02, max_prompt_tokens=16000),
+                  dict(api="chat", token_scale=1.0, max_prompt_tokens=16000, max_output_tokens=48,
+                       max_model_len=16384, kv_blocks=2048)),
+}
+
+
+def workload_defaults(workload: str | None) -> dict[str, Any]:
+    """The run options a live-only workload needs (empty for the simulator's workloads)."""
+    return dict(LIVE_WORKLOADS[workload][2]) if workload in LIVE_WORKLOADS else {}
+
+
 def load_requests(*, workload: str | None, trace: str | None, count: int, rate: float, rate_scale: float,
                   seed: int, shape: LiveShape) -> list[SimRequest]:
     """The workload to replay, fitted to the live replicas (see ``benchmarks.live_workload``)."""
@@ -111,6 +132,9 @@ def load_requests(*, workload: str | None, trace: str | None, count: int, rate: 
         start = requests[0].arrival_s if requests else 0.0
         requests = [SimRequest(r.request_id, r.arrival_s - start, r.prompt_tokens, r.output_tokens, r.content,
                                r.session_id) for r in requests]
+    elif workload in LIVE_WORKLOADS:
+        base, params, _ = LIVE_WORKLOADS[workload]
+        requests = list(make_workload(base, count, seed=seed, rate_per_s=rate, **params))
     else:
         requests = list(make_workload(workload or "chat", count, seed=seed, rate_per_s=rate))
     return fit_for_live(requests, shape)
@@ -234,13 +258,15 @@ def _open_loop(requests: Sequence[SimRequest], send: Callable[[int, float], None
 
 
 def replay(url: str, requests: Sequence[SimRequest], renderer: TextRenderer, *, timeout_s: float = 120.0,
-           max_concurrency: int = 128, progress: Callable[[int, int], None] | None = None) -> list[Outcome]:
-    """Send every request at its ``arrival_s`` (open loop) as a streaming completion; wait
-    for all. A request whose send time comes while ``max_concurrency`` are open waits for
-    a slot (reported as a later ``sent_s``)."""
-    bodies = [_body(r, renderer) for r in requests]
+           max_concurrency: int = 128, progress: Callable[[int, int], None] | None = None,
+           api: str = "completions") -> list[Outcome]:
+    """Send every request at its ``arrival_s`` (open loop) as a streaming completion (or
+    chat: ``api``); wait for all. A request whose send time comes while
+    ``max_concurrency`` are open waits for a slot (reported as a later ``sent_s``)."""
+    bodies = [_body(r, renderer, api) for r in requests]
     outcomes = [Outcome(r.request_id, r.arrival_s) for r in requests]
-    _open_loop(requests, lambda index, started: _post(url + "/completions", bodies[index], timeout_s, started,
+    path = "/chat/completions" if api == "chat" else "/completions"
+    _open_loop(requests, lambda index, started: _post(url + path, bodies[index], timeout_s, started,
                                                       outcomes[index]), max_concurrency, progress)
     return outcomes
 
@@ -265,8 +291,14 @@ def engines_delta(after: dict[str, dict], before: dict[str, dict], key: str) -> 
     return sum(int(row.get(key) or 0) - int((before.get(name) or {}).get(key) or 0) for name, row in after.items())
 
 
-def _body(r: SimRequest, renderer: TextRenderer) -> dict:
-    body = {"prompt": renderer.prompt(r), "max_tokens": r.output_tokens, "min_tokens": r.output_tokens,
+#: How requests are sent: text completions (``/v1/completions``, ``prompt``) or chats
+#: (``/v1/chat/completions``, ``messages``: ``TextRenderer.messages``).
+APIS = ("completions", "chat")
+
+
+def _body(r: SimRequest, renderer: TextRenderer, api: str = "completions") -> dict:
+    content = {"messages": renderer.messages(r)} if api == "chat" else {"prompt": renderer.prompt(r)}
+    body = {**content, "max_tokens": r.output_tokens, "min_tokens": r.output_tokens,
             "ignore_eos": True, "temperature": 0.0, "stream": True}
     if r.session_id is not None:
         body["session_id"] = r.session_id
@@ -274,13 +306,14 @@ def _body(r: SimRequest, renderer: TextRenderer) -> dict:
 
 
 def _call_handle(handle, body: dict, outcome: Outcome, started: float) -> None:
-    """One streaming completion through a deployment handle (the body as the ingress
-    forwards it), recorded in ``outcome`` as ``_post`` records an HTTP one."""
+    """One streaming completion or chat (by the body) through a deployment handle (the body
+    as the ingress forwards it), recorded in ``outcome`` as ``_post`` records an HTTP one."""
     from engines.protocol import RequestBody
 
+    method = "chat" if "messages" in body else "completions"
     outcome.sent_s = time.perf_counter() - started
     try:
-        for raw in handle.options(stream=True).completions.remote(RequestBody(body)):
+        for raw in getattr(handle.options(stream=True), method).remote(RequestBody(body)):
             for data in sse_payloads(raw.encode().splitlines()):
                 chunk = json.loads(data)
                 now = time.perf_counter() - started
@@ -325,11 +358,11 @@ def open_handles(app_name: str, handles: int) -> tuple[list, dict]:
 
 def replay_handles(hs: Sequence, requests: Sequence[SimRequest], renderer: TextRenderer, *,
                    timeout_s: float = 120.0, max_concurrency: int = 128,
-                   progress: Callable[[int, int], None] | None = None) -> list[Outcome]:
+                   progress: Callable[[int, int], None] | None = None, api: str = "completions") -> list[Outcome]:
     """``replay``, but request ``i`` through handle ``hs[i % len(hs)]`` (``open_handles``),
     bypassing the HTTP proxy and the ingress (the body is what the ingress would forward)."""
     outcomes = [Outcome(r.request_id, r.arrival_s) for r in requests]
-    bodies = [_body(r, renderer) for r in requests]
+    bodies = [_body(r, renderer, api) for r in requests]
     del timeout_s  # a handle call has no client timeout; the run is bounded by its requests
     _open_loop(requests, lambda index, started: _call_handle(hs[index % len(hs)], bodies[index], outcomes[index],
                                                              started), max_concurrency, progress)
@@ -366,7 +399,7 @@ def summarize(policy: str, outcomes: Sequence[Outcome], wall_s: float) -> dict[s
 
 def run_one(policy: str, requests: Sequence[SimRequest], renderer: TextRenderer, live: LiveConfig, model_path: str,
             cluster: Cluster, *, progress: Callable[[str], None] | None = None,
-            handles: int | None = None) -> tuple[dict, list[Outcome]]:
+            handles: int | None = None, api: str = "completions") -> tuple[dict, list[Outcome]]:
     """Deploy ``policy``'s router, warm up, replay ``requests`` (over HTTP, or through
     ``handles`` independent deployment handles: ``replay_handles``), delete the app. The
     row also has the engines' own prefix-cache counters over the replay
@@ -399,9 +432,9 @@ def run_one(policy: str, requests: Sequence[SimRequest], renderer: TextRenderer,
         started = time.perf_counter()
         step = (lambda d, n: progress(f"{label}: {d}/{n}")) if progress else None
         if handles is None:
-            outcomes = replay(url, requests, renderer, timeout_s=live.timeout_s, progress=step)
+            outcomes = replay(url, requests, renderer, timeout_s=live.timeout_s, progress=step, api=api)
         else:
-            outcomes = replay_handles(hs, requests, renderer, timeout_s=live.timeout_s, progress=step)
+            outcomes = replay_handles(hs, requests, renderer, timeout_s=live.timeout_s, progress=step, api=api)
         wall = time.perf_counter() - started
         # vLLM reports its counters with each scheduler step: wait until every answered
         # request is counted (or 10 s).
@@ -419,6 +452,8 @@ def run_one(policy: str, requests: Sequence[SimRequest], renderer: TextRenderer,
     hits = engines_delta(after, before, "prefix_cache_hits")
     row.update({"transport": "http" if handles is None else "handles", "handles": handles, **routers_info,
                 "engine_requests_scheduled": engines_delta(after, before, "requests_scheduled"),
+                # Requests whose prompt the engine did not tokenize: it used the router's ids.
+                "engine_router_ids_used": engines_delta(after, before, "router_ids_used"),
                 "engine_prefix_cache_queries": queries, "engine_prefix_cache_hits": hits,
                 "engine_hit_rate": round(hits / queries, 4) if queries else None})
     return row, outcomes
@@ -428,12 +463,16 @@ def run(*, policies: Sequence[str] = DEFAULT_POLICIES, workload: str | None = "c
         requests: int = 200, rate: float = 8.0, rate_scale: float = 1.0, seed: int = 0,
         shape: LiveShape = LiveShape(), live: LiveConfig = LiveConfig(),
         progress: Callable[[str], None] | None = None, keep_outcomes: bool = False,
-        cluster: Cluster | None = None, handles: Sequence[int] | None = None) -> dict[str, Any]:
+        cluster: Cluster | None = None, handles: Sequence[int] | None = None,
+        api: str = "completions") -> dict[str, Any]:
     """The ``kvroute bench live`` report (see the module doc); ``keep_outcomes`` adds the
     per-request records under ``"outcomes"`` (``kvroute bench fidelity`` uses them).
     ``cluster``: a running ``Cluster`` to deploy on (default: start one, stop it after).
     ``handles``: instead of HTTP, send through that many independent deployment handles,
-    one run per count and policy (e.g. ``(1, 4)``: one router vs four)."""
+    one run per count and policy (e.g. ``(1, 4)``: one router vs four). ``api``:
+    ``completions`` (text prompts) or ``chat`` (``TextRenderer.messages``)."""
+    if api not in APIS:
+        raise ConfigError("api", f"must be one of {', '.join(APIS)}, got {api!r}")
     if handles is not None:
         handles = list(handles)
         if not handles or any(not isinstance(n, int) or isinstance(n, bool) or n <= 0 for n in handles):
@@ -458,7 +497,7 @@ def run(*, policies: Sequence[str] = DEFAULT_POLICIES, workload: str | None = "c
         for policy in names:
             for count in handles or (None,):
                 row, outs = run_one(policy, workload_requests, renderer, live, model_path, cluster,
-                                    progress=progress, handles=count)
+                                    progress=progress, handles=count, api=api)
                 rows.append(row)
                 outcomes[policy if count is None else f"{policy} via {count} handles"] = outs
     finally:
@@ -467,7 +506,8 @@ def run(*, policies: Sequence[str] = DEFAULT_POLICIES, workload: str | None = "c
     ceiling = ideal_hit_rate(workload_requests, live.block_size)
     report: dict[str, Any] = {
         "benchmark": "live",
-        "workload": {"name": None if trace else (workload or "chat"), "trace": trace, "requests": len(workload_requests),
+        "workload": {"name": None if trace else (workload or "chat"), "trace": trace, "api": api,
+                     "requests": len(workload_requests),
                      "rate_per_s": None if trace else rate, "rate_scale": rate_scale, "seed": seed,
                      "span_s": round(workload_requests[-1].arrival_s, 2),
                      "prompt_tokens_mean": round(statistics.fmean(r.prompt_tokens for r in workload_requests), 1),

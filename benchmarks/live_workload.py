@@ -13,6 +13,12 @@ pre-tokenizer splits at spaces, the same leading tokens. When a tokenizer is giv
 words are its own single-token words, so a segment of ``n`` tokens renders to ``n`` tokens.
 Text is what Ray's ``PrefixCacheAffinityRouter`` needs (it matches characters; token-id
 prompts give it nothing to match). Token-id content is sent as ids, text as is.
+
+``TextRenderer.messages`` renders the same segments as a chat instead (``--api chat``): the
+first segment is the system message, the next ones alternate user and assistant (a chat
+session's segments are system prompt, question, reply, question, ...; an agent's are tool
+set, task, tool call, tool result, ...), so every turn re-sends the whole conversation as
+messages, as chat clients do, and a router tokenizes it through the chat template.
 """
 
 from __future__ import annotations
@@ -111,6 +117,21 @@ class TextRenderer:
     def segment_text(self, segment_id: int, tokens: int) -> str:
         words, n, h = self.words, len(self.words), xxhash.xxh3_64_intdigest
         return "".join(words[h(_pack(segment_id, p)) % n] for p in range(tokens))
+
+    def messages(self, request: SimRequest) -> list[dict[str, str]]:
+        """The request's content as chat messages (see the module doc); a prompt that is
+        not made of segments is one user message."""
+        content = request.content
+        if type(content) is not Segments:
+            prompt = self.prompt(request)
+            return [{"role": "user", "content": prompt if isinstance(prompt, str) else " ".join(map(str, prompt))}]
+        out = []
+        for i, (segment_id, tokens) in enumerate(content):
+            role = "system" if i == 0 else ("user" if i % 2 else "assistant")
+            out.append({"role": role, "content": self.segment_text(segment_id, tokens).lstrip()})
+        if len(out) == 1:
+            out.append({"role": "user", "content": "Go on."})
+        return out
 
     def prompt(self, request: SimRequest) -> str | list[int]:
         content = request.content

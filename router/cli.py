@@ -92,17 +92,27 @@ def _bench_routers(args: argparse.Namespace) -> int:
     return 0
 
 
+#: ``kvroute bench live`` options whose default depends on the workload
+#: (``benchmarks.live_bench.workload_defaults``), and their default otherwise.
+LIVE_DEFAULTS = {"token_scale": 0.25, "max_prompt_tokens": 1536, "max_output_tokens": 32, "max_model_len": 2048,
+                 "kv_blocks": 256, "api": "completions"}
+
+
 def _live_options(args: argparse.Namespace):
-    from benchmarks.live_bench import LiveConfig
+    from benchmarks.live_bench import LiveConfig, workload_defaults
     from benchmarks.live_workload import LiveShape
 
+    preset = workload_defaults(getattr(args, "workload", None))
+    for name, default in LIVE_DEFAULTS.items():
+        if getattr(args, name, None) is None:
+            setattr(args, name, preset.get(name, default))
     shape = LiveShape(token_scale=args.token_scale, max_prompt_tokens=args.max_prompt_tokens,
                       max_output_tokens=args.max_output_tokens)
     profile = str(Path(args.profile).absolute()) if args.profile and Path(args.profile).is_file() else args.profile
     if profile is None and not args.model:
         profile = "tiny-llama-cpu"  # the built-in profile measured on the tiny model's CPU engines
     live = LiveConfig(replicas=args.replicas, model_path=args.model, block_size=args.block_size,
-                      kv_blocks=args.kv_blocks or None, max_num_seqs=args.max_num_seqs,
+                      kv_blocks=args.kv_blocks or None, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                       max_num_batched_tokens=args.max_batched_tokens, profile=profile, port=args.port)
     return shape, live
 
@@ -113,7 +123,7 @@ def _bench_live(args: argparse.Namespace) -> int:
     shape, live = _live_options(args)
     report = live_bench.run(policies=args.policy or live_bench.DEFAULT_POLICIES, workload=args.workload,
                             trace=args.trace, requests=args.requests, rate=args.rate, rate_scale=args.rate_scale,
-                            seed=args.seed, shape=shape, live=live, handles=args.handles,
+                            seed=args.seed, shape=shape, live=live, handles=args.handles, api=args.api,
                             progress=lambda m: print(m, file=sys.stderr, flush=True))
     report["command"] = "kvroute " + " ".join(args.argv)
     print(live_bench.format_table(report))
@@ -132,6 +142,23 @@ def _bench_load(args: argparse.Namespace) -> int:
     print(load_bench.format_table(report))
     _write_json(args.json, report)
     return 0 if report["checks"]["ok"] else 1
+
+
+def _bench_serve_path(args: argparse.Namespace) -> int:
+    from benchmarks import serve_path
+
+    drivers = serve_path.DRIVERS if args.driver == "both" else (args.driver,)
+    report = serve_path.run(routers=args.router or serve_path.ROUTERS, workloads=args.workload,
+                            requests=args.requests, concurrency=args.concurrency, replicas=args.replicas,
+                            drivers=drivers, tokenizer=args.tokenizer, seed=args.seed, port=args.port,
+                            progress=lambda m: print(m, file=sys.stderr, flush=True))
+    report["command"] = "kvroute " + " ".join(args.argv)
+    print(serve_path.format_table(report))
+    _write_json(args.json, report)
+    # Exit 1 when kvroute's routers or Serve's default left a request unanswered; a
+    # peer's failures are reported in the table and the JSON.
+    ours = [r for r in report["results"] if r["router"] in serve_path.OWN_ROUTERS]
+    return 0 if all(r["answered"] == r["requests"] for r in ours) else 1
 
 
 DEMO_POLICIES = ("cache_aware", "ray:pow2")
@@ -178,19 +205,25 @@ def _add_live_arguments(parser: argparse.ArgumentParser, *, requests: int, rate:
                         help="router (repeatable): a kvroute policy, ray:PrefixCacheAffinityRouter or "
                              "ray:PowerOfTwoChoicesRequestRouter (Serve's default)")
     source = parser.add_mutually_exclusive_group()
-    source.add_argument("--workload", default="chat", help="generated workload (default chat)")
+    source.add_argument("--workload", default="chat",
+                        help="generated workload (default chat), or long-chat: histories growing to about 16k "
+                             "tokens, sent as chats (it sets --api chat, --token-scale 1, --max-prompt-tokens "
+                             "16000, --max-model-len 16384, --kv-blocks 2048 unless given)")
     source.add_argument("--trace", help="a trace file (Mooncake or kvroute JSONL) instead")
     parser.add_argument("--requests", type=_positive_int, default=requests, help=f"requests (default {requests})")
     parser.add_argument("--rate", type=float, default=rate, help=f"arrivals per second, generated (default {rate})")
     parser.add_argument("--rate-scale", type=float, default=1.0, help="trace arrival rate multiplier (default 1)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--token-scale", type=float, default=0.25,
+    parser.add_argument("--token-scale", type=float,
                         help="segment lengths multiplied by this to fit the tiny model (default 0.25)")
-    parser.add_argument("--max-prompt-tokens", type=_positive_int, default=1536)
-    parser.add_argument("--max-output-tokens", type=_positive_int, default=32)
+    parser.add_argument("--max-prompt-tokens", type=_positive_int, help="default 1536")
+    parser.add_argument("--max-output-tokens", type=_positive_int, help="default 32")
+    parser.add_argument("--max-model-len", type=_positive_int, help="the engines' context (default 2048)")
+    parser.add_argument("--api", choices=("completions", "chat"),
+                        help="send text completions (default) or chats (the workload's segments as messages)")
     parser.add_argument("--model", help="model directory (default: the tiny local model, built if needed)")
     parser.add_argument("--block-size", type=_positive_int, default=32, help="KV block size (default 32)")
-    parser.add_argument("--kv-blocks", type=int, default=256,
+    parser.add_argument("--kv-blocks", type=int,
                         help="KV cache blocks per replica (default 256; 0: vLLM's own sizing)")
     parser.add_argument("--max-num-seqs", type=_positive_int, default=16)
     parser.add_argument("--max-batched-tokens", type=_positive_int, default=2048)
@@ -320,6 +353,28 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--port", type=int, default=0, help="Serve HTTP port (default: a free one)")
     load.add_argument("--json", metavar="PATH", help="write the results as JSON")
     load.set_defaults(func=_bench_load, token_scale=0.25, max_prompt_tokens=1536, max_output_tokens=32)
+
+    spath = bench_sub.add_parser("serve-path", help="what each router costs on Serve's request path (trivial "
+                                                    "replicas, production prompt sizes): handle and HTTP")
+    spath.add_argument("--router", action="append",
+                       help="serve-default, kvroute-tokens, kvroute-chars, ray-prefix, ray-consistent-hash, "
+                            "ray-kv-aware (repeatable; default all)")
+    spath.add_argument("--workload", action="append",
+                       help="chat, agent, cold (every size) or KIND-SIZE, e.g. chat-100k (repeatable; default: "
+                            "each kind at 5k, 20k, 100k and 400k characters)")
+    spath.add_argument("--requests", type=_positive_int,
+                       help="requests per workload (default by size: 512 at 5k down to 96 at 400k, 64 for cold-400k)")
+    spath.add_argument("--concurrency", type=_positive_int, default=32, help="requests in flight (default 32)")
+    spath.add_argument("--replicas", type=_positive_int, default=4, help="trivial engine replicas (default 4)")
+    spath.add_argument("--driver", choices=("handle", "http", "both"), default="both",
+                       help="one DeploymentHandle in this process, HTTP through Serve's proxy and kvroute's "
+                            "ingress, or both (default)")
+    spath.add_argument("--tokenizer", help="tokenizer directory (default: the locally built llama3-style bench "
+                                           "tokenizer)")
+    spath.add_argument("--seed", type=int, default=0)
+    spath.add_argument("--port", type=int, default=0, help="Serve HTTP port (default: a free one)")
+    spath.add_argument("--json", metavar="PATH", help="write the results as JSON")
+    spath.set_defaults(func=_bench_serve_path)
 
     fid = bench_sub.add_parser("fidelity", help="the same requests live and in the simulator, per policy")
     _add_live_arguments(fid, requests=200, rate=8.0)

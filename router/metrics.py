@@ -56,7 +56,11 @@ _P, _PO, _PT, _R = ("policy",), ("policy", "outcome"), ("policy", "result"), ("r
 METRICS: tuple[MetricSpec, ...] = (
     MetricSpec("kvroute_router_decisions", "counter", "Routing decisions, by policy and outcome.", _PO),
     MetricSpec("kvroute_router_decision_latency_us", "histogram",
-               "Time to key, match and rank one request (microseconds).", _P, LATENCY_BUCKETS_US),
+               "Time on the router's event loop to parse, tokenize (cached pieces), key, match and rank one "
+               "request (microseconds).", _P, LATENCY_BUCKETS_US),
+    MetricSpec("kvroute_router_tokenize_wait_us", "histogram",
+               "Time a request waited for the tokenizer pool to encode its new text, off the event loop "
+               "(microseconds).", _P, LATENCY_BUCKETS_US),
     MetricSpec("kvroute_router_predicted_hit_ratio", "histogram",
                "Per decision: matched tokens on the chosen replica over prompt tokens.", _P, HIT_RATIO_BUCKETS),
     MetricSpec("kvroute_router_prompt_tokens", "counter", "Prompt tokens of routed requests.", _P),
@@ -205,6 +209,7 @@ class RouterMetrics:
         self._outcome_tags = {outcome: {"policy": policy, "outcome": outcome} for outcome in OUTCOMES}
         self._outcomes = dict.fromkeys(OUTCOMES, 0)
         self._latencies_us: list[float] = []
+        self._waits_us: list[float] = []
         self._hit_ratios: list[float] = []
         self._dropped = 0
         self._prompt_tokens = 0
@@ -231,6 +236,13 @@ class RouterMetrics:
         if prompt_tokens > 0:
             self._hit_ratios.append(min(1.0, predicted_tokens / prompt_tokens))
 
+    def record_tokenize_wait(self, seconds: float) -> None:
+        """One request's wait for the tokenizer pool (bounded like the latencies)."""
+        if len(self._waits_us) >= MAX_LATENCY_SAMPLES:
+            self._dropped += 1
+            return
+        self._waits_us.append(seconds * 1e6)
+
     # -- flush -----------------------------------------------------------------------------
     def _counter_delta(self, key: str, value: int) -> int:
         """The increase of a cumulative counter since the last flush (a counter that went
@@ -250,6 +262,10 @@ class RouterMetrics:
         latency = m["kvroute_router_decision_latency_us"]
         for value in self._latencies_us:
             latency.observe(value, tags=tags)
+        wait = m["kvroute_router_tokenize_wait_us"]
+        for value in self._waits_us:
+            wait.observe(value, tags=tags)
+        self._waits_us.clear()
         ratio = m["kvroute_router_predicted_hit_ratio"]
         for value in self._hit_ratios:
             ratio.observe(value, tags=tags)

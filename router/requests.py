@@ -103,16 +103,40 @@ def _text_of(content: Any) -> str:
 
 def messages_of(body: Any) -> list[dict[str, str]]:
     """The chat messages as plain ``{"role", "content"}`` dicts (validated)."""
+    return _chat_messages(body)[0]
+
+
+def _chat_messages(body: Any) -> tuple[list[dict[str, str]], bool, int]:
+    """``messages_of``, whether every message was already plain (a dict of a string
+    ``role`` and a string ``content`` and nothing else, which the engine renders exactly as
+    the router does: vLLM passes other fields, such as ``name`` or ``tool_calls``, to the
+    template, and joins content parts its own way), and the characters of content.
+    O(messages); a plain message is used as it is, not copied (an agent's history has
+    hundreds of messages, re-sent every turn; nothing here or in a template writes to
+    them)."""
     messages = _get(body, "messages")
     if not isinstance(messages, (list, tuple)) or not messages:
         raise BadRequest("'messages' must be a non-empty list")
     out = []
+    append = out.append
+    plain = True
+    chars = 0
     for i, message in enumerate(messages):
+        if type(message) is dict and len(message) == 2:
+            role = message.get("role")
+            content = message.get("content")
+            if type(role) is str and type(content) is str:
+                append(message)
+                chars += len(content)
+                continue
+        plain = False
         role = _get(message, "role")
         if not isinstance(role, str):
             raise BadRequest(f"messages[{i}].role must be a string")
-        out.append({"role": role, "content": _text_of(_get(message, "content"))})
-    return out
+        content = _text_of(_get(message, "content"))
+        append({"role": role, "content": content})
+        chars += len(content)
+    return out, plain, chars
 
 
 def _session_of(body: Any) -> str | None:
@@ -165,18 +189,18 @@ def parse_request(body: Any, *, lora: str = "", tokenizer: Any = None,
             raise BadRequest("'max_tokens' must be a non-negative integer")
         max_tokens = min(max_tokens, MAX_OUTPUT_TOKENS)
     if _get(body, "messages") is not None:
-        messages = messages_of(body)
-        if tokenizer is not None and sum(len(m["content"]) for m in messages) <= max_tokenized_chars:
+        messages, plain, chars = _chat_messages(body)
+        if tokenizer is not None and chars <= max_tokenized_chars:
             try:
                 options = chat_template_options(body)
             except ValueError as exc:
                 raise BadRequest(str(exc)) from None
             # What the engine renders from tools or documents is not the router's to
-            # reproduce, nor how it joins content parts (vLLM joins text parts with "\n"
-            # for string templates, kvroute's engine with ""): such a body is keyed as
-            # rendered here, its ids not sent.
-            exact = all(_get(body, name) is None for name in UNSUPPORTED_CHAT_FIELDS) and all(
-                isinstance(_get(m, "content"), str) for m in _get(body, "messages"))
+            # reproduce, nor messages that are not plain (vLLM joins text parts with "\n"
+            # for string templates, kvroute's engine with ""; it passes fields such as
+            # "name" to the template): such a body is keyed as rendered here, its ids
+            # not sent.
+            exact = plain and all(_get(body, name) is None for name in UNSUPPORTED_CHAT_FIELDS)
             try:
                 text = render_chat(tokenizer, messages, options)
             except Exception as exc:  # noqa: BLE001 - a template may reject any conversation

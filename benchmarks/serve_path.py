@@ -1,0 +1,941 @@
+"""``kvroute bench serve-path``: what a request router costs on the path users run, in Ray
+Serve, at production prompt sizes.
+
+One local Ray cluster; for each router in turn, one application: kvroute's OpenAI ingress
+(``engines.openai_app.OpenAIIngress``) in front of ``TrivialEngine`` x ``replicas``, an
+engine deployment whose ``chat``/``completions`` answer at once with a small OpenAI-shaped
+dict, so everything measured is what routing costs. The router under test is the engine
+deployment's ``request_router_config``:
+
+* ``serve-default``: Serve's default (power of two choices; no config);
+* ``kvroute-tokens``: ``router:CacheAwareRouter``, ``cache_aware`` keyed on the model's
+  token blocks (``tokenizer=TOKENIZER``, ``block_size=16``);
+* ``kvroute-chars``: the same with character keys (no tokenizer);
+* ``ray-prefix``: Ray Serve LLM's ``PrefixCacheAffinityRouter`` (defaults);
+* ``ray-consistent-hash``: Ray 2.60's experimental ``ConsistentHashRouter`` (sessions from
+  the request metadata's ``session_id``);
+* ``ray-kv-aware``: Ray Serve LLM's ``KVAwareRouter`` (Dynamo's selection service). It
+  routes only inside Ray Serve LLM's direct-streaming path (HAProxy -> ``LLMRouter``
+  ingress, which tokenizes and passes ids), which needs HAProxy mode for the whole Serve
+  instance, so it runs after the others in a cluster of its own, beside Serve's default
+  router on that same path (``benchmarks.serve_path_kv_aware``).
+
+Drivers, each keeping ``concurrency`` requests in flight (a session's next turn is sent
+when its previous turn is answered; sessions are spread over the in-flight slots):
+
+* ``handle``: one ``DeploymentHandle`` to the engine deployment, made in this process (so
+  its router runs here, on Serve's router loop); the bodies are what the ingress forwards.
+  Measured there: the wall time inside the router's ``choose_replicas`` (wrapped on the
+  router instance after the handle is built) and the lag of the router's event loop (a
+  probe on that loop asks to wake every millisecond and records how late it wakes).
+* ``http``: Serve's HTTP proxy and kvroute's ingress (its own body parsing counts), from
+  an ``aiohttp`` client in this process.
+
+Workloads (seeded text from ``engines.bench_tokenizer.TextGenerator``), each at 5k, 20k,
+100k and 400k characters (or any ``KIND-SIZE``, e.g. ``chat-2k``):
+
+* ``chat-SIZE``: multi-turn chats, ``concurrency`` sessions interleaved; each turn sends
+  the whole history plus a new user message, the previous reply appended (a turn adds at
+  most 4,000 characters); the timed turns end at about SIZE characters.
+* ``agent-SIZE``: agent loops: a long context shared by every agent (70% of SIZE:
+  instructions, tools, files), the agent's task, then step after step a short tool call
+  and tool result (at most 2,000 characters a step) appended.
+* ``cold-SIZE``: one-shot documents of SIZE characters, every request new text.
+
+Chats and agent loops are measured under way: before the timed requests, each session's
+turn just before its first timed one (the conversation so far) goes once through the same
+path, untimed (``Workload.warm``), so the timed turns meet a router that has seen their
+history, as a live router has; ``cold`` is the other end (nothing seen before).
+
+Every request is a fresh object with fresh strings, as an ingress would have parsed it
+(``json.loads`` of its JSON, done before the timed phase). Reported per router, workload
+and driver: requests/s and its ratio to Serve's default in the same run, latency p50/p99,
+the router's cost per request, the router loop's lag (worst, p99), and how many requests
+reached an engine carrying the router's token ids (kvroute sends them as keyword argument
+``kvroute_prompt`` to replicas reporting its tokenizer's fingerprint).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import json
+import os
+import platform
+import re
+import statistics
+import time
+from array import array
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from router.errors import ConfigError
+from simulator.metrics import percentile
+
+MODEL_NAME = "serve-path-model"
+ENGINE_DEPLOYMENT = "TrivialEngine"
+APP_PREFIX = "kvroute-serve-path"
+ROUTE = "/serve-path"
+BLOCK_SIZE = 16
+DEFAULT_CONCURRENCY = 32
+DEFAULT_REPLICAS = 4
+KINDS = ("chat", "agent", "cold")
+SIZES = (5_000, 20_000, 100_000, 400_000)
+#: Requests per workload by size (chat and agent: ``concurrency`` sessions x turns).
+DEFAULT_REQUESTS = {5_000: 512, 20_000: 384, 100_000: 192, 400_000: 96}
+DEFAULT_COLD_REQUESTS = {5_000: 512, 20_000: 384, 100_000: 128, 400_000: 64}
+CHAT_TURN_CHARS = 4_000   # at most, per chat turn: a user message and its reply
+AGENT_STEP_CHARS = 2_000  # at most, per agent step: a tool call and its result
+ATTACHMENT_KWARG = "kvroute_prompt"  # router.tokenization.ATTACHMENT_KWARG, read here without importing it
+
+SERVE_DEFAULT = "serve-default"
+KVROUTE_TOKENS = "kvroute-tokens"
+KVROUTE_CHARS = "kvroute-chars"
+RAY_PREFIX = "ray-prefix"
+RAY_CONSISTENT_HASH = "ray-consistent-hash"
+RAY_KV_AWARE = "ray-kv-aware"
+ROUTERS = (SERVE_DEFAULT, KVROUTE_TOKENS, KVROUTE_CHARS, RAY_PREFIX, RAY_CONSISTENT_HASH, RAY_KV_AWARE)
+DRIVERS = ("handle", "http")
+OWN_ROUTERS = (SERVE_DEFAULT, KVROUTE_TOKENS, KVROUTE_CHARS)  # a failure here fails the command
+
+
+# -----------------------------------------------------------------------------------------
+# The trivial engine
+# -----------------------------------------------------------------------------------------
+def _engine_class():
+    """``TrivialEngine`` (built on first use, so importing this module needs no Ray)."""
+    global _TRIVIAL_ENGINE
+    if _TRIVIAL_ENGINE is not None:
+        return _TRIVIAL_ENGINE
+    from ray import serve
+
+    @serve.deployment(name=ENGINE_DEPLOYMENT, ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=4096)
+    class TrivialEngine:
+        """Answers every call at once with a small OpenAI-shaped dict, so a benchmark
+        through it measures routing only. Accepts and ignores any keyword argument,
+        counting the calls that carried ``kvroute_prompt`` (the router's token ids);
+        ``record_routing_stats`` reports an idle engine and, when given, the fingerprint
+        of the tokenizer it would run (so kvroute's router sends its ids here)."""
+
+        def __init__(self, model: str, fingerprint: str | None) -> None:
+            from ray import serve as _serve
+
+            self.replica = _serve.get_replica_context().replica_id.unique_id
+            self.model = model
+            self.fingerprint = fingerprint
+            self.requests = 0
+            self.with_ids = 0
+            self.id_bytes = 0
+            self.other_kwargs: dict[str, int] = {}
+
+        def _answer(self, kind: str, kwargs: dict) -> dict:
+            self.requests += 1
+            for name in kwargs:
+                if name != ATTACHMENT_KWARG:
+                    self.other_kwargs[name] = self.other_kwargs.get(name, 0) + 1
+            attached = kwargs.get(ATTACHMENT_KWARG)
+            if attached is not None:
+                self.with_ids += 1
+                ids = attached.get("token_ids") if isinstance(attached, dict) else attached
+                try:
+                    self.id_bytes += int(getattr(ids, "nbytes", None) or len(ids))
+                except TypeError:
+                    pass
+            if kind == "chat":
+                choice = {"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}
+            else:
+                choice = {"index": 0, "text": "ok", "finish_reason": "stop"}
+            return {"id": f"cmpl-{self.requests}", "object": "chat.completion" if kind == "chat" else "text_completion",
+                    "model": self.model, "choices": [choice],
+                    "usage": {"prompt_tokens": 0, "completion_tokens": 1, "total_tokens": 1},
+                    "system_fingerprint": self.replica}
+
+        async def chat(self, body, **kwargs):
+            return self._answer("chat", kwargs)
+
+        async def completions(self, body, **kwargs):
+            return self._answer("completion", kwargs)
+
+        async def models(self):
+            return {"object": "list", "data": [{"id": self.model, "object": "model", "owned_by": "kvroute"}]}
+
+        async def record_routing_stats(self) -> dict:
+            stats = {"kv_usage": 0.0, "waiting": 0, "running": 0, "model": self.model}
+            if self.fingerprint:
+                stats["kvroute_tokenizer"] = self.fingerprint
+            return stats
+
+        async def counters(self) -> dict:
+            return {"replica": self.replica, "requests": self.requests, "with_ids": self.with_ids,
+                    "id_bytes": self.id_bytes, "other_kwargs": dict(self.other_kwargs)}
+
+    _TRIVIAL_ENGINE = TrivialEngine
+    return TrivialEngine
+
+
+_TRIVIAL_ENGINE = None
+
+
+def tokenizer_fingerprint_of(path: str) -> str | None:
+    """``router.tokenization.tokenizer_fingerprint`` of the tokenizer at ``path`` (None
+    when this kvroute has no such function)."""
+    try:
+        from router.tokenization import tokenizer_fingerprint
+    except ImportError:
+        return None
+    from transformers import AutoTokenizer
+
+    return tokenizer_fingerprint(AutoTokenizer.from_pretrained(path))
+
+
+# -----------------------------------------------------------------------------------------
+# Routers
+# -----------------------------------------------------------------------------------------
+def router_config(name: str, tokenizer: str) -> dict | None:
+    """The engine deployment's ``request_router_config`` for router ``name`` (None:
+    Serve's default)."""
+    if name == SERVE_DEFAULT:
+        return None
+    if name == KVROUTE_TOKENS:
+        from router import cache_aware_router_config
+
+        return cache_aware_router_config(policy="cache_aware", tokenizer=tokenizer, block_size=BLOCK_SIZE)
+    if name == KVROUTE_CHARS:
+        from router import cache_aware_router_config
+
+        return cache_aware_router_config(policy="cache_aware")
+    if name == RAY_PREFIX:
+        return {"request_router_class": "ray.serve.llm.request_router:PrefixCacheAffinityRouter"}
+    if name == RAY_CONSISTENT_HASH:
+        return {"request_router_class": "ray.serve.experimental.consistent_hash_router:ConsistentHashRouter"}
+    raise ConfigError("router", f"unknown router {name!r}; valid: {', '.join(ROUTERS)}")
+
+
+# -----------------------------------------------------------------------------------------
+# Workloads
+# -----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Workload:
+    """A named list of request bodies, as JSON text; ``slots[i]`` is the in-flight slot
+    (driver worker) that sends request ``i``, in order, so a session's turns go out one
+    after another; ``sessions[i]`` is its session id (None for one-shot requests).
+    ``warm``: the requests sent through the same path before the timed ones (each
+    session's turn just before its first timed turn: the conversation so far), or None."""
+
+    name: str
+    kind: str
+    size_chars: int
+    bodies: list[str]
+    slots: list[int]
+    sessions: list[str | None]
+    prompt_chars: list[int]
+    turns: int = 1
+    warm: Workload | None = None
+
+    def describe(self) -> dict[str, Any]:
+        chars = self.prompt_chars
+        warm = self.warm
+        return {"name": self.name, "kind": self.kind, "size_chars": self.size_chars, "requests": len(self.bodies),
+                "sessions": len({s for s in self.sessions if s is not None}), "turns": self.turns,
+                "prompt_chars_mean": round(statistics.fmean(chars)) if chars else 0,
+                "prompt_chars_min": min(chars, default=0), "prompt_chars_max": max(chars, default=0),
+                "body_bytes_mean": round(statistics.fmean(len(b) for b in self.bodies)) if self.bodies else 0,
+                "warm_requests": len(warm.bodies) if warm else 0,
+                "warm_prompt_chars_mean": round(statistics.fmean(warm.prompt_chars)) if warm else 0}
+
+
+_WORKLOAD_NAME = re.compile(r"^(chat|agent|cold)-(\d+)(k?)$")
+
+
+def parse_workload_names(names: Sequence[str] | None) -> list[tuple[str, int]]:
+    """``["chat", "cold-100k", "agent-2k"]`` -> [(kind, size chars)]: a kind alone means
+    every standard size; default: every kind at every size."""
+    if not names:
+        return [(kind, size) for kind in KINDS for size in SIZES]
+    out: list[tuple[str, int]] = []
+    for name in names:
+        if name in KINDS:
+            out += [(name, size) for size in SIZES]
+            continue
+        match = _WORKLOAD_NAME.match(name)
+        if not match or int(match.group(2)) <= 0:
+            raise ConfigError("workload", f"expected chat, agent, cold or KIND-SIZE (e.g. chat-100k), got {name!r}")
+        size = int(match.group(2)) * (1000 if match.group(3) else 1)
+        out.append((match.group(1), size))
+    if len(set(out)) != len(out):
+        raise ConfigError("workload", f"a workload is listed twice: {names}")
+    return out
+
+
+def workload_name(kind: str, size: int) -> str:
+    return f"{kind}-{size // 1000}k" if size % 1000 == 0 else f"{kind}-{size}"
+
+
+def default_requests(kind: str, size: int) -> int:
+    table = DEFAULT_COLD_REQUESTS if kind == "cold" else DEFAULT_REQUESTS
+    for bound in sorted(table):
+        if size <= bound:
+            return table[bound]
+    return table[max(table)]
+
+
+def _text(gen: Any, chars: int) -> str:
+    """About ``chars`` characters of ``gen``'s text (cut at a word boundary: the
+    generator's own ``text`` adds whole paragraphs)."""
+    text = gen.text(chars)
+    if len(text) <= chars:
+        return text
+    cut = text.rfind(" ", 0, chars)
+    return text[:cut if cut > chars // 2 else chars]
+
+
+def _body(messages: list[dict], session: str | None) -> dict:
+    body: dict[str, Any] = {"model": MODEL_NAME, "messages": messages, "max_tokens": 64, "temperature": 0.0}
+    if session is not None:
+        body["session_id"] = session
+    return body
+
+
+def build_workload(kind: str, size: int, *, requests: int | None = None, concurrency: int = DEFAULT_CONCURRENCY,
+                   seed: int = 0) -> Workload:
+    """The ``kind`` workload at ``size`` characters (see the module docstring): ``requests``
+    requests (default by size); chats and agent loops run ``min(concurrency, requests)``
+    sessions of ``requests // sessions`` turns, one session per in-flight slot."""
+    from engines.bench_tokenizer import TextGenerator
+
+    if kind not in KINDS:
+        raise ConfigError("workload", f"unknown kind {kind!r}; valid: {', '.join(KINDS)}")
+    n = requests or default_requests(kind, size)
+    name = workload_name(kind, size)
+    # A seed per workload, so no two workloads share text (a router's caches from one do
+    # not help the next).
+    gen = TextGenerator(seed=seed * 1_000_003 + KINDS.index(kind) * 10_007 + size)
+    bodies: list[str] = []
+    slots: list[int] = []
+    sessions: list[str | None] = []
+    chars: list[int] = []
+
+    def emit(messages: list[dict], session: str | None, slot: int) -> None:
+        bodies.append(json.dumps(_body(messages, session)))
+        slots.append(slot)
+        sessions.append(session)
+        chars.append(sum(len(m["content"]) for m in messages))
+
+    if kind == "cold":
+        system = {"role": "system", "content": _text(gen, 200)}
+        for i in range(n):
+            doc = _text(gen, max(1, size - 240))
+            emit([system, {"role": "user", "content": doc + "\n\nSummarize the document above in three sentences."}],
+                 None, i % concurrency)
+        return Workload(name, kind, size, bodies, slots, sessions, chars)
+
+    count = min(concurrency, n)
+    turns = max(1, n // count)
+    histories: list[list[dict]] = []
+    warm = Workload(f"{name}-warm", kind, size, [], [], [], [])
+
+    def emit_warm(messages: list[dict], session: str, slot: int) -> None:
+        warm.bodies.append(json.dumps(_body(messages, session)))
+        warm.slots.append(slot)
+        warm.sessions.append(session)
+        warm.prompt_chars.append(sum(len(m["content"]) for m in messages))
+
+    if kind == "chat":
+        # Each turn adds a user message (35%) and, once answered, the reply (65%): at most
+        # CHAT_TURN_CHARS a turn. Conversations are under way: the turns before the timed
+        # ones go to the router once, as the last of them (the warm-up), so the timed
+        # turns find their history as a live router would, and the last is about ``size``.
+        system = {"role": "system", "content": _text(gen, min(1_000, size // 10))}
+        step = max(2, min(CHAT_TURN_CHARS, (size - len(system["content"])) // (turns + 1)))
+        prior = max(0, round((size - len(system["content"])) / step) - turns)
+        for s in range(count):
+            session = f"{name}-session-{s}"
+            history = [system]
+            for j in range(prior):
+                history.append({"role": "user", "content": _text(gen, max(1, int(step * 0.35)))})
+                if j == prior - 1:
+                    emit_warm(list(history), session, s % concurrency)
+                history.append({"role": "assistant", "content": _text(gen, max(1, int(step * 0.65)))})
+            histories.append(history)
+        for t in range(turns):
+            for s in range(count):
+                history = histories[s]
+                history.append({"role": "user", "content": _text(gen, max(1, int(step * 0.35)))})
+                emit(list(history), f"{name}-session-{s}", s % concurrency)
+                history.append({"role": "assistant", "content": _text(gen, max(1, int(step * 0.65)))})
+    else:  # agent
+        # A context shared by every agent (70%: instructions, tools, files), the agent's
+        # task, then per step a short tool call and a tool result (at most
+        # AGENT_STEP_CHARS a step). Loops are under way: the context before the first
+        # timed step goes to the router once (the warm-up).
+        shared = {"role": "system", "content": _text(gen, int(size * 0.7))}
+        step = max(2, min(AGENT_STEP_CHARS, int(size * 0.3) // (turns + 1)))
+        tasks = [{"role": "user", "content": "Task: " + _text(gen, min(400, size // 20))} for _ in range(count)]
+        prior = max(0, round((size - len(shared["content"]) - len(tasks[0]["content"])) / step) - turns)
+
+        def add_step(history: list[dict], t: int) -> None:
+            call = f'{{"tool": "run", "step": {t}, "args": "{gen.sentence()}"}}'
+            history.append({"role": "assistant", "content": call})
+            history.append({"role": "tool", "content": _text(gen, max(1, step - len(call)))})
+
+        for s in range(count):
+            history = [shared, tasks[s]]
+            for j in range(prior):
+                add_step(history, j)
+            emit_warm(list(history), f"{name}-agent-{s}", s % concurrency)
+            histories.append(history)
+        for t in range(turns):
+            for s in range(count):
+                history = histories[s]
+                add_step(history, prior + t)
+                emit(list(history), f"{name}-agent-{s}", s % concurrency)
+    return Workload(name, kind, size, bodies, slots, sessions, chars, turns=turns, warm=warm if warm.bodies else None)
+
+
+def fresh_bodies(workload: Workload) -> list[dict]:
+    """Every request as a new object with new strings (what an ingress parses), wrapped as
+    kvroute's ingress forwards it (``engines.protocol.RequestBody``)."""
+    from engines.protocol import RequestBody
+
+    return [RequestBody(json.loads(text)) for text in workload.bodies]
+
+
+def _slot_order(workload: Workload, concurrency: int) -> list[list[int]]:
+    order: list[list[int]] = [[] for _ in range(concurrency)]
+    for i, slot in enumerate(workload.slots):
+        order[slot % concurrency].append(i)
+    return [o for o in order if o]
+
+
+# -----------------------------------------------------------------------------------------
+# Instruments: choose_replicas wall time and the router loop's lag
+# -----------------------------------------------------------------------------------------
+class ChooseTimer:
+    """Wraps a request router instance's ``choose_replicas`` (an instance attribute over
+    the class's method), recording the wall time of each call (microseconds)."""
+
+    def __init__(self, request_router: Any) -> None:
+        self.router = request_router
+        self.samples = array("d")
+        self._original = request_router.choose_replicas
+        samples = self.samples
+        original = self._original
+        perf = time.perf_counter
+
+        async def choose_replicas(*args, **kwargs):
+            started = perf()
+            try:
+                return await original(*args, **kwargs)
+            finally:
+                samples.append((perf() - started) * 1e6)
+
+        request_router.choose_replicas = choose_replicas
+
+    def reset(self) -> None:
+        del self.samples[:]
+
+    def remove(self) -> None:
+        try:
+            del self.router.choose_replicas
+        except AttributeError:
+            pass
+
+
+class LoopLagProbe:
+    """On ``loop`` (another thread's), a task asks to wake every ``interval_s`` and records
+    how late each wake-up came (microseconds): the time other work held the loop."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, interval_s: float = 0.001) -> None:
+        self.loop = loop
+        self.interval_s = interval_s
+        self.lags = array("d")
+        self._stop = False
+        self._future = None
+
+    async def _run(self) -> None:
+        perf = time.perf_counter
+        interval = self.interval_s
+        lags = self.lags
+        while not self._stop:
+            started = perf()
+            await asyncio.sleep(interval)
+            lags.append(max(0.0, perf() - started - interval) * 1e6)
+
+    def start(self) -> LoopLagProbe:
+        self._stop = False
+        del self.lags[:]
+        self._future = asyncio.run_coroutine_threadsafe(self._run(), self.loop)
+        return self
+
+    def stop(self) -> list[float]:
+        self._stop = True
+        if self._future is not None:
+            self._future.result(timeout=30)
+        return sorted(self.lags)
+
+
+# -----------------------------------------------------------------------------------------
+# Drivers
+# -----------------------------------------------------------------------------------------
+@dataclass
+class DriverResult:
+    latencies_s: list[float] = field(default_factory=list)
+    answered: int = 0
+    failed: int = 0
+    errors: list[str] = field(default_factory=list)
+    wall_s: float = 0.0
+
+    def fail(self, message: str) -> None:
+        self.failed += 1
+        if len(self.errors) < 5 and message not in self.errors:
+            self.errors.append(message[:300])
+
+
+def _answer_ok(answer: Any) -> bool:
+    return isinstance(answer, dict) and bool(answer.get("choices"))
+
+
+async def _drive_handle(handle: Any, workload: Workload, bodies: list[dict], concurrency: int,
+                        session_handles: dict[str, Any]) -> DriverResult:
+    result = DriverResult()
+    latencies = [0.0] * len(bodies)
+    done = [False] * len(bodies)
+    perf = time.perf_counter
+
+    async def slot(indices: list[int]) -> None:
+        for i in indices:
+            h = session_handles.get(workload.sessions[i]) or handle
+            started = perf()
+            try:
+                answer = await h.chat.remote(bodies[i])
+            except Exception as exc:  # noqa: BLE001 - recorded as this request's failure
+                result.fail(f"{type(exc).__name__}: {exc}")
+                continue
+            latencies[i] = perf() - started
+            if _answer_ok(answer):
+                done[i] = True
+            else:
+                result.fail(f"unexpected answer: {str(answer)[:200]}")
+
+    started = perf()
+    await asyncio.gather(*(slot(indices) for indices in _slot_order(workload, concurrency)))
+    result.wall_s = perf() - started
+    result.latencies_s = sorted(latencies[i] for i in range(len(bodies)) if done[i])
+    result.answered = sum(done)
+    return result
+
+
+async def _drive_http(url: str, workload: Workload, payloads: list[bytes], concurrency: int,
+                      timeout_s: float) -> DriverResult:
+    import aiohttp
+
+    result = DriverResult()
+    latencies = [0.0] * len(payloads)
+    done = [False] * len(payloads)
+    perf = time.perf_counter
+    headers = {"Content-Type": "application/json"}
+    connector = aiohttp.TCPConnector(limit=concurrency, force_close=False)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=timeout_s)) as client:
+
+        async def slot(indices: list[int]) -> None:
+            for i in indices:
+                started = perf()
+                try:
+                    async with client.post(url, data=payloads[i], headers=headers) as response:
+                        raw = await response.read()
+                        status = response.status
+                except Exception as exc:  # noqa: BLE001 - recorded as this request's failure
+                    result.fail(f"{type(exc).__name__}: {exc}")
+                    continue
+                latencies[i] = perf() - started
+                try:
+                    answer = json.loads(raw)
+                except ValueError:
+                    answer = None
+                if status == 200 and _answer_ok(answer):
+                    done[i] = True
+                else:
+                    result.fail(f"HTTP {status}: {raw[:200]!r}")
+
+        started = perf()
+        await asyncio.gather(*(slot(indices) for indices in _slot_order(workload, concurrency)))
+        result.wall_s = perf() - started
+    result.latencies_s = sorted(latencies[i] for i in range(len(payloads)) if done[i])
+    result.answered = sum(done)
+    return result
+
+
+# -----------------------------------------------------------------------------------------
+# One router: deploy, warm up, every workload on every driver, delete
+# -----------------------------------------------------------------------------------------
+def _engine_counters(handle: Any) -> dict[str, dict]:
+    results = handle.broadcast("counters").results(timeout_s=60)
+    return {row["replica"]: row for row in results}
+
+
+def _delta(after: dict[str, dict], before: dict[str, dict], key: str) -> dict[str, int]:
+    return {replica: int(row.get(key, 0)) - int((before.get(replica) or {}).get(key, 0))
+            for replica, row in sorted(after.items())}
+
+
+def _wait_for_stats(request_router: Any, replicas: int, fingerprint: str | None, timeout_s: float = 30.0) -> bool:
+    """Until the router holds every replica's routing stats (with the tokenizer fingerprint
+    when one is reported), or ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        current = list(getattr(request_router, "curr_replicas", {}).values())
+        stats = [getattr(r, "routing_stats", None) or {} for r in current]
+        if len(current) >= replicas and all(stats) and (
+                not fingerprint or all(s.get("kvroute_tokenizer") == fingerprint for s in stats)):
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def _own_seconds(request_router: Any, since: tuple[float, float] | None = None) -> tuple[float, float] | None:
+    """kvroute's cumulative (on-loop, tokenizer-wait) seconds (``RouterState``), minus
+    ``since``; None for other routers."""
+    state = getattr(request_router, "state", None)
+    if not hasattr(state, "loop_seconds"):
+        return None
+    now = (state.loop_seconds, state.tokenize_wait_seconds)
+    return now if since is None else (now[0] - since[0], now[1] - since[1])
+
+
+def _round(value: float | None, digits: int = 1) -> float | None:
+    return None if value is None else round(value, digits)
+
+
+def _row(router: str, workload: Workload, driver: str, outcome: DriverResult, counters: dict[str, dict[str, int]],
+         choose: Sequence[float] | None, lags: Sequence[float] | None) -> dict[str, Any]:
+    lat = outcome.latencies_s
+    requests = len(workload.bodies)
+    row: dict[str, Any] = {
+        "router": router, "workload": workload.name, "driver": driver, "requests": requests,
+        "answered": outcome.answered, "failed": outcome.failed, "errors": outcome.errors,
+        "wall_s": round(outcome.wall_s, 3),
+        "throughput_rps": round(outcome.answered / outcome.wall_s, 1) if outcome.wall_s else 0.0,
+        "latency_p50_ms": _round(percentile(lat, 0.5) * 1e3 if lat else None, 2),
+        "latency_p99_ms": _round(percentile(lat, 0.99) * 1e3 if lat else None, 2),
+        "router_cost_us_per_request": None, "router_calls": None, "router_call_p50_us": None,
+        "router_call_p99_us": None, "loop_lag_max_ms": None, "loop_lag_p99_ms": None, "loop_lag_p50_ms": None,
+        "loop_lag_samples": None,
+        "engine_requests": sum(counters["requests"].values()),
+        "requests_with_ids": sum(counters["with_ids"].values()),
+        "id_bytes": sum(counters["id_bytes"].values()),
+        "replica_requests": counters["requests"], "replica_requests_with_ids": counters["with_ids"],
+    }
+    if choose is not None:
+        calls = sorted(choose)
+        row.update({"router_cost_us_per_request": _round(sum(calls) / max(1, outcome.answered + outcome.failed)),
+                    "router_calls": len(calls), "router_call_p50_us": _round(percentile(calls, 0.5)),
+                    "router_call_p99_us": _round(percentile(calls, 0.99))})
+    if lags is not None:
+        row.update({"loop_lag_max_ms": _round(lags[-1] / 1e3 if lags else None, 3),
+                    "loop_lag_p99_ms": _round(percentile(lags, 0.99) / 1e3 if lags else None, 3),
+                    "loop_lag_p50_ms": _round(percentile(lags, 0.5) / 1e3 if lags else None, 3),
+                    "loop_lag_samples": len(lags)})
+    return row
+
+
+def run_router(router: str, workloads: Sequence[Workload], *, tokenizer: str, fingerprint: str | None,
+               replicas: int, concurrency: int, drivers: Sequence[str], http_url: str,
+               timeout_s: float = 600.0, progress: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+    """Deploy ``router``'s application, run every workload on every driver, delete it."""
+    from ray import serve
+    from ray.serve.config import RequestRouterConfig
+    from ray.serve.handle import DeploymentHandle
+
+    from engines.openai_app import OpenAIIngress
+    from engines.protocol import RequestBody
+
+    say = progress or (lambda message: None)
+    config = router_config(router, tokenizer)
+    options: dict[str, Any] = {"num_replicas": replicas}
+    if config is not None:
+        options["request_router_config"] = RequestRouterConfig(**config)
+    app_name = f"{APP_PREFIX}-{router}"
+    engine = _engine_class().options(**options).bind(MODEL_NAME, fingerprint)
+    say(f"{router}: deploying {replicas} trivial replicas behind the OpenAI ingress")
+    started = time.perf_counter()
+    serve.run(OpenAIIngress.bind(engine, MODEL_NAME), name=app_name, route_prefix=ROUTE)
+    deploy_s = time.perf_counter() - started
+    rows: list[dict[str, Any]] = []
+    timer = None
+    try:
+        # One handle, built directly (``serve.get_deployment_handle`` returns a handle
+        # cached per process, shared with anything else here), as bench live does.
+        handle = DeploymentHandle(ENGINE_DEPLOYMENT, app_name)
+        warm = {"model": MODEL_NAME, "messages": [{"role": "user", "content": f"warm up {router}"}]}
+        for i in range(2 * replicas):
+            answer = handle.chat.remote(RequestBody({**warm, "session_id": f"warm-{i}"})).result(timeout_s=120)
+            if not _answer_ok(answer):
+                raise RuntimeError(f"{router}: warm-up answered {answer!r}")
+        request_router = handle._router._asyncio_router.request_router  # Ray internals (see module doc)
+        loop = handle._router._asyncio_router._event_loop
+        expect_fingerprint = fingerprint if router == KVROUTE_TOKENS else None
+        # Serve's default router reads no routing stats; the others get their first
+        # reports before the timed phase.
+        stats_ready = _wait_for_stats(request_router, replicas, expect_fingerprint) if config is not None else None
+        if "http" in drivers:
+            import urllib.request
+
+            for i in range(2 * replicas):
+                req = urllib.request.Request(http_url, data=json.dumps({**warm, "session_id": f"w{i}"}).encode(),
+                                             headers={"Content-Type": "application/json"})
+                with urllib.request.urlopen(req, timeout=120) as response:
+                    response.read()
+            if config is not None:
+                time.sleep(2.0)  # the ingress's router gets the replicas' reports (period 1 s)
+        timer = ChooseTimer(request_router)
+        session_cache: dict[str, Any] = {}
+        for workload in workloads:
+            for driver in drivers:
+                say(f"{router}: {workload.name} via {driver} ({len(workload.bodies)} requests)")
+                if driver == "handle":
+                    for session in workload.sessions + (workload.warm.sessions if workload.warm else []):
+                        if session is not None and session not in session_cache:
+                            session_cache[session] = handle.options(session_id=session)
+
+                    def prepare(w: Workload) -> list:
+                        return fresh_bodies(w)
+
+                    def drive(w: Workload, inputs: list) -> DriverResult:
+                        return asyncio.run(_drive_handle(handle, w, inputs, concurrency, session_cache))
+                else:
+                    def prepare(w: Workload) -> list:
+                        return [text.encode() for text in w.bodies]
+
+                    def drive(w: Workload, inputs: list) -> DriverResult:
+                        return asyncio.run(_drive_http(http_url, w, inputs, concurrency, timeout_s))
+                warm = drive(workload.warm, prepare(workload.warm)) if workload.warm is not None else None
+                # Everything this process builds is built before the timer and the probe
+                # start (parsing 40 MB of JSON holds the GIL the router's loop needs), and
+                # frozen out of the garbage collector's way while they run.
+                inputs = prepare(workload)
+                before = _engine_counters(handle)
+                gc.collect()
+                gc.freeze()
+                choose: Sequence[float] | None = None
+                lags: Sequence[float] | None = None
+                own: tuple[float, float] | None = None
+                try:
+                    if driver == "handle":
+                        timer.reset()
+                        own = _own_seconds(request_router)
+                        probe = LoopLagProbe(loop).start()
+                        try:
+                            outcome = drive(workload, inputs)
+                        finally:
+                            lags = probe.stop()
+                        choose = list(timer.samples)
+                        own = _own_seconds(request_router, own)
+                    else:
+                        outcome = drive(workload, inputs)
+                finally:
+                    gc.unfreeze()
+                    del inputs
+                after = _engine_counters(handle)
+                counters = {key: _delta(after, before, key) for key in ("requests", "with_ids", "id_bytes")}
+                row = _row(router, workload, driver, outcome, counters, choose, lags)
+                if driver == "handle" and own is not None:
+                    # kvroute's own split of that wall time: on the loop, and waiting for its
+                    # tokenizer pool (the wall time also counts other coroutines' turns).
+                    done = max(1, outcome.answered + outcome.failed)
+                    row["router_loop_us_per_request"] = round(own[0] * 1e6 / done, 1)
+                    row["tokenize_wait_us_per_request"] = round(own[1] * 1e6 / done, 1)
+                row.update({"deploy_s": round(deploy_s, 1), "stats_ready": stats_ready,
+                            "warm_requests": len(workload.warm.bodies) if workload.warm else 0,
+                            "warm_unanswered": len(workload.warm.bodies) - warm.answered if warm else 0})
+                rows.append(row)
+                say(f"{router}: {workload.name} via {driver}: {row['throughput_rps']} req/s, "
+                    f"{row['answered']}/{row['requests']} answered, ids on {row['requests_with_ids']}")
+    finally:
+        if timer is not None:
+            timer.remove()
+        serve.delete(app_name)
+    return rows
+
+
+# -----------------------------------------------------------------------------------------
+# The whole benchmark
+# -----------------------------------------------------------------------------------------
+def _add_ratios(rows: list[dict[str, Any]]) -> None:
+    base = {(r["workload"], r["driver"]): r["throughput_rps"] for r in rows if r["router"] == SERVE_DEFAULT}
+    for row in rows:
+        reference = base.get((row["workload"], row["driver"]))
+        row["ratio_to_default"] = round(row["throughput_rps"] / reference, 3) if reference else None
+
+
+def separation(rows: Sequence[dict[str, Any]], *, noise: float = 0.25, cost_factor: float = 10.0,
+               cost_floor_us: float = 100.0) -> list[dict[str, Any]]:
+    """Per workload and driver, how each router compares with Serve's default there:
+    ``ratios`` (throughput) and ``differ`` (routers whose throughput is off by more than
+    ``noise``, relative: a shared 2-core machine moves throughput a lot between runs);
+    where the router cost was measured, ``cost_us`` (per request) and ``costlier``
+    (routers costing at least ``cost_factor`` times Serve's default and ``cost_floor_us``
+    more per request: a direct measurement, far less noisy). ``separates``: any router in
+    ``differ`` or ``costlier``."""
+    out = []
+    keys = sorted({(r["workload"], r["driver"]) for r in rows}, key=lambda k: (k[1], k[0]))
+    for workload, driver in keys:
+        here = [r for r in rows if r["workload"] == workload and r["driver"] == driver]
+        base = next((r for r in here if r["router"] == SERVE_DEFAULT), None)
+        group = [r for r in here if r["router"] != SERVE_DEFAULT and r.get("ratio_to_default") is not None]
+        if base is None or not group:
+            continue
+        ratios = {r["router"]: r["ratio_to_default"] for r in group}
+        differ = sorted(name for name, ratio in ratios.items() if abs(ratio - 1.0) > noise)
+        entry: dict[str, Any] = {"workload": workload, "driver": driver, "ratios": ratios, "differ": differ}
+        base_cost = base.get("router_cost_us_per_request")
+        if base_cost is not None:
+            costs = {r["router"]: r.get("router_cost_us_per_request") for r in group}
+            entry["cost_us"] = {SERVE_DEFAULT: base_cost, **costs}
+            entry["costlier"] = sorted(name for name, cost in costs.items() if cost is not None
+                                       and cost >= cost_factor * base_cost and cost - base_cost >= cost_floor_us)
+        entry["separates"] = bool(differ or entry.get("costlier"))
+        out.append(entry)
+    return out
+
+
+def run(*, routers: Sequence[str] = ROUTERS, workloads: Sequence[str] | None = None, requests: int | None = None,
+        concurrency: int = DEFAULT_CONCURRENCY, replicas: int = DEFAULT_REPLICAS, drivers: Sequence[str] = DRIVERS,
+        tokenizer: str | None = None, seed: int = 0, port: int = 0, kv_aware_options: dict | None = None,
+        progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """The ``kvroute bench serve-path`` report (see the module docstring)."""
+    say = progress or (lambda message: None)
+    routers = list(dict.fromkeys(routers))
+    for name in routers:
+        if name not in ROUTERS:
+            raise ConfigError("router", f"unknown router {name!r}; valid: {', '.join(ROUTERS)}")
+    drivers = list(dict.fromkeys(drivers))
+    for name in drivers:
+        if name not in DRIVERS:
+            raise ConfigError("driver", f"must be handle, http or both, got {name!r}")
+    for field_name, value in (("concurrency", concurrency), ("replicas", replicas)):
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ConfigError(field_name, f"must be a positive integer, got {value!r}")
+    if requests is not None and (not isinstance(requests, int) or requests <= 0):
+        raise ConfigError("requests", f"must be a positive integer, got {requests!r}")
+    specs = parse_workload_names(workloads)
+    if tokenizer is None:
+        from engines.bench_tokenizer import build_bench_tokenizer
+
+        say("building the llama3-style bench tokenizer (first time only)")
+        tokenizer = str(build_bench_tokenizer("llama3"))
+    tokenizer = str(Path(tokenizer).expanduser().absolute()) if Path(tokenizer).expanduser().exists() else tokenizer
+    for name in routers:  # validate every configuration before deploying any
+        if name != RAY_KV_AWARE:
+            router_config(name, tokenizer)
+    fingerprint = tokenizer_fingerprint_of(tokenizer)
+    say(f"generating {len(specs)} workloads")
+    built = [build_workload(kind, size, requests=requests, concurrency=concurrency, seed=seed) for kind, size in specs]
+    rows: list[dict[str, Any]] = []
+    main_routers = [r for r in routers if r != RAY_KV_AWARE]
+    if main_routers:
+        from benchmarks.live_bench import Cluster
+
+        cluster = Cluster(port)
+        try:
+            url = f"http://127.0.0.1:{cluster.port}{ROUTE}/v1/chat/completions"
+            for name in main_routers:
+                rows += run_router(name, built, tokenizer=tokenizer, fingerprint=fingerprint, replicas=replicas,
+                                   concurrency=concurrency, drivers=drivers, http_url=url, progress=say)
+        finally:
+            cluster.close()
+    kv_aware: dict[str, Any] | None = None
+    if RAY_KV_AWARE in routers:
+        from benchmarks import serve_path_kv_aware
+
+        say("ray-kv-aware: its own cluster (HAProxy mode, Ray Serve LLM direct streaming)")
+        kv_aware = serve_path_kv_aware.run_subprocess(
+            workloads=[w.name for w in built], requests=requests, concurrency=concurrency, replicas=replicas,
+            tokenizer=tokenizer, seed=seed, progress=say, **(kv_aware_options or {}))
+        rows += kv_aware.pop("results", [])
+    _add_ratios(rows)
+    return {
+        "benchmark": "serve-path",
+        "config": {"routers": routers, "drivers": drivers, "concurrency": concurrency, "replicas": replicas,
+                   "tokenizer": tokenizer, "tokenizer_fingerprint": fingerprint, "block_size": BLOCK_SIZE,
+                   "seed": seed, "requests": requests},
+        "workloads": [w.describe() for w in built],
+        "machine": {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
+                    "load_average": _load_average()},
+        "code": _code_version(),
+        "results": rows,
+        "separation": separation(rows),
+        "kv_aware": kv_aware,
+    }
+
+
+def _load_average() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def _code_version() -> dict[str, Any]:
+    """The commit measured, and whether the working tree differed from it."""
+    import subprocess
+
+    repo = Path(__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True,
+                                timeout=10).stdout.strip()
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
+                                capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "dirty": None}
+    return {"commit": commit or None, "dirty": bool(status.strip())}
+
+
+def _fmt(value: Any, spec: str = "", none: str = "-") -> str:
+    return none if value is None else format(value, spec)
+
+
+def format_table(report: dict[str, Any]) -> str:
+    c = report["config"]
+    lines = [f"serve-path: {c['replicas']} trivial replicas, {c['concurrency']} in flight, tokenizer "
+             f"{Path(c['tokenizer']).name}; router cost = wall time in choose_replicas per request (kvroute: "
+             "'loop us' of it on the event loop, the rest waiting for its tokenizer pool or the loop); "
+             "loop lag (ms) = how late a 1 ms timer fires on the router's loop (handle driver; http-llm: "
+             "in LLMRouter, where cost = tokenize + choose_replicas)"]
+    header = (f"{'workload':<11} {'driver':<8} {'router':<20} {'done':>9} {'req/s':>8} {'x dflt':>7} {'p50 ms':>8} "
+              f"{'p99 ms':>8} {'cost us':>9} {'loop us':>8} {'lag max':>8} {'lag p99':>8} {'ids':>5}")
+    lines.append(header)
+    order = {name: i for i, name in enumerate(ROUTERS)}
+    rows = sorted(report["results"], key=lambda r: (r["workload"].split("-")[0], _size_of(r["workload"]),
+                                                     DRIVERS.index(r["driver"]) if r["driver"] in DRIVERS else 9,
+                                                     order.get(r["router"].split(" ")[0], 99), r["router"]))
+    for r in rows:
+        lines.append(f"{r['workload']:<11} {r['driver']:<8} {r['router']:<20} "
+                     f"{r['answered']:>4}/{r['requests']:<4} {r['throughput_rps']:>8.1f} "
+                     f"{_fmt(r.get('ratio_to_default'), '.2f'):>7} {_fmt(r['latency_p50_ms'], '.1f'):>8} "
+                     f"{_fmt(r['latency_p99_ms'], '.1f'):>8} {_fmt(r['router_cost_us_per_request'], '.0f'):>9} "
+                     f"{_fmt(r.get('router_loop_us_per_request'), '.0f'):>8} "
+                     f"{_fmt(r['loop_lag_max_ms'], '.1f'):>8} {_fmt(r['loop_lag_p99_ms'], '.2f'):>8} "
+                     f"{_fmt(r.get('requests_with_ids'), 'd'):>5}")
+    for r in rows:
+        if r["answered"] < r["requests"]:
+            lines.append(f"{r['router']} on {r['workload']} ({r['driver']}): {r['requests'] - r['answered']} "
+                         f"requests not answered: {'; '.join(r['errors'][:2])}")
+    same = [f"{s['workload']} ({s['driver']})" for s in report.get("separation", []) if not s["differ"]]
+    if same:
+        lines.append("no router's throughput differs from Serve's default by more than 25% on: " + ", ".join(same))
+    cheap = [s["workload"] for s in report.get("separation", []) if "costlier" in s and not s["costlier"]]
+    if cheap:
+        lines.append("no router costs 10x Serve's default (and 100 us) more per request on: " + ", ".join(cheap))
+    kv = report.get("kv_aware")
+    if kv is not None and not kv.get("ran"):
+        lines.append(f"ray-kv-aware did not run: {kv.get('error')}")
+    return "\n".join(lines)
+
+
+def _size_of(name: str) -> int:
+    match = _WORKLOAD_NAME.match(name)
+    if not match:
+        return 0
+    return int(match.group(2)) * (1000 if match.group(3) else 1)

@@ -1,0 +1,137 @@
+"""``kvroute bench serve-path``: its workloads (pure), and one small run on a real local Ray
+cluster (trivial replicas, no vLLM, no model): every request answered, the documented JSON
+fields, the router cost and loop lag measured, and kvroute's tokenizer router sending its
+token ids to the engine. No timing thresholds."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from benchmarks import serve_path
+from router.errors import ConfigError
+
+REPO = str(Path(__file__).resolve().parents[1])
+
+ROW_FIELDS = {"router", "workload", "driver", "requests", "answered", "failed", "errors", "wall_s", "throughput_rps",
+              "ratio_to_default", "latency_p50_ms", "latency_p99_ms", "router_cost_us_per_request", "router_calls",
+              "router_call_p50_us", "router_call_p99_us", "loop_lag_max_ms", "loop_lag_p99_ms", "loop_lag_p50_ms",
+              "engine_requests", "requests_with_ids", "id_bytes", "replica_requests", "replica_requests_with_ids"}
+REPORT_FIELDS = {"benchmark", "config", "workloads", "machine", "code", "results", "separation", "kv_aware"}
+
+
+# -- workloads (no Ray) -------------------------------------------------------------------------
+def test_workload_names():
+    assert serve_path.parse_workload_names(["chat-100k", "cold-2k", "agent-1500"]) == [
+        ("chat", 100_000), ("cold", 2_000), ("agent", 1_500)]
+    assert len(serve_path.parse_workload_names(["chat"])) == len(serve_path.SIZES)
+    assert len(serve_path.parse_workload_names(None)) == len(serve_path.KINDS) * len(serve_path.SIZES)
+    for bad in (["chatty-5k"], ["chat-0k"], ["chat-5k", "chat-5k"]):
+        with pytest.raises(ConfigError):
+            serve_path.parse_workload_names(bad)
+
+
+def _messages(text: str) -> list[dict]:
+    return json.loads(text)["messages"]
+
+
+def test_a_chat_turn_sends_the_whole_history_plus_a_new_message():
+    w = serve_path.build_workload("chat", 6_000, requests=24, concurrency=4)
+    assert len(w.bodies) == 24 and w.turns == 6
+    by_session: dict[str, list[list[dict]]] = {}
+    for text, session in zip(w.bodies, w.sessions):
+        by_session.setdefault(session, []).append(_messages(text))
+    assert len(by_session) == 4
+    for turns in by_session.values():
+        for before, after in zip(turns, turns[1:]):
+            # The previous turn, its reply, the new user message.
+            assert after[:len(before)] == before and len(after) == len(before) + 2
+            assert [m["role"] for m in after[-2:]] == ["assistant", "user"]
+    assert 0.8 * 6_000 <= max(w.prompt_chars) <= 1.2 * 6_000
+    # The conversation so far went through the router before the timed turns (warm-up).
+    assert w.warm is not None and len(w.warm.bodies) == 4
+    for text, session in zip(w.warm.bodies, w.warm.sessions):
+        warm = _messages(text)
+        first = by_session[session][0]
+        assert first[:len(warm)] == warm and len(first) == len(warm) + 2
+    # A session's turns go out one after another from one in-flight slot.
+    assert all(len({slot for slot, s in zip(w.slots, w.sessions) if s == session}) == 1 for session in by_session)
+
+
+def test_agents_share_a_long_context_and_append_tool_results():
+    w = serve_path.build_workload("agent", 10_000, requests=12, concurrency=3)
+    first = [_messages(text) for text in w.bodies[:3]]
+    assert first[0][0] == first[1][0] == first[2][0]  # the shared context
+    assert len(first[0][0]["content"]) >= 0.6 * 10_000
+    last = _messages(w.bodies[-1])
+    assert [m["role"] for m in last[-2:]] == ["assistant", "tool"]
+
+
+def test_cold_documents_are_all_new_text_and_bodies_are_fresh_objects():
+    w = serve_path.build_workload("cold", 3_000, requests=8, concurrency=4)
+    docs = [_messages(text)[1]["content"] for text in w.bodies]
+    assert len(set(docs)) == 8 and all(abs(len(d) - 3_000) < 300 for d in docs)
+    a, b = serve_path.fresh_bodies(w), serve_path.fresh_bodies(w)
+    assert a == b and a[0] is not b[0]
+    assert a[0]["messages"][1]["content"] is not b[0]["messages"][1]["content"]
+    assert hasattr(a[0], "messages")  # what the ingress forwards (engines.protocol.RequestBody)
+
+
+# -- one small run on a real local Ray cluster --------------------------------------------------
+@pytest.fixture(scope="module")
+def report():
+    pytest.importorskip("ray")
+    pytest.importorskip("ray.serve")
+    pytest.importorskip("aiohttp")
+    import ray
+
+    if not ray.is_initialized():  # the benchmark starts (and stops) its own cluster then
+        os.environ["PYTHONPATH"] = REPO + os.pathsep + os.environ.get("PYTHONPATH", "")
+    out = serve_path.run(routers=[serve_path.SERVE_DEFAULT, serve_path.KVROUTE_TOKENS],
+                         workloads=["chat-2k", "cold-2k"], requests=12, concurrency=4, replicas=2)
+    return json.loads(json.dumps(out))  # what --json writes
+
+
+@pytest.mark.serve
+def test_every_request_is_answered_and_the_json_has_the_documented_fields(report):
+    assert REPORT_FIELDS <= set(report)
+    rows = report["results"]
+    assert len(rows) == 2 * 2 * 2  # routers x workloads x drivers
+    for row in rows:
+        assert ROW_FIELDS <= set(row), ROW_FIELDS - set(row)
+        assert row["answered"] == row["requests"] == 12 and row["failed"] == 0, row
+        assert row["engine_requests"] == 12, row
+        assert row["throughput_rps"] > 0 and row["ratio_to_default"] > 0
+    assert {w["name"] for w in report["workloads"]} == {"chat-2k", "cold-2k"}
+    assert {(s["workload"], s["driver"]) for s in report["separation"]} == {
+        (w, d) for w in ("chat-2k", "cold-2k") for d in ("handle", "http")}
+    for entry in report["separation"]:
+        assert set(entry["ratios"]) == {serve_path.KVROUTE_TOKENS}
+        assert ("costlier" in entry) == (entry["driver"] == "handle")
+
+
+@pytest.mark.serve
+def test_router_cost_and_loop_lag_are_measured_on_the_handle_path(report):
+    for row in report["results"]:
+        fields = ("router_cost_us_per_request", "router_call_p50_us", "router_call_p99_us", "loop_lag_max_ms",
+                  "loop_lag_p99_ms")
+        if row["driver"] == "handle":
+            for name in fields:
+                assert isinstance(row[name], (int, float)) and row[name] > 0, (name, row)
+            assert row["router_calls"] >= row["requests"]
+        else:
+            assert all(row[name] is None for name in fields)
+
+
+@pytest.mark.serve
+def test_kvroute_with_a_tokenizer_sends_its_token_ids_to_the_engine(report):
+    """Depends on kvroute's tokenizer path attaching ids (``kvroute_prompt``) for replicas
+    that report its tokenizer's fingerprint."""
+    for row in report["results"]:
+        if row["router"] == serve_path.KVROUTE_TOKENS:
+            assert row["requests_with_ids"] > 0, row
+        else:
+            assert row["requests_with_ids"] == 0, row
