@@ -10,6 +10,9 @@ deployment's ``request_router_config``:
 * ``serve-default``: Serve's default (power of two choices; no config);
 * ``kvroute-tokens``: ``router:CacheAwareRouter``, ``cache_aware`` keyed on the model's
   token blocks (``tokenizer=TOKENIZER``, ``block_size=16``);
+* ``kvroute-tokens-no-ids``: the same, but the token ids stay in the router
+  (``send_prompt_ids=False``): what handing them to the engine costs on this path, where
+  the engines do not tokenize (real ones would, on every request, unless they get them);
 * ``kvroute-chars``: the same with character keys (no tokenizer);
 * ``ray-prefix``: Ray Serve LLM's ``PrefixCacheAffinityRouter`` (defaults);
 * ``ray-consistent-hash``: Ray 2.60's experimental ``ConsistentHashRouter`` (sessions from
@@ -92,13 +95,16 @@ ATTACHMENT_KWARG = "kvroute_prompt"  # router.tokenization.ATTACHMENT_KWARG, rea
 
 SERVE_DEFAULT = "serve-default"
 KVROUTE_TOKENS = "kvroute-tokens"
+KVROUTE_TOKENS_NO_IDS = "kvroute-tokens-no-ids"
 KVROUTE_CHARS = "kvroute-chars"
 RAY_PREFIX = "ray-prefix"
 RAY_CONSISTENT_HASH = "ray-consistent-hash"
 RAY_KV_AWARE = "ray-kv-aware"
-ROUTERS = (SERVE_DEFAULT, KVROUTE_TOKENS, KVROUTE_CHARS, RAY_PREFIX, RAY_CONSISTENT_HASH, RAY_KV_AWARE)
+ROUTERS = (SERVE_DEFAULT, KVROUTE_TOKENS, KVROUTE_TOKENS_NO_IDS, KVROUTE_CHARS, RAY_PREFIX, RAY_CONSISTENT_HASH,
+           RAY_KV_AWARE)
 DRIVERS = ("handle", "http")
-OWN_ROUTERS = (SERVE_DEFAULT, KVROUTE_TOKENS, KVROUTE_CHARS)  # a failure here fails the command
+ENGINES = ("trivial", "tokenizing")
+OWN_ROUTERS = (SERVE_DEFAULT, KVROUTE_TOKENS, KVROUTE_TOKENS_NO_IDS, KVROUTE_CHARS)  # a failure here fails the command
 
 
 # -----------------------------------------------------------------------------------------
@@ -119,12 +125,21 @@ def _engine_class():
         ``record_routing_stats`` reports an idle engine and, when given, the fingerprint
         of the tokenizer it would run (so kvroute's router sends its ids here)."""
 
-        def __init__(self, model: str, fingerprint: str | None) -> None:
+        def __init__(self, model: str, fingerprint: str | None, tokenizer: str | None = None) -> None:
             from ray import serve as _serve
 
             self.replica = _serve.get_replica_context().replica_id.unique_id
             self.model = model
             self.fingerprint = fingerprint
+            # ``--engine tokenizing``: the prompt is tokenized here as an engine's front end
+            # does (kvroute's engine deployment: the router's ids when they came, else the
+            # chat template and the tokenizer), and nothing else is done.
+            self.tokenizer = None
+            if tokenizer is not None:
+                from transformers import AutoTokenizer
+
+                self.tokenizer = AutoTokenizer.from_pretrained(tokenizer)
+            self.tokens = 0
             self.requests = 0
             self.with_ids = 0
             self.id_bytes = 0
@@ -152,10 +167,27 @@ def _engine_class():
                     "usage": {"prompt_tokens": 0, "completion_tokens": 1, "total_tokens": 1},
                     "system_fingerprint": self.replica}
 
+        def _tokenize(self, kind: str, body: Any, kwargs: dict) -> None:
+            from router.tokenization import render_chat, unpack_ids
+
+            attached = kwargs.get(ATTACHMENT_KWARG)
+            if isinstance(attached, dict) and attached.get("tokenizer") == self.fingerprint:
+                self.tokens += len(unpack_ids(attached["token_ids"]))
+            elif kind == "chat":
+                messages = [{"role": m["role"], "content": m["content"]} for m in body["messages"]]
+                text = render_chat(self.tokenizer, messages)
+                self.tokens += len(self.tokenizer.encode(text, add_special_tokens=False))
+            else:
+                self.tokens += len(self.tokenizer.encode(body["prompt"], add_special_tokens=True))
+
         async def chat(self, body, **kwargs):
+            if self.tokenizer is not None:
+                self._tokenize("chat", body, kwargs)
             return self._answer("chat", kwargs)
 
         async def completions(self, body, **kwargs):
+            if self.tokenizer is not None:
+                self._tokenize("completion", body, kwargs)
             return self._answer("completion", kwargs)
 
         async def models(self):
@@ -164,7 +196,8 @@ def _engine_class():
         async def record_routing_stats(self) -> dict:
             stats = {"kv_usage": 0.0, "waiting": 0, "running": 0, "model": self.model}
             if self.fingerprint:
-                stats["kvroute_tokenizer"] = self.fingerprint
+                # It takes a chat by the router's ids alone, as kvroute's engine deployment does.
+                stats.update(kvroute_tokenizer=self.fingerprint, kvroute_ids_only=True)
             return stats
 
         async def counters(self) -> dict:
@@ -198,10 +231,11 @@ def router_config(name: str, tokenizer: str) -> dict | None:
     Serve's default)."""
     if name == SERVE_DEFAULT:
         return None
-    if name == KVROUTE_TOKENS:
+    if name in (KVROUTE_TOKENS, KVROUTE_TOKENS_NO_IDS):
         from router import cache_aware_router_config
 
-        return cache_aware_router_config(policy="cache_aware", tokenizer=tokenizer, block_size=BLOCK_SIZE)
+        return cache_aware_router_config(policy="cache_aware", tokenizer=tokenizer, block_size=BLOCK_SIZE,
+                                         send_prompt_ids=name == KVROUTE_TOKENS)
     if name == KVROUTE_CHARS:
         from router import cache_aware_router_config
 
@@ -641,6 +675,7 @@ def _row(router: str, workload: Workload, driver: str, outcome: DriverResult, co
 
 
 def run_router(router: str, workloads: Sequence[Workload], *, tokenizer: str, fingerprint: str | None,
+               engine_tokenizes: bool = False,
                replicas: int, concurrency: int, drivers: Sequence[str], http_url: str,
                timeout_s: float = 600.0, progress: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
     """Deploy ``router``'s application, run every workload on every driver, delete it."""
@@ -652,12 +687,17 @@ def run_router(router: str, workloads: Sequence[Workload], *, tokenizer: str, fi
     from engines.protocol import RequestBody
 
     say = progress or (lambda message: None)
+    from router.tokenization import PromptTokenizer
+
+    # kvroute's routers of one process share their tokenizer's piece cache: each router
+    # under test starts from a cold one, not from the text the previous router saw.
+    PromptTokenizer.forget_shared()
     config = router_config(router, tokenizer)
     options: dict[str, Any] = {"num_replicas": replicas}
     if config is not None:
         options["request_router_config"] = RequestRouterConfig(**config)
     app_name = f"{APP_PREFIX}-{router}"
-    engine = _engine_class().options(**options).bind(MODEL_NAME, fingerprint)
+    engine = _engine_class().options(**options).bind(MODEL_NAME, fingerprint, tokenizer if engine_tokenizes else None)
     say(f"{router}: deploying {replicas} trivial replicas behind the OpenAI ingress")
     started = time.perf_counter()
     serve.run(OpenAIIngress.bind(engine, MODEL_NAME), name=app_name, route_prefix=ROUTE)
@@ -803,8 +843,12 @@ def separation(rows: Sequence[dict[str, Any]], *, noise: float = 0.25, cost_fact
 def run(*, routers: Sequence[str] = ROUTERS, workloads: Sequence[str] | None = None, requests: int | None = None,
         concurrency: int = DEFAULT_CONCURRENCY, replicas: int = DEFAULT_REPLICAS, drivers: Sequence[str] = DRIVERS,
         tokenizer: str | None = None, seed: int = 0, port: int = 0, kv_aware_options: dict | None = None,
-        progress: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """The ``kvroute bench serve-path`` report (see the module docstring)."""
+        engine: str = "trivial", progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """The ``kvroute bench serve-path`` report (see the module docstring). ``engine``:
+    ``trivial`` (answers at once) or ``tokenizing`` (tokenizes each prompt first, as an
+    engine's front end does, or takes the router's ids)."""
+    if engine not in ENGINES:
+        raise ConfigError("engine", f"must be one of {', '.join(ENGINES)}, got {engine!r}")
     say = progress or (lambda message: None)
     routers = list(dict.fromkeys(routers))
     for name in routers:
@@ -841,7 +885,8 @@ def run(*, routers: Sequence[str] = ROUTERS, workloads: Sequence[str] | None = N
         try:
             url = f"http://127.0.0.1:{cluster.port}{ROUTE}/v1/chat/completions"
             for name in main_routers:
-                rows += run_router(name, built, tokenizer=tokenizer, fingerprint=fingerprint, replicas=replicas,
+                rows += run_router(name, built, tokenizer=tokenizer, fingerprint=fingerprint,
+                                   engine_tokenizes=engine == "tokenizing", replicas=replicas,
                                    concurrency=concurrency, drivers=drivers, http_url=url, progress=say)
         finally:
             cluster.close()
@@ -855,9 +900,12 @@ def run(*, routers: Sequence[str] = ROUTERS, workloads: Sequence[str] | None = N
             tokenizer=tokenizer, seed=seed, progress=say, **(kv_aware_options or {}))
         rows += kv_aware.pop("results", [])
     _add_ratios(rows)
+    say("cold text: kvroute's path against the tokenizer's own encode")
+    cold = cold_tokenize_overhead(tokenizer, sorted({size for _, size in specs}), seed=seed)
     return {
         "benchmark": "serve-path",
-        "config": {"routers": routers, "drivers": drivers, "concurrency": concurrency, "replicas": replicas,
+        "config": {"routers": routers, "drivers": drivers, "engine": engine, "concurrency": concurrency,
+                   "replicas": replicas,
                    "tokenizer": tokenizer, "tokenizer_fingerprint": fingerprint, "block_size": BLOCK_SIZE,
                    "seed": seed, "requests": requests},
         "workloads": [w.describe() for w in built],
@@ -867,7 +915,49 @@ def run(*, routers: Sequence[str] = ROUTERS, workloads: Sequence[str] | None = N
         "results": rows,
         "separation": separation(rows),
         "kv_aware": kv_aware,
+        "cold_tokenize": cold,
     }
+
+
+def cold_tokenize_overhead(tokenizer: str, sizes: Sequence[int] = SIZES, *, seed: int = 0,
+                           rounds: int = 5) -> list[dict[str, Any]]:
+    """What the router's path costs on a text it has never seen, against the tokenizer's
+    own encode of that text (the issue's "cold text" target), in this process, one thread,
+    no Serve: per size, a one-shot chat of that many characters rendered once, then
+    (a) the tokenizer's own ``encode(text)`` (what an engine does) and (b) kvroute's whole
+    path for a cold text: ``assemble`` (all pieces missing), ``encode_pieces``, ``store``,
+    ``assemble`` again and keying, each round on a fresh piece cache. Medians of
+    ``rounds`` alternating rounds (milliseconds) and their ratio."""
+    from engines.bench_tokenizer import TextGenerator
+    from router.keys import DEFAULT_SEED, TokenBlockKeyer
+    from router.tokenization import PromptTokenizer, render_chat
+
+    prompts = PromptTokenizer.load(tokenizer)
+    keyer = TokenBlockKeyer(BLOCK_SIZE)
+    out = []
+    for size in sizes:
+        gen = TextGenerator(seed=seed * 7_919 + size)
+        messages = [{"role": "system", "content": _text(gen, 200)},
+                    {"role": "user", "content": _text(gen, max(1, size - 240))}]
+        text = render_chat(prompts.hf, messages)
+        own, ours = [], []
+        for _ in range(rounds):
+            started = time.perf_counter()
+            expected = prompts.hf.encode(text, add_special_tokens=False)
+            own.append(time.perf_counter() - started)
+            fresh = PromptTokenizer(prompts.hf, cache_bytes=prompts.cache.max_bytes)
+            started = time.perf_counter()
+            _, missing = fresh.assemble(text, False)
+            fresh.store(missing, fresh.encode_pieces(missing))
+            ids, _ = fresh.assemble(text, False)
+            keyer.keys_packed(ids, DEFAULT_SEED)
+            ours.append(time.perf_counter() - started)
+            assert len(ids) // 4 == len(expected)
+        own_ms, ours_ms = statistics.median(own) * 1e3, statistics.median(ours) * 1e3
+        out.append({"size_chars": size, "chars": len(text), "tokens": len(expected),
+                    "tokenizer_encode_ms": round(own_ms, 2), "kvroute_cold_ms": round(ours_ms, 2),
+                    "ratio": round(ours_ms / own_ms, 3)})
+    return out
 
 
 def _load_average() -> list[float] | None:
@@ -898,7 +988,7 @@ def _fmt(value: Any, spec: str = "", none: str = "-") -> str:
 
 def format_table(report: dict[str, Any]) -> str:
     c = report["config"]
-    lines = [f"serve-path: {c['replicas']} trivial replicas, {c['concurrency']} in flight, tokenizer "
+    lines = [f"serve-path: {c['replicas']} {c.get('engine', 'trivial')} replicas, {c['concurrency']} in flight, tokenizer "
              f"{Path(c['tokenizer']).name}; router cost = wall time in choose_replicas per request (kvroute: "
              "'loop us' of it on the event loop, the rest waiting for its tokenizer pool or the loop); "
              "loop lag (ms) = how late a 1 ms timer fires on the router's loop (handle driver; http-llm: "
@@ -928,6 +1018,10 @@ def format_table(report: dict[str, Any]) -> str:
     cheap = [s["workload"] for s in report.get("separation", []) if "costlier" in s and not s["costlier"]]
     if cheap:
         lines.append("no router costs 10x Serve's default (and 100 us) more per request on: " + ", ".join(cheap))
+    for row in report.get("cold_tokenize") or ():
+        lines.append(f"cold text of {row['chars']:,} characters ({row['tokens']:,} tokens): kvroute's path "
+                     f"{row['kvroute_cold_ms']:.1f} ms, the tokenizer's own encode {row['tokenizer_encode_ms']:.1f} ms "
+                     f"({row['ratio']:.2f}x)")
     kv = report.get("kv_aware")
     if kv is not None and not kv.get("ran"):
         lines.append(f"ray-kv-aware did not run: {kv.get('error')}")

@@ -215,7 +215,8 @@ class EngineRunner:
         ``replica`` (this replica's id, as in ``system_fingerprint``), ``stats_age_s``
         (seconds since the engine's last scheduler report, ``None`` before the first),
         ``engine_start_s``, ``kvroute_tokenizer`` (the tokenizer's fingerprint: a router with
-        the same one sends its token ids) and ``router_ids_used``/``router_ids_rejected``
+        the same one sends its token ids), ``kvroute_ids_only`` (a chat may come with those
+        ids and without its messages' text) and ``router_ids_used``/``router_ids_rejected``
         (requests whose router ids were used, or ignored).
 
         vLLM reports scheduler stats only while it steps: when no request is unfinished the
@@ -245,6 +246,8 @@ class EngineRunner:
             "stats_age_s": (time.time() - snap.updated) if snap.reports else None,
             "engine_start_s": round(self.started_s, 3),
             "kvroute_tokenizer": self.tokenizer_fingerprint,
+            # A chat may come with the router's ids and no message text (see _router_ids).
+            "kvroute_ids_only": True,
             "router_ids_used": self.router_ids_used,
             "router_ids_rejected": self.router_ids_rejected,
         }
@@ -307,6 +310,12 @@ class EngineRunner:
                     ids = None
         if ids is None:
             self.router_ids_rejected += 1
+            if isinstance(prompt, dict) and prompt.get("content_removed"):
+                # The router sent the messages without their text (we said we take ids
+                # alone): rendering what is left would answer another prompt.
+                raise RuntimeError("the router sent token ids this engine cannot use (another tokenizer, "
+                                   "or ids outside the vocabulary) and no prompt text: the router's and the "
+                                   "engine's tokenizer configurations differ")
         else:
             self.router_ids_used += 1
         return ids

@@ -151,6 +151,7 @@ def _bench_serve_path(args: argparse.Namespace) -> int:
     report = serve_path.run(routers=args.router or serve_path.ROUTERS, workloads=args.workload,
                             requests=args.requests, concurrency=args.concurrency, replicas=args.replicas,
                             drivers=drivers, tokenizer=args.tokenizer, seed=args.seed, port=args.port,
+                            engine=args.engine,
                             progress=lambda m: print(m, file=sys.stderr, flush=True))
     report["command"] = "kvroute " + " ".join(args.argv)
     print(serve_path.format_table(report))
@@ -357,7 +358,8 @@ def build_parser() -> argparse.ArgumentParser:
     spath = bench_sub.add_parser("serve-path", help="what each router costs on Serve's request path (trivial "
                                                     "replicas, production prompt sizes): handle and HTTP")
     spath.add_argument("--router", action="append",
-                       help="serve-default, kvroute-tokens, kvroute-chars, ray-prefix, ray-consistent-hash, "
+                       help="serve-default, kvroute-tokens, kvroute-tokens-no-ids, kvroute-chars, ray-prefix, "
+                            "ray-consistent-hash, "
                             "ray-kv-aware (repeatable; default all)")
     spath.add_argument("--workload", action="append",
                        help="chat, agent, cold (every size) or KIND-SIZE, e.g. chat-100k (repeatable; default: "
@@ -371,6 +373,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "ingress, or both (default)")
     spath.add_argument("--tokenizer", help="tokenizer directory (default: the locally built llama3-style bench "
                                            "tokenizer)")
+    spath.add_argument("--engine", choices=("trivial", "tokenizing"), default="trivial",
+                       help="replicas that answer at once (default: only routing costs), or that first tokenize "
+                            "each prompt as an engine's front end does, unless the router sent its token ids")
     spath.add_argument("--seed", type=int, default=0)
     spath.add_argument("--port", type=int, default=0, help="Serve HTTP port (default: a free one)")
     spath.add_argument("--json", metavar="PATH", help="write the results as JSON")

@@ -26,7 +26,8 @@ from router.errors import ConfigError
 from router.keys import DEFAULT_SEED, CharChunkKeyer, TokenBlockKeyer, namespace_seed
 from router.metrics import FLUSH_INTERVAL_S, TOKENIZE_RESULTS, ReplicaSnapshot, RouterMetrics, RouterSnapshot
 from router.requests import MAX_TOKENIZED_CHARS, BadRequest, RequestFields, parse_request
-from router.tokenization import ATTACHMENT_KWARG, DEFAULT_CACHE_BYTES, PromptTokenizer, TokenizerPool
+from router.tokenization import (ATTACHMENT_KWARG, DEFAULT_CACHE_BYTES, PromptTokenizer, TokenizerPool,
+                                 without_message_text)
 
 from ray.serve.request_router import PendingRequest, ReplicaID, RunningReplica
 
@@ -45,6 +46,7 @@ _INT_OPTIONS = {"block_size": (16, 1), "chunk_chars": (128, 1), "max_pending": (
                 "tokenizer_cache_bytes": (DEFAULT_CACHE_BYTES, 0), "tokenizer_threads": (2, 1),
                 "tokenizer_max_queued_chars": (8 << 20, 1), "max_tokenized_chars": (MAX_TOKENIZED_CHARS, 1)}
 _FALLBACK = object()  # in a pending entry's session slot: the policy ranked no candidate
+
 
 
 def _validate(kwargs: Mapping[str, Any]) -> tuple[RoutingCore, dict[str, Any]]:
@@ -147,13 +149,15 @@ class RouterState:
         # time other coroutines hold the loop while it waits).
         self.loop_seconds = 0.0
         self.tokenize_wait_seconds = 0.0
-        # replica -> the tokenizer fingerprint its engine reports (it takes our ids if equal)
-        self._engine_tokenizers: dict[str, str] = {}
+        # replica -> (the tokenizer fingerprint its engine reports: it takes our ids if
+        # equal; whether it takes a chat by its ids alone, without the messages' text)
+        self._engine_tokenizers: dict[str, tuple[str, bool]] = {}
         self._token_keyer = TokenBlockKeyer(own["block_size"])
         self._char_keyer = CharChunkKeyer(own["chunk_chars"])
         # request id -> (request, matched blocks per replica, session replica, seconds
-        # the decision took), from ranking until Serve reports where it sent the request.
-        self._pending: OrderedDict[str, tuple[RouteRequest, dict, Any, float]] = OrderedDict()
+        # the decision took, the original body when the one sent has no prompt text), from
+        # ranking until Serve reports where it sent the request.
+        self._pending: OrderedDict[str, tuple[RouteRequest, dict, Any, float, Any]] = OrderedDict()
         self._stats_seen: dict[str, int] = {}
         self._kv_hub = None
         self._kv_delivery = None
@@ -184,7 +188,7 @@ class RouterState:
             return None
         lora = pending_request.metadata.multiplexed_model_id or ""
         try:
-            return parse_request(pending_request.args[0], lora=lora, tokenizer=self._tokenizer,
+            return parse_request(self._body_of(pending_request), lora=lora, tokenizer=self._tokenizer,
                                  max_tokenized_chars=self._options["max_tokenized_chars"])
         except BadRequest:
             self.bad_requests += 1
@@ -194,6 +198,15 @@ class RouterState:
             logger.warning("CacheAwareRouter: could not read a request body (%s); Serve routes it unranked",
                            type(exc).__name__)
         return None
+
+    def _body_of(self, pending_request: PendingRequest) -> Any:
+        """The request's body as the caller sent it: Serve asks again for a request a
+        replica rejected, whose body this router may already have replaced by one without
+        the prompt's text (``_send_ids``); the original is kept with its pending entry."""
+        entry = self._pending.get(pending_request.metadata.internal_request_id)
+        if entry is not None and entry[4] is not None:
+            return entry[4]
+        return pending_request.args[0]
 
     def route_request(self, pending_request: PendingRequest) -> RouteRequest | None:
         """The core's view of a pending request (None when it has no routable body). A
@@ -270,14 +283,36 @@ class RouterState:
                             session_id=session, output_tokens=fields.max_tokens,
                             request_id=pending_request.metadata.internal_request_id)
 
-    def _send_ids(self, pending_request: PendingRequest, ids: bytes) -> None:
+    def _send_ids(self, pending_request: PendingRequest, ids: bytes) -> Any:
         """Hand the prompt's token ids to the engine with the request (a keyword argument
         of the replica's method), when an engine of this deployment reported the same
-        tokenizer: it then skips tokenizing (and checks the fingerprint again itself)."""
+        tokenizer: it then skips tokenizing (and checks the fingerprint again itself).
+
+        When every such engine also takes a chat by its ids alone (``kvroute_ids_only``:
+        kvroute's engine deployment), the body sent is a copy without the messages' text
+        (roles kept), so the prompt does not travel twice: a 100k-character history is
+        about 100 KB of text and 90 KB of ids, and past Ray's inline-argument size every
+        extra byte goes through the object store. Returns the original body when it was
+        replaced (kept for a second ranking of the same request), else None."""
         fingerprint = self._prompts.fingerprint
-        if fingerprint in self._engine_tokenizers.values():
-            pending_request.kwargs[ATTACHMENT_KWARG] = {"token_ids": ids, "tokenizer": fingerprint}
-            self.prompt_ids_sent += 1
+        takers = [ids_only for fp, ids_only in self._engine_tokenizers.values() if fp == fingerprint]
+        if not takers:
+            return None
+        attachment = {"token_ids": ids, "tokenizer": fingerprint}
+        body = self._body_of(pending_request)
+        original = None
+        if all(takers) and isinstance(body, dict) and isinstance(body.get("messages"), list):
+            try:
+                stripped = without_message_text(body)
+            except TypeError:  # a dict subclass that cannot be copied from a dict: sent whole
+                stripped = None
+            if stripped is not None:
+                attachment["content_removed"] = True
+                pending_request.args[0] = stripped
+                original = body
+        pending_request.kwargs[ATTACHMENT_KWARG] = attachment
+        self.prompt_ids_sent += 1
+        return original
 
     # -- routing ---------------------------------------------------------------------------
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
@@ -307,8 +342,9 @@ class RouterState:
             self.metrics.record_decision("fallback", None)
             return [candidate_replicas]
         request = self._route_request(pending_request, fields, ids)
+        original = None
         if ids is not None and fields.exact and self._options["send_prompt_ids"]:
-            self._send_ids(pending_request, ids)
+            original = self._send_ids(pending_request, ids)
         by_key = {self._key(r.replica_id): r for r in candidate_replicas}
         tiers, view = self._core.rank(request, now, candidates=list(by_key))
         ranked = [[by_key[k] for k in tier if k in by_key] for tier in tiers]
@@ -317,7 +353,8 @@ class RouterState:
         # among all candidates and is learned once routed: its outcome is "fallback".
         latency = time.perf_counter() - started
         self.loop_seconds += latency
-        self._remember(request, view.matched_blocks, view.session_replica if ranked else _FALLBACK, latency)
+        self._remember(request, view.matched_blocks, view.session_replica if ranked else _FALLBACK, latency,
+                       original)
         if ranked:
             # Serve sends to the first tier (fewest in flight inside it): count the request
             # there now, so the rankings of requests arriving before it is reported routed
@@ -328,9 +365,10 @@ class RouterState:
             self._core.reserve(request, top_key, view.matched_blocks.get(top_key, 0))
         return ranked or [candidate_replicas]
 
-    def _remember(self, request: RouteRequest, matched: dict, session_replica: Any, latency_s: float) -> None:
+    def _remember(self, request: RouteRequest, matched: dict, session_replica: Any, latency_s: float,
+                  original_body: Any = None) -> None:
         pending = self._pending
-        pending[request.request_id] = (request, matched, session_replica, latency_s)
+        pending[request.request_id] = (request, matched, session_replica, latency_s, original_body)
         pending.move_to_end(request.request_id)
         while len(pending) > self._options["max_pending"]:
             dropped, _entry = pending.popitem(last=False)
@@ -340,7 +378,7 @@ class RouterState:
         entry = self._pending.pop(pending_request.metadata.internal_request_id, None)
         if entry is None:
             return
-        request, matched, session_replica, latency_s = entry
+        request, matched, session_replica, latency_s, _ = entry
         key = self._key(replica_id)
         if key not in self._core.replicas:
             self._core.load.on_completed(request.request_id)  # release the reservation
@@ -410,7 +448,7 @@ class RouterState:
             if isinstance(stats.get("model"), str):
                 self._default_model = stats["model"]
             if isinstance(stats.get("kvroute_tokenizer"), str):
-                self._engine_tokenizers[key] = stats["kvroute_tokenizer"]
+                self._engine_tokenizers[key] = (stats["kvroute_tokenizer"], stats.get("kvroute_ids_only") is True)
             queries, hits = stats.get("prefix_cache_queries"), stats.get("prefix_cache_hits")
             if isinstance(queries, int) and isinstance(hits, int) and 0 <= hits <= queries:
                 self._engine_prefix[key] = (queries, hits)

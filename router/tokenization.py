@@ -131,6 +131,16 @@ def chat_template_options(body: Any) -> dict[str, Any]:
     return options
 
 
+def without_message_text(body: Mapping) -> Mapping:
+    """A shallow copy of a chat body (of its own type) whose messages keep their roles and
+    have empty ``content``: what a router sends when the engine takes the prompt's token
+    ids (``ATTACHMENT_KWARG`` with ``content_removed``) and the text would travel twice."""
+    copy = type(body)(body)
+    copy["messages"] = [{"role": m.get("role") if isinstance(m, Mapping) else getattr(m, "role", None),
+                         "content": ""} for m in body["messages"]]
+    return copy
+
+
 def render_chat(tokenizer: Any, messages: list[dict[str, str]], options: Mapping[str, Any] | None = None) -> str:
     """The chat text the engine tokenizes: the tokenizer's template over ``messages``
     (``{"role", "content"}`` dicts) with ``options`` (``chat_template_options``). The
@@ -363,6 +373,13 @@ class PromptTokenizer:
             if found is None:
                 found = cls._shared[key] = cls.load(path, **options)
             return found
+
+    @classmethod
+    def forget_shared(cls) -> None:
+        """Drop the shared instances (their caches go with them): a benchmark that runs
+        routers one after another in one process starts each from a cold cache."""
+        with cls._shared_lock:
+            cls._shared.clear()
 
     # -- the pieces ---------------------------------------------------------------------------
     def pieces(self, text: str) -> list[str | int]:

@@ -128,6 +128,37 @@ def test_ids_go_to_engines_with_the_same_tokenizer_only(tokenizer_path, hf):
     assert request.kwargs[ATTACHMENT_KWARG]["token_ids"] == pack_ids(hf.encode("plain text " * 30))
 
 
+def test_an_engine_that_takes_ids_alone_gets_the_chat_without_its_text(tokenizer_path, hf):
+    """The prompt does not travel twice: to an engine that reports ``kvroute_ids_only``
+    the body goes with the messages' roles and no text; the caller's body is untouched, and
+    a second ranking of the same request (Serve re-asks after a replica rejects it) still
+    reads the original text."""
+    fingerprint = tokenizer_fingerprint(hf)
+    messages = conversation(1)
+    body = {"messages": messages, "max_tokens": 4}
+    want = pack_ids(hf.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)["input_ids"])
+    takers = [replica("r0", kvroute_tokenizer=fingerprint, kvroute_ids_only=True),
+              replica("r1", kvroute_tokenizer=fingerprint, kvroute_ids_only=True)]
+    state = make_state(tokenizer_path)
+    request = pending(body, "strip")
+    asyncio.run(state.choose_replicas(takers, request))
+    sent = request.args[0]
+    assert sent is not body and sent["max_tokens"] == 4
+    assert sent["messages"] == [{"role": m["role"], "content": ""} for m in messages]
+    assert body["messages"] is messages and messages[1]["content"]  # the caller's body is untouched
+    assert request.kwargs[ATTACHMENT_KWARG] == {"token_ids": want, "tokenizer": fingerprint, "content_removed": True}
+    keys = state._pending["strip"][0].keys
+    asyncio.run(state.choose_replicas(takers, request))  # the same pending request, ranked again
+    assert request.kwargs[ATTACHMENT_KWARG]["token_ids"] == want and state._pending["strip"][0].keys == keys
+    assert request.args[0]["messages"] == sent["messages"] and state._pending["strip"][4] is body
+
+    # One engine of the deployment that needs the text (ray.serve.llm's server): sent whole.
+    mixed = [takers[0], replica("r1", kvroute_tokenizer=fingerprint)]
+    request = pending(body, "mixed")
+    asyncio.run(state.choose_replicas(mixed, request))
+    assert request.args[0] is body and "content_removed" not in request.kwargs[ATTACHMENT_KWARG]
+
+
 def test_a_full_pool_routes_by_characters_and_sends_no_ids(tokenizer_path, hf):
     state = make_state(tokenizer_path, tokenizer_max_queued_chars=1000)
     same = [replica("r0", kvroute_tokenizer=tokenizer_fingerprint(hf))]
