@@ -920,14 +920,15 @@ def run(*, routers: Sequence[str] = ROUTERS, workloads: Sequence[str] | None = N
 
 
 def cold_tokenize_overhead(tokenizer: str, sizes: Sequence[int] = SIZES, *, seed: int = 0,
-                           rounds: int = 5) -> list[dict[str, Any]]:
+                           rounds: int | None = None) -> list[dict[str, Any]]:
     """What the router's path costs on a text it has never seen, against the tokenizer's
     own encode of that text (the issue's "cold text" target), in this process, one thread,
     no Serve: per size, a one-shot chat of that many characters rendered once, then
     (a) the tokenizer's own ``encode(text)`` (what an engine does) and (b) kvroute's whole
     path for a cold text: ``assemble`` (all pieces missing), ``encode_pieces``, ``store``,
     ``assemble`` again and keying, each round on a fresh piece cache. Medians of
-    ``rounds`` alternating rounds (milliseconds) and their ratio."""
+    ``rounds`` alternating rounds (default: about 2 s of text per size, at least 5) in
+    milliseconds, and their ratio."""
     from engines.bench_tokenizer import TextGenerator
     from router.keys import DEFAULT_SEED, TokenBlockKeyer
     from router.tokenization import PromptTokenizer, render_chat
@@ -941,7 +942,7 @@ def cold_tokenize_overhead(tokenizer: str, sizes: Sequence[int] = SIZES, *, seed
                     {"role": "user", "content": _text(gen, max(1, size - 240))}]
         text = render_chat(prompts.hf, messages)
         own, ours = [], []
-        for _ in range(rounds):
+        for _ in range(rounds or max(5, 400_000 // size)):
             started = time.perf_counter()
             expected = prompts.hf.encode(text, add_special_tokens=False)
             own.append(time.perf_counter() - started)
