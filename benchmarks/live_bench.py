@@ -72,6 +72,21 @@ class LiveConfig:
                 raise ConfigError(name, f"must be a positive integer, got {value!r}")
         if self.kv_blocks is not None and (not isinstance(self.kv_blocks, int) or self.kv_blocks <= 0):
             raise ConfigError("kv_blocks", f"must be a positive integer, got {self.kv_blocks!r}")
+        check_engine_geometry(self.block_size, self.kv_blocks, self.max_model_len)
+
+
+def check_engine_geometry(block_size: int, kv_blocks: int | None, max_model_len: int) -> None:
+    """Fail before anything is deployed on an engine vLLM's CPU build would refuse to start
+    (otherwise Serve reports only "Failed to update the deployments" minutes later): its
+    attention takes blocks of a multiple of 32 tokens, and the KV cache must hold one
+    sequence of ``max_model_len`` tokens."""
+    if block_size % 32:
+        raise ConfigError("block_size", f"vLLM's CPU attention needs a multiple of 32 tokens, got {block_size}")
+    if kv_blocks is not None and kv_blocks * block_size < max_model_len:
+        need = -(-max_model_len // block_size)
+        raise ConfigError("kv_blocks", f"{kv_blocks} blocks of {block_size} tokens hold {kv_blocks * block_size} "
+                                       f"tokens, less than one sequence of max_model_len {max_model_len}: give "
+                                       f"--kv-blocks {need} or more, or a smaller --max-model-len")
 
 
 @dataclass
@@ -259,11 +274,14 @@ def _open_loop(requests: Sequence[SimRequest], send: Callable[[int, float], None
 
 def replay(url: str, requests: Sequence[SimRequest], renderer: TextRenderer, *, timeout_s: float = 120.0,
            max_concurrency: int = 128, progress: Callable[[int, int], None] | None = None,
-           api: str = "completions") -> list[Outcome]:
+           api: str = "completions", model: str | None = None) -> list[Outcome]:
     """Send every request at its ``arrival_s`` (open loop) as a streaming completion (or
     chat: ``api``); wait for all. A request whose send time comes while
-    ``max_concurrency`` are open waits for a slot (reported as a later ``sent_s``)."""
+    ``max_concurrency`` are open waits for a slot (reported as a later ``sent_s``).
+    ``model``: the body's ``model`` (some gateways require one)."""
     bodies = [_body(r, renderer, api) for r in requests]
+    if model is not None:
+        bodies = [{"model": model, **body} for body in bodies]
     outcomes = [Outcome(r.request_id, r.arrival_s) for r in requests]
     path = "/chat/completions" if api == "chat" else "/completions"
     _open_loop(requests, lambda index, started: _post(url + path, bodies[index], timeout_s, started,

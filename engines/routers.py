@@ -5,7 +5,7 @@
 ``module:Class``) runs inside ``router:CacheAwareRouter``; ``ray:PrefixCacheAffinityRouter``
 is Ray Serve LLM's router from the ``ray`` wheel with its defaults;
 ``ray:PowerOfTwoChoicesRequestRouter`` (alias ``ray:default``) is Serve's default (config
-``None``). Used by ``kvroute serve`` and ``kvroute bench live``. A bad name fails here with
+``None``); ``ray:ConsistentHashRouter`` is Ray 2.60's experimental one. Used by ``kvroute serve`` and ``kvroute bench live``. A bad name fails here with
 ``ConfigError`` naming ``policy``, before anything is deployed.
 """
 
@@ -17,6 +17,7 @@ from router.errors import ConfigError
 
 RAY_PREFIX = "ray:PrefixCacheAffinityRouter"
 RAY_POW2 = "ray:PowerOfTwoChoicesRequestRouter"
+RAY_CONSISTENT_HASH = "ray:ConsistentHashRouter"
 ALIASES = {"ray:default": RAY_POW2, "ray:pow2": RAY_POW2, "ray:prefix": RAY_PREFIX}
 
 
@@ -42,8 +43,12 @@ def router_config(policy: str, *, model_path: str, block_size: int,
     if policy == RAY_PREFIX:
         return policy, {"request_router_class": "ray.serve.llm.request_router:PrefixCacheAffinityRouter",
                         "request_routing_stats_period_s": 1.0}
+    if policy == RAY_CONSISTENT_HASH:  # Ray 2.60's experimental router
+        return policy, {"request_router_class":
+                        "ray.serve.experimental.consistent_hash_router:ConsistentHashRouter"}
     if policy.startswith("ray:"):
-        raise ConfigError("policy", f"unknown Ray router {policy!r}; valid: {RAY_PREFIX}, {RAY_POW2}")
+        raise ConfigError("policy", f"unknown Ray router {policy!r}; valid: {RAY_PREFIX}, {RAY_POW2}, "
+                                    f"{RAY_CONSISTENT_HASH}")
     from router import cache_aware_router_config
 
     return policy, cache_aware_router_config(policy=policy, policy_options=profile_options(policy, profile),

@@ -131,6 +131,32 @@ def _bench_live(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_peers(args: argparse.Namespace) -> int:
+    from benchmarks import peers_bench
+
+    shape, live = _live_options(args)
+    report = peers_bench.run(routers=args.router or peers_bench.DEFAULT_ROUTERS, workload=args.workload,
+                             trace=args.trace, requests=args.requests, rate=args.rate, rate_scale=args.rate_scale,
+                             seed=args.seed, shape=shape, live=live, api=args.api,
+                             progress=lambda m: print(m, file=sys.stderr, flush=True))
+    report["command"] = "kvroute " + " ".join(args.argv)
+    print(peers_bench.format_table(report))
+    _write_json(args.json, report)
+    return 0
+
+
+def _bench_gateway(args: argparse.Namespace) -> int:
+    from benchmarks import gateway_bench
+
+    report = gateway_bench.run(gateways=args.gateway or gateway_bench.DEFAULT_GATEWAYS, rate=args.rate,
+                               duration_s=args.duration, prompt_chars=args.prompt_chars, seed=args.seed,
+                               model_path=args.model, progress=lambda m: print(m, file=sys.stderr, flush=True))
+    report["command"] = "kvroute " + " ".join(args.argv)
+    print(gateway_bench.format_table(report))
+    _write_json(args.json, report)
+    return 0
+
+
 def _bench_load(args: argparse.Namespace) -> int:
     from benchmarks import load_bench
 
@@ -255,6 +281,29 @@ def _serve(args: argparse.Namespace) -> int:
                          kv_blocks=args.kv_blocks or None, profile=args.profile, address=args.address)
 
 
+def _gateway(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from router.gateway.app import serve
+    from router.gateway.config import build_config, load_file, parse_policy_options
+
+    options = load_file(args.config) if args.config else {}
+    flags = {"workers": args.worker, "policy": args.policy, "tokenizer": args.tokenizer,
+             "block_size": args.block_size, "host": args.host, "port": args.port, "admin_port": args.admin_port,
+             "max_body_bytes": args.max_body_bytes, "request_timeout_s": args.request_timeout_s,
+             "drain_timeout_s": args.drain_timeout_s, "max_attempts": args.max_attempts}
+    options.update({name: value for name, value in flags.items() if value is not None})
+    if args.policy_option:
+        merged = dict(options.get("policy_options") or {})
+        merged.update(parse_policy_options(args.policy_option))
+        options["policy_options"] = merged
+    config = build_config(options)
+    if not config.workers:
+        raise ConfigError("worker", "give at least one --worker URL (or workers: in --config)")
+    asyncio.run(serve(config))
+    return 0
+
+
 def _policies(args: argparse.Namespace) -> int:
     import policies
 
@@ -331,6 +380,30 @@ def build_parser() -> argparse.ArgumentParser:
                            "HTTP proxy (each handle builds its own router); repeatable, one run per count, "
                            "e.g. --handles 1 --handles 4")
     live.set_defaults(func=_bench_live)
+
+    peers_p = bench_sub.add_parser("peers", help="kvroute's gateway vs smg, vllm-router and sglang-router on the "
+                                                 "same vllm serve workers, and Ray Serve's routers on the same "
+                                                 "requests")
+    _add_live_arguments(peers_p, requests=200, rate=8.0)
+    peers_p.set_defaults(replicas=3)
+    peers_p.add_argument("--router", action="append",
+                         help="kvroute:POLICY, smg, vllm-router, sglang-router, ray:CacheAwareRouter, "
+                              "ray:PrefixCacheAffinityRouter, ray:PowerOfTwoChoicesRequestRouter, "
+                              "ray:ConsistentHashRouter, ray:KVAwareRouter (repeatable; default all)")
+    peers_p.set_defaults(func=_bench_peers)
+
+    gwb = bench_sub.add_parser("gateway", help="latency a gateway adds over a direct call, and its CPU per "
+                                               "request (kvroute's gateway vs smg, vllm-router, sglang-router)")
+    gwb.add_argument("--gateway", action="append", help="kvroute:POLICY, kvroute-chars:POLICY, smg, vllm-router, "
+                                                        "sglang-router "
+                                                        "(repeatable; default all)")
+    gwb.add_argument("--rate", type=float, default=100.0, help="requests per second (default 100)")
+    gwb.add_argument("--duration", type=float, default=20.0, help="seconds per gateway (default 20)")
+    gwb.add_argument("--prompt-chars", type=_positive_int, default=2000, help="characters per body (default 2000)")
+    gwb.add_argument("--seed", type=int, default=0)
+    gwb.add_argument("--model", help="tokenizer for kvroute's gateway (default: the tiny local model)")
+    gwb.add_argument("--json", help="write the results as JSON")
+    gwb.set_defaults(func=_bench_gateway)
 
     load = bench_sub.add_parser("load", help="many concurrent clients through Serve's HTTP proxy (real vLLM "
                                              "replicas): every request answered exactly once")
@@ -428,6 +501,26 @@ def build_parser() -> argparse.ArgumentParser:
                                        "default router, engines' hit rates and TTFT side by side")
     _add_live_arguments(demo, requests=120, rate=6.0)
     demo.set_defaults(func=_demo)
+
+    gw = sub.add_parser("gateway", help="an OpenAI-compatible gateway over vllm serve workers, without Ray "
+                                        "(SIGTERM drains and stops)")
+    gw.add_argument("--worker", action="append", metavar="URL[,kv_events=tcp://HOST:PORT][,replay=...][,topic=...]",
+                    help="a vllm serve OpenAI server, and its KV-event publisher (repeatable)")
+    gw.add_argument("--policy", help="routing policy (default cache_aware)")
+    gw.add_argument("--policy-option", action="append", metavar="NAME=VALUE", help="a policy option (repeatable)")
+    gw.add_argument("--tokenizer", help="the workers' model or tokenizer directory: exact token keys and KV events "
+                                        "(default: character keys)")
+    gw.add_argument("--block-size", type=_positive_int, help="the workers' KV block size (default 16)")
+    gw.add_argument("--host", help="listen address (default 127.0.0.1)")
+    gw.add_argument("--port", type=int, help="listen port (default 8080; 0: any free port)")
+    gw.add_argument("--admin-port", type=int, help="admin listener on 127.0.0.1 (default 8081; 0: any free port)")
+    gw.add_argument("--max-body-bytes", type=_positive_int, help="largest request body (default 32 MiB)")
+    gw.add_argument("--request-timeout-s", type=float, help="upstream timeout per attempt (default 600)")
+    gw.add_argument("--drain-timeout-s", type=float, help="how long shutdown waits for requests in flight "
+                                                          "(default 30)")
+    gw.add_argument("--max-attempts", type=_positive_int, help="workers tried per request (default 3)")
+    gw.add_argument("--config", help="YAML file with the same options (flags win)")
+    gw.set_defaults(func=_gateway)
 
     pols = sub.add_parser("policies", help="list the registered routing policies")
     pols.set_defaults(func=_policies)

@@ -159,6 +159,49 @@ def ray_metric_factory(spec: MetricSpec) -> Any:
     return metrics.Gauge(spec.name, description=spec.description, tag_keys=spec.tags)
 
 
+class _PrometheusMetric:
+    """A ``prometheus_client`` metric behind the ``inc``/``observe``/``set`` calls with a
+    ``tags`` mapping that ``RouterMetrics`` makes (Ray's metric interface)."""
+
+    __slots__ = ("metric", "tags")
+
+    def __init__(self, metric: Any, tags: tuple[str, ...]) -> None:
+        self.metric, self.tags = metric, tags
+
+    def _child(self, tags: Mapping[str, str] | None) -> Any:
+        if not self.tags:
+            return self.metric
+        tags = tags or {}
+        return self.metric.labels(*(str(tags.get(name, "")) for name in self.tags))
+
+    def inc(self, value: float = 1.0, tags: Mapping[str, str] | None = None) -> None:
+        self._child(tags).inc(value)
+
+    def observe(self, value: float, tags: Mapping[str, str] | None = None) -> None:
+        self._child(tags).observe(value)
+
+    def set(self, value: float, tags: Mapping[str, str] | None = None) -> None:
+        self._child(tags).set(value)
+
+
+def prometheus_metric_factory(registry: Any) -> Callable[[MetricSpec], Any]:
+    """A factory of ``prometheus_client`` metrics registered in ``registry`` (the gateway
+    serves them on its own ``/metrics``; a counter is exported as ``<name>_total``)."""
+    import prometheus_client as prom
+
+    def make(spec: MetricSpec) -> Any:
+        if spec.kind == "counter":
+            metric = prom.Counter(spec.name, spec.description, spec.tags, registry=registry)
+        elif spec.kind == "histogram":
+            metric = prom.Histogram(spec.name, spec.description, spec.tags, registry=registry,
+                                    buckets=tuple(spec.buckets) + (float("inf"),))
+        else:
+            metric = prom.Gauge(spec.name, spec.description, spec.tags, registry=registry)
+        return _PrometheusMetric(metric, spec.tags)
+
+    return make
+
+
 @dataclass
 class ReplicaSnapshot:
     """What the router knows of one replica at flush time."""

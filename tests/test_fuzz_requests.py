@@ -468,7 +468,7 @@ def test_a_prompt_the_tokenizer_rejects_is_keyed_in_characters(tokenizer, tmp_pa
                           metadata=SimpleNamespace(multiplexed_model_id="", internal_request_id="r1"))
     request = state.route_request(bad)
     assert state.tokenize_counts["error"] == 1
-    assert request.keys == state._char_keyer.keys(text, DEFAULT_SEED)
+    assert request.keys == state.service._char_keyer.keys(text, DEFAULT_SEED)
 
 
 def test_a_text_past_the_tokenizing_bound_is_keyed_in_characters(tokenizer, cores):

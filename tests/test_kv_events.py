@@ -310,7 +310,8 @@ def test_the_serve_router_passes_each_engines_kv_size_with_its_endpoint():
     included (0, before the engine is up, or a non-int is unknown); ``kv_events:
     {max_entries}`` is an accepted option. No Ray cluster: fake replicas."""
     pytest.importorskip("ray.serve")
-    from router.serve_state import RouterState, _validate_kv_event_options
+    from router.serve_state import RouterState
+    from router.service import validate_kv_event_options as _validate_kv_event_options
 
     class Replica:
         def __init__(self, name, stats):

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from benchmarks.live_bench import Outcome, summarize
+from benchmarks.live_bench import LiveConfig, Outcome, summarize
+from router.errors import ConfigError
 from benchmarks.live_workload import FALLBACK_WORDS, LiveShape, TextRenderer, fit_for_live
 from simulator.workloads import Segments, SimRequest, WorkloadError, make_workload
 
@@ -249,3 +250,16 @@ def test_the_open_loop_sends_each_request_once_never_before_its_arrival():
     assert all(sent[r.request_id] >= r.arrival_s for r in requests)
     assert open_now[1] <= 3
     assert reports == [(10, 25), (20, 25)]
+
+
+def test_engine_geometry_vllm_would_refuse_fails_before_deploying(capsys):
+    from router.cli import main
+
+    with pytest.raises(ConfigError, match="^kv_blocks: 48 blocks of 32 tokens hold 1536 tokens.*--kv-blocks 64"):
+        LiveConfig(kv_blocks=48)
+    with pytest.raises(ConfigError, match="^block_size: .*multiple of 32"):
+        LiveConfig(block_size=16)
+    LiveConfig(kv_blocks=64)  # exactly one 2048-token sequence
+    # The command says which option to change, at once, without starting Ray.
+    assert main(["bench", "live", "--kv-blocks", "48", "--json", "/dev/null"]) == 2
+    assert "kv_blocks: 48 blocks" in capsys.readouterr().err

@@ -46,7 +46,7 @@ def pending(body: dict, request_id: str):
 def make_state(tokenizer_path, **options):
     router = SimpleNamespace(apply_multiplex_routing=lambda **_: set(), curr_replicas={}, _event_loop=None)
     state = RouterState(router, {"tokenizer": tokenizer_path, "block_size": BLOCK, "kv_events": False, **options})
-    state._prompts = PromptTokenizer(state._tokenizer)  # a piece cache of its own (routers of a process share one)
+    state.service.prompts = PromptTokenizer(state.service.tokenizer)  # a piece cache of its own (routers of a process share one)
     return state
 
 
@@ -71,7 +71,7 @@ def test_a_conversation_is_tokenized_once_and_extended_piece_by_piece(tokenizer_
     first = {"messages": conversation(3)}
     choose(state, replicas, first, "a")
     assert state.tokenize_counts["encoded"] == 1
-    cache = state._prompts.cache.stats
+    cache = state.service.prompts.cache.stats
     missed_first = cache.miss_chars
 
     # The same body again: every piece cached.
@@ -147,10 +147,10 @@ def test_an_engine_that_takes_ids_alone_gets_the_chat_without_its_text(tokenizer
     assert sent["messages"] == [{"role": m["role"], "content": ""} for m in messages]
     assert body["messages"] is messages and messages[1]["content"]  # the caller's body is untouched
     assert request.kwargs[ATTACHMENT_KWARG] == {"token_ids": want, "tokenizer": fingerprint, "content_removed": True}
-    keys = state._pending["strip"][0].keys
+    keys = state.service.pending("strip").request.keys
     asyncio.run(state.choose_replicas(takers, request))  # the same pending request, ranked again
-    assert request.kwargs[ATTACHMENT_KWARG]["token_ids"] == want and state._pending["strip"][0].keys == keys
-    assert request.args[0]["messages"] == sent["messages"] and state._pending["strip"][4] is body
+    assert request.kwargs[ATTACHMENT_KWARG]["token_ids"] == want and state.service.pending("strip").request.keys == keys
+    assert request.args[0]["messages"] == sent["messages"] and state.service.pending("strip").payload is body
 
     # One engine of the deployment that needs the text (ray.serve.llm's server): sent whole.
     mixed = [takers[0], replica("r1", kvroute_tokenizer=fingerprint)]
@@ -162,12 +162,12 @@ def test_an_engine_that_takes_ids_alone_gets_the_chat_without_its_text(tokenizer
 def test_a_full_pool_routes_by_characters_and_sends_no_ids(tokenizer_path, hf):
     state = make_state(tokenizer_path, tokenizer_max_queued_chars=1000)
     same = [replica("r0", kvroute_tokenizer=tokenizer_fingerprint(hf))]
-    state._pool.queued_chars = 1000  # as if another request's text were being encoded
+    state.service.pool.queued_chars = 1000  # as if another request's text were being encoded
     request, ranked = choose(state, same, {"messages": conversation(2)}, "full")
     assert state.tokenize_counts["overflow"] == 1 and ranked == [same]
     assert ATTACHMENT_KWARG not in request.kwargs
-    pending_request, *_ = state._pending["full"]
-    assert pending_request.block_tokens == state._char_keyer.block_tokens  # keyed in characters
+    pending_request = state.service.pending("full").request
+    assert pending_request.block_tokens == state.service._char_keyer.block_tokens  # keyed in characters
 
 
 def test_a_cold_prompt_does_not_hold_the_loop(tokenizer_path):

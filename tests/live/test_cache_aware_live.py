@@ -52,10 +52,10 @@ def service(tiny_model_path):
     def learned():
         engine.chat.remote({"messages": [{"role": "user", "content": "warm up"}], "max_tokens": 1}).result(
             timeout_s=120)
-        return bool(state._default_model) and len(state._engine_tokenizers) == 2 and state._kv_hub is not None \
-            and len(state._kv_hub.subscribers) == 2
+        return bool(state.service.default_model) and len(state.service.engine_tokenizers) == 2 and state.service.kv_hub is not None \
+            and len(state.service.kv_hub.subscribers) == 2
 
-    assert wait_for(learned, timeout=120, interval=0.5), (state._default_model, state._engine_tokenizers)
+    assert wait_for(learned, timeout=120, interval=0.5), (state.service.default_model, state.service.engine_tokenizers)
     yield engine
     serve.shutdown()
     ray.shutdown()
@@ -113,9 +113,9 @@ def test_the_tree_is_confirmed_by_the_engines_kv_events(service):
             break
         time.sleep(0.5)
     assert stats.get("events", 0) > 0 and stats.get("malformed", 0) == 0, stats
-    ids = router.state._tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
+    ids = router.state.service.tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
     ids = ids["input_ids"] if hasattr(ids, "keys") else ids
-    keys = TokenBlockKeyer(BLOCK).keys(list(ids), namespace_seed(router.state._default_model))
+    keys = TokenBlockKeyer(BLOCK).keys(list(ids), namespace_seed(router.state.service.default_model))
     assert keys, "the prompt is longer than one block"
     tree = router.core.tree
 
@@ -261,7 +261,7 @@ def test_the_engines_take_the_routers_token_ids_and_answer_the_same(service):
     """Tokenize once: the router's ids travel with the request and the engine uses them
     (its counters say so); with them or without them, the answers are identical."""
     state = router_of(service).state
-    fingerprint = state._prompts.fingerprint
+    fingerprint = state.service.prompts.fingerprint
     assert {r["kvroute_tokenizer"] for r in engine_reports(service)} == {fingerprint}
     conversations = [[{"role": "system", "content": SYSTEM},
                       {"role": "user", "content": f"question {i}: " + "which replica holds my prefix? " * (i + 1)}]
@@ -277,13 +277,13 @@ def test_the_engines_take_the_routers_token_ids_and_answer_the_same(service):
     sent_before = state.prompt_ids_sent
     with_ids, used = answers()
     assert used == len(conversations) and state.prompt_ids_sent - sent_before == len(conversations)
-    state._options["send_prompt_ids"] = False  # this router only: the engines tokenize themselves
+    state.service.options["send_prompt_ids"] = False  # this router only: the engines tokenize themselves
     try:
         without_ids, used = answers()
     finally:
-        state._options["send_prompt_ids"] = True
+        state.service.options["send_prompt_ids"] = True
     assert used == 0
     assert with_ids == without_ids
     for messages, (_, prompt_tokens) in zip(conversations, with_ids):
-        ids = state._tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)["input_ids"]
+        ids = state.service.tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)["input_ids"]
         assert prompt_tokens == len(ids)

@@ -1,0 +1,198 @@
+"""``kvroute bench gateway``: what a gateway adds to a request, against a direct call.
+
+One worker that answers at once (``benchmarks.trivial_worker``, its own process), then,
+in turn, each gateway in front of it (``kvroute:POLICY``: kvroute's gateway keying exact
+token ids with a locally built 32k BPE tokenizer; ``kvroute-chars:POLICY``: the same with
+character keys, no tokenizer; ``smg``, ``vllm-router``, ``sglang-router`` from their
+virtualenvs, ``benchmarks.peers``). The same seeded chat bodies (one of 8 shared
+system prompts plus a unique user message, ``--prompt-chars`` in all, non-streaming) go
+out open loop at ``--rate`` per second for ``--duration`` seconds, first straight to the
+worker, then through each gateway, from one asyncio client. Reported: latency p50/p99,
+the gateway's added latency (its p50/p99 minus the direct call's), errors, and the
+gateway's CPU per request (``/proc``, over the timed phase) and peak RSS.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from benchmarks.peers import PEERS, peer
+from benchmarks.peers_bench import MODEL_NAME, GatewayRun
+from engines.vllm_server import free_port
+from router.errors import ConfigError
+from simulator.metrics import percentile
+
+DEFAULT_GATEWAYS = ("kvroute:cache_aware", "kvroute-chars:cache_aware", *PEERS)
+
+
+class TrivialWorker:
+    """``python -m benchmarks.trivial_worker`` on a free loopback port."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process = subprocess.Popen([sys.executable, "-m", "benchmarks.trivial_worker", "--port", str(self.port)])
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(self.url + "/health", timeout=2):
+                    return
+            except OSError:
+                time.sleep(0.1)
+        raise RuntimeError("the trivial worker did not start")
+
+    def worker_arg(self) -> str:
+        return self.url
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(30)
+
+
+def bodies(count: int, prompt_chars: int, seed: int) -> list[bytes]:
+    """Seeded chat bodies: one of 8 shared system prompts (Zipf-like popularity, half the
+    characters) plus a unique user message, in the bench tokenizer's generated prose."""
+    from engines.bench_tokenizer import TextGenerator
+
+    gen = TextGenerator(seed=seed)
+    rng = random.Random(seed)
+
+    def text(chars: int) -> str:
+        out = []
+        while sum(map(len, out)) < chars:
+            out.append(gen.sentence())
+        return " ".join(out)[:chars]
+
+    systems = [text(prompt_chars // 2) for _ in range(8)]
+    out = []
+    for i in range(count):
+        system = systems[min(7, int(rng.expovariate(0.7)))]
+        user = text(max(1, prompt_chars - len(system)))
+        out.append(json.dumps({"model": MODEL_NAME, "max_tokens": 1, "messages": [
+            {"role": "system", "content": system}, {"role": "user", "content": f"{i} {user}"}]}).encode())
+    return out
+
+
+async def _drive(url: str, payloads: Sequence[bytes], rate: float) -> tuple[list[float], int]:
+    import aiohttp
+
+    latencies: list[float] = []
+    errors = 0
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+        async def one(payload: bytes) -> None:
+            nonlocal errors
+            started = time.perf_counter()
+            try:
+                async with session.post(url + "/v1/chat/completions", data=payload,
+                                        headers={"content-type": "application/json"}) as resp:
+                    await resp.read()
+                    if resp.status != 200:
+                        errors += 1
+                        return
+            except aiohttp.ClientError:
+                errors += 1
+                return
+            latencies.append(time.perf_counter() - started)
+
+        tasks = []
+        start = time.perf_counter()
+        for i, payload in enumerate(payloads):
+            delay = start + i / rate - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(one(payload)))
+        await asyncio.gather(*tasks)
+    return latencies, errors
+
+
+def _row(name: str, latencies: list[float], errors: int, direct: dict | None) -> dict[str, Any]:
+    ordered = sorted(latencies)
+    p50, p99 = percentile(ordered, 0.5), percentile(ordered, 0.99)
+    row = {"gateway": name, "requests": len(latencies) + errors, "errors": errors,
+           "latency_p50_ms": round(p50 * 1e3, 3) if ordered else None,
+           "latency_p99_ms": round(p99 * 1e3, 3) if ordered else None,
+           "latency_mean_ms": round(statistics.fmean(ordered) * 1e3, 3) if ordered else None}
+    if direct is not None and ordered:
+        row["added_p50_ms"] = round(row["latency_p50_ms"] - direct["latency_p50_ms"], 3)
+        row["added_p99_ms"] = round(row["latency_p99_ms"] - direct["latency_p99_ms"], 3)
+    return row
+
+
+def run(*, gateways: Sequence[str] = DEFAULT_GATEWAYS, rate: float = 100.0, duration_s: float = 20.0,
+        prompt_chars: int = 2000, seed: int = 0, model_path: str | None = None,
+        progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    for name in gateways:
+        if not name.startswith(("kvroute:", "kvroute-chars:")) and name not in PEERS:
+            raise ConfigError("gateway", f"unknown gateway {name!r}; valid: kvroute:POLICY (exact token keys), "
+                                         f"kvroute-chars:POLICY (character keys), {', '.join(PEERS)}")
+    if rate <= 0 or duration_s <= 0:
+        raise ConfigError("rate", "rate and duration must be positive")
+    for name in gateways:
+        if name in PEERS:
+            peer(name).install(log=progress or (lambda m: None))
+    from engines.bench_tokenizer import build_bench_tokenizer
+
+    # A tokenizer of realistic size (32k byte-level BPE, Llama-3-style template) over the
+    # prose it was trained on: the tiny model's 512-token vocabulary would cut the text
+    # into about twice as many tokens as a real model's.
+    model_path = model_path or str(build_bench_tokenizer("llama3"))
+    payloads = bodies(int(rate * duration_s), prompt_chars, seed)
+    warm = bodies(50, prompt_chars, seed + 1)
+    worker = TrivialWorker()
+    rows = []
+    try:
+        asyncio.run(_drive(worker.url, warm, rate))
+        if progress:
+            progress(f"direct: {len(payloads)} requests at {rate}/s")
+        direct = _row("direct", *asyncio.run(_drive(worker.url, payloads, rate)), None)
+        rows.append(direct)
+        for name in gateways:
+            gateway = GatewayRun(name, [worker], model_path, 32)
+            try:
+                gateway.wait_ready({"model": MODEL_NAME, "prompt": "ready?", "max_tokens": 1})
+                asyncio.run(_drive(gateway.url, warm, rate))
+                if progress:
+                    progress(f"{name}: {len(payloads)} requests at {rate}/s")
+                cpu = gateway.cpu_seconds()
+                latencies, errors = asyncio.run(_drive(gateway.url, payloads, rate))
+                cpu = gateway.cpu_seconds() - cpu
+                row = _row(name, latencies, errors, direct)
+                row.update({"gateway_cpu_s": round(cpu, 3),
+                            "gateway_cpu_us_per_request": round(cpu * 1e6 / max(1, len(latencies)), 1),
+                            "gateway_peak_rss_mb": gateway.peak_rss_mb()})
+            except (RuntimeError, TimeoutError, OSError) as exc:
+                row = {"gateway": name, "error": str(exc)[-1000:]}
+            finally:
+                gateway.stop()
+            rows.append(row)
+    finally:
+        worker.stop()
+    return {"benchmark": "gateway", "rate_per_s": rate, "duration_s": duration_s, "prompt_chars": prompt_chars,
+            "requests": len(payloads), "seed": seed, "results": rows}
+
+
+def format_table(report: dict[str, Any]) -> str:
+    lines = [f"{report['requests']} chat requests of {report['prompt_chars']} characters at {report['rate_per_s']}/s "
+             f"to a worker that answers at once",
+             f"{'gateway':<22} {'p50 ms':>8} {'p99 ms':>8} {'+p50 ms':>8} {'+p99 ms':>8} {'errors':>6} "
+             f"{'CPU us/req':>10} {'RSS MB':>7}"]
+    for row in report["results"]:
+        if "error" in row:
+            lines.append(f"{row['gateway']:<22} error: {row['error'].splitlines()[-1][:90]}")
+            continue
+
+        def f(key: str, fmt: str = "{:.2f}") -> str:
+            return "-" if row.get(key) is None else fmt.format(row[key])
+        lines.append(f"{row['gateway']:<22} {f('latency_p50_ms'):>8} {f('latency_p99_ms'):>8} {f('added_p50_ms'):>8} "
+                     f"{f('added_p99_ms'):>8} {row['errors']:>6} {f('gateway_cpu_us_per_request', '{:.0f}'):>10} "
+                     f"{f('gateway_peak_rss_mb', '{:.0f}'):>7}")
+    return "\n".join(lines)

@@ -1,0 +1,341 @@
+"""``kvroute bench peers``: kvroute's gateway against the gateways users would pick instead,
+on the same ``vllm serve`` engines, and Ray Serve's routers on the same requests.
+
+Gateways (``--router``): ``kvroute:POLICY`` (``kvroute gateway``, exact token keys and the
+workers' KV events), ``smg``, ``vllm-router``, ``sglang-router`` (each installed from PyPI
+into its own virtualenv, ``benchmarks.peers``; their ``cache_aware`` policy). The
+benchmark starts ``--replicas`` ``vllm serve`` CPU servers of the tiny model once
+(prefix caching and KV events on, loopback, ``VLLM_SERVER_DEV_MODE=1`` for
+``/reset_prefix_cache``), then per gateway: starts it in front of all of them, sends a few
+warm-up requests outside the workload until it answers, resets every server's prefix
+cache (each gateway starts cold), replays the workload open loop (streaming, the client
+measuring TTFT and end-to-end time), reads the servers' own counters (prefix-cache
+queries and hits, requests finished) before and after, and stops the gateway. The
+gateway's CPU seconds over the replay and its peak RSS come from ``/proc``.
+
+Ray Serve's side (``ray:CacheAwareRouter`` for kvroute's plug-in, ``ray:PrefixCacheAffinityRouter``,
+``ray:PowerOfTwoChoicesRequestRouter``, ``ray:ConsistentHashRouter``) runs the same
+requests through ``kvroute bench live`` after the servers are stopped (kvroute's vLLM
+engine deployment, the same engine geometry). ``ray:KVAwareRouter`` needs a Serve LLM
+cluster of its own in HAProxy mode and is not run here: its row says so.
+
+Everything is validated before any process starts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from benchmarks.live_bench import (LiveConfig, Outcome, check_engine_geometry, load_requests, replay, summarize)
+from benchmarks.live_workload import LiveShape, TextRenderer, single_token_words
+from benchmarks.peers import PEERS, peer
+from engines.vllm_server import VLLMServer, free_port
+from router.errors import ConfigError
+from router.gateway.vllm_metrics import engine_report
+from simulator.workloads import ideal_hit_rate
+
+RAY_ROUTERS = {"ray:CacheAwareRouter": "cache_aware", "ray:PrefixCacheAffinityRouter": "ray:PrefixCacheAffinityRouter",
+               "ray:PowerOfTwoChoicesRequestRouter": "ray:PowerOfTwoChoicesRequestRouter",
+               "ray:ConsistentHashRouter": "ray:ConsistentHashRouter"}
+RAY_NOT_RUN = {"ray:KVAwareRouter": "needs a Ray Serve LLM cluster of its own in HAProxy mode with ai-dynamo-runtime "
+                                    "(see kvroute bench serve-path); not run by bench peers"}
+#: The name the workers serve the model under (smg requires ``model`` in every body).
+MODEL_NAME = "tiny"
+DEFAULT_ROUTERS = ("kvroute:cache_aware", *PEERS, *RAY_ROUTERS, *RAY_NOT_RUN)
+
+
+def validate_routers(names: Sequence[str]) -> list[str]:
+    """The routers asked for, each checked (``ConfigError`` naming ``router``)."""
+    import policies
+
+    out = []
+    for name in names:
+        if name.startswith("kvroute:"):
+            policy = name.split(":", 1)[1]
+            if policy not in policies.available() and ":" not in policy:
+                raise ConfigError("router", f"unknown kvroute policy {policy!r} in {name!r} "
+                                            f"(policies: {', '.join(policies.available())})")
+        elif name not in PEERS and name not in RAY_ROUTERS and name not in RAY_NOT_RUN:
+            raise ConfigError("router", f"unknown router {name!r}; valid: kvroute:POLICY, "
+                                        f"{', '.join([*PEERS, *RAY_ROUTERS, *RAY_NOT_RUN])}")
+        if name in out:
+            raise ConfigError("router", f"{name!r} is listed twice")
+        out.append(name)
+    return out
+
+
+# -- the servers' own counters ---------------------------------------------------------------
+def _metrics_text(url: str) -> str:
+    with urllib.request.urlopen(url + "/metrics", timeout=30) as resp:
+        return resp.read().decode()
+
+
+def server_counters(servers: Sequence[VLLMServer]) -> dict[str, dict[str, int]]:
+    """Per server: cumulative prefix-cache queries and hits (tokens) and finished requests."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out = {}
+    for server in servers:
+        text = _metrics_text(server.url)
+        report = engine_report(text)
+        finished = 0.0
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name in ("vllm:request_success_total", "vllm:request_success"):
+                    finished += sample.value
+        out[server.url] = {"queries": int(report.get("prefix_cache_queries", 0)),
+                           "hits": int(report.get("prefix_cache_hits", 0)), "finished": int(finished)}
+    return out
+
+
+def _delta(after: dict, before: dict, key: str) -> dict[str, int]:
+    return {url: row[key] - before[url][key] for url, row in after.items()}
+
+
+def reset_caches(servers: Sequence[VLLMServer]) -> None:
+    for server in servers:
+        request = urllib.request.Request(server.url + "/reset_prefix_cache", method="POST", data=b"")
+        with urllib.request.urlopen(request, timeout=60) as resp:
+            resp.read()
+
+
+def warm_engines(servers: Sequence[VLLMServer], max_model_len: int) -> None:
+    """Before the first gateway: a few requests straight to each server, of lengths from
+    short to near the context, so no gateway's replay pays the engines' first-use costs
+    (the first gateway measured would otherwise)."""
+    for server in servers:
+        for words in (8, 64, 256, max(8, max_model_len // 8)):
+            body = {"model": MODEL_NAME, "prompt": " ".join(f"warm{i % 50}" for i in range(words)),
+                    "max_tokens": 16, "ignore_eos": True, "temperature": 0}
+            request = urllib.request.Request(server.url + "/v1/completions", data=json.dumps(body).encode(),
+                                             headers={"content-type": "application/json"})
+            with urllib.request.urlopen(request, timeout=300) as resp:
+                resp.read()
+
+
+# -- a gateway process -------------------------------------------------------------------------
+class GatewayRun:
+    """One gateway process in front of ``servers``: started, probed until it answers a
+    request, then measured (CPU seconds, peak RSS) and stopped."""
+
+    def __init__(self, name: str, servers: Sequence[Any], model_path: str, block_size: int) -> None:
+        # ``servers``: anything with ``url`` and ``worker_arg()`` (a ``VLLMServer``, or the
+        # trivial worker of ``kvroute bench gateway``).
+        self.name = name
+        self.port = free_port()
+        if name.startswith(("kvroute:", "kvroute-chars:")):
+            args = [sys.executable, "-m", "router.cli", "gateway", "--policy", name.split(":", 1)[1],
+                    "--block-size", str(block_size), "--port", str(self.port), "--admin-port", "0"]
+            if name.startswith("kvroute:"):  # kvroute-chars: character keys, no tokenizer
+                args += ["--tokenizer", model_path]
+            for server in servers:
+                args += ["--worker", server.worker_arg()]
+        else:
+            args = peer(name).command(workers=[s.url for s in servers], host="127.0.0.1", port=self.port,
+                                      prometheus_port=free_port())
+        self.log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"kvroute-peers-{name.replace(':', '-')}.log", "w")
+        self.process = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def log_tail(self) -> str:
+        try:
+            return "\n".join(Path(self.log.name).read_text(errors="replace").splitlines()[-20:])
+        except OSError:
+            return ""
+
+    def wait_ready(self, body: dict, timeout: float = 180.0) -> None:
+        """Until one request through the gateway is answered 200 (every peer has its own
+        readiness; an answered request is the common one)."""
+        deadline = time.monotonic() + timeout
+        data = json.dumps(body).encode()
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"{self.name} exited ({self.process.returncode}):\n{self.log_tail()}")
+            try:
+                request = urllib.request.Request(self.url + "/v1/completions", data=data,
+                                                 headers={"content-type": "application/json"})
+                with urllib.request.urlopen(request, timeout=30) as resp:
+                    if resp.status == 200:
+                        resp.read()
+                        return
+            except (urllib.error.URLError, OSError):
+                pass
+            time.sleep(0.5)
+        raise TimeoutError(f"{self.name} did not answer in {timeout:.0f} s:\n{self.log_tail()}")
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU of the gateway process (all its threads), from /proc."""
+        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def peak_rss_mb(self) -> float | None:
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+        return None
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        self.log.close()
+
+
+def run_gateway(name: str, servers: Sequence[VLLMServer], requests, renderer: TextRenderer, model_path: str,
+                live: LiveConfig, api: str, progress: Callable[[str], None] | None) -> tuple[dict, list[Outcome]]:
+    gateway = GatewayRun(name, servers, model_path, live.block_size)
+    try:
+        if progress:
+            progress(f"{name}: starting in front of {len(servers)} vllm serve workers")
+        for i in range(2 * len(servers)):  # outside the workload; engines warm, gateway answering
+            gateway.wait_ready({"model": MODEL_NAME, "prompt": f"warm up number {i} {'z' * i}", "max_tokens": 2,
+                                "temperature": 0})
+        reset_caches(servers)
+        before = server_counters(servers)
+        cpu_before = gateway.cpu_seconds()
+        if progress:
+            progress(f"{name}: replaying {len(requests)} requests")
+        started = time.perf_counter()
+        step = (lambda d, n: progress(f"{name}: {d}/{n}")) if progress else None
+        outcomes = replay(gateway.url + "/v1", requests, renderer, timeout_s=live.timeout_s, progress=step, api=api,
+                          model=MODEL_NAME)
+        wall = time.perf_counter() - started
+        cpu = gateway.cpu_seconds() - cpu_before
+        rss = gateway.peak_rss_mb()
+        answered = sum(1 for o in outcomes if o.ok)
+        deadline = time.monotonic() + 15.0  # vLLM updates its counters each scheduler step
+        after = server_counters(servers)
+        while sum(_delta(after, before, "finished").values()) < answered and time.monotonic() < deadline:
+            time.sleep(0.5)
+            after = server_counters(servers)
+    finally:
+        gateway.stop()
+    row = summarize(name, outcomes, wall)
+    queries, hits = _delta(after, before, "queries"), _delta(after, before, "hits")
+    finished = _delta(after, before, "finished")
+    total = sum(finished.values())
+    row.update({"router": name, "front_door": "gateway", "client_hit_rate": row["hit_rate"],
+                "hit_rate": round(sum(hits.values()) / sum(queries.values()), 4) if sum(queries.values()) else None,
+                "replica_share": {url: round(n / total, 4) for url, n in finished.items()} if total else {},
+                "max_replica_share": round(max(finished.values()) / total, 4) if total else None,
+                "gateway_cpu_s": round(cpu, 2), "gateway_cpu_ms_per_request": round(cpu * 1e3 / max(1, answered), 3),
+                "gateway_peak_rss_mb": rss})
+    return row, outcomes
+
+
+def run(*, routers: Sequence[str] = DEFAULT_ROUTERS, workload: str | None = "chat", trace: str | None = None,
+        requests: int = 200, rate: float = 8.0, rate_scale: float = 1.0, seed: int = 0,
+        shape: LiveShape = LiveShape(), live: LiveConfig = LiveConfig(replicas=3), api: str = "completions",
+        progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """The ``kvroute bench peers`` report (module docstring)."""
+    names = validate_routers(routers)
+    check_engine_geometry(live.block_size, live.kv_blocks, live.max_model_len)
+    from engines.tiny_model import build_tiny_model
+
+    model_path = str(Path(live.model_path).expanduser().absolute()) if live.model_path else str(build_tiny_model())
+    workload_requests = load_requests(workload=workload, trace=trace, count=requests, rate=rate,
+                                      rate_scale=rate_scale, seed=seed, shape=shape)
+    if not workload_requests:
+        raise ConfigError("requests", "the workload is empty")
+    for name in names:
+        if name in PEERS:
+            peer(name).install(log=progress or (lambda m: None))
+    from transformers import AutoTokenizer
+
+    renderer = TextRenderer(single_token_words(AutoTokenizer.from_pretrained(model_path)))
+    rows: list[dict] = []
+    gateways = [n for n in names if n.startswith("kvroute:") or n in PEERS]
+    if gateways:
+        servers = [VLLMServer(model_path, served_name=MODEL_NAME, block_size=live.block_size,
+                              max_model_len=live.max_model_len,
+                              kv_blocks=live.kv_blocks, max_num_seqs=live.max_num_seqs,
+                              env={"VLLM_SERVER_DEV_MODE": "1"},
+                              extra_args=["--max-num-batched-tokens", str(live.max_num_batched_tokens)])
+                   for _ in range(live.replicas)]
+        try:
+            if progress:
+                progress(f"starting {len(servers)} vllm serve CPU servers")
+            for server in servers:
+                server.start()
+            for server in servers:
+                server.wait_ready(900)
+            warm_engines(servers, live.max_model_len)
+            for name in gateways:
+                try:
+                    row, _ = run_gateway(name, servers, workload_requests, renderer, model_path, live, api, progress)
+                except (RuntimeError, TimeoutError, OSError) as exc:
+                    row = {"router": name, "front_door": "gateway", "error": str(exc)[-1500:]}
+                rows.append(row)
+        finally:
+            for server in servers:
+                server.stop()
+    ray_names = [n for n in names if n in RAY_ROUTERS]
+    if ray_names:
+        from benchmarks import live_bench
+
+        report = live_bench.run(policies=[RAY_ROUTERS[n] for n in ray_names], workload=workload, trace=trace,
+                                requests=requests, rate=rate, rate_scale=rate_scale, seed=seed, shape=shape,
+                                live=live, progress=progress, api=api)
+        for name, row in zip(ray_names, report["results"]):
+            row = dict(row)
+            row.update({"router": name, "front_door": "ray-serve", "client_hit_rate": row["hit_rate"],
+                        "hit_rate": row.get("engine_hit_rate"), "gateway_cpu_s": None, "gateway_peak_rss_mb": None})
+            rows.append(row)
+    for name in names:
+        if name in RAY_NOT_RUN:
+            rows.append({"router": name, "front_door": "ray-serve", "error": RAY_NOT_RUN[name]})
+    ceiling = ideal_hit_rate(workload_requests, live.block_size)
+    return {
+        "benchmark": "peers",
+        "workload": {"name": None if trace else (workload or "chat"), "trace": trace, "api": api,
+                     "requests": len(workload_requests), "rate_per_s": None if trace else rate,
+                     "rate_scale": rate_scale, "seed": seed, "span_s": round(workload_requests[-1].arrival_s, 2),
+                     "prompt_tokens_mean": round(statistics.fmean(r.prompt_tokens for r in workload_requests), 1),
+                     "sessions": len({r.session_id for r in workload_requests if r.session_id})},
+        "ideal_hit_rate": round(ceiling["full_block_tokens"], 4),
+        "deployment": {"replicas": live.replicas, "model": model_path, "block_size": live.block_size,
+                       "kv_blocks_per_replica": live.kv_blocks, "max_model_len": live.max_model_len,
+                       "max_num_seqs": live.max_num_seqs,
+                       "peers": {name: PEERS[name].requirement for name in names if name in PEERS}},
+        "results": rows,
+    }
+
+
+def format_table(report: dict[str, Any]) -> str:
+    w, d = report["workload"], report["deployment"]
+    lines = [f"{w['requests']} requests of {w['trace'] or w['name']} over {w['span_s']} s "
+             f"(prompt {w['prompt_tokens_mean']} tokens mean, ceiling {report['ideal_hit_rate']:.1%}); "
+             f"{d['replicas']} vLLM CPU workers, {d['kv_blocks_per_replica']} blocks of {d['block_size']}",
+             f"{'router':<36} {'door':<9} {'done':>5} {'hit':>7} {'TTFT p50':>9} {'p99':>8} {'e2e p50':>8} "
+             f"{'req/s':>6} {'max share':>9} {'CPU s':>6} {'RSS MB':>7}"]
+
+    def ms(v):
+        return "-" if v is None else f"{v * 1000:.0f}ms"
+
+    for row in report["results"]:
+        if "error" in row:
+            lines.append(f"{row['router']:<36} {row['front_door']:<9} error: {row['error'].splitlines()[0][:90]}")
+            continue
+        hit = "-" if row.get("hit_rate") is None else f"{row['hit_rate']:.1%}"
+        share = "-" if row.get("max_replica_share") is None else f"{row['max_replica_share']:.2f}"
+        cpu = "-" if row.get("gateway_cpu_s") is None else f"{row['gateway_cpu_s']:.1f}"
+        rss = "-" if row.get("gateway_peak_rss_mb") is None else f"{row['gateway_peak_rss_mb']:.0f}"
+        lines.append(f"{row['router']:<36} {row['front_door']:<9} {row['completed']:>5} {hit:>7} "
+                     f"{ms(row['ttft_p50_s']):>9} {ms(row['ttft_p99_s']):>8} {ms(row['e2e_p50_s']):>8} "
+                     f"{row['throughput_rps']:>6} {share:>9} {cpu:>6} {rss:>7}")
+    return "\n".join(lines)

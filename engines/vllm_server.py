@@ -1,0 +1,140 @@
+"""Plain ``vllm serve`` OpenAI servers as child processes: what the gateway fronts.
+
+Used by the gateway's live tests and by ``kvroute bench peers``. Each ``VLLMServer`` runs
+vLLM's own OpenAI server (``python -m vllm.entrypoints.openai.api_server``) on loopback,
+with prefix caching and, by default, KV events published on a loopback ZMQ port (plus a
+replay endpoint), on the CPU build: ``VLLM_CPU_KVCACHE_SPACE`` and no OpenMP core pinning
+as kvroute's engine deployment sets them. Nothing here is kvroute code in the request
+path: these are the servers users run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+#: The environment of a CPU server unless the caller overrides it (see engines.openai_app).
+DEFAULT_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class VLLMServer:
+    """One ``vllm serve`` process. ``start()`` launches it; ``wait_ready()`` polls
+    ``/health`` until it answers (or the process dies: its log tail is in the error);
+    ``stop()`` sends SIGTERM, then SIGKILL after ``grace_s``; ``kill()`` is SIGKILL at once.
+    ``url``, ``kv_events`` and ``replay`` are what a gateway's ``--worker`` takes
+    (``worker_arg``)."""
+
+    model: str | Path
+    served_name: str = "tiny"
+    port: int = 0
+    block_size: int = 32  # vLLM's CPU attention takes multiples of 32
+    max_model_len: int = 2048
+    kv_blocks: int | None = None
+    kv_events: bool = True
+    max_num_seqs: int = 64
+    extra_args: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    process: subprocess.Popen | None = None
+    log_path: Path | None = None
+    kv_port: int = 0
+    replay_port: int = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def kv_endpoint(self) -> str | None:
+        return f"tcp://127.0.0.1:{self.kv_port}" if self.kv_events else None
+
+    @property
+    def replay_endpoint(self) -> str | None:
+        return f"tcp://127.0.0.1:{self.replay_port}" if self.kv_events else None
+
+    def worker_arg(self) -> str:
+        """This server as a gateway ``--worker`` value."""
+        if not self.kv_events:
+            return self.url
+        return f"{self.url},kv_events={self.kv_endpoint},replay={self.replay_endpoint}"
+
+    def command(self) -> list[str]:
+        args = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(self.model),
+                "--served-model-name", self.served_name, "--host", "127.0.0.1", "--port", str(self.port),
+                "--block-size", str(self.block_size), "--max-model-len", str(self.max_model_len),
+                "--max-num-seqs", str(self.max_num_seqs), "--enable-prefix-caching", "--seed", "0",
+                "--disable-uvicorn-access-log"]
+        if self.kv_blocks:
+            args += ["--num-gpu-blocks-override", str(self.kv_blocks)]
+        if self.kv_events:
+            args += ["--kv-events-config", json.dumps({
+                "enable_kv_cache_events": True, "publisher": "zmq", "endpoint": self.kv_endpoint,
+                "replay_endpoint": self.replay_endpoint, "topic": ""})]
+        return args + list(self.extra_args)
+
+    def start(self) -> VLLMServer:
+        self.port = self.port or free_port()
+        if self.kv_events:
+            self.kv_port = self.kv_port or free_port()
+            self.replay_port = self.replay_port or free_port()
+        env = {**os.environ, **DEFAULT_ENV, **self.env}
+        log = tempfile.NamedTemporaryFile(prefix=f"vllm-serve-{self.port}-", suffix=".log", delete=False)
+        self.log_path = Path(log.name)
+        self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, env=env,
+                                        start_new_session=True)
+        log.close()
+        return self
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except (OSError, AttributeError):
+            return ""
+
+    def healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(self.url + "/health", timeout=2) as resp:
+                return resp.status == 200
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def wait_ready(self, timeout: float = 600.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"vllm serve on port {self.port} exited ({self.process.returncode}):\n"
+                                   f"{self.log_tail()}")
+            if self.healthy():
+                return
+            time.sleep(0.5)
+        raise TimeoutError(f"vllm serve on port {self.port} not ready in {timeout:.0f} s:\n{self.log_tail()}")
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+    def stop(self, grace_s: float = 20.0) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            self.kill()

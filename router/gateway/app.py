@@ -1,0 +1,377 @@
+"""``kvroute gateway``: an OpenAI-compatible HTTP gateway in front of ``vllm serve`` workers.
+
+The second front door over ``router.service.RoutingService`` (the first is the Ray Serve
+plug-in). Per request, on one ``aiohttp`` event loop:
+
+1. the body is read up to ``max_body_bytes`` (413 beyond) and validated by the same
+   parsers as kvroute's Serve ingress (``engines.protocol``: the same 4xx and messages);
+   a ``model`` no admitted worker serves is a 404;
+2. the service parses it, takes its token ids from the piece cache or the tokenizer pool
+   (with ``--tokenizer``; else character keys), keys it and ranks the admitted workers;
+   the first tier's worker with the fewest requests in flight from this gateway gets it;
+3. the client's bytes are forwarded unchanged. A non-streaming answer is read whole, then
+   returned; a stream is passed through chunk by chunk as it arrives (never buffered
+   whole). Until the first byte has reached the client, a worker that cannot be reached,
+   fails, or answers 502/503/504 is counted against its health and the request is ranked
+   again among the other workers (``max_attempts`` in all); after it, a failure ends the
+   stream with an in-band error event;
+4. the service learns the routing (speculative tree entries, session, load), the first
+   byte (the request is then running) and the end.
+
+``GET /v1/models`` (the admitted workers' union), ``GET /health``, ``GET /metrics``
+(Prometheus: the router's metrics, the same names as the Serve plug-in's, plus the
+gateway's own) are served beside. An admin listener bound to 127.0.0.1 only
+(``admin_port``) lists, adds and removes workers at run time. On SIGTERM/SIGINT the
+gateway stops accepting connections and drains the requests in flight (up to
+``drain_timeout_s``) before it exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+import time
+import uuid
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from engines.errors import BadRequest
+from engines.protocol import parse_chat, parse_completion, session_of
+from router.gateway.config import GatewayConfig, WorkerSpec
+from router.gateway.workers import WorkerPool
+from router.metrics import prometheus_metric_factory
+from router.errors import ConfigError
+
+logger = logging.getLogger("kvroute.gateway")
+
+#: Upstream answers after which the request is tried on another worker, if nothing has
+#: reached the client yet (the worker is overloaded, starting or behind a failing proxy).
+RETRY_STATUSES = frozenset({502, 503, 504})
+_ENDPOINTS = {"/v1/chat/completions": parse_chat, "/v1/completions": parse_completion}
+_HOP_HEADERS = {"content-type", "cache-control"}
+#: Every forwarded answer names the worker that served it (operators' debugging, tests).
+WORKER_HEADER = "x-kvroute-worker"
+
+
+def _error(status: int, message: str, param: str | None = None) -> web.Response:
+    return web.json_response(BadRequest(status, message, param=param).to_openai() if status < 500 else
+                             {"error": {"message": message, "type": "server_error", "param": param, "code": status}},
+                             status=status)
+
+
+class _Upstream(Exception):
+    """A worker failed before anything reached the client: try another."""
+
+
+class GatewayMetrics:
+    """The gateway's own Prometheus series (beside the router's): requests by endpoint and
+    status, retries, upstream failures by worker, admitted workers, requests in flight."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.requests = Counter("kvroute_gateway_requests", "Requests answered, by endpoint and HTTP status.",
+                                ("endpoint", "status"), registry=registry)
+        self.retries = Counter("kvroute_gateway_retries", "Requests sent to another worker after one failed "
+                               "before any byte reached the client.", registry=registry)
+        self.upstream_failures = Counter("kvroute_gateway_upstream_failures",
+                                         "Requests a worker failed (unreachable, 5xx, broken stream).",
+                                         ("worker",), registry=registry)
+        self.workers = Gauge("kvroute_gateway_workers_admitted", "Workers the gateway routes to.",
+                             registry=registry)
+        self.in_flight = Gauge("kvroute_gateway_in_flight", "Requests in flight through the gateway.",
+                               registry=registry)
+        self.seconds = Histogram("kvroute_gateway_request_seconds", "Time from the body read to the last byte "
+                                 "sent, by endpoint.", ("endpoint",), registry=registry,
+                                 buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300))
+
+
+class Gateway:
+    """One gateway: the routing service, the worker pool, the HTTP client session and the
+    listeners. ``start()`` binds (port 0: any free one, see ``port``) and starts polling;
+    ``stop()`` stops accepting, drains and closes. Per request: O(body) parse and keying
+    plus the service's rank; memory O(workers + requests in flight) beyond the service's
+    bounded tables."""
+
+    def __init__(self, config: GatewayConfig) -> None:
+        self.config = config
+        self.registry = CollectorRegistry()
+        self.service = config.service(prometheus_metric_factory(self.registry))
+        self.gauges = GatewayMetrics(self.registry)
+        self.http: aiohttp.ClientSession | None = None
+        self.pool: WorkerPool | None = None
+        self.in_flight = 0
+        self.retries = 0
+        self._runners: list[web.AppRunner] = []
+        self.port: int | None = None
+        self.admin_port: int | None = None
+        self._stopping = False
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def _apps(self) -> tuple[web.Application, web.Application]:
+        app = web.Application(client_max_size=self.config.max_body_bytes + 1)
+        for path in _ENDPOINTS:
+            app.router.add_post(path, self.handle_completion)
+        app.router.add_get("/v1/models", self.handle_models)
+        app.router.add_get("/health", self.handle_health)
+        app.router.add_get("/metrics", self.handle_metrics)
+        admin = web.Application()
+        admin.router.add_get("/admin/workers", self.handle_list_workers)
+        admin.router.add_post("/admin/workers", self.handle_add_worker)
+        admin.router.add_delete("/admin/workers", self.handle_remove_worker)
+        return app, admin
+
+    async def start(self) -> None:
+        self.http = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300),
+            timeout=aiohttp.ClientTimeout(total=self.config.request_timeout_s,
+                                          connect=self.config.connect_timeout_s))
+        self.pool = WorkerPool(self.config, self.service, self.http)
+        self.pool.start()
+        app, admin = self._apps()
+        runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=self.config.drain_timeout_s,
+                               access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, self.config.host, self.config.port)
+        await site.start()
+        self._runners.append(runner)
+        self.port = runner.addresses[0][1]
+        admin_runner = web.AppRunner(admin, handle_signals=False, access_log=None)
+        await admin_runner.setup()
+        await web.TCPSite(admin_runner, "127.0.0.1", self.config.admin_port).start()
+        self._runners.append(admin_runner)
+        self.admin_port = admin_runner.addresses[0][1]
+
+    async def stop(self) -> None:
+        """Stop accepting, let the requests in flight finish (``drain_timeout_s`` at most),
+        then close the upstream session, the pollers and the KV-event subscribers."""
+        self._stopping = True
+        for runner in self._runners:  # stops listening, then waits for running handlers
+            await runner.cleanup()
+        self._runners = []
+        if self.pool is not None:
+            await self.pool.stop()
+        if self.http is not None:
+            await self.http.close()
+        self.service.close()
+
+    # -- handlers --------------------------------------------------------------------------
+    async def handle_health(self, request: web.Request) -> web.Response:
+        admitted = len(self.pool.admitted())
+        status = 200 if admitted else 503
+        return web.json_response({"status": "ok" if admitted else "no worker admitted", "workers": admitted},
+                                 status=status)
+
+    async def handle_models(self, request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": self.pool.models()})
+
+    async def handle_metrics(self, request: web.Request) -> web.Response:
+        self.service.flush_metrics()
+        self.gauges.workers.set(len(self.pool.admitted()))
+        self.gauges.in_flight.set(self.in_flight)
+        return web.Response(body=generate_latest(self.registry), headers={"content-type": CONTENT_TYPE_LATEST})
+
+    async def handle_list_workers(self, request: web.Request) -> web.Response:
+        """Each worker's state, with what the router believes it caches (tree blocks, of
+        them speculative: learned from routing, not yet confirmed by a KV event) and its
+        KV-event stream's counters; the gateway's retries and the KV-event totals."""
+        core, streams = self.service.core, self.service.kv_stream_stats()
+        rows = []
+        for worker in self.pool.workers.values():
+            row = worker.as_dict()
+            if worker.url in core.replicas:
+                stats = core.tree.stats(worker.url)
+                row["tree"] = {"blocks": stats["blocks"], "speculative": stats["speculative"]}
+            if worker.url in streams:
+                row["kv_stream"] = {k: v for k, v in streams[worker.url].items()
+                                    if isinstance(v, (int, float, bool, str)) or v is None}
+            rows.append(row)
+        return web.json_response({"workers": rows, "retries": self.retries, "in_flight": self.in_flight,
+                                  "kv_events": self.service.kv_event_stats()})
+
+    async def handle_add_worker(self, request: web.Request) -> web.Response:
+        try:
+            data = await request.json()
+            spec = WorkerSpec.parse(data.get("worker") if isinstance(data, dict) and "worker" in data else data)
+        except (ValueError, ConfigError) as exc:
+            return _error(400, f"bad worker: {exc}")
+        added = self.pool.add(spec)
+        return web.json_response({"added": added, "url": spec.url}, status=201 if added else 200)
+
+    async def handle_remove_worker(self, request: web.Request) -> web.Response:
+        url = request.query.get("url", "").rstrip("/")
+        if not self.pool.remove(url):
+            return _error(404, f"no worker {url!r}", param="url")
+        return web.json_response({"removed": url})
+
+    async def _read_body(self, request: web.Request) -> tuple[bytes, dict]:
+        limit = self.config.max_body_bytes
+        if request.content_length is not None and request.content_length > limit:
+            raise BadRequest(413, f"request body too large: {request.content_length} bytes (limit {limit})")
+        raw = bytearray()
+        async for part in request.content.iter_any():  # chunked bodies have no length: count
+            raw += part
+            if len(raw) > limit:
+                raise BadRequest(413, f"request body too large (limit {limit} bytes)")
+        raw = bytes(raw)
+        try:
+            body = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise BadRequest(400, f"request body is not valid JSON: {exc}") from None
+        except RecursionError:
+            raise BadRequest(400, "request body is not valid JSON: nested too deeply") from None
+        if not isinstance(body, dict):
+            raise BadRequest(400, f"request body must be a JSON object, got {type(body).__name__}")
+        return raw, body
+
+    def _check_model(self, body: dict) -> None:
+        model = body.get("model")
+        if model is None:
+            return
+        served = [str(m.get("id")) for m in self.pool.models()]
+        if model not in served:
+            raise BadRequest(404, f"The model '{model}' does not exist (served: {', '.join(served) or 'none yet'})",
+                             param="model")
+
+    async def handle_completion(self, request: web.Request) -> web.StreamResponse:
+        endpoint = request.path
+        started = time.perf_counter()
+        try:
+            raw, body = await self._read_body(request)
+            params = _ENDPOINTS[endpoint](body)
+            self._check_model(body)
+        except BadRequest as exc:
+            self.gauges.requests.labels(endpoint, str(exc.status)).inc()
+            return web.json_response(exc.to_openai(), status=exc.status)
+        self.in_flight += 1
+        try:
+            response = await self._route_and_forward(request, endpoint, raw, body, bool(params.stream), started)
+        finally:
+            self.in_flight -= 1
+        self.gauges.requests.labels(endpoint, str(response.status)).inc()
+        self.gauges.seconds.labels(endpoint).observe(time.perf_counter() - started)
+        return response
+
+    async def _route_and_forward(self, request: web.Request, endpoint: str, raw: bytes, body: dict,
+                                 stream: bool, started: float) -> web.StreamResponse:
+        service = self.service
+        service.schedule_metrics_flush()
+        session = session_of(request.headers, body)
+        routing_body = body if session is None or body.get("session_id") == session else \
+            {**body, "session_id": session}
+        fields = service.parse(routing_body)
+        ids = None
+        if fields is not None and fields.tokenize:
+            ids, waited = await service.tokenized(fields)
+            service.record_wait(waited)
+            started += waited
+        tried: set[str] = set()
+        last_error = "no worker admitted"
+        for attempt in range(1, self.config.max_attempts + 1):
+            candidates = [url for url in self.pool.admitted() if url not in tried]
+            if not candidates:
+                break
+            request_id = uuid.uuid4().hex
+            if fields is None:
+                service.record_fallback()
+                tier = candidates
+            else:
+                routed = service.key(fields, ids, request_id)
+                tiers = service.rank(routed, candidates, started)
+                tier = tiers[0] if tiers else candidates
+            workers = self.pool.workers
+            url = min(tier, key=lambda u: workers[u].in_flight if u in workers else 0)
+            service.routed(request_id, url)
+            worker = workers.get(url)
+            if worker is not None:
+                worker.in_flight += 1
+            try:
+                return await self._forward(request, url, endpoint, raw, stream, request_id)
+            except _Upstream as exc:
+                last_error = str(exc)
+                tried.add(url)
+                self.gauges.upstream_failures.labels(url).inc()
+                self.pool.request_failed(url)
+                if attempt < self.config.max_attempts:
+                    self.retries += 1
+                    self.gauges.retries.inc()
+                    logger.warning("worker %s failed before answering (%s); retry %d", url, exc, attempt)
+            finally:
+                if worker is not None:
+                    worker.in_flight -= 1
+                service.completed(request_id)
+            started = time.perf_counter()
+        return _error(503, f"no worker could serve the request: {last_error}")
+
+    async def _forward(self, request: web.Request, url: str, endpoint: str, raw: bytes, stream: bool,
+                       request_id: str) -> web.StreamResponse:
+        """Send ``raw`` to ``url``; raise ``_Upstream`` while nothing reached the client."""
+        headers = {"content-type": "application/json"}
+        if request.headers.get("authorization"):
+            headers["authorization"] = request.headers["authorization"]
+        try:
+            upstream = await self.http.post(url + endpoint, data=raw, headers=headers)
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            raise _Upstream(f"{type(exc).__name__}: {exc}") from None
+        try:
+            if upstream.status in RETRY_STATUSES:
+                raise _Upstream(f"HTTP {upstream.status}")
+            out_headers = {k: v for k, v in upstream.headers.items() if k.lower() in _HOP_HEADERS}
+            out_headers[WORKER_HEADER] = url
+            if not stream or upstream.status != 200:
+                try:
+                    payload = await upstream.read()
+                except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+                    raise _Upstream(f"{type(exc).__name__} while reading the answer") from None
+                self.service.first_token(request_id)
+                return web.Response(status=upstream.status, body=payload, headers=out_headers)
+            chunks = upstream.content.iter_any()
+            try:
+                first = await chunks.__anext__()
+            except StopAsyncIteration:
+                first = b""
+            except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+                raise _Upstream(f"{type(exc).__name__} before the first chunk") from None
+            self.service.first_token(request_id)
+            response = web.StreamResponse(status=200, headers=out_headers)
+            await response.prepare(request)
+            try:
+                if first:
+                    await response.write(first)
+                async for chunk in chunks:
+                    await response.write(chunk)
+            except (ConnectionResetError, asyncio.CancelledError):
+                raise  # the client left: closing the upstream response aborts the request there
+            except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+                # After the status line: report in-band, then end (a retry would repeat output).
+                self.gauges.upstream_failures.labels(url).inc()
+                error = {"error": {"message": f"worker failed mid-stream: {type(exc).__name__}",
+                                   "type": "server_error", "param": None, "code": 502}}
+                await response.write(f"data: {json.dumps(error)}\n\ndata: [DONE]\n\n".encode())
+            await response.write_eof()
+            return response
+        finally:
+            upstream.release()
+
+
+async def serve(config: GatewayConfig, *, ready=None) -> None:
+    """Run a gateway until SIGTERM or SIGINT, then drain and stop. ``ready(gateway)`` is
+    called once it listens."""
+    gateway = Gateway(config)
+    await gateway.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    print(f"kvroute gateway listening on http://{config.host}:{gateway.port} "
+          f"(admin: http://127.0.0.1:{gateway.admin_port}), {len(config.workers)} workers, "
+          f"policy {config.routing.get('policy')}", flush=True)
+    if ready is not None:
+        ready(gateway)
+    await stop.wait()
+    print(f"kvroute gateway: draining {gateway.in_flight} requests in flight", flush=True)
+    await gateway.stop()
+    print("kvroute gateway stopped", flush=True)

@@ -1,0 +1,251 @@
+"""The gateway's upstream workers: health, load and cache facts of each ``vllm serve`` server.
+
+``WorkerPool`` polls every worker's ``GET /health`` and ``GET /metrics`` on the gateway's
+event loop (``aiohttp`` client, one session) and keeps the routing service's view in step:
+
+* a worker is admitted after ``readmit_after`` consecutive good health checks (a new one
+  after its first), and ejected after ``eject_after`` consecutive failures, counting
+  requests that could not reach it; the service's replica set is the admitted workers (an
+  ejected worker's tree entries are dropped: a server that comes back may have restarted
+  with an empty cache, and its KV events will say what it holds);
+* each admitted worker's ``/metrics`` becomes an engine report (``vllm_metrics``):
+  running and waiting requests, KV usage and the prefix-cache counters; its KV capacity
+  (``num_gpu_blocks`` x ``block_size``) bounds its share of the tree;
+* a worker with a KV-event endpoint is subscribed once its capacity is known (the
+  subscriber sizes its key map by it);
+* ``/v1/models`` is read on admission: the gateway serves the union.
+
+Workers can be added and removed while the gateway runs (``add``/``remove``). Memory is
+O(workers).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+
+from router.gateway.config import GatewayConfig, WorkerSpec
+from router.gateway.vllm_metrics import engine_report
+from router.service import RoutingService
+
+logger = logging.getLogger("kvroute.gateway")
+
+
+@dataclass
+class Worker:
+    """One upstream server's state: admitted or not, the current run of good and failed
+    checks, requests the gateway has in flight on it, its models and last engine report."""
+
+    spec: WorkerSpec
+    admitted: bool = False
+    successes: int = 0
+    failures: int = 0
+    in_flight: int = 0
+    ejections: int = 0
+    models: list[dict] = field(default_factory=list)
+    report: dict[str, Any] = field(default_factory=dict)
+    last_report_s: float | None = None
+    block_size_warned: bool = False
+
+    @property
+    def url(self) -> str:
+        return self.spec.url
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"url": self.url, "admitted": self.admitted, "in_flight": self.in_flight,
+                "ejections": self.ejections, "kv_events": self.spec.kv_events,
+                "models": [m.get("id") for m in self.models], "report": dict(self.report)}
+
+
+class WorkerPool:
+    """The workers and their polling tasks (see the module docstring). ``admitted()`` is
+    what the gateway routes among. O(workers) per poll round."""
+
+    def __init__(self, config: GatewayConfig, service: RoutingService, http: aiohttp.ClientSession) -> None:
+        self.config = config
+        self.service = service
+        self.http = http
+        self.workers: dict[str, Worker] = {}
+        self._tasks: list[asyncio.Task] = []
+        self._kv_specs: dict[str, dict] = {}
+        for spec in config.workers:
+            self.workers[spec.url] = Worker(spec)
+
+    # -- membership ------------------------------------------------------------------------
+    def admitted(self) -> list[str]:
+        return [url for url, w in self.workers.items() if w.admitted]
+
+    def add(self, spec: WorkerSpec) -> bool:
+        """Add a worker (checked and admitted by the next health round); False if known."""
+        if spec.url in self.workers:
+            return False
+        self.workers[spec.url] = Worker(spec)
+        asyncio.get_running_loop().create_task(self._check(self.workers[spec.url]))
+        return True
+
+    def remove(self, url: str) -> bool:
+        """Stop routing to ``url`` (requests in flight there finish); False if unknown."""
+        worker = self.workers.pop(url, None)
+        if worker is None:
+            return False
+        if worker.admitted:
+            self._sync()
+        return True
+
+    def models(self) -> list[dict]:
+        """The admitted workers' models, each id once."""
+        seen: dict[str, dict] = {}
+        for worker in self.workers.values():
+            if worker.admitted:
+                for model in worker.models:
+                    seen.setdefault(str(model.get("id")), model)
+        return list(seen.values())
+
+    # -- health ----------------------------------------------------------------------------
+    def request_failed(self, url: str) -> None:
+        """A request could not reach ``url``: one failed check."""
+        worker = self.workers.get(url)
+        if worker is not None:
+            self._failed(worker, "a request could not reach it")
+
+    def _failed(self, worker: Worker, why: str) -> None:
+        worker.successes = 0
+        worker.failures += 1
+        if worker.admitted and worker.failures >= self.config.eject_after:
+            worker.admitted = False
+            worker.ejections += 1
+            logger.warning("worker %s ejected (%s)", worker.url, why)
+            self._sync()
+
+    async def _check(self, worker: Worker) -> None:
+        timeout = aiohttp.ClientTimeout(total=self.config.health_timeout_s)
+        try:
+            async with self.http.get(worker.url + "/health", timeout=timeout) as resp:
+                ok = resp.status == 200
+                await resp.read()
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+            ok = False
+        if self.workers.get(worker.url) is not worker:  # removed meanwhile
+            return
+        if not ok:
+            self._failed(worker, "health check failed")
+            return
+        worker.failures = 0
+        worker.successes += 1
+        needed = self.config.readmit_after if worker.ejections else 1
+        if not worker.admitted and worker.successes >= needed:
+            await self._admit(worker)
+
+    async def _admit(self, worker: Worker) -> None:
+        timeout = aiohttp.ClientTimeout(total=self.config.health_timeout_s)
+        try:
+            async with self.http.get(worker.url + "/v1/models", timeout=timeout) as resp:
+                data = await resp.json(content_type=None) if resp.status == 200 else None
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError):
+            data = None
+        models = data.get("data") if isinstance(data, dict) else None
+        if not isinstance(models, list):
+            return  # not a vLLM OpenAI server yet (or not at all): try again next round
+        worker.models = [m for m in models if isinstance(m, dict) and "id" in m]
+        worker.admitted = True
+        logger.info("worker %s admitted (models: %s)", worker.url, [m["id"] for m in worker.models])
+        await self._scrape(worker)
+        self._sync()
+
+    # -- load ------------------------------------------------------------------------------
+    async def _scrape(self, worker: Worker) -> None:
+        timeout = aiohttp.ClientTimeout(total=self.config.health_timeout_s)
+        try:
+            async with self.http.get(worker.url + "/metrics", timeout=timeout) as resp:
+                if resp.status != 200:
+                    return
+                text = await resp.text()
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError, UnicodeDecodeError):
+            return
+        try:
+            report = engine_report(text)
+        except ValueError:  # not Prometheus text
+            return
+        models = [m.get("id") for m in worker.models]
+        if "model" not in report and models:
+            report["model"] = models[0]
+        worker.report = report
+        worker.last_report_s = time.monotonic()
+        if worker.admitted and worker.url in self.service.core.replicas:
+            self.service.engine_report(worker.url, report)
+        if worker.admitted and self._kv_spec(worker) != self._kv_specs.get(worker.url):
+            self._sync()
+
+    def _kv_spec(self, worker: Worker) -> dict | None:
+        spec = worker.spec
+        blocks = worker.report.get("num_gpu_blocks")
+        if spec.kv_events is None or not blocks:
+            return None
+        size = worker.report.get("block_size", self.service.options["block_size"])
+        if size != self.service.options["block_size"]:
+            # The router's request keys chain blocks of --block-size tokens; events of
+            # another size name other keys (they would confirm nothing, or the wrong thing).
+            if not worker.block_size_warned:
+                worker.block_size_warned = True
+                logger.warning("worker %s caches blocks of %s tokens but the gateway keys blocks of %s "
+                               "(--block-size): its KV events are not used", worker.url, size,
+                               self.service.options["block_size"])
+            return None
+        return {"endpoint": spec.kv_events, "replay_endpoint": spec.replay, "block_size": size,
+                "model": worker.report.get("model", ""), "topic": spec.topic, "num_gpu_blocks": blocks}
+
+    def _sync(self) -> None:
+        """The service's replica set, capacities and KV subscriptions from the admitted
+        workers."""
+        admitted = [w for w in self.workers.values() if w.admitted]
+        capacities = {w.url: w.report["num_gpu_blocks"] * w.report["block_size"] for w in admitted
+                      if w.report.get("num_gpu_blocks") and w.report.get("block_size")}
+        self.service.set_replicas([w.url for w in admitted], capacities)
+        for w in admitted:
+            if w.report:
+                self.service.engine_report(w.url, w.report)
+        self.service.forget_engines({w.url for w in admitted})
+        specs = {w.url: spec for w in admitted if (spec := self._kv_spec(w)) is not None}
+        self._kv_specs = specs
+        if self.service.kv_events_enabled:
+            self.service.update_kv_endpoints(specs, asyncio.get_running_loop())
+
+    # -- polling ---------------------------------------------------------------------------
+    def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._every(self.config.health_interval_s, self._health_round)),
+                       loop.create_task(self._every(self.config.metrics_interval_s, self._metrics_round))]
+
+    async def _every(self, interval: float, action) -> None:
+        while True:
+            try:
+                await action()
+            except Exception:  # noqa: BLE001 - a poll round must never end the polling
+                logger.exception("gateway: poll round failed")
+            await asyncio.sleep(interval)
+
+    async def _health_round(self) -> None:
+        await asyncio.gather(*(self._check(w) for w in list(self.workers.values())))
+
+    async def _metrics_round(self) -> None:
+        await asyncio.gather(*(self._scrape(w) for w in list(self.workers.values()) if w.admitted))
+
+    async def wait_admitted(self, count: int, timeout: float) -> bool:
+        """Until ``count`` workers are admitted (start-up, tests), at most ``timeout`` s."""
+        deadline = time.monotonic() + timeout
+        while len(self.admitted()) < count:
+            if time.monotonic() > deadline:
+                return False
+            await asyncio.sleep(0.05)
+        return True
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []

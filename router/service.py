@@ -1,0 +1,490 @@
+"""The routing service: what both front doors share, between a request body and a replica.
+
+kvroute has two front doors: the Ray Serve request router (``router.serve`` over
+``router.serve_state``) and the standalone HTTP gateway for ``vllm serve`` fleets
+(``router.gateway``). Neither decides anything itself. Each turns its own world (Serve's
+``PendingRequest`` and ``RunningReplica`` objects; the gateway's HTTP requests and worker
+URLs) into calls on one ``RoutingService``, which owns:
+
+* the options (validated once, each bad one named: ``ConfigError``);
+* the ``RoutingCore`` (prefix tree, sessions, load view, policy);
+* request understanding: ``router.requests`` (parse, render the chat template) and
+  ``router.tokenization`` (piece cache, off-loop tokenizer pool, packed ids);
+* keying (token blocks or character chunks, namespaced by model, adapter and salt);
+* the decisions between ranking and routing (bounded by ``max_pending``);
+* the engines' reports (load, KV size, prefix-cache counters, tokenizer fingerprint) in
+  one dict shape, whether Serve's ``record_routing_stats`` or a vLLM server's ``/metrics``
+  produced it;
+* the KV-event subscriptions (``router.kv_events``) and the metrics (``router.metrics``).
+
+Replicas are plain strings here (a Serve replica's full id, a gateway worker's URL). Every
+method runs on the front door's event loop, so nothing takes a lock; the tokenizer pool's
+threads only encode text and hand the ids back to the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import os
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from policies.base import RouteRequest
+from router.core import RoutingCore
+from router.errors import ConfigError
+from router.keys import DEFAULT_SEED, CharChunkKeyer, TokenBlockKeyer, namespace_seed
+from router.metrics import (FLUSH_INTERVAL_S, TOKENIZE_RESULTS, ReplicaSnapshot, RouterMetrics, RouterSnapshot,
+                            ray_metric_factory)
+from router.requests import MAX_TOKENIZED_CHARS, BadRequest, RequestFields, parse_request
+from router.tokenization import DEFAULT_CACHE_BYTES, PromptTokenizer, TokenizerPool
+
+logger = logging.getLogger("kvroute")
+
+#: Options the service takes beside RoutingCore's own.
+SERVICE_OPTIONS = ("policy", "policy_options", "tokenizer", "block_size", "chunk_chars", "kv_events",
+                   "max_pending", "tokenizer_cache_bytes", "tokenizer_threads", "tokenizer_max_queued_chars",
+                   "max_tokenized_chars", "send_prompt_ids")
+MAX_PENDING = 10_000
+#: Missing prompt text up to this many characters is encoded on the loop (about 0.1 ms at
+#: 0.2 us per character): cheaper than the thread hop, and well under the loop-lag budget.
+INLINE_TOKENIZE_CHARS = 512
+#: Integer options with their defaults and lower bounds.
+_INT_OPTIONS = {"block_size": (16, 1), "chunk_chars": (128, 1), "max_pending": (MAX_PENDING, 1),
+                "tokenizer_cache_bytes": (DEFAULT_CACHE_BYTES, 0), "tokenizer_threads": (2, 1),
+                "tokenizer_max_queued_chars": (8 << 20, 1), "max_tokenized_chars": (MAX_TOKENIZED_CHARS, 1)}
+#: Subscriber options a ``kv_events`` mapping may set (see ``router.kv_events``).
+KV_EVENT_OPTIONS = ("probe_interval_s", "down_after_s", "replay_timeout_s", "withdraw_on_down", "dedup_window",
+                    "max_entries")
+#: In a pending entry's session slot: the policy ranked no candidate (outcome "fallback").
+FALLBACK = object()
+
+
+def validate_options(kwargs: Mapping[str, Any]) -> tuple[RoutingCore, dict[str, Any]]:
+    """Build the core from the options; ``ConfigError`` names any bad field."""
+    kwargs = dict(kwargs)
+    own = {k: kwargs.pop(k) for k in list(kwargs) if k in SERVICE_OPTIONS}
+    for name, (default, lowest) in _INT_OPTIONS.items():
+        value = own.get(name, default)
+        if not isinstance(value, int) or isinstance(value, bool) or value < lowest:
+            kind = "a positive integer" if lowest > 0 else "a non-negative integer"
+            raise ConfigError(name, f"must be {kind}, got {value!r}")
+        own[name] = value
+    if not isinstance(own.get("send_prompt_ids", True), bool):
+        raise ConfigError("send_prompt_ids", f"must be true or false, got {own['send_prompt_ids']!r}")
+    tokenizer = own.get("tokenizer")
+    if tokenizer is not None and not isinstance(tokenizer, str):
+        raise ConfigError("tokenizer", f"must be a model path or name, got {tokenizer!r}")
+    kv_events = own.get("kv_events", True)
+    if isinstance(kv_events, Mapping):
+        validate_kv_event_options(kv_events)
+    elif not isinstance(kv_events, bool):
+        raise ConfigError("kv_events", f"must be true, false or a mapping of subscriber options, got {kv_events!r}")
+    policy_options = own.get("policy_options")
+    if policy_options is not None and not isinstance(policy_options, Mapping):
+        raise ConfigError("policy_options", "must be a mapping of option -> value")
+    core = RoutingCore.from_options(own.get("policy", "cache_aware"), policy_options=policy_options,
+                                    keys={"kind": "tokens", "block_size": own["block_size"]}, **kwargs)
+    own.update(kv_events=kv_events, send_prompt_ids=own.get("send_prompt_ids", True))
+    return core, own
+
+
+def validate_kv_event_options(options: Mapping[str, Any]) -> None:
+    """Fail at start-up naming a bad ``kv_events`` option, not when a replica appears."""
+    for name in options:
+        if name not in KV_EVENT_OPTIONS:
+            raise ConfigError(f"kv_events.{name}", f"unknown option (valid: {', '.join(KV_EVENT_OPTIONS)})")
+    from router.kv_events import KVEventSubscriber
+
+    # The subscriber checks every value when built; building one opens no socket.
+    KVEventSubscriber("validation", {"endpoint": "tcp://127.0.0.1:1"}, lambda replica, event: None,
+                      **dict(options))
+
+
+@dataclass(slots=True)
+class Pending:
+    """One decision between ranking and routing: the core's request, the blocks each
+    replica matched, the session's replica (or ``FALLBACK``), the decision's seconds on
+    the loop, and the front door's own payload (Serve: the caller's body when the one sent
+    was stripped of its text)."""
+
+    request: RouteRequest
+    matched: dict
+    session_replica: Any
+    latency_s: float
+    payload: Any = None
+
+
+class RoutingService:
+    """The routing layer shared by the Serve plug-in and the gateway (module docstring).
+
+    Holds the core, the keyers, the prompt tokenizer (shared by the services of one
+    process) and its thread pool, the pending decisions (an LRU bounded by
+    ``max_pending``), per-replica engine facts (tokenizer fingerprint, prefix-cache
+    counters), the KV-event hub once a replica advertises a stream, and the metrics.
+    Costs on the loop: ``prepare`` is O(prompt length) (parse, render, assemble cached
+    pieces, key; about 0.1-0.5 ms at 100k characters), plus the await of the pool for new
+    text; ``rank`` is the core's (a few us); lifecycle calls are O(1) plus the speculative
+    insert. ``name`` prefixes log lines and errors.
+    """
+
+    def __init__(self, options: Mapping[str, Any], *, name: str = "kvroute",
+                 metrics_factory: Callable = ray_metric_factory) -> None:
+        self.name = name
+        core, own = validate_options(options)
+        self.core = core
+        self.options = own
+        path = own.get("tokenizer")
+        if path is not None and path.startswith("~"):  # a local path written for any user (YAML)
+            path = os.path.expanduser(path)
+        self.prompts = PromptTokenizer.shared(path, cache_bytes=own["tokenizer_cache_bytes"]) if path else None
+        self.tokenizer = self.prompts.hf if self.prompts is not None else None
+        self.pool = TokenizerPool(own["tokenizer_threads"], own["tokenizer_max_queued_chars"])
+        self.tokenize_counts = dict.fromkeys(TOKENIZE_RESULTS, 0)
+        self.prompt_ids_sent = 0
+        self.bad_requests = 0
+        self.kv_endpoint_errors = 0
+        # Cumulative seconds of decisions on the loop and of waiting for the pool
+        # (benchmarks read them: a wall clock around a decision counts both, and the time
+        # other coroutines hold the loop while it waits).
+        self.loop_seconds = 0.0
+        self.tokenize_wait_seconds = 0.0
+        # replica -> (the tokenizer fingerprint its engine reports: it takes our ids if
+        # equal; whether it takes a chat by its ids alone, without the messages' text)
+        self.engine_tokenizers: dict[str, tuple[str, bool]] = {}
+        self.engine_prefix: dict[str, tuple[int, int]] = {}  # replica -> engine's (queries, hits)
+        # The served model's name, from the engines' reports: a body without "model" is
+        # for it, and its KV events are keyed in its namespace.
+        self.default_model = ""
+        self._token_keyer = TokenBlockKeyer(own["block_size"])
+        self._char_keyer = CharChunkKeyer(own["chunk_chars"])
+        self._pending: OrderedDict[str, Pending] = OrderedDict()
+        self._kv_hub = None
+        self._profile = getattr(core.policy, "profile", None)
+        policy = own.get("policy", "cache_aware")
+        self.metrics = RouterMetrics(policy if isinstance(policy, str) else type(policy).__name__, metrics_factory)
+        self._flush_scheduled = False
+
+    @staticmethod
+    def now() -> float:
+        return time.monotonic()
+
+    # -- request understanding -------------------------------------------------------------
+    def parse(self, body: Any, lora: str = "") -> RequestFields | None:
+        """The routing fields of a body (None when the router cannot read it: the request
+        then goes out unranked, and is counted in ``bad_requests``)."""
+        try:
+            return parse_request(body, lora=lora, tokenizer=self.tokenizer,
+                                 max_tokenized_chars=self.options["max_tokenized_chars"])
+        except BadRequest:
+            self.bad_requests += 1
+        except Exception as exc:  # noqa: BLE001 - a body the router cannot read must not fail routing
+            self.bad_requests += 1
+            # The type only: the exception's text may quote the body (a session id, a prompt).
+            logger.warning("%s: could not read a request body (%s); routed unranked", self.name,
+                           type(exc).__name__)
+        return None
+
+    def encode_now(self, fields: RequestFields) -> bytes | None:
+        """``fields.content``'s ids, tokenized on this thread (for callers without a loop)."""
+        try:
+            return self.prompts.encode(fields.content, fields.add_special_tokens)
+        except Exception:  # noqa: BLE001 - e.g. a lone surrogate: keyed in characters
+            self.tokenize_counts["error"] += 1
+            return None
+
+    async def tokenized(self, fields: RequestFields) -> tuple[bytes | None, float]:
+        """``fields.content``'s token ids, and the seconds spent waiting for the pool: from
+        cached pieces on the loop (a short new text is encoded on the loop too), else
+        encoded on the tokenizer pool while the loop routes others. None when the pool is
+        full (the request is then keyed in characters and the engine tokenizes it) or the
+        tokenizer fails on the text."""
+        prompts = self.prompts
+        ids, missing = prompts.assemble(fields.content, fields.add_special_tokens)
+        if ids is not None:
+            self.tokenize_counts["cached"] += 1
+            return ids, 0.0
+        try:
+            if sum(map(len, missing)) <= INLINE_TOKENIZE_CHARS:
+                # A short new message costs less to encode here than a hop to the pool.
+                ids = prompts.encode(fields.content, fields.add_special_tokens)
+                self.tokenize_counts["encoded"] += 1
+                return ids, 0.0
+            future = self.pool.submit(prompts, missing)
+            if future is None:
+                self.tokenize_counts["overflow"] += 1
+                return None, 0.0
+            before = time.perf_counter()
+            encoded = await future
+            waited = time.perf_counter() - before
+        except Exception:  # noqa: BLE001 - e.g. a lone surrogate: keyed in characters instead
+            self.tokenize_counts["error"] += 1
+            return None, 0.0
+        prompts.store(missing, encoded)
+        ids, _ = prompts.assemble(fields.content, fields.add_special_tokens)
+        if ids is None:  # the cache cannot hold all of this prompt's pieces at once
+            before = time.perf_counter()
+            ids = await asyncio.get_running_loop().run_in_executor(
+                None, prompts.encode_uncached, fields.content, fields.add_special_tokens)
+            waited += time.perf_counter() - before
+        self.tokenize_counts["encoded"] += 1
+        return ids, waited
+
+    def record_wait(self, waited: float) -> None:
+        """Account a wait for the pool (a metric of its own, not decision latency)."""
+        if waited:
+            self.metrics.record_tokenize_wait(waited)
+            self.tokenize_wait_seconds += waited
+
+    def key(self, fields: RequestFields, ids: bytes | None, request_id: str) -> RouteRequest:
+        """Key ``fields`` (``ids``: the prompt's packed token ids, when tokenized)."""
+        model = fields.model or self.default_model
+        namespaced = bool(model or fields.lora or fields.cache_salt)
+        seed = namespace_seed(model, fields.lora, fields.cache_salt) if namespaced else DEFAULT_SEED
+        if ids is not None:
+            keyer = self._token_keyer
+            keys = keyer.keys_packed(ids, seed)
+            prompt_tokens = len(ids) // 4
+        else:
+            keyer = self._token_keyer if fields.is_tokens else self._char_keyer
+            keys = keyer.keys(fields.content, seed)
+            prompt_tokens = keyer.prompt_tokens(fields.content)
+        session = fields.session_id
+        if session and (fields.lora or fields.cache_salt):
+            # Sessions are per tenant: the same id under another adapter or salt is another
+            # conversation, and must not steer (or be steered by) this tenant's traffic.
+            session = f"{seed:016x}:{session}"
+        return RouteRequest(keys=keys, prompt_tokens=max(1, prompt_tokens), block_tokens=keyer.block_tokens,
+                            session_id=session, output_tokens=fields.max_tokens, request_id=request_id)
+
+    def id_takers(self) -> list[bool] | None:
+        """For the engines that reported this router's tokenizer fingerprint, whether each
+        takes a chat by its ids alone; None when no engine would use the router's ids (or
+        sending them is off)."""
+        if self.prompts is None or not self.options["send_prompt_ids"]:
+            return None
+        fingerprint = self.prompts.fingerprint
+        takers = [ids_only for fp, ids_only in self.engine_tokenizers.values() if fp == fingerprint]
+        return takers or None
+
+    # -- deciding --------------------------------------------------------------------------
+    def rank(self, request: RouteRequest, candidates: list[str], started: float,
+             payload: Any = None) -> list[list[str]]:
+        """The policy's tiers over ``candidates`` (best first; empty when it ranked none),
+        remembered until ``routed``. ``started``: ``perf_counter()`` when the decision
+        began on the loop (its latency is the loop time since). When a tier comes back, the
+        request is reserved on the first tier's least-loaded replica, so that rankings
+        before it is reported routed see it (``routed`` replaces this with the real one)."""
+        now = self.now()
+        tiers, view = self.core.rank(request, now, candidates=candidates)
+        allowed = set(candidates)
+        tiers = [[k for k in tier if k in allowed] for tier in tiers]
+        tiers = [tier for tier in tiers if tier]
+        latency = time.perf_counter() - started
+        self.loop_seconds += latency
+        self._remember(Pending(request, view.matched_blocks, view.session_replica if tiers else FALLBACK, latency,
+                               payload))
+        if tiers:
+            loads = self.core.load.loads
+            top = min(tiers[0], key=lambda k: loads[k].in_flight if k in loads else 0)
+            self.core.reserve(request, top, view.matched_blocks.get(top, 0))
+        return tiers
+
+    def _remember(self, entry: Pending) -> None:
+        pending = self._pending
+        request_id = entry.request.request_id
+        pending[request_id] = entry
+        pending.move_to_end(request_id)
+        while len(pending) > self.options["max_pending"]:
+            dropped, _entry = pending.popitem(last=False)
+            self.core.load.on_completed(dropped)  # never routed: release its reservation
+
+    def pending(self, request_id: str) -> Pending | None:
+        return self._pending.get(request_id)
+
+    def routed(self, request_id: str, replica: str) -> None:
+        """The request went to ``replica``: learn it (speculative tree entries, session,
+        load) and record the decision's outcome."""
+        entry = self._pending.pop(request_id, None)
+        if entry is None:
+            return
+        request = entry.request
+        if replica not in self.core.replicas:
+            self.core.load.on_completed(request.request_id)  # release the reservation
+            return
+        now = self.now()
+        chosen = entry.matched.get(replica, 0)
+        self.core.on_routed(request, replica, now, matched_blocks=chosen)
+        self._schedule_first_token(request, replica, chosen)
+        outcome = "fallback" if entry.session_replica is FALLBACK else \
+            RoutingCore._outcome(replica, chosen, max(entry.matched.values(), default=0), entry.session_replica)
+        self.metrics.record_decision(outcome, entry.latency_s, request.prompt_tokens,
+                                     min(request.prompt_tokens, chosen * request.block_tokens))
+
+    def record_fallback(self) -> None:
+        """A request the router could not read went out unranked."""
+        self.metrics.record_decision("fallback", None)
+
+    def first_token(self, request_id: str) -> None:
+        """The replica began answering (the gateway sees it; Serve's router does not)."""
+        self.core.on_first_token(request_id, self.now())
+
+    def _schedule_first_token(self, request: RouteRequest, replica: str, matched_blocks: int) -> None:
+        # A front door that does not see a response's first chunk (Serve's router) gets an
+        # estimate: prefill ends after the uncached tokens at the profile's prefill rate.
+        # The engines' own waiting/running reports correct it on every decision. The
+        # gateway calls ``first_token`` when the first byte comes back, which wins.
+        profile = self._profile
+        uncached = max(0, request.prompt_tokens - matched_blocks * request.block_tokens)
+        delay = 0.0 if profile is None else profile.step_overhead_s + uncached * profile.prefill_s_per_token
+        request_id = request.request_id
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self.core.on_first_token(request_id, self.now())
+            return
+        loop.call_later(delay, lambda: self.core.on_first_token(request_id, self.now()))
+
+    def completed(self, request_id: str) -> None:
+        self._pending.pop(request_id, None)
+        self.core.on_completed(request_id, self.now())
+
+    # -- replicas and engine reports -------------------------------------------------------
+    def set_replicas(self, replicas: list[str], capacity_tokens: Mapping[str, int] | None = None) -> None:
+        """The replica set and, where known, each replica's KV capacity in tokens."""
+        self.core.on_replicas_changed(list(replicas), self.now(), capacity_tokens=dict(capacity_tokens or {}))
+
+    def replica_died(self, replica: str) -> None:
+        self.core.on_replica_died(replica, self.now())
+
+    def engine_report(self, replica: str, stats: Mapping[str, Any], now: float | None = None) -> None:
+        """Absorb one engine report: ``record_routing_stats``'s shape (``running``,
+        ``waiting``, ``kv_usage``, ``prefix_cache_queries``/``hits``, ``model``,
+        ``kvroute_tokenizer``, ``kvroute_ids_only``); any field may be missing or wrong
+        (a wrong one is ignored)."""
+        now = self.now() if now is None else now
+        if isinstance(stats.get("model"), str):
+            self.default_model = stats["model"]
+        if isinstance(stats.get("kvroute_tokenizer"), str):
+            self.engine_tokenizers[replica] = (stats["kvroute_tokenizer"], stats.get("kvroute_ids_only") is True)
+        queries, hits = stats.get("prefix_cache_queries"), stats.get("prefix_cache_hits")
+        if isinstance(queries, int) and isinstance(hits, int) and 0 <= hits <= queries:
+            self.engine_prefix[replica] = (queries, hits)
+        usage, waiting, running = stats.get("kv_usage"), stats.get("waiting"), stats.get("running")
+        self.core.on_engine_report(
+            replica, now,
+            kv_usage=float(usage) if isinstance(usage, (int, float)) and math.isfinite(usage) else None,
+            waiting=waiting if isinstance(waiting, int) and waiting >= 0 else None,
+            running=running if isinstance(running, int) and running >= 0 else None)
+
+    def forget_engines(self, live: set[str]) -> None:
+        """Drop engine facts of replicas no longer in ``live``."""
+        for table in (self.engine_prefix, self.engine_tokenizers):
+            for key in [k for k in table if k not in live]:
+                del table[key]
+
+    # -- KV events -------------------------------------------------------------------------
+    @property
+    def kv_events_enabled(self) -> bool:
+        """KV events are used in token mode only: they carry token ids, which key the same
+        as the router's token blocks."""
+        return self.options["kv_events"] is not False and self.tokenizer is not None
+
+    def update_kv_endpoints(self, endpoints: Mapping[str, Mapping], loop: asyncio.AbstractEventLoop) -> None:
+        """Subscribe to each replica's KV-event stream (``router.kv_events`` endpoint specs),
+        and unsubscribe from those no longer listed. Subscribers run on their own threads;
+        their events are applied on ``loop``."""
+        if not self.kv_events_enabled:
+            return
+        if self._kv_hub is None:
+            if not endpoints:
+                return
+            from router.kv_events import KVEventHub, LoopDelivery
+
+            options = self.options["kv_events"]
+            self._kv_hub = KVEventHub(LoopDelivery(loop, self._apply_kv_event),
+                                      **(dict(options) if isinstance(options, Mapping) else {}))
+        try:
+            self._kv_hub.update(dict(endpoints))
+        except ConfigError as exc:
+            self.kv_endpoint_errors += 1
+            logger.warning("%s: KV-event subscription failed: %s", self.name, exc)
+
+    def _apply_kv_event(self, replica: str, event: Any) -> None:
+        self.core.on_kv_event(replica, event, self.now())
+
+    @property
+    def kv_hub(self):
+        """The ``KVEventHub`` (None until a replica advertises a stream)."""
+        return self._kv_hub
+
+    def kv_event_stats(self) -> dict[str, int]:
+        """Counters of the KV-event subscribers (messages, events, gaps, replayed, ...)."""
+        return self._kv_hub.totals() if self._kv_hub is not None else {}
+
+    def kv_stream_stats(self) -> dict[str, dict[str, Any]]:
+        """Per replica: the subscriber's state (lag, stream down, counters)."""
+        return self._kv_hub.stats() if self._kv_hub is not None else {}
+
+    def close(self) -> None:
+        """Stop the KV-event subscribers (their threads and sockets)."""
+        hub, self._kv_hub = self._kv_hub, None
+        if hub is not None:
+            hub.close()
+
+    # -- metrics ---------------------------------------------------------------------------
+    def schedule_metrics_flush(self) -> None:
+        """Flush the metrics every ``FLUSH_INTERVAL_S`` on the running loop (started by the
+        first decision: a router that never routes exports nothing)."""
+        if self._flush_scheduled:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        self._flush_scheduled = True
+        loop.call_later(FLUSH_INTERVAL_S, self._flush_metrics_periodically)
+
+    def _flush_metrics_periodically(self) -> None:
+        try:
+            self.flush_metrics()
+        except Exception:  # noqa: BLE001 - metrics must never take the router down
+            logger.exception("%s: metrics flush failed", self.name)
+        asyncio.get_running_loop().call_later(FLUSH_INTERVAL_S, self._flush_metrics_periodically)
+
+    def metrics_snapshot(self) -> RouterSnapshot:
+        """The core's state for the metrics: O(replicas)."""
+        core = self.core
+        tree = core.tree
+        now = self.now()
+        kv_stats = self.kv_stream_stats()
+        replicas = {}
+        for replica in core.replicas:
+            tree_stats = tree.stats(replica)
+            load = core.load.loads.get(replica)
+            engine = self.engine_prefix.get(replica)
+            lag = (kv_stats.get(replica) or {}).get("lag_s")
+            replicas[replica] = ReplicaSnapshot(
+                tree_blocks=tree_stats["blocks"], tree_speculative=tree_stats["speculative"],
+                tree_bytes=tree.replica_bytes(replica), tree_evicted=tree_stats["evicted"],
+                in_flight=load.in_flight if load else 0,
+                waiting_prefill_tokens=load.waiting_prefill_tokens if load else 0,
+                engine_kv_usage=load.engine_kv_usage if load else None,
+                engine_report_age_s=load.report_age(now) if load else None,
+                prefix_cache_queries=engine[0] if engine else None,
+                prefix_cache_hits=engine[1] if engine else None,
+                kv_event_lag_s=lag if isinstance(lag, (int, float)) else None)
+        down = sum(1 for row in kv_stats.values() if row.get("stream_down"))
+        return RouterSnapshot(replicas=replicas, tree_shared_bytes=tree.shared_bytes(), sessions=len(core.sessions),
+                              session_evictions=core.sessions.evicted, kv_events=self.kv_event_stats(),
+                              kv_streams_down=down, bad_requests=self.bad_requests,
+                              tokenize=dict(self.tokenize_counts), prompt_ids_sent=self.prompt_ids_sent,
+                              tokenizer_cache=self.prompts.cache.stats.as_dict() if self.prompts else {})
+
+    def flush_metrics(self) -> None:
+        """Export what was recorded since the last flush (also called by tests)."""
+        self.metrics.flush(self.metrics_snapshot())

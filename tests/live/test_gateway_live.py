@@ -1,0 +1,225 @@
+"""Live: ``kvroute gateway`` (the real command, a child process) in front of two real
+``vllm serve`` CPU servers of the tiny model, with prefix caching and KV events on.
+
+Checks what users see: answers identical to a direct call, streams passed through,
+repeat prefixes sent back to the worker that caches them and confirmed by its KV events,
+the ingress's 4xx for bad input, a worker added at run time getting traffic, a worker
+killed with requests in flight losing none of them, and SIGTERM draining a stream before
+the gateway exits. Every wait is on an observable condition with a generous deadline.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+pytest.importorskip("vllm")
+pytest.importorskip("aiohttp")
+
+from engines.vllm_server import VLLMServer  # noqa: E402
+from tests.helpers import wait_for  # noqa: E402
+
+pytestmark = pytest.mark.live
+BLOCK = 32  # vLLM's CPU attention takes multiples of 32
+SYSTEM = "You are the kvroute gateway's test assistant. Answer briefly and precisely. " * 12
+
+
+def _post(url: str, body: dict, timeout: float = 300) -> tuple[int, dict, dict]:
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
+                                     headers={"content-type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as resp:
+            return resp.status, json.loads(resp.read()), dict(resp.headers)
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"{}"), dict(exc.headers)
+
+
+def _get(url: str) -> dict:
+    with urllib.request.urlopen(url, timeout=30) as resp:
+        return json.loads(resp.read())
+
+
+def _chat(text: str, **extra) -> dict:
+    return {"model": "tiny", "messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": text}],
+            "max_tokens": 8, "temperature": 0, **extra}
+
+
+class GatewayProcess:
+    """``python -m router.cli gateway ...`` with its listening line parsed."""
+
+    def __init__(self, args: list[str]) -> None:
+        self.process = subprocess.Popen([sys.executable, "-m", "router.cli", "gateway", *args],
+                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                        start_new_session=True)
+        self.lines: list[str] = []
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            line = self.process.stdout.readline()
+            if not line:
+                break
+            self.lines.append(line)
+            found = re.search(r"listening on (http://\S+) \(admin: (http://\S+)\)", line)
+            if found:
+                self.url, self.admin = found.group(1), found.group(2)
+                return
+        raise RuntimeError("gateway did not start:\n" + "".join(self.lines))
+
+    def workers(self) -> dict[str, dict]:
+        return {w["url"]: w for w in _get(self.admin + "/admin/workers")["workers"]}
+
+    def state(self) -> dict:
+        return _get(self.admin + "/admin/workers")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+
+@pytest.fixture(scope="module")
+def servers(tiny_model_path):
+    started = [VLLMServer(tiny_model_path, block_size=BLOCK, kv_blocks=512).start() for _ in range(2)]
+    try:
+        for server in started:
+            server.wait_ready(900)
+        yield started
+    finally:
+        for server in started:
+            server.stop()
+
+
+@pytest.fixture(scope="module")
+def gateway(servers, tiny_model_path):
+    first, second = servers
+    # The second worker joins later, through the admin listener (test_a_worker_added...).
+    gw = GatewayProcess(["--worker", first.worker_arg(), "--tokenizer", str(tiny_model_path),
+                         "--block-size", str(BLOCK), "--port", "0", "--admin-port", "0"])
+    try:
+        assert wait_for(lambda: gw.workers()[first.url]["admitted"], timeout=120, interval=0.2)
+        yield gw
+    finally:
+        gw.stop()
+
+
+def test_answers_equal_a_direct_call_and_bad_input_gets_the_ingress_4xx(gateway, servers):
+    body = _chat("What is a prefix cache?")
+    status, via, headers = _post(gateway.url + "/v1/chat/completions", body)
+    assert status == 200 and headers["x-kvroute-worker"] == servers[0].url
+    _, direct, _ = _post(servers[0].url + "/v1/chat/completions", body)
+    assert via["choices"][0]["message"] == direct["choices"][0]["message"]
+    assert _get(gateway.url + "/v1/models")["data"][0]["id"] == "tiny"
+    for bad, status_want, words in [({"model": "tiny"}, 400, "messages"), (_chat("x", model="gpt-9"), 404, "gpt-9"),
+                                    (_chat("x", max_tokens=-1), 400, "max_tokens")]:
+        status, data, _ = _post(gateway.url + "/v1/chat/completions", bad)
+        assert status == status_want and words in data["error"]["message"], data
+
+
+def test_streams_pass_through_event_by_event(gateway, servers):
+    body = _chat("Count to ten.", stream=True, max_tokens=24, ignore_eos=True)
+    request = urllib.request.Request(gateway.url + "/v1/chat/completions", data=json.dumps(body).encode(),
+                                     headers={"content-type": "application/json"})
+    events = []
+    with urllib.request.urlopen(request, timeout=300) as resp:
+        assert resp.headers["content-type"].startswith("text/event-stream")
+        for line in resp:
+            if line.startswith(b"data: "):
+                events.append(line[6:].strip())
+    assert events[-1] == b"[DONE]"
+    deltas = [json.loads(e)["choices"][0]["delta"].get("content", "") for e in events[:-1]
+              if json.loads(e)["choices"]]
+    assert len(deltas) >= 10  # one event per token or so, not one buffered blob
+    _, direct, _ = _post(servers[0].url + "/v1/chat/completions", {**body, "stream": False})
+    assert "".join(deltas) == direct["choices"][0]["message"]["content"]
+
+
+def test_kv_events_confirm_what_the_gateway_routed(gateway, servers):
+    for i in range(3):
+        _post(gateway.url + "/v1/chat/completions", _chat(f"Question {i}: what is routing?"))
+
+    def confirmed() -> bool:
+        row = gateway.workers()[servers[0].url]
+        tree = row.get("tree") or {}
+        return tree.get("blocks", 0) > 0 and tree.get("speculative", 1) == 0
+    assert wait_for(confirmed, timeout=60, interval=0.2), gateway.workers()[servers[0].url]
+    assert gateway.state()["kv_events"].get("events", 0) > 0
+
+
+def test_a_worker_added_at_run_time_gets_traffic_and_prefixes_stick(gateway, servers):
+    first, second = servers
+    request = urllib.request.Request(gateway.admin + "/admin/workers", method="POST",
+                                     data=json.dumps({"worker": second.worker_arg()}).encode(),
+                                     headers={"content-type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as resp:
+        assert resp.status == 201
+    assert wait_for(lambda: gateway.workers()[second.url]["admitted"], timeout=120, interval=0.2)
+    served: dict[int, set] = {}
+    for turn in range(3):
+        for session in range(8):  # 8 distinct long prefixes: cache_aware spreads them
+            prompt = f"Session {session}. " + f"Context of session {session}. " * 60 + "Turn. " * turn
+            status, _, headers = _post(gateway.url + "/v1/completions",
+                                       {"model": "tiny", "prompt": prompt, "max_tokens": 2, "temperature": 0})
+            assert status == 200
+            served.setdefault(session, set()).add(headers["x-kvroute-worker"])
+    workers_used = set().union(*served.values())
+    assert second.url in workers_used, served
+    assert all(len(w) == 1 for w in served.values()), served  # each session stays with its cache
+
+
+def test_a_worker_killed_with_requests_in_flight_loses_none(gateway, servers):
+    first, second = servers
+    assert wait_for(lambda: all(w["admitted"] for w in gateway.workers().values()), timeout=120, interval=0.2)
+    # Distinct long prompts, all at once: the policy spreads them over both workers.
+    bodies = [{"model": "tiny", "prompt": f"Document {i}. " + f"Body of document {i}. " * 60, "max_tokens": 600,
+               "ignore_eos": True, "temperature": 0} for i in range(8)]
+    with concurrent.futures.ThreadPoolExecutor(len(bodies)) as executor:
+        futures = [executor.submit(_post, gateway.url + "/v1/completions", b, 900) for b in bodies]
+        # Kill once the gateway has requests in flight on the victim (observable, not timed).
+        assert wait_for(lambda: gateway.workers()[second.url]["in_flight"] > 0, timeout=120, interval=0.02)
+        assert not any(f.done() for f in futures)
+        second.kill()
+        results = [f.result() for f in futures]
+    assert [status for status, _, _ in results] == [200] * len(bodies), results
+    assert all(r[1]["usage"]["completion_tokens"] == 600 for r in results)
+    assert all(r[2]["x-kvroute-worker"] == first.url for r in results)  # answered in full by the survivor
+    assert gateway.state()["retries"] >= 1
+    assert wait_for(lambda: not gateway.workers()[second.url]["admitted"], timeout=60, interval=0.2)
+
+
+def test_sigterm_drains_a_stream_then_exits(gateway, servers):
+    body = _chat("Tell a long story.", stream=True, max_tokens=400, ignore_eos=True)
+    request = urllib.request.Request(gateway.url + "/v1/chat/completions", data=json.dumps(body).encode(),
+                                     headers={"content-type": "application/json"})
+    with urllib.request.urlopen(request, timeout=300) as resp:
+        first = resp.readline()
+        assert first.startswith(b"data: ")
+        os.killpg(gateway.process.pid, signal.SIGTERM)
+        # Not accepting any more, while this stream goes on.
+        port = int(gateway.url.rsplit(":", 1)[1])
+        assert wait_for(lambda: _refused(port), timeout=60, interval=0.05)
+        rest = resp.read()
+    assert rest.strip().endswith(b"data: [DONE]")
+    assert rest.count(b"data: ") >= 100
+    assert gateway.process.wait(120) == 0
+
+
+def _refused(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        s.settimeout(2)
+        try:
+            s.connect(("127.0.0.1", port))
+        except OSError:
+            return True
+    return False
+

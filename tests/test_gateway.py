@@ -1,0 +1,309 @@
+"""The gateway's own logic against in-process fake workers (aiohttp servers that speak the
+slice of vLLM's OpenAI server the gateway uses). The proof against real ``vllm serve``
+processes is ``tests/live/test_gateway_live.py``; here each behaviour is isolated:
+validation, routing by prefix, retries before the first byte, streaming pass-through
+without buffering, ejection and re-admission, the admin listener, the drain on stop."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import pytest
+
+aiohttp = pytest.importorskip("aiohttp")
+pytest.importorskip("prometheus_client")
+
+from aiohttp import web  # noqa: E402
+
+from router.errors import ConfigError  # noqa: E402
+from router.gateway.app import Gateway  # noqa: E402
+from router.gateway.config import WorkerSpec, build_config, load_file, parse_policy_options  # noqa: E402
+from router.gateway.vllm_metrics import engine_report  # noqa: E402
+
+MODEL = "tiny"
+#: The shape of vLLM 0.32's /metrics for the series the gateway reads.
+METRICS = """# HELP vllm:num_requests_running Number of requests in model execution batches.
+# TYPE vllm:num_requests_running gauge
+vllm:num_requests_running{{engine="0",model_name="tiny"}} {running}
+# HELP vllm:num_requests_waiting Number of requests waiting to be processed.
+# TYPE vllm:num_requests_waiting gauge
+vllm:num_requests_waiting{{engine="0",model_name="tiny"}} {waiting}
+# HELP vllm:kv_cache_usage_perc KV-cache usage. 1 means 100 percent usage.
+# TYPE vllm:kv_cache_usage_perc gauge
+vllm:kv_cache_usage_perc{{engine="0",model_name="tiny"}} 0.25
+# HELP vllm:prefix_cache_queries_total Prefix cache queries, in terms of number of queried tokens.
+# TYPE vllm:prefix_cache_queries_total counter
+vllm:prefix_cache_queries_total{{engine="0",model_name="tiny"}} 1000.0
+# HELP vllm:prefix_cache_hits_total Prefix cache hits, in terms of number of cached tokens.
+# TYPE vllm:prefix_cache_hits_total counter
+vllm:prefix_cache_hits_total{{engine="0",model_name="tiny"}} 400.0
+# HELP vllm:cache_config_info Information of the LLMEngine CacheConfig
+# TYPE vllm:cache_config_info gauge
+vllm:cache_config_info{{block_size="16",cache_dtype="auto",engine="0",num_gpu_blocks="1024"}} 1.0
+"""
+
+
+class FakeWorker:
+    """A worker that answers at once: a chat answer naming itself, or an SSE stream of
+    ``chunks`` chunks; ``mode`` makes it fail (``"503"``, ``"drop"``: close the connection
+    without answering, ``"unhealthy"``: /health 500); ``hold`` (an asyncio.Event) holds a
+    stream after its first chunk until set."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.mode = "ok"
+        self.hold: asyncio.Event | None = None
+        self.requests: list[dict] = []
+        self.running = 0
+        self.runner: web.AppRunner | None = None
+        self.url = ""
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_get("/health", self.health)
+        app.router.add_get("/v1/models", self.models)
+        app.router.add_get("/metrics", self.metrics)
+        app.router.add_post("/v1/chat/completions", self.chat)
+        app.router.add_post("/v1/completions", self.chat)
+        self.runner = web.AppRunner(app, access_log=None)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        await site.start()
+        self.url = f"http://127.0.0.1:{self.runner.addresses[0][1]}"
+
+    async def stop(self) -> None:
+        await self.runner.cleanup()
+
+    async def health(self, request):
+        return web.Response(status=500 if self.mode == "unhealthy" else 200)
+
+    async def models(self, request):
+        return web.json_response({"object": "list", "data": [{"id": MODEL, "object": "model"}]})
+
+    async def metrics(self, request):
+        return web.Response(text=METRICS.format(running=self.running, waiting=0))
+
+    async def chat(self, request):
+        body = await request.json()
+        self.requests.append(body)
+        if self.mode == "503":
+            return web.json_response({"error": "overloaded"}, status=503)
+        if self.mode == "drop":
+            request.transport.close()
+            return web.Response()
+        if not body.get("stream"):
+            return web.json_response({"id": "x", "object": "chat.completion", "worker": self.name,
+                                      "choices": [{"message": {"role": "assistant", "content": "hi"}}]})
+        response = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await response.prepare(request)
+        for i in range(3):
+            await response.write(f"data: {json.dumps({'worker': self.name, 'i': i})}\n\n".encode())
+            if i == 0 and self.hold is not None:
+                await self.hold.wait()
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
+
+
+def _config(workers, **extra):
+    return build_config({"workers": [w.url for w in workers], "port": 0, "admin_port": 0,
+                         "health_interval_s": 0.05, "metrics_interval_s": 0.05, **extra})
+
+
+def _run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 120))
+
+
+async def _with_gateway(n_workers, body, **extra):
+    workers = [FakeWorker(f"w{i}") for i in range(n_workers)]
+    for w in workers:
+        await w.start()
+    gateway = Gateway(_config(workers, **extra))
+    await gateway.start()
+    try:
+        assert await gateway.pool.wait_admitted(n_workers, 30)
+        async with aiohttp.ClientSession(f"http://127.0.0.1:{gateway.port}") as client:
+            return await body(gateway, workers, client)
+    finally:
+        await gateway.stop()
+        for w in workers:
+            await w.stop()
+
+
+def _chat(text, **extra):
+    return {"model": MODEL, "messages": [{"role": "user", "content": text}], "max_tokens": 4, **extra}
+
+
+# -- configuration -------------------------------------------------------------------------
+def test_worker_spec_parses_and_names_bad_fields():
+    spec = WorkerSpec.parse("http://127.0.0.1:8001/,kv_events=tcp://127.0.0.1:5557,replay=tcp://127.0.0.1:5558")
+    assert spec == WorkerSpec("http://127.0.0.1:8001", "tcp://127.0.0.1:5557", "tcp://127.0.0.1:5558", "")
+    for bad, field in [("127.0.0.1:8001", "worker.url"), ("http://h:1,kv_events=5557", "worker.kv_events"),
+                       ("http://h:1,kv_events=tcp://*:5557", "worker.kv_events"), ("http://h:1,port=3", "worker")]:
+        with pytest.raises(ConfigError) as info:
+            WorkerSpec.parse(bad)
+        assert info.value.field == field, (bad, info.value)
+
+
+def test_build_config_fails_at_start_naming_the_field(tmp_path):
+    with pytest.raises(ConfigError, match="^policy"):
+        build_config({"workers": ["http://h:1"], "policy": "no-such-policy"})
+    with pytest.raises(ConfigError, match="load_factor"):
+        build_config({"workers": ["http://h:1"], "policy_options": {"load_factor": -1}})
+    with pytest.raises(ConfigError, match="^port"):
+        build_config({"workers": ["http://h:1"], "port": 70000})
+    with pytest.raises(ConfigError, match=r"^workers\[1\]"):
+        build_config({"workers": ["http://h:1", "http://h:1"]})
+    with pytest.raises(ConfigError, match="^drain_timeout_s"):
+        build_config({"workers": ["http://h:1"], "drain_timeout_s": 0})
+    path = tmp_path / "gateway.yaml"
+    path.write_text("workers:\n  - http://127.0.0.1:8001\n  - url: http://127.0.0.1:8002\n    kv_events: "
+                    "tcp://127.0.0.1:5557\npolicy: sglang\npolicy_options: {cache_threshold: 0.4}\nport: 9000\n")
+    config = build_config(load_file(path))
+    assert [w.url for w in config.workers] == ["http://127.0.0.1:8001", "http://127.0.0.1:8002"]
+    assert config.routing["policy"] == "sglang" and config.port == 9000
+    path.write_text("wrokers: []\n")
+    with pytest.raises(ConfigError, match="^wrokers"):
+        load_file(path)
+    assert parse_policy_options(["load_factor=1.5", "name=abc"]) == {"load_factor": 1.5, "name": "abc"}
+
+
+def test_engine_report_from_vllm_metrics():
+    report = engine_report(METRICS.format(running=3, waiting=2))
+    assert report == {"running": 3, "waiting": 2, "kv_usage": 0.25, "prefix_cache_queries": 1000,
+                      "prefix_cache_hits": 400, "num_gpu_blocks": 1024, "block_size": 16, "model": "tiny"}
+    assert engine_report("") == {}
+
+
+# -- requests ------------------------------------------------------------------------------
+def test_bad_input_gets_the_ingress_4xx_and_reaches_no_worker():
+    async def body(gateway, workers, client):
+        cases = [(b"{not json", 400, "not valid JSON"), (b"[1]", 400, "JSON object"),
+                 (json.dumps({"model": MODEL}).encode(), 400, "messages"),
+                 (json.dumps(_chat("hi", temperature="hot")).encode(), 400, "temperature"),
+                 (json.dumps(_chat("hi", model="gpt-9")).encode(), 404, "gpt-9"),
+                 (b"x" * 2048, 413, "too large")]
+        for raw, status, words in cases:
+            async with client.post("/v1/chat/completions", data=raw,
+                                   headers={"content-type": "application/json"}) as resp:
+                data = await resp.json()
+                assert resp.status == status and words in data["error"]["message"], (raw[:40], data)
+        assert sum(len(w.requests) for w in workers) == 0
+        async with client.post("/v1/chat/completions", json=_chat("hello")) as resp:
+            assert resp.status == 200
+    _run(_with_gateway(2, body, max_body_bytes=1024))
+
+
+def test_repeat_prefix_goes_to_the_same_worker_and_sessions_stick():
+    async def body(gateway, workers, client):
+        seen = {}
+        prefix = "You are a helpful assistant. " * 40
+        for i in range(6):
+            for j in range(3):
+                async with client.post("/v1/chat/completions",
+                                       json=_chat(f"{prefix} conversation {i} " + "turn " * j)) as resp:
+                    seen.setdefault(i, set()).add((await resp.json())["worker"])
+        assert all(len(w) == 1 for w in seen.values()), seen
+        async with client.get("/metrics") as resp:
+            text = await resp.text()
+        assert "kvroute_router_decisions_total" in text and 'outcome="prefix_hit"' in text
+        assert "kvroute_gateway_requests_total" in text
+    _run(_with_gateway(2, body))
+
+
+def test_a_failing_worker_is_retried_elsewhere_then_ejected_and_readmitted():
+    async def body(gateway, workers, client):
+        workers[0].mode = "drop"
+        workers[1].mode = "503"
+        async with client.post("/v1/chat/completions", json=_chat("a")) as resp:
+            assert resp.status == 503  # both failed: the client is told, nothing hangs
+        workers[1].mode = "ok"
+        answered = []
+        for i in range(8):
+            async with client.post("/v1/chat/completions", json=_chat(f"request {i} " * 30)) as resp:
+                assert resp.status == 200, await resp.text()
+                answered.append((await resp.json())["worker"])
+        assert set(answered) == {"w1"} and gateway.retries >= 1
+        workers[0].mode = "unhealthy"
+        deadline = time.monotonic() + 30
+        while workers[0].url in gateway.pool.admitted() and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        assert gateway.pool.admitted() == [workers[1].url]
+        workers[0].mode = "ok"
+        assert await gateway.pool.wait_admitted(2, 30)  # re-admitted after good checks
+    _run(_with_gateway(2, body))
+
+
+def test_streams_pass_through_as_they_arrive():
+    async def body(gateway, workers, client):
+        hold = asyncio.Event()
+        for w in workers:
+            w.hold = hold
+        async with client.post("/v1/chat/completions", json=_chat("stream me", stream=True)) as resp:
+            assert resp.status == 200 and resp.headers["content-type"].startswith("text/event-stream")
+            first = await asyncio.wait_for(resp.content.readline(), 30)
+            # The worker holds the rest until the client has the first chunk: a gateway that
+            # buffered the stream would never deliver it.
+            assert json.loads(first[len(b"data: "):])["i"] == 0
+            hold.set()
+            rest = (await resp.read()).decode()
+        assert rest.strip().endswith("data: [DONE]") and '"i": 2' in rest
+    _run(_with_gateway(2, body))
+
+
+def test_admin_adds_and_removes_workers_at_run_time():
+    async def body(gateway, workers, client):
+        extra = FakeWorker("w-new")
+        await extra.start()
+        try:
+            admin = f"http://127.0.0.1:{gateway.admin_port}/admin/workers"
+            async with client.post(admin, json={"worker": extra.url}) as resp:
+                assert resp.status == 201
+            assert await gateway.pool.wait_admitted(2, 30)
+            served = set()
+            for i in range(20):  # distinct prompts: a cost-based policy spreads them
+                async with client.post("/v1/chat/completions", json=_chat(f"{i} unique " * 60)) as resp:
+                    served.add((await resp.json())["worker"])
+            assert "w-new" in served
+            async with client.delete(admin, params={"url": workers[0].url}) as resp:
+                assert resp.status == 200
+            assert gateway.pool.admitted() == [extra.url]
+            async with client.delete(admin, params={"url": "http://nowhere:1"}) as resp:
+                assert resp.status == 404
+        finally:
+            await extra.stop()
+    _run(_with_gateway(1, body))
+
+
+def test_stop_drains_requests_in_flight():
+    async def main():
+        worker = FakeWorker("w0")
+        await worker.start()
+        worker.hold = asyncio.Event()
+        gateway = Gateway(_config([worker]))
+        await gateway.start()
+        assert await gateway.pool.wait_admitted(1, 30)
+        async with aiohttp.ClientSession() as client:
+            url = f"http://127.0.0.1:{gateway.port}/v1/chat/completions"
+            async with client.post(url, json=_chat("long", stream=True)) as resp:
+                await resp.content.readline()
+                stopping = asyncio.create_task(gateway.stop())
+                refused, deadline = False, time.monotonic() + 30
+                while not refused and time.monotonic() < deadline:
+                    try:  # stopping: new connections are refused while the stream drains
+                        async with client.post(url, json=_chat("late")) as late:
+                            await late.read()
+                    except aiohttp.ClientConnectionError:
+                        refused = True
+                    else:
+                        await asyncio.sleep(0.01)
+                assert refused
+                assert not stopping.done()
+                worker.hold.set()
+                rest = await resp.read()
+            await stopping
+        assert rest.strip().endswith(b"data: [DONE]")
+        await worker.stop()
+    _run(main())
