@@ -229,7 +229,10 @@ def run_gateway(name: str, servers: Sequence[VLLMServer], requests, renderer: Te
     queries, hits = _delta(after, before, "queries"), _delta(after, before, "hits")
     finished = _delta(after, before, "finished")
     total = sum(finished.values())
-    row.update({"router": name, "front_door": "gateway", "client_hit_rate": row["hit_rate"],
+    # vLLM's server streams usage only when asked (stream_options), so the client's own
+    # count of cached tokens is not there: the engines' counters are the hit rate.
+    row.update({"router": name, "front_door": "gateway",
+                "client_hit_rate": row["hit_rate"] if row["prompt_tokens"] else None,
                 "hit_rate": round(sum(hits.values()) / sum(queries.values()), 4) if sum(queries.values()) else None,
                 "replica_share": {url: round(n / total, 4) for url, n in finished.items()} if total else {},
                 "max_replica_share": round(max(finished.values()) / total, 4) if total else None,
