@@ -20,7 +20,7 @@ from policies.base import RouteRequest
 from router.errors import ConfigError
 from router.requests import RequestFields
 from router.service import (INLINE_TOKENIZE_CHARS, KV_EVENT_OPTIONS, MAX_PENDING, SERVICE_OPTIONS,
-                            RoutingService, validate_kv_event_options, validate_options)
+                            RoutingService, validate_options)
 from router.tokenization import ATTACHMENT_KWARG, without_message_text
 
 from ray.serve.request_router import PendingRequest, ReplicaID, RunningReplica

@@ -34,7 +34,6 @@ import logging
 import signal
 import time
 import uuid
-from typing import Any
 
 import aiohttp
 from aiohttp import web
