@@ -271,10 +271,15 @@ class Gateway:
         last_error = "no worker admitted"
         for attempt in range(1, self.config.max_attempts + 1):
             candidates = [url for url in self.pool.admitted() if url not in tried]
+            admitted = bool(candidates)
+            if not admitted:
+                # No admitted worker left for this request (all ejected, e.g. health checks
+                # timing out on overloaded servers): try the known ones before failing it.
+                candidates = [url for url in self.pool.workers if url not in tried]
             if not candidates:
                 break
             request_id = uuid.uuid4().hex
-            if fields is None:
+            if fields is None or not admitted:
                 service.record_fallback()
                 tier = candidates
             else:

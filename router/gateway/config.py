@@ -104,8 +104,8 @@ class GatewayConfig:
     connect_timeout_s: float = 5.0
     request_timeout_s: float = 600.0
     health_interval_s: float = 2.0
-    health_timeout_s: float = 2.0
-    eject_after: int = 2
+    health_timeout_s: float = 5.0
+    eject_after: int = 3
     readmit_after: int = 2
     metrics_interval_s: float = 1.0
     max_attempts: int = 3
