@@ -35,7 +35,7 @@ from ray.serve.config import RequestRouterConfig
 from ray.serve.handle import DeploymentHandle
 
 from engines.errors import BadRequest, find_bad_request
-from engines.protocol import RequestBody, parse_chat, parse_completion, session_of
+from engines.protocol import RequestBody, parse_chat, parse_completion, read_json_body, session_of
 
 logger = logging.getLogger("kvroute.engines")
 
@@ -107,24 +107,8 @@ class OpenAIIngress:
 
     async def _body(self, request: Request) -> dict:
         declared = request.headers.get("content-length")
-        limit = self.max_body_bytes
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            raise BadRequest(413, f"request body too large: {declared} bytes (limit {limit})")
-        raw = bytearray()
-        async for part in request.stream():  # chunked bodies have no length: count as they come
-            raw += part
-            if len(raw) > limit:
-                raise BadRequest(413, f"request body too large (limit {limit} bytes)")
-        raw = bytes(raw)
-        try:
-            body = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise BadRequest(400, f"request body is not valid JSON: {exc}") from exc
-        except RecursionError:  # e.g. 100,000 '[': the decoder recurses once per level
-            raise BadRequest(400, "request body is not valid JSON: nested too deeply") from None
-        if not isinstance(body, dict):
-            raise BadRequest(400, f"request body must be a JSON object, got {type(body).__name__}")
-        return body
+        length = int(declared) if declared is not None and declared.isdigit() else None
+        return (await read_json_body(request.stream(), length, self.max_body_bytes))[1]
 
     def _check_model(self, body: dict) -> None:
         model = body.get("model")

@@ -13,8 +13,9 @@ text itself, or the token ids joined by spaces.
 
 from __future__ import annotations
 
+import json
 import math
-from collections.abc import Mapping
+from collections.abc import AsyncIterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +30,30 @@ INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
 #: Token ids are unsigned 32-bit everywhere downstream (the router packs them as uint32).
 TOKEN_ID_LIMIT = 1 << 32
 _SHOW_CHARS = 40  # how much of a bad value an error message quotes
+
+
+async def read_json_body(chunks: AsyncIterable[bytes], declared_length: int | None, limit: int) -> tuple[bytes, dict]:
+    """A request's body (its bytes and its JSON object), read from ``chunks`` up to
+    ``limit`` bytes: 413 when the declared length or the bytes that came pass it (a chunked
+    body has no declared length, so the bytes are counted as they come), 400 when it is not
+    a JSON object. Both front doors (kvroute's ingress and the gateway) read bodies here."""
+    if declared_length is not None and declared_length > limit:
+        raise BadRequest(413, f"request body too large: {declared_length} bytes (limit {limit})")
+    raw = bytearray()
+    async for part in chunks:
+        raw += part
+        if len(raw) > limit:
+            raise BadRequest(413, f"request body too large (limit {limit} bytes)")
+    raw = bytes(raw)
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BadRequest(400, f"request body is not valid JSON: {exc}") from None
+    except RecursionError:  # e.g. 100,000 '[': the decoder recurses once per level
+        raise BadRequest(400, "request body is not valid JSON: nested too deeply") from None
+    if not isinstance(body, dict):
+        raise BadRequest(400, f"request body must be a JSON object, got {type(body).__name__}")
+    return raw, body
 
 
 def _show(value: Any) -> str:

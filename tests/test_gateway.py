@@ -196,21 +196,51 @@ def test_bad_input_gets_the_ingress_4xx_and_reaches_no_worker():
     _run(_with_gateway(2, body, max_body_bytes=1024))
 
 
-def test_repeat_prefix_goes_to_the_same_worker_and_sessions_stick():
+async def _conversations(client, conversations=6, turns=3, **extra):
+    """Where each conversation's turns went: each has a prefix of its own (nothing shared
+    across conversations), and each turn extends the last."""
+    seen: dict[int, list[str]] = {}
+    for i in range(conversations):
+        prefix = f"conversation {i}: " + " ".join(f"fact{i}-{k}" for k in range(120))
+        for j in range(turns):
+            async with client.post("/v1/chat/completions", json=_chat(prefix + " turn" * (j + 1), **extra)) as resp:
+                assert resp.status == 200, await resp.text()
+                seen.setdefault(i, []).append((await resp.json())["worker"])
+    return seen
+
+
+def test_repeat_prefix_goes_to_the_same_worker():
     async def body(gateway, workers, client):
-        seen = {}
-        prefix = "You are a helpful assistant. " * 40
-        for i in range(6):
-            for j in range(3):
-                async with client.post("/v1/chat/completions",
-                                       json=_chat(f"{prefix} conversation {i} " + "turn " * j)) as resp:
-                    seen.setdefault(i, set()).add((await resp.json())["worker"])
-        assert all(len(w) == 1 for w in seen.values()), seen
+        seen = await _conversations(client)
+        assert all(len(set(w)) == 1 for w in seen.values()), seen
         async with client.get("/metrics") as resp:
             text = await resp.text()
         assert "kvroute_router_decisions_total" in text and 'outcome="prefix_hit"' in text
         assert "kvroute_gateway_requests_total" in text
     _run(_with_gateway(2, body))
+
+
+def test_the_same_conversations_split_without_the_cache_aware_policy():
+    """The control: round robin sends a conversation's turns to both workers, so the
+    assertion above is one a router without the prefix tree fails."""
+    async def body(gateway, workers, client):
+        seen = await _conversations(client)
+        assert all(len(set(w)) == 2 for w in seen.values()), seen
+    _run(_with_gateway(2, body, policy="round_robin"))
+
+
+def test_a_session_sticks_to_its_worker():
+    """Turns of a session with nothing in common (no shared prefix) stay on its worker;
+    under round robin the same requests alternate."""
+    async def body(gateway, workers, client):
+        where = []
+        for i in range(6):
+            async with client.post("/v1/chat/completions",
+                                   json=_chat(f"unrelated question {i} " * 40, user="alice")) as resp:
+                where.append((await resp.json())["worker"])
+        return where
+    assert len(set(_run(_with_gateway(2, body)))) == 1
+    assert len(set(_run(_with_gateway(2, body, policy="round_robin")))) == 2
 
 
 def test_a_failing_worker_is_retried_elsewhere_then_ejected_and_readmitted():

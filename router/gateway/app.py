@@ -40,7 +40,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from engines.errors import BadRequest
-from engines.protocol import parse_chat, parse_completion, session_of
+from engines.protocol import parse_chat, parse_completion, read_json_body, session_of
 from router.gateway.config import GatewayConfig, WorkerSpec
 from router.gateway.workers import WorkerPool
 from router.metrics import prometheus_metric_factory
@@ -207,24 +207,7 @@ class Gateway:
         return web.json_response({"removed": url})
 
     async def _read_body(self, request: web.Request) -> tuple[bytes, dict]:
-        limit = self.config.max_body_bytes
-        if request.content_length is not None and request.content_length > limit:
-            raise BadRequest(413, f"request body too large: {request.content_length} bytes (limit {limit})")
-        raw = bytearray()
-        async for part in request.content.iter_any():  # chunked bodies have no length: count
-            raw += part
-            if len(raw) > limit:
-                raise BadRequest(413, f"request body too large (limit {limit} bytes)")
-        raw = bytes(raw)
-        try:
-            body = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise BadRequest(400, f"request body is not valid JSON: {exc}") from None
-        except RecursionError:
-            raise BadRequest(400, "request body is not valid JSON: nested too deeply") from None
-        if not isinstance(body, dict):
-            raise BadRequest(400, f"request body must be a JSON object, got {type(body).__name__}")
-        return raw, body
+        return await read_json_body(request.content.iter_any(), request.content_length, self.config.max_body_bytes)
 
     def _check_model(self, body: dict) -> None:
         model = body.get("model")
