@@ -412,6 +412,10 @@ def summarize(policy: str, outcomes: Sequence[Outcome], wall_s: float) -> dict[s
         # Share of the answered requests each engine replica served (its system_fingerprint).
         "max_replica_share": r(max(served.values()) / len(ok)) if served else None,
         "replica_share": {name: r(count / len(ok)) for name, count in sorted(served.items())},
+        # The tail behind the p99: which requests (replay order), when, and how much was cached.
+        "slowest_ttft": [{"request": o.request_id, "scheduled_s": r(o.scheduled_s, 2), "ttft_s": r(o.ttft_s),
+                          "prompt_tokens": o.prompt_tokens, "cached_tokens": o.cached_tokens, "replica": o.replica}
+                         for o in sorted(ok, key=lambda o: o.ttft_s, reverse=True)[:5]],
     }
 
 

@@ -401,7 +401,8 @@ def build_parser() -> argparse.ArgumentParser:
     gwb.add_argument("--duration", type=float, default=20.0, help="seconds per gateway (default 20)")
     gwb.add_argument("--prompt-chars", type=_positive_int, default=2000, help="characters per body (default 2000)")
     gwb.add_argument("--seed", type=int, default=0)
-    gwb.add_argument("--model", help="tokenizer for kvroute's gateway (default: the tiny local model)")
+    gwb.add_argument("--model", help="tokenizer for kvroute's gateway (default: the bench's 32k byte-level BPE "
+                     "with a Llama-3 chat template, built locally)")
     gwb.add_argument("--json", help="write the results as JSON")
     gwb.set_defaults(func=_bench_gateway)
 

@@ -389,6 +389,14 @@ class RoutingCore:
             self.sessions.expire(now)
             self._next_session_sweep = now + self.sessions.ttl_s / 8
 
+    def learn(self, replica: ReplicaId, keys: Sequence[int], now: float) -> None:
+        """``replica`` holds (speculatively, until KV events confirm) the prefix ``keys``:
+        for a request routed on part of its keys whose rest became known after the
+        decision. Tree only (its load and session were accounted by ``on_routed``); a
+        replica no longer known is ignored. O(len(keys))."""
+        if replica in self._replica_set:
+            self.tree.insert(replica, keys, now)
+
     def on_first_token(self, request_id: Hashable, now: float) -> None:
         self.load.on_first_token(request_id)
 

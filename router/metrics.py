@@ -31,8 +31,10 @@ OUTCOMES = ("prefix_hit", "spill", "miss", "session", "fallback")
 #: How a request's prompt got its token ids (router with a tokenizer): every piece was in
 #: the piece cache (``cached``), missing pieces were encoded off the loop (``encoded``),
 #: the tokenizer pool was full or the text too long, so it was keyed in characters and the
-#: engine tokenizes it (``overflow``), the tokenizer failed on it (``error``).
-TOKENIZE_RESULTS = ("cached", "encoded", "overflow", "error")
+#: engine tokenizes it (``overflow``), the tokenizer failed on it (``error``), or (a front
+#: door that does not send ids: the gateway) it was keyed on its cached leading pieces at
+#: once and the rest was encoded after the decision (``prefix``).
+TOKENIZE_RESULTS = ("cached", "encoded", "overflow", "error", "prefix")
 
 FLUSH_INTERVAL_S = 2.0
 #: Decision latencies kept between two flushes (beyond it, samples are dropped and
@@ -101,7 +103,8 @@ METRICS: tuple[MetricSpec, ...] = (
                "KV-event streams the router is not receiving (routing falls back to speculative entries).", _P),
     MetricSpec("kvroute_router_bad_requests", "counter", "Requests whose body the router could not read.", _P),
     MetricSpec("kvroute_router_tokenize", "counter",
-               "Prompts the router tokenized, by how (cached pieces, encoded off the loop, overflow, error).", _PT),
+               "Prompts the router tokenized, by how (cached pieces, encoded off the loop, overflow, error, "
+               "keyed on the cached prefix with the rest encoded after the decision).", _PT),
     MetricSpec("kvroute_router_prompt_ids_sent", "counter",
                "Requests sent with the router's token ids, so the engine did not tokenize them.", _P),
     MetricSpec("kvroute_router_tokenizer_cache_bytes", "gauge",

@@ -110,13 +110,15 @@ class Pending:
     """One decision between ranking and routing: the core's request, the blocks each
     replica matched, the session's replica (or ``FALLBACK``), the decision's seconds on
     the loop, and the front door's own payload (Serve: the caller's body when the one sent
-    was stripped of its text)."""
+    was stripped of its text), and what ``routed`` hands to ``learn_after`` (the fields and
+    missing pieces of a request keyed on its cached prefix, or None)."""
 
     request: RouteRequest
     matched: dict
     session_replica: Any
     latency_s: float
     payload: Any = None
+    learn: tuple[RequestFields, list[str]] | None = None
 
 
 class RoutingService:
@@ -164,6 +166,7 @@ class RoutingService:
         self._char_keyer = CharChunkKeyer(own["chunk_chars"])
         self._pending: OrderedDict[str, Pending] = OrderedDict()
         self._kv_hub = None
+        self._learning: set[asyncio.Task] = set()  # learn_after's tasks still running
         self._profile = getattr(core.policy, "profile", None)
         policy = own.get("policy", "cache_aware")
         self.metrics = RouterMetrics(policy if isinstance(policy, str) else type(policy).__name__, metrics_factory)
@@ -240,15 +243,77 @@ class RoutingService:
             self.metrics.record_tokenize_wait(waited)
             self.tokenize_wait_seconds += waited
 
-    def key(self, fields: RequestFields, ids: bytes | None, request_id: str) -> RouteRequest:
-        """Key ``fields`` (``ids``: the prompt's packed token ids, when tokenized)."""
+    def ids_now(self, fields: RequestFields) -> tuple[bytes | None, list[str], int]:
+        """Ids to key ``fields`` on without waiting, for a front door that forwards the body
+        as it came (the gateway: the engine tokenizes it anyway). Returns ``(ids, missing,
+        uncached_chars)``: the whole prompt's ids when its pieces are cached or its new text
+        is short enough to encode here (``missing`` empty); else the ids of its cached
+        leading pieces, the missing pieces (``rank``'s ``learn``: ``routed`` has them
+        encoded off the loop) and the characters past those ids (``key`` counts them in
+        the prompt's size). ``(None, [], 0)`` when the tokenizer fails on the text (keyed
+        in characters)."""
+        prompts = self.prompts
+        content, special = fields.content, fields.add_special_tokens
+        try:
+            ids, missing = prompts.assemble(content, special)
+            if ids is not None:
+                self.tokenize_counts["cached"] += 1
+                return ids, [], 0
+            if sum(map(len, missing)) <= INLINE_TOKENIZE_CHARS:
+                ids = prompts.encode(content, special)
+                self.tokenize_counts["encoded"] += 1
+                return ids, [], 0
+            ids, covered = prompts.cached_prefix(content, special)
+        except Exception:  # noqa: BLE001 - e.g. a lone surrogate: keyed in characters instead
+            self.tokenize_counts["error"] += 1
+            return None, [], 0
+        self.tokenize_counts["prefix"] += 1
+        return ids, missing, len(content) - covered
+
+    def learn_after(self, fields: RequestFields, missing: list[str], replica: str) -> None:
+        """Encode ``missing`` (from ``ids_now``) on the tokenizer pool, then teach the tree
+        that ``replica`` now holds the whole prompt (speculative, like any routed
+        request), so that the next turn matches all of it. Runs as a task the service owns
+        (``close`` cancels those still running); a full pool or a failing tokenizer leaves
+        the tree as the decision left it (the KV events still bring the truth)."""
+        task = asyncio.get_running_loop().create_task(self._learn(fields, missing, replica))
+        self._learning.add(task)
+        task.add_done_callback(self._learning.discard)
+
+    @property
+    def learning(self) -> int:
+        """``learn_after`` tasks still encoding."""
+        return len(self._learning)
+
+    async def _learn(self, fields: RequestFields, missing: list[str], replica: str) -> None:
+        prompts = self.prompts
+        try:
+            future = self.pool.submit(prompts, missing)
+            if future is None:
+                return
+            prompts.store(missing, await future)
+            ids, _ = prompts.assemble(fields.content, fields.add_special_tokens)
+        except Exception:  # noqa: BLE001 - the decision stands; only the lesson is lost
+            return
+        if ids is not None:
+            self.core.learn(replica, self._token_keyer.keys_packed(ids, self._seed(fields)), self.now())
+
+    def _seed(self, fields: RequestFields) -> int:
+        """The key seed of ``fields``'s namespace (model, adapter, salt)."""
         model = fields.model or self.default_model
-        namespaced = bool(model or fields.lora or fields.cache_salt)
-        seed = namespace_seed(model, fields.lora, fields.cache_salt) if namespaced else DEFAULT_SEED
+        return namespace_seed(model, fields.lora, fields.cache_salt) if model or fields.lora or fields.cache_salt \
+            else DEFAULT_SEED
+
+    def key(self, fields: RequestFields, ids: bytes | None, request_id: str,
+            uncached_chars: int = 0) -> RouteRequest:
+        """Key ``fields`` (``ids``: the prompt's packed token ids, when tokenized; with
+        ``uncached_chars``, the ids of its leading part only, the rest being that many
+        characters, counted at four per token in the prompt's size)."""
+        seed = self._seed(fields)
         if ids is not None:
             keyer = self._token_keyer
             keys = keyer.keys_packed(ids, seed)
-            prompt_tokens = len(ids) // 4
+            prompt_tokens = len(ids) // 4 + -(-uncached_chars // 4)
         else:
             keyer = self._token_keyer if fields.is_tokens else self._char_keyer
             keys = keyer.keys(fields.content, seed)
@@ -273,10 +338,11 @@ class RoutingService:
 
     # -- deciding --------------------------------------------------------------------------
     def rank(self, request: RouteRequest, candidates: list[str], started: float,
-             payload: Any = None) -> list[list[str]]:
+             payload: Any = None, learn: tuple[RequestFields, list[str]] | None = None) -> list[list[str]]:
         """The policy's tiers over ``candidates`` (best first; empty when it ranked none),
         remembered until ``routed``. ``started``: ``perf_counter()`` when the decision
-        began on the loop (its latency is the loop time since). When a tier comes back, the
+        began on the loop (its latency is the loop time since). ``learn``: ``(fields,
+        missing)`` from ``ids_now``, handed to ``learn_after`` once routed. When a tier comes back, the
         request is reserved on the first tier's least-loaded replica, so that rankings
         before it is reported routed see it (``routed`` replaces this with the real one)."""
         now = self.now()
@@ -287,7 +353,7 @@ class RoutingService:
         latency = time.perf_counter() - started
         self.loop_seconds += latency
         self._remember(Pending(request, view.matched_blocks, view.session_replica if tiers else FALLBACK, latency,
-                               payload))
+                               payload, learn))
         if tiers:
             loads = self.core.load.loads
             top = min(tiers[0], key=lambda k: loads[k].in_flight if k in loads else 0)
@@ -308,7 +374,8 @@ class RoutingService:
 
     def routed(self, request_id: str, replica: str) -> None:
         """The request went to ``replica``: learn it (speculative tree entries, session,
-        load) and record the decision's outcome."""
+        load; the rest of its prompt after the tokenizer pool when it was keyed on its
+        cached prefix) and record the decision's outcome."""
         entry = self._pending.pop(request_id, None)
         if entry is None:
             return
@@ -319,6 +386,8 @@ class RoutingService:
         now = self.now()
         chosen = entry.matched.get(replica, 0)
         self.core.on_routed(request, replica, now, matched_blocks=chosen)
+        if entry.learn is not None:
+            self.learn_after(*entry.learn, replica)
         self._schedule_first_token(request, replica, chosen)
         outcome = "fallback" if entry.session_replica is FALLBACK else \
             RoutingCore._outcome(replica, chosen, max(entry.matched.values(), default=0), entry.session_replica)
@@ -431,7 +500,10 @@ class RoutingService:
         return self._kv_hub.stats() if self._kv_hub is not None else {}
 
     def close(self) -> None:
-        """Stop the KV-event subscribers (their threads and sockets)."""
+        """Stop the KV-event subscribers (their threads and sockets) and ``learn_after``'s
+        tasks."""
+        for task in list(self._learning):
+            task.cancel()
         hub, self._kv_hub = self._kv_hub, None
         if hub is not None:
             hub.close()

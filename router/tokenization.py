@@ -401,6 +401,28 @@ class PromptTokenizer:
             return self._c_splitter.assemble(cache, text, add_special_tokens, self.prefix, self.suffix)
         return self._py_splitter.assemble(cache, text, add_special_tokens, self.prefix, self.suffix)
 
+    def cached_prefix(self, text: str, add_special_tokens: bool) -> tuple[bytes, int]:
+        """The ids of ``text``'s leading pieces that are cached, up to its first missing
+        piece (with the post-processor's prefix when ``add_special_tokens``), and how many
+        of ``text``'s characters their text pieces cover. The ids are a prefix of
+        ``encode(text)``, by the identity in the module docstring: a router that does not
+        send ids to the engine keys a request on them at once and tokenizes the rest after
+        the decision. O(len(text)); one ``cache.get`` per leading text piece."""
+        parts = [self.prefix] if add_special_tokens and self.prefix else []
+        covered = 0
+        if self.incremental:
+            get = self.cache.get
+            for piece in self.pieces(text):
+                if type(piece) is int:
+                    parts.append(piece.to_bytes(4, "little"))
+                    continue
+                ids = get(piece)
+                if ids is None:
+                    break
+                parts.append(ids)
+                covered += len(piece)
+        return b"".join(parts), covered
+
     def encode_pieces(self, pieces: list[str]) -> list[bytes]:
         """Each piece's ids, packed; one ``encode_batch_fast`` call (it releases the GIL:
         run it on a worker thread for long texts). Thread-safe."""

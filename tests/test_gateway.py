@@ -243,6 +243,64 @@ def test_a_session_sticks_to_its_worker():
     assert len(set(_run(_with_gateway(2, body, policy="round_robin")))) == 2
 
 
+async def _learned(gateway, deadline_s=60.0):
+    """Wait until the service has no ``learn_after`` task left (the tokenizer pool's
+    encodes finished and the tree learned them)."""
+    deadline = time.monotonic() + deadline_s
+    while gateway.service.learning and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    assert not gateway.service.learning
+
+
+def test_long_new_text_is_routed_at_once_and_learned_after():
+    """With a tokenizer, a turn whose new text is long is keyed on its cached leading
+    pieces without waiting for the tokenizer (counted ``prefix``), and the whole prompt is
+    learned on its worker after the decision: the next turn, which extends it, is keyed on
+    all of it and goes to the same worker, and the same prompt again is fully cached."""
+    from engines.tiny_model import build_tiny_model
+
+    tokenizer = str(build_tiny_model("/tmp/kvroute-tiny-v2"))
+
+    async def body(gateway, workers, client):
+        service = gateway.service
+        where = {}
+        for i in range(4):
+            messages = []
+            for turn in range(3):
+                new = f"conversation {i} turn {turn}: " + " ".join(f"word{i}x{turn}x{k}" for k in range(150))
+                assert len(new) > 512  # past what is encoded on the loop
+                messages.append({"role": "user", "content": new})
+                before = dict(service.tokenize_counts)
+                async with client.post("/v1/chat/completions",
+                                       json={"model": MODEL, "messages": messages, "max_tokens": 4}) as resp:
+                    assert resp.status == 200, await resp.text()
+                    answer = await resp.json()
+                where.setdefault(i, []).append(answer["worker"])
+                assert service.tokenize_counts["prefix"] == before["prefix"] + 1
+                await _learned(gateway)
+                url = resp.headers["x-kvroute-worker"]
+                full, _ = service.prompts.assemble(service.parse({"model": MODEL, "messages": messages}).content,
+                                                   False)
+                assert full is not None  # every piece is cached now
+                keys = service.key(service.parse({"model": MODEL, "messages": messages}), full, "probe").keys
+                matched = service.core.tree.match(keys, (url,), service.now())[url]
+                assert len(keys) > 20 and matched == len(keys)  # the whole prompt, not only its head
+                messages.append({"role": "assistant", "content": "hi"})
+        assert all(len(set(w)) == 1 for w in where.values()), where
+        before = service.tokenize_counts["cached"]
+        async with client.post("/v1/chat/completions",
+                               json={"model": MODEL, "messages": messages[:-1], "max_tokens": 4}) as resp:
+            assert (await resp.json())["worker"] == where[3][0]
+        assert service.tokenize_counts["cached"] == before + 1
+        # Every later turn (2 of each conversation) and the repeat were decided on a match.
+        async with client.get("/metrics") as resp:
+            text = await resp.text()
+        hits = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                   if line.startswith("kvroute_router_decisions_total") and 'outcome="prefix_hit"' in line)
+        assert hits == 4 * 2 + 1, text
+    _run(_with_gateway(2, body, tokenizer=tokenizer))
+
+
 def test_a_failing_worker_is_retried_elsewhere_then_ejected_and_readmitted():
     async def body(gateway, workers, client):
         workers[0].mode = "drop"

@@ -437,6 +437,32 @@ def test_chat_encode_equals_the_template(prompt_tokenizers, data):
         tok.cache.check_invariants()
 
 
+@_slow
+@given(data=st.data())
+def test_cached_prefix_is_a_prefix_of_the_encoding(prompt_tokenizers, data):
+    """What the gateway keys on before the tokenizer runs: the cached leading pieces of a
+    chat whose earlier turns were seen are a prefix of the whole chat's ids (all of them
+    once every piece is cached), and the characters they cover are the text's start."""
+    hf, tokenizers = prompt_tokenizers
+    specials = sorted(tokenizers[0].split_tokens)
+    messages = data.draw(st.lists(st.fixed_dictionaries({"role": _roles, "content": prompt_texts(specials)}),
+                                  min_size=1, max_size=5))
+    seen = data.draw(st.integers(0, len(messages)))
+    rendered = render_chat(hf, messages)
+    want = pack_ids(hf.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)["input_ids"])
+    for tok in tokenizers:
+        if seen:
+            tok.encode(render_chat(hf, messages[:seen]), False)
+        ids, covered = tok.cached_prefix(rendered, False)
+        assert want.startswith(ids) and 0 <= covered <= len(rendered)
+        tok.encode(rendered, False)
+        ids, covered = tok.cached_prefix(rendered, False)
+        assert ids == want or tok.cache.max_bytes < 10_000
+        with_bos, _ = tok.cached_prefix(rendered, True)
+        assert with_bos.startswith(tok.prefix or b"") and pack_ids(
+            hf.backend_tokenizer.encode(rendered, add_special_tokens=True).ids).startswith(with_bos)
+
+
 @needs_c
 def test_prompt_tokenizer_paths(prompt_tokenizers):
     """The C splitter runs only beside the C cache: a swapped-in SegmentCache goes

@@ -6,9 +6,12 @@ plug-in). Per request, on one ``aiohttp`` event loop:
 1. the body is read up to ``max_body_bytes`` (413 beyond) and validated by the same
    parsers as kvroute's Serve ingress (``engines.protocol``: the same 4xx and messages);
    a ``model`` no admitted worker serves is a 404;
-2. the service parses it, takes its token ids from the piece cache or the tokenizer pool
-   (with ``--tokenizer``; else character keys), keys it and ranks the admitted workers;
-   the first tier's worker with the fewest requests in flight from this gateway gets it;
+2. the service parses it, takes its token ids from the piece cache (with ``--tokenizer``;
+   else character keys), keys it and ranks the admitted workers; the first tier's worker
+   with the fewest requests in flight from this gateway gets it. The request never waits
+   for the tokenizer: long text the cache has not seen is left out of the keys (they
+   cover the cached leading pieces) and encoded on the tokenizer pool after the decision,
+   and the tree learns the whole prompt on that worker then;
 3. the client's bytes are forwarded unchanged. A non-streaming answer is read whole, then
    returned; a stream is passed through chunk by chunk as it arrives (never buffered
    whole). Until the first byte has reached the client, a worker that cannot be reached,
@@ -245,11 +248,13 @@ class Gateway:
         routing_body = body if session is None or body.get("session_id") == session else \
             {**body, "session_id": session}
         fields = service.parse(routing_body)
-        ids = None
+        # The body goes to the worker as it came, so the request need not wait for the
+        # tokenizer: it is keyed on the ids of its cached leading pieces (with short new
+        # text encoded here), and long new text is encoded after the decision and learned
+        # for the next turn (``RoutingService.learn_after``, from ``routed``).
+        ids, missing, uncached_chars = None, [], 0
         if fields is not None and fields.tokenize:
-            ids, waited = await service.tokenized(fields)
-            service.record_wait(waited)
-            started += waited
+            ids, missing, uncached_chars = service.ids_now(fields)
         tried: set[str] = set()
         last_error = "no worker admitted"
         for attempt in range(1, self.config.max_attempts + 1):
@@ -266,8 +271,8 @@ class Gateway:
                 service.record_fallback()
                 tier = candidates
             else:
-                routed = service.key(fields, ids, request_id)
-                tiers = service.rank(routed, candidates, started)
+                routed = service.key(fields, ids, request_id, uncached_chars)
+                tiers = service.rank(routed, candidates, started, learn=(fields, missing) if missing else None)
                 tier = tiers[0] if tiers else candidates
             workers = self.pool.workers
             url = min(tier, key=lambda u: workers[u].in_flight if u in workers else 0)
