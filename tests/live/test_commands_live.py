@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -43,11 +44,12 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _wait_ready(proc: subprocess.Popen, base: str, timeout: float) -> None:
+def _wait_ready(proc: subprocess.Popen, base: str, timeout: float, output: _Output) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise AssertionError(f"exited early with {proc.returncode}:\n{proc.stdout.read()[-4000:]}")
+            output.join(30)
+            raise AssertionError(f"exited early with {proc.returncode}:\n{output.text()[-4000:]}")
         try:
             with urllib.request.urlopen(base + "/models", timeout=5) as response:
                 if response.status == 200:
@@ -55,7 +57,7 @@ def _wait_ready(proc: subprocess.Popen, base: str, timeout: float) -> None:
         except (urllib.error.URLError, ConnectionError, TimeoutError):
             pass
         time.sleep(2)
-    raise AssertionError(f"not serving after {timeout} s")
+    raise AssertionError(f"not serving after {timeout} s; its output:\n{output.text()[-4000:]}")
 
 
 def _chat(base: str, user: str) -> dict:
@@ -68,13 +70,41 @@ def _chat(base: str, user: str) -> dict:
         return json.loads(response.read())
 
 
+class _Output:
+    """A subprocess's merged output, read on a thread as it comes: the pipe never fills
+    (a child blocked writing its logs would stall), and what it printed after a given
+    moment can be shown when it fails to stop."""
+
+    def __init__(self, proc: subprocess.Popen) -> None:
+        self.lines: list[tuple[float, str]] = []
+        self._thread = threading.Thread(target=self._read, args=(proc.stdout,), daemon=True)
+        self._thread.start()
+
+    def _read(self, stream) -> None:
+        for line in stream:
+            self.lines.append((time.monotonic(), line))
+
+    def text(self, since: float = 0.0) -> str:
+        return "".join(f"[+{t - since:6.1f}s] {line}" if since else line for t, line in self.lines if t >= since)
+
+    def join(self, timeout: float) -> None:
+        self._thread.join(timeout)
+
+
+#: Seconds a stopped server may take to exit: Serve drains its replicas (the engine
+#: deployment's graceful_shutdown_timeout_s is 5 s) and the driver stops the local Ray
+#: cluster it started; generous, because a loaded CI machine stops processes slowly.
+STOP_DEADLINE_S = 300
+
+
 def _serve_and_stop(cmd: list[str], port: int, ready_timeout: float = 300) -> str:
     """Start ``cmd``, check it serves with prefix-cache hits, Ctrl-C it; its output."""
     proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
+    output = _Output(proc)
     try:
         base = f"http://127.0.0.1:{port}/v1"
-        _wait_ready(proc, base, ready_timeout)
+        _wait_ready(proc, base, ready_timeout, output)
         first = _chat(base, "first question")
         assert first["choices"][0]["message"]["content"] is not None
         # Later requests of the session share the system prompt with the first: routed to
@@ -83,13 +113,21 @@ def _serve_and_stop(cmd: list[str], port: int, ready_timeout: float = 300) -> st
         for i in range(4):
             usage = _chat(base, f"follow-up question {i}")["usage"]
             assert usage["prompt_tokens_details"]["cached_tokens"] >= 64, (i, usage)
+        interrupted = time.monotonic()
         proc.send_signal(signal.SIGINT)
-        out, _ = proc.communicate(timeout=120)
+        try:
+            proc.wait(timeout=STOP_DEADLINE_S)
+            print(f"{cmd[-1]}: exited {proc.returncode} {time.monotonic() - interrupted:.1f} s after Ctrl-C")
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"still running {STOP_DEADLINE_S} s after Ctrl-C; its output since:\n"
+                                 f"{output.text(interrupted)[-6000:]}") from None
     finally:
         if proc.poll() is None:
             proc.kill()
-            proc.communicate()
+            proc.wait()
             subprocess.run([str(Path(sys.executable).parent / "ray"), "stop", "--force"], capture_output=True)
+    output.join(30)
+    out = output.text()
     assert proc.returncode == 0, out[-4000:]
     deadline = time.monotonic() + 30
     while _port_is_open(port) and time.monotonic() < deadline:
