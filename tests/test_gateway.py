@@ -279,10 +279,10 @@ def test_long_new_text_is_routed_at_once_and_learned_after():
                 assert service.tokenize_counts["prefix"] == before["prefix"] + 1
                 await _learned(gateway)
                 url = resp.headers["x-kvroute-worker"]
-                full, _ = service.prompts.assemble(service.parse({"model": MODEL, "messages": messages}).content,
-                                                   False)
+                fields = service.parse({"model": MODEL, "messages": messages})
+                full, _ = service.prompts.assemble(fields.content, fields.add_special_tokens)
                 assert full is not None  # every piece is cached now
-                keys = service.key(service.parse({"model": MODEL, "messages": messages}), full, "probe").keys
+                keys = service.key(fields, full, "probe").keys
                 matched = service.core.tree.match(keys, (url,), service.now())[url]
                 assert len(keys) > 20 and matched == len(keys)  # the whole prompt, not only its head
                 messages.append({"role": "assistant", "content": "hi"})

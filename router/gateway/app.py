@@ -56,6 +56,12 @@ logger = logging.getLogger("kvroute.gateway")
 RETRY_STATUSES = frozenset({502, 503, 504})
 _ENDPOINTS = {"/v1/chat/completions": parse_chat, "/v1/completions": parse_completion}
 _HOP_HEADERS = {"content-type", "cache-control"}
+#: Idle upstream connections are closed after this many seconds, before the worker closes
+#: them: vLLM's server drops an idle keep-alive connection after 5 s
+#: (VLLM_HTTP_TIMEOUT_KEEP_ALIVE), and a POST written on a connection the worker is closing
+#: at that moment fails with "Server disconnected" before any answer, which counts against
+#: a healthy worker (aiohttp's own default keeps them 15 s).
+UPSTREAM_KEEPALIVE_S = 3.0
 #: Every forwarded answer names the worker that served it (operators' debugging, tests).
 WORKER_HEADER = "x-kvroute-worker"
 
@@ -128,7 +134,7 @@ class Gateway:
 
     async def start(self) -> None:
         self.http = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300),
+            connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=UPSTREAM_KEEPALIVE_S),
             timeout=aiohttp.ClientTimeout(total=self.config.request_timeout_s,
                                           connect=self.config.connect_timeout_s))
         self.pool = WorkerPool(self.config, self.service, self.http)
