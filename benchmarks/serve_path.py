@@ -96,15 +96,17 @@ ATTACHMENT_KWARG = "kvroute_prompt"  # router.tokenization.ATTACHMENT_KWARG, rea
 SERVE_DEFAULT = "serve-default"
 KVROUTE_TOKENS = "kvroute-tokens"
 KVROUTE_TOKENS_NO_IDS = "kvroute-tokens-no-ids"
+KVROUTE_TOKENS_NO_WAIT = "kvroute-tokens-no-wait"
 KVROUTE_CHARS = "kvroute-chars"
 RAY_PREFIX = "ray-prefix"
 RAY_CONSISTENT_HASH = "ray-consistent-hash"
 RAY_KV_AWARE = "ray-kv-aware"
-ROUTERS = (SERVE_DEFAULT, KVROUTE_TOKENS, KVROUTE_TOKENS_NO_IDS, KVROUTE_CHARS, RAY_PREFIX, RAY_CONSISTENT_HASH,
-           RAY_KV_AWARE)
+ROUTERS = (SERVE_DEFAULT, KVROUTE_TOKENS, KVROUTE_TOKENS_NO_IDS, KVROUTE_TOKENS_NO_WAIT, KVROUTE_CHARS, RAY_PREFIX,
+           RAY_CONSISTENT_HASH, RAY_KV_AWARE)
 DRIVERS = ("handle", "http")
 ENGINES = ("trivial", "tokenizing")
-OWN_ROUTERS = (SERVE_DEFAULT, KVROUTE_TOKENS, KVROUTE_TOKENS_NO_IDS, KVROUTE_CHARS)  # a failure here fails the command
+# A failure of one of these fails the command.
+OWN_ROUTERS = (SERVE_DEFAULT, KVROUTE_TOKENS, KVROUTE_TOKENS_NO_IDS, KVROUTE_TOKENS_NO_WAIT, KVROUTE_CHARS)
 
 
 # -----------------------------------------------------------------------------------------
@@ -231,11 +233,14 @@ def router_config(name: str, tokenizer: str) -> dict | None:
     Serve's default)."""
     if name == SERVE_DEFAULT:
         return None
-    if name in (KVROUTE_TOKENS, KVROUTE_TOKENS_NO_IDS):
+    if name in (KVROUTE_TOKENS, KVROUTE_TOKENS_NO_IDS, KVROUTE_TOKENS_NO_WAIT):
         from router import cache_aware_router_config
 
+        # no-wait: a decision never waits for the tokenizer pool; a request whose new text
+        # is not encoded yet is keyed on its cached prefix and goes without ids.
+        wait = {"tokenize_wait_ms": 0} if name == KVROUTE_TOKENS_NO_WAIT else {}
         return cache_aware_router_config(policy="cache_aware", tokenizer=tokenizer, block_size=BLOCK_SIZE,
-                                         send_prompt_ids=name == KVROUTE_TOKENS)
+                                         send_prompt_ids=name != KVROUTE_TOKENS_NO_IDS, **wait)
     if name == KVROUTE_CHARS:
         from router import cache_aware_router_config
 
@@ -715,7 +720,7 @@ def run_router(router: str, workloads: Sequence[Workload], *, tokenizer: str, fi
                 raise RuntimeError(f"{router}: warm-up answered {answer!r}")
         request_router = handle._router._asyncio_router.request_router  # Ray internals (see module doc)
         loop = handle._router._asyncio_router._event_loop
-        expect_fingerprint = fingerprint if router == KVROUTE_TOKENS else None
+        expect_fingerprint = fingerprint if router in (KVROUTE_TOKENS, KVROUTE_TOKENS_NO_WAIT) else None
         # Serve's default router reads no routing stats; the others get their first
         # reports before the timed phase.
         stats_ready = _wait_for_stats(request_router, replicas, expect_fingerprint) if config is not None else None

@@ -29,11 +29,11 @@ from typing import Any, NamedTuple
 OUTCOMES = ("prefix_hit", "spill", "miss", "session", "fallback")
 
 #: How a request's prompt got its token ids (router with a tokenizer): every piece was in
-#: the piece cache (``cached``), missing pieces were encoded off the loop (``encoded``),
-#: the tokenizer pool was full or the text too long, so it was keyed in characters and the
-#: engine tokenizes it (``overflow``), the tokenizer failed on it (``error``), or (a front
-#: door that does not send ids: the gateway) it was keyed on its cached leading pieces at
-#: once and the rest was encoded after the decision (``prefix``).
+#: the piece cache (``cached``), missing pieces were encoded before the decision
+#: (``encoded``), it was keyed on its cached leading pieces at once and the rest encoded
+#: after the decision (``prefix``: no engine takes the ids, as behind the gateway, or the
+#: wait for them ran out), the same because the tokenizer pool was full (``overflow``),
+#: or the tokenizer failed on it, so it was keyed in characters (``error``).
 TOKENIZE_RESULTS = ("cached", "encoded", "overflow", "error", "prefix")
 
 FLUSH_INTERVAL_S = 2.0

@@ -40,9 +40,12 @@ def cache_aware_router_config(**kwargs: Any) -> dict[str, Any]:
     exactly as the engine does), ``block_size`` (the engine's), ``chunk_chars``,
     ``kv_events``, ``max_pending``, the tokenizer's ``tokenizer_cache_bytes`` (piece cache
     bound, default 256 MiB), ``tokenizer_threads`` (default 2),
-    ``tokenizer_max_queued_chars`` (default 8M), ``max_tokenized_chars`` (default 2M) and
+    ``tokenizer_max_queued_chars`` (default 8M), ``max_tokenized_chars`` (default 2M),
     ``send_prompt_ids`` (default true: send the router's ids to engines that use the same
-    tokenizer), and any ``RoutingCore`` option. Raises ``ConfigError`` naming the field.
+    tokenizer), ``tokenize_wait_ms`` (default 20: how long a decision waits for the ids
+    of a prompt's new text when an engine would take them; past it the request is keyed
+    on its cached prefix and goes without ids) and any ``RoutingCore`` option. Raises
+    ``ConfigError`` naming the field.
     """
     validate_options(kwargs)
     return {"request_router_class": "router:CacheAwareRouter", "request_router_kwargs": dict(kwargs),
@@ -143,30 +146,40 @@ class RouterState:
         started = time.perf_counter()
         service.schedule_metrics_flush()
         fields = self._fields(pending_request) if pending_request is not None else None
-        ids = None
+        # Engine reports first: they say which engines would take this request's ids.
+        self._absorb_stats(candidate_replicas, service.now())
+        found = None
         if fields is not None and fields.tokenize:
-            ids, waited = await service.tokenized(fields)
+            # Waiting for the pool pays only when an engine would take the ids (it then
+            # does not tokenize the whole prompt again); else keying on the cached prefix
+            # now is as good, and the tree learns the rest after.
+            takes_ids = fields.exact and service.id_takers() is not None
+            found = await service.tokenized(fields, service.options["tokenize_wait_ms"] / 1000 if takes_ids else 0.0)
             # The decision's latency is its time on the loop; the wait for the pool (the
             # tokenizer's cost of the request's new text) is a metric of its own.
-            service.record_wait(waited)
-            started += waited
+            service.record_wait(found.waited)
+            started += found.waited
         if pending_request is not None and pending_request.metadata.multiplexed_model_id:
             # LoRA: prefer replicas that have the adapter loaded (Serve's own rule).
             preferred = self.router.apply_multiplex_routing(pending_request=pending_request)
             if preferred:
                 candidate_replicas = [r for r in candidate_replicas if r.replica_id in preferred] or candidate_replicas
-        self._absorb_stats(candidate_replicas, service.now())
         if fields is None:
             service.record_fallback()
             return [candidate_replicas]
-        request = service.key(fields, ids, pending_request.metadata.internal_request_id)
+        ids = found.ids if found is not None else None
+        learn = None
+        if found is not None and found.missing:  # keyed on the cached prefix: no ids sent
+            learn = (fields, found.missing, found.encoding)
+        request = service.key(fields, ids, pending_request.metadata.internal_request_id,
+                              found.uncached_chars if found is not None else 0)
         original = None
-        if ids is not None and fields.exact:
+        if ids is not None and fields.exact and learn is None:
             original = self._send_ids(pending_request, ids)
         by_key = {self._key(r.replica_id): r for r in candidate_replicas}
         # A request the policy did not rank (no candidate in its tiers) still goes out
         # among all candidates and is learned once routed: its outcome is "fallback".
-        tiers = service.rank(request, list(by_key), started, payload=original)
+        tiers = service.rank(request, list(by_key), started, payload=original, learn=learn)
         return [[by_key[k] for k in tier] for tier in tiers] or [candidate_replicas]
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result: Any) -> None:

@@ -32,7 +32,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from policies.base import RouteRequest
 from router.core import RoutingCore
@@ -48,8 +48,13 @@ logger = logging.getLogger("kvroute")
 #: Options the service takes beside RoutingCore's own.
 SERVICE_OPTIONS = ("policy", "policy_options", "tokenizer", "block_size", "chunk_chars", "kv_events",
                    "max_pending", "tokenizer_cache_bytes", "tokenizer_threads", "tokenizer_max_queued_chars",
-                   "max_tokenized_chars", "send_prompt_ids")
+                   "max_tokenized_chars", "send_prompt_ids", "tokenize_wait_ms")
 MAX_PENDING = 10_000
+#: How long a decision waits by default for the tokenizer pool's ids of a prompt's new
+#: text, when an engine would take those ids (the wait saves that engine tokenizing the
+#: whole prompt). Past it, the request is keyed on its cached leading pieces and goes out
+#: without ids; the pool's ids still teach the tree once they come.
+TOKENIZE_WAIT_MS = 20.0
 #: Missing prompt text up to this many characters is encoded on the loop (about 0.1 ms at
 #: 0.2 us per character): cheaper than the thread hop, and well under the loop-lag budget.
 INLINE_TOKENIZE_CHARS = 512
@@ -74,6 +79,10 @@ def validate_options(kwargs: Mapping[str, Any]) -> tuple[RoutingCore, dict[str, 
             kind = "a positive integer" if lowest > 0 else "a non-negative integer"
             raise ConfigError(name, f"must be {kind}, got {value!r}")
         own[name] = value
+    wait_ms = own.get("tokenize_wait_ms", TOKENIZE_WAIT_MS)
+    if not isinstance(wait_ms, (int, float)) or isinstance(wait_ms, bool) or not 0 <= wait_ms < float("inf"):
+        raise ConfigError("tokenize_wait_ms", f"must be a non-negative number of milliseconds, got {wait_ms!r}")
+    own["tokenize_wait_ms"] = float(wait_ms)
     if not isinstance(own.get("send_prompt_ids", True), bool):
         raise ConfigError("send_prompt_ids", f"must be true or false, got {own['send_prompt_ids']!r}")
     tokenizer = own.get("tokenizer")
@@ -105,20 +114,42 @@ def validate_kv_event_options(options: Mapping[str, Any]) -> None:
                       **dict(options))
 
 
+class Tokenized(NamedTuple):
+    """What ``RoutingService.tokenized`` found: ``ids`` (packed token ids; None when the
+    request is keyed in characters) and the seconds ``waited`` for the pool. When the
+    wait ran out (or the pool was full), ``ids`` are those of the prompt's cached leading
+    pieces only, ``uncached_chars`` the prompt's characters past them, ``missing`` the
+    pieces still to encode and ``encoding`` the task that caches their ids once the pool
+    has encoded them (None when the pool was full)."""
+
+    ids: bytes | None
+    waited: float = 0.0
+    missing: list[str] | None = None
+    uncached_chars: int = 0
+    encoding: asyncio.Future | None = None
+
+
+async def _store_when_encoded(prompts: PromptTokenizer, pieces: list[str], encoded: asyncio.Future) -> None:
+    """Cache ``pieces``' ids once the pool has ``encoded`` them: a task that whoever needs
+    them awaits, so that they are in the cache when it resumes."""
+    prompts.store(pieces, await encoded)
+
+
 @dataclass(slots=True)
 class Pending:
     """One decision between ranking and routing: the core's request, the blocks each
     replica matched, the session's replica (or ``FALLBACK``), the decision's seconds on
     the loop, and the front door's own payload (Serve: the caller's body when the one sent
-    was stripped of its text), and what ``routed`` hands to ``learn_after`` (the fields and
-    missing pieces of a request keyed on its cached prefix, or None)."""
+    was stripped of its text), and what ``routed`` hands to ``learn_after`` (the fields,
+    missing pieces and their encoding task of a request keyed on its cached prefix, or
+    None)."""
 
     request: RouteRequest
     matched: dict
     session_replica: Any
     latency_s: float
     payload: Any = None
-    learn: tuple[RequestFields, list[str]] | None = None
+    learn: tuple[RequestFields, list[str], asyncio.Future | None] | None = None
 
 
 class RoutingService:
@@ -200,42 +231,57 @@ class RoutingService:
             self.tokenize_counts["error"] += 1
             return None
 
-    async def tokenized(self, fields: RequestFields) -> tuple[bytes | None, float]:
-        """``fields.content``'s token ids, and the seconds spent waiting for the pool: from
-        cached pieces on the loop (a short new text is encoded on the loop too), else
-        encoded on the tokenizer pool while the loop routes others. None when the pool is
-        full (the request is then keyed in characters and the engine tokenizes it) or the
-        tokenizer fails on the text."""
+    async def tokenized(self, fields: RequestFields, wait_s: float) -> Tokenized:
+        """``fields.content``'s token ids for keying, waiting at most ``wait_s`` for the
+        tokenizer pool. From cached pieces on the loop (a short new text is encoded on the
+        loop too), else the new pieces are encoded on the pool while the loop routes
+        others. When the pool has not answered within ``wait_s`` (or is full), the ids are
+        those of the prompt's cached leading pieces, a prefix of its encoding, and
+        ``Tokenized.missing`` says what is left to encode: ``rank``'s ``learn`` has the tree
+        learn the whole prompt once the pool is done. ``ids`` is None when the tokenizer
+        fails on the text (the request is then keyed in characters)."""
         prompts = self.prompts
-        ids, missing = prompts.assemble(fields.content, fields.add_special_tokens)
-        if ids is not None:
-            self.tokenize_counts["cached"] += 1
-            return ids, 0.0
+        content, special = fields.content, fields.add_special_tokens
+        waited = 0.0
         try:
+            ids, missing = prompts.assemble(content, special)
+            if ids is not None:
+                self.tokenize_counts["cached"] += 1
+                return Tokenized(ids)
             if sum(map(len, missing)) <= INLINE_TOKENIZE_CHARS:
                 # A short new message costs less to encode here than a hop to the pool.
-                ids = prompts.encode(fields.content, fields.add_special_tokens)
+                ids = prompts.encode(content, special)
                 self.tokenize_counts["encoded"] += 1
-                return ids, 0.0
-            future = self.pool.submit(prompts, missing)
-            if future is None:
-                self.tokenize_counts["overflow"] += 1
-                return None, 0.0
-            before = time.perf_counter()
-            encoded = await future
-            waited = time.perf_counter() - before
+                return Tokenized(ids)
+            encoded = self.pool.submit(prompts, missing)
+            encoding = None
+            if encoded is not None:
+                # A task caches the pool's ids; whoever needs them (this decision, or the
+                # lesson after it when the decision went on without them) awaits it, so
+                # they are in the cache when it resumes.
+                encoding = asyncio.ensure_future(_store_when_encoded(prompts, missing, encoded))
+                # A failure nobody awaits (a request never routed) is not an error to log.
+                encoding.add_done_callback(lambda task: task.cancelled() or task.exception())
+                if wait_s > 0:
+                    before = time.perf_counter()
+                    await asyncio.wait([encoding], timeout=wait_s)
+                    waited = time.perf_counter() - before
+            if encoding is None or not encoding.done():
+                ids, covered = prompts.cached_prefix(content, special)
+                self.tokenize_counts["prefix" if encoding is not None else "overflow"] += 1
+                return Tokenized(ids, waited, missing, len(content) - covered, encoding)
+            encoding.result()  # raises the tokenizer's error, if it failed
+            ids, _ = prompts.assemble(content, special)
+            if ids is None:  # the cache cannot hold all of this prompt's pieces at once
+                before = time.perf_counter()
+                ids = await asyncio.get_running_loop().run_in_executor(
+                    None, prompts.encode_uncached, content, special)
+                waited += time.perf_counter() - before
         except Exception:  # noqa: BLE001 - e.g. a lone surrogate: keyed in characters instead
             self.tokenize_counts["error"] += 1
-            return None, 0.0
-        prompts.store(missing, encoded)
-        ids, _ = prompts.assemble(fields.content, fields.add_special_tokens)
-        if ids is None:  # the cache cannot hold all of this prompt's pieces at once
-            before = time.perf_counter()
-            ids = await asyncio.get_running_loop().run_in_executor(
-                None, prompts.encode_uncached, fields.content, fields.add_special_tokens)
-            waited += time.perf_counter() - before
+            return Tokenized(None, waited)
         self.tokenize_counts["encoded"] += 1
-        return ids, waited
+        return Tokenized(ids, waited)
 
     def record_wait(self, waited: float) -> None:
         """Account a wait for the pool (a metric of its own, not decision latency)."""
@@ -243,40 +289,15 @@ class RoutingService:
             self.metrics.record_tokenize_wait(waited)
             self.tokenize_wait_seconds += waited
 
-    def ids_now(self, fields: RequestFields) -> tuple[bytes | None, list[str], int]:
-        """Ids to key ``fields`` on without waiting, for a front door that forwards the body
-        as it came (the gateway: the engine tokenizes it anyway). Returns ``(ids, missing,
-        uncached_chars)``: the whole prompt's ids when its pieces are cached or its new text
-        is short enough to encode here (``missing`` empty); else the ids of its cached
-        leading pieces, the missing pieces (``rank``'s ``learn``: ``routed`` has them
-        encoded off the loop) and the characters past those ids (``key`` counts them in
-        the prompt's size). ``(None, [], 0)`` when the tokenizer fails on the text (keyed
-        in characters)."""
-        prompts = self.prompts
-        content, special = fields.content, fields.add_special_tokens
-        try:
-            ids, missing = prompts.assemble(content, special)
-            if ids is not None:
-                self.tokenize_counts["cached"] += 1
-                return ids, [], 0
-            if sum(map(len, missing)) <= INLINE_TOKENIZE_CHARS:
-                ids = prompts.encode(content, special)
-                self.tokenize_counts["encoded"] += 1
-                return ids, [], 0
-            ids, covered = prompts.cached_prefix(content, special)
-        except Exception:  # noqa: BLE001 - e.g. a lone surrogate: keyed in characters instead
-            self.tokenize_counts["error"] += 1
-            return None, [], 0
-        self.tokenize_counts["prefix"] += 1
-        return ids, missing, len(content) - covered
-
-    def learn_after(self, fields: RequestFields, missing: list[str], replica: str) -> None:
-        """Encode ``missing`` (from ``ids_now``) on the tokenizer pool, then teach the tree
-        that ``replica`` now holds the whole prompt (speculative, like any routed
-        request), so that the next turn matches all of it. Runs as a task the service owns
-        (``close`` cancels those still running); a full pool or a failing tokenizer leaves
-        the tree as the decision left it (the KV events still bring the truth)."""
-        task = asyncio.get_running_loop().create_task(self._learn(fields, missing, replica))
+    def learn_after(self, fields: RequestFields, missing: list[str], replica: str,
+                    encoding: asyncio.Future | None = None) -> None:
+        """Wait for ``encoding`` (``tokenized``'s pool future for ``missing``), or encode
+        ``missing`` on the pool when it was full then, and teach the tree that
+        ``replica`` now holds the whole prompt (speculative, like any routed request), so
+        that the next turn matches all of it. Runs as a task the service owns (``close``
+        cancels those still running); a full pool or a failing tokenizer leaves the tree as
+        the decision left it (the KV events still bring the truth)."""
+        task = asyncio.get_running_loop().create_task(self._learn(fields, missing, replica, encoding))
         self._learning.add(task)
         task.add_done_callback(self._learning.discard)
 
@@ -285,13 +306,17 @@ class RoutingService:
         """``learn_after`` tasks still encoding."""
         return len(self._learning)
 
-    async def _learn(self, fields: RequestFields, missing: list[str], replica: str) -> None:
+    async def _learn(self, fields: RequestFields, missing: list[str], replica: str,
+                     encoding: asyncio.Future | None) -> None:
         prompts = self.prompts
         try:
-            future = self.pool.submit(prompts, missing)
-            if future is None:
-                return
-            prompts.store(missing, await future)
+            if encoding is None:
+                encoding = self.pool.submit(prompts, missing)
+                if encoding is None:
+                    return
+                prompts.store(missing, await encoding)
+            else:
+                await encoding  # tokenized's task, which caches the pieces
             ids, _ = prompts.assemble(fields.content, fields.add_special_tokens)
         except Exception:  # noqa: BLE001 - the decision stands; only the lesson is lost
             return
@@ -338,11 +363,13 @@ class RoutingService:
 
     # -- deciding --------------------------------------------------------------------------
     def rank(self, request: RouteRequest, candidates: list[str], started: float,
-             payload: Any = None, learn: tuple[RequestFields, list[str]] | None = None) -> list[list[str]]:
+             payload: Any = None,
+             learn: tuple[RequestFields, list[str], asyncio.Future | None] | None = None) -> list[list[str]]:
         """The policy's tiers over ``candidates`` (best first; empty when it ranked none),
         remembered until ``routed``. ``started``: ``perf_counter()`` when the decision
         began on the loop (its latency is the loop time since). ``learn``: ``(fields,
-        missing)`` from ``ids_now``, handed to ``learn_after`` once routed. When a tier comes back, the
+        missing, encoding)`` of a request keyed on its cached prefix (``tokenized`` past
+        its wait), handed to ``learn_after`` once routed. When a tier comes back, the
         request is reserved on the first tier's least-loaded replica, so that rankings
         before it is reported routed see it (``routed`` replaces this with the real one)."""
         now = self.now()
@@ -387,7 +414,8 @@ class RoutingService:
         chosen = entry.matched.get(replica, 0)
         self.core.on_routed(request, replica, now, matched_blocks=chosen)
         if entry.learn is not None:
-            self.learn_after(*entry.learn, replica)
+            fields, missing, encoding = entry.learn
+            self.learn_after(fields, missing, replica, encoding)
         self._schedule_first_token(request, replica, chosen)
         outcome = "fallback" if entry.session_replica is FALLBACK else \
             RoutingCore._outcome(replica, chosen, max(entry.matched.values(), default=0), entry.session_replica)

@@ -65,9 +65,14 @@ def choose(state, replicas, body, request_id):
     return request, ranked
 
 
+#: A wait for the pool no machine runs out of (tests of what the ids are, not of the wait).
+PATIENT = {"tokenize_wait_ms": 600_000}
+
+
 def test_a_conversation_is_tokenized_once_and_extended_piece_by_piece(tokenizer_path, hf):
-    state = make_state(tokenizer_path)
-    replicas = [replica("r0"), replica("r1")]
+    state = make_state(tokenizer_path, **PATIENT)
+    fingerprint = tokenizer_fingerprint(hf)  # engines that take the ids: the router waits for them
+    replicas = [replica("r0", kvroute_tokenizer=fingerprint), replica("r1", kvroute_tokenizer=fingerprint)]
     first = {"messages": conversation(3)}
     choose(state, replicas, first, "a")
     assert state.tokenize_counts["encoded"] == 1
@@ -159,23 +164,28 @@ def test_an_engine_that_takes_ids_alone_gets_the_chat_without_its_text(tokenizer
     assert request.args[0] is body and "content_removed" not in request.kwargs[ATTACHMENT_KWARG]
 
 
-def test_a_full_pool_routes_by_characters_and_sends_no_ids(tokenizer_path, hf):
-    state = make_state(tokenizer_path, tokenizer_max_queued_chars=1000)
+def test_a_full_pool_keys_on_the_cached_prefix_and_sends_no_ids(tokenizer_path, hf):
+    state = make_state(tokenizer_path, tokenizer_max_queued_chars=1000, **PATIENT)
     same = [replica("r0", kvroute_tokenizer=tokenizer_fingerprint(hf))]
+    messages = conversation(2)
+    choose(state, same, {"messages": messages[:2]}, "seen")  # the system prompt and first question
     state.service.pool.queued_chars = 1000  # as if another request's text were being encoded
-    request, ranked = choose(state, same, {"messages": conversation(2)}, "full")
+    request, ranked = choose(state, same, {"messages": messages}, "full")
     assert state.tokenize_counts["overflow"] == 1 and ranked == [same]
     assert ATTACHMENT_KWARG not in request.kwargs
-    pending_request = state.service.pending("full").request
-    assert pending_request.block_tokens == state.service._char_keyer.block_tokens  # keyed in characters
+    keyed = state.service.pending("full").request
+    ids = hf.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)["input_ids"]
+    assert keyed.block_tokens == BLOCK and 0 < len(keyed.keys) < len(ids) // BLOCK  # the seen part, in tokens
+    assert keyed.keys == TokenBlockKeyer(BLOCK).keys(ids, namespace_seed(""))[:len(keyed.keys)]
 
 
 def test_a_cold_prompt_does_not_hold_the_loop(tokenizer_path):
     """While a long new prompt is encoded on the pool, a request whose pieces are cached
     is routed: it finishes first, whatever the machine's speed (it is scheduled before the
     encoding's result can be)."""
-    state = make_state(tokenizer_path)
-    replicas = [replica("r0"), replica("r1")]
+    state = make_state(tokenizer_path, **PATIENT)
+    fingerprint = tokenizer_fingerprint(state.service.tokenizer)  # the router waits for ids
+    replicas = [replica("r0", kvroute_tokenizer=fingerprint), replica("r1", kvroute_tokenizer=fingerprint)]
     warm = {"messages": conversation(1)}
     state.route_request(pending(warm, "warm"))
     finished = []
@@ -206,3 +216,99 @@ def test_tokenizer_options_fail_at_start_naming_the_field(tokenizer_path):
         assert exc.value.field == field
     with pytest.raises(ValueError, match="tokenizer"):
         make_state("/nonexistent/tokenizer")
+
+
+async def _until_learned(state, deadline_s: float = 60.0) -> None:
+    """Wait (observably, with a generous deadline) until the lessons after decisions are done."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + deadline_s
+    while state.service.learning and loop.time() < end:
+        await asyncio.sleep(0.01)
+    assert state.service.learning == 0
+
+
+def test_without_an_engine_to_take_ids_long_new_text_is_routed_at_once_and_learned_after(tokenizer_path, hf):
+    """No engine would take the router's ids (they report no tokenizer), so a decision never
+    waits for the pool: a turn with long new text is keyed on the ids of its cached leading
+    pieces, and once routed the pool's ids teach the tree the whole prompt on that replica."""
+    state = make_state(tokenizer_path, **PATIENT)  # the wait applies only when ids would be sent
+    replicas = [replica("r0"), replica("r1")]
+    state.update_replicas(replicas)
+    messages = conversation(3)
+    ids = hf.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)["input_ids"]
+    want = TokenBlockKeyer(BLOCK).keys(ids, namespace_seed(""))
+
+    async def main():
+        request = pending({"messages": messages[:2]}, "short")
+        ranked = await state.choose_replicas(replicas, request)
+        state.on_request_routed(request, ranked[0][0].replica_id, None)
+        await _until_learned(state)
+        assert state.tokenize_counts["prefix"] == 1  # its 900 new characters too
+        request = pending({"messages": messages}, "long")
+        ranked = await state.choose_replicas(replicas, request)
+        keyed = state.service.pending("long").request
+        assert state.tokenize_counts["prefix"] == 2 and ATTACHMENT_KWARG not in request.kwargs
+        assert 0 < len(keyed.keys) < len(want) and keyed.keys == want[:len(keyed.keys)]
+        # The uncached characters count in its size (at four a token: an estimate).
+        assert keyed.prompt_tokens >= len(keyed.keys) * BLOCK + (len(ids) - len(keyed.keys) * BLOCK) // 4
+        chosen = ranked[0][0].replica_id.to_full_id_str()
+        state.on_request_routed(request, ranked[0][0].replica_id, None)
+        await _until_learned(state)
+        return chosen
+
+    chosen = asyncio.run(main())
+    # The tree now holds the whole prompt on the chosen replica, and its pieces are cached.
+    assert state.core.tree.match(want, [chosen], state.service.now()).get(chosen, 0) == len(want)
+    choose(state, replicas, {"messages": messages}, "again")
+    assert state.tokenize_counts["cached"] >= 1 and state.service.pending("again").request.keys == want
+
+
+def test_a_decision_waits_for_ids_at_most_tokenize_wait_ms(tokenizer_path, hf):
+    """Engines take the router's ids, so a decision waits for the pool, but no longer than
+    ``tokenize_wait_ms``: while the pool cannot finish (its encoder is held here), the
+    request goes out keyed on its cached prefix without ids; the pool's ids, when they
+    come, are learned, and the next turn is sent with its ids."""
+    import threading
+
+    state = make_state(tokenizer_path, tokenize_wait_ms=5)
+    fingerprint = tokenizer_fingerprint(hf)
+    replicas = [replica("r0", kvroute_tokenizer=fingerprint), replica("r1", kvroute_tokenizer=fingerprint)]
+    state.update_replicas(replicas)
+    prompts = state.service.prompts
+    release = threading.Event()
+    encode_pieces = prompts.encode_pieces
+
+    def held(pieces):
+        assert release.wait(120), "the test never released the pool"
+        return encode_pieces(pieces)
+
+    prompts.encode_pieces = held
+    messages = conversation(3)
+    ids = hf.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)["input_ids"]
+
+    async def main():
+        request = pending({"messages": messages}, "held")
+        ranked = await state.choose_replicas(replicas, request)
+        assert state.tokenize_counts["prefix"] == 1 and ATTACHMENT_KWARG not in request.kwargs
+        assert state.service.tokenize_wait_seconds >= 0.005
+        state.on_request_routed(request, ranked[0][0].replica_id, None)
+        release.set()
+        await _until_learned(state)
+        request = pending({"messages": messages}, "next")
+        await state.choose_replicas(replicas, request)
+        return request
+
+    request = asyncio.run(main())
+    assert request.kwargs[ATTACHMENT_KWARG]["token_ids"] == pack_ids(ids)
+    assert state.tokenize_counts["cached"] == 1, state.tokenize_counts
+
+
+def test_tokenize_wait_ms_is_checked_at_start(tokenizer_path):
+    from router import cache_aware_router_config
+    from router.errors import ConfigError
+
+    for bad in (-1, "soon", float("nan"), float("inf"), True):
+        with pytest.raises(ConfigError) as exc:
+            cache_aware_router_config(tokenizer=tokenizer_path, tokenize_wait_ms=bad)
+        assert exc.value.field == "tokenize_wait_ms"
+    assert cache_aware_router_config(tokenize_wait_ms=0)["request_router_kwargs"]["tokenize_wait_ms"] == 0

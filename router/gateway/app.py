@@ -47,6 +47,7 @@ from engines.protocol import parse_chat, parse_completion, read_json_body, sessi
 from router.gateway.config import GatewayConfig, WorkerSpec
 from router.gateway.workers import WorkerPool
 from router.metrics import prometheus_metric_factory
+from router.service import Tokenized
 from router.errors import ConfigError
 
 logger = logging.getLogger("kvroute.gateway")
@@ -256,11 +257,12 @@ class Gateway:
         fields = service.parse(routing_body)
         # The body goes to the worker as it came, so the request need not wait for the
         # tokenizer: it is keyed on the ids of its cached leading pieces (with short new
-        # text encoded here), and long new text is encoded after the decision and learned
-        # for the next turn (``RoutingService.learn_after``, from ``routed``).
-        ids, missing, uncached_chars = None, [], 0
+        # text encoded here), and long new text is encoded on the pool meanwhile and
+        # learned for the next turn (``RoutingService.learn_after``, from ``routed``).
+        found = Tokenized(None)
         if fields is not None and fields.tokenize:
-            ids, missing, uncached_chars = service.ids_now(fields)
+            found = await service.tokenized(fields, 0.0)
+        learn = (fields, found.missing, found.encoding) if found.missing else None
         tried: set[str] = set()
         last_error = "no worker admitted"
         for attempt in range(1, self.config.max_attempts + 1):
@@ -277,8 +279,8 @@ class Gateway:
                 service.record_fallback()
                 tier = candidates
             else:
-                routed = service.key(fields, ids, request_id, uncached_chars)
-                tiers = service.rank(routed, candidates, started, learn=(fields, missing) if missing else None)
+                routed = service.key(fields, found.ids, request_id, found.uncached_chars)
+                tiers = service.rank(routed, candidates, started, learn=learn)
                 tier = tiers[0] if tiers else candidates
             workers = self.pool.workers
             url = min(tier, key=lambda u: workers[u].in_flight if u in workers else 0)
