@@ -40,7 +40,7 @@ def service(tiny_model_path):
     ray.init(num_cpus=16, include_dashboard=False, ignore_reinit_error=True, _metrics_export_port=METRICS_PORT,
              runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).parents[2])}})
     # A wait for the tokenizer pool no machine runs out of: the tests below check that the
-    # router's ids reach the engines, which a slow machine's default wait (20 ms) may skip.
+    # router's ids reach the engines, which a slow machine's default wait (250 ms) may skip.
     config = cache_aware_router_config(policy="cache_aware", tokenizer=str(tiny_model_path), block_size=BLOCK,
                                        tokenize_wait_ms=120_000)
     serve.run(build_app(tiny_model_path, num_replicas=2, request_router_config=config,
