@@ -150,11 +150,11 @@ class RouterState:
         self._absorb_stats(candidate_replicas, service.now())
         found = None
         if fields is not None and fields.tokenize:
-            # Waiting for the pool pays only when an engine would take the ids (it then
-            # does not tokenize the whole prompt again); else keying on the cached prefix
-            # now is as good, and the tree learns the rest after.
+            # Waiting for the pool pays when an engine would take the ids (it then does
+            # not tokenize the whole prompt again) or when little of the prompt is cached;
+            # else keying on the cached prefix now is as good (``tokenized``).
             takes_ids = fields.exact and service.id_takers() is not None
-            found = await service.tokenized(fields, service.options["tokenize_wait_ms"] / 1000 if takes_ids else 0.0)
+            found = await service.tokenized(fields, service.options["tokenize_wait_ms"] / 1000, ids_wanted=takes_ids)
             # The decision's latency is its time on the loop; the wait for the pool (the
             # tokenizer's cost of the request's new text) is a metric of its own.
             service.record_wait(found.waited)

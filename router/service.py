@@ -234,15 +234,20 @@ class RoutingService:
             self.tokenize_counts["error"] += 1
             return None
 
-    async def tokenized(self, fields: RequestFields, wait_s: float) -> Tokenized:
-        """``fields.content``'s token ids for keying, waiting at most ``wait_s`` for the
-        tokenizer pool. From cached pieces on the loop (a short new text is encoded on the
-        loop too), else the new pieces are encoded on the pool while the loop routes
-        others. When the pool has not answered within ``wait_s`` (or is full), the ids are
-        those of the prompt's cached leading pieces, a prefix of its encoding, and
-        ``Tokenized.missing`` says what is left to encode: ``rank``'s ``learn`` has the tree
-        learn the whole prompt once the pool is done. ``ids`` is None when the tokenizer
-        fails on the text (the request is then keyed in characters)."""
+    async def tokenized(self, fields: RequestFields, wait_s: float, *, ids_wanted: bool) -> Tokenized:
+        """``fields.content``'s token ids for keying. From cached pieces on the loop (a
+        short new text is encoded on the loop too), else the new pieces are encoded on the
+        tokenizer pool while the loop routes others, and the decision waits for them, at
+        most ``wait_s``, when they matter: ``ids_wanted`` (an engine would take the ids,
+        saving it the whole prompt's tokenization), or the prompt's cached leading pieces
+        cover less than half of it (a new document, a completion prompt, which is one
+        piece, or a history the router has not seen: keyed on so little, it would be
+        routed blind). Otherwise (a turn that extends a cached conversation), or past the
+        wait, or when the pool is full, the ids are those of the cached leading pieces, a
+        prefix of the whole encoding, and ``Tokenized.missing`` says what is left to
+        encode: ``rank``'s ``learn`` has the tree learn the whole prompt once the pool is
+        done. ``ids`` is None when the tokenizer fails on the text (the request is then
+        keyed in characters)."""
         prompts = self.prompts
         content, special = fields.content, fields.add_special_tokens
         waited = 0.0
@@ -257,7 +262,8 @@ class RoutingService:
                 self.tokenize_counts["encoded"] += 1
                 return Tokenized(ids)
             encoded = self.pool.submit(prompts, missing)
-            encoding = None
+            encoding = prefix = None
+            covered = 0
             if encoded is not None:
                 # A task caches the pool's ids; whoever needs them (this decision, or the
                 # lesson after it when the decision went on without them) awaits it, so
@@ -265,14 +271,17 @@ class RoutingService:
                 encoding = asyncio.ensure_future(_store_when_encoded(prompts, missing, encoded))
                 # A failure nobody awaits (a request never routed) is not an error to log.
                 encoding.add_done_callback(lambda task: task.cancelled() or task.exception())
-                if wait_s > 0:
+                if not ids_wanted:
+                    prefix, covered = prompts.cached_prefix(content, special)
+                if wait_s > 0 and (ids_wanted or 2 * covered < len(content)):
                     before = time.perf_counter()
                     await asyncio.wait([encoding], timeout=wait_s)
                     waited = time.perf_counter() - before
             if encoding is None or not encoding.done():
-                ids, covered = prompts.cached_prefix(content, special)
+                if prefix is None:
+                    prefix, covered = prompts.cached_prefix(content, special)
                 self.tokenize_counts["prefix" if encoding is not None else "overflow"] += 1
-                return Tokenized(ids, waited, missing, len(content) - covered, encoding)
+                return Tokenized(prefix, waited, missing, len(content) - covered, encoding)
             encoding.result()  # raises the tokenizer's error, if it failed
             ids, _ = prompts.assemble(content, special)
             if ids is None:  # the cache cannot hold all of this prompt's pieces at once

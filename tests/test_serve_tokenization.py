@@ -227,28 +227,31 @@ async def _until_learned(state, deadline_s: float = 60.0) -> None:
     assert state.service.learning == 0
 
 
-def test_without_an_engine_to_take_ids_long_new_text_is_routed_at_once_and_learned_after(tokenizer_path, hf):
-    """No engine would take the router's ids (they report no tokenizer), so a decision never
-    waits for the pool: a turn with long new text is keyed on the ids of its cached leading
-    pieces, and once routed the pool's ids teach the tree the whole prompt on that replica."""
-    state = make_state(tokenizer_path, **PATIENT)  # the wait applies only when ids would be sent
+def test_without_an_engine_to_take_ids_a_mostly_cached_turn_is_routed_at_once_and_learned_after(tokenizer_path, hf):
+    """No engine would take the router's ids (they report no tokenizer). A prompt mostly
+    new still waits for the pool (keyed on its little cached part it would be routed
+    blind); a turn that extends a cached conversation with long new text does not: it is
+    keyed on the ids of its cached leading pieces, and once routed the pool's ids teach
+    the tree the whole prompt on that replica."""
+    state = make_state(tokenizer_path, **PATIENT)
     replicas = [replica("r0"), replica("r1")]
     state.update_replicas(replicas)
-    messages = conversation(3)
+    history = conversation(3)
+    messages = history + [{"role": "assistant", "content": "a long answer: " + "the cache was warm. " * 40},
+                          {"role": "user", "content": "thanks"}]
     ids = hf.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)["input_ids"]
     want = TokenBlockKeyer(BLOCK).keys(ids, namespace_seed(""))
 
     async def main():
-        request = pending({"messages": messages[:2]}, "short")
+        request = pending({"messages": history}, "new")
         ranked = await state.choose_replicas(replicas, request)
+        assert state.tokenize_counts["encoded"] == 1 and state.tokenize_counts["prefix"] == 0  # it waited
         state.on_request_routed(request, ranked[0][0].replica_id, None)
-        await _until_learned(state)
-        assert state.tokenize_counts["prefix"] == 1  # its 900 new characters too
-        request = pending({"messages": messages}, "long")
+        request = pending({"messages": messages}, "turn")
         ranked = await state.choose_replicas(replicas, request)
-        keyed = state.service.pending("long").request
-        assert state.tokenize_counts["prefix"] == 2 and ATTACHMENT_KWARG not in request.kwargs
-        assert 0 < len(keyed.keys) < len(want) and keyed.keys == want[:len(keyed.keys)]
+        keyed = state.service.pending("turn").request
+        assert state.tokenize_counts["prefix"] == 1 and ATTACHMENT_KWARG not in request.kwargs
+        assert len(want) // 2 < len(keyed.keys) < len(want) and keyed.keys == want[:len(keyed.keys)]
         # The uncached characters count in its size (at four a token: an estimate).
         assert keyed.prompt_tokens >= len(keyed.keys) * BLOCK + (len(ids) - len(keyed.keys) * BLOCK) // 4
         chosen = ranked[0][0].replica_id.to_full_id_str()
@@ -260,7 +263,21 @@ def test_without_an_engine_to_take_ids_long_new_text_is_routed_at_once_and_learn
     # The tree now holds the whole prompt on the chosen replica, and its pieces are cached.
     assert state.core.tree.match(want, [chosen], state.service.now()).get(chosen, 0) == len(want)
     choose(state, replicas, {"messages": messages}, "again")
-    assert state.tokenize_counts["cached"] >= 1 and state.service.pending("again").request.keys == want
+    assert state.tokenize_counts["cached"] == 1 and state.service.pending("again").request.keys == want
+
+
+def test_a_completion_prompt_not_cached_whole_waits_for_the_pool(tokenizer_path, hf):
+    """A completion's text is one piece: extended by a step it is new text from its first
+    character, so the router waits for its ids (at most ``tokenize_wait_ms``) instead of
+    keying it on nothing, even when no engine takes the ids."""
+    state = make_state(tokenizer_path, **PATIENT)
+    replicas = [replica("r0"), replica("r1")]
+    prompt = "shared agent context. " * 60
+    choose(state, replicas, {"prompt": prompt}, "first")
+    choose(state, replicas, {"prompt": prompt + "tool result: " + "ok " * 200}, "step")
+    assert state.tokenize_counts["encoded"] == 2 and state.tokenize_counts["prefix"] == 0
+    want = TokenBlockKeyer(BLOCK).keys(hf.encode(prompt + "tool result: " + "ok " * 200), namespace_seed(""))
+    assert state.service.pending("step").request.keys == want
 
 
 def test_a_decision_waits_for_ids_at_most_tokenize_wait_ms(tokenizer_path, hf):

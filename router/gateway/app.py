@@ -255,13 +255,14 @@ class Gateway:
         routing_body = body if session is None or body.get("session_id") == session else \
             {**body, "session_id": session}
         fields = service.parse(routing_body)
-        # The body goes to the worker as it came, so the request need not wait for the
-        # tokenizer: it is keyed on the ids of its cached leading pieces (with short new
-        # text encoded here), and long new text is encoded on the pool meanwhile and
-        # learned for the next turn (``RoutingService.learn_after``, from ``routed``).
+        # The body goes to the worker as it came (the server tokenizes it), so the ids
+        # are only for keys: a turn that extends a cached conversation is keyed on its
+        # cached leading pieces at once, its new text encoded on the pool meanwhile and
+        # learned for the next turn; a prompt mostly new waits for the pool, at most
+        # ``tokenize_wait_ms`` (``RoutingService.tokenized``).
         found = Tokenized(None)
         if fields is not None and fields.tokenize:
-            found = await service.tokenized(fields, 0.0)
+            found = await service.tokenized(fields, service.options["tokenize_wait_ms"] / 1000, ids_wanted=False)
         learn = (fields, found.missing, found.encoding) if found.missing else None
         tried: set[str] = set()
         last_error = "no worker admitted"
