@@ -43,8 +43,8 @@ def cache_aware_router_config(**kwargs: Any) -> dict[str, Any]:
     ``tokenizer_max_queued_chars`` (default 8M), ``max_tokenized_chars`` (default 2M),
     ``send_prompt_ids`` (default true: send the router's ids to engines that use the same
     tokenizer), ``tokenize_wait_ms`` (default 250: how long a decision waits for the ids
-    of a prompt's new text when an engine would take them; past it the request is keyed
-    on its cached prefix and goes without ids) and any ``RoutingCore`` option. Raises
+    of a prompt's new text when an engine would take them or the prompt is mostly new;
+    past it the request is keyed on its cached prefix and goes without ids) and any ``RoutingCore`` option. Raises
     ``ConfigError`` naming the field.
     """
     validate_options(kwargs)

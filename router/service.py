@@ -52,7 +52,7 @@ SERVICE_OPTIONS = ("policy", "policy_options", "tokenizer", "block_size", "chunk
 MAX_PENDING = 10_000
 #: How long a decision waits by default for the tokenizer pool's ids of a prompt's new
 #: text, when an engine would take those ids (the wait saves that engine tokenizing the
-#: whole prompt). Past it, the request is keyed on its cached leading pieces and goes out
+#: whole prompt) or the prompt is mostly new (``RoutingService.tokenized``). Past it, the request is keyed on its cached leading pieces and goes out
 #: without ids; the pool's ids still teach the tree once they come. A safety net for a
 #: pool backed up far beyond its normal queue (waits of 10-50 ms with 32 requests in
 #: flight on 2 cores, ``kvroute bench serve-path``), where a 20 ms bound left most agent
@@ -303,7 +303,7 @@ class RoutingService:
 
     def learn_after(self, fields: RequestFields, missing: list[str], replica: str,
                     encoding: asyncio.Future | None = None) -> None:
-        """Wait for ``encoding`` (``tokenized``'s pool future for ``missing``), or encode
+        """Wait for ``encoding`` (``tokenized``'s task caching ``missing``), or encode
         ``missing`` on the pool when it was full then, and teach the tree that
         ``replica`` now holds the whole prompt (speculative, like any routed request), so
         that the next turn matches all of it. Runs as a task the service owns (``close``
