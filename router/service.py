@@ -52,11 +52,11 @@ SERVICE_OPTIONS = ("policy", "policy_options", "tokenizer", "block_size", "chunk
 MAX_PENDING = 10_000
 #: How long a decision waits by default for the tokenizer pool's ids of a prompt's new
 #: text, when an engine would take those ids (the wait saves that engine tokenizing the
-#: whole prompt) or the prompt is mostly new (``RoutingService.tokenized``). Past it, the request is keyed on its cached leading pieces and goes out
-#: without ids; the pool's ids still teach the tree once they come. A safety net for a
-#: pool backed up far beyond its normal queue (waits of 10-50 ms with 32 requests in
-#: flight on 2 cores, ``kvroute bench serve-path``), where a 20 ms bound left most agent
-#: turns without ids.
+#: whole prompt) or the prompt is mostly new (``RoutingService.tokenized``). Past it, the
+#: request is keyed on its cached leading pieces and goes out without ids; the pool's ids
+#: still teach the tree once they come. A safety net for a pool backed up far beyond its
+#: normal queue (waits of 10-50 ms with 32 requests in flight on 2 cores, ``kvroute bench
+#: serve-path``), where a 20 ms bound left most agent turns without ids.
 TOKENIZE_WAIT_MS = 250.0
 #: Missing prompt text up to this many characters is encoded on the loop (about 0.1 ms at
 #: 0.2 us per character): cheaper than the thread hop, and well under the loop-lag budget.
