@@ -195,9 +195,14 @@ def test_a_worker_killed_with_requests_in_flight_loses_none(gateway, servers):
         second.kill()
         results = [f.result() for f in futures]
     assert [status for status, _, _ in results] == [200] * len(bodies), (results, gateway.output()[-3000:])
-    assert all(r[1]["usage"]["completion_tokens"] == 600 for r in results)
-    assert all(r[2]["x-kvroute-worker"] == first.url for r in results)  # answered in full by the survivor
-    assert gateway.state()["retries"] >= 1
+    # Every request answered in full, once. The victim may have finished one between the
+    # gateway's report and the kill (a lone request decodes 600 tokens of the tiny model
+    # in well under a second on a fast machine); those it had not were retried on the
+    # survivor, which answered them in full.
+    where = [r[2]["x-kvroute-worker"] for r in results]
+    assert all(r[1]["usage"]["completion_tokens"] == 600 for r in results), where
+    assert set(where) <= {first.url, second.url} and first.url in where, where
+    assert gateway.state()["retries"] >= 1, (where, gateway.output()[-3000:])
     assert wait_for(lambda: not gateway.workers()[second.url]["admitted"], timeout=60, interval=0.2)
 
 
