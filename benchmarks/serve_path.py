@@ -13,6 +13,9 @@ deployment's ``request_router_config``:
 * ``kvroute-tokens-no-ids``: the same, but the token ids stay in the router
   (``send_prompt_ids=False``): what handing them to the engine costs on this path, where
   the engines do not tokenize (real ones would, on every request, unless they get them);
+* ``kvroute-tokens-no-wait``: ``kvroute-tokens`` with ``tokenize_wait_ms=0``: a decision
+  never waits for the tokenizer pool (a prompt whose new text is not encoded yet is keyed
+  on its cached prefix and goes without ids);
 * ``kvroute-chars``: the same with character keys (no tokenizer);
 * ``ray-prefix``: Ray Serve LLM's ``PrefixCacheAffinityRouter`` (defaults);
 * ``ray-consistent-hash``: Ray 2.60's experimental ``ConsistentHashRouter`` (sessions from
