@@ -910,6 +910,8 @@ def run(*, routers: Sequence[str] = ROUTERS, workloads: Sequence[str] | None = N
     _add_ratios(rows)
     say("cold text: kvroute's path against the tokenizer's own encode")
     cold = cold_tokenize_overhead(tokenizer, sorted({size for _, size in specs}), seed=seed)
+    say("one decision's time on the loop, in this process")
+    phases = decision_phases(tokenizer, built)
     return {
         "benchmark": "serve-path",
         "config": {"routers": routers, "drivers": drivers, "engine": engine, "concurrency": concurrency,
@@ -924,6 +926,7 @@ def run(*, routers: Sequence[str] = ROUTERS, workloads: Sequence[str] | None = N
         "separation": separation(rows),
         "kv_aware": kv_aware,
         "cold_tokenize": cold,
+        "decision_phases": phases,
     }
 
 
@@ -966,6 +969,88 @@ def cold_tokenize_overhead(tokenizer: str, sizes: Sequence[int] = SIZES, *, seed
         out.append({"size_chars": size, "chars": len(text), "tokens": len(expected),
                     "tokenizer_encode_ms": round(own_ms, 2), "kvroute_cold_ms": round(ours_ms, 2),
                     "ratio": round(ours_ms / own_ms, 3)})
+    return out
+
+
+def decision_phases(tokenizer: str, workloads: Sequence[Workload], *,
+                    wait_ms: int = 0) -> list[dict[str, Any]]:
+    """Where one decision's time on the loop goes, in this process, one loop, no Serve,
+    one request at a time (no contention but the pool's own thread): a ``RoutingService``
+    (``cache_aware``, this tokenizer, 4 replicas, ``tokenize_wait_ms=wait_ms``) routes each
+    chat or agent workload's warm turns, then its timed turns, each after the previous
+    one's lesson is learned (what a steady conversation meets). Per workload, medians in
+    microseconds of: ``parse`` (reading the body and rendering its chat), ``tokenized``
+    (the loop's share: cached pieces, and handing new text to the pool; never the wait),
+    ``key``, ``rank`` and their ``total``; and the chat rendering alone, through the
+    template's segments (``router.chat_render``) and through Jinja, on the same bodies."""
+    from router.requests import _chat_messages
+    from router.service import RoutingService
+    from router.tokenization import PromptTokenizer, render_chat
+
+    options = {"add_generation_prompt": True, "continue_final_message": False}
+    out = []
+    for workload in workloads:
+        if workload.kind == "cold":
+            continue
+        PromptTokenizer.forget_shared()
+        service = RoutingService({"policy": "cache_aware", "tokenizer": tokenizer, "block_size": BLOCK_SIZE,
+                                  "tokenize_wait_ms": wait_ms})
+        replicas = [f"replica-{i}" for i in range(DEFAULT_REPLICAS)]
+        service.set_replicas(replicas)
+        phases: dict[str, list[float]] = {"parse": [], "tokenized": [], "key": [], "rank": [], "total": []}
+
+        async def route_all(bodies: list[dict], timed: bool) -> None:
+            for i, body in enumerate(bodies):
+                began = time.perf_counter()
+                fields = service.parse(body)
+                parsed = time.perf_counter()
+                tokens = await service.tokenized(fields, wait_ms / 1000, ids_wanted=False)
+                tokenized = time.perf_counter()
+                request = service.key(fields, tokens.ids, f"{workload.name}-{timed}-{i}", tokens.uncached_chars)
+                keyed = time.perf_counter()
+                tiers = service.rank(request, replicas, began)
+                ranked = time.perf_counter()
+                replica = tiers[0][0] if tiers else replicas[0]
+                service.routed(request.request_id, replica)
+                if tokens.missing:
+                    service.learn_after(fields, tokens.missing, replica, tokens.encoding)
+                while service.learning:
+                    await asyncio.sleep(0.001)
+                service.completed(request.request_id)
+                if timed:
+                    for name, value in (("parse", parsed - began), ("tokenized", tokenized - parsed - tokens.waited),
+                                        ("key", keyed - tokenized), ("rank", ranked - keyed),
+                                        ("total", ranked - began - tokens.waited)):
+                        phases[name].append(value * 1e6)
+
+        async def route_workload() -> None:
+            if workload.warm is not None:
+                await route_all(fresh_bodies(workload.warm), False)
+            await route_all(fresh_bodies(workload), True)
+
+        try:
+            asyncio.run(route_workload())
+            renderer = service.prompts.renderer
+            segments, jinja = [], []
+            for body in fresh_bodies(workload):
+                messages, plain, _ = _chat_messages(body)
+                started = time.perf_counter()
+                fast = renderer.render(messages, options, plain)
+                middle = time.perf_counter()
+                slow = render_chat(renderer.tokenizer, messages, options)
+                segments.append((middle - started) * 1e6)
+                jinja.append((time.perf_counter() - middle) * 1e6)
+                assert fast == slow
+        finally:
+            service.close()
+        row: dict[str, Any] = {"workload": workload.name, "requests": len(workload.bodies), "wait_ms": wait_ms,
+                               "messages_max": max(len(json.loads(b)["messages"]) for b in workload.bodies),
+                               "segment_template": renderer.segments is not None}
+        row.update({f"{name}_us_p50": round(statistics.median(values), 1) for name, values in phases.items()})
+        row["total_us_p99"] = round(percentile(sorted(phases["total"]), 0.99), 1)
+        row["render_segments_us_p50"] = round(statistics.median(segments), 1)
+        row["render_jinja_us_p50"] = round(statistics.median(jinja), 1)
+        out.append(row)
     return out
 
 
@@ -1031,6 +1116,12 @@ def format_table(report: dict[str, Any]) -> str:
         lines.append(f"cold text of {row['chars']:,} characters ({row['tokens']:,} tokens): kvroute's path "
                      f"{row['kvroute_cold_ms']:.1f} ms, the tokenizer's own encode {row['tokenizer_encode_ms']:.1f} ms "
                      f"({row['ratio']:.2f}x)")
+    for row in report.get("decision_phases") or ():
+        lines.append(f"{row['workload']}, one decision alone on the loop (us, p50): parse {row['parse_us_p50']:.0f} "
+                     f"(chat rendering: segments {row['render_segments_us_p50']:.0f}, Jinja "
+                     f"{row['render_jinja_us_p50']:.0f}), tokenized {row['tokenized_us_p50']:.0f}, key "
+                     f"{row['key_us_p50']:.0f}, rank {row['rank_us_p50']:.0f}: total {row['total_us_p50']:.0f} "
+                     f"(p99 {row['total_us_p99']:.0f})")
     kv = report.get("kv_aware")
     if kv is not None and not kv.get("ran"):
         lines.append(f"ray-kv-aware did not run: {kv.get('error')}")

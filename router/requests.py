@@ -36,6 +36,7 @@ from typing import Any
 
 import xxhash
 
+from router.chat_render import ChatRenderer
 from router.tokenization import UNSUPPORTED_CHAT_FIELDS, chat_template_options, render_chat
 
 MAX_PROMPT_CHARS = 4_000_000  # a bound on what is keyed; a longer prompt is keyed by its head
@@ -166,8 +167,10 @@ def render_messages_as_text(messages: Sequence[dict[str, str]]) -> str:
 def parse_request(body: Any, *, lora: str = "", tokenizer: Any = None,
                   max_tokenized_chars: int = MAX_TOKENIZED_CHARS) -> RequestFields:
     """Extract the routing fields of an OpenAI chat or completion request. With a
-    ``tokenizer`` (a Hugging Face tokenizer with a chat template) the prompt text the
-    engine will tokenize is returned with ``tokenize`` set; the caller tokenizes it."""
+    ``tokenizer`` (a Hugging Face tokenizer with a chat template, or a
+    ``router.chat_render.ChatRenderer`` over one, which renders segment templates without
+    Jinja) the prompt text the engine will tokenize is returned with ``tokenize`` set; the
+    caller tokenizes it."""
     if body is None:
         raise BadRequest("empty request")
     # ``is None`` tests, never ``value or default``: truthiness of a client's value may be
@@ -202,7 +205,8 @@ def parse_request(body: Any, *, lora: str = "", tokenizer: Any = None,
             # not sent.
             exact = plain and all(_get(body, name) is None for name in UNSUPPORTED_CHAT_FIELDS)
             try:
-                text = render_chat(tokenizer, messages, options)
+                text = tokenizer.render(messages, options, plain) if isinstance(tokenizer, ChatRenderer) \
+                    else render_chat(tokenizer, messages, options)
             except Exception as exc:  # noqa: BLE001 - a template may reject any conversation
                 # (jinja's raise_exception: "roles must alternate"); the engine answers it 400.
                 raise BadRequest("messages: the chat template rejected them: "

@@ -215,7 +215,7 @@ class RoutingService:
         """The routing fields of a body (None when the router cannot read it: the request
         then goes out unranked, and is counted in ``bad_requests``)."""
         try:
-            return parse_request(body, lora=lora, tokenizer=self.tokenizer,
+            return parse_request(body, lora=lora, tokenizer=self.prompts.renderer if self.prompts is not None else None,
                                  max_tokenized_chars=self.options["max_tokenized_chars"])
         except BadRequest:
             self.bad_requests += 1
@@ -252,8 +252,10 @@ class RoutingService:
         content, special = fields.content, fields.add_special_tokens
         waited = 0.0
         try:
-            ids, missing = prompts.assemble(content, special)
-            if ids is not None:
+            # One pass: the whole prompt's ids, or the ids of its cached leading pieces
+            # and what is missing.
+            ids, missing, covered = prompts.assemble_leading(content, special)
+            if not missing:
                 self.tokenize_counts["cached"] += 1
                 return Tokenized(ids)
             if sum(map(len, missing)) <= INLINE_TOKENIZE_CHARS:
@@ -262,8 +264,7 @@ class RoutingService:
                 self.tokenize_counts["encoded"] += 1
                 return Tokenized(ids)
             encoded = self.pool.submit(prompts, missing)
-            encoding = prefix = None
-            covered = 0
+            encoding = None
             if encoded is not None:
                 # A task caches the pool's ids; whoever needs them (this decision, or the
                 # lesson after it when the decision went on without them) awaits it, so
@@ -271,17 +272,14 @@ class RoutingService:
                 encoding = asyncio.ensure_future(_store_when_encoded(prompts, missing, encoded))
                 # A failure nobody awaits (a request never routed) is not an error to log.
                 encoding.add_done_callback(lambda task: task.cancelled() or task.exception())
-                if not ids_wanted:
-                    prefix, covered = prompts.cached_prefix(content, special)
                 if wait_s > 0 and (ids_wanted or 2 * covered < len(content)):
                     before = time.perf_counter()
                     await asyncio.wait([encoding], timeout=wait_s)
                     waited = time.perf_counter() - before
             if encoding is None or not encoding.done():
-                if prefix is None:
-                    prefix, covered = prompts.cached_prefix(content, special)
+                # ``ids`` are the cached leading pieces', a prefix of the whole encoding.
                 self.tokenize_counts["prefix" if encoding is not None else "overflow"] += 1
-                return Tokenized(prefix, waited, missing, len(content) - covered, encoding)
+                return Tokenized(ids, waited, missing, len(content) - covered, encoding)
             encoding.result()  # raises the tokenizer's error, if it failed
             ids, _ = prompts.assemble(content, special)
             if ids is None:  # the cache cannot hold all of this prompt's pieces at once

@@ -36,6 +36,7 @@ the engine as they are, without a list of Python ints in between.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import re
@@ -49,6 +50,7 @@ from typing import Any
 
 import xxhash
 
+from router.chat_render import ChatRenderer
 from router.errors import ConfigError
 
 logger = logging.getLogger("kvroute.tokenization")
@@ -265,22 +267,28 @@ class PieceSplitterPy:
     def pieces(self, text: str) -> list[str | int]:
         """``text`` cut at the split tokens: their ids (int) and the text between (str,
         never empty), in order."""
+        return [piece for piece, _ in self._spans(text)]
+
+    def _spans(self, text: str) -> list[tuple[str | int, int]]:
+        """``pieces``, each with its offset in ``text``."""
         if self._pattern is None:
-            return [text] if text else []
-        out: list[str | int] = []
+            return [(text, 0)] if text else []
+        out: list[tuple[str | int, int]] = []
         tokens = self.split_tokens
         glue = self._glue
         pending = ""
+        offset = 0
         for i, part in enumerate(self._pattern.split(text)):
             if i % 2 == 0 or part in glue:
                 pending += part
             else:
                 if pending:
-                    out.append(pending)
+                    out.append((pending, offset - len(pending)))
                     pending = ""
-                out.append(tokens[part])
+                out.append((tokens[part], offset))
+            offset += len(part)
         if pending:
-            out.append(pending)
+            out.append((pending, offset - len(pending)))
         return out
 
     def assemble(self, cache: Any, text: str, add_special_tokens: bool, prefix: bytes | None,
@@ -305,6 +313,36 @@ class PieceSplitterPy:
         if add_special_tokens:
             parts.append(suffix)
         return b"".join(parts), []
+
+    def assemble_leading(self, cache: Any, text: str, add_special_tokens: bool, prefix: bytes | None,
+                         suffix: bytes | None) -> tuple[bytes, list[str], int]:
+        """``assemble`` in the same pass (the same ``cache.get`` calls), keeping what is
+        known when pieces are missing: ``(ids, [], len(text))`` when every text piece is
+        cached, else ``(prefix + the ids of the pieces before the first missing one,
+        missing, that piece's offset in text)`` (prefix only when
+        ``add_special_tokens``)."""
+        get = cache.get
+        parts: list[bytes] = [prefix] if add_special_tokens else []
+        missing: dict[str, None] = {}
+        leading = b""
+        covered = len(text)
+        for piece, offset in self._spans(text):
+            if type(piece) is int:
+                if not missing:
+                    parts.append(piece.to_bytes(4, "little"))
+                continue
+            ids = get(piece)
+            if ids is None:
+                if not missing:
+                    leading, covered = b"".join(parts), offset
+                missing[piece] = None
+            elif not missing:
+                parts.append(ids)
+        if missing:
+            return leading, list(missing), covered
+        if add_special_tokens:
+            parts.append(suffix)
+        return b"".join(parts), [], covered
 
 
 # -----------------------------------------------------------------------------------------
@@ -381,6 +419,11 @@ class PromptTokenizer:
         with cls._shared_lock:
             cls._shared.clear()
 
+    @functools.cached_property
+    def renderer(self) -> ChatRenderer:
+        """The chat renderer of this tokenizer's template (derived on first use)."""
+        return ChatRenderer(self.hf)
+
     # -- the pieces ---------------------------------------------------------------------------
     def pieces(self, text: str) -> list[str | int]:
         """``text`` cut at the split tokens: their ids (int) and the text between (str,
@@ -401,27 +444,24 @@ class PromptTokenizer:
             return self._c_splitter.assemble(cache, text, add_special_tokens, self.prefix, self.suffix)
         return self._py_splitter.assemble(cache, text, add_special_tokens, self.prefix, self.suffix)
 
-    def cached_prefix(self, text: str, add_special_tokens: bool) -> tuple[bytes, int]:
-        """The ids of ``text``'s leading pieces that are cached, up to its first missing
-        piece (with the post-processor's prefix when ``add_special_tokens``), and how many
-        of ``text``'s characters their text pieces cover. The ids are a prefix of
-        ``encode(text)``, by the identity in the module docstring: a router that does not
-        send ids to the engine keys a request on them at once and tokenizes the rest after
-        the decision. O(len(text)); one ``cache.get`` per leading text piece."""
-        parts = [self.prefix] if add_special_tokens and self.prefix else []
-        covered = 0
-        if self.incremental:
-            get = self.cache.get
-            for piece in self.pieces(text):
-                if type(piece) is int:
-                    parts.append(piece.to_bytes(4, "little"))
-                    continue
-                ids = get(piece)
-                if ids is None:
-                    break
-                parts.append(ids)
-                covered += len(piece)
-        return b"".join(parts), covered
+    def assemble_leading(self, text: str, add_special_tokens: bool) -> tuple[bytes, list[str], int]:
+        """``assemble``, and when pieces are missing what is known already, in the same
+        pass: ``(ids, [], len(text))`` when every piece is cached, else ``(leading,
+        missing, covered)``: the ids of ``text``'s pieces before its first missing one
+        (with the post-processor's prefix when ``add_special_tokens``), each missing piece
+        once, and that piece's offset (the characters ``leading`` stands for). ``leading``
+        is a prefix of ``encode(text)``, by the identity in the module docstring: a router
+        that does not send ids to the engine keys a request on it at once and tokenizes
+        the rest after the decision."""
+        cache = self.cache
+        if not self.incremental:
+            ids, missing = self.assemble(text, add_special_tokens)
+            if ids is not None:
+                return ids, [], len(text)
+            return (self.prefix or b"") if add_special_tokens else b"", missing, 0
+        if type(cache) is self._c_cache_type:
+            return self._c_splitter.assemble_leading(cache, text, add_special_tokens, self.prefix, self.suffix)
+        return self._py_splitter.assemble_leading(cache, text, add_special_tokens, self.prefix, self.suffix)
 
     def encode_pieces(self, pieces: list[str]) -> list[bytes]:
         """Each piece's ids, packed; one ``encode_batch_fast`` call (it releases the GIL:

@@ -301,10 +301,23 @@ def test_assemble_matches_python(data):
         py_cache.put(piece, ids)
     add = data.draw(st.booleans())
     prefix, suffix = (data.draw(st.binary(max_size=8)), data.draw(st.binary(max_size=8))) if add else (None, None)
+    leading = data.draw(st.booleans())
+    method = "assemble_leading" if leading else "assemble"
     for _ in range(2):  # cold, then with every missing piece stored
-        got = c_split.assemble(c_cache, text, add, prefix, suffix)
-        want = py_split.assemble(py_cache, text, add, prefix, suffix)
+        got = getattr(c_split, method)(c_cache, text, add, prefix, suffix)
+        want = getattr(py_split, method)(py_cache, text, add, prefix, suffix)
         assert got == want
+        if leading:
+            # Leading ids: those of the text before the first missing piece (every piece
+            # of which is cached), after the prefix; all of it when nothing is missing.
+            ids, missing, covered = want
+            assert (covered == len(text)) == (not missing)
+            if missing:
+                assert text[covered:].startswith(missing[0])
+            head, tail = (text[:covered], (False, None, None)) if missing else (text, (add, prefix, suffix))
+            again = [split_.assemble(cache, head, *tail) for split_, cache in ((c_split, c_cache), (py_split, py_cache))]
+            assert again[0] == again[1] and again[1][1] == []
+            assert ids == ((prefix if add else b"") + again[1][0] if missing else again[1][0])
         assert c_cache.stats.as_dict() == py_cache.stats.as_dict()
         assert c_cache.keys() == py_cache.keys()
         for piece in want[1]:
@@ -439,7 +452,7 @@ def test_chat_encode_equals_the_template(prompt_tokenizers, data):
 
 @_slow
 @given(data=st.data())
-def test_cached_prefix_is_a_prefix_of_the_encoding(prompt_tokenizers, data):
+def test_leading_ids_are_a_prefix_of_the_encoding(prompt_tokenizers, data):
     """What the gateway keys on before the tokenizer runs: the cached leading pieces of a
     chat whose earlier turns were seen are a prefix of the whole chat's ids (all of them
     once every piece is cached), and the characters they cover are the text's start."""
@@ -453,13 +466,16 @@ def test_cached_prefix_is_a_prefix_of_the_encoding(prompt_tokenizers, data):
     for tok in tokenizers:
         if seen:
             tok.encode(render_chat(hf, messages[:seen]), False)
-        ids, covered = tok.cached_prefix(rendered, False)
-        assert want.startswith(ids) and 0 <= covered <= len(rendered)
+        ids, missing, covered = tok.assemble_leading(rendered, False)
+        assert want.startswith(ids) and 0 <= covered <= len(rendered) and (covered == len(rendered)) == (not missing)
+        if missing and tok.incremental:
+            # The leading ids are the text's up to the first missing piece, exactly.
+            assert ids == pack_ids(hf.backend_tokenizer.encode(rendered[:covered], add_special_tokens=False).ids)
         tok.encode(rendered, False)
-        ids, covered = tok.cached_prefix(rendered, False)
-        if tok.cache.max_bytes >= 10_000:  # every piece is cached now: all of it, every text piece
-            assert ids == want and covered == sum(len(p) for p in tok.pieces(rendered) if isinstance(p, str))
-        with_bos, _ = tok.cached_prefix(rendered, True)
+        ids, missing, covered = tok.assemble_leading(rendered, False)
+        if tok.cache.max_bytes >= 10_000:  # every piece is cached now: all of it
+            assert ids == want and missing == [] and covered == len(rendered)
+        with_bos, _, _ = tok.assemble_leading(rendered, True)
         assert with_bos.startswith(tok.prefix or b"") and pack_ids(
             hf.backend_tokenizer.encode(rendered, add_special_tokens=True).ids).startswith(with_bos)
 

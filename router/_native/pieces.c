@@ -1488,16 +1488,50 @@ as_bytes(PyObject *obj, const char *name)
     return 0;
 }
 
+/* Fill a new bytes object of `total` bytes with prefix (when add), the ids of spans
+ * [0, end) (token ids and referenced cached ids) and suffix (when add and `suffix`). */
+static PyObject *
+join_spans(const Spans *spans, Py_ssize_t end, Py_ssize_t total, int add, PyObject *prefix, PyObject *suffix)
+{
+    PyObject *ids = PyBytes_FromStringAndSize(NULL, total);
+    if (ids == NULL)
+        return NULL;
+    char *w = PyBytes_AS_STRING(ids);
+    if (add) {
+        memcpy(w, PyBytes_AS_STRING(prefix), (size_t)PyBytes_GET_SIZE(prefix));
+        w += PyBytes_GET_SIZE(prefix);
+    }
+    for (Py_ssize_t i = 0; i < end; i++) {
+        const Span *x = &spans->items[i];
+        if (x->tok != NULL) {
+            uint32_t id = x->tok->id;
+            w[0] = (char)(id & 0xFF);
+            w[1] = (char)((id >> 8) & 0xFF);
+            w[2] = (char)((id >> 16) & 0xFF);
+            w[3] = (char)(id >> 24);
+            w += 4;
+        } else {
+            memcpy(w, PyBytes_AS_STRING(x->ids), (size_t)PyBytes_GET_SIZE(x->ids));
+            w += PyBytes_GET_SIZE(x->ids);
+        }
+    }
+    if (add && suffix != NULL)
+        memcpy(w, PyBytes_AS_STRING(suffix), (size_t)PyBytes_GET_SIZE(suffix));
+    return ids;
+}
+
 /* assemble(cache, text, add_special_tokens, prefix, suffix) -> (ids, []) or (None, missing):
  * PieceSplitterPy.assemble. One get per text piece occurrence, in order (the stats and
  * the LRU order are get's); the ids of the hits are kept (referenced, not copied) until
- * the end, when one bytes object is filled with prefix, ids and token ids, and suffix. */
+ * the end, when one bytes object is filled with prefix, ids and token ids, and suffix.
+ * With `leading` (assemble_leading): (ids, [], len(text)) or (ids of the spans before the
+ * first missing piece, missing, that piece's offset): the same gets, one pass. */
 static PyObject *
-PieceSplitter_assemble(PieceSplitter *sp, PyObject *const *args, Py_ssize_t nargs)
+assemble_impl(PieceSplitter *sp, PyObject *const *args, Py_ssize_t nargs, int leading)
 {
     if (nargs != 5) {
-        PyErr_SetString(PyExc_TypeError,
-                        "assemble(cache, text, add_special_tokens, prefix, suffix) takes 5 arguments");
+        PyErr_Format(PyExc_TypeError, "%s(cache, text, add_special_tokens, prefix, suffix) takes 5 arguments",
+                     leading ? "assemble_leading" : "assemble");
         return NULL;
     }
     if (!PyObject_TypeCheck(args[0], &PieceCacheType)) {
@@ -1523,6 +1557,9 @@ PieceSplitter_assemble(PieceSplitter *sp, PyObject *const *args, Py_ssize_t narg
     int kind = PyUnicode_KIND(text);
     const void *data = PyUnicode_DATA(text);
     Py_ssize_t total = add ? PyBytes_GET_SIZE(prefix) + PyBytes_GET_SIZE(suffix) : 0;
+    /* The first missing piece: its span and offset, and the bytes of the spans before it. */
+    Py_ssize_t first_miss = spans.count, covered = PyUnicode_GET_LENGTH(text);
+    Py_ssize_t leading_total = 0;
     for (Py_ssize_t i = 0; i < spans.count; i++) {
         Span *x = &spans.items[i];
         if (x->tok != NULL) {
@@ -1541,8 +1578,13 @@ PieceSplitter_assemble(PieceSplitter *sp, PyObject *const *args, Py_ssize_t narg
             }
             continue;
         }
-        if (missing == NULL && (missing = PyDict_New()) == NULL)
-            goto done;
+        if (missing == NULL) {
+            first_miss = i;
+            covered = x->start;
+            leading_total = total - (add ? PyBytes_GET_SIZE(suffix) : 0);
+            if ((missing = PyDict_New()) == NULL)
+                goto done;
+        }
         PyObject *piece = PyUnicode_Substring(text, x->start, x->start + x->len);
         if (piece == NULL)
             goto done;
@@ -1553,40 +1595,33 @@ PieceSplitter_assemble(PieceSplitter *sp, PyObject *const *args, Py_ssize_t narg
     }
     if (missing != NULL) {
         PyObject *keys = PyDict_Keys(missing); /* first-seen order, each once */
-        if (keys != NULL)
+        if (keys == NULL)
+            goto done;
+        if (!leading) {
             result = PyTuple_Pack(2, Py_None, keys);
-        Py_XDECREF(keys);
+        } else {
+            /* The spans before the first miss: every token and hit among them was counted
+             * in leading_total, with the prefix (when add) and no suffix. */
+            PyObject *ids = join_spans(&spans, first_miss, leading_total, add, prefix, NULL);
+            PyObject *offset = ids != NULL ? PyLong_FromSsize_t(covered) : NULL;
+            if (offset != NULL)
+                result = PyTuple_Pack(3, ids, keys, offset);
+            Py_XDECREF(ids);
+            Py_XDECREF(offset);
+        }
+        Py_DECREF(keys);
         goto done;
     }
-    PyObject *ids = PyBytes_FromStringAndSize(NULL, total);
+    PyObject *ids = join_spans(&spans, spans.count, total, add, prefix, suffix);
     if (ids == NULL)
         goto done;
-    char *w = PyBytes_AS_STRING(ids);
-    if (add) {
-        memcpy(w, PyBytes_AS_STRING(prefix), (size_t)PyBytes_GET_SIZE(prefix));
-        w += PyBytes_GET_SIZE(prefix);
-    }
-    for (Py_ssize_t i = 0; i < spans.count; i++) {
-        const Span *x = &spans.items[i];
-        if (x->tok != NULL) {
-            uint32_t id = x->tok->id;
-            w[0] = (char)(id & 0xFF);
-            w[1] = (char)((id >> 8) & 0xFF);
-            w[2] = (char)((id >> 16) & 0xFF);
-            w[3] = (char)(id >> 24);
-            w += 4;
-        } else {
-            memcpy(w, PyBytes_AS_STRING(x->ids), (size_t)PyBytes_GET_SIZE(x->ids));
-            w += PyBytes_GET_SIZE(x->ids);
-        }
-    }
-    if (add)
-        memcpy(w, PyBytes_AS_STRING(suffix), (size_t)PyBytes_GET_SIZE(suffix));
     PyObject *none_missing = PyList_New(0);
-    if (none_missing != NULL)
-        result = PyTuple_Pack(2, ids, none_missing);
+    PyObject *offset = none_missing != NULL && leading ? PyLong_FromSsize_t(covered) : NULL;
+    if (none_missing != NULL && (!leading || offset != NULL))
+        result = leading ? PyTuple_Pack(3, ids, none_missing, offset) : PyTuple_Pack(2, ids, none_missing);
     Py_DECREF(ids);
     Py_XDECREF(none_missing);
+    Py_XDECREF(offset);
 done:
     spans_free(&spans);
     Py_XDECREF(missing);
@@ -1599,6 +1634,18 @@ PieceSplitter_get_split_count(PieceSplitter *sp, void *Py_UNUSED(closure))
     return PyLong_FromSsize_t(sp->nsplit);
 }
 
+static PyObject *
+PieceSplitter_assemble(PieceSplitter *sp, PyObject *const *args, Py_ssize_t nargs)
+{
+    return assemble_impl(sp, args, nargs, 0);
+}
+
+static PyObject *
+PieceSplitter_assemble_leading(PieceSplitter *sp, PyObject *const *args, Py_ssize_t nargs)
+{
+    return assemble_impl(sp, args, nargs, 1);
+}
+
 static PyMethodDef PieceSplitter_methods[] = {
     {"pieces", (PyCFunction)PieceSplitter_pieces, METH_O,
      "pieces(text) -> [str | int]: text cut at the split tokens (their ids) and the text "
@@ -1606,6 +1653,10 @@ static PyMethodDef PieceSplitter_methods[] = {
     {"assemble", (PyCFunction)(void (*)(void))PieceSplitter_assemble, METH_FASTCALL,
      "assemble(cache, text, add_special_tokens, prefix, suffix) -> (ids, []) when every text "
      "piece is in cache, else (None, missing pieces, each once, first seen first)."},
+    {"assemble_leading", (PyCFunction)(void (*)(void))PieceSplitter_assemble_leading, METH_FASTCALL,
+     "assemble_leading(cache, text, add_special_tokens, prefix, suffix) -> (ids, [], len(text)) "
+     "when every text piece is in cache, else (ids of the pieces before the first missing one, "
+     "with prefix; missing pieces; the first missing piece's offset in text)."},
     {NULL, NULL, 0, NULL},
 };
 
