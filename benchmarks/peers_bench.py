@@ -16,8 +16,10 @@ gateway's CPU seconds over the replay and its peak RSS come from ``/proc``.
 Ray Serve's side (``ray:CacheAwareRouter`` for kvroute's plug-in, ``ray:PrefixCacheAffinityRouter``,
 ``ray:PowerOfTwoChoicesRequestRouter``, ``ray:ConsistentHashRouter``) runs the same
 requests through ``kvroute bench live`` after the servers are stopped (kvroute's vLLM
-engine deployment, the same engine geometry). ``ray:KVAwareRouter`` needs a Serve LLM
-cluster of its own in HAProxy mode and is not run here: its row says so.
+engine deployment, the same engine geometry). ``ray:KVAwareRouter`` (Ray Serve LLM's own
+KV-event router) needs a Serve LLM cluster of its own in HAProxy mode: it runs last, in a
+child process, on ``ray.serve.llm`` replicas of the same geometry
+(``benchmarks.peers_kv_aware``).
 
 Everything is validated before any process starts.
 """
@@ -40,6 +42,7 @@ from typing import Any
 from benchmarks.live_bench import (LiveConfig, Outcome, check_engine_geometry, load_requests, replay, summarize)
 from benchmarks.live_workload import LiveShape, TextRenderer, single_token_words
 from benchmarks.peers import PEERS, peer
+from engines.routers import profile_options
 from engines.vllm_server import VLLMServer, free_port
 from router.errors import ConfigError
 from router.gateway.vllm_metrics import engine_report
@@ -48,11 +51,11 @@ from simulator.workloads import ideal_hit_rate
 RAY_ROUTERS = {"ray:CacheAwareRouter": "cache_aware", "ray:PrefixCacheAffinityRouter": "ray:PrefixCacheAffinityRouter",
                "ray:PowerOfTwoChoicesRequestRouter": "ray:PowerOfTwoChoicesRequestRouter",
                "ray:ConsistentHashRouter": "ray:ConsistentHashRouter"}
-RAY_NOT_RUN = {"ray:KVAwareRouter": "needs a Ray Serve LLM cluster of its own in HAProxy mode with ai-dynamo-runtime "
-                                    "(see kvroute bench serve-path); not run by bench peers"}
+#: Ray Serve LLM's KV-event router: its own cluster, in a child process (benchmarks.peers_kv_aware).
+RAY_KV_AWARE = "ray:KVAwareRouter"
 #: The name the workers serve the model under (smg requires ``model`` in every body).
 MODEL_NAME = "tiny"
-DEFAULT_ROUTERS = ("kvroute:cache_aware", *PEERS, *RAY_ROUTERS, *RAY_NOT_RUN)
+DEFAULT_ROUTERS = ("kvroute:cache_aware", *PEERS, *RAY_ROUTERS, RAY_KV_AWARE)
 
 
 def validate_routers(names: Sequence[str]) -> list[str]:
@@ -66,9 +69,9 @@ def validate_routers(names: Sequence[str]) -> list[str]:
             if policy not in policies.available() and ":" not in policy:
                 raise ConfigError("router", f"unknown kvroute policy {policy!r} in {name!r} "
                                             f"(policies: {', '.join(policies.available())})")
-        elif name not in PEERS and name not in RAY_ROUTERS and name not in RAY_NOT_RUN:
+        elif name not in PEERS and name not in RAY_ROUTERS and name != RAY_KV_AWARE:
             raise ConfigError("router", f"unknown router {name!r}; valid: kvroute:POLICY, "
-                                        f"{', '.join([*PEERS, *RAY_ROUTERS, *RAY_NOT_RUN])}")
+                                        f"{', '.join([*PEERS, *RAY_ROUTERS, RAY_KV_AWARE])}")
         if name in out:
             raise ConfigError("router", f"{name!r} is listed twice")
         out.append(name)
@@ -129,14 +132,19 @@ class GatewayRun:
     """One gateway process in front of ``servers``: started, probed until it answers a
     request, then measured (CPU seconds, peak RSS) and stopped."""
 
-    def __init__(self, name: str, servers: Sequence[Any], model_path: str, block_size: int) -> None:
+    def __init__(self, name: str, servers: Sequence[Any], model_path: str, block_size: int,
+                 profile: str | None = None) -> None:
         # ``servers``: anything with ``url`` and ``worker_arg()`` (a ``VLLMServer``, or the
-        # trivial worker of ``kvroute bench gateway``).
+        # trivial worker of ``kvroute bench gateway``). ``profile``: the latency profile for
+        # a kvroute policy that takes one (as the Ray Serve rows get it from ``LiveConfig``).
         self.name = name
         self.port = free_port()
         if name.startswith(("kvroute:", "kvroute-chars:")):
-            args = [sys.executable, "-m", "router.cli", "gateway", "--policy", name.split(":", 1)[1],
+            policy = name.split(":", 1)[1]
+            args = [sys.executable, "-m", "router.cli", "gateway", "--policy", policy,
                     "--block-size", str(block_size), "--port", str(self.port), "--admin-port", "0"]
+            for option, value in profile_options(policy, profile).items():
+                args += ["--policy-option", f"{option}={value}"]
             if name.startswith("kvroute:"):  # kvroute-chars: character keys, no tokenizer
                 args += ["--tokenizer", model_path]
             for server in servers:
@@ -198,7 +206,7 @@ class GatewayRun:
 
 def run_gateway(name: str, servers: Sequence[VLLMServer], requests, renderer: TextRenderer, model_path: str,
                 live: LiveConfig, api: str, progress: Callable[[str], None] | None) -> tuple[dict, list[Outcome]]:
-    gateway = GatewayRun(name, servers, model_path, live.block_size)
+    gateway = GatewayRun(name, servers, model_path, live.block_size, live.profile)
     try:
         if progress:
             progress(f"{name}: starting in front of {len(servers)} vllm serve workers")
@@ -299,9 +307,14 @@ def run(*, routers: Sequence[str] = DEFAULT_ROUTERS, workload: str | None = "cha
             row.update({"router": name, "front_door": "ray-serve", "client_hit_rate": row["hit_rate"],
                         "hit_rate": row.get("engine_hit_rate"), "gateway_cpu_s": None, "gateway_peak_rss_mb": None})
             rows.append(row)
-    for name in names:
-        if name in RAY_NOT_RUN:
-            rows.append({"router": name, "front_door": "ray-serve", "error": RAY_NOT_RUN[name]})
+    if RAY_KV_AWARE in names:
+        from benchmarks import peers_kv_aware
+
+        rows.append(peers_kv_aware.run_subprocess(
+            workload_requests, model_path=model_path, model_name=MODEL_NAME, replicas=live.replicas,
+            block_size=live.block_size, kv_blocks=live.kv_blocks, max_model_len=live.max_model_len,
+            max_num_seqs=live.max_num_seqs, max_num_batched_tokens=live.max_num_batched_tokens,
+            request_timeout_s=live.timeout_s, api=api, progress=progress))
     ceiling = ideal_hit_rate(workload_requests, live.block_size)
     return {
         "benchmark": "peers",
@@ -312,6 +325,7 @@ def run(*, routers: Sequence[str] = DEFAULT_ROUTERS, workload: str | None = "cha
                      "sessions": len({r.session_id for r in workload_requests if r.session_id})},
         "ideal_hit_rate": round(ceiling["full_block_tokens"], 4),
         "deployment": {"replicas": live.replicas, "model": model_path, "block_size": live.block_size,
+                       "profile": live.profile,
                        "kv_blocks_per_replica": live.kv_blocks, "max_model_len": live.max_model_len,
                        "max_num_seqs": live.max_num_seqs,
                        "peers": {name: PEERS[name].requirement for name in names if name in PEERS}},

@@ -180,28 +180,38 @@ def run_subprocess(*, workloads: Sequence[str], requests: int | None, concurrenc
                 "dynamo": str(dynamo), "probes": str(probes), "out": str(out),
                 "deadline": time.time() + timeout_s - 60}
         (work / "spec.json").write_text(json.dumps(spec))
-        env = {**os.environ, **ENV}
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
-        proc = subprocess.Popen([sys.executable, "-m", "benchmarks.serve_path_kv_aware", str(work / "spec.json")],
-                                cwd=str(REPO), env=env, start_new_session=True)
-        try:
-            proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGINT)  # the child shuts its cluster down on SIGINT
-            try:
-                proc.wait(timeout=120)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        status, timed_out = run_child_cluster("benchmarks.serve_path_kv_aware", work / "spec.json", timeout_s)
+        if timed_out:
             report["error"] = f"the ray-kv-aware run took longer than {timeout_s:.0f} s and was stopped"
         if out.exists():
             child = json.loads(out.read_text())
             report.update({k: v for k, v in child.items() if k != "error" or v})
         elif report["error"] is None:
-            report["error"] = f"the ray-kv-aware child exited with status {proc.returncode} and wrote no result"
+            report["error"] = f"the ray-kv-aware child exited with status {status} and wrote no result"
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return report
+
+
+def run_child_cluster(module: str, spec_path: Path, timeout_s: float) -> tuple[int, bool]:
+    """Run ``python -m module spec_path`` in a session of its own, with HAProxy mode and
+    direct streaming on (``ENV``) for the Ray cluster it starts; past ``timeout_s`` it gets
+    SIGINT (it then shuts its cluster down), then SIGKILL. Returns (exit status, whether it
+    ran out of time)."""
+    env = {**os.environ, **ENV}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+    proc = subprocess.Popen([sys.executable, "-m", module, str(spec_path)], cwd=str(REPO), env=env,
+                            start_new_session=True)
+    try:
+        return proc.wait(timeout=timeout_s), False
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        return proc.returncode, True
 
 
 # -----------------------------------------------------------------------------------------
@@ -253,6 +263,26 @@ def _post(url: str, body: dict, timeout: float = 60.0) -> tuple[int, bytes]:
             return response.status, response.read()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read()
+
+
+def until_answering(url: str, body_of: Callable[[int], dict], count: int, timeout_s: float, what: str) -> None:
+    """POST ``body_of(i)`` to ``url`` until ``count`` requests were answered 200 (a
+    deployment reports RUNNING before HAProxy routes to it); ``RuntimeError`` with the
+    last answer past ``timeout_s``."""
+    deadline = time.time() + timeout_s
+    answered, last = 0, None
+    while answered < count:
+        try:
+            status, raw = _post(url, body_of(answered))
+        except OSError as exc:
+            status, raw = 0, repr(exc).encode()
+        last = (status, raw[:300])
+        if status == 200:
+            answered += 1
+        elif time.time() > deadline:
+            raise RuntimeError(f"{what}: no answer through HAProxy within {timeout_s:.0f} s; last: {last}")
+        else:
+            time.sleep(0.5)
 
 
 def _phase(probes: Path, name: str, active: bool) -> None:
@@ -348,21 +378,7 @@ def run_llm_router(router: str, workloads: Sequence[Any], spec: dict, port: int,
         _wait_running(app_name, min(spec["deadline"], time.time() + 300))
         url = f"http://127.0.0.1:{port}/v1/chat/completions"
         warm = {"model": serve_path.MODEL_NAME, "messages": [{"role": "user", "content": f"warm up {router}"}]}
-        deadline = time.time() + 120
-        answered = 0
-        last = None
-        while answered < 2 * spec["replicas"]:
-            try:
-                status, raw = _post(url, warm)
-            except OSError as exc:
-                status, raw = 0, repr(exc).encode()
-            last = (status, raw[:300])
-            if status == 200:
-                answered += 1
-            elif time.time() > deadline:
-                raise RuntimeError(f"{router}: no answer through HAProxy within 120 s; last: {last}")
-            else:
-                time.sleep(0.5)
+        until_answering(url, lambda i: warm, 2 * spec["replicas"], 120.0, router)
         deploy_s = time.perf_counter() - started
         time.sleep(2.0)  # routing stats (KV-event and token endpoints) reach the routers
         for workload in workloads:

@@ -134,6 +134,7 @@ class KVRouteLLMServer(LLMServer):
             "max_model_len": int(client.model_config.max_model_len),
             "prefix_cache_queries": snap.prefix_queries,
             "prefix_cache_hits": snap.prefix_hits,
+            "requests_scheduled": snap.prefix_requests,
             "stats_age_s": (time.time() - snap.updated) if snap.reports else None,
             "kvroute_tokenizer": self._kvroute_tokenizer,
             "router_ids_used": self._kvroute_ids_used,

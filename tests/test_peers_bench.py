@@ -42,3 +42,57 @@ def test_the_table_shows_errors_and_rows():
                           {"router": "ray:KVAwareRouter", "front_door": "ray-serve", "error": "not run"}]}
     table = format_table(report)
     assert "40.0%" in table and "error: not run" in table
+
+
+def test_kv_aware_router_gets_the_league_geometry_and_ray_s_own_kv_event_ports(tmp_path):
+    """``ray:KVAwareRouter``'s deployment (run by the benchmark, not CI: it installs Dynamo's
+    runtime from PyPI and needs a HAProxy-mode cluster): the league's engine geometry on
+    ``ray.serve.llm`` replicas, KVAwareRouter as the request router, and no KV-event
+    publisher of ours (Ray sets its own from the port base)."""
+    pytest.importorskip("ray.serve.llm")
+    from benchmarks.peers_kv_aware import _llm_config
+    from benchmarks.serve_path_kv_aware import KV_AWARE_CLASS
+    from engines.tiny_model import build_tiny_model
+
+    spec = {"model_path": str(build_tiny_model("/tmp/kvroute-tiny-v2")), "model_name": "tiny", "replicas": 3, "block_size": 32,
+            "kv_blocks": 96, "max_model_len": 2048, "max_num_seqs": 16, "max_num_batched_tokens": 2048,
+            "shim": str(tmp_path / "shim"), "dynamo": str(tmp_path / "dynamo")}
+    config = _llm_config(spec, 31_000)
+    deployment = config.deployment_config
+    router = deployment["request_router_config"]
+    assert deployment["num_replicas"] == 3
+    assert (router["request_router_class"] if isinstance(router, dict) else router.request_router_class) \
+        == KV_AWARE_CLASS
+    kwargs = config.engine_kwargs
+    assert "kv_events_config" not in kwargs and kwargs["enable_prefix_caching"]
+    assert (kwargs["block_size"], kwargs["num_gpu_blocks_override"], kwargs["max_model_len"], kwargs["max_num_seqs"],
+            kwargs["max_num_batched_tokens"]) == (32, 96, 2048, 16, 2048)
+    assert config.experimental_configs["KV_EVENTS_PORT_BASE"] == 31_000
+    assert config.experimental_configs["KV_TOKEN_PORT_BASE"] == 33_000
+    env = config.runtime_env["env_vars"]
+    assert env["RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING"] == "1" and spec["dynamo"] in env["PYTHONPATH"]
+
+
+def test_kvroute_gateways_get_the_latency_profile_the_ray_serve_rows_get(monkeypatch, tmp_path):
+    """The league runs both front doors' ``cache_aware`` with the same latency profile
+    (``kvroute bench`` picks ``tiny-llama-cpu`` for the tiny model): the gateway's command
+    line carries it as a policy option; a policy without a profile gets none."""
+    import benchmarks.peers_bench as peers_bench
+
+    launched = []
+
+    class Started:
+        pid = 0
+
+        def __init__(self, args, **kwargs):
+            launched.append(list(args))
+
+    monkeypatch.setattr(peers_bench.subprocess, "Popen", Started)
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    worker = type("Worker", (), {"url": "http://127.0.0.1:1", "worker_arg": lambda self: "http://127.0.0.1:1"})()
+    peers_bench.GatewayRun("kvroute:cache_aware", [worker], "/model", 32, "tiny-llama-cpu").log.close()
+    peers_bench.GatewayRun("kvroute:pow2", [worker], "/model", 32, "tiny-llama-cpu").log.close()
+    peers_bench.GatewayRun("kvroute:cache_aware", [worker], "/model", 32, None).log.close()
+    with_profile, pow2, without = launched
+    assert with_profile[with_profile.index("--policy-option") + 1] == "profile=tiny-llama-cpu"
+    assert "--policy-option" not in pow2 and "--policy-option" not in without
