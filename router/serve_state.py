@@ -168,9 +168,7 @@ class RouterState:
             service.record_fallback()
             return [candidate_replicas]
         ids = found.ids if found is not None else None
-        learn = None
-        if found is not None and found.missing:  # keyed on the cached prefix: no ids sent
-            learn = (fields, found.missing, found.encoding)
+        learn = found.lesson(fields) if found is not None else None  # keyed on the cached prefix: no ids sent
         request = service.key(fields, ids, pending_request.metadata.internal_request_id,
                               found.uncached_chars if found is not None else 0)
         original = None

@@ -131,6 +131,12 @@ class Tokenized(NamedTuple):
     uncached_chars: int = 0
     encoding: asyncio.Future | None = None
 
+    def lesson(self, fields: RequestFields) -> tuple[RequestFields, list[str], asyncio.Future | None] | None:
+        """``RoutingService.rank``'s ``learn`` for this request: ``(fields, missing,
+        encoding)`` when it was keyed on its cached prefix (the tree learns the whole
+        prompt once the pool is done), else None."""
+        return (fields, self.missing, self.encoding) if self.missing else None
+
 
 async def _store_when_encoded(prompts: PromptTokenizer, pieces: list[str], encoded: asyncio.Future) -> None:
     """Cache ``pieces``' ids once the pool has ``encoded`` them: a task that whoever needs

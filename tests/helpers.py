@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 import socket
 import time
@@ -66,3 +67,13 @@ class DroppingSocket:
 
     def __getattr__(self, name):
         return getattr(self.sock, name)
+
+
+async def until_learned(service, deadline_s: float = 60.0) -> None:
+    """Wait (observably, with a generous deadline) until ``service`` (a ``RoutingService``)
+    has no ``learn_after`` task left: the tokenizer pool's encodes finished and the tree
+    learned them."""
+    deadline = time.monotonic() + deadline_s
+    while service.learning and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    assert not service.learning

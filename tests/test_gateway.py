@@ -21,6 +21,7 @@ from router.errors import ConfigError  # noqa: E402
 from router.gateway.app import Gateway  # noqa: E402
 from router.gateway.config import WorkerSpec, build_config, load_file, parse_policy_options  # noqa: E402
 from router.gateway.vllm_metrics import engine_report  # noqa: E402
+from tests.helpers import until_learned  # noqa: E402
 
 MODEL = "tiny"
 #: The shape of vLLM 0.32's /metrics for the series the gateway reads.
@@ -243,15 +244,6 @@ def test_a_session_sticks_to_its_worker():
     assert len(set(_run(_with_gateway(2, body, policy="round_robin")))) == 2
 
 
-async def _learned(gateway, deadline_s=60.0):
-    """Wait until the service has no ``learn_after`` task left (the tokenizer pool's
-    encodes finished and the tree learned them)."""
-    deadline = time.monotonic() + deadline_s
-    while gateway.service.learning and time.monotonic() < deadline:
-        await asyncio.sleep(0.01)
-    assert not gateway.service.learning
-
-
 def test_long_new_text_is_routed_at_once_and_learned_after():
     """With a tokenizer, a conversation's first turn (all of it new) waits for its ids; a
     later turn whose new text is long but less than half of it is keyed on its cached
@@ -281,7 +273,7 @@ def test_long_new_text_is_routed_at_once_and_learned_after():
                 where.setdefault(i, []).append(answer["worker"])
                 how = "encoded" if turn == 0 else "prefix"  # the first turn waited for its ids
                 assert service.tokenize_counts[how] == before[how] + 1, (turn, service.tokenize_counts)
-                await _learned(gateway)
+                await until_learned(gateway.service)
                 url = resp.headers["x-kvroute-worker"]
                 fields = service.parse({"model": MODEL, "messages": messages})
                 full, _ = service.prompts.assemble(fields.content, fields.add_special_tokens)

@@ -16,6 +16,7 @@ transformers = pytest.importorskip("transformers")
 from router.keys import TokenBlockKeyer, namespace_seed  # noqa: E402
 from router.serve_state import RouterState  # noqa: E402
 from router.tokenization import ATTACHMENT_KWARG, PromptTokenizer, pack_ids, tokenizer_fingerprint  # noqa: E402
+from tests.helpers import until_learned  # noqa: E402
 
 BLOCK = 4
 
@@ -218,15 +219,6 @@ def test_tokenizer_options_fail_at_start_naming_the_field(tokenizer_path):
         make_state("/nonexistent/tokenizer")
 
 
-async def _until_learned(state, deadline_s: float = 60.0) -> None:
-    """Wait (observably, with a generous deadline) until the lessons after decisions are done."""
-    loop = asyncio.get_running_loop()
-    end = loop.time() + deadline_s
-    while state.service.learning and loop.time() < end:
-        await asyncio.sleep(0.01)
-    assert state.service.learning == 0
-
-
 def test_without_an_engine_to_take_ids_a_mostly_cached_turn_is_routed_at_once_and_learned_after(tokenizer_path, hf):
     """No engine would take the router's ids (they report no tokenizer). A prompt mostly
     new still waits for the pool (keyed on its little cached part it would be routed
@@ -256,7 +248,7 @@ def test_without_an_engine_to_take_ids_a_mostly_cached_turn_is_routed_at_once_an
         assert keyed.prompt_tokens >= len(keyed.keys) * BLOCK + (len(ids) - len(keyed.keys) * BLOCK) // 4
         chosen = ranked[0][0].replica_id.to_full_id_str()
         state.on_request_routed(request, ranked[0][0].replica_id, None)
-        await _until_learned(state)
+        await until_learned(state.service)
         return chosen
 
     chosen = asyncio.run(main())
@@ -310,7 +302,7 @@ def test_a_decision_waits_for_ids_at_most_tokenize_wait_ms(tokenizer_path, hf):
         assert state.service.tokenize_wait_seconds >= 0.005
         state.on_request_routed(request, ranked[0][0].replica_id, None)
         release.set()
-        await _until_learned(state)
+        await until_learned(state.service)
         request = pending({"messages": messages}, "next")
         await state.choose_replicas(replicas, request)
         return request

@@ -263,7 +263,11 @@ class Gateway:
         found = Tokenized(None)
         if fields is not None and fields.tokenize:
             found = await service.tokenized(fields, service.options["tokenize_wait_ms"] / 1000, ids_wanted=False)
-        learn = (fields, found.missing, found.encoding) if found.missing else None
+            # The wait for the pool is a metric of its own, not the decision's latency (as
+            # in the Serve plug-in): the loop served other requests meanwhile.
+            service.record_wait(found.waited)
+            started += found.waited
+        learn = found.lesson(fields)
         tried: set[str] = set()
         last_error = "no worker admitted"
         for attempt in range(1, self.config.max_attempts + 1):
