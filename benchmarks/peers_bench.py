@@ -333,6 +333,71 @@ def run(*, routers: Sequence[str] = DEFAULT_ROUTERS, workload: str | None = "cha
     }
 
 
+#: The league's routers by the simulator's version of their policy (``--simulate``):
+#: smg and sglang-router run SGLang's cache_aware policy, vllm-router a copy of it.
+SIMULATED = (("kvroute:cache_aware", "cache_aware"), ("smg / sglang-router / vllm-router", "sglang"),
+             ("ray:PrefixCacheAffinityRouter", "ray_prefix"), ("ray:PowerOfTwoChoicesRequestRouter", "pow2"),
+             ("ray:KVAwareRouter", "dynamo"))
+
+
+def simulate(*, workload: str | None = "chat", trace: str | None = None, requests: int = 200, rate: float = 8.0,
+             rate_scale: float = 1.0, seed: int = 0, seeds: int = 1, shape: LiveShape = LiveShape(),
+             live: LiveConfig = LiveConfig(replicas=3), host_slots: float | None = None) -> dict[str, Any]:
+    """The league's requests (the same fitted workload, seeds ``seed`` to ``seed + seeds -
+    1``) through the simulator instead of engines, on the league's geometry (replicas, KV
+    blocks, block size, batch limits, the latency profile), with the engines sharing this
+    machine's ``host_slots`` cores (default: all of them) as the live ``vllm serve``
+    servers do: the simulator's versions of the routers' policies (``SIMULATED``), each the
+    mean over the seeds. Seconds, no engines: for reading the live table."""
+    import dataclasses as _dataclasses
+
+    from router.profile import get_profile
+    from simulator.cluster import ClusterConfig
+    from simulator.run import run_policy
+
+    if not isinstance(seeds, int) or isinstance(seeds, bool) or seeds <= 0:
+        raise ConfigError("seeds", f"must be a positive integer, got {seeds!r}")
+    profile = get_profile(live.profile or "tiny-llama-cpu")
+    slots = host_slots if host_slots is not None else float(os.cpu_count() or 1)
+    config = ClusterConfig(replicas=live.replicas, block_size=live.block_size, kv_blocks=live.kv_blocks,
+                           profile=profile, max_num_seqs=live.max_num_seqs,
+                           max_num_batched_tokens=live.max_num_batched_tokens, host_slots=slots)
+    runs = [load_requests(workload=workload, trace=trace, count=requests, rate=rate, rate_scale=rate_scale,
+                          seed=s, shape=shape) for s in range(seed, seed + seeds)]
+    rows = []
+    for router, policy in SIMULATED:
+        options = profile_options(policy, live.profile or profile.name)
+        per_seed = [run_policy(reqs, _dataclasses.replace(config, seed=s), policy, options)[0]
+                    for s, reqs in zip(range(seed, seed + seeds), runs)]
+        mean = lambda key: round(statistics.fmean(r[key] for r in per_seed), 4)  # noqa: E731
+        rows.append({"router": router, "policy": policy, "hit_rate": mean("hit_rate"),
+                     "hit_rate_by_seed": [round(r["hit_rate"], 4) for r in per_seed],
+                     "ttft_p50_s": mean("ttft_p50_s"), "ttft_p99_s": mean("ttft_p99_s"),
+                     "max_replica_share": mean("max_replica_share")})
+    ceilings = [ideal_hit_rate(reqs, live.block_size)["full_block_tokens"] for reqs in runs]
+    return {"benchmark": "peers-simulated",
+            "workload": {"name": None if trace else (workload or "chat"), "trace": trace, "requests": requests,
+                         "rate_per_s": None if trace else rate, "seeds": list(range(seed, seed + seeds))},
+            "ideal_hit_rate": round(statistics.fmean(ceilings), 4),
+            "deployment": {"replicas": live.replicas, "block_size": live.block_size,
+                           "kv_blocks_per_replica": live.kv_blocks, "max_num_seqs": live.max_num_seqs,
+                           "profile": profile.name, "host_slots": slots},
+            "results": rows}
+
+
+def format_simulated(report: dict[str, Any]) -> str:
+    w, d = report["workload"], report["deployment"]
+    lines = [f"simulated: {w['requests']} requests of {w['trace'] or w['name']}, seeds {w['seeds']} (ceiling "
+             f"{report['ideal_hit_rate']:.1%}); {d['replicas']} replicas of {d['kv_blocks_per_replica']} blocks of "
+             f"{d['block_size']}, {d['profile']}, sharing {d['host_slots']:g} cores",
+             f"{'router':<36} {'policy':<12} {'hit':>7} {'TTFT p50':>9} {'p99':>8} {'max share':>9}"]
+    for row in report["results"]:
+        lines.append(f"{row['router']:<36} {row['policy']:<12} {row['hit_rate']:>7.1%} "
+                     f"{row['ttft_p50_s'] * 1000:>7.0f}ms {row['ttft_p99_s'] * 1000:>6.0f}ms "
+                     f"{row['max_replica_share']:>9.2f}")
+    return "\n".join(lines)
+
+
 def format_table(report: dict[str, Any]) -> str:
     w, d = report["workload"], report["deployment"]
     lines = [f"{w['requests']} requests of {w['trace'] or w['name']} over {w['span_s']} s "

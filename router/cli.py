@@ -135,6 +135,14 @@ def _bench_peers(args: argparse.Namespace) -> int:
     from benchmarks import peers_bench
 
     shape, live = _live_options(args)
+    if args.simulate:
+        report = peers_bench.simulate(workload=args.workload, trace=args.trace, requests=args.requests,
+                                      rate=args.rate, rate_scale=args.rate_scale, seed=args.seed, seeds=args.seeds,
+                                      shape=shape, live=live)
+        report["command"] = "kvroute " + " ".join(args.argv)
+        print(peers_bench.format_simulated(report))
+        _write_json(args.json, report)
+        return 0
     report = peers_bench.run(routers=args.router or peers_bench.DEFAULT_ROUTERS, workload=args.workload,
                              trace=args.trace, requests=args.requests, rate=args.rate, rate_scale=args.rate_scale,
                              seed=args.seed, shape=shape, live=live, api=args.api,
@@ -390,6 +398,11 @@ def build_parser() -> argparse.ArgumentParser:
                          help="kvroute:POLICY, smg, vllm-router, sglang-router, ray:CacheAwareRouter, "
                               "ray:PrefixCacheAffinityRouter, ray:PowerOfTwoChoicesRequestRouter, "
                               "ray:ConsistentHashRouter, ray:KVAwareRouter (repeatable; default all)")
+    peers_p.add_argument("--simulate", action="store_true",
+                         help="no engines: the same requests and geometry through the simulator, with its "
+                              "versions of the routers' policies (seconds)")
+    peers_p.add_argument("--seeds", type=_positive_int, default=1,
+                         help="with --simulate: workload seeds --seed .. --seed + N - 1, averaged (default 1)")
     peers_p.set_defaults(func=_bench_peers)
 
     gwb = bench_sub.add_parser("gateway", help="latency a gateway adds over a direct call, and its CPU per "

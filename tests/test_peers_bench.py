@@ -96,3 +96,21 @@ def test_kvroute_gateways_get_the_latency_profile_the_ray_serve_rows_get(monkeyp
     with_profile, pow2, without = launched
     assert with_profile[with_profile.index("--policy-option") + 1] == "profile=tiny-llama-cpu"
     assert "--policy-option" not in pow2 and "--policy-option" not in without
+
+
+def test_the_league_in_the_simulator_runs_every_router_s_policy_on_the_same_requests():
+    """``kvroute bench peers --simulate``: no engines; each router's simulated policy on the
+    league's fitted requests and geometry, averaged over the seeds, deterministic."""
+    from benchmarks.live_bench import LiveConfig
+    from benchmarks.peers_bench import SIMULATED, format_simulated, simulate
+
+    live = LiveConfig(replicas=3, kv_blocks=96, model_path="/unused")
+    report = simulate(workload="agent", requests=40, seed=0, seeds=2, live=live, host_slots=2.0)
+    rows = report["results"]
+    assert [r["router"] for r in rows] == [name for name, _ in SIMULATED]
+    assert all(0 < r["hit_rate"] <= report["ideal_hit_rate"] + 1e-9 and len(r["hit_rate_by_seed"]) == 2 for r in rows)
+    assert report["deployment"]["profile"] == "tiny-llama-cpu" and report["deployment"]["host_slots"] == 2.0
+    assert simulate(workload="agent", requests=40, seed=0, seeds=2, live=live, host_slots=2.0) == report
+    assert "ray_prefix" in format_simulated(report)
+    with pytest.raises(ConfigError, match="seeds"):
+        simulate(workload="agent", requests=40, seeds=0, live=live)
