@@ -185,6 +185,9 @@ class RoutingService:
             path = os.path.expanduser(path)
         self.prompts = PromptTokenizer.shared(path, cache_bytes=own["tokenizer_cache_bytes"]) if path else None
         self.tokenizer = self.prompts.hf if self.prompts is not None else None
+        # The chat renderer is derived here (a few hundred short probe renders, once per
+        # process and tokenizer), not on the first request's decision.
+        self.renderer = self.prompts.renderer if self.prompts is not None else None
         self.pool = TokenizerPool(own["tokenizer_threads"], own["tokenizer_max_queued_chars"])
         self.tokenize_counts = dict.fromkeys(TOKENIZE_RESULTS, 0)
         self.prompt_ids_sent = 0
@@ -221,7 +224,7 @@ class RoutingService:
         """The routing fields of a body (None when the router cannot read it: the request
         then goes out unranked, and is counted in ``bad_requests``)."""
         try:
-            return parse_request(body, lora=lora, tokenizer=self.prompts.renderer if self.prompts is not None else None,
+            return parse_request(body, lora=lora, tokenizer=self.renderer,
                                  max_tokenized_chars=self.options["max_tokenized_chars"])
         except BadRequest:
             self.bad_requests += 1
