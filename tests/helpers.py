@@ -77,3 +77,15 @@ async def until_learned(service, deadline_s: float = 60.0) -> None:
     while service.learning and time.monotonic() < deadline:
         await asyncio.sleep(0.01)
     assert not service.learning
+
+
+def shipped_tokenizer_path(name: str):
+    """A shipped tokenizer's directory, built locally if needed: ``tiny`` (the tiny model's),
+    or a benchmark tokenizer style (``llama3``, ``chatml``)."""
+    if name == "tiny":
+        from engines.tiny_model import build_tiny_model
+
+        return build_tiny_model("/tmp/kvroute-tiny-v2")
+    from engines.bench_tokenizer import build_bench_tokenizer
+
+    return build_bench_tokenizer(name)

@@ -17,31 +17,28 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from router.chat_render import ChatRenderer, SegmentTemplate, content_only_printed
+from router.chat_render import ChatRenderer, content_only_printed
+from tests.helpers import shipped_tokenizer_path
 
 transformers = pytest.importorskip("transformers")
 
 DEFAULT_OPTIONS = {"add_generation_prompt": True, "continue_final_message": False}
 
 
-def _tokenizer_path(name):
-    if name == "tiny":
-        from engines.tiny_model import build_tiny_model
-
-        return build_tiny_model("/tmp/kvroute-tiny-v2")
-    from engines.bench_tokenizer import build_bench_tokenizer
-
-    return build_bench_tokenizer(name)
-
-
 @pytest.fixture(scope="module", params=["tiny", "llama3", "chatml"])
 def shipped(request):
-    return transformers.AutoTokenizer.from_pretrained(str(_tokenizer_path(request.param)))
+    return transformers.AutoTokenizer.from_pretrained(str(shipped_tokenizer_path(request.param)))
+
+
+@pytest.fixture(scope="module")
+def shipped_renderer(shipped):
+    """The shipped tokenizer's renderer, its segments derived once per template."""
+    return ChatRenderer(shipped)
 
 
 @pytest.fixture(scope="module")
 def llama3():
-    return transformers.AutoTokenizer.from_pretrained(str(_tokenizer_path("llama3")))
+    return transformers.AutoTokenizer.from_pretrained(str(shipped_tokenizer_path("llama3")))
 
 
 def _jinja(hf, messages, generation=True):
@@ -57,26 +54,15 @@ _messages = st.lists(st.fixed_dictionaries({"role": st.sampled_from(["system", "
                                             "content": _text}), min_size=1, max_size=8)
 
 
-def test_shipped_templates_are_segment_templates(shipped):
-    assert ChatRenderer(shipped).segments is not None
+def test_shipped_templates_are_segment_templates(shipped_renderer):
+    assert shipped_renderer.segments is not None
 
 
 @settings(max_examples=150, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(messages=_messages, generation=st.booleans())
-def test_segments_render_as_the_template(shipped, messages, generation):
-    renderer = ChatRenderer.__new__(ChatRenderer)  # the fixture's segments, derived once below
-    renderer.tokenizer, renderer.segments = shipped, _segments(shipped)
+def test_segments_render_as_the_template(shipped, shipped_renderer, messages, generation):
     options = {"add_generation_prompt": generation, "continue_final_message": False}
-    assert renderer.render(messages, options, True) == _jinja(shipped, messages, generation)
-
-
-_derived: dict[int, SegmentTemplate | None] = {}
-
-
-def _segments(hf):
-    if id(hf) not in _derived:
-        _derived[id(hf)] = SegmentTemplate.derive(hf)
-    return _derived[id(hf)]
+    assert shipped_renderer.render(messages, options, True) == _jinja(shipped, messages, generation)
 
 
 def test_roles_and_options_the_segments_do_not_cover_go_through_jinja(llama3):

@@ -38,6 +38,7 @@ from router.tokenization import (
     pack_ids,
     render_chat,
 )
+from tests.helpers import shipped_tokenizer_path
 
 needs_c = pytest.mark.skipif(PieceCache is None or PieceSplitter is None,
                              reason="router._pieces not built (or KVROUTE_PURE_PYTHON=1)")
@@ -376,22 +377,12 @@ def test_splitter_argument_errors():
 # -----------------------------------------------------------------------------------------
 # End to end, with real tokenizers
 # -----------------------------------------------------------------------------------------
-def _tokenizer_path(name):
-    if name == "tiny":
-        from engines.tiny_model import build_tiny_model
-
-        return build_tiny_model("/tmp/kvroute-tiny-v2")
-    from engines.bench_tokenizer import build_bench_tokenizer
-
-    return build_bench_tokenizer(name)
-
-
 @pytest.fixture(scope="module", params=["tiny", "llama3", "chatml"])
 def prompt_tokenizers(request):
     """(hf, [PromptTokenizer on the Python path, on the C path if built, and a C one with a
     cache too small for long prompts])."""
     transformers = pytest.importorskip("transformers")
-    hf = transformers.AutoTokenizer.from_pretrained(str(_tokenizer_path(request.param)))
+    hf = transformers.AutoTokenizer.from_pretrained(str(shipped_tokenizer_path(request.param)))
     tokenizers = [PromptTokenizer(hf, native=False)]
     assert type(tokenizers[0].cache) is SegmentCache and tokenizers[0]._c_splitter is None
     if PieceCache is not None:
