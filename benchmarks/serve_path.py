@@ -1006,14 +1006,15 @@ def decision_phases(tokenizer: str, workloads: Sequence[Workload], *,
                 parsed = time.perf_counter()
                 tokens = await service.tokenized(fields, wait_ms / 1000, ids_wanted=False)
                 tokenized = time.perf_counter()
-                request = service.key(fields, tokens.ids, f"{workload.name}-{timed}-{i}", tokens.uncached_chars)
+                request = service.keyed(fields, tokens, f"{workload.name}-{timed}-{i}")
                 keyed = time.perf_counter()
                 tiers = service.rank(request, replicas, began)
                 ranked = time.perf_counter()
                 replica = tiers[0][0] if tiers else replicas[0]
                 service.routed(request.request_id, replica)
-                if tokens.missing:
-                    service.learn_after(fields, tokens.missing, replica, tokens.encoding)
+                lesson = tokens.lesson(fields)
+                if lesson is not None:
+                    service.learn_after(lesson, replica, len(request.keys))
                 while service.learning:
                     await asyncio.sleep(0.001)
                 service.completed(request.request_id)

@@ -88,6 +88,24 @@ class SegmentTemplate:
             append(self.generation)
         return "".join(parts)
 
+    def render_later(self, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool) -> str:
+        """What ``messages`` add when they follow at least one earlier message: ``render(
+        earlier + messages, g) == render(earlier, False) + render_later(messages, g)``
+        (each message renders on its own). ``KeyError`` for a role it was not derived for."""
+        parts: list[str] = []
+        append = parts.append
+        strip = self.strip
+        later = self.later
+        for message in messages:
+            opening, closing = later[message["role"]]
+            content = message["content"]
+            append(opening)
+            append(content.strip() if strip else content)
+            append(closing)
+        if add_generation_prompt:
+            append(self.generation)
+        return "".join(parts)
+
     @classmethod
     def derive(cls, tokenizer: Any) -> SegmentTemplate | None:
         """The segments of ``tokenizer``'s chat template, or None when it is not one of
@@ -221,11 +239,23 @@ class ChatRenderer:
             logger.info("chat template of %s renders through Jinja on every request",
                         getattr(tokenizer, "name_or_path", "?"))
 
+    def by_segments(self, options: Mapping[str, Any], plain: bool) -> bool:
+        """Whether a chat with these options renders through the segments (when every
+        role it has was derived). ``plain``: every message is a ``{"role", "content"}``
+        pair of strings and nothing else."""
+        return self.segments is not None and plain and len(options) == 2 and not options["continue_final_message"]
+
+    def covers(self, messages: Sequence[Mapping[str, str]]) -> bool:
+        """Whether the segments were derived for every role of ``messages`` (plain ones):
+        then they render it, and the template cannot reject it. O(messages)."""
+        roles = self.segments.later if self.segments is not None else {}
+        return all(message["role"] in roles for message in messages)
+
     def render(self, messages: list[dict[str, str]], options: Mapping[str, Any], plain: bool) -> str:
         """The chat text the engine tokenizes. ``plain``: every message is a
         ``{"role", "content"}`` pair of strings and nothing else."""
         segments = self.segments
-        if segments is not None and plain and len(options) == 2 and not options["continue_final_message"]:
+        if self.by_segments(options, plain):
             try:
                 return segments.render(messages, options["add_generation_prompt"])
             except KeyError:  # a role the probes did not cover: the template decides

@@ -116,6 +116,16 @@ METRICS: tuple[MetricSpec, ...] = (
                "Prompt characters the router had to tokenize.", _P),
     MetricSpec("kvroute_router_tokenizer_cache_evictions", "counter",
                "Pieces evicted from the prompt-piece cache (its byte bound).", _P),
+    MetricSpec("kvroute_router_conversation_memo_bytes", "gauge",
+               "Memory of the router's conversation memo (bytes; bounded by conversation_memo_bytes).", _P),
+    MetricSpec("kvroute_router_conversation_memo_entries", "gauge",
+               "Conversation prefixes the router remembers.", _P),
+    MetricSpec("kvroute_router_conversation_memo_hits", "counter",
+               "Chat requests resumed from a remembered prefix (only what follows it rendered and tokenized).", _P),
+    MetricSpec("kvroute_router_conversation_memo_misses", "counter",
+               "Chat requests with no remembered prefix (rendered and tokenized whole).", _P),
+    MetricSpec("kvroute_router_conversation_memo_evictions", "counter",
+               "Conversation prefixes evicted from the memo (its byte bound).", _P),
 )
 
 SPECS: dict[str, MetricSpec] = {spec.name: spec for spec in METRICS}
@@ -236,6 +246,7 @@ class RouterSnapshot:
     tokenize: Mapping[str, int] = field(default_factory=dict)  # cumulative, by TOKENIZE_RESULTS
     prompt_ids_sent: int = 0  # cumulative
     tokenizer_cache: Mapping[str, int] = field(default_factory=dict)  # the piece cache's CacheStats
+    conversation_memo: Mapping[str, int] = field(default_factory=dict)  # the memo's MemoStats
 
 
 class RouterMetrics:
@@ -342,6 +353,12 @@ class RouterMetrics:
                                ("kvroute_router_tokenizer_cache_miss_chars", "miss_chars"),
                                ("kvroute_router_tokenizer_cache_evictions", "evictions")):
                 self._inc(name, "tokenizer." + stat, int(cache.get(stat, 0)), tags)
+        memo = snapshot.conversation_memo
+        if memo:
+            m["kvroute_router_conversation_memo_bytes"].set(memo.get("bytes", 0), tags=tags)
+            m["kvroute_router_conversation_memo_entries"].set(memo.get("entries", 0), tags=tags)
+            for stat in ("hits", "misses", "evictions"):
+                self._inc("kvroute_router_conversation_memo_" + stat, "memo." + stat, int(memo.get(stat, 0)), tags)
         events = snapshot.kv_events
         for name, stat in (("kvroute_kv_events", "events"), ("kvroute_kv_event_gaps", "gaps"),
                            ("kvroute_kv_event_lost", "lost"), ("kvroute_kv_event_malformed", "malformed")):

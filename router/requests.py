@@ -57,15 +57,20 @@ class BadRequest(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class RequestFields:
-    """What the router needs from one request. ``content`` is text or a list of token ids.
+    """What the router needs from one request. ``content`` is text or a list of token ids
+    (or None: a chat whose rendering was deferred, see ``messages``).
 
     ``tokenize``: ``content`` is the text the engine will tokenize (a rendered chat, or a
     completion's prompt), to be encoded with ``add_special_tokens`` (when it cannot be,
     the router keys the same text in character chunks); ``exact``: the body has nothing
     the router's rendering leaves out, so ids computed from ``content`` are the engine's
-    own and may be sent to it."""
+    own and may be sent to it. ``messages`` (with ``generation``, the body's
+    ``add_generation_prompt``): the chat's plain messages when ``content`` is (or, when
+    None, would be) rendered from the template's segments, which lets the router resume
+    the conversation from a remembered prefix (``router.conversations``) without
+    rendering what it remembers; None otherwise."""
 
-    content: str | list[int]
+    content: str | list[int] | None
     is_tokens: bool
     model: str
     lora: str
@@ -75,6 +80,8 @@ class RequestFields:
     tokenize: bool = False
     add_special_tokens: bool = False
     exact: bool = False
+    messages: list[dict[str, str]] | None = None
+    generation: bool = False
 
 
 def _get(body: Any, name: str, default: Any = None) -> Any:
@@ -165,12 +172,14 @@ def render_messages_as_text(messages: Sequence[dict[str, str]]) -> str:
 
 
 def parse_request(body: Any, *, lora: str = "", tokenizer: Any = None,
-                  max_tokenized_chars: int = MAX_TOKENIZED_CHARS) -> RequestFields:
+                  max_tokenized_chars: int = MAX_TOKENIZED_CHARS, defer_segments: bool = False) -> RequestFields:
     """Extract the routing fields of an OpenAI chat or completion request. With a
     ``tokenizer`` (a Hugging Face tokenizer with a chat template, or a
     ``router.chat_render.ChatRenderer`` over one, which renders segment templates without
     Jinja) the prompt text the engine will tokenize is returned with ``tokenize`` set; the
-    caller tokenizes it."""
+    caller tokenizes it. ``defer_segments``: a chat the renderer's segments render is
+    returned unrendered (``content`` None, ``messages`` set): the caller renders what it
+    needs of it (``router.conversations``)."""
     if body is None:
         raise BadRequest("empty request")
     # ``is None`` tests, never ``value or default``: truthiness of a client's value may be
@@ -204,6 +213,11 @@ def parse_request(body: Any, *, lora: str = "", tokenizer: Any = None,
             # "name" to the template): such a body is keyed as rendered here, its ids
             # not sent.
             exact = plain and all(_get(body, name) is None for name in UNSUPPORTED_CHAT_FIELDS)
+            segmented = isinstance(tokenizer, ChatRenderer) and tokenizer.by_segments(options, plain)
+            if segmented and defer_segments and tokenizer.covers(messages):
+                return RequestFields(None, False, model, lora, salt, session, max_tokens, tokenize=True,
+                                     add_special_tokens=False, exact=exact, messages=messages,
+                                     generation=options["add_generation_prompt"])
             try:
                 text = tokenizer.render(messages, options, plain) if isinstance(tokenizer, ChatRenderer) \
                     else render_chat(tokenizer, messages, options)
@@ -212,7 +226,8 @@ def parse_request(body: Any, *, lora: str = "", tokenizer: Any = None,
                 raise BadRequest("messages: the chat template rejected them: "
                                  f"{type(exc).__name__}") from None
             return RequestFields(text, False, model, lora, salt, session, max_tokens, tokenize=True,
-                                 add_special_tokens=False, exact=exact)
+                                 add_special_tokens=False, exact=exact, messages=messages if segmented else None,
+                                 generation=options["add_generation_prompt"])
         content: str | list[int] = render_messages_as_text(messages)
         is_tokens = False
     else:

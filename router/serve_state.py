@@ -20,7 +20,7 @@ from policies.base import RouteRequest
 from router.errors import ConfigError
 from router.requests import RequestFields
 from router.service import (INLINE_TOKENIZE_CHARS, KV_EVENT_OPTIONS, MAX_PENDING, SERVICE_OPTIONS,
-                            RoutingService, validate_options)
+                            RoutingService, Tokenized, validate_options)
 from router.tokenization import ATTACHMENT_KWARG, without_message_text
 
 from ray.serve.request_router import PendingRequest, ReplicaID, RunningReplica
@@ -167,10 +167,10 @@ class RouterState:
         if fields is None:
             service.record_fallback()
             return [candidate_replicas]
-        ids = found.ids if found is not None else None
-        learn = found.lesson(fields) if found is not None else None  # keyed on the cached prefix: no ids sent
-        request = service.key(fields, ids, pending_request.metadata.internal_request_id,
-                              found.uncached_chars if found is not None else 0)
+        found = found if found is not None else Tokenized(None)
+        ids = found.ids
+        learn = found.lesson(fields)  # keyed on the cached prefix: no ids sent
+        request = service.keyed(fields, found, pending_request.metadata.internal_request_id)
         original = None
         if ids is not None and fields.exact and learn is None:
             original = self._send_ids(pending_request, ids)

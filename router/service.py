@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from policies.base import RouteRequest
+from router.conversations import DEFAULT_MEMO_BYTES, ChatResume, ChatResumer
 from router.core import RoutingCore
 from router.errors import ConfigError
 from router.keys import DEFAULT_SEED, CharChunkKeyer, TokenBlockKeyer, namespace_seed
@@ -48,7 +49,7 @@ logger = logging.getLogger("kvroute")
 #: Options the service takes beside RoutingCore's own.
 SERVICE_OPTIONS = ("policy", "policy_options", "tokenizer", "block_size", "chunk_chars", "kv_events",
                    "max_pending", "tokenizer_cache_bytes", "tokenizer_threads", "tokenizer_max_queued_chars",
-                   "max_tokenized_chars", "send_prompt_ids", "tokenize_wait_ms")
+                   "max_tokenized_chars", "send_prompt_ids", "tokenize_wait_ms", "conversation_memo_bytes")
 MAX_PENDING = 10_000
 #: How long a decision waits by default for the tokenizer pool's ids of a prompt's new
 #: text, when an engine would take those ids (the wait saves that engine tokenizing the
@@ -64,7 +65,8 @@ INLINE_TOKENIZE_CHARS = 512
 #: Integer options with their defaults and lower bounds.
 _INT_OPTIONS = {"block_size": (16, 1), "chunk_chars": (128, 1), "max_pending": (MAX_PENDING, 1),
                 "tokenizer_cache_bytes": (DEFAULT_CACHE_BYTES, 0), "tokenizer_threads": (2, 1),
-                "tokenizer_max_queued_chars": (8 << 20, 1), "max_tokenized_chars": (MAX_TOKENIZED_CHARS, 1)}
+                "tokenizer_max_queued_chars": (8 << 20, 1), "max_tokenized_chars": (MAX_TOKENIZED_CHARS, 1),
+                "conversation_memo_bytes": (DEFAULT_MEMO_BYTES, 0)}
 #: Subscriber options a ``kv_events`` mapping may set (see ``router.kv_events``).
 KV_EVENT_OPTIONS = ("probe_interval_s", "down_after_s", "replay_timeout_s", "withdraw_on_down", "dedup_window",
                     "max_entries")
@@ -122,26 +124,48 @@ class Tokenized(NamedTuple):
     request is keyed in characters) and the seconds ``waited`` for the pool. When the
     wait ran out (or the pool was full), ``ids`` are those of the prompt's cached leading
     pieces only, ``uncached_chars`` the prompt's characters past them, ``missing`` the
-    pieces still to encode and ``encoding`` the task that caches their ids once the pool
-    has encoded them (None when the pool was full)."""
+    pieces still to encode and ``encoding`` the pool's future of their ids (which go into
+    the piece cache as it completes; None when the pool was full). ``resume``: the chat's remembered
+    prefix and what was tokenized after it (``router.conversations``; None for a prompt
+    tokenized whole): ``ids`` include the prefix's, ``missing`` are pieces of
+    ``resume.text``."""
 
     ids: bytes | None
     waited: float = 0.0
     missing: list[str] | None = None
     uncached_chars: int = 0
     encoding: asyncio.Future | None = None
+    resume: ChatResume | None = None
 
-    def lesson(self, fields: RequestFields) -> tuple[RequestFields, list[str], asyncio.Future | None] | None:
-        """``RoutingService.rank``'s ``learn`` for this request: ``(fields, missing,
-        encoding)`` when it was keyed on its cached prefix (the tree learns the whole
-        prompt once the pool is done), else None."""
-        return (fields, self.missing, self.encoding) if self.missing else None
+    def lesson(self, fields: RequestFields) -> Lesson | None:
+        """``RoutingService.rank``'s ``learn`` for this request when it was keyed on its
+        cached prefix (the tree learns the whole prompt once the pool is done), else
+        None."""
+        return Lesson(fields, self.missing, self.encoding, self.resume) if self.missing else None
 
 
-async def _store_when_encoded(prompts: PromptTokenizer, pieces: list[str], encoded: asyncio.Future) -> None:
-    """Cache ``pieces``' ids once the pool has ``encoded`` them: a task that whoever needs
-    them awaits, so that they are in the cache when it resumes."""
-    prompts.store(pieces, await encoded)
+class Lesson(NamedTuple):
+    """What ``learn_after`` needs of a request keyed on part of its prompt: its fields,
+    the pieces still missing, the pool's future caching them (None: the pool was full), and its
+    ``ChatResume`` (None: the prompt is tokenized whole)."""
+
+    fields: RequestFields
+    missing: list[str]
+    encoding: asyncio.Future | None
+    resume: ChatResume | None = None
+
+
+def _store_when_encoded(prompts: PromptTokenizer, pieces: list[str], encoded: asyncio.Future) -> None:
+    """Cache ``pieces``' ids once the pool has ``encoded`` them: a done callback of the
+    pool's future, added before anyone awaits it, so that they are in the cache when an
+    awaiting coroutine resumes (callbacks run in the order they were added). A callback,
+    not a task: one less object and loop step per request on the routing loop."""
+
+    def store(future: asyncio.Future) -> None:
+        if not future.cancelled() and future.exception() is None:
+            prompts.store(pieces, future.result())
+
+    encoded.add_done_callback(store)
 
 
 @dataclass(slots=True)
@@ -158,7 +182,7 @@ class Pending:
     session_replica: Any
     latency_s: float
     payload: Any = None
-    learn: tuple[RequestFields, list[str], asyncio.Future | None] | None = None
+    learn: Lesson | None = None
 
 
 class RoutingService:
@@ -168,10 +192,13 @@ class RoutingService:
     process) and its thread pool, the pending decisions (an LRU bounded by
     ``max_pending``), per-replica engine facts (tokenizer fingerprint, prefix-cache
     counters), the KV-event hub once a replica advertises a stream, and the metrics.
-    Costs on the loop: ``prepare`` is O(prompt length) (parse, render, assemble cached
-    pieces, key; about 0.1-0.5 ms at 100k characters), plus the await of the pool for new
-    text; ``rank`` is the core's (a few us); lifecycle calls are O(1) plus the speculative
-    insert. ``name`` prefixes log lines and errors.
+    Costs on the loop: ``parse`` + ``tokenized`` + ``key`` are O(prompt length) for a
+    prompt taken whole (render, assemble cached pieces, key; about 0.1-0.3 ms at 100k
+    characters); a chat that resumes a remembered prefix (``router.conversations``)
+    renders, assembles and keys only its new text, plus a string comparison of its
+    history; new text waits for the pool off the loop. ``rank`` is the core's
+    (O(matched blocks)); lifecycle calls are O(1) plus the speculative insert (O(blocks)).
+    ``name`` prefixes log lines and errors.
     """
 
     def __init__(self, options: Mapping[str, Any], *, name: str = "kvroute",
@@ -188,6 +215,10 @@ class RoutingService:
         # The chat renderer is derived here (a few hundred short probe renders, once per
         # process and tokenizer), not on the first request's decision.
         self.renderer = self.prompts.renderer if self.prompts is not None else None
+        # Chats resume from the longest prefix of their messages a turn before left
+        # (``router.conversations``): None when off or not exact for this template.
+        self.resumer = ChatResumer.build(self.prompts, own["conversation_memo_bytes"]) \
+            if self.prompts is not None else None
         self.pool = TokenizerPool(own["tokenizer_threads"], own["tokenizer_max_queued_chars"])
         self.tokenize_counts = dict.fromkeys(TOKENIZE_RESULTS, 0)
         self.prompt_ids_sent = 0
@@ -224,8 +255,11 @@ class RoutingService:
         """The routing fields of a body (None when the router cannot read it: the request
         then goes out unranked, and is counted in ``bad_requests``)."""
         try:
+            # A chat the conversation memo may resume is not rendered here: only what
+            # follows its remembered prefix is (``tokenized``).
             return parse_request(body, lora=lora, tokenizer=self.renderer,
-                                 max_tokenized_chars=self.options["max_tokenized_chars"])
+                                 max_tokenized_chars=self.options["max_tokenized_chars"],
+                                 defer_segments=self.resumer is not None)
         except BadRequest:
             self.bad_requests += 1
         except Exception as exc:  # noqa: BLE001 - a body the router cannot read must not fail routing
@@ -235,10 +269,16 @@ class RoutingService:
                            type(exc).__name__)
         return None
 
+    def text_of(self, fields: RequestFields) -> str | list[int]:
+        """``fields.content``, rendering a chat whose rendering ``parse`` deferred."""
+        if fields.content is None:
+            return self.renderer.segments.render(fields.messages, fields.generation)
+        return fields.content
+
     def encode_now(self, fields: RequestFields) -> bytes | None:
-        """``fields.content``'s ids, tokenized on this thread (for callers without a loop)."""
+        """``fields``' prompt ids, tokenized on this thread (for callers without a loop)."""
         try:
-            return self.prompts.encode(fields.content, fields.add_special_tokens)
+            return self.prompts.encode(self.text_of(fields), fields.add_special_tokens)
         except Exception:  # noqa: BLE001 - e.g. a lone surrogate: keyed in characters
             self.tokenize_counts["error"] += 1
             return None
@@ -256,51 +296,60 @@ class RoutingService:
         prefix of the whole encoding, and ``Tokenized.missing`` says what is left to
         encode: ``rank``'s ``learn`` has the tree learn the whole prompt once the pool is
         done. ``ids`` is None when the tokenizer fails on the text (the request is then
-        keyed in characters)."""
+        keyed in characters).
+
+        A chat whose earlier messages a previous turn left in the conversation memo
+        tokenizes only what follows them (``Tokenized.resume``): the work on the loop is
+        then O(new text), plus hashing the messages."""
         prompts = self.prompts
-        content, special = fields.content, fields.add_special_tokens
+        special = fields.add_special_tokens
         waited = 0.0
+        resume = None
         try:
-            # One pass: the whole prompt's ids, or the ids of its cached leading pieces
-            # and what is missing.
-            ids, missing, covered = prompts.assemble_leading(content, special)
+            if fields.messages is not None and self.resumer is not None and not special:
+                resume = self.resumer.resume(fields.messages, fields.generation, self._seed(fields), fields.content)
+            # What to tokenize: the whole prompt, or the chat's text past its remembered
+            # prefix (whose ids ``base`` are). Either stands alone: the template's cut
+            # there is the tokenizer's (``router.conversations``).
+            text, base, base_chars = (self.text_of(fields), b"", 0) if resume is None else \
+                (resume.text, resume.base_ids, resume.base_chars)
+            # One pass: the text's ids, or the ids of its cached leading pieces and what
+            # is missing.
+            ids, missing, covered = prompts.assemble_leading(text, special)
             if not missing:
                 self.tokenize_counts["cached"] += 1
-                return Tokenized(ids)
+                return Tokenized(base + ids, resume=resume)
             if sum(map(len, missing)) <= INLINE_TOKENIZE_CHARS:
                 # A short new message costs less to encode here than a hop to the pool.
-                ids = prompts.encode(content, special)
+                ids = prompts.encode(text, special)
                 self.tokenize_counts["encoded"] += 1
-                return Tokenized(ids)
+                return Tokenized(base + ids, resume=resume)
             encoded = self.pool.submit(prompts, missing)
-            encoding = None
+            encoding = encoded
             if encoded is not None:
-                # A task caches the pool's ids; whoever needs them (this decision, or the
-                # lesson after it when the decision went on without them) awaits it, so
-                # they are in the cache when it resumes.
-                encoding = asyncio.ensure_future(_store_when_encoded(prompts, missing, encoded))
-                # A failure nobody awaits (a request never routed) is not an error to log.
-                encoding.add_done_callback(lambda task: task.cancelled() or task.exception())
-                if wait_s > 0 and (ids_wanted or 2 * covered < len(content)):
+                # The pool's ids go into the cache as they come; whoever needs them (this
+                # decision, or the lesson after it when the decision went on without them)
+                # awaits the same future and finds them there.
+                _store_when_encoded(prompts, missing, encoded)
+                if wait_s > 0 and (ids_wanted or 2 * (base_chars + covered) < base_chars + len(text)):
                     before = time.perf_counter()
                     await asyncio.wait([encoding], timeout=wait_s)
                     waited = time.perf_counter() - before
             if encoding is None or not encoding.done():
                 # ``ids`` are the cached leading pieces', a prefix of the whole encoding.
                 self.tokenize_counts["prefix" if encoding is not None else "overflow"] += 1
-                return Tokenized(ids, waited, missing, len(content) - covered, encoding)
+                return Tokenized(base + ids, waited, missing, len(text) - covered, encoding, resume)
             encoding.result()  # raises the tokenizer's error, if it failed
-            ids, _ = prompts.assemble(content, special)
+            ids, _ = prompts.assemble(text, special)
             if ids is None:  # the cache cannot hold all of this prompt's pieces at once
                 before = time.perf_counter()
-                ids = await asyncio.get_running_loop().run_in_executor(
-                    None, prompts.encode_uncached, content, special)
+                ids = await asyncio.get_running_loop().run_in_executor(None, prompts.encode_uncached, text, special)
                 waited += time.perf_counter() - before
         except Exception:  # noqa: BLE001 - e.g. a lone surrogate: keyed in characters instead
             self.tokenize_counts["error"] += 1
             return Tokenized(None, waited)
         self.tokenize_counts["encoded"] += 1
-        return Tokenized(ids, waited)
+        return Tokenized(base + ids, waited, resume=resume)
 
     def record_wait(self, waited: float) -> None:
         """Account a wait for the pool (a metric of its own, not decision latency)."""
@@ -308,15 +357,16 @@ class RoutingService:
             self.metrics.record_tokenize_wait(waited)
             self.tokenize_wait_seconds += waited
 
-    def learn_after(self, fields: RequestFields, missing: list[str], replica: str,
-                    encoding: asyncio.Future | None = None) -> None:
-        """Wait for ``encoding`` (``tokenized``'s task caching ``missing``), or encode
-        ``missing`` on the pool when it was full then, and teach the tree that
-        ``replica`` now holds the whole prompt (speculative, like any routed request), so
-        that the next turn matches all of it. Runs as a task the service owns (``close``
-        cancels those still running); a full pool or a failing tokenizer leaves the tree as
-        the decision left it (the KV events still bring the truth)."""
-        task = asyncio.get_running_loop().create_task(self._learn(fields, missing, replica, encoding))
+    def learn_after(self, lesson: Lesson, replica: str, known_keys: int = 0) -> None:
+        """Wait for the lesson's ``encoding`` (the pool's future caching its missing
+        pieces), or encode them on the pool when it was full then, and teach the tree
+        that ``replica`` now holds the whole prompt (speculative, like any routed
+        request) past its first ``known_keys`` keys (the decision's, which ``routed``
+        inserted), so that the next turn matches all of it; a chat's whole prompt is
+        remembered in the conversation memo too. Runs as a task the service owns
+        (``close`` cancels those still running); a full pool or a failing tokenizer leaves
+        the tree as the decision left it (the KV events still bring the truth)."""
+        task = asyncio.get_running_loop().create_task(self._learn(lesson, replica, known_keys))
         self._learning.add(task)
         task.add_done_callback(self._learning.discard)
 
@@ -325,9 +375,9 @@ class RoutingService:
         """``learn_after`` tasks still encoding."""
         return len(self._learning)
 
-    async def _learn(self, fields: RequestFields, missing: list[str], replica: str,
-                     encoding: asyncio.Future | None) -> None:
+    async def _learn(self, lesson: Lesson, replica: str, known_keys: int) -> None:
         prompts = self.prompts
+        fields, missing, encoding, resume = lesson
         try:
             if encoding is None:
                 encoding = self.pool.submit(prompts, missing)
@@ -335,12 +385,15 @@ class RoutingService:
                     return
                 prompts.store(missing, await encoding)
             else:
-                await encoding  # tokenized's task, which caches the pieces
-            ids, _ = prompts.assemble(fields.content, fields.add_special_tokens)
+                await encoding  # the pool's future: its callback cached the pieces
+            text = self.text_of(fields) if resume is None else resume.text
+            ids, _ = prompts.assemble(text, fields.add_special_tokens)
         except Exception:  # noqa: BLE001 - the decision stands; only the lesson is lost
             return
         if ids is not None:
-            self.core.learn(replica, self._token_keyer.keys_packed(ids, self._seed(fields)), self.now())
+            request = self.key(fields, ids if resume is None else resume.base_ids + ids, None, resume=resume,
+                               remember=True)
+            self.core.learn(replica, request.keys[known_keys:], self.now())
 
     def _seed(self, fields: RequestFields) -> int:
         """The key seed of ``fields``'s namespace (model, adapter, salt)."""
@@ -348,20 +401,38 @@ class RoutingService:
         return namespace_seed(model, fields.lora, fields.cache_salt) if model or fields.lora or fields.cache_salt \
             else DEFAULT_SEED
 
-    def key(self, fields: RequestFields, ids: bytes | None, request_id: str,
-            uncached_chars: int = 0) -> RouteRequest:
+    def keyed(self, fields: RequestFields, found: Tokenized, request_id: str) -> RouteRequest:
+        """``key`` for what ``tokenized`` found; a chat whose whole prompt's ids are known
+        is remembered in the conversation memo (its next turn resumes there)."""
+        return self.key(fields, found.ids, request_id, found.uncached_chars, resume=found.resume,
+                        remember=not found.missing)
+
+    def key(self, fields: RequestFields, ids: bytes | None, request_id: str | None,
+            uncached_chars: int = 0, *, resume: ChatResume | None = None, remember: bool = False) -> RouteRequest:
         """Key ``fields`` (``ids``: the prompt's packed token ids, when tokenized; with
         ``uncached_chars``, the ids of its leading part only, the rest being that many
-        characters, counted at four per token in the prompt's size)."""
+        characters, counted at four per token in the prompt's size). ``resume``: the
+        chat's remembered prefix, whose keys are reused (only the blocks past them are
+        hashed); ``remember``: ``ids`` are the whole prompt's, to be remembered."""
         seed = self._seed(fields)
         if ids is not None:
             keyer = self._token_keyer
-            keys = keyer.keys_packed(ids, seed)
+            prefix = resume.prefix if resume is not None else None
+            if prefix is not None and prefix.keys:
+                # The chain goes on from the prefix's last key over the blocks after it.
+                known = prefix.keys
+                keys = known + keyer.keys_packed(ids[len(known) * 4 * keyer.block_tokens:], known[-1])
+            else:
+                keys = keyer.keys_packed(ids, seed)
+            if remember and resume is not None:
+                self.resumer.memo.put(resume.key, resume.remembered(ids, keys, 4 * keyer.block_tokens),
+                                      replaces=resume.parent)
             prompt_tokens = len(ids) // 4 + -(-uncached_chars // 4)
         else:
             keyer = self._token_keyer if fields.is_tokens else self._char_keyer
-            keys = keyer.keys(fields.content, seed)
-            prompt_tokens = keyer.prompt_tokens(fields.content)
+            content = self.text_of(fields)
+            keys = keyer.keys(content, seed)
+            prompt_tokens = keyer.prompt_tokens(content)
         session = fields.session_id
         if session and (fields.lora or fields.cache_salt):
             # Sessions are per tenant: the same id under another adapter or salt is another
@@ -382,13 +453,12 @@ class RoutingService:
 
     # -- deciding --------------------------------------------------------------------------
     def rank(self, request: RouteRequest, candidates: list[str], started: float,
-             payload: Any = None,
-             learn: tuple[RequestFields, list[str], asyncio.Future | None] | None = None) -> list[list[str]]:
+             payload: Any = None, learn: Lesson | None = None) -> list[list[str]]:
         """The policy's tiers over ``candidates`` (best first; empty when it ranked none),
         remembered until ``routed``. ``started``: ``perf_counter()`` when the decision
-        began on the loop (its latency is the loop time since). ``learn``: ``(fields,
-        missing, encoding)`` of a request keyed on its cached prefix (``tokenized`` past
-        its wait), handed to ``learn_after`` once routed. When a tier comes back, the
+        began on the loop (its latency is the loop time since). ``learn``: the ``Lesson``
+        of a request keyed on its cached prefix (``tokenized`` past its wait), handed to
+        ``learn_after`` once routed. When a tier comes back, the
         request is reserved on the first tier's least-loaded replica, so that rankings
         before it is reported routed see it (``routed`` replaces this with the real one)."""
         now = self.now()
@@ -433,8 +503,7 @@ class RoutingService:
         chosen = entry.matched.get(replica, 0)
         self.core.on_routed(request, replica, now, matched_blocks=chosen)
         if entry.learn is not None:
-            fields, missing, encoding = entry.learn
-            self.learn_after(fields, missing, replica, encoding)
+            self.learn_after(entry.learn, replica, len(request.keys))
         self._schedule_first_token(request, replica, chosen)
         outcome = "fallback" if entry.session_replica is FALLBACK else \
             RoutingCore._outcome(replica, chosen, max(entry.matched.values(), default=0), entry.session_replica)
@@ -602,7 +671,8 @@ class RoutingService:
                               session_evictions=core.sessions.evicted, kv_events=self.kv_event_stats(),
                               kv_streams_down=down, bad_requests=self.bad_requests,
                               tokenize=dict(self.tokenize_counts), prompt_ids_sent=self.prompt_ids_sent,
-                              tokenizer_cache=self.prompts.cache.stats.as_dict() if self.prompts else {})
+                              tokenizer_cache=self.prompts.cache.stats.as_dict() if self.prompts else {},
+                              conversation_memo=self.resumer.memo.stats.as_dict() if self.resumer else {})
 
     def flush_metrics(self) -> None:
         """Export what was recorded since the last flush (also called by tests)."""

@@ -374,6 +374,7 @@ class PromptTokenizer:
         self.backend = backend
         self.fingerprint = tokenizer_fingerprint(tokenizer)
         self.split_tokens, glue = _verbatim_added_tokens(tokenizer)
+        self.glue_tokens = tuple(glue)
         # Every token the tokenizer matches in the raw text is matched by the splitter
         # (leftmost-longest, as the tokenizer matches), so a token it would match across
         # one of our cuts cannot exist; ``glue`` ones stay inside their piece.
@@ -418,6 +419,12 @@ class PromptTokenizer:
         routers one after another in one process starts each from a cold cache."""
         with cls._shared_lock:
             cls._shared.clear()
+
+    @property
+    def matched_tokens(self) -> list[str]:
+        """Every added token the splitter matches in raw text: the split tokens and the
+        glue ones."""
+        return [*self.split_tokens, *self.glue_tokens]
 
     @functools.cached_property
     def renderer(self) -> ChatRenderer:

@@ -276,7 +276,7 @@ def test_long_new_text_is_routed_at_once_and_learned_after():
                 await until_learned(gateway.service)
                 url = resp.headers["x-kvroute-worker"]
                 fields = service.parse({"model": MODEL, "messages": messages})
-                full, _ = service.prompts.assemble(fields.content, fields.add_special_tokens)
+                full, _ = service.prompts.assemble(service.text_of(fields), fields.add_special_tokens)
                 assert full is not None  # every piece is cached now
                 keys = service.key(fields, full, "probe").keys
                 matched = service.core.tree.match(keys, (url,), service.now())[url]

@@ -284,7 +284,7 @@ class Gateway:
                 service.record_fallback()
                 tier = candidates
             else:
-                routed = service.key(fields, found.ids, request_id, found.uncached_chars)
+                routed = service.keyed(fields, found, request_id)
                 tiers = service.rank(routed, candidates, started, learn=learn)
                 tier = tiers[0] if tiers else candidates
             workers = self.pool.workers

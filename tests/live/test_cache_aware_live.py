@@ -262,7 +262,9 @@ def engine_reports(engine) -> list[dict]:
 
 def test_the_engines_take_the_routers_token_ids_and_answer_the_same(service):
     """Tokenize once: the router's ids travel with the request and the engine uses them
-    (its counters say so); with them or without them, the answers are identical."""
+    (its counters say so); with them or without them, the answers are identical, on a
+    conversation's first turn and on the next one, which the router resumes from its
+    conversation memo."""
     state = router_of(service).state
     fingerprint = state.service.prompts.fingerprint
     assert {r["kvroute_tokenizer"] for r in engine_reports(service)} == {fingerprint}
@@ -290,3 +292,17 @@ def test_the_engines_take_the_routers_token_ids_and_answer_the_same(service):
     for messages, (_, prompt_tokens) in zip(conversations, with_ids):
         ids = state.service.tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)["input_ids"]
         assert prompt_tokens == len(ids)
+    # The next turn of each: resumed from the conversation memo (only the reply and the new
+    # question rendered and tokenized by the router), its ids still the engine's own.
+    for i, (messages, (answer, _)) in enumerate(zip(conversations, with_ids)):
+        messages += [{"role": "assistant", "content": answer}, {"role": "user", "content": f"and then {i}? " * 9}]
+    memo = state.service.resumer.memo.stats
+    hits = memo.hits
+    next_with_ids, used = answers()
+    assert used == len(conversations) and memo.hits - hits == len(conversations)
+    state.service.options["send_prompt_ids"] = False
+    try:
+        next_without_ids, _ = answers()
+    finally:
+        state.service.options["send_prompt_ids"] = True
+    assert next_with_ids == next_without_ids

@@ -1,0 +1,293 @@
+"""Resuming a conversation where its last turn left off: O(new messages) per request.
+
+An agent or a long chat re-sends its whole history on every turn: 100k-400k characters of
+which only the last message or two are new. The piece cache (``router.tokenization``)
+already saves the tokenizer's work on the old text, but every request still walks all of
+it: render, hash and look up every piece, join the ids, chain every block key. This module
+remembers, per conversation, where the last turn ended, so the next one only renders,
+tokenizes and keys what it adds.
+
+**What is remembered.** After a chat request's ids are known, ``ConversationMemo`` keeps a
+``ChatPrefix``: its messages (role and content strings), the token ids of those messages
+as the chat template renders them (without the generation prompt), and the chained block
+keys of those ids' full blocks. It is filed under its last message (the key namespace's
+seed, the message's position, role and content). The next turn looks up its own messages
+from the last one back (the hit is usually two messages back), checks that every earlier
+message equals the remembered one (a string comparison: no digest whose collision could
+hand one conversation another's ids), renders only the messages after it (and the
+generation prompt), tokenizes that text through the piece cache (the pool for what is new)
+and continues the key chain from the remembered last key.
+
+**Why it is exact.** The renderer must be a segment template (``router.chat_render``):
+each message renders on its own, so ``render(m[0..k]) == render(m[0..j]) +
+render_later(m[j+1..k])``. And the text after the remembered messages must start with a
+split token ``t`` (every later message's opening and the generation prompt do, in
+Llama-3, ChatML and the tiny model's templates) such that no added token occurrence can
+straddle that boundary: no added token contains ``t``, and none ends with a proper prefix of
+``t`` (``boundary_tokens_safe``). Then the tokenizer's cut at added tokens, which
+``router.tokenization`` relies on, splits the whole text exactly there, the pieces on each
+side are those of each side alone, and ``ids(whole) == ids(remembered) + ids(rest)``. A
+template or tokenizer that breaks either condition gets no memo (every request takes the
+full path, as before). ``tests/test_conversations.py`` checks the identity against the
+tokenizer's own encoding of the whole text with hypothesis, for the three shipped
+templates.
+
+**Bounds.** An LRU bounded by bytes (the messages' characters, the ids, 48 bytes per key,
+and fixed overheads per message and entry). A turn that extends a remembered prefix
+replaces it, so a linear conversation holds one entry; a branch (an edited or regenerated
+turn) keeps its own until evicted. A lookup hashes the messages it walks back over (each
+string's hash is computed once and cached by Python) and compares the remembered ones:
+O(characters) in C, about a memory copy's cost; on a miss it walks back to the first.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from router.errors import ConfigError
+
+DEFAULT_MEMO_BYTES = 128 << 20
+#: Bytes counted per remembered key (the list slot and the int object it shares with the
+#: request's keys), per message (its tuple; the strings are counted by their characters)
+#: and per entry (the dict slot and key, the entry object, the ids bytes' header).
+KEY_BYTES = 48
+MESSAGE_BYTES = 160
+ENTRY_OVERHEAD_BYTES = 256
+
+#: ``(seed, position, role, content)`` of a conversation's last remembered message.
+MemoKey = tuple[int, int, str, str]
+
+
+def memo_key(messages: Sequence[Mapping[str, str]], at: int, seed: int) -> MemoKey:
+    message = messages[at]
+    return seed, at, message["role"], message["content"]
+
+
+@dataclass(frozen=True, slots=True)
+class ChatPrefix:
+    """A remembered conversation prefix: its ``messages`` as ``(role, content)`` pairs,
+    the packed token ids of them as rendered (no generation prompt), the chained keys of
+    their full blocks (in the namespace of the seed it is filed under), and the rendered
+    characters they stand for."""
+
+    messages: tuple[tuple[str, str], ...]
+    ids: bytes
+    keys: list[int]
+    chars: int
+
+    @property
+    def size(self) -> int:
+        return (len(self.ids) + KEY_BYTES * len(self.keys) + self.chars + MESSAGE_BYTES * len(self.messages)
+                + ENTRY_OVERHEAD_BYTES)
+
+    def begins(self, messages: Sequence[Mapping[str, str]]) -> bool:
+        """Whether ``messages`` begin with these (the last one is checked by the key it
+        was found under). O(characters), string comparisons."""
+        mine = self.messages
+        if len(messages) < len(mine):
+            return False
+        for i in range(len(mine) - 1):
+            role, content = mine[i]
+            message = messages[i]
+            if message["content"] != content or message["role"] != role:
+                return False
+        return True
+
+
+@dataclass(frozen=True, slots=True)
+class ChatResume:
+    """A chat request resumed from a remembered prefix, or about to be remembered:
+    ``messages`` (all of them), ``key`` (to store it under), ``parent`` the key of the
+    prefix it resumed from (None: not resumed; it is dropped when this one is stored),
+    ``prefix`` that prefix (None: the request's text is the whole chat), ``text`` what the
+    request tokenizes (the messages after the prefix and the generation prompt, or the
+    whole chat), ``generation_ids`` the ids the generation prompt adds at its end (empty
+    without one), which the remembered prefix leaves out, and ``chars`` the rendered
+    characters of all the messages (without the generation prompt)."""
+
+    messages: Sequence[Mapping[str, str]]
+    key: MemoKey
+    parent: MemoKey | None
+    prefix: ChatPrefix | None
+    text: str
+    generation_ids: bytes
+    chars: int
+
+    @property
+    def base_ids(self) -> bytes:
+        """The remembered prefix's ids (empty when not resumed)."""
+        return self.prefix.ids if self.prefix is not None else b""
+
+    @property
+    def base_chars(self) -> int:
+        return self.prefix.chars if self.prefix is not None else 0
+
+    def remembered(self, ids: bytes, keys: list[int], block_bytes: int) -> ChatPrefix:
+        """The prefix to remember for this request, whose whole prompt's ids are ``ids``
+        (with the generation prompt's at their end) and keys ``keys``: its messages' ids
+        and the keys of their full blocks (a prefix of ``keys``)."""
+        own = ids[:len(ids) - len(self.generation_ids)]
+        # The remembered prefix's pairs are shared, only the new messages' are built.
+        known = self.prefix.messages if self.prefix is not None else ()
+        messages = known + tuple((m["role"], m["content"]) for m in self.messages[len(known):])
+        return ChatPrefix(messages, own, keys[:len(own) // block_bytes], self.chars)
+
+
+@dataclass(slots=True)
+class MemoStats:
+    """Counters of a ``ConversationMemo`` (cumulative, except ``entries`` and ``bytes``)."""
+
+    hits: int = 0
+    misses: int = 0
+    stored: int = 0
+    evictions: int = 0
+    entries: int = 0
+    bytes: int = 0
+    resumed_chars: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return {name: getattr(self, name) for name in self.__slots__}
+
+
+def boundary_tokens_safe(boundary: Sequence[str], matched: Sequence[str]) -> bool:
+    """Whether no occurrence of a ``matched`` token (every added token the tokenizer
+    matches in raw text) can straddle the start of a ``boundary`` token ``t``: no matched
+    token other than ``t`` contains ``t``, and no matched token (``t`` included) ends with
+    a proper prefix of ``t``. Then a text that continues with ``t`` is cut exactly
+    before it, whatever precedes it. O(boundary x matched x token length^2), once."""
+    for t in boundary:
+        if not t:
+            return False
+        for x in matched:
+            if x != t and t in x:
+                return False
+            for k in range(1, min(len(x), len(t))):
+                if x.endswith(t[:k]):
+                    return False
+    return True
+
+
+class ConversationMemo:
+    """``MemoKey`` (a conversation's last remembered message) -> ``ChatPrefix``, least
+    recently used first, bounded by ``max_bytes`` (``ChatPrefix.size`` each; an entry
+    larger than the bound is not kept). ``find`` is O(characters) (module docstring);
+    ``put`` is O(1) amortised. One per routing service; used on its event loop only (no
+    lock)."""
+
+    def __init__(self, max_bytes: int = DEFAULT_MEMO_BYTES) -> None:
+        if not isinstance(max_bytes, int) or isinstance(max_bytes, bool) or max_bytes < 0:
+            raise ConfigError("conversation_memo_bytes", f"must be a non-negative integer, got {max_bytes!r}")
+        self.max_bytes = max_bytes
+        self._map: OrderedDict[MemoKey, ChatPrefix] = OrderedDict()
+        self.stats = MemoStats()
+
+    def find(self, messages: Sequence[Mapping[str, str]], seed: int) -> tuple[int, ChatPrefix | None]:
+        """The longest remembered prefix of ``messages`` (in ``seed``'s namespace):
+        ``(i, prefix)`` when ``messages[0..i]`` are remembered, else ``(-1, None)``. A
+        hit becomes the most recently used."""
+        get = self._map.get
+        for i in range(len(messages) - 1, -1, -1):
+            key = memo_key(messages, i, seed)
+            found = get(key)
+            if found is not None and found.begins(messages):
+                self._map.move_to_end(key)
+                self.stats.hits += 1
+                self.stats.resumed_chars += found.chars
+                return i, found
+        self.stats.misses += 1
+        return -1, None
+
+    def put(self, key: MemoKey, prefix: ChatPrefix, replaces: MemoKey | None = None) -> None:
+        """Remember ``prefix`` under ``key``; drop ``replaces`` (the prefix it extends: a
+        linear conversation keeps one entry). Evicts from the cold end to the bound."""
+        stats = self.stats
+        if replaces is not None and replaces != key:
+            self._drop(replaces)
+        self._drop(key)
+        size = prefix.size
+        if size <= self.max_bytes:
+            self._map[key] = prefix
+            stats.bytes += size
+            stats.stored += 1
+            while stats.bytes > self.max_bytes:
+                _, cold = self._map.popitem(last=False)
+                stats.bytes -= cold.size
+                stats.evictions += 1
+        stats.entries = len(self._map)
+
+    def _drop(self, key: MemoKey) -> None:
+        old = self._map.pop(key, None)
+        if old is not None:
+            self.stats.bytes -= old.size
+            self.stats.entries = len(self._map)
+
+    def __len__(self) -> int:
+        return len(self._map)
+
+    def __contains__(self, key: MemoKey) -> bool:
+        return key in self._map
+
+    def check_invariants(self) -> None:
+        total = sum(p.size for p in self._map.values())
+        assert total == self.stats.bytes, (total, self.stats.bytes)
+        assert total <= self.max_bytes
+        assert self.stats.entries == len(self._map)
+
+
+class ChatResumer:
+    """Decides, per chat request, what to tokenize: the whole rendered chat, or only what
+    follows its longest remembered prefix. Holds the memo, the segment template, the
+    generation prompt's ids, and the tokenizer facts the exactness argument needs (module
+    docstring). ``ChatResumer.build`` returns None when they do not hold."""
+
+    def __init__(self, memo: ConversationMemo, segments: Any, generation_ids: bytes) -> None:
+        self.memo = memo
+        self.segments = segments
+        self.generation_ids = generation_ids
+
+    @classmethod
+    def build(cls, prompts: Any, max_bytes: int) -> ChatResumer | None:
+        """For ``prompts`` (a ``PromptTokenizer``): None when the memo is off
+        (``max_bytes`` 0), the tokenizer does not tokenize piece by piece, its template is
+        not a segment template, or a later message's opening or the generation prompt does
+        not start with a split token that nothing can straddle."""
+        if max_bytes <= 0 or not prompts.incremental:
+            return None
+        segments = prompts.renderer.segments
+        if segments is None:
+            return None
+        boundary = []
+        for text in [opening for opening, _ in segments.later.values()] + (
+                [segments.generation] if segments.generation else []):
+            first = prompts.pieces(text[:64])[:1] if text else []
+            starts = [t for t in prompts.split_tokens if text.startswith(t)]
+            if not first or type(first[0]) is not int or len(starts) != 1:
+                return None
+            boundary.append(starts[0])
+        if not boundary_tokens_safe(sorted(set(boundary)), list(prompts.matched_tokens)):
+            return None
+        generation_ids = prompts.encode(segments.generation, False) if segments.generation else b""
+        return cls(ConversationMemo(max_bytes), segments, generation_ids)
+
+    def resume(self, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool, seed: int,
+               full_text: str | None = None) -> ChatResume | None:
+        """What to tokenize for this chat (plain messages, default options), or None when
+        a role has no segments (the request takes the full path). ``full_text``: the
+        whole rendering, when the caller has it (a miss tokenizes it)."""
+        at, prefix = self.memo.find(messages, seed)
+        key = memo_key(messages, len(messages) - 1, seed)
+        segments = self.segments
+        generation, generation_chars = (self.generation_ids, len(segments.generation)) if add_generation_prompt \
+            else (b"", 0)
+        try:
+            if prefix is None:
+                text = full_text if full_text is not None else segments.render(messages, add_generation_prompt)
+                return ChatResume(messages, key, None, None, text, generation, len(text) - generation_chars)
+            text = segments.render_later(messages[at + 1:], add_generation_prompt)
+        except KeyError:
+            return None
+        return ChatResume(messages, key, memo_key(messages, at, seed), prefix, text, generation,
+                          prefix.chars + len(text) - generation_chars)

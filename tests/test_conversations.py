@@ -1,0 +1,271 @@
+"""router.conversations: a chat resumed from its remembered prefix gets the very ids and
+keys of the whole prompt, and the memo is bounded and never confuses conversations.
+
+* Property, for the tiny model's tokenizer and the Llama-3 and ChatML benchmark ones: a
+  conversation grown, retried, branched and moved between namespaces turn by turn, with
+  special-token text, edge whitespace and non-ASCII content, routed through a
+  ``RoutingService``: every turn's ids equal the tokenizer's own encoding of the whole
+  chat as ``apply_chat_template`` renders it, its keys are those ids' keys, and turns that
+  extend a remembered prefix resume from it.
+* The pool path: a turn keyed on its remembered prefix before the pool has its new text is
+  remembered whole once the pool is done (``learn_after``), and the next turn resumes.
+* Conversations that share their last message but not what precedes it, or the same
+  messages in another namespace, never resume from each other.
+* ``boundary_tokens_safe`` refuses tokens that could straddle a cut.
+* ``ConversationMemo`` against a naive model (hypothesis state machine): the same entries,
+  the same LRU order, the byte bound.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import OrderedDict
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
+from router.conversations import (ChatPrefix, ConversationMemo, boundary_tokens_safe, memo_key)
+from router.errors import ConfigError
+from router.service import RoutingService
+from router.tokenization import PromptTokenizer, pack_ids
+from tests.helpers import shipped_tokenizer_path, until_learned
+
+pytest.importorskip("transformers")
+
+BLOCK = 4  # small blocks: every test prompt spans many
+
+
+@pytest.fixture(scope="module", params=["tiny", "llama3", "chatml"])
+def service(request):
+    """A routing service over a shipped tokenizer, two replicas; it waits for the pool as
+    long as it takes, so every decision has the whole prompt's ids."""
+    PromptTokenizer.forget_shared()
+    svc = RoutingService({"policy": "cache_aware", "tokenizer": str(shipped_tokenizer_path(request.param)),
+                          "block_size": BLOCK, "tokenize_wait_ms": 600_000})
+    svc.set_replicas(["a", "b"])
+    yield svc
+    svc.close()
+    PromptTokenizer.forget_shared()
+
+
+def expected_ids(service, messages, generation=True) -> bytes:
+    """The tokenizer's own ids of the whole chat as the template renders it."""
+    text = service.prompts.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation)
+    return service.prompts.encode_uncached(text, False)
+
+
+async def route(service, body, request_id="r"):
+    """One decision as a front door makes it; returns (fields, what tokenized found, the
+    request keyed)."""
+    fields = service.parse(body)
+    found = await service.tokenized(fields, service.options["tokenize_wait_ms"] / 1000, ids_wanted=True)
+    request = service.keyed(fields, found, request_id)
+    return fields, found, request
+
+
+def test_shipped_templates_resume(service):
+    assert service.resumer is not None
+
+
+_part = st.one_of(st.text(st.one_of(st.sampled_from(list("ab \n\t<>|_é日😀")),
+                                    st.characters(codec="utf-8", exclude_categories=("Cs",))), max_size=10),
+                  st.sampled_from(["<|eot_id|>", "<|im_end|>", "<|im_start|>", "<|start_header_id|>", "<s>",
+                                   "  ", "\n\n", "word " * 12]))
+_text = st.lists(_part, max_size=4).map("".join)
+_message = st.fixed_dictionaries({"role": st.sampled_from(["system", "user", "assistant", "tool"]), "content": _text})
+#: A turn: ("extend", new messages) | ("retry",) | ("branch", how many to drop, new messages) | ("namespace", model)
+_turn = st.one_of(st.tuples(st.just("extend"), st.lists(_message, min_size=1, max_size=3)),
+                  st.tuples(st.just("retry")),
+                  st.tuples(st.just("branch"), st.integers(1, 3), st.lists(_message, min_size=1, max_size=2)),
+                  st.tuples(st.just("namespace"), st.sampled_from(["", "m1", "m2"])))
+
+
+@settings(max_examples=60, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(first=st.lists(_message, min_size=1, max_size=4), turns=st.lists(_turn, min_size=1, max_size=6),
+       generation=st.booleans())
+def test_resumed_turns_have_the_whole_chats_ids_and_keys(service, first, turns, generation):
+    async def run():
+        messages, model = list(first), ""
+        for i, turn in enumerate([("extend", [])] + turns):
+            if turn[0] == "extend":
+                messages += turn[1]
+            elif turn[0] == "branch":
+                messages = messages[:max(1, len(messages) - turn[1])] + turn[2]
+            elif turn[0] == "namespace":
+                model = turn[1]
+            hits = service.resumer.memo.stats.hits
+            body = {"messages": messages, "add_generation_prompt": generation, **({"model": model} if model else {})}
+            fields, found, request = await route(service, body, f"t{i}")
+            want = expected_ids(service, messages, generation)
+            assert found.ids == want and not found.missing
+            assert request.keys == service._token_keyer.keys_packed(want, service._seed(fields))
+            assert request.prompt_tokens == max(1, len(want) // 4)
+            if turn[0] in ("extend", "retry") and i > 0:
+                assert found.resume is not None and found.resume.prefix is not None
+                assert service.resumer.memo.stats.hits == hits + 1
+            service.resumer.memo.check_invariants()
+
+    asyncio.run(run())
+
+
+def test_a_turn_keyed_before_the_pool_is_remembered_whole_after():
+    """The pool path: a long new message is not waited for (the turn extends a remembered
+    prefix); once routed and learned, the memo holds the whole turn and the tree its
+    whole prompt, and the next turn resumes from it."""
+    PromptTokenizer.forget_shared()
+    service = RoutingService({"policy": "cache_aware", "tokenizer": str(shipped_tokenizer_path("llama3")),
+                              "block_size": BLOCK, "tokenize_wait_ms": 0})
+    service.set_replicas(["a", "b"])
+
+    async def run():
+        messages = [{"role": "system", "content": "You route. " * 100},
+                    {"role": "user", "content": "first question " * 50}]
+        for turn in range(3):
+            fields = service.parse({"messages": messages})
+            found = await service.tokenized(fields, 0, ids_wanted=False)
+            if turn == 0:
+                assert found.resume is not None and found.resume.prefix is None  # nothing remembered yet
+            else:
+                assert found.resume.prefix is not None and found.missing  # resumed; new text on the pool
+                assert len(found.resume.text) < 2000
+            request = service.keyed(fields, found, f"r{turn}")
+            tiers = service.rank(request, ["a", "b"], 0.0, learn=found.lesson(fields))
+            service.routed(request.request_id, tiers[0][0])
+            await until_learned(service)
+            want = expected_ids(service, messages)
+            keys = service._token_keyer.keys_packed(want, service._seed(fields))
+            assert service.core.tree.match(keys, (tiers[0][0],), service.now())[tiers[0][0]] == len(keys)
+            key = memo_key(messages, len(messages) - 1, service._seed(fields))
+            assert key in service.resumer.memo
+            assert len(service.resumer.memo) == 1  # each turn replaced the one it extended
+            messages = messages + [{"role": "assistant", "content": f"answer {turn} " * 80},
+                                   {"role": "user", "content": f"question {turn} " * 80}]
+
+    try:
+        asyncio.run(run())
+    finally:
+        service.close()
+        PromptTokenizer.forget_shared()
+
+
+def test_conversations_sharing_their_last_message_do_not_resume_from_each_other(service):
+    async def run():
+        one = [{"role": "system", "content": "tenant one's secret"}, {"role": "user", "content": "same question"}]
+        two = [{"role": "system", "content": "tenant two's secret"}, {"role": "user", "content": "same question"}]
+        await route(service, {"messages": one})
+        misses = service.resumer.memo.stats.misses
+        _, found, _ = await route(service, {"messages": two + [{"role": "user", "content": "more"}]})
+        assert found.resume.prefix is None and service.resumer.memo.stats.misses == misses + 1
+        assert found.ids == expected_ids(service, two + [{"role": "user", "content": "more"}])
+        # The same messages in another namespace (model, adapter, salt): not resumed either.
+        await route(service, {"messages": one, "model": "m1"})
+        _, found, _ = await route(service, {"messages": one + [{"role": "user", "content": "x"}], "model": "m2"})
+        assert found.resume.prefix is None
+
+    asyncio.run(run())
+
+
+def test_a_chat_the_tokenizer_cannot_encode_is_keyed_in_characters(service):
+    async def run():
+        body = {"messages": [{"role": "user", "content": "lone \ud800 surrogate " * 40}]}
+        fields, found, request = await route(service, body)
+        assert found.ids is None and request.keys  # keyed in characters, from the deferred rendering
+        assert service.text_of(fields) == service.renderer.segments.render(fields.messages, True)
+
+    asyncio.run(run())
+
+
+def test_memo_options():
+    PromptTokenizer.forget_shared()
+    path = str(shipped_tokenizer_path("tiny"))
+    try:
+        off = RoutingService({"tokenizer": path, "conversation_memo_bytes": 0})
+        assert off.resumer is None and off.parse({"messages": [{"role": "user", "content": "hi"}]}).content
+        off.close()
+        with pytest.raises(ConfigError, match="conversation_memo_bytes"):
+            RoutingService({"tokenizer": path, "conversation_memo_bytes": -1})
+        with pytest.raises(ConfigError, match="conversation_memo_bytes"):
+            ConversationMemo(max_bytes="64MB")
+    finally:
+        PromptTokenizer.forget_shared()
+
+
+def test_boundary_tokens_safe():
+    assert boundary_tokens_safe(["<|im_start|>"], ["<|im_start|>", "<|im_end|>", "<s>"])
+    assert not boundary_tokens_safe(["<|im_start|>"], ["<|im_start|>", "x<|im_start|>"])  # contains it
+    assert not boundary_tokens_safe(["<|im_start|>"], ["<|im_start|>", "ab<|"])  # ends with its head
+    assert not boundary_tokens_safe(["<|a<|"], ["<|a<|"])  # overlaps itself
+    assert not boundary_tokens_safe([""], ["<s>"])
+
+
+# -- the memo against a naive model ------------------------------------------------------
+def _prefix(n: int, size_ids: int) -> ChatPrefix:
+    messages = tuple((("user", f"m{i}") for i in range(n)))
+    return ChatPrefix(messages, pack_ids(range(size_ids)), list(range(size_ids // 4)), 2 * n)
+
+
+class MemoMachine(RuleBasedStateMachine):
+    """``ConversationMemo`` against a list of (key, prefix) pairs, oldest first."""
+
+    @initialize(max_bytes=st.integers(0, 4000))
+    def start(self, max_bytes):
+        self.memo = ConversationMemo(max_bytes)
+        self.model: list = []
+        self.max_bytes = max_bytes
+
+    def _model_drop(self, key):
+        self.model = [(k, p) for k, p in self.model if k != key]
+
+    @rule(n=st.integers(1, 4), last=st.sampled_from(["a", "b", "c"]), size=st.integers(0, 200),
+          replaces=st.one_of(st.none(), st.integers(0, 3)))
+    def put(self, n, last, size, replaces):
+        key = (0, n - 1, "user", last)
+        old = self.model[replaces % len(self.model)][0] if replaces is not None and self.model else None
+        prefix = _prefix(n, size)
+        self.memo.put(key, prefix, replaces=old)
+        if old is not None:
+            self._model_drop(old)
+        self._model_drop(key)
+        if prefix.size <= self.max_bytes:
+            self.model.append((key, prefix))
+            while sum(p.size for _, p in self.model) > self.max_bytes:
+                self.model.pop(0)
+
+    @precondition(lambda self: True)
+    @rule(n=st.integers(1, 5), last=st.sampled_from(["a", "b", "c"]))
+    def find(self, n, last):
+        messages = [{"role": "user", "content": f"m{i}"} for i in range(n - 1)] + [{"role": "user", "content": last}]
+        at, found = self.memo.find(messages, 0)
+        expected = (-1, None)
+        for i in range(n - 1, -1, -1):
+            key = (0, i, "user", messages[i]["content"])
+            hit = next((p for k, p in self.model if k == key), None)
+            if hit is not None and all(hit.messages[j] == ("user", messages[j]["content"])
+                                       for j in range(len(hit.messages) - 1)):
+                expected = (i, hit)
+                self.model = [(k, p) for k, p in self.model if k != key] + [(key, hit)]
+                break
+        assert (at, found) == expected
+
+    @invariant()
+    def same_entries(self):
+        if not hasattr(self, "memo"):
+            return
+        self.memo.check_invariants()
+        assert list(self.memo._map.items()) == self.model
+
+
+TestMemoMachine = MemoMachine.TestCase
+TestMemoMachine.settings = settings(max_examples=60, stateful_step_count=30, deadline=None)
+
+
+def test_lru_order_is_kept():
+    memo = ConversationMemo(10_000)
+    for last in "abc":
+        memo.put((0, 0, "user", last), _prefix(1, 8))
+    memo.find([{"role": "user", "content": "a"}], 0)
+    assert [k[3] for k in memo._map] == ["b", "c", "a"]
+    assert isinstance(memo._map, OrderedDict)
