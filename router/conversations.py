@@ -42,6 +42,7 @@ O(characters) in C, about a memory copy's cost; on a miss it walks back to the f
 
 from __future__ import annotations
 
+import operator
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -57,6 +58,9 @@ KEY_BYTES = 48
 MESSAGE_BYTES = 160
 ENTRY_OVERHEAD_BYTES = 256
 
+_role = operator.itemgetter("role")
+_content = operator.itemgetter("content")
+
 #: ``(seed, position, role, content)`` of a conversation's last remembered message.
 MemoKey = tuple[int, int, str, str]
 
@@ -68,33 +72,41 @@ def memo_key(messages: Sequence[Mapping[str, str]], at: int, seed: int) -> MemoK
 
 @dataclass(frozen=True, slots=True)
 class ChatPrefix:
-    """A remembered conversation prefix: its ``messages`` as ``(role, content)`` pairs,
-    the packed token ids of them as rendered (no generation prompt), the chained keys of
-    their full blocks (in the namespace of the seed it is filed under), and the rendered
-    characters they stand for."""
+    """A remembered conversation prefix: its messages' ``roles`` and ``contents`` (the
+    strings; never mutated); the packed token ids of them as rendered (no generation
+    prompt), which are the first ``id_bytes`` of ``ids``; the chained keys of their full
+    blocks, the first ``key_count`` of ``keys`` (in the namespace of the seed it is filed
+    under); and the rendered characters they stand for. ``ids`` and ``keys`` are the
+    remembered request's own (its generation prompt's ids and keys after those), shared
+    rather than copied: a 100k-character history is 100 KB of ids and 1,600 keys, and a
+    copy is a page-faulting allocation on every turn. Nobody mutates them."""
 
-    messages: tuple[tuple[str, str], ...]
+    roles: list[str]
+    contents: list[str]
     ids: bytes
+    id_bytes: int
     keys: list[int]
+    key_count: int
     chars: int
 
     @property
     def size(self) -> int:
-        return (len(self.ids) + KEY_BYTES * len(self.keys) + self.chars + MESSAGE_BYTES * len(self.messages)
+        return (len(self.ids) + KEY_BYTES * len(self.keys) + self.chars + MESSAGE_BYTES * len(self.roles)
                 + ENTRY_OVERHEAD_BYTES)
+
+    def own_keys(self) -> list[int]:
+        """A new list of the prefix's keys (the caller may extend it)."""
+        return self.keys[:self.key_count]
 
     def begins(self, messages: Sequence[Mapping[str, str]]) -> bool:
         """Whether ``messages`` begin with these (the last one is checked by the key it
-        was found under). O(characters), string comparisons."""
-        mine = self.messages
-        if len(messages) < len(mine):
+        was found under). O(characters): string comparisons, run by ``map`` and list
+        equality in C (an agent's history has hundreds of messages)."""
+        n = len(self.contents) - 1
+        if len(messages) <= n:
             return False
-        for i in range(len(mine) - 1):
-            role, content = mine[i]
-            message = messages[i]
-            if message["content"] != content or message["role"] != role:
-                return False
-        return True
+        head = messages[:n]
+        return list(map(_content, head)) == self.contents[:n] and list(map(_role, head)) == self.roles[:n]
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,10 +128,13 @@ class ChatResume:
     generation_ids: bytes
     chars: int
 
-    @property
-    def base_ids(self) -> bytes:
-        """The remembered prefix's ids (empty when not resumed)."""
-        return self.prefix.ids if self.prefix is not None else b""
+    def join(self, ids: bytes) -> bytes:
+        """The whole prompt's ids: the remembered prefix's, then ``ids`` (those of
+        ``text``). One copy."""
+        prefix = self.prefix
+        if prefix is None:
+            return ids
+        return b"".join((memoryview(prefix.ids)[:prefix.id_bytes], ids))
 
     @property
     def base_chars(self) -> int:
@@ -129,11 +144,10 @@ class ChatResume:
         """The prefix to remember for this request, whose whole prompt's ids are ``ids``
         (with the generation prompt's at their end) and keys ``keys``: its messages' ids
         and the keys of their full blocks (a prefix of ``keys``)."""
-        own = ids[:len(ids) - len(self.generation_ids)]
-        # The remembered prefix's pairs are shared, only the new messages' are built.
-        known = self.prefix.messages if self.prefix is not None else ()
-        messages = known + tuple((m["role"], m["content"]) for m in self.messages[len(known):])
-        return ChatPrefix(messages, own, keys[:len(own) // block_bytes], self.chars)
+        own = len(ids) - len(self.generation_ids)
+        messages = self.messages
+        return ChatPrefix(list(map(_role, messages)), list(map(_content, messages)), ids, own, keys,
+                          own // block_bytes, self.chars)
 
 
 @dataclass(slots=True)

@@ -155,6 +155,10 @@ class Lesson(NamedTuple):
     resume: ChatResume | None = None
 
 
+def _same(ids: bytes) -> bytes:
+    return ids
+
+
 def _store_when_encoded(prompts: PromptTokenizer, pieces: list[str], encoded: asyncio.Future) -> None:
     """Cache ``pieces``' ids once the pool has ``encoded`` them: a done callback of the
     pool's future, added before anyone awaits it, so that they are in the cache when an
@@ -309,21 +313,21 @@ class RoutingService:
             if fields.messages is not None and self.resumer is not None and not special:
                 resume = self.resumer.resume(fields.messages, fields.generation, self._seed(fields), fields.content)
             # What to tokenize: the whole prompt, or the chat's text past its remembered
-            # prefix (whose ids ``base`` are). Either stands alone: the template's cut
+            # prefix (``whole`` puts the prefix's ids before its ids). Either stands alone: the template's cut
             # there is the tokenizer's (``router.conversations``).
-            text, base, base_chars = (self.text_of(fields), b"", 0) if resume is None else \
-                (resume.text, resume.base_ids, resume.base_chars)
+            text, base_chars = (self.text_of(fields), 0) if resume is None else (resume.text, resume.base_chars)
+            whole = resume.join if resume is not None else _same
             # One pass: the text's ids, or the ids of its cached leading pieces and what
             # is missing.
             ids, missing, covered = prompts.assemble_leading(text, special)
             if not missing:
                 self.tokenize_counts["cached"] += 1
-                return Tokenized(base + ids, resume=resume)
+                return Tokenized(whole(ids), resume=resume)
             if sum(map(len, missing)) <= INLINE_TOKENIZE_CHARS:
                 # A short new message costs less to encode here than a hop to the pool.
                 ids = prompts.encode(text, special)
                 self.tokenize_counts["encoded"] += 1
-                return Tokenized(base + ids, resume=resume)
+                return Tokenized(whole(ids), resume=resume)
             encoded = self.pool.submit(prompts, missing)
             encoding = encoded
             if encoded is not None:
@@ -338,7 +342,7 @@ class RoutingService:
             if encoding is None or not encoding.done():
                 # ``ids`` are the cached leading pieces', a prefix of the whole encoding.
                 self.tokenize_counts["prefix" if encoding is not None else "overflow"] += 1
-                return Tokenized(base + ids, waited, missing, len(text) - covered, encoding, resume)
+                return Tokenized(whole(ids), waited, missing, len(text) - covered, encoding, resume)
             encoding.result()  # raises the tokenizer's error, if it failed
             ids, _ = prompts.assemble(text, special)
             if ids is None:  # the cache cannot hold all of this prompt's pieces at once
@@ -349,7 +353,7 @@ class RoutingService:
             self.tokenize_counts["error"] += 1
             return Tokenized(None, waited)
         self.tokenize_counts["encoded"] += 1
-        return Tokenized(base + ids, waited, resume=resume)
+        return Tokenized(whole(ids), waited, resume=resume)
 
     def record_wait(self, waited: float) -> None:
         """Account a wait for the pool (a metric of its own, not decision latency)."""
@@ -391,7 +395,7 @@ class RoutingService:
         except Exception:  # noqa: BLE001 - the decision stands; only the lesson is lost
             return
         if ids is not None:
-            request = self.key(fields, ids if resume is None else resume.base_ids + ids, None, resume=resume,
+            request = self.key(fields, ids if resume is None else resume.join(ids), None, resume=resume,
                                remember=True)
             self.core.learn(replica, request.keys[known_keys:], self.now())
 
@@ -418,10 +422,10 @@ class RoutingService:
         if ids is not None:
             keyer = self._token_keyer
             prefix = resume.prefix if resume is not None else None
-            if prefix is not None and prefix.keys:
+            if prefix is not None and prefix.key_count:
                 # The chain goes on from the prefix's last key over the blocks after it.
-                known = prefix.keys
-                keys = known + keyer.keys_packed(ids[len(known) * 4 * keyer.block_tokens:], known[-1])
+                keys = prefix.own_keys()
+                keys += keyer.keys_packed(ids[len(keys) * 4 * keyer.block_tokens:], keys[-1])
             else:
                 keys = keyer.keys_packed(ids, seed)
             if remember and resume is not None:
@@ -616,10 +620,11 @@ class RoutingService:
         return self._kv_hub.stats() if self._kv_hub is not None else {}
 
     def close(self) -> None:
-        """Stop the KV-event subscribers (their threads and sockets) and ``learn_after``'s
-        tasks."""
+        """Stop the KV-event subscribers (their threads and sockets), ``learn_after``'s
+        tasks and the tokenizer pool's threads."""
         for task in list(self._learning):
             task.cancel()
+        self.pool.shutdown()
         hub, self._kv_hub = self._kv_hub, None
         if hub is not None:
             hub.close()

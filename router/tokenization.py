@@ -39,12 +39,12 @@ import asyncio
 import functools
 import json
 import logging
+import queue
 import re
 import threading
 from array import array
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -136,11 +136,28 @@ def chat_template_options(body: Any) -> dict[str, Any]:
 def without_message_text(body: Mapping) -> Mapping:
     """A shallow copy of a chat body (of its own type) whose messages keep their roles and
     have empty ``content``: what a router sends when the engine takes the prompt's token
-    ids (``ATTACHMENT_KWARG`` with ``content_removed``) and the text would travel twice."""
+    ids (``ATTACHMENT_KWARG`` with ``content_removed``) and the text would travel twice.
+    Messages of the same common role are one shared dict (read-only)."""
     copy = type(body)(body)
-    copy["messages"] = [{"role": m.get("role") if isinstance(m, Mapping) else getattr(m, "role", None),
-                         "content": ""} for m in body["messages"]]
+    # One shared placeholder per common role: an agent's history has hundreds of messages
+    # on every turn, and copies would be as many allocations on the routing loop (pickle
+    # keeps the sharing, so the body sent is smaller too). The engine only reads them.
+    empty = _EMPTY_MESSAGES
+    copy["messages"] = [empty.get(m["role"]) or _empty_message(m["role"]) if type(m) is dict and "role" in m
+                        and type(m["role"]) is str else _empty_message(_role_of(m)) for m in body["messages"]]
     return copy
+
+
+def _role_of(message: Any) -> Any:
+    return message.get("role") if isinstance(message, Mapping) else getattr(message, "role", None)
+
+
+def _empty_message(role: Any) -> dict:
+    return {"role": role, "content": ""}
+
+
+_EMPTY_MESSAGES = {role: {"role": role, "content": ""} for role in ("system", "user", "assistant", "tool",
+                                                                      "developer")}
 
 
 def render_chat(tokenizer: Any, messages: list[dict[str, str]], options: Mapping[str, Any] | None = None) -> str:
@@ -603,10 +620,15 @@ class TokenizerPool:
     """A bounded pool of threads that encode prompt pieces for routers, with admission by
     characters: at most ``max_queued_chars`` characters queued or being encoded at once.
 
-    ``submit`` returns an awaitable of the pieces' ids, or ``None`` when the text would
-    pass the bound (the caller then routes without exact ids and the engine tokenizes, so
-    a burst of cold documents delays nobody's routing). Threads: ``workers``; the Rust
-    tokenizer releases the GIL while it encodes, so they run beside the event loop.
+    ``submit`` returns an asyncio future of the pieces' ids (on the running loop), or
+    ``None`` when the text would pass the bound (the caller then routes without exact ids
+    and the engine tokenizes, so a burst of cold documents delays nobody's routing).
+    Threads: ``workers``, started on first use, each taking jobs from one queue; the Rust
+    tokenizer releases the GIL while it encodes, so they run beside the event loop, and a
+    worker hands the result back with ``call_soon_threadsafe``. Not ``run_in_executor``:
+    its submit, work item, concurrent future and the chaining of two futures cost the
+    routing loop about 30 us a request (``kvroute bench serve-path``'s decision phases);
+    here the loop creates one future and puts one tuple on a queue.
     """
 
     def __init__(self, workers: int = 2, max_queued_chars: int = 8 << 20) -> None:
@@ -616,7 +638,8 @@ class TokenizerPool:
             raise ConfigError("tokenizer_max_queued_chars", f"must be a positive integer, got {max_queued_chars!r}")
         self.workers = workers
         self.max_queued_chars = max_queued_chars
-        self._executor: ThreadPoolExecutor | None = None
+        self._jobs: queue.SimpleQueue | None = None
+        self._threads: list[threading.Thread] = []
         self.queued_chars = 0
         self.submitted = 0
         self.rejected = 0
@@ -626,19 +649,55 @@ class TokenizerPool:
         if self.queued_chars + chars > self.max_queued_chars and self.queued_chars:
             self.rejected += 1
             return None
-        if self._executor is None:
-            self._executor = ThreadPoolExecutor(self.workers, thread_name_prefix="kvroute-tokenize")
+        if self._jobs is None:
+            self._start()
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
         self.queued_chars += chars
         self.submitted += 1
-        future = asyncio.get_running_loop().run_in_executor(self._executor, tokenizer.encode_pieces, pieces)
-
-        def release(_future: Any) -> None:
-            self.queued_chars -= chars
-
-        future.add_done_callback(release)
+        self._jobs.put((loop, future, tokenizer, pieces, chars))
         return future
 
+    def _start(self) -> None:
+        jobs = self._jobs = queue.SimpleQueue()
+        # Daemon threads: a process that exits with jobs queued must not wait for them.
+        self._threads = [threading.Thread(target=self._work, args=(jobs,), name=f"kvroute-tokenize_{i}",
+                                          daemon=True) for i in range(self.workers)]
+        for thread in self._threads:
+            thread.start()
+
+    def _work(self, jobs: queue.SimpleQueue) -> None:
+        while True:
+            job = jobs.get()
+            if job is None:
+                return
+            loop, future, tokenizer, pieces, chars = job
+            result, error = None, None
+            if not future.cancelled():
+                try:
+                    result = tokenizer.encode_pieces(pieces)
+                except BaseException as exc:  # noqa: BLE001 - handed to whoever awaits the ids
+                    error = exc
+            try:
+                loop.call_soon_threadsafe(self._deliver, future, result, error, chars)
+            except RuntimeError:  # the loop is closed: nobody is waiting any more
+                pass
+
+    def _deliver(self, future: asyncio.Future, result: Any, error: BaseException | None, chars: int) -> None:
+        """On the loop: release the characters and settle the future (unless cancelled)."""
+        self.queued_chars -= chars
+        if future.cancelled():
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+
     def shutdown(self) -> None:
-        if self._executor is not None:
-            self._executor.shutdown(wait=False, cancel_futures=True)
-            self._executor = None
+        """Stop the threads once the jobs queued before are done (they drop results for
+        futures already cancelled)."""
+        if self._jobs is not None:
+            for _ in self._threads:
+                self._jobs.put(None)
+            self._jobs = None
+            self._threads = []

@@ -203,8 +203,9 @@ def test_boundary_tokens_safe():
 
 # -- the memo against a naive model ------------------------------------------------------
 def _prefix(n: int, size_ids: int) -> ChatPrefix:
-    messages = tuple((("user", f"m{i}") for i in range(n)))
-    return ChatPrefix(messages, pack_ids(range(size_ids)), list(range(size_ids // 4)), 2 * n)
+    ids = pack_ids(range(size_ids))
+    return ChatPrefix(["user"] * n, [f"m{i}" for i in range(n)], ids, len(ids), list(range(size_ids // 4)),
+                      size_ids // 4, 2 * n)
 
 
 class MemoMachine(RuleBasedStateMachine):
@@ -243,8 +244,8 @@ class MemoMachine(RuleBasedStateMachine):
         for i in range(n - 1, -1, -1):
             key = (0, i, "user", messages[i]["content"])
             hit = next((p for k, p in self.model if k == key), None)
-            if hit is not None and all(hit.messages[j] == ("user", messages[j]["content"])
-                                       for j in range(len(hit.messages) - 1)):
+            if hit is not None and all(hit.contents[j] == messages[j]["content"] and hit.roles[j] == "user"
+                                       for j in range(len(hit.contents) - 1)):
                 expected = (i, hit)
                 self.model = [(k, p) for k, p in self.model if k != key] + [(key, hit)]
                 break

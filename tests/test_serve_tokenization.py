@@ -321,3 +321,56 @@ def test_tokenize_wait_ms_is_checked_at_start(tokenizer_path):
             cache_aware_router_config(tokenizer=tokenizer_path, tokenize_wait_ms=bad)
         assert exc.value.field == "tokenize_wait_ms"
     assert cache_aware_router_config(tokenize_wait_ms=0)["request_router_kwargs"]["tokenize_wait_ms"] == 0
+
+
+def test_a_body_sent_without_its_text_keeps_its_roles_and_the_callers_body():
+    from engines.protocol import RequestBody
+    from router.tokenization import without_message_text
+
+    messages = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"},
+                {"role": "assistant", "content": "a"}, {"role": "user", "content": "v"},
+                {"role": "critic", "content": "c"}, SimpleNamespace(role="tool", content="t")]
+    body = RequestBody({"messages": messages, "model": "m", "max_tokens": 3})
+    stripped = without_message_text(body)
+    assert type(stripped) is RequestBody and stripped["model"] == "m" and stripped["max_tokens"] == 3
+    assert [m["role"] for m in stripped["messages"]] == ["system", "user", "assistant", "user", "critic", "tool"]
+    assert all(m["content"] == "" for m in stripped["messages"])
+    assert body["messages"] is messages and messages[1] == {"role": "user", "content": "u"}  # untouched
+    # Common roles share one read-only placeholder; a rare role gets its own dict.
+    assert stripped["messages"][1] is stripped["messages"][3]
+
+
+def test_the_tokenizer_pool_delivers_ids_errors_and_releases_its_bound():
+    """``TokenizerPool``: ids come back on the loop, a tokenizer error reaches whoever
+    awaits, a cancelled request's ids are dropped, the character bound is released in
+    every case, and ``shutdown`` stops its threads."""
+    from router.tokenization import TokenizerPool
+
+    class Encoder:
+        def encode_pieces(self, pieces):
+            if "boom" in pieces:
+                raise ValueError("cannot encode")
+            return [piece.encode() for piece in pieces]
+
+    pool = TokenizerPool(2, max_queued_chars=100)
+
+    async def run():
+        ok = pool.submit(Encoder(), ["ab", "c"])
+        bad = pool.submit(Encoder(), ["boom"])
+        dropped = pool.submit(Encoder(), ["x" * 10])
+        dropped.cancel()
+        assert pool.submit(Encoder(), ["y" * 100]) is None and pool.rejected == 1  # past the bound
+        assert await ok == [b"ab", b"c"]
+        with pytest.raises(ValueError, match="cannot encode"):
+            await bad
+        deadline = asyncio.get_running_loop().time() + 30
+        while pool.queued_chars and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.01)
+        assert pool.queued_chars == 0 and pool.submitted == 3
+
+    asyncio.run(run())
+    threads = list(pool._threads)
+    pool.shutdown()
+    for thread in threads:
+        thread.join(timeout=30)
+        assert not thread.is_alive()
