@@ -979,8 +979,9 @@ def decision_phases(tokenizer: str, workloads: Sequence[Workload], *,
     (``cache_aware``, this tokenizer, 4 replicas, ``tokenize_wait_ms=wait_ms``) routes each
     chat or agent workload's warm turns, then its timed turns, each after the previous
     one's lesson is learned (what a steady conversation meets). Per workload, medians in
-    microseconds of: ``parse`` (reading the body and rendering its chat), ``tokenized``
-    (the loop's share: cached pieces, and handing new text to the pool; never the wait),
+    microseconds of: ``parse`` (reading the body; a chat the conversation memo may resume
+    is rendered in ``tokenized``, only past its remembered prefix), ``tokenized`` (the
+    loop's share: the memo, cached pieces, and handing new text to the pool; never the wait),
     ``key``, ``rank`` and their ``total``; and the chat rendering alone, through the
     template's segments (``router.chat_render``) and through Jinja, on the same bodies."""
     from router.requests import _chat_messages

@@ -52,8 +52,9 @@ from router.errors import ConfigError
 
 DEFAULT_MEMO_BYTES = 128 << 20
 #: Bytes counted per remembered key (the list slot and the int object it shares with the
-#: request's keys), per message (its tuple; the strings are counted by their characters)
-#: and per entry (the dict slot and key, the entry object, the ids bytes' header).
+#: request's keys), per message (its slots in the roles and contents lists and the string
+#: headers; the strings' text is counted by the rendered characters) and per entry (the
+#: dict slot and key tuple, the entry object, the ids bytes' header).
 KEY_BYTES = 48
 MESSAGE_BYTES = 160
 ENTRY_OVERHEAD_BYTES = 256
