@@ -138,10 +138,16 @@ def workload_defaults(workload: str | None) -> dict[str, Any]:
 
 
 def load_requests(*, workload: str | None, trace: str | None, count: int, rate: float, rate_scale: float,
-                  seed: int, shape: LiveShape) -> list[SimRequest]:
-    """The workload to replay, fitted to the live replicas (see ``benchmarks.live_workload``)."""
+                  seed: int, shape: LiveShape, trace_start: int = 0) -> list[SimRequest]:
+    """The workload to replay, fitted to the live replicas (see ``benchmarks.live_workload``).
+    ``trace_start``: skip a trace's first requests (a window later in a trace, whose reuse
+    builds up over time; arrivals are counted from the window's first)."""
+    if not isinstance(trace_start, int) or isinstance(trace_start, bool) or trace_start < 0:
+        raise ConfigError("trace_start", f"must be a non-negative integer, got {trace_start!r}")
+    if trace_start and not trace:
+        raise ConfigError("trace_start", "applies to --trace only")
     if trace:
-        requests = load_trace(trace)[:count]
+        requests = load_trace(trace)[trace_start:trace_start + count]
         if rate_scale != 1.0:
             requests = list(scale_rate(requests, rate_scale))
         start = requests[0].arrival_s if requests else 0.0
@@ -482,7 +488,7 @@ def run_one(policy: str, requests: Sequence[SimRequest], renderer: TextRenderer,
 
 
 def run(*, policies: Sequence[str] = DEFAULT_POLICIES, workload: str | None = "chat", trace: str | None = None,
-        requests: int = 200, rate: float = 8.0, rate_scale: float = 1.0, seed: int = 0,
+        trace_start: int = 0, requests: int = 200, rate: float = 8.0, rate_scale: float = 1.0, seed: int = 0,
         shape: LiveShape = LiveShape(), live: LiveConfig = LiveConfig(),
         progress: Callable[[str], None] | None = None, keep_outcomes: bool = False,
         cluster: Cluster | None = None, handles: Sequence[int] | None = None,
@@ -506,7 +512,7 @@ def run(*, policies: Sequence[str] = DEFAULT_POLICIES, workload: str | None = "c
     if len(set(names)) != len(names):
         raise ConfigError("policy", f"a router is listed twice: {names}")
     workload_requests = load_requests(workload=workload, trace=trace, count=requests, rate=rate,
-                                      rate_scale=rate_scale, seed=seed, shape=shape)
+                                      rate_scale=rate_scale, seed=seed, shape=shape, trace_start=trace_start)
     if not workload_requests:
         raise ConfigError("requests", "the workload is empty")
     from transformers import AutoTokenizer

@@ -250,7 +250,7 @@ def run_gateway(name: str, servers: Sequence[VLLMServer], requests, renderer: Te
 
 
 def run(*, routers: Sequence[str] = DEFAULT_ROUTERS, workload: str | None = "chat", trace: str | None = None,
-        requests: int = 200, rate: float = 8.0, rate_scale: float = 1.0, seed: int = 0,
+        trace_start: int = 0, requests: int = 200, rate: float = 8.0, rate_scale: float = 1.0, seed: int = 0,
         shape: LiveShape = LiveShape(), live: LiveConfig = LiveConfig(replicas=3), api: str = "completions",
         progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """The ``kvroute bench peers`` report (module docstring)."""
@@ -260,7 +260,7 @@ def run(*, routers: Sequence[str] = DEFAULT_ROUTERS, workload: str | None = "cha
 
     model_path = str(Path(live.model_path).expanduser().absolute()) if live.model_path else str(build_tiny_model())
     workload_requests = load_requests(workload=workload, trace=trace, count=requests, rate=rate,
-                                      rate_scale=rate_scale, seed=seed, shape=shape)
+                                      rate_scale=rate_scale, seed=seed, shape=shape, trace_start=trace_start)
     if not workload_requests:
         raise ConfigError("requests", "the workload is empty")
     for name in names:
@@ -300,7 +300,7 @@ def run(*, routers: Sequence[str] = DEFAULT_ROUTERS, workload: str | None = "cha
         from benchmarks import live_bench
 
         report = live_bench.run(policies=[RAY_ROUTERS[n] for n in ray_names], workload=workload, trace=trace,
-                                requests=requests, rate=rate, rate_scale=rate_scale, seed=seed, shape=shape,
+                                trace_start=trace_start, requests=requests, rate=rate, rate_scale=rate_scale, seed=seed, shape=shape,
                                 live=live, progress=progress, api=api)
         for name, row in zip(ray_names, report["results"]):
             row = dict(row)
@@ -318,7 +318,8 @@ def run(*, routers: Sequence[str] = DEFAULT_ROUTERS, workload: str | None = "cha
     ceiling = ideal_hit_rate(workload_requests, live.block_size)
     return {
         "benchmark": "peers",
-        "workload": {"name": None if trace else (workload or "chat"), "trace": trace, "api": api,
+        "workload": {"name": None if trace else (workload or "chat"), "trace": trace, "trace_start": trace_start,
+                     "api": api,
                      "requests": len(workload_requests), "rate_per_s": None if trace else rate,
                      "rate_scale": rate_scale, "seed": seed, "span_s": round(workload_requests[-1].arrival_s, 2),
                      "prompt_tokens_mean": round(statistics.fmean(r.prompt_tokens for r in workload_requests), 1),
@@ -340,7 +341,8 @@ SIMULATED = (("kvroute:cache_aware", "cache_aware"), ("smg / sglang-router / vll
              ("ray:KVAwareRouter", "dynamo"))
 
 
-def simulate(*, workload: str | None = "chat", trace: str | None = None, requests: int = 200, rate: float = 8.0,
+def simulate(*, workload: str | None = "chat", trace: str | None = None, trace_start: int = 0, requests: int = 200,
+             rate: float = 8.0,
              rate_scale: float = 1.0, seed: int = 0, seeds: int = 1, shape: LiveShape = LiveShape(),
              live: LiveConfig = LiveConfig(replicas=3), host_slots: float | None = None) -> dict[str, Any]:
     """The league's requests (the same fitted workload, seeds ``seed`` to ``seed + seeds -
@@ -363,7 +365,7 @@ def simulate(*, workload: str | None = "chat", trace: str | None = None, request
                            profile=profile, max_num_seqs=live.max_num_seqs,
                            max_num_batched_tokens=live.max_num_batched_tokens, host_slots=slots)
     runs = [load_requests(workload=workload, trace=trace, count=requests, rate=rate, rate_scale=rate_scale,
-                          seed=s, shape=shape) for s in range(seed, seed + seeds)]
+                          seed=s, shape=shape, trace_start=trace_start) for s in range(seed, seed + seeds)]
     rows = []
     for router, policy in SIMULATED:
         options = profile_options(policy, live.profile or profile.name)
@@ -376,7 +378,8 @@ def simulate(*, workload: str | None = "chat", trace: str | None = None, request
                      "max_replica_share": mean("max_replica_share")})
     ceilings = [ideal_hit_rate(reqs, live.block_size)["full_block_tokens"] for reqs in runs]
     return {"benchmark": "peers-simulated",
-            "workload": {"name": None if trace else (workload or "chat"), "trace": trace, "requests": requests,
+            "workload": {"name": None if trace else (workload or "chat"), "trace": trace, "trace_start": trace_start,
+                         "requests": requests,
                          "rate_per_s": None if trace else rate, "seeds": list(range(seed, seed + seeds))},
             "ideal_hit_rate": round(statistics.fmean(ceilings), 4),
             "deployment": {"replicas": live.replicas, "block_size": live.block_size,

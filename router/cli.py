@@ -122,7 +122,7 @@ def _bench_live(args: argparse.Namespace) -> int:
 
     shape, live = _live_options(args)
     report = live_bench.run(policies=args.policy or live_bench.DEFAULT_POLICIES, workload=args.workload,
-                            trace=args.trace, requests=args.requests, rate=args.rate, rate_scale=args.rate_scale,
+                            trace=args.trace, trace_start=args.trace_start, requests=args.requests, rate=args.rate, rate_scale=args.rate_scale,
                             seed=args.seed, shape=shape, live=live, handles=args.handles, api=args.api,
                             progress=lambda m: print(m, file=sys.stderr, flush=True))
     report["command"] = "kvroute " + " ".join(args.argv)
@@ -136,7 +136,8 @@ def _bench_peers(args: argparse.Namespace) -> int:
 
     shape, live = _live_options(args)
     if args.simulate:
-        report = peers_bench.simulate(workload=args.workload, trace=args.trace, requests=args.requests,
+        report = peers_bench.simulate(workload=args.workload, trace=args.trace, trace_start=args.trace_start,
+                                      requests=args.requests,
                                       rate=args.rate, rate_scale=args.rate_scale, seed=args.seed, seeds=args.seeds,
                                       shape=shape, live=live)
         report["command"] = "kvroute " + " ".join(args.argv)
@@ -144,7 +145,7 @@ def _bench_peers(args: argparse.Namespace) -> int:
         _write_json(args.json, report)
         return 0
     report = peers_bench.run(routers=args.router or peers_bench.DEFAULT_ROUTERS, workload=args.workload,
-                             trace=args.trace, requests=args.requests, rate=args.rate, rate_scale=args.rate_scale,
+                             trace=args.trace, trace_start=args.trace_start, requests=args.requests, rate=args.rate, rate_scale=args.rate_scale,
                              seed=args.seed, shape=shape, live=live, api=args.api,
                              progress=lambda m: print(m, file=sys.stderr, flush=True))
     report["command"] = "kvroute " + " ".join(args.argv)
@@ -232,6 +233,12 @@ def _bench_fidelity(args: argparse.Namespace) -> int:
     print(fidelity.format_table(report))
     _write_json(args.json, report)
     return 0 if report["all_within_targets"] or not args.check else 1
+
+
+def _add_trace_start(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--trace-start", type=int, default=0, metavar="N",
+                        help="skip the trace's first N requests (a window later in the trace, where its reuse has "
+                             "built up; arrivals counted from the window's first)")
 
 
 def _add_live_arguments(parser: argparse.ArgumentParser, *, requests: int, rate: float) -> None:
@@ -383,6 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     live = bench_sub.add_parser("live", help="real vLLM replicas on a local Ray cluster, once per router")
     _add_live_arguments(live, requests=200, rate=8.0)
+    _add_trace_start(live)
     live.add_argument("--handles", type=_positive_int, action="append", metavar="N",
                       help="send through N independent deployment handles from this process instead of Serve's "
                            "HTTP proxy (each handle builds its own router); repeatable, one run per count, "
@@ -393,6 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                  "same vllm serve workers, and Ray Serve's routers on the same "
                                                  "requests")
     _add_live_arguments(peers_p, requests=200, rate=8.0)
+    _add_trace_start(peers_p)
     peers_p.set_defaults(replicas=3)
     peers_p.add_argument("--router", action="append",
                          help="kvroute:POLICY, smg, vllm-router, sglang-router, ray:CacheAwareRouter, "

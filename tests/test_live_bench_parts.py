@@ -4,6 +4,8 @@ model, rendering prompts, summarizing outcomes, comparing live and simulated fig
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from benchmarks.live_bench import LiveConfig, Outcome, summarize
@@ -263,3 +265,26 @@ def test_engine_geometry_vllm_would_refuse_fails_before_deploying(capsys):
     # The command says which option to change, at once, without starting Ray.
     assert main(["bench", "live", "--kv-blocks", "48", "--json", "/dev/null"]) == 2
     assert "kv_blocks: 48 blocks" in capsys.readouterr().err
+
+
+def test_a_trace_window_starts_where_asked_and_counts_arrivals_from_its_first():
+    """``--trace-start``: the requests after the first N of a trace, arrivals rebased to
+    the window's first; a bad value or one without a trace fails naming the option."""
+    from benchmarks.live_bench import load_requests
+    from benchmarks.live_workload import LiveShape
+    from router.errors import ConfigError
+    from simulator.workloads import load_trace
+
+    trace = str(Path(__file__).resolve().parents[2] / "shared" / "data" / "mooncake_synthetic_trace.jsonl")
+    whole = load_trace(trace)
+    window = load_requests(workload=None, trace=trace, count=5, rate=1.0, rate_scale=1.0, seed=0, shape=LiveShape(),
+                           trace_start=3500)
+    assert len(window) == 5 and window[0].arrival_s == 0.0
+    gaps = [b.arrival_s - a.arrival_s for a, b in zip(window, window[1:])]
+    assert gaps == pytest.approx([b.arrival_s - a.arrival_s for a, b in zip(whole[3500:3505], whole[3501:3505])])
+    first = load_requests(workload=None, trace=trace, count=5, rate=1.0, rate_scale=1.0, seed=0, shape=LiveShape())
+    assert [r.prompt_tokens for r in window] != [r.prompt_tokens for r in first]
+    for bad, kwargs in ((-1, {"trace": trace}), (3, {"trace": None, "workload": "chat"})):
+        with pytest.raises(ConfigError, match="trace_start"):
+            load_requests(**{"workload": None, **kwargs}, count=5, rate=1.0, rate_scale=1.0, seed=0,
+                          shape=LiveShape(), trace_start=bad)

@@ -114,3 +114,22 @@ def test_the_league_in_the_simulator_runs_every_router_s_policy_on_the_same_requ
     assert "ray_prefix" in format_simulated(report)
     with pytest.raises(ConfigError, match="seeds"):
         simulate(workload="agent", requests=40, seeds=0, live=live)
+
+
+def test_the_simulated_league_replays_a_trace_window():
+    """``--trace --trace-start``: the window later in the Mooncake trace, where its reuse
+    has built up, separates the routers that the trace's first requests do not."""
+    from pathlib import Path
+
+    from benchmarks.live_bench import LiveConfig
+    from benchmarks.live_workload import LiveShape
+    from benchmarks.peers_bench import simulate
+
+    trace = str(Path(__file__).resolve().parents[2] / "shared" / "data" / "mooncake_synthetic_trace.jsonl")
+    live = LiveConfig(replicas=3, kv_blocks=256, model_path="/unused")
+    shape = LiveShape(token_scale=0.125)
+    late = simulate(trace=trace, trace_start=3500, requests=120, rate_scale=0.5, live=live, shape=shape,
+                    host_slots=2.0)
+    early = simulate(trace=trace, requests=120, rate_scale=0.5, live=live, shape=shape, host_slots=2.0)
+    assert late["workload"]["trace_start"] == 3500 and early["workload"]["trace_start"] == 0
+    assert late["ideal_hit_rate"] > 3 * early["ideal_hit_rate"]
