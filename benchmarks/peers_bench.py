@@ -300,8 +300,8 @@ def run(*, routers: Sequence[str] = DEFAULT_ROUTERS, workload: str | None = "cha
         from benchmarks import live_bench
 
         report = live_bench.run(policies=[RAY_ROUTERS[n] for n in ray_names], workload=workload, trace=trace,
-                                trace_start=trace_start, requests=requests, rate=rate, rate_scale=rate_scale, seed=seed, shape=shape,
-                                live=live, progress=progress, api=api)
+                                trace_start=trace_start, requests=requests, rate=rate, rate_scale=rate_scale,
+                                seed=seed, shape=shape, live=live, progress=progress, api=api)
         for name, row in zip(ray_names, report["results"]):
             row = dict(row)
             row.update({"router": name, "front_door": "ray-serve", "client_hit_rate": row["hit_rate"],
@@ -319,8 +319,7 @@ def run(*, routers: Sequence[str] = DEFAULT_ROUTERS, workload: str | None = "cha
     return {
         "benchmark": "peers",
         "workload": {"name": None if trace else (workload or "chat"), "trace": trace, "trace_start": trace_start,
-                     "api": api,
-                     "requests": len(workload_requests), "rate_per_s": None if trace else rate,
+                     "api": api, "requests": len(workload_requests), "rate_per_s": None if trace else rate,
                      "rate_scale": rate_scale, "seed": seed, "span_s": round(workload_requests[-1].arrival_s, 2),
                      "prompt_tokens_mean": round(statistics.fmean(r.prompt_tokens for r in workload_requests), 1),
                      "sessions": len({r.session_id for r in workload_requests if r.session_id})},
@@ -342,8 +341,7 @@ SIMULATED = (("kvroute:cache_aware", "cache_aware"), ("smg / sglang-router / vll
 
 
 def simulate(*, workload: str | None = "chat", trace: str | None = None, trace_start: int = 0, requests: int = 200,
-             rate: float = 8.0,
-             rate_scale: float = 1.0, seed: int = 0, seeds: int = 1, shape: LiveShape = LiveShape(),
+             rate: float = 8.0, rate_scale: float = 1.0, seed: int = 0, seeds: int = 1, shape: LiveShape = LiveShape(),
              live: LiveConfig = LiveConfig(replicas=3), host_slots: float | None = None) -> dict[str, Any]:
     """The league's requests (the same fitted workload, seeds ``seed`` to ``seed + seeds -
     1``) through the simulator instead of engines, on the league's geometry (replicas, KV
@@ -379,8 +377,8 @@ def simulate(*, workload: str | None = "chat", trace: str | None = None, trace_s
     ceilings = [ideal_hit_rate(reqs, live.block_size)["full_block_tokens"] for reqs in runs]
     return {"benchmark": "peers-simulated",
             "workload": {"name": None if trace else (workload or "chat"), "trace": trace, "trace_start": trace_start,
-                         "requests": requests,
-                         "rate_per_s": None if trace else rate, "seeds": list(range(seed, seed + seeds))},
+                         "requests": requests, "rate_per_s": None if trace else rate,
+                         "seeds": list(range(seed, seed + seeds))},
             "ideal_hit_rate": round(statistics.fmean(ceilings), 4),
             "deployment": {"replicas": live.replicas, "block_size": live.block_size,
                            "kv_blocks_per_replica": live.kv_blocks, "max_num_seqs": live.max_num_seqs,

@@ -122,8 +122,9 @@ def _bench_live(args: argparse.Namespace) -> int:
 
     shape, live = _live_options(args)
     report = live_bench.run(policies=args.policy or live_bench.DEFAULT_POLICIES, workload=args.workload,
-                            trace=args.trace, trace_start=args.trace_start, requests=args.requests, rate=args.rate, rate_scale=args.rate_scale,
-                            seed=args.seed, shape=shape, live=live, handles=args.handles, api=args.api,
+                            trace=args.trace, trace_start=args.trace_start, requests=args.requests, rate=args.rate,
+                            rate_scale=args.rate_scale, seed=args.seed, shape=shape, live=live, handles=args.handles,
+                            api=args.api,
                             progress=lambda m: print(m, file=sys.stderr, flush=True))
     report["command"] = "kvroute " + " ".join(args.argv)
     print(live_bench.format_table(report))
@@ -137,16 +138,15 @@ def _bench_peers(args: argparse.Namespace) -> int:
     shape, live = _live_options(args)
     if args.simulate:
         report = peers_bench.simulate(workload=args.workload, trace=args.trace, trace_start=args.trace_start,
-                                      requests=args.requests,
-                                      rate=args.rate, rate_scale=args.rate_scale, seed=args.seed, seeds=args.seeds,
-                                      shape=shape, live=live)
+                                      requests=args.requests, rate=args.rate, rate_scale=args.rate_scale,
+                                      seed=args.seed, seeds=args.seeds, shape=shape, live=live)
         report["command"] = "kvroute " + " ".join(args.argv)
         print(peers_bench.format_simulated(report))
         _write_json(args.json, report)
         return 0
     report = peers_bench.run(routers=args.router or peers_bench.DEFAULT_ROUTERS, workload=args.workload,
-                             trace=args.trace, trace_start=args.trace_start, requests=args.requests, rate=args.rate, rate_scale=args.rate_scale,
-                             seed=args.seed, shape=shape, live=live, api=args.api,
+                             trace=args.trace, trace_start=args.trace_start, requests=args.requests, rate=args.rate,
+                             rate_scale=args.rate_scale, seed=args.seed, shape=shape, live=live, api=args.api,
                              progress=lambda m: print(m, file=sys.stderr, flush=True))
     report["command"] = "kvroute " + " ".join(args.argv)
     print(peers_bench.format_table(report))
