@@ -73,10 +73,21 @@ class SegmentTemplate:
     def render(self, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool) -> str:
         """The chat text, as the template renders it; ``KeyError`` for a role it was not
         derived for."""
+        return self._join(messages, self.first, add_generation_prompt)
+
+    def render_later(self, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool) -> str:
+        """What ``messages`` add when they follow at least one earlier message: ``render(
+        earlier + messages, g) == render(earlier, False) + render_later(messages, g)``
+        (each message renders on its own). ``KeyError`` for a role it was not derived for."""
+        return self._join(messages, self.later, add_generation_prompt)
+
+    def _join(self, messages: Sequence[Mapping[str, str]], segments: dict[str, tuple[str, str]],
+              add_generation_prompt: bool) -> str:
+        """The messages rendered in one join, the first with ``segments`` (``first`` or
+        ``later``), the rest with ``later``."""
         parts: list[str] = []
         append = parts.append
         strip = self.strip
-        segments = self.first
         for message in messages:
             opening, closing = segments[message["role"]]
             content = message["content"]
@@ -84,24 +95,6 @@ class SegmentTemplate:
             append(content.strip() if strip else content)
             append(closing)
             segments = self.later
-        if add_generation_prompt:
-            append(self.generation)
-        return "".join(parts)
-
-    def render_later(self, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool) -> str:
-        """What ``messages`` add when they follow at least one earlier message: ``render(
-        earlier + messages, g) == render(earlier, False) + render_later(messages, g)``
-        (each message renders on its own). ``KeyError`` for a role it was not derived for."""
-        parts: list[str] = []
-        append = parts.append
-        strip = self.strip
-        later = self.later
-        for message in messages:
-            opening, closing = later[message["role"]]
-            content = message["content"]
-            append(opening)
-            append(content.strip() if strip else content)
-            append(closing)
         if add_generation_prompt:
             append(self.generation)
         return "".join(parts)

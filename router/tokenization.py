@@ -142,9 +142,9 @@ def without_message_text(body: Mapping) -> Mapping:
     # One shared placeholder per common role: an agent's history has hundreds of messages
     # on every turn, and copies would be as many allocations on the routing loop (pickle
     # keeps the sharing, so the body sent is smaller too). The engine only reads them.
+    roles = [m.get("role") if type(m) is dict else _role_of(m) for m in body["messages"]]
     empty = _EMPTY_MESSAGES
-    copy["messages"] = [empty.get(m["role"]) or _empty_message(m["role"]) if type(m) is dict and "role" in m
-                        and type(m["role"]) is str else _empty_message(_role_of(m)) for m in body["messages"]]
+    copy["messages"] = [empty[role] if type(role) is str and role in empty else _empty_message(role) for role in roles]
     return copy
 
 

@@ -24,7 +24,7 @@ from collections import OrderedDict
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 from router.conversations import (ChatPrefix, ConversationMemo, boundary_tokens_safe, memo_key)
 from router.errors import ConfigError
@@ -235,7 +235,6 @@ class MemoMachine(RuleBasedStateMachine):
             while sum(p.size for _, p in self.model) > self.max_bytes:
                 self.model.pop(0)
 
-    @precondition(lambda self: True)
     @rule(n=st.integers(1, 5), last=st.sampled_from(["a", "b", "c"]))
     def find(self, n, last):
         messages = [{"role": "user", "content": f"m{i}"} for i in range(n - 1)] + [{"role": "user", "content": last}]
