@@ -306,7 +306,8 @@ def _gateway(args: argparse.Namespace) -> int:
     flags = {"workers": args.worker, "policy": args.policy, "tokenizer": args.tokenizer,
              "block_size": args.block_size, "host": args.host, "port": args.port, "admin_port": args.admin_port,
              "max_body_bytes": args.max_body_bytes, "request_timeout_s": args.request_timeout_s,
-             "drain_timeout_s": args.drain_timeout_s, "max_attempts": args.max_attempts}
+             "drain_timeout_s": args.drain_timeout_s, "max_attempts": args.max_attempts,
+             "event_loop": args.event_loop}
     options.update({name: value for name, value in flags.items() if value is not None})
     if args.policy_option:
         merged = dict(options.get("policy_options") or {})
@@ -315,7 +316,8 @@ def _gateway(args: argparse.Namespace) -> int:
     config = build_config(options)
     if not config.workers:
         raise ConfigError("worker", "give at least one --worker URL (or workers: in --config)")
-    asyncio.run(serve(config))
+    with asyncio.Runner(loop_factory=config.loop_factory()) as runner:
+        runner.run(serve(config))
     return 0
 
 
@@ -542,6 +544,8 @@ def build_parser() -> argparse.ArgumentParser:
     gw.add_argument("--drain-timeout-s", type=float, help="how long shutdown waits for requests in flight "
                                                           "(default 30)")
     gw.add_argument("--max-attempts", type=_positive_int, help="workers tried per request (default 3)")
+    gw.add_argument("--event-loop", choices=("auto", "uvloop", "asyncio"),
+                    help="auto (default): uvloop when installed, else asyncio's loop")
     gw.add_argument("--config", help="YAML file with the same options (flags win)")
     gw.set_defaults(func=_gateway)
 

@@ -171,6 +171,27 @@ def test_build_config_fails_at_start_naming_the_field(tmp_path):
     assert parse_policy_options(["load_factor=1.5", "name=abc"]) == {"load_factor": 1.5, "name": "abc"}
 
 
+def test_event_loop_option():
+    assert build_config({"event_loop": "asyncio"}).loop_factory() is None
+    with pytest.raises(ConfigError, match="^event_loop"):
+        build_config({"event_loop": "trio"})
+    uvloop = pytest.importorskip("uvloop")
+    assert build_config({}).loop_factory() is uvloop.new_event_loop  # auto: uvloop when installed
+    assert build_config({"event_loop": "uvloop"}).loop_factory() is uvloop.new_event_loop
+
+
+def test_routes_on_uvloop():
+    """The gateway's default loop when uvloop is installed (``event_loop: auto``)."""
+    uvloop = pytest.importorskip("uvloop")
+
+    async def body(gateway, workers, client):
+        assert type(asyncio.get_running_loop()).__module__.startswith("uvloop")
+        seen = await _conversations(client)
+        assert all(len(set(w)) == 1 for w in seen.values()), seen
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(asyncio.wait_for(_with_gateway(2, body), 120))
+
+
 def test_engine_report_from_vllm_metrics():
     report = engine_report(METRICS.format(running=3, waiting=2))
     assert report == {"running": 3, "waiting": 2, "kv_usage": 0.25, "prefix_cache_queries": 1000,

@@ -373,7 +373,7 @@ async def serve(config: GatewayConfig, *, ready=None) -> None:
         loop.add_signal_handler(sig, stop.set)
     print(f"kvroute gateway listening on http://{config.host}:{gateway.port} "
           f"(admin: http://127.0.0.1:{gateway.admin_port}), {len(config.workers)} workers, "
-          f"policy {config.routing.get('policy')}", flush=True)
+          f"policy {config.routing.get('policy')}, event loop {type(loop).__module__.split('.')[0]}", flush=True)
     if ready is not None:
         ready(gateway)
     await stop.wait()

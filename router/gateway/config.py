@@ -24,6 +24,10 @@ from urllib.parse import urlsplit
 from router.errors import ConfigError
 from router.service import RoutingService, validate_options
 
+#: ``event_loop`` values: ``auto`` takes uvloop when it is installed (as uvicorn and vLLM's
+#: server do), else asyncio's own loop.
+EVENT_LOOPS = ("auto", "uvloop", "asyncio")
+
 #: The largest request body accepted (the same bound as kvroute's Serve ingress).
 DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
 
@@ -80,6 +84,12 @@ class WorkerSpec:
         return cls(url.rstrip("/"), fields.get("kv_events"), fields.get("replay"), topic)
 
 
+def _has_uvloop() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("uvloop") is not None
+
+
 def _positive(value: Any, name: str, *, integer: bool = False) -> Any:
     kinds = (int,) if integer else (int, float)
     if not isinstance(value, kinds) or isinstance(value, bool) or value <= 0:
@@ -93,7 +103,9 @@ class GatewayConfig:
     options (policy, policy options, tokenizer, block size, KV-event subscriber options);
     the rest is the HTTP side: where to listen, upstream timeouts, health checks, retries,
     body limit, the drain on shutdown and the admin port (bound to 127.0.0.1 only; 0: any
-    free port, printed at start)."""
+    free port, printed at start). ``event_loop``: ``uvloop`` (libuv's loop: about a
+    quarter less CPU per proxied request than asyncio's, ``kvroute bench gateway``),
+    ``asyncio``, or ``auto`` (uvloop when installed)."""
 
     workers: tuple[WorkerSpec, ...] = ()
     routing: Mapping[str, Any] = field(default_factory=dict)
@@ -110,6 +122,7 @@ class GatewayConfig:
     metrics_interval_s: float = 1.0
     max_attempts: int = 3
     drain_timeout_s: float = 30.0
+    event_loop: str = "auto"
 
     def __post_init__(self) -> None:
         if not isinstance(self.host, str) or not self.host:
@@ -123,11 +136,23 @@ class GatewayConfig:
         for name in ("connect_timeout_s", "request_timeout_s", "health_interval_s", "health_timeout_s",
                      "metrics_interval_s", "drain_timeout_s"):
             _positive(getattr(self, name), name)
+        if self.event_loop not in EVENT_LOOPS:
+            raise ConfigError("event_loop", f"must be one of {', '.join(EVENT_LOOPS)}, got {self.event_loop!r}")
+        if self.event_loop == "uvloop" and not _has_uvloop():
+            raise ConfigError("event_loop", "uvloop is not installed (pip install uvloop, or use auto/asyncio)")
         urls = [w.url for w in self.workers]
         for i, url in enumerate(urls):
             if url in urls[:i]:
                 raise ConfigError(f"workers[{i}]", f"{url} is listed twice")
         validate_options(self.routing)
+
+    def loop_factory(self):
+        """The event loop class ``asyncio.Runner`` should make (None: asyncio's default)."""
+        if self.event_loop == "asyncio" or (self.event_loop == "auto" and not _has_uvloop()):
+            return None
+        import uvloop
+
+        return uvloop.new_event_loop
 
     def service(self, metrics_factory: Any) -> RoutingService:
         """A fresh routing service with this configuration's options."""
@@ -139,7 +164,8 @@ FILE_FIELDS = ("workers", "policy", "policy_options", "tokenizer", "block_size",
                "host", "port", "admin_port", "max_body_bytes", "connect_timeout_s", "request_timeout_s",
                "health_interval_s", "health_timeout_s", "eject_after", "readmit_after", "metrics_interval_s",
                "max_attempts", "drain_timeout_s", "tokenizer_cache_bytes", "tokenizer_threads",
-               "tokenizer_max_queued_chars", "max_tokenized_chars", "tokenize_wait_ms", "conversation_memo_bytes")
+               "tokenizer_max_queued_chars", "max_tokenized_chars", "tokenize_wait_ms", "conversation_memo_bytes",
+               "event_loop")
 _ROUTING_FIELDS = ("policy", "policy_options", "tokenizer", "block_size", "chunk_chars", "kv_events",
                    "tokenizer_cache_bytes", "tokenizer_threads", "tokenizer_max_queued_chars", "max_tokenized_chars",
                    "tokenize_wait_ms", "conversation_memo_bytes")
