@@ -27,7 +27,11 @@ class SGLangCacheAware(Policy):
       2. Otherwise match rate = deepest match / request length (blocks; 0 for an empty
          request). If ``rate > cache_threshold`` (strictly): the candidate holding the
          deepest match (one of them, at random, when several hold it).
-      3. Else the candidate with the smallest tree (fewest cached blocks, ties at random).
+      3. Else the candidate with the smallest tree (fewest cached blocks, ties at random);
+         with ``on_miss="least_load"``, the least loaded one (current smg,
+         lightseekorg/smg model_gateway/src/policies/cache_aware.rs @ 73da68ca, and the
+         sgl-model-gateway it came from; its defaults there: cache_threshold 0.3,
+         balance_abs_threshold 64, balance_rel_threshold 1.5).
     The pick is returned as the first singleton tier; the other candidates follow as
     singleton tiers in least-loaded order (ties at random) so the applier can skip a full
     replica. The tree insert SGLang does on every decision (also when imbalanced) is the
@@ -59,8 +63,11 @@ class SGLangCacheAware(Policy):
         cache_threshold: float = 0.5
         balance_abs_threshold: int = 32
         balance_rel_threshold: float = 1.1
+        on_miss: str = "smallest_tree"
 
         def check(self, policy: str) -> None:
+            require(self.on_miss in ("smallest_tree", "least_load"), f"{policy}.on_miss",
+                    f"must be smallest_tree or least_load, got {self.on_miss!r}")
             require(0.0 <= self.cache_threshold <= 1.0, f"{policy}.cache_threshold",
                     f"must be between 0.0 and 1.0, got {self.cache_threshold!r}")
             require(self.balance_abs_threshold >= 0, f"{policy}.balance_abs_threshold",
@@ -88,6 +95,8 @@ class SGLangCacheAware(Policy):
         rate = deepest / blocks if blocks > 0 else 0.0
         if rate > cfg.cache_threshold:
             pool = [r for r in candidates if matched[r] == deepest]
+        elif cfg.on_miss == "least_load":
+            return by_load
         else:
             sizes = {r: view.cached_blocks(r) for r in candidates}
             smallest = min(sizes.values())

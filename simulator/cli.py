@@ -43,6 +43,17 @@ def add_parser(sub: argparse._SubParsersAction, positive_int, write_json) -> Non
     p.add_argument("--host-slots", type=float, metavar="S",
                    help="all replicas share one machine's compute, which runs S engines' steps at full speed "
                         "at once (CPU engines on one host; default: each replica on its own accelerator)")
+    pd = p.add_argument_group("prefill-decode disaggregation (simulator.pd; docs/pd.md)")
+    pd.add_argument("--prefill-replicas", type=positive_int, metavar="N",
+                    help="a PD deployment: N prefill replicas (with --decode-replicas; replaces --replicas)")
+    pd.add_argument("--decode-replicas", type=positive_int, metavar="M", help="a PD deployment: M decode replicas")
+    pd.add_argument("--pd-plan", action="append", metavar="NAME",
+                    help="PD plan to run (repeatable; default: every plan: kvroute's and the peers')")
+    pd.add_argument("--link-gbytes-per-s", type=float, default=50.0,
+                    help="KV link into each decode replica, GB/s (default 50: one 400 Gb/s NIC)")
+    pd.add_argument("--transfer-latency-ms", type=float, default=1.0, help="fixed latency of one KV transfer")
+    pd.add_argument("--kv-bytes-per-token", type=positive_int, default=131_072,
+                    help="KV bytes per token (default 131072: Llama-3-8B in bf16)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", metavar="PATH", help="write the results as JSON")
     p.add_argument("--plot", metavar="DIR", help="write plots (needs kvroute[plot])")
@@ -111,6 +122,25 @@ def load_requests(args: argparse.Namespace) -> tuple[list, str, int]:
     return requests, label, block
 
 
+def _pd_of(args: argparse.Namespace) -> tuple[Any, list]:
+    """The PD deployment and plans the flags ask for, or (None, []) for a flat pool."""
+    from simulator.pd import PLANS, PDConfig, plan_named
+
+    if args.prefill_replicas is None and args.decode_replicas is None:
+        if args.pd_plan:
+            raise ConfigError("pd_plan", "needs --prefill-replicas and --decode-replicas")
+        return None, []
+    if args.prefill_replicas is None or args.decode_replicas is None:
+        raise ConfigError("prefill_replicas" if args.prefill_replicas is None else "decode_replicas",
+                          "a PD deployment needs both --prefill-replicas and --decode-replicas")
+    if args.policy:
+        raise ConfigError("policy", "a PD deployment runs --pd-plan plans (each names its pools' policies)")
+    pd = PDConfig(prefill_replicas=args.prefill_replicas, decode_replicas=args.decode_replicas,
+                  link_gbytes_per_s=args.link_gbytes_per_s, transfer_latency_s=args.transfer_latency_ms / 1000,
+                  kv_bytes_per_token=args.kv_bytes_per_token)
+    return pd, [plan_named(name) for name in (args.pd_plan or PLANS)]
+
+
 def _detect_format(path: str) -> str:
     """A trace whose first record has ``hash_ids`` is Mooncake's; anything else is ours."""
     try:
@@ -129,15 +159,16 @@ def _simulate(args: argparse.Namespace, write_json) -> int:
     from simulator.run import simulate
 
     profile = get_profile(args.profile)
+    pd, plans = _pd_of(args)
     requests, label, default_block = load_requests(args)
-    names = args.policy or policies.available()
+    names = [] if pd is not None else args.policy or policies.available()
     progress = Progress()
     cluster_options = {"kv_event_delay_s": args.kv_event_delay, "kv_events": not args.no_kv_events,
                        "host_slots": args.host_slots}
     doc = simulate(requests, trace=label, replicas=args.replicas, policies_to_run=names,
                    block_size=args.block_size or default_block, kv_blocks=args.kv_blocks, profile=profile,
                    routers=args.routers, seed=args.seed, cluster_options=cluster_options,
-                   progress=progress, keep_series=bool(args.plot))
+                   progress=progress, keep_series=bool(args.plot), pd=pd, pd_plans=plans)
     for row in doc["results"]:
         progress.finished(row)
     series = doc.pop("_series", None)
@@ -157,7 +188,10 @@ def format_table(doc: dict[str, Any]) -> str:
 
     # The policy column fits the longest name (a module:Class path can be long).
     w = max([12] + [len(r["policy"]) for r in doc["results"]])
-    lines = [f"kvroute simulate: {doc['trace']}, {doc['requests']} requests, {doc['replicas']} replicas x "
+    pd = doc.get("pd")
+    pool = f"{pd['prefill_replicas']} prefill + {pd['decode_replicas']} decode replicas" if pd \
+        else f"{doc['replicas']} replicas"
+    lines = [f"kvroute simulate: {doc['trace']}, {doc['requests']} requests, {pool} x "
              f"{doc['kv_blocks']} blocks of {doc['block_size']} tokens, {doc['routers']} router(s), "
              f"profile {doc['profile']}",
              f"ideal hit rate (one infinite cache): {doc['ideal_hit_rate'] * 100:.2f}% of tokens",
@@ -170,4 +204,21 @@ def format_table(doc: dict[str, Any]) -> str:
         lines.append(f"{r['policy']:<{w}} {r['hit_rate'] * 100:>6.1f} {ms(r['ttft_p50_s']):>9} {ms(r['ttft_p90_s']):>7} "
                      f"{ms(r['ttft_p99_s']):>7} {ms(r['tpot_p50_s']):>9} {ms(r['e2e_p50_s']):>8} {tput:>8} "
                      f"{share:>8} {r['preemptions']:>7} {r['completed']:>6} {r['wall_s']:>6.1f}")
+    if pd:
+        lines.append(f"{'plan':<{w}} {'remote':>7} {'local':>6} {'moved tok':>10} {'xfer p99 ms':>11} "
+                     f"{'P max/fair':>10} {'D max/fair':>10}  (prefill, decode policies; rule)")
+        for r in doc["results"]:
+            s, plan = r["pd"], doc["pd_plans"][r["policy"]]
+            rule = plan["rule"]
+            if rule == "conditional":
+                rule += f" <= {plan['max_local_prefill_tokens']}"
+                if plan["max_local_uncached_ratio"] is not None:
+                    rule += f" and < {plan['max_local_uncached_ratio']:g} of the prompt"
+            lines.append(f"{r['policy']:<{w}} {s['remote']:>7} {s['local']:>6} {s['transfer_tokens']:>10} "
+                         f"{ms(s['transfer_wait_p99_s']):>11} {_fmt(s['prefill_max_share_of_fair']):>10} "
+                         f"{_fmt(s['decode_max_share_of_fair']):>10}  ({plan['prefill']}, {plan['decode']}; {rule})")
     return "\n".join(lines)
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"

@@ -132,10 +132,10 @@ class EngineRequest:
 
     __slots__ = ("uid", "prompt_tokens", "max_output", "num_tokens", "num_computed", "num_output",
                  "keys", "blocks", "num_cached_blocks", "cached_tokens", "arrival_s", "first_token_s",
-                 "finish_s", "preemptions", "tag")
+                 "finish_s", "preemptions", "tag", "transferred")
 
     def __init__(self, uid: int, prompt_tokens: int, output_tokens: int, keys: Sequence[int],
-                 arrival_s: float, tag: object = None) -> None:
+                 arrival_s: float, tag: object = None, transferred: bool = False) -> None:
         self.uid = uid
         self.prompt_tokens = prompt_tokens
         self.max_output = output_tokens
@@ -151,6 +151,11 @@ class EngineRequest:
         self.finish_s = -1.0
         self.preemptions = 0
         self.tag = tag
+        # The prompt's KV arrived from a prefill replica (PD disaggregation,
+        # ``simulator.pd``): admission allocates and caches its blocks, computes only its
+        # last token (as vLLM's scheduler does for a remote prefill), and counts no
+        # prefix-cache query. A preemption drops the KV: the prompt is then recomputed here.
+        self.transferred = transferred
 
 
 class EngineReplica:
@@ -256,6 +261,7 @@ class EngineReplica:
 
     def _preempt(self, req: EngineRequest) -> None:
         self.pool.free(req.blocks[::-1])
+        req.transferred = False
         req.blocks = []
         req.num_cached_blocks = 0
         req.num_computed = 0
@@ -301,6 +307,18 @@ class EngineReplica:
             new = req.num_tokens - computed
             if new > budget:
                 new = budget
+            if req.transferred:
+                # Blocks for the whole prompt (its KV is here), one token to compute.
+                if not self._allocate(req, req.num_tokens - computed, hit):
+                    break
+                waiting.popleft()
+                running.append(req)
+                if req.cached_tokens < 0:
+                    req.cached_tokens = computed
+                req.num_computed = req.num_tokens - 1
+                scheduled.append((req, 1))
+                budget -= 1
+                continue
             if not self._allocate(req, new, hit):
                 break
             waiting.popleft()

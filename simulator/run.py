@@ -7,6 +7,7 @@ function of the arguments: the same seed gives the same bytes.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -19,6 +20,7 @@ from router.profile import LatencyProfile
 from simulator.cluster import Cluster, ClusterConfig, replay
 from simulator.kernel import Kernel
 from simulator.metrics import RunMetrics
+from simulator.pd import PDCluster, PDConfig, PDPlan
 from simulator.workloads import SimRequest, block_keys, ideal_hit_rate
 
 #: The embedded default of ``kvroute simulate`` with no arguments: the four generated
@@ -44,11 +46,16 @@ def run_policy(requests: Iterable[SimRequest], config: ClusterConfig, policy: st
                policy_options: dict[str, Any] | None = None, *,
                keys_of: Callable[[SimRequest], Sequence[int]] | None = None,
                total: int | None = None, progress: Callable[[str, int, int], None] | None = None,
-               ) -> tuple[dict[str, Any], RunMetrics, Cluster]:
-    """One policy over ``requests`` on a fresh cluster; returns (result row, metrics, cluster)."""
+               pd: tuple[PDConfig, PDPlan] | None = None) -> tuple[dict[str, Any], RunMetrics, Cluster]:
+    """One policy over ``requests`` on a fresh cluster; returns (result row, metrics, cluster).
+    ``pd``: a prefill-decode deployment and the plan that routes it (``simulator.pd``;
+    ``policy`` is then the plan's name, and the row gains a ``pd`` entry)."""
     kernel = Kernel()
     metrics = RunMetrics()
-    cluster = Cluster(kernel, config, policy, policy_options, metrics)
+    if pd is not None:
+        cluster = PDCluster(kernel, config, pd[0], pd[1], metrics)
+    else:
+        cluster = Cluster(kernel, config, policy, policy_options, metrics)
     if keys_of is None:
         def keys_of(request: SimRequest, size: int = config.block_size) -> list[int]:
             return block_keys(request, size)
@@ -65,6 +72,12 @@ def run_policy(requests: Iterable[SimRequest], config: ClusterConfig, policy: st
         "kv_events_unknown_replica": sum(s.kv_events_unknown_replica for s in stats),
         "invalid_tiers": sum(s.invalid_tiers for s in stats),
     }
+    if pd is not None:
+        row["pd"] = cluster.pd_summary()
+        # Each pool's own balance: the flat figure would divide by both pools' replicas.
+        shares = [row["pd"][k] for k in ("prefill_max_share_of_fair", "decode_max_share_of_fair")
+                  if row["pd"][k] is not None]
+        row["max_share_of_fair"] = max(shares) if shares else None
     return row, metrics, cluster
 
 
@@ -73,12 +86,21 @@ def simulate(requests: Sequence[SimRequest], *, trace: str, replicas: int, polic
              seed: int = 0, policy_options: dict[str, dict[str, Any]] | None = None,
              cluster_options: dict[str, Any] | None = None,
              progress: Callable[[str, int, int], None] | None = None,
-             keep_series: bool = False) -> dict[str, Any]:
-    """The league on one list of requests: a result row per policy, plus the ceiling."""
+             keep_series: bool = False, pd: PDConfig | None = None,
+             pd_plans: Sequence[PDPlan] = ()) -> dict[str, Any]:
+    """The league on one list of requests: a result row per policy, plus the ceiling.
+    With ``pd``, a prefill-decode deployment (``replicas`` is then ignored) and a row per
+    plan of ``pd_plans`` instead of per policy."""
     if not requests:
         raise ConfigError("trace", "no requests to simulate")
     for name in policies_to_run:
         policies.policy_class(name)  # an unknown name fails here, before any run
+    if pd is not None:
+        if not pd_plans:
+            raise ConfigError("pd_plan", "a PD deployment needs at least one plan")
+        replicas = pd.prefill_replicas + pd.decode_replicas
+        plans = {plan.name: plan for plan in pd_plans}
+        policies_to_run = list(plans)
     config = ClusterConfig(replicas=replicas, routers=routers, block_size=block_size, kv_blocks=kv_blocks,
                            profile=profile, seed=seed, **(cluster_options or {}))
     keys = KeyCache(requests, block_size)
@@ -87,7 +109,8 @@ def simulate(requests: Sequence[SimRequest], *, trace: str, replicas: int, polic
     series = {}
     for name in policies_to_run:
         row, metrics, _ = run_policy(requests, config, name, (policy_options or {}).get(name),
-                                     keys_of=keys, total=len(requests), progress=progress)
+                                     keys_of=keys, total=len(requests), progress=progress,
+                                     pd=(pd, plans[name]) if pd is not None else None)
         results.append(row)
         if keep_series:
             series[name] = {"series": metrics.time_series(), "ttft": sorted(metrics.ttft)}
@@ -104,6 +127,10 @@ def simulate(requests: Sequence[SimRequest], *, trace: str, replicas: int, polic
         "ideal_hit_rate_blocks": round(ideal["blocks"], 6),
         "results": results,
     }
+    if pd is not None:
+        doc["pd"] = dataclasses.asdict(pd)
+        doc["pd_plans"] = {plan.name: {**dataclasses.asdict(plan), "prefill_options": dict(plan.prefill_options),
+                                       "decode_options": dict(plan.decode_options)} for plan in pd_plans}
     if config.host_slots is not None:  # replicas sharing one machine's compute
         doc["host_slots"] = config.host_slots
     if keep_series:

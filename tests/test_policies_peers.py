@@ -153,6 +153,7 @@ def test_source_defaults(name, defaults):
     ("sglang", "balance_abs_threshold", -1),
     ("sglang", "balance_abs_threshold", 2.5),
     ("sglang", "balance_rel_threshold", 0.99),
+    ("sglang", "on_miss", "largest_tree"),
     ("dynamo", "overlap_score_weight", -0.5),
     ("dynamo", "router_temperature", -1.0),
     ("dynamo", "router_temperature", math.inf),
@@ -388,6 +389,14 @@ def test_sglang_match_above_threshold_goes_to_holder():
 def test_sglang_match_at_threshold_goes_to_smallest_tree():
     view = mkview(SG, matched={"a": 5}, cached=SG_CACHED)
     assert first(get("sglang").rank(mkreq(10), view)) == "b"  # 0.5 is not > 0.5
+
+
+def test_sglang_on_miss_least_load_as_smg_does():
+    """smg (and sgl-model-gateway) send a miss to the least loaded worker, not the smallest
+    tree: the smallest tree ``b`` is the busiest here."""
+    view = mkview(SG, matched={"a": 5}, cached=SG_CACHED, loads={"a": mkload(in_flight=3), "b": mkload(in_flight=5), "c": mkload(in_flight=1)})
+    assert first(get("sglang", on_miss="least_load").rank(mkreq(10), view)) == "c"
+    assert first(get("sglang").rank(mkreq(10), view)) == "b"
 
 
 def test_sglang_several_holders_random_never_others():
