@@ -87,8 +87,12 @@ class VLLMServer:
         if self.kv_blocks:
             args += ["--num-gpu-blocks-override", str(self.kv_blocks)]
         if self.kv_events:
+            # vLLM's publisher binds only a wildcard (or ipc) endpoint and *connects* to a
+            # host address (ZmqEventPublisher._is_bind_endpoint), where nothing would listen
+            # for the router's SUB socket, which connects too: live events would never
+            # flow, only the replay probes' catch-ups. Its replay socket always binds.
             args += ["--kv-events-config", json.dumps({
-                "enable_kv_cache_events": True, "publisher": "zmq", "endpoint": self.kv_endpoint,
+                "enable_kv_cache_events": True, "publisher": "zmq", "endpoint": f"tcp://*:{self.kv_port}",
                 "replay_endpoint": self.replay_endpoint, "topic": ""})]
         return args + list(self.extra_args)
 

@@ -61,6 +61,10 @@ ReplicaId = Hashable
 EngineHash = int | bytes
 OnEvent = Callable[[ReplicaId, KvEvent], None]
 
+#: After this many batches recovered through replay probes with no live message at all, the
+#: subscriber warns (once) that the publisher is likely not bound where it listens.
+REPLAY_ONLY_WARN_BATCHES = 8
+
 #: The replay stream's end marker (vLLM's ``ZmqEventPublisher.END_SEQ``).
 END_SEQ = (-1).to_bytes(8, "big", signed=True)
 #: A replica's key map holds at most this many entries per block of the engine's KV cache
@@ -651,6 +655,7 @@ class KVEventSubscriber:
         now = time.monotonic()
         self._last_life = now        # last evidence the publisher is up
         self._last_message: float | None = None  # last live message or replay answer
+        self._warned_replay_only = False  # the replay-only warning was logged
         self._last_probe = now
         self._down = False
         self._suspect = False        # the connection dropped: verify the publisher before trusting seq
@@ -1028,6 +1033,15 @@ class KVEventSubscriber:
         the publisher. Otherwise: batches from ``expected`` (tail loss) -- an answer, even
         just the end marker, proves the publisher's thread is alive."""
         self.stats.probes += 1
+        stats = self.stats
+        if not self._warned_replay_only and stats.messages == 0 and stats.replayed >= REPLAY_ONLY_WARN_BATCHES:
+            # A publisher configured with a host address (tcp://127.0.0.1:5557) connects
+            # instead of binding (vLLM binds only wildcard and ipc endpoints), so the SUB
+            # socket, which connects too, never hears it: every event comes a probe late.
+            self._warned_replay_only = True
+            log.warning("kv events from %r arrive only through replay probes (%d batches, no live message): "
+                        "give vLLM's publisher a bind address (\"endpoint\": \"tcp://*:PORT\") and the router "
+                        "tcp://HOST:PORT", self.spec.endpoint, stats.replayed)
         try:
             if self._down or self._suspect:
                 self._recover(None, None)

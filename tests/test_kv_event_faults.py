@@ -19,6 +19,7 @@ state machine checks the report semantics against a naive model.
 
 from __future__ import annotations
 
+import logging
 import math
 import queue
 import tempfile
@@ -863,3 +864,31 @@ class ReportMachine(RuleBasedStateMachine):
 
 TestReportMachine = ReportMachine.TestCase
 TestReportMachine.settings = settings(max_examples=80, stateful_step_count=30, deadline=None)
+
+
+# ---------------------------------------------------------------------------------------
+# A publisher that connects instead of binding: events only through the replay probes
+# ---------------------------------------------------------------------------------------
+def test_publisher_given_a_host_address_is_heard_through_probes_and_named_in_a_warning(vk, caplog):
+    """vLLM's publisher *connects* to ``tcp://127.0.0.1:PORT`` (it binds only wildcard and
+    ipc endpoints), and the router's SUB connects there too: no live message can flow.
+    The replay probes still deliver every batch, and the subscriber says once, naming the
+    endpoint, how to configure the publisher."""
+    endpoint = f"tcp://127.0.0.1:{helpers.free_port()}"
+    pub = VllmPublisher(vk, ipc=endpoint)
+    pump = CorePump()
+    sub = KVEventSubscriber("r0", pub.spec(), pump, **{**QUIET, "probe_interval_s": 0.05}).start()
+    caplog.set_level(logging.WARNING, logger="router.kv_events")
+    try:
+        tokens = list(range(300, 300 + 10 * BS))
+        hashes = [5000 + i for i in range(10)]
+        for i in range(10):
+            pub.publish([pub.stored(hashes[i:i + 1], hashes[i - 1] if i else None, tokens[BS * i:BS * (i + 1)])])
+        keys = router_keys(tokens)
+        assert pump.until(lambda: holds_all(pump, keys))
+        assert wait_for(lambda: "arrive only through replay probes" in caplog.text)
+        assert sub.stats.messages == 0 and sub.stats.replayed == 10
+        assert endpoint in caplog.text and caplog.text.count("arrive only through replay probes") == 1
+    finally:
+        sub.stop()
+        pub.shutdown()

@@ -154,6 +154,8 @@ def test_kv_events_confirm_what_the_gateway_routed(gateway, servers):
         return tree.get("blocks", 0) > 0 and tree.get("speculative", 1) == 0
     assert wait_for(confirmed, timeout=60, interval=0.2), gateway.workers()[servers[0].url]
     assert gateway.state()["kv_events"].get("events", 0) > 0
+    # Live on the SUB socket, not only caught up through the replay endpoint's probes.
+    assert gateway.workers()[servers[0].url]["kv_stream"]["messages"] > 0
 
 
 def test_a_worker_added_at_run_time_gets_traffic_and_prefixes_stick(gateway, servers):
