@@ -154,6 +154,19 @@ def _bench_peers(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_pd(args: argparse.Namespace) -> int:
+    from benchmarks import pd_league
+
+    report = pd_league.run(workloads=args.workload or (*pd_league.WORKLOADS, "mooncake"), seeds=args.seeds,
+                           prefill=args.prefill_replicas, decode=args.decode_replicas, plans=args.pd_plan,
+                           jobs=args.jobs, trace=args.trace,
+                           progress=lambda m: print(m, file=sys.stderr, flush=True))
+    report["command"] = "kvroute " + " ".join(args.argv)
+    print(pd_league.format_table(report))
+    _write_json(args.json, report)
+    return 0
+
+
 def _bench_gateway(args: argparse.Namespace) -> int:
     from benchmarks import gateway_bench
 
@@ -415,6 +428,19 @@ def build_parser() -> argparse.ArgumentParser:
     peers_p.add_argument("--seeds", type=_positive_int, default=1,
                          help="with --simulate: workload seeds --seed .. --seed + N - 1, averaged (default 1)")
     peers_p.set_defaults(func=_bench_peers)
+
+    pdb = bench_sub.add_parser("pd", help="simulated: the PD plans of kvroute and the peers (smg, llm-d, Dynamo, "
+                                          "Ray) on prefill-decode deployments, several workloads and seeds")
+    pdb.add_argument("--workload", action="append", help="chat, agent, system-prompts, mixed, mooncake (repeatable; "
+                                                         "default all)")
+    pdb.add_argument("--pd-plan", action="append", help="plan (repeatable; default every plan)")
+    pdb.add_argument("--prefill-replicas", type=_positive_int, default=4)
+    pdb.add_argument("--decode-replicas", type=_positive_int, default=4)
+    pdb.add_argument("--seeds", type=_positive_int, default=3, help="seeds per generated workload (default 3)")
+    pdb.add_argument("--jobs", type=_positive_int, default=2, help="parallel processes (default 2)")
+    pdb.add_argument("--trace", help="the Mooncake trace (default ../shared/data/mooncake_synthetic_trace.jsonl)")
+    pdb.add_argument("--json", metavar="PATH", help="write the results as JSON")
+    pdb.set_defaults(func=_bench_pd)
 
     gwb = bench_sub.add_parser("gateway", help="latency a gateway adds over a direct call, and its CPU per "
                                                "request (kvroute's gateway vs smg, vllm-router, sglang-router)")
