@@ -343,7 +343,11 @@ class RoutingService:
                 # ``ids`` are the cached leading pieces', a prefix of the whole encoding.
                 self.tokenize_counts["prefix" if encoding is not None else "overflow"] += 1
                 return Tokenized(whole(ids), waited, missing, len(text) - covered, encoding, resume)
-            encoding.result()  # raises the tokenizer's error, if it failed
+            # Raises the tokenizer's error, if it failed. Stored here too: a future that
+            # completed before this coroutine looked at it may not have run its store
+            # callback yet (callbacks run on the loop's next turn), and the pieces would
+            # look missing.
+            prompts.store(missing, encoding.result())
             ids, _ = prompts.assemble(text, special)
             if ids is None:  # the cache cannot hold all of this prompt's pieces at once
                 before = time.perf_counter()
@@ -389,7 +393,9 @@ class RoutingService:
                     return
                 prompts.store(missing, await encoding)
             else:
-                await encoding  # the pool's future: its callback cached the pieces
+                # The pool's future; its callback caches the pieces, but when it completed
+                # before this task first ran, the callback may still be queued behind it.
+                prompts.store(missing, await encoding)
             text = self.text_of(fields) if resume is None else resume.text
             ids, _ = prompts.assemble(text, fields.add_special_tokens)
         except Exception:  # noqa: BLE001 - the decision stands; only the lesson is lost

@@ -374,3 +374,39 @@ def test_the_tokenizer_pool_delivers_ids_errors_and_releases_its_bound():
     for thread in threads:
         thread.join(timeout=30)
         assert not thread.is_alive()
+
+
+def test_a_lesson_whose_encoding_finished_before_it_first_ran_still_learns(tokenizer_path):
+    """The pool's future can complete (its result set on the loop) just before the lesson's
+    task first runs: the task then finds it done while the future's store callback is
+    still queued behind it, and must not take the pieces for missing (the whole prompt
+    would never be learned: a flaky miss on a loaded machine, found in the gateway's test)."""
+    from router.service import Lesson, RoutingService, _store_when_encoded
+
+    service = RoutingService({"policy": "cache_aware", "tokenizer": tokenizer_path, "block_size": BLOCK,
+                              "kv_events": False})
+    service.prompts = PromptTokenizer(service.tokenizer)  # its own piece cache
+    service.set_replicas(["a", "b"])
+
+    async def go() -> None:
+        text = "a document nobody has seen before, " * 40
+        fields = service.parse({"model": "m", "prompt": text})
+        prompts = service.prompts
+        _, missing, _ = prompts.assemble_leading(text, fields.add_special_tokens)
+        assert missing
+        loop = asyncio.get_running_loop()
+        encoding = loop.create_future()
+        _store_when_encoded(prompts, missing, encoding)
+        # The result is set first in this loop turn; the lesson's task steps right after,
+        # before the store callback that set_result queues.
+        loop.call_soon(encoding.set_result, prompts.encode_pieces(missing))
+        service.learn_after(Lesson(fields, missing, encoding), "a", 0)
+        await until_learned(service)
+        keys = service.key(fields, prompts.encode(text, fields.add_special_tokens), None).keys
+        assert len(keys) > 10
+        assert service.core.tree.match(keys, ("a",), service.now())["a"] == len(keys)
+
+    try:
+        asyncio.run(go())
+    finally:
+        service.close()
