@@ -37,6 +37,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def free_ports(count: int) -> int:
+    """The first of ``count`` consecutive loopback ports free now."""
+    while True:
+        base = free_port()
+        try:
+            for offset in range(1, count):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", base + offset))
+        except OSError:
+            continue
+        return base
+
+
 @dataclass
 class VLLMServer:
     """One ``vllm serve`` process. ``start()`` launches it; ``wait_ready()`` polls
@@ -53,6 +66,7 @@ class VLLMServer:
     kv_blocks: int | None = None
     kv_events: bool = True
     max_num_seqs: int = 64
+    data_parallel_size: int = 1  # ranks of one server (each its own engine, KV cache and KV-event port)
     extra_args: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
     process: subprocess.Popen | None = None
@@ -74,9 +88,10 @@ class VLLMServer:
 
     def worker_arg(self) -> str:
         """This server as a gateway ``--worker`` value."""
+        dp = f",dp={self.data_parallel_size}" if self.data_parallel_size > 1 else ""
         if not self.kv_events:
-            return self.url
-        return f"{self.url},kv_events={self.kv_endpoint},replay={self.replay_endpoint}"
+            return self.url + dp
+        return f"{self.url},kv_events={self.kv_endpoint},replay={self.replay_endpoint}{dp}"
 
     def command(self) -> list[str]:
         args = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(self.model),
@@ -86,6 +101,8 @@ class VLLMServer:
                 "--disable-uvicorn-access-log"]
         if self.kv_blocks:
             args += ["--num-gpu-blocks-override", str(self.kv_blocks)]
+        if self.data_parallel_size > 1:
+            args += ["--data-parallel-size", str(self.data_parallel_size)]
         if self.kv_events:
             # vLLM's publisher binds only a wildcard (or ipc) endpoint and *connects* to a
             # host address (ZmqEventPublisher._is_bind_endpoint), where nothing would listen
@@ -99,8 +116,9 @@ class VLLMServer:
     def start(self) -> VLLMServer:
         self.port = self.port or free_port()
         if self.kv_events:
-            self.kv_port = self.kv_port or free_port()
-            self.replay_port = self.replay_port or free_port()
+            # Rank R publishes at each port + R (vLLM's offset_endpoint_port).
+            self.kv_port = self.kv_port or free_ports(self.data_parallel_size)
+            self.replay_port = self.replay_port or free_ports(self.data_parallel_size)
         env = {**os.environ, **DEFAULT_ENV, **self.env}
         log = tempfile.NamedTemporaryFile(prefix=f"vllm-serve-{self.port}-", suffix=".log", delete=False)
         self.log_path = Path(log.name)

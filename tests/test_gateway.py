@@ -20,7 +20,8 @@ from aiohttp import web  # noqa: E402
 from router.errors import ConfigError  # noqa: E402
 from router.gateway.app import Gateway  # noqa: E402
 from router.gateway.config import WorkerSpec, build_config, load_file, parse_policy_options  # noqa: E402
-from router.gateway.vllm_metrics import engine_report  # noqa: E402
+from router.gateway.vllm_metrics import engine_report, engine_reports  # noqa: E402
+from router.gateway.workers import _offset_port  # noqa: E402
 from tests.helpers import until_learned  # noqa: E402
 
 MODEL = "tiny"
@@ -46,14 +47,31 @@ vllm:cache_config_info{{block_size="16",cache_dtype="auto",engine="0",num_gpu_bl
 """
 
 
+DP_METRICS = """# TYPE vllm:num_requests_running gauge
+vllm:num_requests_running{{engine="0",model_name="tiny"}} {r0}
+vllm:num_requests_running{{engine="1",model_name="tiny"}} {r1}
+# TYPE vllm:num_requests_waiting gauge
+vllm:num_requests_waiting{{engine="0",model_name="tiny"}} 0
+vllm:num_requests_waiting{{engine="1",model_name="tiny"}} 0
+# TYPE vllm:kv_cache_usage_perc gauge
+vllm:kv_cache_usage_perc{{engine="0",model_name="tiny"}} 0.5
+vllm:kv_cache_usage_perc{{engine="1",model_name="tiny"}} 0.125
+# TYPE vllm:cache_config_info gauge
+vllm:cache_config_info{{block_size="16",engine="0",num_gpu_blocks="1024"}} 1.0
+vllm:cache_config_info{{block_size="16",engine="1",num_gpu_blocks="1024"}} 1.0
+"""
+
+
 class FakeWorker:
     """A worker that answers at once: a chat answer naming itself, or an SSE stream of
     ``chunks`` chunks; ``mode`` makes it fail (``"503"``, ``"drop"``: close the connection
     without answering, ``"unhealthy"``: /health 500); ``hold`` (an asyncio.Event) holds a
     stream after its first chunk until set."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, dp: int = 1) -> None:
         self.name = name
+        self.dp = dp  # > 1: a data-parallel server, which records the rank each request asked for
+        self.ranks: list[str | None] = []
         self.mode = "ok"
         self.hold: asyncio.Event | None = None
         self.requests: list[dict] = []
@@ -84,11 +102,14 @@ class FakeWorker:
         return web.json_response({"object": "list", "data": [{"id": MODEL, "object": "model"}]})
 
     async def metrics(self, request):
+        if self.dp > 1:
+            return web.Response(text=DP_METRICS.format(r0=self.running, r1=0))
         return web.Response(text=METRICS.format(running=self.running, waiting=0))
 
     async def chat(self, request):
         body = await request.json()
         self.requests.append(body)
+        self.ranks.append(request.headers.get("X-data-parallel-rank"))
         if self.mode == "503":
             return web.json_response({"error": "overloaded"}, status=503)
         if self.mode == "drop":
@@ -96,6 +117,7 @@ class FakeWorker:
             return web.Response()
         if not body.get("stream"):
             return web.json_response({"id": "x", "object": "chat.completion", "worker": self.name,
+                                      "rank": self.ranks[-1],
                                       "choices": [{"message": {"role": "assistant", "content": "hi"}}]})
         response = web.StreamResponse(headers={"content-type": "text/event-stream"})
         await response.prepare(request)
@@ -117,11 +139,15 @@ def _run(coro):
     return asyncio.run(asyncio.wait_for(coro, 120))
 
 
-async def _with_gateway(n_workers, body, **extra):
-    workers = [FakeWorker(f"w{i}") for i in range(n_workers)]
+async def _with_gateway(n_workers, body, dp=1, **extra):
+    workers = [FakeWorker(f"w{i}", dp) for i in range(n_workers)]
     for w in workers:
         await w.start()
-    gateway = Gateway(_config(workers, **extra))
+    config = _config(workers, **extra)
+    if dp > 1:
+        config = build_config({"workers": [f"{w.url},dp={dp}" for w in workers], "port": 0, "admin_port": 0,
+                               "health_interval_s": 0.05, "metrics_interval_s": 0.05, **extra})
+    gateway = Gateway(config)
     await gateway.start()
     try:
         assert await gateway.pool.wait_admitted(n_workers, 30)
@@ -141,8 +167,14 @@ def _chat(text, **extra):
 def test_worker_spec_parses_and_names_bad_fields():
     spec = WorkerSpec.parse("http://127.0.0.1:8001/,kv_events=tcp://127.0.0.1:5557,replay=tcp://127.0.0.1:5558")
     assert spec == WorkerSpec("http://127.0.0.1:8001", "tcp://127.0.0.1:5557", "tcp://127.0.0.1:5558", "")
+    assert spec.replica_ids() == ["http://127.0.0.1:8001"]
+    dp = WorkerSpec.parse("http://h:1,dp=2")
+    assert dp.dp == 2 and dp.replica_ids() == ["http://h:1#dp0", "http://h:1#dp1"]
+    assert WorkerSpec.parse({"url": "http://h:1", "dp": 3}).dp == 3
     for bad, field in [("127.0.0.1:8001", "worker.url"), ("http://h:1,kv_events=5557", "worker.kv_events"),
-                       ("http://h:1,kv_events=tcp://*:5557", "worker.kv_events"), ("http://h:1,port=3", "worker")]:
+                       ("http://h:1,kv_events=tcp://*:5557", "worker.kv_events"), ("http://h:1,port=3", "worker"),
+                       ("http://h:1,dp=0", "worker.dp"), ("http://h:1,dp=two", "worker.dp"),
+                       ("http://h:1,dp=65", "worker.dp"), ({"url": "http://h:1", "dp": True}, "worker.dp")]:
         with pytest.raises(ConfigError) as info:
             WorkerSpec.parse(bad)
         assert info.value.field == field, (bad, info.value)
@@ -197,6 +229,21 @@ def test_engine_report_from_vllm_metrics():
     assert report == {"running": 3, "waiting": 2, "kv_usage": 0.25, "prefix_cache_queries": 1000,
                       "prefix_cache_hits": 400, "num_gpu_blocks": 1024, "block_size": 16, "model": "tiny"}
     assert engine_report("") == {}
+    text = DP_METRICS.format(r0=3, r1=1)
+    ranks = engine_reports(text)
+    assert ranks == {0: {"running": 3, "waiting": 0, "kv_usage": 0.5, "num_gpu_blocks": 1024, "block_size": 16,
+                         "model": "tiny"},
+                     1: {"running": 1, "waiting": 0, "kv_usage": 0.125, "num_gpu_blocks": 1024, "block_size": 16,
+                         "model": "tiny"}}
+    whole = engine_report(text)  # the server as one: summed requests and blocks, the fullest rank's usage
+    assert (whole["running"], whole["num_gpu_blocks"], whole["kv_usage"]) == (4, 2048, 0.5)
+
+
+def test_a_ranks_kv_events_are_at_the_endpoints_port_plus_its_rank():
+    assert _offset_port("tcp://10.0.0.1:5557", 1) == "tcp://10.0.0.1:5558"
+    assert _offset_port("tcp://10.0.0.1:5557", 0) == "tcp://10.0.0.1:5557"
+    assert _offset_port("tcp://10.0.0.1:5557", None) == "tcp://10.0.0.1:5557"
+    assert _offset_port(None, 3) is None
 
 
 # -- requests ------------------------------------------------------------------------------
@@ -227,7 +274,9 @@ async def _conversations(client, conversations=6, turns=3, **extra):
         for j in range(turns):
             async with client.post("/v1/chat/completions", json=_chat(prefix + " turn" * (j + 1), **extra)) as resp:
                 assert resp.status == 200, await resp.text()
-                seen.setdefault(i, []).append((await resp.json())["worker"])
+                answer = await resp.json()
+                # The worker, and the data-parallel rank the request asked for (if any).
+                seen.setdefault(i, []).append(answer["worker"] + (f"#{answer['rank']}" if answer.get("rank") else ""))
     return seen
 
 
@@ -240,6 +289,31 @@ def test_repeat_prefix_goes_to_the_same_worker():
         assert "kvroute_router_decisions_total" in text and 'outcome="prefix_hit"' in text
         assert "kvroute_gateway_requests_total" in text
     _run(_with_gateway(2, body))
+
+
+def test_data_parallel_ranks_are_replicas_of_their_own():
+    """A worker declared with ``dp=2`` is two replicas (``URL#dp0``, ``URL#dp1``): each
+    request carries vLLM's ``X-data-parallel-rank`` header for the rank chosen, a
+    conversation's turns stay on one rank, conversations spread over the ranks of both
+    servers, and each rank gets its own engine report (its ``engine`` label's series)."""
+    async def body(gateway, workers, client):
+        seen = await _conversations(client)
+        assert all(len(set(w)) == 1 for w in seen.values()), seen
+        ranks = {(w.name, r) for w in workers for r in w.ranks}
+        assert {r for _, r in ranks} <= {"0", "1"} and len(ranks) >= 3, ranks  # the ranks are used
+        replicas = set(gateway.service.core.replicas)
+        assert replicas == {f"{w.url}#dp{r}" for w in workers for r in (0, 1)}
+        loads = gateway.service.core.load.loads
+        assert loads[f"{workers[0].url}#dp0"].engine_kv_usage == 0.5
+        assert loads[f"{workers[0].url}#dp1"].engine_kv_usage == 0.125
+        async with client.post("/v1/chat/completions", json=_chat("which rank?")) as resp:
+            answer = await resp.json()
+            served = resp.headers["x-kvroute-worker"]
+        url, _, rank = served.partition("#dp")
+        assert answer["rank"] == rank and url in {w.url for w in workers}
+        async with client.get("/metrics") as resp:
+            assert f'{workers[0].url}#dp1' in await resp.text()
+    _run(_with_gateway(2, body, dp=2))
 
 
 def test_the_same_conversations_split_without_the_cache_aware_policy():

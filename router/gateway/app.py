@@ -63,8 +63,11 @@ _HOP_HEADERS = {"content-type", "cache-control"}
 #: at that moment fails with "Server disconnected" before any answer, which counts against
 #: a healthy worker (aiohttp's own default keeps them 15 s).
 UPSTREAM_KEEPALIVE_S = 3.0
-#: Every forwarded answer names the worker that served it (operators' debugging, tests).
+#: Every forwarded answer names the worker that served it (operators' debugging, tests):
+#: its URL, with ``#dpR`` for a data-parallel rank.
 WORKER_HEADER = "x-kvroute-worker"
+#: vLLM's OpenAI server runs a request on this data-parallel rank (``_get_data_parallel_rank``).
+DP_RANK_HEADER = "X-data-parallel-rank"
 
 
 def _error(status: int, message: str, param: str | None = None) -> web.Response:
@@ -186,17 +189,27 @@ class Gateway:
     async def handle_list_workers(self, request: web.Request) -> web.Response:
         """Each worker's state, with what the router believes it caches (tree blocks, of
         them speculative: learned from routing, not yet confirmed by a KV event) and its
-        KV-event stream's counters; the gateway's retries and the KV-event totals."""
+        KV-event stream's counters (per rank, under ``ranks``, for a data-parallel
+        server); the gateway's retries and the KV-event totals."""
         core, streams = self.service.core, self.service.kv_stream_stats()
         rows = []
+        def cache_of(replica: str) -> dict:
+            out: dict = {}
+            if replica in core.replicas:
+                stats = core.tree.stats(replica)
+                out["tree"] = {"blocks": stats["blocks"], "speculative": stats["speculative"]}
+            if replica in streams:
+                out["kv_stream"] = {k: v for k, v in streams[replica].items()
+                                    if isinstance(v, (int, float, bool, str)) or v is None}
+            return out
+
         for worker in self.pool.workers.values():
             row = worker.as_dict()
-            if worker.url in core.replicas:
-                stats = core.tree.stats(worker.url)
-                row["tree"] = {"blocks": stats["blocks"], "speculative": stats["speculative"]}
-            if worker.url in streams:
-                row["kv_stream"] = {k: v for k, v in streams[worker.url].items()
-                                    if isinstance(v, (int, float, bool, str)) or v is None}
+            if worker.spec.dp == 1:
+                row.update(cache_of(worker.url))
+            else:  # per data-parallel rank
+                row["ranks"] = {replica: {"in_flight": self.pool.in_flight(replica), **cache_of(replica)}
+                                for replica in worker.spec.replica_ids()}
             rows.append(row)
         return web.json_response({"workers": rows, "retries": self.retries, "in_flight": self.in_flight,
                                   "kv_events": self.service.kv_event_stats()})
@@ -270,13 +283,14 @@ class Gateway:
         learn = found.lesson(fields)
         tried: set[str] = set()
         last_error = "no worker admitted"
+        pool = self.pool
         for attempt in range(1, self.config.max_attempts + 1):
-            candidates = [url for url in self.pool.admitted() if url not in tried]
+            candidates = [r for r in pool.admitted() if r not in tried]
             admitted = bool(candidates)
             if not admitted:
                 # No admitted worker left for this request (all ejected, e.g. health checks
                 # timing out on overloaded servers): try the known ones before failing it.
-                candidates = [url for url in self.pool.workers if url not in tried]
+                candidates = [r for r in pool.known() if r not in tried]
             if not candidates:
                 break
             request_id = uuid.uuid4().hex
@@ -287,34 +301,40 @@ class Gateway:
                 routed = service.keyed(fields, found, request_id)
                 tiers = service.rank(routed, candidates, started, learn=learn)
                 tier = tiers[0] if tiers else candidates
-            workers = self.pool.workers
-            url = min(tier, key=lambda u: workers[u].in_flight if u in workers else 0)
-            service.routed(request_id, url)
-            worker = workers.get(url)
-            if worker is not None:
-                worker.in_flight += 1
+            replica = min(tier, key=pool.in_flight)
+            service.routed(request_id, replica)
+            worker = pool.started(replica, +1)
             try:
-                return await self._forward(request, url, endpoint, raw, stream, request_id)
+                if worker is None:
+                    raise _Upstream("the worker was removed")
+                rank = pool.targets[replica][1] if replica in pool.targets else None
+                return await self._forward(request, worker.url, rank, replica, endpoint, raw, stream, request_id)
             except _Upstream as exc:
                 last_error = str(exc)
-                tried.add(url)
-                self.gauges.upstream_failures.labels(url).inc()
-                self.pool.request_failed(url)
+                # A server that failed fails for all its ranks: try another server.
+                tried.update(worker.spec.replica_ids() if worker is not None else [replica])
+                if worker is not None:
+                    self.gauges.upstream_failures.labels(worker.url).inc()
+                    pool.request_failed(worker.url)
                 if attempt < self.config.max_attempts:
                     self.retries += 1
                     self.gauges.retries.inc()
-                    logger.warning("worker %s failed before answering (%s); retry %d", url, exc, attempt)
+                    logger.warning("worker %s failed before answering (%s); retry %d", replica, exc, attempt)
             finally:
                 if worker is not None:
-                    worker.in_flight -= 1
+                    pool.started(replica, -1)
                 service.completed(request_id)
             started = time.perf_counter()
         return _error(503, f"no worker could serve the request: {last_error}")
 
-    async def _forward(self, request: web.Request, url: str, endpoint: str, raw: bytes, stream: bool,
-                       request_id: str) -> web.StreamResponse:
-        """Send ``raw`` to ``url``; raise ``_Upstream`` while nothing reached the client."""
+    async def _forward(self, request: web.Request, url: str, rank: int | None, replica: str, endpoint: str,
+                       raw: bytes, stream: bool, request_id: str) -> web.StreamResponse:
+        """Send ``raw`` to ``url`` (to its data-parallel rank ``rank``, when not None:
+        vLLM's ``X-data-parallel-rank`` header); raise ``_Upstream`` while nothing reached
+        the client."""
         headers = {"content-type": "application/json"}
+        if rank is not None:
+            headers[DP_RANK_HEADER] = str(rank)
         if request.headers.get("authorization"):
             headers["authorization"] = request.headers["authorization"]
         try:
@@ -325,7 +345,7 @@ class Gateway:
             if upstream.status in RETRY_STATUSES:
                 raise _Upstream(f"HTTP {upstream.status}")
             out_headers = {k: v for k, v in upstream.headers.items() if k.lower() in _HOP_HEADERS}
-            out_headers[WORKER_HEADER] = url
+            out_headers[WORKER_HEADER] = replica
             if not stream or upstream.status != 200:
                 try:
                     payload = await upstream.read()

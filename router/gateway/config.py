@@ -5,8 +5,11 @@ Every bad value fails before anything listens, with ``ConfigError`` naming the f
 the same names as the flags (with underscores), ``workers`` as a list of strings in the
 ``--worker`` syntax or of mappings; flags given on the command line win over the file.
 
-A worker: ``URL[,kv_events=tcp://HOST:PORT][,replay=tcp://HOST:PORT][,topic=NAME]``, the
-base URL of a ``vllm serve`` OpenAI server and, when the server publishes KV events
+A worker: ``URL[,kv_events=tcp://HOST:PORT][,replay=tcp://HOST:PORT][,topic=NAME][,dp=N]``,
+the base URL of a ``vllm serve`` OpenAI server (``dp``: its ``--data-parallel-size``; each
+rank is routed to as a replica of its own, ``URL#dpR``, through vLLM's
+``X-data-parallel-rank`` header, with its own load and KV-event stream at the endpoints'
+ports plus R, where vLLM publishes it) and, when the server publishes KV events
 (``vllm serve --kv-events-config '{"enable_kv_cache_events": true, "publisher": "zmq",
 "endpoint": "tcp://*:5557", "replay_endpoint": "tcp://*:5558"}'``), the addresses to
 connect to.
@@ -28,6 +31,9 @@ from router.service import RoutingService, validate_options
 #: server do), else asyncio's own loop.
 EVENT_LOOPS = ("auto", "uvloop", "asyncio")
 
+#: The most data-parallel ranks one worker may declare.
+MAX_DP = 64
+
 #: The largest request body accepted (the same bound as kvroute's Serve ingress).
 DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
 
@@ -41,6 +47,7 @@ class WorkerSpec:
     kv_events: str | None = None
     replay: str | None = None
     topic: str = ""
+    dp: int = 1
 
     @classmethod
     def parse(cls, value: Any, where: str = "worker") -> WorkerSpec:
@@ -48,20 +55,20 @@ class WorkerSpec:
         if isinstance(value, WorkerSpec):
             return value
         if isinstance(value, Mapping):
-            unknown = set(value) - {"url", "kv_events", "replay", "topic"}
+            unknown = set(value) - {"url", "kv_events", "replay", "topic", "dp"}
             if unknown:
                 raise ConfigError(f"{where}.{sorted(unknown)[0]}", "unknown worker field (valid: url, kv_events, "
-                                                                   "replay, topic)")
+                                                                   "replay, topic, dp)")
             fields = dict(value)
         elif isinstance(value, str):
             url, *options = [part.strip() for part in value.split(",")]
             fields = {"url": url}
             for option in options:
                 name, sep, val = option.partition("=")
-                if not sep or name not in ("kv_events", "replay", "topic"):
-                    raise ConfigError(where, f"expected URL[,kv_events=tcp://HOST:PORT][,replay=...][,topic=...], "
-                                             f"got option {option!r}")
-                fields[name] = val
+                if not sep or name not in ("kv_events", "replay", "topic", "dp"):
+                    raise ConfigError(where, f"expected URL[,kv_events=tcp://HOST:PORT][,replay=...][,topic=...]"
+                                             f"[,dp=N], got option {option!r}")
+                fields[name] = int(val) if name == "dp" and val.isdigit() else val
         else:
             raise ConfigError(where, f"must be a URL string or a mapping, got {type(value).__name__}")
         url = fields.get("url")
@@ -81,7 +88,15 @@ class WorkerSpec:
         topic = fields.get("topic") or ""
         if not isinstance(topic, str):
             raise ConfigError(f"{where}.topic", f"must be a string, got {topic!r}")
-        return cls(url.rstrip("/"), fields.get("kv_events"), fields.get("replay"), topic)
+        dp = fields.get("dp", 1)
+        if not isinstance(dp, int) or isinstance(dp, bool) or not 1 <= dp <= MAX_DP:
+            raise ConfigError(f"{where}.dp", f"must be an integer from 1 to {MAX_DP}, got {dp!r}")
+        return cls(url.rstrip("/"), fields.get("kv_events"), fields.get("replay"), topic, dp)
+
+    def replica_ids(self) -> list[str]:
+        """What the router routes among for this server: its URL, or one ``URL#dpR`` per
+        data-parallel rank."""
+        return [self.url] if self.dp == 1 else [f"{self.url}#dp{rank}" for rank in range(self.dp)]
 
 
 def _has_uvloop() -> bool:

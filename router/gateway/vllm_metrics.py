@@ -35,37 +35,58 @@ def _int_label(labels: dict[str, str], name: str) -> int | None:
 def engine_report(text: str) -> dict[str, Any]:
     """The report for one ``/metrics`` page: ``running``, ``waiting``, ``kv_usage``,
     ``prefix_cache_queries``, ``prefix_cache_hits``, ``num_gpu_blocks``, ``block_size``,
-    ``model`` (each only when present and valid). O(size of the page)."""
-    report: dict[str, Any] = {}
-    sums: dict[str, float] = {}
+    ``model`` (each only when present and valid), over all the server's engines. O(size
+    of the page)."""
+    return _report(_samples(text))
+
+
+def engine_reports(text: str) -> dict[int, dict[str, Any]]:
+    """``engine_report`` per data-parallel rank: the page's samples grouped by their
+    ``engine`` label (samples without one count for rank 0). O(size of the page)."""
+    by_rank: dict[int, list] = {}
+    for sample in _samples(text):
+        try:
+            rank = int(sample.labels.get("engine", "0"))
+        except ValueError:
+            continue
+        by_rank.setdefault(rank, []).append(sample)
+    return {rank: _report(samples) for rank, samples in sorted(by_rank.items())}
+
+
+def _samples(text: str) -> list:
     # A vLLM /metrics page is tens of kilobytes of histograms the gateway does not read,
     # scraped every second per worker: keep only the lines of the series it reads (and
     # their TYPE lines) before parsing, which is most of the cost.
     text = "\n".join(line for line in text.splitlines() if line.startswith(_WANTED) or
                      (line.startswith("# TYPE ") and line[7:].startswith(_WANTED)))
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            name, value = sample.name, sample.value
-            if not math.isfinite(value) or value < 0:
-                continue
-            # Counters are matched by their sample's name with or without "_total" (the
-            # parser files a counter without a TYPE line under the sample's own name).
-            base = name[:-6] if name.endswith("_total") else name
-            if name in _SUMMED:
-                sums[_SUMMED[name]] = sums.get(_SUMMED[name], 0.0) + value
-            elif base in _COUNTERS:
-                sums[_COUNTERS[base]] = sums.get(_COUNTERS[base], 0.0) + value
-            elif name == "vllm:kv_cache_usage_perc":
-                report["kv_usage"] = max(report.get("kv_usage", 0.0), min(1.0, value))
-            elif name == "vllm:cache_config_info":
-                blocks = _int_label(sample.labels, "num_gpu_blocks")
-                size = _int_label(sample.labels, "block_size")
-                if blocks is not None:
-                    report["num_gpu_blocks"] = report.get("num_gpu_blocks", 0) + blocks
-                if size is not None:
-                    report["block_size"] = size
-            if sample.labels.get("model_name"):
-                report.setdefault("model", sample.labels["model_name"])
+    return [sample for family in text_string_to_metric_families(text) for sample in family.samples]
+
+
+def _report(samples: list) -> dict[str, Any]:
+    report: dict[str, Any] = {}
+    sums: dict[str, float] = {}
+    for sample in samples:
+        name, value = sample.name, sample.value
+        if not math.isfinite(value) or value < 0:
+            continue
+        # Counters are matched by their sample's name with or without "_total" (the
+        # parser files a counter without a TYPE line under the sample's own name).
+        base = name[:-6] if name.endswith("_total") else name
+        if name in _SUMMED:
+            sums[_SUMMED[name]] = sums.get(_SUMMED[name], 0.0) + value
+        elif base in _COUNTERS:
+            sums[_COUNTERS[base]] = sums.get(_COUNTERS[base], 0.0) + value
+        elif name == "vllm:kv_cache_usage_perc":
+            report["kv_usage"] = max(report.get("kv_usage", 0.0), min(1.0, value))
+        elif name == "vllm:cache_config_info":
+            blocks = _int_label(sample.labels, "num_gpu_blocks")
+            size = _int_label(sample.labels, "block_size")
+            if blocks is not None:
+                report["num_gpu_blocks"] = report.get("num_gpu_blocks", 0) + blocks
+            if size is not None:
+                report["block_size"] = size
+        if sample.labels.get("model_name"):
+            report.setdefault("model", sample.labels["model_name"])
     for field, value in sums.items():
         report[field] = int(value)
     queries, hits = report.get("prefix_cache_queries"), report.get("prefix_cache_hits")

@@ -13,6 +13,10 @@ event loop (``aiohttp`` client, one session) and keeps the routing service's vie
   (``num_gpu_blocks`` x ``block_size``) bounds its share of the tree;
 * a worker with a KV-event endpoint is subscribed once its capacity is known (the
   subscriber sizes its key map by it);
+* a worker of ``dp`` data-parallel ranks is ``dp`` replicas to the router (``URL#dpR``):
+  each rank has its own KV cache, load (its ``engine`` label in ``/metrics``) and
+  KV-event stream (vLLM publishes rank R's at the endpoint's port + R); health and
+  membership stay per server;
 * ``/v1/models`` is read on admission: the gateway serves the union.
 
 Workers can be added and removed while the gateway runs (``add``/``remove``). Memory is
@@ -30,7 +34,7 @@ from typing import Any
 import aiohttp
 
 from router.gateway.config import GatewayConfig, WorkerSpec
-from router.gateway.vllm_metrics import engine_report
+from router.gateway.vllm_metrics import engine_report, engine_reports
 from router.service import RoutingService
 
 logger = logging.getLogger("kvroute.gateway")
@@ -49,16 +53,28 @@ class Worker:
     ejections: int = 0
     models: list[dict] = field(default_factory=list)
     report: dict[str, Any] = field(default_factory=dict)
+    rank_reports: dict[int, dict[str, Any]] = field(default_factory=dict)
+    rank_in_flight: list[int] = field(default_factory=list)
     last_report_s: float | None = None
     block_size_warned: bool = False
+
+    def __post_init__(self) -> None:
+        self.rank_in_flight = [0] * self.spec.dp
 
     @property
     def url(self) -> str:
         return self.spec.url
 
+    def reports(self) -> dict[str, dict[str, Any]]:
+        """Replica id -> its engine report (one per data-parallel rank)."""
+        if self.spec.dp == 1:
+            return {self.url: self.report} if self.report else {}
+        ids = self.spec.replica_ids()
+        return {ids[rank]: report for rank, report in self.rank_reports.items() if rank < len(ids) and report}
+
     def as_dict(self) -> dict[str, Any]:
         return {"url": self.url, "admitted": self.admitted, "in_flight": self.in_flight,
-                "ejections": self.ejections, "kv_events": self.spec.kv_events,
+                "ejections": self.ejections, "kv_events": self.spec.kv_events, "dp": self.spec.dp,
                 "models": [m.get("id") for m in self.models], "report": dict(self.report)}
 
 
@@ -71,20 +87,52 @@ class WorkerPool:
         self.service = service
         self.http = http
         self.workers: dict[str, Worker] = {}
+        # replica id -> (its server, its data-parallel rank; None for a server of one rank)
+        self.targets: dict[str, tuple[Worker, int | None]] = {}
         self._tasks: list[asyncio.Task] = []
         self._kv_specs: dict[str, dict] = {}
         for spec in config.workers:
-            self.workers[spec.url] = Worker(spec)
+            self._put(Worker(spec))
 
     # -- membership ------------------------------------------------------------------------
+    def _put(self, worker: Worker) -> None:
+        self.workers[worker.url] = worker
+        dp = worker.spec.dp
+        for rank, replica in enumerate(worker.spec.replica_ids()):
+            self.targets[replica] = (worker, rank if dp > 1 else None)
+
     def admitted(self) -> list[str]:
-        return [url for url, w in self.workers.items() if w.admitted]
+        """The replica ids the gateway routes among: every rank of every admitted server."""
+        return [r for w in self.workers.values() if w.admitted for r in w.spec.replica_ids()]
+
+    def known(self) -> list[str]:
+        """Every rank of every server, admitted or not (a last resort when none is)."""
+        return [r for w in self.workers.values() for r in w.spec.replica_ids()]
+
+    def in_flight(self, replica: str) -> int:
+        """The gateway's requests in flight on ``replica`` (a rank, or a whole server)."""
+        target = self.targets.get(replica)
+        if target is None:
+            return 0
+        worker, rank = target
+        return worker.in_flight if rank is None else worker.rank_in_flight[rank]
+
+    def started(self, replica: str, delta: int) -> Worker | None:
+        """Count a request onto (+1) or off (-1) ``replica``; its server, if known."""
+        target = self.targets.get(replica)
+        if target is None:
+            return None
+        worker, rank = target
+        worker.in_flight += delta
+        if rank is not None:
+            worker.rank_in_flight[rank] += delta
+        return worker
 
     def add(self, spec: WorkerSpec) -> bool:
         """Add a worker (checked and admitted by the next health round); False if known."""
         if spec.url in self.workers:
             return False
-        self.workers[spec.url] = Worker(spec)
+        self._put(Worker(spec))
         asyncio.get_running_loop().create_task(self._check(self.workers[spec.url]))
         return True
 
@@ -93,6 +141,8 @@ class WorkerPool:
         worker = self.workers.pop(url, None)
         if worker is None:
             return False
+        for replica in worker.spec.replica_ids():
+            self.targets.pop(replica, None)
         if worker.admitted:
             self._sync()
         return True
@@ -175,15 +225,34 @@ class WorkerPool:
         if "model" not in report and models:
             report["model"] = models[0]
         worker.report = report
+        if worker.spec.dp > 1:
+            ranks = engine_reports(text)
+            # Every rank has the server's cache configuration and model, whether or not
+            # its series carry them under its own engine label.
+            first = ranks.get(0, {})
+            for rank in range(worker.spec.dp):
+                rank_report = ranks.setdefault(rank, {})
+                for name in ("num_gpu_blocks", "block_size", "model"):
+                    value = first.get(name) or report.get(name)
+                    if value is not None:
+                        rank_report.setdefault(name, value)
+            worker.rank_reports = ranks
         worker.last_report_s = time.monotonic()
-        if worker.admitted and worker.url in self.service.core.replicas:
-            self.service.engine_report(worker.url, report)
-        if worker.admitted and self._kv_spec(worker) != self._kv_specs.get(worker.url):
+        if worker.admitted:
+            replicas = self.service.core.replicas
+            for replica, rank_report in worker.reports().items():
+                if replica in replicas:
+                    self.service.engine_report(replica, rank_report)
+        if worker.admitted and any(self._kv_spec(worker, replica) != self._kv_specs.get(replica)
+                                   for replica in worker.spec.replica_ids()):
             self._sync()
 
-    def _kv_spec(self, worker: Worker) -> dict | None:
+    def _kv_spec(self, worker: Worker, replica: str) -> dict | None:
+        """The KV-event subscription of ``replica`` (a rank of ``worker``, or all of it)."""
         spec = worker.spec
-        blocks = worker.report.get("num_gpu_blocks")
+        rank = self.targets[replica][1] if replica in self.targets else None
+        report = worker.reports().get(replica, {})
+        blocks = report.get("num_gpu_blocks")
         if spec.kv_events is None or not blocks:
             return None
         size = worker.report.get("block_size", self.service.options["block_size"])
@@ -196,21 +265,23 @@ class WorkerPool:
                                "(--block-size): its KV events are not used", worker.url, size,
                                self.service.options["block_size"])
             return None
-        return {"endpoint": spec.kv_events, "replay_endpoint": spec.replay, "block_size": size,
-                "model": worker.report.get("model", ""), "topic": spec.topic, "num_gpu_blocks": blocks}
+        return {"endpoint": _offset_port(spec.kv_events, rank), "replay_endpoint": _offset_port(spec.replay, rank),
+                "block_size": size, "model": report.get("model", ""), "topic": spec.topic, "num_gpu_blocks": blocks}
 
     def _sync(self) -> None:
         """The service's replica set, capacities and KV subscriptions from the admitted
-        workers."""
+        workers (one replica per data-parallel rank)."""
         admitted = [w for w in self.workers.values() if w.admitted]
-        capacities = {w.url: w.report["num_gpu_blocks"] * w.report["block_size"] for w in admitted
-                      if w.report.get("num_gpu_blocks") and w.report.get("block_size")}
-        self.service.set_replicas([w.url for w in admitted], capacities)
-        for w in admitted:
-            if w.report:
-                self.service.engine_report(w.url, w.report)
-        self.service.forget_engines({w.url for w in admitted})
-        specs = {w.url: spec for w in admitted if (spec := self._kv_spec(w)) is not None}
+        reports = {replica: report for w in admitted for replica, report in w.reports().items()}
+        capacities = {replica: r["num_gpu_blocks"] * r["block_size"] for replica, r in reports.items()
+                      if r.get("num_gpu_blocks") and r.get("block_size")}
+        replicas = [replica for w in admitted for replica in w.spec.replica_ids()]
+        self.service.set_replicas(replicas, capacities)
+        for replica, report in reports.items():
+            self.service.engine_report(replica, report)
+        self.service.forget_engines(set(replicas))
+        specs = {replica: spec for w in admitted for replica in w.spec.replica_ids()
+                 if (spec := self._kv_spec(w, replica)) is not None}
         self._kv_specs = specs
         if self.service.kv_events_enabled:
             self.service.update_kv_endpoints(specs, asyncio.get_running_loop())
@@ -249,3 +320,12 @@ class WorkerPool:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
+
+
+def _offset_port(endpoint: str | None, rank: int | None) -> str | None:
+    """Where vLLM publishes data-parallel rank ``rank``'s stream of ``endpoint``: the tcp
+    port plus the rank (vLLM's ``offset_endpoint_port``)."""
+    if endpoint is None or not rank:
+        return endpoint
+    head, sep, port = endpoint.rpartition(":")
+    return f"{head}:{int(port) + rank}" if sep and port.isdigit() else endpoint
