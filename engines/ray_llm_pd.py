@@ -1,0 +1,121 @@
+"""Prefill-decode disaggregation with Ray Serve LLM's own PD application, on the tiny model.
+
+    from engines.ray_llm_pd import pd_app
+    serve.run(pd_app(storage_path="/tmp/kv"), name="kvroute-pd", route_prefix="/")
+
+``pd_app`` returns what ``ray.serve.llm.build_pd_openai_app(PDServingArgs(...))`` builds:
+Ray's OpenAI ingress -> ``Decode:<model>`` (Ray's ``PDDecodeServer``: owns a decode engine
+and orchestrates) -> ``Prefill:<model>`` (Ray's ``PDPrefillServer``). Per request the decode
+replica sends the prefill deployment a copy clamped to one token with
+``kv_transfer_params`` ``do_remote_decode`` (Ray's ``DefaultConnectorBackend``, used for any
+connector Ray has no backend for), then runs the request on its own engine with the
+prefill's ``kv_transfer_params``. The prefill deployment's handle (in the decode replica)
+routes with ``request_router_config`` from the prefill ``LLMConfig``'s ``deployment_config``:
+kvroute's ``CacheAwareRouter`` by default, with the model's tokenizer and block size, as
+``engines.ray_llm`` configures it for a flat pool.
+
+KV moves with vLLM's ``ExampleConnector`` (the former ``SharedStorageConnector``): prefill
+engines (``kv_producer``) write each new prompt's KV as safetensors files under
+``storage_path``, the decode engines (``kv_consumer``) load it (vLLM logs "External Cache
+Hit!" and counts ``vllm:external_prefix_cache_hits`` and ``vllm:prompt_tokens_by_source
+{source="external_kv_transfer"}``). It stores a prompt under a hash of the prompt cut to a
+block multiple and looks it up by ``len - 1`` tokens cut the same way: a prompt of
+``k * block_size + 1`` tokens is never found, and the decode engine computes it itself.
+Entries are per prompt, not per block: a prompt is found only when its block-cut tokens
+equal a stored prompt's (prompts differing only in their last partial block share one).
+Every replica needs the same ``storage_path`` (one machine, or a shared file system).
+
+CPU constraints (vLLM 0.32 CPU build, this project's machine): ``block_size`` a multiple
+of 32; ``VLLM_CPU_KVCACHE_SPACE=1`` GiB per engine and no OpenMP pinning (the defaults of
+``engines.ray_llm.build_llm_config``); NIXL (and the other connectors Ray knows) is not
+installed, so ``ExampleConnector`` is the connector that works. Ray places each replica
+in a ``{"CPU": 2}`` bundle (replica actor + engine): start Ray with enough logical CPUs
+for ``2 * (prefill_replicas + decode_replicas)`` plus the ingress first (e.g.
+``ray.init(num_cpus=16)``), or ``build_pd_openai_app`` starts a local Ray itself.
+
+Ray's PD builder picks its own server classes (``PDPrefillServer``/``PDDecodeServer``;
+``LLMConfig.server_cls`` is not used), so the replicas are plain ``LLMServer`` s: they do
+not send kvroute's routing stats (load, KV-event endpoints, tokenizer fingerprint), and
+``CacheAwareRouter`` routes the prefill pool on what it learns from its own decisions
+(no KV events; the KV-event publisher is therefore left off), and tokenizes prompts itself
+without sending the ids.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from engines.ray_llm import build_llm_config
+
+#: The request router ``pd_app`` gives the prefill deployment by default.
+CACHE_AWARE_ROUTER = "router:CacheAwareRouter"
+
+
+def _kv_transfer_config(role: str, storage_path: str | Path) -> dict[str, Any]:
+    return {"kv_connector": "ExampleConnector", "kv_role": role,
+            "kv_connector_extra_config": {"shared_storage_path": str(storage_path)}}
+
+
+def _router_config(router: str | dict | Any | None, model_path: str, block_size: int,
+                   router_options: dict | None) -> dict | Any | None:
+    if router is None or not isinstance(router, str):
+        return router  # None (Serve's default router), a dict or a RequestRouterConfig as given
+    if router == CACHE_AWARE_ROUTER:
+        from router import cache_aware_router_config
+
+        options = {"policy": "cache_aware", "tokenizer": model_path, "block_size": block_size,
+                   **(router_options or {})}
+        return cache_aware_router_config(**options)
+    return {"request_router_class": router, "request_router_kwargs": dict(router_options or {})}
+
+
+def pd_llm_configs(model_path: str | Path | None = None, *, storage_path: str | Path, model_id: str = "tiny-llama",
+                   prefill_replicas: int = 2, decode_replicas: int = 1, router: str | dict | Any | None = CACHE_AWARE_ROUTER,
+                   router_options: dict | None = None, block_size: int = 32, max_model_len: int = 1024,
+                   engine_kwargs: dict | None = None, env_vars: dict | None = None) -> tuple[Any, Any]:
+    """The prefill and decode ``LLMConfig`` s of ``pd_app`` (see there)."""
+    from engines.tiny_model import build_tiny_model
+
+    path = str(build_tiny_model(model_path))
+    configs = []
+    for role, replicas, request_router in (("kv_producer", prefill_replicas, _router_config(router, path, block_size, router_options)),
+                                           ("kv_consumer", decode_replicas, None)):
+        kwargs = {"kv_events_config": None, **(engine_kwargs or {}),
+                  "kv_transfer_config": _kv_transfer_config(role, storage_path)}
+        config = build_llm_config(path, model_id=model_id, num_replicas=replicas, block_size=block_size,
+                                  max_model_len=max_model_len, request_router_config=request_router,
+                                  engine_kwargs=kwargs, env_vars=env_vars, server_cls=None)
+        # Ray's PD servers report no KV-event endpoint to a kvroute router: no publisher.
+        config.engine_kwargs = {k: v for k, v in config.engine_kwargs.items() if v is not None}
+        configs.append(config)
+    return configs[0], configs[1]
+
+
+def pd_serving_args(model_path: str | Path | None = None, **options: Any):
+    """Ray's ``PDServingArgs`` over ``pd_llm_configs(model_path, **options)`` (validated:
+    same model id, a ``kv_transfer_config`` in both legs)."""
+    from ray.llm._internal.serve.serving_patterns.prefill_decode.builder import PDServingArgs
+
+    prefill, decode = pd_llm_configs(model_path, **options)
+    return PDServingArgs(prefill_config=prefill, decode_config=decode)
+
+
+def pd_app(model_path: str | Path | None = None, *, storage_path: str | Path, prefill_replicas: int = 2,
+           decode_replicas: int = 1, router: str | dict | Any | None = CACHE_AWARE_ROUTER,
+           block_size: int = 32, **options: Any):
+    """Ray Serve LLM's PD application (``build_pd_openai_app``) for the tiny model (built
+    if needed): ``prefill_replicas`` prefill and ``decode_replicas`` decode engines,
+    ``ExampleConnector`` through ``storage_path`` (producer on prefill, consumer on
+    decode), the prefill deployment routed by ``router`` (default kvroute's
+    ``CacheAwareRouter`` with the model's tokenizer and ``block_size``; ``None``: Serve's
+    default; a dict or ``RequestRouterConfig``: as given; another class path: that class
+    with ``router_options`` as its kwargs). Further ``options`` go to ``pd_llm_configs``
+    (``model_id``, ``router_options``, ``max_model_len``, ``engine_kwargs``, ``env_vars``).
+    The ingress serves ``/v1/...`` for ``model_id``; start Ray with enough logical CPUs
+    first (module docstring)."""
+    from ray.serve.llm import build_pd_openai_app
+
+    return build_pd_openai_app(pd_serving_args(model_path, storage_path=storage_path,
+                                               prefill_replicas=prefill_replicas, decode_replicas=decode_replicas,
+                                               router=router, block_size=block_size, **options))
