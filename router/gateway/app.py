@@ -193,6 +193,7 @@ class Gateway:
         server); the gateway's retries and the KV-event totals."""
         core, streams = self.service.core, self.service.kv_stream_stats()
         rows = []
+
         def cache_of(replica: str) -> dict:
             out: dict = {}
             if replica in core.replicas:
