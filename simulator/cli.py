@@ -38,11 +38,23 @@ def add_parser(sub: argparse._SubParsersAction, positive_int, write_json) -> Non
     p.add_argument("--profile", default="llama3-8b-h100", help="latency profile name or JSON file "
                                                              "(built in: llama3-8b-h100, qwen2.5-32b-h200)")
     p.add_argument("--rate-scale", type=float, default=1.0, help="speed arrivals up (2 = twice the rate)")
+    p.add_argument("--rate-profile", metavar="S:X[,S:X...]",
+                   help="a rate over time: S seconds at X times the rate, in turn (the last X holds after), "
+                        "e.g. a ramp 120:1,120:4,240:1")
     p.add_argument("--kv-event-delay", type=float, default=0.01, help="seconds before KV events reach routers")
     p.add_argument("--no-kv-events", action="store_true", help="routers learn only from their own routing")
     p.add_argument("--host-slots", type=float, metavar="S",
                    help="all replicas share one machine's compute, which runs S engines' steps at full speed "
                         "at once (CPU engines on one host; default: each replica on its own accelerator)")
+    auto = p.add_argument_group("autoscaling (simulator.autoscale: Ray Serve's default policy)")
+    auto.add_argument("--autoscale", metavar="MIN:MAX",
+                      help="scale between MIN and MAX replicas on queue length (--replicas is the starting count)")
+    auto.add_argument("--target-ongoing-requests", type=float, default=2.0,
+                      help="requests queued and running per replica the policy aims at (Serve's default 2)")
+    auto.add_argument("--upscale-delay", type=float, default=30.0, help="seconds a wish to scale up must hold (30)")
+    auto.add_argument("--downscale-delay", type=float, default=600.0,
+                      help="seconds a wish to scale down must hold (600)")
+    auto.add_argument("--startup", type=float, default=30.0, help="seconds a new replica takes to come up (30)")
     pd = p.add_argument_group("prefill-decode disaggregation (simulator.pd; docs/pd.md)")
     pd.add_argument("--prefill-replicas", type=positive_int, metavar="N",
                     help="a PD deployment: N prefill replicas (with --decode-replicas; replaces --replicas)")
@@ -119,7 +131,28 @@ def load_requests(args: argparse.Namespace) -> tuple[list, str, int]:
             requests = list(workloads.scale_rate(requests, args.rate_scale))
         except ValueError as exc:
             raise ConfigError("rate_scale", str(exc)) from None
+    if getattr(args, "rate_profile", None):
+        try:
+            phases = [(float(s), float(x)) for s, _, x in (part.partition(":") for part in args.rate_profile.split(","))]
+            requests = list(workloads.rate_profile(requests, phases))
+        except ValueError as exc:
+            raise ConfigError("rate_profile", f"expected S:X[,S:X...] (seconds:multiplier), {exc}") from None
     return requests, label, block
+
+
+def _autoscale_of(args: argparse.Namespace) -> Any:
+    """The autoscaling configuration the flags ask for, or None."""
+    from simulator.autoscale import AutoscaleConfig
+
+    if args.autoscale is None:
+        return None
+    low, sep, high = args.autoscale.partition(":")
+    if not sep or not low.isdigit() or not high.isdigit():
+        raise ConfigError("autoscale", f"expected MIN:MAX replicas, e.g. 1:4, got {args.autoscale!r}")
+    return AutoscaleConfig(min_replicas=int(low), max_replicas=int(high),
+                           target_ongoing_requests=args.target_ongoing_requests,
+                           upscale_delay_s=args.upscale_delay, downscale_delay_s=args.downscale_delay,
+                           startup_s=args.startup)
 
 
 def _pd_of(args: argparse.Namespace) -> tuple[Any, list]:
@@ -164,7 +197,7 @@ def _simulate(args: argparse.Namespace, write_json) -> int:
     names = [] if pd is not None else args.policy or policies.available()
     progress = Progress()
     cluster_options = {"kv_event_delay_s": args.kv_event_delay, "kv_events": not args.no_kv_events,
-                       "host_slots": args.host_slots}
+                       "host_slots": args.host_slots, "autoscale": _autoscale_of(args)}
     doc = simulate(requests, trace=label, replicas=args.replicas, policies_to_run=names,
                    block_size=args.block_size or default_block, kv_blocks=args.kv_blocks, profile=profile,
                    routers=args.routers, seed=args.seed, cluster_options=cluster_options,
@@ -204,6 +237,14 @@ def format_table(doc: dict[str, Any]) -> str:
         lines.append(f"{r['policy']:<{w}} {r['hit_rate'] * 100:>6.1f} {ms(r['ttft_p50_s']):>9} {ms(r['ttft_p90_s']):>7} "
                      f"{ms(r['ttft_p99_s']):>7} {ms(r['tpot_p50_s']):>9} {ms(r['e2e_p50_s']):>8} {tput:>8} "
                      f"{share:>8} {r['preemptions']:>7} {r['completed']:>6} {r['wall_s']:>6.1f}")
+    if any("autoscale" in r for r in doc["results"]):
+        lines.append(f"{'policy':<{w}} {'max replicas':>12} {'replica s':>10} {'started':>8} {'drained':>8}  "
+                     "replicas over time (s: count)")
+        for r in doc["results"]:
+            a = r["autoscale"]
+            timeline = ", ".join(f"{t:g}: {n}" for t, n in a["timeline"][:12])
+            lines.append(f"{r['policy']:<{w}} {a['max_replicas']:>12} {a['replica_seconds']:>10.0f} "
+                         f"{a['started']:>8} {a['drained']:>8}  {timeline}{' ...' if len(a['timeline']) > 12 else ''}")
     if pd:
         lines.append(f"{'plan':<{w}} {'remote':>7} {'local':>6} {'moved tok':>10} {'xfer p99 ms':>11} "
                      f"{'P max/fair':>10} {'D max/fair':>10}  (prefill, decode policies; rule)")

@@ -28,6 +28,7 @@ from router.core import RoutingCore
 from router.errors import ConfigError
 from router.events import AllBlocksCleared, BlocksRemoved, BlocksStored
 from router.profile import DEFAULT_PROFILE, LatencyProfile
+from simulator.autoscale import AutoscaleConfig, Autoscaler
 from simulator.kernel import PRIORITY_ARRIVAL, PRIORITY_CLUSTER, PRIORITY_EVENTS, Kernel
 from simulator.metrics import RunMetrics
 from simulator.replica import EngineReplica, EngineRequest, SharedHost
@@ -91,6 +92,9 @@ class ClusterConfig:
     # (simulator.replica.SharedHost: processor sharing), e.g. CPU engines on one host.
     host_slots: float | None = None
     router_options: dict[str, Any] = field(default_factory=dict)
+    # Replicas added and drained by Ray Serve's default autoscaling policy
+    # (simulator.autoscale); ``replicas`` is then the starting count.
+    autoscale: AutoscaleConfig | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -106,6 +110,10 @@ class ClusterConfig:
                 raise ConfigError(name, f"must be a number >= 0, got {value!r}")
         if self.report_interval_s == 0:
             raise ConfigError("report_interval_s", "must be > 0")
+        if self.autoscale is not None and not (self.autoscale.min_replicas <= self.replicas
+                                               <= self.autoscale.max_replicas):
+            raise ConfigError("replicas", f"the starting count ({self.replicas}) must be within the autoscaling "
+                                          f"bounds [{self.autoscale.min_replicas}, {self.autoscale.max_replicas}]")
         if self.host_slots is not None and (isinstance(self.host_slots, bool)
                                             or not isinstance(self.host_slots, (int, float))
                                             or not math.isfinite(self.host_slots) or self.host_slots <= 0):
@@ -158,6 +166,17 @@ class Cluster:
             kernel.schedule(change.at_s, self._apply_change, change, priority=PRIORITY_CLUSTER)
         kernel.schedule(config.report_interval_s, self._report, priority=PRIORITY_EVENTS)
         self._done = False
+        # Autoscaling: the policy's state, the replicas it started (names ``auto-K``) in
+        # start order, those still starting, and (time, replicas routable) at each change.
+        self.autoscaler = Autoscaler(config.autoscale) if config.autoscale is not None else None
+        self._auto_started: list[str] = []
+        self._starting = 0
+        self._auto_count = 0
+        self._auto_drained = 0
+        self.scale_events: list[tuple[float, int]] = [(0.0, len(self.routable))]
+        if self.autoscaler is not None:
+            kernel.schedule(0.0, self._autoscale_sample, priority=PRIORITY_EVENTS)
+            kernel.schedule(config.autoscale.control_interval_s, self._autoscale_decide, priority=PRIORITY_CLUSTER)
 
     # -- replicas --------------------------------------------------------------------------
     def _add_engine(self, name: str) -> None:
@@ -254,6 +273,70 @@ class Cluster:
             # routers apply those stale events first and this clears them.
             self._kv_event(name, AllBlocksCleared())
         self._publish_replicas()
+
+    # -- autoscaling -----------------------------------------------------------------------
+    def _ongoing(self) -> int:
+        """Requests queued at and running on the routable replicas (what Serve's replicas
+        report as ongoing)."""
+        engines = self.engines
+        return sum(len(engines[name].waiting) + len(engines[name].running) for name in self.routable)
+
+    def _autoscale_sample(self) -> None:
+        self.autoscaler.observe(self.kernel.now, self._ongoing())
+        if not self._done:
+            self.kernel.schedule(self.kernel.now + self.config.autoscale.metrics_interval_s, self._autoscale_sample,
+                                 priority=PRIORITY_EVENTS)
+
+    def _autoscale_decide(self) -> None:
+        now = self.kernel.now
+        cfg = self.config.autoscale
+        current = len(self.routable) + self._starting
+        target = self.autoscaler.decide(now, current)
+        for _ in range(target - current):  # up: cold replicas, routable once started
+            self._auto_count += 1
+            self._starting += 1
+            self.kernel.schedule(now + cfg.startup_s, self._autoscale_started, f"auto-{self._auto_count}",
+                                 priority=PRIORITY_CLUSTER)
+        if target < current:  # down: drain the newest routable replicas (the coldest caches)
+            for name in sorted(self.routable, key=self._start_order, reverse=True)[:current - target]:
+                self.routable.remove(name)
+                self._auto_drained += 1
+            self._publish_replicas()
+            self._record_scale(now)
+        if not self._done:
+            self.kernel.schedule(now + cfg.control_interval_s, self._autoscale_decide, priority=PRIORITY_CLUSTER)
+
+    def _start_order(self, name: str) -> tuple[int, int]:
+        """Older first: the starting replicas in their order, then the autoscaler's."""
+        started = self._auto_started
+        return (1, started.index(name)) if name in started else (0, int(name.rpartition("-")[2]))
+
+    def _autoscale_started(self, name: str) -> None:
+        self._starting -= 1
+        self._add_engine(name)
+        self._auto_started.append(name)
+        self._publish_replicas()
+        self._record_scale(self.kernel.now)
+
+    def _record_scale(self, now: float) -> None:
+        events = self.scale_events
+        if events[-1][0] == now:  # several replicas at one instant: one point
+            events[-1] = (now, len(self.routable))
+        else:
+            events.append((now, len(self.routable)))
+
+    def autoscale_summary(self) -> dict[str, Any] | None:
+        """Replicas over time (``(t, routable)`` at each change), the most used, replica
+        seconds (the integral up to the last event) and the counts of replicas started and
+        drained; None without autoscaling."""
+        if self.autoscaler is None:
+            return None
+        events = self.scale_events
+        end = self.kernel.now
+        seconds = sum(n * ((events[i + 1][0] if i + 1 < len(events) else end) - t) for i, (t, n) in enumerate(events))
+        return {"timeline": [[round(t, 6), n] for t, n in events], "max_replicas": max(n for _, n in events),
+                "replica_seconds": round(seconds, 3), "started": len(self._auto_started),
+                "drained": self._auto_drained}
 
     # -- requests --------------------------------------------------------------------------
     def submit(self, request_id: int, arrival_s: float, prompt_tokens: int, output_tokens: int,

@@ -207,6 +207,8 @@ class PDCluster:
                  metrics: RunMetrics | None = None) -> None:
         if config.changes:
             raise ConfigError("changes", "replica changes are not simulated with PD disaggregation")
+        if config.autoscale is not None:
+            raise ConfigError("autoscale", "autoscaling is not simulated with PD disaggregation")
         self.kernel = kernel
         self.config = config
         self.pd = pd

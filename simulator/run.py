@@ -72,6 +72,8 @@ def run_policy(requests: Iterable[SimRequest], config: ClusterConfig, policy: st
         "kv_events_unknown_replica": sum(s.kv_events_unknown_replica for s in stats),
         "invalid_tiers": sum(s.invalid_tiers for s in stats),
     }
+    if getattr(cluster, "autoscaler", None) is not None:
+        row["autoscale"] = cluster.autoscale_summary()
     if pd is not None:
         row["pd"] = cluster.pd_summary()
         # Each pool's own balance: the flat figure would divide by both pools' replicas.

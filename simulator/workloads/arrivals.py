@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 
 from simulator.workloads.model import SimRequest, WorkloadError
 
@@ -141,3 +141,36 @@ def scale_rate(requests: Iterable[SimRequest], rate_scale: float) -> Iterator[Si
     scale = _check_rate(rate_scale, "rate_scale")
     return (SimRequest(r.request_id, r.arrival_s / scale, r.prompt_tokens, r.output_tokens, r.content, r.session_id)
             for r in requests)
+
+
+def rate_profile(requests: Iterable[SimRequest], phases: Sequence[tuple[float, float]]) -> Iterator[SimRequest]:
+    """The same requests under a time-varying rate: ``phases`` are ``(seconds, multiplier)``
+    in order (the last multiplier holds after them); while a phase lasts, requests arrive
+    ``multiplier`` times as fast as in ``requests`` (a ramp: ``[(120, 1), (120, 4), (240,
+    1)]``). A request at original time t arrives at the tau where the integral of the
+    multiplier from 0 to tau equals t: order and spacing within a phase are kept. Each
+    duration must be >= 0 and each multiplier a finite number > 0 (``WorkloadError``
+    naming ``rate_profile``). Lazy, O(phases) memory."""
+    checked = []
+    for seconds, multiplier in phases:
+        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not math.isfinite(seconds) \
+                or seconds < 0:
+            raise WorkloadError(f"phase durations must be >= 0, got {seconds!r}", field="rate_profile")
+        checked.append((float(seconds), _check_rate(multiplier, "rate_profile")))
+    if not checked:
+        raise WorkloadError("needs at least one (seconds, multiplier) phase", field="rate_profile")
+    return _profiled(iter(requests), checked)
+
+
+def _profiled(requests: Iterator[SimRequest], phases: list[tuple[float, float]]) -> Iterator[SimRequest]:
+    start_new = 0.0   # the phase's start, in new time
+    start_old = 0.0   # and in the original time it corresponds to
+    index = 0
+    for r in requests:
+        # Advance to the phase holding the original time r.arrival_s.
+        while index < len(phases) - 1 and r.arrival_s >= start_old + phases[index][0] * phases[index][1]:
+            start_old += phases[index][0] * phases[index][1]
+            start_new += phases[index][0]
+            index += 1
+        t = start_new + (r.arrival_s - start_old) / phases[index][1]
+        yield SimRequest(r.request_id, t, r.prompt_tokens, r.output_tokens, r.content, r.session_id)
