@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 from router.errors import ConfigError
@@ -94,6 +94,22 @@ class LatencyProfile:
     def to_json(self) -> dict:
         return asdict(self)
 
+    def slowed(self, factor: float) -> LatencyProfile:
+        """The same engine ``factor`` times slower (every step-time constant multiplied;
+        limits, KV capacity and the request overhead unchanged): a replica on older or
+        smaller accelerators in a mixed fleet. ``factor`` 1 returns this profile."""
+        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not math.isfinite(factor) \
+                or factor <= 0:
+            raise ConfigError("profile.slowdown", f"must be a finite number > 0, got {factor!r}")
+        if factor == 1:
+            return self
+        scaled = {name: getattr(self, name) * factor for name in _STEP_FIELDS}
+        return replace(self, name=f"{self.name}x{factor:g}-slower", **scaled)
+
+
+#: The step-time constants (``LatencyProfile.slowed`` scales them).
+_STEP_FIELDS = ("step_overhead_s", "prefill_s_per_token", "decode_s_per_seq", "attention_s_per_context_token",
+                "prefill_attention_s_per_pair")
 
 LLAMA3_8B_H100 = LatencyProfile(
     name="llama3-8b-h100",

@@ -66,6 +66,9 @@ def add_parser(sub: argparse._SubParsersAction, positive_int, write_json) -> Non
     pd.add_argument("--transfer-latency-ms", type=float, default=1.0, help="fixed latency of one KV transfer")
     pd.add_argument("--kv-bytes-per-token", type=positive_int, default=131_072,
                     help="KV bytes per token (default 131072: Llama-3-8B in bf16)")
+    p.add_argument("--replica-speeds", metavar="X[,X...]",
+                   help="a mixed fleet: each replica's speed relative to --profile (one per replica; 0.5 = "
+                        "twice as slow), e.g. 1,1,1,1,0.5,0.5,0.5,0.5")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", metavar="PATH", help="write the results as JSON")
     p.add_argument("--plot", metavar="DIR", help="write plots (needs kvroute[plot])")
@@ -140,6 +143,16 @@ def load_requests(args: argparse.Namespace) -> tuple[list, str, int]:
     return requests, label, block
 
 
+def _speeds_of(args: argparse.Namespace) -> tuple[float, ...]:
+    if not args.replica_speeds:
+        return ()
+    try:
+        return tuple(float(x) for x in args.replica_speeds.split(","))
+    except ValueError:
+        raise ConfigError("replica_speeds", f"expected numbers separated by commas, got {args.replica_speeds!r}") \
+            from None
+
+
 def _autoscale_of(args: argparse.Namespace) -> Any:
     """The autoscaling configuration the flags ask for, or None."""
     from simulator.autoscale import AutoscaleConfig
@@ -197,7 +210,8 @@ def _simulate(args: argparse.Namespace, write_json) -> int:
     names = [] if pd is not None else args.policy or policies.available()
     progress = Progress()
     cluster_options = {"kv_event_delay_s": args.kv_event_delay, "kv_events": not args.no_kv_events,
-                       "host_slots": args.host_slots, "autoscale": _autoscale_of(args)}
+                       "host_slots": args.host_slots, "autoscale": _autoscale_of(args),
+                       "replica_speeds": _speeds_of(args)}
     doc = simulate(requests, trace=label, replicas=args.replicas, policies_to_run=names,
                    block_size=args.block_size or default_block, kv_blocks=args.kv_blocks, profile=profile,
                    routers=args.routers, seed=args.seed, cluster_options=cluster_options,

@@ -95,6 +95,9 @@ class ClusterConfig:
     # Replicas added and drained by Ray Serve's default autoscaling policy
     # (simulator.autoscale); ``replicas`` is then the starting count.
     autoscale: AutoscaleConfig | None = None
+    # A mixed fleet: each starting replica's speed relative to the profile (0.5: twice as
+    # slow); empty = all at the profile's speed. Replicas added later run at full speed.
+    replica_speeds: tuple[float, ...] = ()
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -110,6 +113,13 @@ class ClusterConfig:
                 raise ConfigError(name, f"must be a number >= 0, got {value!r}")
         if self.report_interval_s == 0:
             raise ConfigError("report_interval_s", "must be > 0")
+        if self.replica_speeds and len(self.replica_speeds) != self.replicas:
+            raise ConfigError("replica_speeds", f"needs one speed per replica ({self.replicas}), "
+                                                f"got {len(self.replica_speeds)}")
+        for speed in self.replica_speeds:
+            if isinstance(speed, bool) or not isinstance(speed, (int, float)) or not math.isfinite(speed) \
+                    or speed <= 0:
+                raise ConfigError("replica_speeds", f"each speed must be a finite number > 0, got {speed!r}")
         if self.autoscale is not None and not (self.autoscale.min_replicas <= self.replicas
                                                <= self.autoscale.max_replicas):
             raise ConfigError("replicas", f"the starting count ({self.replicas}) must be within the autoscaling "
@@ -189,8 +199,12 @@ class Cluster:
             retired["evictions"] += old.pool.evictions
             retired["steps"] += old.steps
         cfg = self.config
+        profile = cfg.profile
+        index = int(name.rpartition("-")[2]) if name.startswith("replica-") else -1
+        if cfg.replica_speeds and 0 <= index < len(cfg.replica_speeds):
+            profile = profile.slowed(1 / cfg.replica_speeds[index])
         engine = EngineReplica(
-            name, self.kernel, cfg.profile, num_blocks=cfg.blocks_per_replica, block_size=cfg.block_size,
+            name, self.kernel, profile, num_blocks=cfg.blocks_per_replica, block_size=cfg.block_size,
             max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=cfg.max_num_batched_tokens,
             fast_decode=cfg.fast_decode, host=self.host,
             on_first_token=self._on_first_token, on_finished=self._on_finished,
