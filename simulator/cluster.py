@@ -169,6 +169,7 @@ class Cluster:
         # Counters of engines replaced by a restart, so engine_totals still counts them.
         self._retired_totals = {"preemptions": 0, "evictions": 0, "steps": 0}
         _check_changes(config)
+        self._speeds = dict(zip((f"replica-{i}" for i in range(config.replicas)), config.replica_speeds))
         for i in range(config.replicas):
             self._add_engine(f"replica-{i}")
         self._publish_replicas()
@@ -199,10 +200,8 @@ class Cluster:
             retired["evictions"] += old.pool.evictions
             retired["steps"] += old.steps
         cfg = self.config
-        profile = cfg.profile
-        index = int(name.rpartition("-")[2]) if name.startswith("replica-") else -1
-        if cfg.replica_speeds and 0 <= index < len(cfg.replica_speeds):
-            profile = profile.slowed(1 / cfg.replica_speeds[index])
+        speed = self._speeds.get(name, 1.0)  # a restarted replica keeps its hardware's speed
+        profile = cfg.profile.slowed(1 / speed) if speed != 1.0 else cfg.profile
         engine = EngineReplica(
             name, self.kernel, profile, num_blocks=cfg.blocks_per_replica, block_size=cfg.block_size,
             max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=cfg.max_num_batched_tokens,
@@ -321,9 +320,9 @@ class Cluster:
             self.kernel.schedule(now + cfg.control_interval_s, self._autoscale_decide, priority=PRIORITY_CLUSTER)
 
     def _start_order(self, name: str) -> tuple[int, int]:
-        """Older first: the starting replicas in their order, then the autoscaler's."""
+        """Older first: the other replicas in the order they joined, then the autoscaler's."""
         started = self._auto_started
-        return (1, started.index(name)) if name in started else (0, int(name.rpartition("-")[2]))
+        return (1, started.index(name)) if name in started else (0, self.metrics.replica_index(name))
 
     def _autoscale_started(self, name: str) -> None:
         self._starting -= 1
