@@ -406,8 +406,14 @@ class RoutingService:
             self.core.learn(replica, request.keys[known_keys:], self.now())
 
     def _seed(self, fields: RequestFields) -> int:
-        """The key seed of ``fields``'s namespace (model, adapter, salt)."""
+        """The key seed of ``fields``'s namespace (model, adapter, salt). A LoRA adapter's
+        request names the adapter as its model (Ray Serve LLM: ``base:adapter``; ``vllm
+        serve``: the adapter's own name), but the engine keys the adapter's blocks under
+        its base model, with the adapter as ``lora_name`` (``router.kv_events``): such a
+        request is keyed under the engines' model too, or no KV event would confirm it."""
         model = fields.model or self.default_model
+        if fields.lora and self.default_model:
+            model = self.default_model
         return namespace_seed(model, fields.lora, fields.cache_salt) if model or fields.lora or fields.cache_salt \
             else DEFAULT_SEED
 

@@ -99,7 +99,9 @@ class FakeWorker:
         return web.Response(status=500 if self.mode == "unhealthy" else 200)
 
     async def models(self, request):
-        return web.json_response({"object": "list", "data": [{"id": MODEL, "object": "model"}]})
+        # vLLM lists a LoRA adapter with its base model as ``parent``.
+        return web.json_response({"object": "list", "data": [{"id": MODEL, "object": "model"},
+                                                             {"id": "ad", "object": "model", "parent": MODEL}]})
 
     async def metrics(self, request):
         if self.dp > 1:
@@ -297,7 +299,9 @@ def test_data_parallel_ranks_are_replicas_of_their_own():
     conversation's turns stay on one rank, conversations spread over the ranks of both
     servers, and each rank gets its own engine report (its ``engine`` label's series)."""
     async def body(gateway, workers, client):
-        seen = await _conversations(client)
+        # 20 new conversations over 4 idle ranks, placed at random among equals: all on
+        # two or fewer ranks has a probability under 1e-5.
+        seen = await _conversations(client, conversations=20, turns=2)
         assert all(len(set(w)) == 1 for w in seen.values()), seen
         ranks = {(w.name, r) for w in workers for r in w.ranks}
         assert {r for _, r in ranks} <= {"0", "1"} and len(ranks) >= 3, ranks  # the ranks are used
@@ -314,6 +318,22 @@ def test_data_parallel_ranks_are_replicas_of_their_own():
         async with client.get("/metrics") as resp:
             assert f'{workers[0].url}#dp1' in await resp.text()
     _run(_with_gateway(2, body, dp=2))
+
+
+def test_a_lora_adapters_requests_are_keyed_as_the_adapters():
+    """A model the workers list with a ``parent`` is a LoRA adapter: its requests are
+    parsed with it as their adapter, and keyed under the base model the engines report
+    (where vLLM's KV events put the adapter's blocks)."""
+    from router.keys import namespace_seed
+
+    async def body(gateway, workers, client):
+        pool, service = gateway.pool, gateway.service
+        assert pool.adapter("ad") == "ad" and pool.adapter(MODEL) == "" and pool.adapter(None) == ""
+        async with client.post("/v1/chat/completions", json={**_chat("hello adapter"), "model": "ad"}) as resp:
+            assert resp.status == 200
+        fields = service.parse({"model": "ad", "prompt": "x"}, lora=pool.adapter("ad"))
+        assert service._seed(fields) == namespace_seed(MODEL, "ad")
+    _run(_with_gateway(1, body))
 
 
 def test_the_same_conversations_split_without_the_cache_aware_policy():

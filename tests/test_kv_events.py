@@ -767,3 +767,27 @@ def test_vllm_publisher_round_trip_with_gap_recovery(vk):
         sub.stop()
         pub._pub = real_pub
         pub.shutdown()
+
+
+@pytest.mark.parametrize("model", ["base:adapter-x", "adapter-x", ""])
+def test_an_adapters_request_is_keyed_like_the_engines_events_for_it(model):
+    """A LoRA request names the adapter as its model (Ray Serve LLM: ``base:adapter``;
+    ``vllm serve``: the adapter's name) while the engine keys the adapter's blocks under
+    its base model with ``lora_name`` set: the routing service keys the request under the
+    engines' model, so their KV events confirm what it routed (found live: they never did)."""
+    from router.service import RoutingService
+
+    service = RoutingService({"policy": "round_robin", "block_size": 4, "kv_events": False})
+    try:
+        service.set_replicas(["r"])
+        service.engine_report("r", {"model": "base"})
+        tokens = list(range(100, 124))
+        fields = service.parse({"model": model, "prompt": tokens}, lora="base:adapter-x")
+        request = service.key(fields, None, "x")
+        key_map = ReplicaKeyMap(4, "base")
+        events = chain_events(tokens, 4, [2], list(range(6)), lora_name="base:adapter-x")
+        assert list(request.keys) == [key for e in key_map.translate_all(events) for key in e.keys]
+        plain = service.key(service.parse({"model": "base", "prompt": tokens}), None, "y")
+        assert not set(plain.keys) & set(request.keys)  # the base model's blocks stay apart
+    finally:
+        service.close()

@@ -268,7 +268,7 @@ class Gateway:
         session = session_of(request.headers, body)
         routing_body = body if session is None or body.get("session_id") == session else \
             {**body, "session_id": session}
-        fields = service.parse(routing_body)
+        fields = service.parse(routing_body, lora=self.pool.adapter(body.get("model")))
         # The body goes to the worker as it came (the server tokenizes it), so the ids
         # are only for keys: a turn that extends a cached conversation is keyed on its
         # cached leading pieces at once, its new text encoded on the pool meanwhile and

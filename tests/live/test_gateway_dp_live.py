@@ -60,10 +60,12 @@ def _prefix_hits(server) -> dict[str, float]:
 def test_each_rank_is_a_replica_with_its_own_cache_and_kv_events(gateway, server):
     ranks = [f"{server.url}#dp0", f"{server.url}#dp1"]
     where: dict[int, list[str]] = {}
-    for i in range(6):
+    # New conversations go to either rank at random when both are idle: with 12, all on
+    # one rank has a probability of 2 / 2**12.
+    for i in range(12):
         system = f"Conversation {i} of the data-parallel test. " + "Keep the cache warm and answer briefly. " * 10
         messages = [{"role": "system", "content": system}]
-        for turn in range(3):
+        for turn in range(2):
             messages.append({"role": "user", "content": f"Question {turn} of conversation {i}?"})
             status, answer, headers = _post(gateway.url + "/v1/chat/completions",
                                             {"model": "tiny", "messages": messages, "max_tokens": 4,
