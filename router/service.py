@@ -410,10 +410,11 @@ class RoutingService:
         request names the adapter as its model (Ray Serve LLM: ``base:adapter``; ``vllm
         serve``: the adapter's own name), but the engine keys the adapter's blocks under
         its base model, with the adapter as ``lora_name`` (``router.kv_events``): such a
-        request is keyed under the engines' model too, or no KV event would confirm it."""
+        request is keyed under the engines' model too (or under the base model the caller
+        names: the gateway passes the adapter's ``parent``), or no KV event would confirm it."""
         model = fields.model or self.default_model
-        if fields.lora and self.default_model:
-            model = self.default_model
+        if fields.lora and model == fields.lora and self.default_model:
+            model = self.default_model  # the adapter's id as the model: the engines' model
         return namespace_seed(model, fields.lora, fields.cache_salt) if model or fields.lora or fields.cache_salt \
             else DEFAULT_SEED
 

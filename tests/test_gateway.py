@@ -328,11 +328,16 @@ def test_a_lora_adapters_requests_are_keyed_as_the_adapters():
 
     async def body(gateway, workers, client):
         pool, service = gateway.pool, gateway.service
-        assert pool.adapter("ad") == "ad" and pool.adapter(MODEL) == "" and pool.adapter(None) == ""
+        assert pool.adapter_base("ad") == MODEL and pool.adapter_base(MODEL) == "" and pool.adapter_base(None) == ""
+        seen = []
+        original = service.parse
+        service.parse = lambda body, lora="": seen.append((body.get("model"), lora)) or original(body, lora)
         async with client.post("/v1/chat/completions", json={**_chat("hello adapter"), "model": "ad"}) as resp:
             assert resp.status == 200
-        fields = service.parse({"model": "ad", "prompt": "x"}, lora=pool.adapter("ad"))
-        assert service._seed(fields) == namespace_seed(MODEL, "ad")
+            assert (await resp.json())["worker"] == "w0"
+        assert seen == [(MODEL, "ad")]  # parsed as the adapter, under its base model
+        assert workers[0].requests[-1]["model"] == "ad"  # the body goes out as sent
+        assert service._seed(original({"model": MODEL, "prompt": "x"}, "ad")) == namespace_seed(MODEL, "ad")
     _run(_with_gateway(1, body))
 
 

@@ -769,12 +769,13 @@ def test_vllm_publisher_round_trip_with_gap_recovery(vk):
         pub.shutdown()
 
 
-@pytest.mark.parametrize("model", ["base:adapter-x", "adapter-x", ""])
+@pytest.mark.parametrize("model", ["base:adapter-x", "base", ""])
 def test_an_adapters_request_is_keyed_like_the_engines_events_for_it(model):
-    """A LoRA request names the adapter as its model (Ray Serve LLM: ``base:adapter``;
-    ``vllm serve``: the adapter's name) while the engine keys the adapter's blocks under
-    its base model with ``lora_name`` set: the routing service keys the request under the
-    engines' model, so their KV events confirm what it routed (found live: they never did)."""
+    """A LoRA request names the adapter as its model (Ray Serve LLM: ``base:adapter``, the
+    multiplexed id too), or its base model (the gateway passes the adapter's ``parent``),
+    while the engine keys the adapter's blocks under its base model with ``lora_name`` set:
+    the routing service keys the request there, so the engines' KV events confirm what it
+    routed (found live: they never did)."""
     from router.service import RoutingService
 
     service = RoutingService({"policy": "round_robin", "block_size": 4, "kv_events": False})

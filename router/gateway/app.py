@@ -268,7 +268,10 @@ class Gateway:
         session = session_of(request.headers, body)
         routing_body = body if session is None or body.get("session_id") == session else \
             {**body, "session_id": session}
-        fields = service.parse(routing_body, lora=self.pool.adapter(body.get("model")))
+        base = self.pool.adapter_base(body.get("model"))
+        if base:  # a LoRA adapter: keyed as the adapter, under its base model
+            routing_body = {**routing_body, "model": base}
+        fields = service.parse(routing_body, lora=body["model"] if base else "")
         # The body goes to the worker as it came (the server tokenizes it), so the ids
         # are only for keys: a turn that extends a cached conversation is keyed on its
         # cached leading pieces at once, its new text encoded on the pool meanwhile and

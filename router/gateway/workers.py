@@ -147,17 +147,19 @@ class WorkerPool:
             self._sync()
         return True
 
-    def adapter(self, model: Any) -> str:
-        """``model`` when an admitted worker serves it as a LoRA adapter (vLLM lists one in
-        ``/v1/models`` with its base model as ``parent``), else "". The request is then
-        keyed as the adapter's, in the namespace of the engine's KV events."""
+    def adapter_base(self, model: Any) -> str:
+        """The base model of ``model`` when an admitted worker serves it as a LoRA adapter
+        (vLLM lists one in ``/v1/models`` with its base model as ``parent``), else "". The
+        request is then keyed as the adapter's under its base model, where the engine's KV
+        events put the adapter's blocks."""
         if not isinstance(model, str) or not model:
             return ""
         for worker in self.workers.values():
             if worker.admitted:
                 for card in worker.models:
-                    if card.get("id") == model and card.get("parent") not in (None, model):
-                        return model
+                    parent = card.get("parent")
+                    if card.get("id") == model and isinstance(parent, str) and parent and parent != model:
+                        return parent
         return ""
 
     def models(self) -> list[dict]:
