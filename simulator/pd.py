@@ -30,7 +30,8 @@ a flat pool. Both routers learn from their own pool's KV events and load reports
 
 Not modelled: the prefill replica keeping its blocks until the transfer ends (vLLM's
 delayed free), link sharing between decode replicas, layer-by-layer overlap of transfer
-and prefill, and replica changes (``ClusterConfig.changes`` is refused in PD mode).
+and prefill, and replica changes (``ClusterConfig.changes`` and ``autoscale`` are refused
+in PD mode).
 """
 
 from __future__ import annotations
