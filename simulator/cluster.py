@@ -136,6 +136,29 @@ class ClusterConfig:
         return max(1, self.profile.kv_capacity_tokens // self.block_size)
 
 
+class EventWire:
+    """KV events on their way from engines to routers: per replica, the events published
+    since the last delivery; the first schedules one delivery ``delay_s`` later, which hands
+    them to ``deliver(replica, events)`` in publication order (a later event never
+    overtakes an earlier one). O(1) per event; memory O(events in flight)."""
+
+    def __init__(self, kernel: Kernel, delay_s: float, deliver: Callable[[str, list], None]) -> None:
+        self.kernel = kernel
+        self.delay_s = delay_s
+        self.deliver = deliver
+        self._pending: dict[str, list] = {}
+
+    def publish(self, replica: str, event) -> None:
+        pending = self._pending.get(replica)
+        if pending is None:
+            pending = self._pending[replica] = []
+            self.kernel.schedule(self.kernel.now + self.delay_s, self._flush, replica, priority=PRIORITY_EVENTS)
+        pending.append(event)
+
+    def _flush(self, replica: str) -> None:
+        self.deliver(replica, self._pending.pop(replica, ()))
+
+
 class Cluster:
     """Replicas, routers and the plumbing between them for one run of one policy.
 
@@ -163,7 +186,7 @@ class Cluster:
         self.routable: list[str] = []
         self._in_flight: dict[int, tuple[int, EngineRequest, RouteRequest]] = {}
         self._next_router = 0
-        self._pending_events: dict[str, list] = {}
+        self._wire = EventWire(kernel, config.kv_event_delay_s, self._deliver_events)
         self._muted: set[str] = set()  # replicas whose load reports are off
         self.host = SharedHost(kernel, config.host_slots) if config.host_slots is not None else None
         # Counters of engines replaced by a restart, so engine_totals still counts them.
@@ -407,15 +430,9 @@ class Cluster:
 
     # -- engine -> routers -----------------------------------------------------------------
     def _kv_event(self, replica: str, event) -> None:
-        pending = self._pending_events.get(replica)
-        if pending is None:
-            pending = self._pending_events[replica] = []
-            self.kernel.schedule(self.kernel.now + self.config.kv_event_delay_s, self._deliver_events,
-                                 replica, priority=PRIORITY_EVENTS)
-        pending.append(event)
+        self._wire.publish(replica, event)
 
-    def _deliver_events(self, replica: str) -> None:
-        events = self._pending_events.pop(replica, ())
+    def _deliver_events(self, replica: str, events: list) -> None:
         now = self.kernel.now
         for router in self.routers:
             for event in events:

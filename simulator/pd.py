@@ -45,7 +45,7 @@ from policies.base import RouteRequest
 from router.core import RoutingCore
 from router.errors import ConfigError
 from router.events import BlocksRemoved, BlocksStored
-from simulator.cluster import ClusterConfig
+from simulator.cluster import ClusterConfig, EventWire
 from simulator.kernel import PRIORITY_ENGINE, PRIORITY_EVENTS, Kernel
 from simulator.metrics import RunMetrics
 from simulator.replica import EngineReplica, EngineRequest, SharedHost
@@ -240,7 +240,7 @@ class PDCluster:
                 c.on_replicas_changed(names, now)
         self._in_flight: dict[int, _Flight] = {}
         self._link_free = dict.fromkeys(self.decode_names, 0.0)
-        self._pending_events: dict[str, list] = {}
+        self._wire = EventWire(kernel, config.kv_event_delay_s, self._deliver_events)
         self._next_router = 0
         self.counts = {"remote": 0, "local": 0, "transfer_tokens": 0, "decode_hit_tokens": 0}
         self.prefill_routed = dict.fromkeys(self.prefill_names, 0)
@@ -358,15 +358,9 @@ class PDCluster:
         return self.prefill_cores if replica.startswith("prefill-") else self.decode_cores
 
     def _kv_event(self, replica: str, event) -> None:
-        pending = self._pending_events.get(replica)
-        if pending is None:
-            pending = self._pending_events[replica] = []
-            self.kernel.schedule(self.kernel.now + self.config.kv_event_delay_s, self._deliver_events,
-                                 replica, priority=PRIORITY_EVENTS)
-        pending.append(event)
+        self._wire.publish(replica, event)
 
-    def _deliver_events(self, replica: str) -> None:
-        events = self._pending_events.pop(replica, ())
+    def _deliver_events(self, replica: str, events: list) -> None:
         now = self.kernel.now
         for core in self._cores_of(replica):
             for event in events:
