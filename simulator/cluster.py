@@ -155,6 +155,10 @@ class EventWire:
             self.kernel.schedule(self.kernel.now + self.delay_s, self._flush, replica, priority=PRIORITY_EVENTS)
         pending.append(event)
 
+    def on_the_wire(self, replica: str) -> list:
+        """The events ``replica`` published that have not been delivered yet."""
+        return list(self._pending.get(replica, ()))
+
     def _flush(self, replica: str) -> None:
         self.deliver(replica, self._pending.pop(replica, ()))
 
@@ -186,7 +190,7 @@ class Cluster:
         self.routable: list[str] = []
         self._in_flight: dict[int, tuple[int, EngineRequest, RouteRequest]] = {}
         self._next_router = 0
-        self._wire = EventWire(kernel, config.kv_event_delay_s, self._deliver_events)
+        self.wire = EventWire(kernel, config.kv_event_delay_s, self._deliver_events)
         self._muted: set[str] = set()  # replicas whose load reports are off
         self.host = SharedHost(kernel, config.host_slots) if config.host_slots is not None else None
         # Counters of engines replaced by a restart, so engine_totals still counts them.
@@ -430,7 +434,7 @@ class Cluster:
 
     # -- engine -> routers -----------------------------------------------------------------
     def _kv_event(self, replica: str, event) -> None:
-        self._wire.publish(replica, event)
+        self.wire.publish(replica, event)
 
     def _deliver_events(self, replica: str, events: list) -> None:
         now = self.kernel.now

@@ -140,7 +140,7 @@ def test_a_restart_clears_stale_kv_events_the_dead_engine_left_on_the_wire():
     seen: dict = {}
 
     def before_crash():
-        wire = cluster._pending_events.get(DEAD, [])
+        wire = cluster.wire.on_the_wire(DEAD)
         seen["stale"] = {k for e in wire if isinstance(e, BlocksStored) for k in e.keys}
 
     def after_delivery():
