@@ -91,6 +91,7 @@ class WorkerPool:
         self.targets: dict[str, tuple[Worker, int | None]] = {}
         self._tasks: list[asyncio.Task] = []
         self._kv_specs: dict[str, dict] = {}
+        self._adapter_bases: dict[str, str] = {}  # adapter id -> base model, of admitted workers
         for spec in config.workers:
             self._put(Worker(spec))
 
@@ -151,16 +152,8 @@ class WorkerPool:
         """The base model of ``model`` when an admitted worker serves it as a LoRA adapter
         (vLLM lists one in ``/v1/models`` with its base model as ``parent``), else "". The
         request is then keyed as the adapter's under its base model, where the engine's KV
-        events put the adapter's blocks."""
-        if not isinstance(model, str) or not model:
-            return ""
-        for worker in self.workers.values():
-            if worker.admitted:
-                for card in worker.models:
-                    parent = card.get("parent")
-                    if card.get("id") == model and isinstance(parent, str) and parent and parent != model:
-                        return parent
-        return ""
+        events put the adapter's blocks. O(1): a map rebuilt when the admitted set changes."""
+        return self._adapter_bases.get(model, "") if isinstance(model, str) else ""
 
     def models(self) -> list[dict]:
         """The admitted workers' models, each id once."""
@@ -287,6 +280,9 @@ class WorkerPool:
         """The service's replica set, capacities and KV subscriptions from the admitted
         workers (one replica per data-parallel rank)."""
         admitted = [w for w in self.workers.values() if w.admitted]
+        self._adapter_bases = {card["id"]: card["parent"] for w in admitted for card in w.models
+                               if isinstance(card.get("parent"), str) and card["parent"]
+                               and card["parent"] != card["id"]}
         reports = {replica: report for w in admitted for replica, report in w.reports().items()}
         capacities = {replica: r["num_gpu_blocks"] * r["block_size"] for replica, r in reports.items()
                       if r.get("num_gpu_blocks") and r.get("block_size")}
