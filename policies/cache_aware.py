@@ -6,7 +6,8 @@ smallest:
 
     ttft_r    = (queued_r + uncached_r) * token_s_r + step_s_r
                 + pair_s * uncached_r * (held_r + uncached_r / 2)
-    cost_r    = ttft_r + work_weight * uncached_r * prefill_s_per_token + barrier_r
+    cost_r    = ttft_r + work_weight * uncached_r * prefill_s_per_token
+                + churn_weight * uncached_r * prefill_s_per_token * churn_r + barrier_r
 
   queued_r    uncached prompt tokens already waiting on r (this router's exact count, plus
               the engine's extra waiting requests when its report is fresh, each assumed
@@ -23,7 +24,20 @@ smallest:
               by choice pushes other prefixes out of r's cache. 2.0 was best of 0 to 5 on
               the shared Mooncake trace at its own rate and at three times it (hit rate
               37.5% -> 53%, TTFT p99 and mean down; docs/simulator.md)
-  barrier_r   rises steeply as r's KV cache fills: 0 up to ``kv_soft_limit`` of capacity,
+  churn_r     how far r's cache turned over recently: the KV blocks this router wrote
+              into it (each routed request's uncached prompt + output), decayed with a
+              one-minute half-life (``router.load.CHURN_HALF_LIFE_S``), over r's capacity.
+              Uncached blocks written into a cache that turns over fast push out
+              prefixes used moments ago, likely to be used again; into one that turns
+              over slowly, old ones. Without this term, at low load (every queue empty)
+              only the matched blocks differ, so a replica that holds a prefix shared by
+              all conversations (a system prompt) takes every new conversation, while
+              the other replicas' caches idle: live through the gateway, 86% of a chat
+              run's requests went to one of three servers, whose cache of 96 blocks then
+              evicted the conversations' histories between turns (``kvroute bench peers``;
+              README, "The live league"). ``churn_weight`` 0.5 (0 turns the term off)
+              was chosen on the simulated league (docs/policies.md, "Churn")
+ 0 up to ``kv_soft_limit`` of capacity,
               then ``kv_barrier_s * x**2 / (1 - u)`` with x = (u - soft) / (1 - soft) and u
               the projected usage after this request: the KV blocks this router's
               in-flight requests on r add beyond the prefixes r held for them (their
@@ -82,7 +96,7 @@ from dataclasses import dataclass
 
 from policies.base import Policy, PolicyConfig, RouteRequest, RoutingView, Tiers, register_policy, require
 from router._fast import speedups
-from router.load import ReplicaLoad
+from router.load import CHURN_HALF_LIFE_S, ReplicaLoad
 from router.profile import DEFAULT_PROFILE, get_profile
 
 
@@ -103,6 +117,7 @@ class CacheAwarePolicy(Policy):
         kv_barrier_s: float = 0.1
         work_weight: float = 2.0
         bound_floor: int = 16
+        churn_weight: float = 0.5
 
         def check(self, policy: str) -> None:
             get_profile(self.profile)
@@ -112,6 +127,7 @@ class CacheAwarePolicy(Policy):
             require(self.kv_barrier_s >= 0, f"{policy}.kv_barrier_s", f"must be >= 0, got {self.kv_barrier_s}")
             require(self.work_weight >= 0, f"{policy}.work_weight", f"must be >= 0, got {self.work_weight}")
             require(self.bound_floor >= 1, f"{policy}.bound_floor", f"must be >= 1, got {self.bound_floor}")
+            require(self.churn_weight >= 0, f"{policy}.churn_weight", f"must be >= 0, got {self.churn_weight}")
 
     _speedups = speedups  # None: Python only (tests set it on an instance)
 
@@ -182,7 +198,8 @@ class CacheAwarePolicy(Policy):
             self._params = (cfg.kv_soft_limit, cfg.kv_barrier_s, prof.step_overhead_s, prof.decode_s_per_seq,
                             prof.attention_s_per_context_token, prof.prefill_s_per_token,
                             prof.max_batched_tokens, cfg.load_factor, cfg.session_slack_s, _OVER_BOUND,
-                            prof.prefill_attention_s_per_pair, cfg.work_weight, float(cfg.bound_floor))
+                            prof.prefill_attention_s_per_pair, cfg.work_weight, float(cfg.bound_floor),
+                            cfg.churn_weight, CHURN_HALF_LIFE_S)
             self._params_for = (cfg, prof)
         return self._params
 
@@ -225,6 +242,7 @@ class CacheAwarePolicy(Policy):
         per_token = prof.prefill_s_per_token
         pair_s = prof.prefill_attention_s_per_pair
         work = cfg.work_weight
+        churn_weight = cfg.churn_weight
         max_batched = prof.max_batched_tokens
         rng = view.rng.random
         costs = {}
@@ -249,8 +267,12 @@ class CacheAwarePolicy(Policy):
                 uncached = 0
             cost = (queued + uncached) * token_s + step_s
             cost += pair_s * uncached * (held + uncached / 2) + work * uncached * per_token
+            capacity = capacity_of(replica, default_capacity) if barrier_s or churn_weight else 0
+            if churn_weight and capacity > 0:
+                # Written into a cache that turned over recently, the uncached blocks push
+                # out prefixes used recently (module docstring, "churn").
+                cost += churn_weight * per_token * uncached * (load.churn(now) / capacity)
             if barrier_s:
-                capacity = capacity_of(replica, default_capacity)
                 if capacity > 0:
                     # This router's own in-flight KV only, never the engine's usage report:
                     # see "the KV barrier and several routers" in the module docstring.

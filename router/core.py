@@ -318,6 +318,7 @@ class RoutingCore:
                 uncached = prompt - cached if cached < prompt else prompt - prompt  # prompt - min(prompt, cached)
                 self.load.routed(request_id, replica, prompt, uncached, -(-(prompt + output) // block_tokens),
                                  -(-(uncached + output) // block_tokens))
+            self._churn(request, replica, now, held)
             policy.observe_routed(request, replica, now, held)
             self.stats.routed += 1
             if now >= self._next_session_sweep:
@@ -365,6 +366,14 @@ class RoutingCore:
         self.load.routed(request.request_id, replica, prompt, uncached, -(-(prompt + output) // block_tokens),
                          -(-(uncached + output) // block_tokens))
 
+    def _churn(self, request: RouteRequest, replica: ReplicaId, now: float, matched_blocks: int) -> None:
+        """Count the KV blocks ``request`` writes into ``replica``'s cache (uncached prompt
+        + output) in its recent churn (``ReplicaLoad.churn_blocks``), with or without a
+        request id: the cache turns over either way. O(1)."""
+        block_tokens = request.block_tokens
+        uncached = max(0, request.prompt_tokens - matched_blocks * block_tokens)
+        self.load.churned(replica, -(-(uncached + (request.output_tokens or 0)) // block_tokens), now)
+
     def on_routed(self, request: RouteRequest, replica: ReplicaId, now: float,
                   matched_blocks: int | None = None) -> None:
         """``request`` was sent to ``replica``: learn its prefix (speculatively), pin its
@@ -383,6 +392,7 @@ class RoutingCore:
             self.sessions.put(request.session_id, replica, now)
         if request.request_id is not None:
             self._account(request, replica, matched_blocks)
+        self._churn(request, replica, now, matched_blocks)
         self.policy.observe_routed(request, replica, now, matched_blocks)
         self.stats.routed += 1
         if now >= self._next_session_sweep:

@@ -18,6 +18,12 @@ from router.errors import ConfigError
 
 ReplicaId = Hashable
 
+#: Half-life, in seconds, of ``ReplicaLoad.churn_blocks``: what "recently" means for the
+#: KV blocks a router has written into a replica's cache (``cache_aware``'s churn term).
+#: A minute spans several turns of a conversation (think time plus answer), so it tells a
+#: cache that turns over between turns from one that keeps them.
+CHURN_HALF_LIFE_S = 60.0
+
 
 class ReplicaLoad:
     """Live load of one replica. Policies read it; only ``LoadView`` writes it.
@@ -33,6 +39,11 @@ class ReplicaLoad:
                        was believed to hold for them when routed: uncached prompt + output
                        tokens, in blocks (a shared prefix is held once, not per request)
       context_tokens   prompt tokens of the running requests (what decode attention reads)
+      churn_blocks     the KV blocks this router's requests have written into the replica's
+                       cache (uncached prompt + output of each, in blocks), decayed with
+                       half-life ``CHURN_HALF_LIFE_S``, as of ``churn_at`` (read it through
+                       ``churn(now)``); completions do not lower it: a finished request's
+                       blocks stay cached and pushed older ones out
       engine_*         the engine's last report (a snapshot: fields it did not carry are
                        None) and its time (None until one arrives). A report counts only
                        while fresh -- at most ``report_ttl_s`` old -- and every reader
@@ -43,7 +54,7 @@ class ReplicaLoad:
 
     __slots__ = ("in_flight", "waiting", "waiting_prefill_tokens", "running", "kv_blocks", "kv_added_blocks",
                  "context_tokens", "engine_kv_usage", "engine_waiting", "engine_running",
-                 "engine_report_time", "_report_ttl_s")
+                 "engine_report_time", "_report_ttl_s", "churn_blocks", "churn_at")
 
     def __init__(self, report_ttl_s: float = 5.0) -> None:
         self.in_flight = 0
@@ -58,6 +69,17 @@ class ReplicaLoad:
         self.engine_running: int | None = None
         self.engine_report_time: float | None = None
         self._report_ttl_s = report_ttl_s
+        self.churn_blocks = 0.0
+        self.churn_at = 0.0
+
+    def churn(self, now: float) -> float:
+        """``churn_blocks`` decayed to ``now``. The C cost loop computes the same float
+        (``pow(2, age / half-life)``, as ``**`` does)."""
+        blocks = self.churn_blocks
+        if not blocks:
+            return 0.0
+        age = self.churn_at - now
+        return blocks * 2.0 ** (age / CHURN_HALF_LIFE_S) if age < 0.0 else blocks
 
     def report_age(self, now: float) -> float | None:
         """Seconds since the engine's last report, or None if there was none."""
@@ -225,6 +247,15 @@ class LoadView:
         if len(self._requests) > self.max_tracked_requests:
             self._forget_oldest()
 
+    def churned(self, replica: ReplicaId, blocks: int, now: float) -> None:
+        """``blocks`` new KV blocks went into ``replica``'s cache at ``now`` (a routed
+        request's uncached prompt + output); an unknown replica is ignored. O(1)."""
+        load = self.loads.get(replica)
+        if load is not None and blocks > 0:
+            load.churn_blocks = load.churn(now) + blocks
+            if now > load.churn_at:
+                load.churn_at = now
+
     def _routed_py(self, request_id: Hashable, replica: ReplicaId, prompt_tokens: int, uncached_tokens: int,
                    kv_blocks: int, added_kv_blocks: int | None) -> None:
         """``routed`` in Python (the reference), without bounding the request table."""
@@ -353,6 +384,7 @@ class LoadView:
                    load.kv_blocks, load.context_tokens, load.kv_added_blocks]
             assert got == totals[replica], (replica, got, totals[replica])
             assert min(got) >= 0, (replica, got)
+            assert load.churn_blocks >= 0.0, (replica, load.churn_blocks)
         assert len(self._requests) <= self.max_tracked_requests
         for replica, load in self.loads.items():
             usage = load.engine_kv_usage

@@ -165,6 +165,34 @@ def test_session_replica_goes_first_within_slack_and_not_beyond():
     assert rank(v, req, session_slack_s=10.0)[0] == "b"
 
 
+def test_churn_sends_new_work_where_the_cache_turned_over_least():
+    """Two idle replicas hold the same shared prefix; a's cache took 2,000 new blocks
+    (twice its capacity) within the last instant, b's none. A new conversation's uncached
+    tokens cost churn_weight (0.5) * prefill_s_per_token * uncached * churn / capacity more
+    on a: written there, they push out prefixes used moments ago."""
+    req = request(40)  # 640 tokens, the first 10 blocks shared
+    churned = load(churn_blocks=2000.0, churn_at=5.0)
+    v = view(["a", "b"], matched={"a": 10, "b": 10}, loads={"a": churned}, capacity={"a": 1000, "b": 1000}, now=5.0)
+    costs = policies.get("cache_aware").costs(req, v)
+    assert costs["a"] - costs["b"] == pytest.approx(0.5 * P.prefill_s_per_token * 480 * 2.0)
+    assert rank(v, req)[0] == "b"
+    assert policies.get("cache_aware", churn_weight=0.0).costs(req, v)["a"] == pytest.approx(costs["b"])
+    # The churn fades with half-life CHURN_HALF_LIFE_S (60 s): two minutes later, a quarter.
+    later = view(["a", "b"], matched={"a": 10, "b": 10}, loads={"a": churned}, capacity={"a": 1000, "b": 1000},
+                 now=125.0)
+    costs = policies.get("cache_aware").costs(req, later)
+    assert costs["a"] - costs["b"] == pytest.approx(0.5 * P.prefill_s_per_token * 480 * 0.5)
+
+
+def test_churn_does_not_pull_a_conversation_off_its_cached_history():
+    # a holds 95 of the request's 100 blocks but turned over three times recently; only
+    # the 80 uncached tokens pay the churn term there, against 1,600 to recompute on b.
+    req = request(100)
+    v = view(["a", "b"], matched={"a": 95}, loads={"a": load(churn_blocks=3000.0, churn_at=0.0)},
+             capacity={"a": 1000, "b": 1000})
+    assert rank(v, req)[0] == "a"
+
+
 def test_ties_are_broken_at_random():
     req = request(10)
     firsts = {rank(view(["a", "b", "c"], seed=seed), req)[0] for seed in range(60)}
@@ -174,7 +202,8 @@ def test_ties_are_broken_at_random():
 @pytest.mark.parametrize("option, value", [("load_factor", 0.5), ("kv_soft_limit", 1.0),
                                            ("kv_barrier_s", -1.0), ("session_slack_s", -0.1),
                                            ("profile", "no-such-gpu"), ("load_factor", "high"),
-                                           ("work_weight", -1.0), ("bound_floor", 0)])
+                                           ("work_weight", -1.0), ("bound_floor", 0),
+                                           ("churn_weight", -0.5)])
 def test_bad_config_names_the_field(option, value):
     with pytest.raises(ConfigError) as exc:
         policies.get("cache_aware", **{option: value})

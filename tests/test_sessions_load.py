@@ -20,7 +20,7 @@ from hypothesis.stateful import (Bundle, RuleBasedStateMachine, initialize, inva
                                  rule)
 
 from router.errors import ConfigError
-from router.load import LoadView
+from router.load import CHURN_HALF_LIFE_S, LoadView
 from router.sessions import SessionTable, session_digest
 
 
@@ -386,6 +386,7 @@ class LoadMachine(RuleBasedStateMachine):
         self.reports: dict = {}  # replica -> (kv_usage, waiting, running, time)
         self.forgotten = 0
         self.unknown = 0
+        self.churn: dict = {}  # replica -> [(time, blocks)] written into its cache
 
     pure_python = False  # True: the Python accounting only (LoadView's C fast path off)
 
@@ -398,6 +399,7 @@ class LoadMachine(RuleBasedStateMachine):
 
     def forget_replica(self, replica) -> None:
         self.replicas.discard(replica)
+        self.churn.pop(replica, None)
         self.reports.pop(replica, None)
         for rid in [i for i, rec in self.requests.items() if rec[0] == replica]:
             del self.requests[rid]
@@ -440,6 +442,12 @@ class LoadMachine(RuleBasedStateMachine):
             assert got is None
         else:
             assert got == rec[0]
+
+    @rule(replica=st.sampled_from(LOAD_REPLICAS + ["ghost"]), blocks=st.integers(-1, 50))
+    def churned(self, replica, blocks):
+        self.view.churned(replica, blocks, self.now)
+        if replica in self.replicas and blocks > 0:
+            self.churn.setdefault(replica, []).append((self.now, blocks))
 
     @rule(replica=st.sampled_from(LOAD_REPLICAS + ["ghost"]))
     def drop_replica(self, replica):
@@ -487,6 +495,9 @@ class LoadMachine(RuleBasedStateMachine):
             assert got == expected, (replica, got, expected)
             assert min(got.values()) >= 0
             self.check_report(load, self.reports.get(replica))
+            # every write, decayed from its own time (the view folds them into one number)
+            written = sum(b * 2.0 ** (-(self.now - t) / CHURN_HALF_LIFE_S) for t, b in self.churn.get(replica, ()))
+            assert load.churn(self.now) == pytest.approx(written, rel=1e-9, abs=1e-9)
 
     def check_report(self, load, report) -> None:
         now = self.now

@@ -86,6 +86,9 @@ def random_load(rng: random.Random, now: float) -> ReplicaLoad:
         load.engine_waiting = rng.choice([None, 0, rng.randint(0, 60)])
         load.engine_running = rng.choice([None, 0, rng.randint(0, 300)])
         load.engine_kv_usage = rng.choice([None, rng.random()])
+    if rng.random() < 0.6:  # recent churn, as of a past (or, after a clock step, later) time
+        load.churn_blocks = rng.choice([1.0, rng.uniform(0.0, 20_000.0)])
+        load.churn_at = now - rng.choice([-1.0, 0.0, 5.0, 60.0, 600.0])
     return load
 
 
@@ -106,7 +109,8 @@ def random_case(seed: int):
                            default_capacity=rng.choice([0, 4096]) if seed2 < 0 else 4096)
 
     options = rng.choice([{}, {"kv_soft_limit": 0.0}, {"kv_barrier_s": 0.0}, {"load_factor": 1.0},
-                          {"session_slack_s": 5.0}])
+                          {"session_slack_s": 5.0}, {"churn_weight": 0.0}, {"churn_weight": 5.0},
+                          {"churn_weight": 3.0, "kv_barrier_s": 0.0}])
     return req, view, options
 
 

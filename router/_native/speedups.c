@@ -112,10 +112,11 @@ done:
 /* The ReplicaLoad fields the cost loop reads (and load_routed updates), in this order. */
 enum { F_WAITING_PREFILL_TOKENS, F_RUNNING, F_ENGINE_REPORT_TIME, F_REPORT_TTL_S, F_ENGINE_WAITING,
        F_WAITING, F_ENGINE_RUNNING, F_CONTEXT_TOKENS, F_KV_ADDED_BLOCKS, F_IN_FLIGHT, F_KV_BLOCKS,
-       N_FIELDS };
+       F_CHURN_BLOCKS, F_CHURN_AT, N_FIELDS };
 static const char *field_names[N_FIELDS] = {
     "waiting_prefill_tokens", "running", "engine_report_time", "_report_ttl_s", "engine_waiting",
     "waiting", "engine_running", "context_tokens", "kv_added_blocks", "in_flight", "kv_blocks",
+    "churn_blocks", "churn_at",
 };
 static PyObject *field_strs[N_FIELDS];
 
@@ -358,6 +359,7 @@ typedef struct {
  * capacity is 0 when no KV barrier applies (barrier off, or no capacity). */
 typedef struct {
     long long queued, running, context_tokens, held, capacity, kv_added_blocks;
+    double churn;  /* ReplicaLoad.churn(now); 0 when the churn term is off */
 } inputs;
 
 static int
@@ -471,7 +473,7 @@ done:
  * params = (kv_soft_limit, kv_barrier_s, step_overhead_s, decode_s_per_seq,
  *           attention_s_per_context_token, prefill_s_per_token, max_batched_tokens,
  *           load_factor, session_slack_s, over_bound, prefill_attention_s_per_pair,
- *           work_weight, bound_floor)
+ *           work_weight, bound_floor, churn_weight, churn_half_life_s)
  * rng_random: None for no jitter, else called once per replica in order, as the Python
  * loop does. With mode 0, returns the costs dict of CacheAwarePolicy.costs; with mode 1,
  * the tiers of CacheAwarePolicy.rank; mode 2 is mode 1 for replicas known distinct.
@@ -499,7 +501,7 @@ cache_aware(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
                                                          && PyList_GET_SIZE(tier_cache) == 1)))
         tier_cache = NULL;
     if (!PyTuple_CheckExact(replicas) || !PyDict_CheckExact(loads) || !PyDict_CheckExact(matched)
-            || !PyDict_CheckExact(capacities) || !PyTuple_CheckExact(params) || PyTuple_GET_SIZE(params) != 13)
+            || !PyDict_CheckExact(capacities) || !PyTuple_CheckExact(params) || PyTuple_GET_SIZE(params) != 15)
         Py_RETURN_NONE;
 
     int status = OK;
@@ -510,7 +512,7 @@ cache_aware(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     Py_ssize_t order_stack[STACK_REPLICAS], *order = NULL;
     long long default_capacity, prompt, block_tokens, output, max_batched;
     double now, soft, barrier_s, overhead, per_seq, per_ctx, per_token, load_factor, slack, over_bound;
-    double pair_s, work_weight, bound_floor;
+    double pair_s, work_weight, bound_floor, churn_weight, churn_half_life;
     CHECK(plain_int(args[4], &default_capacity));
     CHECK(plain_num(args[5], &now));
     CHECK(plain_int(args[6], &prompt));
@@ -529,6 +531,8 @@ cache_aware(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     CHECK(plain_num(PyTuple_GET_ITEM(params, 10), &pair_s));
     CHECK(plain_num(PyTuple_GET_ITEM(params, 11), &work_weight));
     CHECK(plain_num(PyTuple_GET_ITEM(params, 12), &bound_floor));
+    CHECK(plain_num(PyTuple_GET_ITEM(params, 13), &churn_weight));
+    CHECK(plain_num(PyTuple_GET_ITEM(params, 14), &churn_half_life));
 
     Py_ssize_t n = PyTuple_GET_SIZE(replicas);
     if (rank && !distinct) {  /* a repeated replica: Python's dict semantics apply */
@@ -605,8 +609,9 @@ cache_aware(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         }
         if (m != NULL)
             CHECK(plain_int(m, &in->held));
-        in->capacity = 0;  /* no barrier */
-        if (barrier_s != 0.0) {
+        in->capacity = 0;  /* neither the barrier nor the churn term */
+        in->churn = 0.0;
+        if (barrier_s != 0.0 || churn_weight != 0.0) {
             long long capacity = default_capacity;
             PyObject *c = cursor_get(&capacity_at, replica);
             if (c == NULL && PyErr_Occurred()) {
@@ -617,7 +622,18 @@ cache_aware(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
                 CHECK(plain_int(c, &capacity));
             if (capacity > 0) {
                 in->capacity = capacity;
-                CHECK(get_int(load, F_KV_ADDED_BLOCKS, &in->kv_added_blocks));
+                if (barrier_s != 0.0)
+                    CHECK(get_int(load, F_KV_ADDED_BLOCKS, &in->kv_added_blocks));
+                if (churn_weight != 0.0) {  /* ReplicaLoad.churn(now), its float operations */
+                    double blocks, at;
+                    int none_blocks, none_at;
+                    CHECK(get_opt_num(load, F_CHURN_BLOCKS, &blocks, &none_blocks));
+                    if (blocks != 0.0) {
+                        CHECK(get_opt_num(load, F_CHURN_AT, &at, &none_at));
+                        double age = at - now;
+                        in->churn = age < 0.0 ? blocks * pow(2.0, age / churn_half_life) : blocks;
+                    }
+                }
             }
         }
         if (rank) {
@@ -641,7 +657,9 @@ cache_aware(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         /* attention over the cached prefix and itself, and the work it adds (see Python) */
         cost += pair_s * (double)uncached * ((double)(in->held * block_tokens) + (double)uncached / 2.0)
                 + work_weight * (double)uncached * per_token;
-        if (in->capacity > 0) {
+        if (churn_weight != 0.0 && in->capacity > 0)  /* the churn term (see Python) */
+            cost += churn_weight * per_token * (double)uncached * (in->churn / (double)in->capacity);
+        if (barrier_s != 0.0 && in->capacity > 0) {
             /* this router's own in-flight KV only, not the engine's report (see Python) */
             double usage = (double)in->kv_added_blocks / (double)in->capacity;
             usage += (double)(uncached + output) / (double)(block_tokens * in->capacity);
