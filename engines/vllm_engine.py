@@ -115,12 +115,18 @@ class EngineRunner:
                  max_num_seqs: int = 16, max_num_batched_tokens: int | None = None,
                  kv_cache_space_gib: int | None = 1, enable_kv_events: bool = True,
                  kv_events_topic: str = "", enforce_eager: bool = True, seed: int = 0,
-                 engine_kwargs: dict | None = None) -> None:
+                 engine_kwargs: dict | None = None, speed: float = 1.0) -> None:
         self.model_path = str(model_path)
         self.model_name = served_model_name or Path(self.model_path).name
         if not isinstance(block_size, int) or block_size <= 0:
             raise ValueError(f"block_size: must be a positive integer, got {block_size!r}")
         self.block_size = block_size
+        if isinstance(speed, bool) or not isinstance(speed, (int, float)) or not 0 < speed < float("inf"):
+            raise ValueError(f"speed: must be a finite number > 0 (relative to the router's latency profile), "
+                             f"got {speed!r}")
+        # Reported to the router as ``kvroute_speed`` (a mixed fleet: 0.5 on hardware twice
+        # as slow as the profile the router's policy uses).
+        self.speed = float(speed)
         self.max_model_len = max_model_len
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -217,7 +223,8 @@ class EngineRunner:
         ``engine_start_s``, ``kvroute_tokenizer`` (the tokenizer's fingerprint: a router with
         the same one sends its token ids), ``kvroute_ids_only`` (a chat may come with those
         ids and without its messages' text) and ``router_ids_used``/``router_ids_rejected``
-        (requests whose router ids were used, or ignored).
+        (requests whose router ids were used, or ignored), ``kvroute_speed`` (the ``speed``
+        option: this replica's speed relative to the router's latency profile).
 
         vLLM reports scheduler stats only while it steps: when no request is unfinished the
         queues are empty and no block is held, so ``waiting``, ``running`` and ``kv_usage``
@@ -250,6 +257,7 @@ class EngineRunner:
             "kvroute_ids_only": True,
             "router_ids_used": self.router_ids_used,
             "router_ids_rejected": self.router_ids_rejected,
+            "kvroute_speed": self.speed,
         }
 
     def models(self) -> dict:

@@ -6,7 +6,7 @@ smallest:
 
     ttft_r    = (queued_r + uncached_r) * token_s_r + step_s_r
                 + pair_s * uncached_r * (held_r + uncached_r / 2)
-    cost_r    = ttft_r + work_weight * uncached_r * prefill_s_per_token
+    cost_r    = ttft_r / speed_r + work_weight * uncached_r * prefill_s_per_token
                 + churn_weight * uncached_r * prefill_s_per_token * churn_r + barrier_r
 
   queued_r    uncached prompt tokens already waiting on r (this router's exact count, plus
@@ -24,6 +24,12 @@ smallest:
               by choice pushes other prefixes out of r's cache. 2.0 was best of 0 to 5 on
               the shared Mooncake trace at its own rate and at three times it (hit rate
               37.5% -> 53%, TTFT p99 and mean down; docs/simulator.md)
+  speed_r     r's speed relative to the profile (``ReplicaLoad.speed``, 1 unless the
+              operator or the engine says otherwise: a mixed fleet): r's time to first
+              token takes 1/speed_r of the profile's. The copy-work and churn terms, which
+              price what a placement does to the cache, are not scaled: scaling them too
+              gave a worse TTFT p99 on a half-slow fleet (249 ms against 178 ms; README,
+              "Mixed fleets")
   churn_r     how far r's cache turned over recently: the KV blocks this router wrote
               into it (each routed request's uncached prompt + output), decayed with a
               one-minute half-life (``router.load.CHURN_HALF_LIFE_S``), over r's capacity.
@@ -266,7 +272,13 @@ class CacheAwarePolicy(Policy):
             if uncached < 0:
                 uncached = 0
             cost = (queued + uncached) * token_s + step_s
-            cost += pair_s * uncached * (held + uncached / 2) + work * uncached * per_token
+            attention = pair_s * uncached * (held + uncached / 2)
+            copy_work = work * uncached * per_token
+            speed = load.speed
+            if speed == 1.0:
+                cost += attention + copy_work
+            else:  # ttft_r on a replica of speed s takes 1/s of the profile's time
+                cost = (cost + attention) / speed + copy_work
             capacity = capacity_of(replica, default_capacity) if barrier_s or churn_weight else 0
             if churn_weight and capacity > 0:
                 # Written into a cache that turned over recently, the uncached blocks push

@@ -126,6 +126,7 @@ class RoutingCore:
         self._blocks_of = self.tree.replica_blocks  # the tree's bound method, made once
         self._replicas: tuple[ReplicaId, ...] = ()
         self._replica_set: frozenset = frozenset()
+        self._speeds: dict[ReplicaId, float] = {}  # set_speeds: configuration, not traffic
         self._next_session_sweep = 0.0
 
     # -- construction from plain options (Serve kwargs, YAML, CLI) ------------------------
@@ -167,8 +168,20 @@ class RoutingCore:
             tokens = (capacity_tokens or {}).get(replica)
             self.tree.add_replica(replica, self._blocks(tokens) if tokens else None)
         self.load.set_replicas(new)
+        for replica in new:
+            speed = self._speeds.get(replica)
+            if speed is not None:
+                self.load.set_speed(replica, speed)
         self._replicas, self._replica_set = new, new_set
         self.policy.replicas_changed(new)
+
+    def set_speeds(self, speeds: Mapping[ReplicaId, float]) -> None:
+        """Each replica's speed relative to the policy's latency profile (a mixed fleet:
+        0.5 for a replica twice as slow). Kept for replicas not yet known: a replica gets
+        its speed when it joins, and keeps it across ``on_replicas_changed``."""
+        for replica, speed in speeds.items():
+            self.load.set_speed(replica, speed)  # validates
+        self._speeds.update({replica: float(speed) for replica, speed in speeds.items()})
 
     def on_replica_died(self, replica: ReplicaId, now: float) -> None:
         """A replica died: forget its cache, sessions and in-flight accounting."""

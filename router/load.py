@@ -44,6 +44,9 @@ class ReplicaLoad:
                        half-life ``CHURN_HALF_LIFE_S``, as of ``churn_at`` (read it through
                        ``churn(now)``); completions do not lower it: a finished request's
                        blocks stay cached and pushed older ones out
+      speed            the replica's speed relative to the policy's latency profile (0.5:
+                       every step takes twice as long; a mixed fleet), 1.0 unless set
+                       (``LoadView.set_speed``)
       engine_*         the engine's last report (a snapshot: fields it did not carry are
                        None) and its time (None until one arrives). A report counts only
                        while fresh -- at most ``report_ttl_s`` old -- and every reader
@@ -54,7 +57,8 @@ class ReplicaLoad:
 
     __slots__ = ("in_flight", "waiting", "waiting_prefill_tokens", "running", "kv_blocks", "kv_added_blocks",
                  "context_tokens", "engine_kv_usage", "engine_waiting", "engine_running",
-                 "engine_report_time", "_report_ttl_s", "churn_blocks", "churn_at")
+                 "engine_report_time", "_report_ttl_s", "churn_blocks", "churn_at",
+                 "speed")
 
     def __init__(self, report_ttl_s: float = 5.0) -> None:
         self.in_flight = 0
@@ -71,6 +75,7 @@ class ReplicaLoad:
         self._report_ttl_s = report_ttl_s
         self.churn_blocks = 0.0
         self.churn_at = 0.0
+        self.speed = 1.0
 
     def churn(self, now: float) -> float:
         """``churn_blocks`` decayed to ``now``. The C cost loop computes the same float
@@ -246,6 +251,15 @@ class LoadView:
             self._routed_py(request_id, replica, prompt_tokens, uncached_tokens, kv_blocks, added_kv_blocks)
         if len(self._requests) > self.max_tracked_requests:
             self._forget_oldest()
+
+    def set_speed(self, replica: ReplicaId, speed: float) -> None:
+        """``replica`` runs at ``speed`` times the latency profile's speed (a finite number
+        > 0; ``ConfigError`` naming ``speed`` otherwise); an unknown replica is ignored."""
+        if not _finite_number(speed) or speed <= 0:
+            raise ConfigError("speed", f"must be a finite number > 0, got {speed!r}")
+        load = self.loads.get(replica)
+        if load is not None:
+            load.speed = float(speed)
 
     def churned(self, replica: ReplicaId, blocks: int, now: float) -> None:
         """``blocks`` new KV blocks went into ``replica``'s cache at ``now`` (a routed

@@ -556,8 +556,12 @@ class RoutingService:
         self.core.on_completed(request_id, self.now())
 
     # -- replicas and engine reports -------------------------------------------------------
-    def set_replicas(self, replicas: list[str], capacity_tokens: Mapping[str, int] | None = None) -> None:
-        """The replica set and, where known, each replica's KV capacity in tokens."""
+    def set_replicas(self, replicas: list[str], capacity_tokens: Mapping[str, int] | None = None,
+                     speeds: Mapping[str, float] | None = None) -> None:
+        """The replica set and, where known, each replica's KV capacity in tokens and its
+        speed relative to the policy's latency profile (a mixed fleet)."""
+        if speeds:
+            self.core.set_speeds(speeds)
         self.core.on_replicas_changed(list(replicas), self.now(), capacity_tokens=dict(capacity_tokens or {}))
 
     def replica_died(self, replica: str) -> None:
@@ -566,13 +570,16 @@ class RoutingService:
     def engine_report(self, replica: str, stats: Mapping[str, Any], now: float | None = None) -> None:
         """Absorb one engine report: ``record_routing_stats``'s shape (``running``,
         ``waiting``, ``kv_usage``, ``prefix_cache_queries``/``hits``, ``model``,
-        ``kvroute_tokenizer``, ``kvroute_ids_only``); any field may be missing or wrong
-        (a wrong one is ignored)."""
+        ``kvroute_tokenizer``, ``kvroute_ids_only``, ``kvroute_speed``); any field may be
+        missing or wrong (a wrong one is ignored)."""
         now = self.now() if now is None else now
         if isinstance(stats.get("model"), str):
             self.default_model = stats["model"]
         if isinstance(stats.get("kvroute_tokenizer"), str):
             self.engine_tokenizers[replica] = (stats["kvroute_tokenizer"], stats.get("kvroute_ids_only") is True)
+        speed = stats.get("kvroute_speed")
+        if isinstance(speed, (int, float)) and not isinstance(speed, bool) and 0 < speed < math.inf:
+            self.core.load.set_speed(replica, speed)  # this replica's record only: not remembered past it
         queries, hits = stats.get("prefix_cache_queries"), stats.get("prefix_cache_hits")
         if isinstance(queries, int) and isinstance(hits, int) and 0 <= hits <= queries:
             self.engine_prefix[replica] = (queries, hits)

@@ -68,7 +68,10 @@ def add_parser(sub: argparse._SubParsersAction, positive_int, write_json) -> Non
                     help="KV bytes per token (default 131072: Llama-3-8B in bf16)")
     p.add_argument("--replica-speeds", metavar="X[,X...]",
                    help="a mixed fleet: each replica's speed relative to --profile (one per replica; 0.5 = "
-                        "twice as slow), e.g. 1,1,1,1,0.5,0.5,0.5,0.5")
+                        "twice as slow), e.g. 1,1,1,1,0.5,0.5,0.5,0.5; the routers are told them "
+                        "(the gateway's --worker URL,speed=X) unless --speeds-unknown")
+    p.add_argument("--speeds-unknown", action="store_true",
+                   help="with --replica-speeds: the routers are not told the speeds (they assume the profile's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", metavar="PATH", help="write the results as JSON")
     p.add_argument("--plot", metavar="DIR", help="write plots (needs kvroute[plot])")
@@ -211,7 +214,7 @@ def _simulate(args: argparse.Namespace, write_json) -> int:
     progress = Progress()
     cluster_options = {"kv_event_delay_s": args.kv_event_delay, "kv_events": not args.no_kv_events,
                        "host_slots": args.host_slots, "autoscale": _autoscale_of(args),
-                       "replica_speeds": _speeds_of(args)}
+                       "replica_speeds": _speeds_of(args), "router_knows_speeds": not args.speeds_unknown}
     doc = simulate(requests, trace=label, replicas=args.replicas, policies_to_run=names,
                    block_size=args.block_size or default_block, kv_blocks=args.kv_blocks, profile=profile,
                    routers=args.routers, seed=args.seed, cluster_options=cluster_options,

@@ -98,6 +98,9 @@ class ClusterConfig:
     # A mixed fleet: each starting replica's speed relative to the profile (0.5: twice as
     # slow); empty = all at the profile's speed. Replicas added later run at full speed.
     replica_speeds: tuple[float, ...] = ()
+    # Whether the routers are told those speeds (``RoutingCore.set_speeds``: the gateway's
+    # ``--worker URL,speed=X``); False: they route as if every replica ran at the profile's.
+    router_knows_speeds: bool = True
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -197,6 +200,9 @@ class Cluster:
         self._retired_totals = {"preemptions": 0, "evictions": 0, "steps": 0}
         _check_changes(config)
         self._speeds = dict(zip((f"replica-{i}" for i in range(config.replicas)), config.replica_speeds))
+        if config.router_knows_speeds and self._speeds:
+            for router in self.routers:
+                router.set_speeds(self._speeds)
         for i in range(config.replicas):
             self._add_engine(f"replica-{i}")
         self._publish_replicas()

@@ -193,6 +193,31 @@ def test_churn_does_not_pull_a_conversation_off_its_cached_history():
     assert rank(v, req)[0] == "a"
 
 
+def test_a_slower_replica_takes_proportionally_longer_to_the_first_token():
+    """Its time to first token is divided by its speed; the copy-work term (what a copy
+    does to the cache, not how long this request takes) and the KV barrier are not."""
+    req = request(100)
+    loads = {"slow": load(speed=0.5, running=2, in_flight=2), "fast": load(running=2, in_flight=2)}
+    v = view(["slow", "fast"], loads=loads)
+    costs = policies.get("cache_aware").costs(req, v)
+    copy_work = 2.0 * 1600 * P.prefill_s_per_token  # work_weight * uncached * prefill_s_per_token
+    assert costs["slow"] - copy_work == pytest.approx(2 * (costs["fast"] - copy_work))
+    assert rank(v, req)[0] == "fast"
+    # The KV barrier counts blocks, not seconds: the same on either.
+    full = {"slow": load(speed=0.5, kv_blocks=990, kv_added_blocks=990), "fast": load(kv_blocks=990, kv_added_blocks=990)}
+    v = view(["slow", "fast"], loads=full, capacity={"slow": 1000, "fast": 1000})
+    bare = policies.get("cache_aware", kv_barrier_s=0.0).costs(req, v)
+    barred = policies.get("cache_aware").costs(req, v)
+    assert barred["slow"] - bare["slow"] == pytest.approx(barred["fast"] - bare["fast"])
+
+
+def test_a_slow_replica_holding_a_long_prefix_still_beats_recomputing_it():
+    # 1,600 cached tokens on a half-speed replica against a cold full-speed one.
+    req = request(100)
+    v = view(["slow", "fast"], matched={"slow": 100}, loads={"slow": load(speed=0.5)})
+    assert rank(v, req)[0] == "slow"
+
+
 def test_ties_are_broken_at_random():
     req = request(10)
     firsts = {rank(view(["a", "b", "c"], seed=seed), req)[0] for seed in range(60)}

@@ -65,3 +65,4 @@ def test_churn_spreads_new_conversations_on_a_small_cache_fleet():
     assert bare_share > 0.6  # without it, one replica takes most conversations
     assert share < bare_share - 0.05  # (0.60 against 0.68 when written)
     assert hit > bare_hit + 0.01  # (+1.6 points when written)
+

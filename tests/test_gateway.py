@@ -173,10 +173,16 @@ def test_worker_spec_parses_and_names_bad_fields():
     dp = WorkerSpec.parse("http://h:1,dp=2")
     assert dp.dp == 2 and dp.replica_ids() == ["http://h:1#dp0", "http://h:1#dp1"]
     assert WorkerSpec.parse({"url": "http://h:1", "dp": 3}).dp == 3
+    assert WorkerSpec.parse("http://h:1,speed=0.5").speed == 0.5
+    assert WorkerSpec.parse({"url": "http://h:1", "speed": 2}).speed == 2.0
+    assert WorkerSpec.parse("http://h:1").speed == 1.0
     for bad, field in [("127.0.0.1:8001", "worker.url"), ("http://h:1,kv_events=5557", "worker.kv_events"),
                        ("http://h:1,kv_events=tcp://*:5557", "worker.kv_events"), ("http://h:1,port=3", "worker"),
                        ("http://h:1,dp=0", "worker.dp"), ("http://h:1,dp=two", "worker.dp"),
-                       ("http://h:1,dp=65", "worker.dp"), ({"url": "http://h:1", "dp": True}, "worker.dp")]:
+                       ("http://h:1,dp=65", "worker.dp"), ({"url": "http://h:1", "dp": True}, "worker.dp"),
+                       ("http://h:1,speed=0", "worker.speed"), ("http://h:1,speed=fast", "worker.speed"),
+                       ("http://h:1,speed=inf", "worker.speed"), ("http://h:1,speed=nan", "worker.speed"),
+                       ({"url": "http://h:1", "speed": -1}, "worker.speed")]:
         with pytest.raises(ConfigError) as info:
             WorkerSpec.parse(bad)
         assert info.value.field == field, (bad, info.value)
@@ -318,6 +324,28 @@ def test_data_parallel_ranks_are_replicas_of_their_own():
         async with client.get("/metrics") as resp:
             assert f'{workers[0].url}#dp1' in await resp.text()
     _run(_with_gateway(2, body, dp=2))
+
+
+def test_a_workers_speed_reaches_the_router():
+    """``--worker URL,speed=0.5`` (a mixed fleet): the router's load record of that server
+    carries the speed its policy divides the server's estimated seconds by."""
+    async def run():
+        workers = [FakeWorker(f"w{i}", 1) for i in range(2)]
+        for w in workers:
+            await w.start()
+        config = build_config({"workers": [f"{workers[0].url},speed=0.5", workers[1].url], "port": 0,
+                               "admin_port": 0, "health_interval_s": 0.05, "metrics_interval_s": 0.05})
+        gateway = Gateway(config)
+        await gateway.start()
+        try:
+            assert await gateway.pool.wait_admitted(2, 30)
+            loads = gateway.service.core.load.loads
+            assert loads[workers[0].url].speed == 0.5 and loads[workers[1].url].speed == 1.0
+        finally:
+            await gateway.stop()
+            for w in workers:
+                await w.stop()
+    _run(run())
 
 
 def test_a_lora_adapters_requests_are_keyed_as_the_adapters():

@@ -51,3 +51,19 @@ def test_on_a_mixed_fleet_cache_aware_gives_the_slow_half_less_and_beats_round_r
     assert rr_slow_share == pytest.approx(0.5, abs=0.05)
     assert slow_share < 0.45  # the slow replicas' queues are longer: they get less of the work
     assert aware["ttft_p99_s"] < rr["ttft_p99_s"]
+
+
+def test_told_the_speeds_cache_aware_moves_work_off_the_slow_half():
+    """``router_knows_speeds`` (the default) sets each router's replica speeds
+    (``RoutingCore.set_speeds``); ``cache_aware`` divides a replica's time to first token
+    by it, so the slow half gets less of the work than when the router is not told."""
+    requests = list(make_workload("mixed", 3000, seed=1, rate_per_s=200.0))
+    slow_share = {}
+    for told in (True, False):
+        config = ClusterConfig(replicas=8, replica_speeds=(1.0,) * 4 + (0.5,) * 4, router_knows_speeds=told)
+        row, _, cluster = run_policy(requests, config, "cache_aware")
+        assert row["completed"] == 3000
+        speeds = {r: load.speed for r, load in cluster.routers[0].load.loads.items()}
+        assert speeds == {f"replica-{i}": (1.0 if i < 4 else 0.5) if told else 1.0 for i in range(8)}
+        slow_share[told] = sum(row["replica_token_share"][f"replica-{i}"] for i in range(4, 8))
+    assert slow_share[True] < slow_share[False] - 0.05

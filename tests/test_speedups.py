@@ -89,6 +89,8 @@ def random_load(rng: random.Random, now: float) -> ReplicaLoad:
     if rng.random() < 0.6:  # recent churn, as of a past (or, after a clock step, later) time
         load.churn_blocks = rng.choice([1.0, rng.uniform(0.0, 20_000.0)])
         load.churn_at = now - rng.choice([-1.0, 0.0, 5.0, 60.0, 600.0])
+    if rng.random() < 0.3:  # a mixed fleet
+        load.speed = rng.choice([0.5, 0.25, 2.0, rng.uniform(0.1, 3.0)])
     return load
 
 

@@ -112,11 +112,11 @@ done:
 /* The ReplicaLoad fields the cost loop reads (and load_routed updates), in this order. */
 enum { F_WAITING_PREFILL_TOKENS, F_RUNNING, F_ENGINE_REPORT_TIME, F_REPORT_TTL_S, F_ENGINE_WAITING,
        F_WAITING, F_ENGINE_RUNNING, F_CONTEXT_TOKENS, F_KV_ADDED_BLOCKS, F_IN_FLIGHT, F_KV_BLOCKS,
-       F_CHURN_BLOCKS, F_CHURN_AT, N_FIELDS };
+       F_CHURN_BLOCKS, F_CHURN_AT, F_SPEED, N_FIELDS };
 static const char *field_names[N_FIELDS] = {
     "waiting_prefill_tokens", "running", "engine_report_time", "_report_ttl_s", "engine_waiting",
     "waiting", "engine_running", "context_tokens", "kv_added_blocks", "in_flight", "kv_blocks",
-    "churn_blocks", "churn_at",
+    "churn_blocks", "churn_at", "speed",
 };
 static PyObject *field_strs[N_FIELDS];
 
@@ -360,6 +360,7 @@ typedef struct {
 typedef struct {
     long long queued, running, context_tokens, held, capacity, kv_added_blocks;
     double churn;  /* ReplicaLoad.churn(now); 0 when the churn term is off */
+    double speed;  /* ReplicaLoad.speed */
 } inputs;
 
 static int
@@ -601,6 +602,12 @@ cache_aware(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
                 in->running = engine_running;
         }
         CHECK(get_int(load, F_CONTEXT_TOKENS, &in->context_tokens));
+        int no_speed;
+        CHECK(get_opt_num(load, F_SPEED, &in->speed, &no_speed));
+        if (no_speed) {  /* None: Python's division would raise; let it */
+            status = FALLBACK;
+            goto finish;
+        }
         in->held = 0;
         PyObject *m = cursor_get(&matched_at, replica);
         if (m == NULL && PyErr_Occurred()) {
@@ -655,8 +662,17 @@ cache_aware(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
             uncached = 0;
         double cost = (double)(in->queued + uncached) * token_s + step_s;
         /* attention over the cached prefix and itself, and the work it adds (see Python) */
-        cost += pair_s * (double)uncached * ((double)(in->held * block_tokens) + (double)uncached / 2.0)
-                + work_weight * (double)uncached * per_token;
+        double attention = pair_s * (double)uncached * ((double)(in->held * block_tokens) + (double)uncached / 2.0);
+        double copy_work = work_weight * (double)uncached * per_token;
+        if (in->speed == 1.0) {
+            cost += attention + copy_work;
+        } else {  /* ttft on a replica of speed s: 1/s of the profile's time (see Python) */
+            if (in->speed == 0.0) {  /* Python raises ZeroDivisionError: let it */
+                status = FALLBACK;
+                goto finish;
+            }
+            cost = (cost + attention) / in->speed + copy_work;
+        }
         if (churn_weight != 0.0 && in->capacity > 0)  /* the churn term (see Python) */
             cost += churn_weight * per_token * (double)uncached * (in->churn / (double)in->capacity);
         if (barrier_s != 0.0 && in->capacity > 0) {

@@ -5,8 +5,9 @@ Every bad value fails before anything listens, with ``ConfigError`` naming the f
 the same names as the flags (with underscores), ``workers`` as a list of strings in the
 ``--worker`` syntax or of mappings; flags given on the command line win over the file.
 
-A worker: ``URL[,kv_events=tcp://HOST:PORT][,replay=tcp://HOST:PORT][,topic=NAME][,dp=N]``,
-the base URL of a ``vllm serve`` OpenAI server (``dp``: its ``--data-parallel-size``; each
+A worker: ``URL[,kv_events=tcp://HOST:PORT][,replay=tcp://HOST:PORT][,topic=NAME][,dp=N][,speed=X]``,
+the base URL of a ``vllm serve`` OpenAI server (``speed``: relative to the policy's latency
+profile, for a mixed fleet: 0.5 for a server twice as slow; ``dp``: its ``--data-parallel-size``; each
 rank is routed to as a replica of its own, ``URL#dpR``, through vLLM's
 ``X-data-parallel-rank`` header, with its own load and KV-event stream at the endpoints'
 ports plus R, where vLLM publishes it) and, when the server publishes KV events
@@ -41,13 +42,15 @@ DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
 @dataclass(frozen=True, slots=True)
 class WorkerSpec:
     """One upstream ``vllm serve`` server: its base URL and, optionally, its KV-event
-    publisher (``kv_events``), replay endpoint and topic."""
+    publisher (``kv_events``), replay endpoint and topic, its data-parallel size and its
+    speed relative to the policy's latency profile (a mixed fleet)."""
 
     url: str
     kv_events: str | None = None
     replay: str | None = None
     topic: str = ""
     dp: int = 1
+    speed: float = 1.0
 
     @classmethod
     def parse(cls, value: Any, where: str = "worker") -> WorkerSpec:
@@ -55,20 +58,25 @@ class WorkerSpec:
         if isinstance(value, WorkerSpec):
             return value
         if isinstance(value, Mapping):
-            unknown = set(value) - {"url", "kv_events", "replay", "topic", "dp"}
+            unknown = set(value) - {"url", "kv_events", "replay", "topic", "dp", "speed"}
             if unknown:
                 raise ConfigError(f"{where}.{sorted(unknown)[0]}", "unknown worker field (valid: url, kv_events, "
-                                                                   "replay, topic, dp)")
+                                                                   "replay, topic, dp, speed)")
             fields = dict(value)
         elif isinstance(value, str):
             url, *options = [part.strip() for part in value.split(",")]
             fields = {"url": url}
             for option in options:
                 name, sep, val = option.partition("=")
-                if not sep or name not in ("kv_events", "replay", "topic", "dp"):
+                if not sep or name not in ("kv_events", "replay", "topic", "dp", "speed"):
                     raise ConfigError(where, f"expected URL[,kv_events=tcp://HOST:PORT][,replay=...][,topic=...]"
-                                             f"[,dp=N], got option {option!r}")
+                                             f"[,dp=N][,speed=X], got option {option!r}")
                 fields[name] = int(val) if name == "dp" and val.isdigit() else val
+                if name == "speed":
+                    try:
+                        fields[name] = float(val)
+                    except ValueError:
+                        pass  # reported below, naming the field
         else:
             raise ConfigError(where, f"must be a URL string or a mapping, got {type(value).__name__}")
         url = fields.get("url")
@@ -91,7 +99,11 @@ class WorkerSpec:
         dp = fields.get("dp", 1)
         if not isinstance(dp, int) or isinstance(dp, bool) or not 1 <= dp <= MAX_DP:
             raise ConfigError(f"{where}.dp", f"must be an integer from 1 to {MAX_DP}, got {dp!r}")
-        return cls(url.rstrip("/"), fields.get("kv_events"), fields.get("replay"), topic, dp)
+        speed = fields.get("speed", 1.0)
+        if isinstance(speed, bool) or not isinstance(speed, (int, float)) or not 0 < speed < float("inf"):
+            raise ConfigError(f"{where}.speed", f"must be a finite number > 0 (relative to the policy's latency "
+                                                f"profile: 0.5 = twice as slow), got {speed!r}")
+        return cls(url.rstrip("/"), fields.get("kv_events"), fields.get("replay"), topic, dp, float(speed))
 
     def replica_ids(self) -> list[str]:
         """What the router routes among for this server: its URL, or one ``URL#dpR`` per
