@@ -223,7 +223,8 @@ class OpenAIIngress:
 def build_app(model_path: str | Path, num_replicas: int = 2,
               request_router_config: RequestRouterConfig | dict | None = None,
               engine_options: dict | None = None, *, engine_env: dict | None = None,
-              engine_actor_options: dict | None = None, ingress_options: dict | None = None):
+              engine_actor_options: dict | None = None, ingress_options: dict | None = None,
+              autoscaling_config: dict | None = None):
     """The Serve application: ``OpenAIIngress`` -> ``VLLMEngine`` x ``num_replicas``.
 
     ``request_router_config`` (a ``RequestRouterConfig`` or its dict) goes on the engine
@@ -233,6 +234,8 @@ def build_app(model_path: str | Path, num_replicas: int = 2,
     ``served_model_name``, ``engine_kwargs``, ...). ``engine_env`` is merged over
     ``DEFAULT_ENGINE_ENV`` into the engine replicas' environment; ``engine_actor_options``
     over ``{"num_cpus": 1}``; ``ingress_options`` are ``OpenAIIngress.options(...)``.
+    ``autoscaling_config`` (Serve's fields, e.g. ``{"min_replicas": 1, "max_replicas": 3}``)
+    replaces ``num_replicas`` on the engine deployment.
     """
     from engines.vllm_engine import VLLMEngineDeployment
 
@@ -243,7 +246,11 @@ def build_app(model_path: str | Path, num_replicas: int = 2,
     runtime_env = dict(actor_options.get("runtime_env") or {})
     runtime_env["env_vars"] = {**DEFAULT_ENGINE_ENV, **(runtime_env.get("env_vars") or {}), **(engine_env or {})}
     actor_options["runtime_env"] = runtime_env
-    options: dict[str, Any] = {"num_replicas": num_replicas, "ray_actor_options": actor_options}
+    options: dict[str, Any] = {"ray_actor_options": actor_options}
+    if autoscaling_config is not None:
+        options["autoscaling_config"] = dict(autoscaling_config)
+    else:
+        options["num_replicas"] = num_replicas
     if request_router_config is not None:
         if isinstance(request_router_config, dict):
             request_router_config = RequestRouterConfig(**request_router_config)

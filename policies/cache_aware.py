@@ -28,8 +28,8 @@ smallest:
               operator or the engine says otherwise: a mixed fleet): r's time to first
               token takes 1/speed_r of the profile's. The copy-work and churn terms, which
               price what a placement does to the cache, are not scaled: scaling them too
-              gave a worse TTFT p99 on a half-slow fleet (249 ms against 178 ms; README,
-              "Mixed fleets")
+              gave a worse TTFT p99 on a half-slow fleet (249 ms against 178 ms;
+              docs/simulator.md, "Mixed fleets")
   churn_r     how far r's cache turned over recently: the KV blocks this router wrote
               into it (each routed request's uncached prompt + output), decayed with a
               one-minute half-life (``router.load.CHURN_HALF_LIFE_S``), over r's capacity.
@@ -42,8 +42,8 @@ smallest:
               run's requests went to one of three servers, whose cache of 96 blocks then
               evicted the conversations' histories between turns (``kvroute bench peers``;
               README, "The live league"). ``churn_weight`` 0.5 (0 turns the term off)
-              was chosen on the simulated league (docs/policies.md, "Churn")
- 0 up to ``kv_soft_limit`` of capacity,
+              was chosen on the simulated league (docs/simulator.md, "Churn")
+  barrier_r   rises steeply as r's KV cache fills: 0 up to ``kv_soft_limit`` of capacity,
               then ``kv_barrier_s * x**2 / (1 - u)`` with x = (u - soft) / (1 - soft) and u
               the projected usage after this request: the KV blocks this router's
               in-flight requests on r add beyond the prefixes r held for them (their

@@ -167,6 +167,28 @@ def _bench_pd(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_autoscale(args: argparse.Namespace) -> int:
+    from benchmarks import autoscale_bench
+    from benchmarks.live_bench import LiveConfig
+
+    ramp = autoscale_bench.parse_ramp(args.ramp) if args.ramp else autoscale_bench.DEFAULT_RAMP
+    autoscaling = {"min_replicas": args.min_replicas, "max_replicas": args.max_replicas,
+                   "target_ongoing_requests": args.target_ongoing_requests}
+    if args.max_replicas < args.min_replicas:
+        raise ConfigError("max_replicas", f"must be >= --min-replicas ({args.min_replicas}), got {args.max_replicas}")
+    report = autoscale_bench.run(routers=args.router or autoscale_bench.DEFAULT_ROUTERS, base_rate=args.rate,
+                                 ramp=ramp, autoscaling=autoscaling, window_s=args.window, seed=args.seed,
+                                 live=LiveConfig(replicas=1, kv_blocks=args.kv_blocks),
+                                 progress=lambda m: print(m, file=sys.stderr, flush=True))
+    report["command"] = "kvroute " + " ".join(args.argv)
+    print(autoscale_bench.format_table(report))
+    _write_json(args.json, report)
+    if args.plot:
+        for path in autoscale_bench.plot(report, args.plot):
+            print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
 def _bench_gateway(args: argparse.Namespace) -> int:
     from benchmarks import gateway_bench
 
@@ -428,6 +450,24 @@ def build_parser() -> argparse.ArgumentParser:
     peers_p.add_argument("--seeds", type=_positive_int, default=1,
                          help="with --simulate: workload seeds --seed .. --seed + N - 1, averaged (default 1)")
     peers_p.set_defaults(func=_bench_peers)
+
+    auto = bench_sub.add_parser("autoscale", help="live: a load ramp up and down on an autoscaled deployment of "
+                                                  "vLLM CPU replicas under each router, and the same ramp simulated")
+    auto.add_argument("--router", action="append",
+                      help="cache_aware (or another kvroute policy), ray:PrefixCacheAffinityRouter, "
+                           "ray:PowerOfTwoChoicesRequestRouter (repeatable; default those three)")
+    auto.add_argument("--rate", type=float, default=2.0, help="base arrival rate, requests/s (default 2)")
+    auto.add_argument("--ramp", metavar="S:X[,S:X...]",
+                      help="seconds at a multiple of the base rate (default 30:1,120:3,90:0.25)")
+    auto.add_argument("--min-replicas", type=_positive_int, default=1)
+    auto.add_argument("--max-replicas", type=_positive_int, default=3)
+    auto.add_argument("--target-ongoing-requests", type=float, default=1.0)
+    auto.add_argument("--kv-blocks", type=_positive_int, default=256, help="KV blocks per replica (default 256)")
+    auto.add_argument("--window", type=float, default=15.0, help="seconds per point of the curves (default 15)")
+    auto.add_argument("--seed", type=int, default=0)
+    auto.add_argument("--json", metavar="PATH", help="write the results as JSON")
+    auto.add_argument("--plot", metavar="DIR", help="write autoscale.png (needs kvroute[plot])")
+    auto.set_defaults(func=_bench_autoscale)
 
     pdb = bench_sub.add_parser("pd", help="simulated: the PD plans of kvroute and the peers (smg, llm-d, Dynamo, "
                                           "Ray) on prefill-decode deployments, several workloads and seeds")
