@@ -287,7 +287,9 @@ class WorkerPool:
         capacities = {replica: r["num_gpu_blocks"] * r["block_size"] for replica, r in reports.items()
                       if r.get("num_gpu_blocks") and r.get("block_size")}
         replicas = [replica for w in admitted for replica in w.spec.replica_ids()]
-        speeds = {replica: w.spec.speed for w in admitted if w.spec.speed != 1.0 for replica in w.spec.replica_ids()}
+        # Every admitted worker's (1.0 included), so a worker re-added at another speed
+        # replaces what the router remembers for it.
+        speeds = {replica: w.spec.speed for w in admitted for replica in w.spec.replica_ids()}
         self.service.set_replicas(replicas, capacities, speeds)
         for replica, report in reports.items():
             self.service.engine_report(replica, report)
