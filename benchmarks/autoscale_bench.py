@@ -31,6 +31,7 @@ import platform
 import statistics
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -73,8 +74,7 @@ def ramp_requests(*, base_rate: float, ramp: Sequence[tuple[float, float]], seed
     count = int(base_rate * peak * span) + 50
     requests = load_requests(workload="chat", trace=None, count=count, rate=base_rate, rate_scale=1.0, seed=seed,
                              shape=shape)
-    shaped = [r for r in rate_profile(requests, list(ramp)) if r.arrival_s < span]
-    return shaped
+    return [r for r in rate_profile(requests, list(ramp)) if r.arrival_s < span]
 
 
 class ReplicaPoller:
@@ -207,16 +207,14 @@ def run_one(router: str, requests: Sequence, renderer: TextRenderer, live: LiveC
     prompt = sum(o.prompt_tokens for o in ok)
     ttfts = sorted(o.ttft_s for o in ok)
     records = [(o.sent_s, o.ttft_s, o.prompt_tokens, o.cached_tokens) for o in ok]
-    per_replica: dict[str, int] = {}
-    for o in ok:
-        per_replica[(o.replica or "?")[-8:]] = per_replica.get((o.replica or "?")[-8:], 0) + 1
+    per_replica = Counter((o.replica or "?")[-8:] for o in ok)
     return {"router": name, "requests": len(outcomes), "answered": len(ok),
             "failed": len(outcomes) - len(ok), "wall_s": round(wall, 1),
             "hit_rate": round(sum(o.cached_tokens for o in ok) / prompt, 4) if prompt else None,
             "ttft_p50_ms": round(_quantile(ttfts, 0.5) * 1e3, 1) if ttfts else None,
             "ttft_p99_ms": round(_quantile(ttfts, 0.99) * 1e3, 1) if ttfts else None,
             "max_replicas": max((n for _, n in timeline), default=None),
-            "timeline": [list(p) for p in timeline], "replica_requests": per_replica,
+            "timeline": [list(p) for p in timeline], "replica_requests": dict(per_replica),
             "new_replicas": new_replica_traffic(outcomes, timeline),
             "windows": windows(records, requests[-1].arrival_s + 1e-9, window_s, timeline)}
 

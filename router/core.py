@@ -26,7 +26,7 @@ from router._fast import slot_maker
 from router.errors import ConfigError
 from router.events import AllBlocksCleared, BlocksRemoved, BlocksStored
 from router.keys import DEFAULT_SEED, Keyer, make_keyer, namespace_seed
-from router.load import LoadView
+from router.load import LoadView, check_speed
 from router.prefix_tree import PrefixTree
 from router.sessions import SessionTable
 
@@ -178,9 +178,12 @@ class RoutingCore:
     def set_speeds(self, speeds: Mapping[ReplicaId, float]) -> None:
         """Each replica's speed relative to the policy's latency profile (a mixed fleet:
         0.5 for a replica twice as slow). Kept for replicas not yet known: a replica gets
-        its speed when it joins, and keeps it across ``on_replicas_changed``."""
+        its speed when it joins, and keeps it across ``on_replicas_changed``. All or
+        nothing: a bad speed (``ConfigError`` naming ``speed``) changes none."""
+        for speed in speeds.values():
+            check_speed(speed)
         for replica, speed in speeds.items():
-            self.load.set_speed(replica, speed)  # validates
+            self.load.set_speed(replica, speed)
         self._speeds.update({replica: float(speed) for replica, speed in speeds.items()})
 
     def on_replica_died(self, replica: ReplicaId, now: float) -> None:
@@ -321,17 +324,17 @@ class RoutingCore:
                     tree._evict(rb, excess)
             if session_id:
                 self.sessions.put(session_id, replica, now)
+            # ``_account(request, replica, held, churn_at=now)``
+            prompt = request.prompt_tokens
+            output = request.output_tokens or 0
+            block_tokens = request.block_tokens
+            cached = held * block_tokens
+            uncached = prompt - cached if cached < prompt else prompt - prompt  # prompt - min(prompt, cached)
+            added = -(-(uncached + output) // block_tokens)
             request_id = request.request_id
             if request_id is not None:
-                # ``_account``
-                prompt = request.prompt_tokens
-                output = request.output_tokens or 0
-                block_tokens = request.block_tokens
-                cached = held * block_tokens
-                uncached = prompt - cached if cached < prompt else prompt - prompt  # prompt - min(prompt, cached)
-                self.load.routed(request_id, replica, prompt, uncached, -(-(prompt + output) // block_tokens),
-                                 -(-(uncached + output) // block_tokens))
-            self._churn(request, replica, now, held)
+                self.load.routed(request_id, replica, prompt, uncached, -(-(prompt + output) // block_tokens), added)
+            self.load.churned(replica, added, now)
             policy.observe_routed(request, replica, now, held)
             self.stats.routed += 1
             if now >= self._next_session_sweep:
@@ -366,26 +369,26 @@ class RoutingCore:
             return
         self._account(request, replica, matched_blocks)
 
-    def _account(self, request: RouteRequest, replica: ReplicaId, matched_blocks: int) -> None:
+    def _account(self, request: RouteRequest, replica: ReplicaId, matched_blocks: int,
+                 churn_at: float | None = None) -> None:
         """Count ``request`` in ``replica``'s load: its uncached prompt tokens, its whole KV
         footprint (prompt + output) and the part of it the replica does not already hold
-        (uncached prompt + output), in blocks. O(1); needs ``request.request_id``."""
+        (uncached prompt + output), in blocks; with ``churn_at`` (a routed request, not a
+        reservation) that new part also goes into the replica's recent churn
+        (``ReplicaLoad.churn_blocks``), with or without a request id: the cache turns over
+        either way. O(1); the load needs ``request.request_id``."""
         prompt = request.prompt_tokens
         output = request.output_tokens or 0
         block_tokens = request.block_tokens
         uncached = prompt - min(prompt, matched_blocks * block_tokens)
         # -(-a // b) is ceiling division, exact for any int (float division overflows past
         # 1e308, e.g. a client's absurd ``max_tokens``). ``route`` has a copy of this.
-        self.load.routed(request.request_id, replica, prompt, uncached, -(-(prompt + output) // block_tokens),
-                         -(-(uncached + output) // block_tokens))
-
-    def _churn(self, request: RouteRequest, replica: ReplicaId, now: float, matched_blocks: int) -> None:
-        """Count the KV blocks ``request`` writes into ``replica``'s cache (uncached prompt
-        + output) in its recent churn (``ReplicaLoad.churn_blocks``), with or without a
-        request id: the cache turns over either way. O(1)."""
-        block_tokens = request.block_tokens
-        uncached = max(0, request.prompt_tokens - matched_blocks * block_tokens)
-        self.load.churned(replica, -(-(uncached + (request.output_tokens or 0)) // block_tokens), now)
+        added = -(-(uncached + output) // block_tokens)
+        if request.request_id is not None:
+            self.load.routed(request.request_id, replica, prompt, uncached, -(-(prompt + output) // block_tokens),
+                             added)
+        if churn_at is not None:
+            self.load.churned(replica, added, churn_at)
 
     def on_routed(self, request: RouteRequest, replica: ReplicaId, now: float,
                   matched_blocks: int | None = None) -> None:
@@ -403,9 +406,7 @@ class RoutingCore:
         self.tree._insert(replica, request.keys, now, False, held)
         if request.session_id:
             self.sessions.put(request.session_id, replica, now)
-        if request.request_id is not None:
-            self._account(request, replica, matched_blocks)
-        self._churn(request, replica, now, matched_blocks)
+        self._account(request, replica, matched_blocks, churn_at=now)
         self.policy.observe_routed(request, replica, now, matched_blocks)
         self.stats.routed += 1
         if now >= self._next_session_sweep:

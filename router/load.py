@@ -117,6 +117,12 @@ class ReplicaLoad:
                 f"kv_blocks={self.kv_blocks}, engine_kv_usage={self.engine_kv_usage})")
 
 
+def check_speed(speed: object) -> None:
+    """A replica speed must be a finite number > 0 (``ConfigError`` naming ``speed``)."""
+    if not _finite_number(speed) or speed <= 0:
+        raise ConfigError("speed", f"must be a finite number > 0, got {speed!r}")
+
+
 def _finite_number(value: object) -> bool:
     """An int or float (not a bool) that is finite as a float (an int beyond the float
     range is not: ``math.isfinite`` would raise on it)."""
@@ -255,8 +261,7 @@ class LoadView:
     def set_speed(self, replica: ReplicaId, speed: float) -> None:
         """``replica`` runs at ``speed`` times the latency profile's speed (a finite number
         > 0; ``ConfigError`` naming ``speed`` otherwise); an unknown replica is ignored."""
-        if not _finite_number(speed) or speed <= 0:
-            raise ConfigError("speed", f"must be a finite number > 0, got {speed!r}")
+        check_speed(speed)
         load = self.loads.get(replica)
         if load is not None:
             load.speed = float(speed)

@@ -41,9 +41,11 @@ def test_the_core_counts_the_blocks_a_routed_request_writes(route):
     assert core.load.loads[replica].churn(CHURN_HALF_LIFE_S) == pytest.approx(13.0 / 2 + 3)
 
 
-def _chat_league(churn_weight: float, seeds=range(4)) -> tuple[float, float]:
+def league(churn_weight: float, workload: str = "chat", seeds=range(4)) -> tuple[float, float]:
     """Mean hit rate and max replica share of cache_aware on ``kvroute bench peers``'s
-    chat geometry (3 replicas of 96 blocks of 32 tokens, the tiny model's CPU profile)."""
+    geometry (3 replicas of 96 blocks of 32 tokens, the tiny model's CPU profile, 200
+    requests of ``workload`` per seed; docs/simulator.md's churn table is this with seeds
+    0-5)."""
     live = LiveConfig(replicas=3, kv_blocks=96)
     config = ClusterConfig(replicas=3, block_size=live.block_size, kv_blocks=96, profile=get_profile("tiny-llama-cpu"),
                            max_num_seqs=live.max_num_seqs, max_num_batched_tokens=live.max_num_batched_tokens,
@@ -51,7 +53,7 @@ def _chat_league(churn_weight: float, seeds=range(4)) -> tuple[float, float]:
     options = {**profile_options("cache_aware", "tiny-llama-cpu"), "churn_weight": churn_weight}
     hits, shares = [], []
     for seed in seeds:
-        requests = load_requests(workload="chat", trace=None, count=200, rate=8.0, rate_scale=1.0, seed=seed,
+        requests = load_requests(workload=workload, trace=None, count=200, rate=8.0, rate_scale=1.0, seed=seed,
                                  shape=LiveShape())
         row = run_policy(requests, dataclasses.replace(config, seed=seed), "cache_aware", options)[0]
         hits.append(row["hit_rate"])
@@ -60,8 +62,8 @@ def _chat_league(churn_weight: float, seeds=range(4)) -> tuple[float, float]:
 
 
 def test_churn_spreads_new_conversations_on_a_small_cache_fleet():
-    hit, share = _chat_league(0.5)  # the default
-    bare_hit, bare_share = _chat_league(0.0)
+    hit, share = league(0.5)  # the default
+    bare_hit, bare_share = league(0.0)
     assert bare_share > 0.6  # without it, one replica takes most conversations
     assert share < bare_share - 0.05  # (0.60 against 0.68 when written)
     assert hit > bare_hit + 0.01  # (+1.6 points when written)

@@ -24,8 +24,9 @@ def test_speeds_are_kept_for_replicas_that_join_later_and_bad_ones_name_the_fiel
     assert core.load.loads["b"].speed == 0.5
     for bad in (0, -1.0, float("nan"), float("inf"), "fast", True):
         with pytest.raises(ConfigError) as exc:
-            core.set_speeds({"a": bad})
+            core.set_speeds({"a": 0.25, "b": bad})
         assert exc.value.field == "speed"
+        assert core.load.loads["a"].speed == 1.0  # all or nothing
 
 
 def test_an_engine_reports_its_speed_and_a_wrong_one_is_ignored():
