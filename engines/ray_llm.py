@@ -30,6 +30,7 @@ from typing import Any
 
 from ray.serve.llm import LLMConfig, LLMServer
 
+from engines.serve_replica import autoscaling_target
 from engines.tiny_model import build_tiny_model
 from engines.vllm_engine import _SchedulerSnapshot, _stat_logger_factory
 from router.tokenization import tokenizer_fingerprint, unpack_ids
@@ -139,6 +140,8 @@ class KVRouteLLMServer(LLMServer):
             "kvroute_tokenizer": self._kvroute_tokenizer,
             "router_ids_used": self._kvroute_ids_used,
             "router_ids_rejected": self._kvroute_ids_rejected,
+            # The autoscaler's target: cache_aware bounds each replica's load by it.
+            "kvroute_target_ongoing": autoscaling_target(),
         })
         return stats
 

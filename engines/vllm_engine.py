@@ -38,6 +38,7 @@ from typing import Any
 
 from engines.errors import BadRequest
 from engines.protocol import ChatParams, CompletionParams, SamplingOptions, parse_chat, parse_completion
+from engines.serve_replica import autoscaling_target
 from router.tokenization import render_chat, tokenizer_fingerprint, unpack_ids
 
 logger = logging.getLogger("kvroute.engines")
@@ -470,7 +471,9 @@ class VLLMEngine:
         return self.runner.models()
 
     async def record_routing_stats(self) -> dict:
-        return self.runner.routing_stats()
+        # The autoscaler's target: cache_aware bounds each replica's load by it, so that
+        # the replicas Serve adds get traffic (policies.cache_aware, bounded load).
+        return {**self.runner.routing_stats(), "kvroute_target_ongoing": autoscaling_target()}
 
     async def check_health(self) -> None:
         engine = self.runner.engine

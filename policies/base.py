@@ -251,6 +251,13 @@ class Policy(ABC):
     def replicas_changed(self, replicas: Sequence[ReplicaId]) -> None:
         """Called when the replica set changes."""
 
+    def load_target_changed(self, in_flight: float | None) -> None:
+        """Called when the deployment's autoscaler says how many requests in flight one
+        replica should carry (Ray Serve's ``target_ongoing_requests``, reported by the
+        engine replicas), or None when it no longer does (not autoscaled). The autoscaler
+        adds replicas when the replicas' mean exceeds it; a policy that bounds load may
+        follow it so that the replicas it adds get traffic (``cache_aware`` does)."""
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.config})"
 

@@ -77,7 +77,14 @@ Rules on top of the cost:
     over bound the request spills to the next best, and the core's speculative insert
     records the spill target as a new holder (hot-prefix replication). The floor (16)
     keeps the rule from firing on small counts, where the queue term already balances
-    and a bound of 1 or 2 forced needless spills that halved the hit rate on long prompts;
+    and a bound of 1 or 2 forced needless spills that halved the hit rate on long prompts.
+    In an autoscaled deployment the floor follows the autoscaler instead (``max(1,
+    ceil(load_factor * target_ongoing_requests))``; ``follow_autoscaler``, on by default):
+    the autoscaler adds a replica because the replicas' mean load exceeds its target, and
+    with a floor of 16 a replica holding the cached conversations kept every request
+    while the added ones idled (live, 560 / 23 / 0 requests over three replicas; README,
+    "Autoscaling, live"). With the target as the floor, a replica past it spills new work
+    to the added ones, whose caches then fill;
   * sessions: the session's replica goes first unless it costs more than
     ``session_slack_s`` above the best (and is within bound);
   * ties are broken at random (``view.rng``).
@@ -110,8 +117,9 @@ from router.profile import DEFAULT_PROFILE, get_profile
 class CacheAwarePolicy(Policy):
     """Least estimated time-to-first-token, with a KV barrier, bounded load and sessions.
 
-    Holds its validated config and the resolved latency profile; no per-request state.
-    See the module docstring for the cost model. O(n log n) for n candidates.
+    Holds its validated config, the resolved latency profile and the autoscaler's load
+    target (``load_target_changed``); no per-request state. See the module docstring for
+    the cost model. O(n log n) for n candidates.
     """
 
     @dataclass(frozen=True, slots=True)
@@ -124,6 +132,7 @@ class CacheAwarePolicy(Policy):
         work_weight: float = 2.0
         bound_floor: int = 16
         churn_weight: float = 0.5
+        follow_autoscaler: bool = True
 
         def check(self, policy: str) -> None:
             get_profile(self.profile)
@@ -134,22 +143,25 @@ class CacheAwarePolicy(Policy):
             require(self.work_weight >= 0, f"{policy}.work_weight", f"must be >= 0, got {self.work_weight}")
             require(self.bound_floor >= 1, f"{policy}.bound_floor", f"must be >= 1, got {self.bound_floor}")
             require(self.churn_weight >= 0, f"{policy}.churn_weight", f"must be >= 0, got {self.churn_weight}")
+            require(isinstance(self.follow_autoscaler, bool), f"{policy}.follow_autoscaler",
+                    f"must be true or false, got {self.follow_autoscaler!r}")
 
     _speedups = speedups  # None: Python only (tests set it on an instance)
 
     def __init__(self, config: PolicyConfig | None = None, **options) -> None:
         super().__init__(config, **options)
         self.profile = get_profile(self.config.profile)
-        self._params_for: tuple = (None, None)  # the (config, profile) _params was built from
+        self._params_for: tuple = (None, None)  # the (config, profile) _params was built from (and its floor)
         self._params: tuple = ()
         self._distinct: tuple | None = None  # the last replicas tuple checked to have no repeats
         # The C ranking's last tiers list, refilled in place once nothing else holds it
         # (router/_native/speedups.c, build_tiers): n + 1 fewer allocations per request.
+        self._load_target: float | None = None  # the autoscaler's target_ongoing_requests
         self._tiers: list = [None]
         self._install_ranker()
 
     #: Attributes the C ``Ranker`` depends on: setting one reinstalls it.
-    _RANKER_INPUTS = frozenset(("config", "profile", "_speedups"))
+    _RANKER_INPUTS = frozenset(("config", "profile", "_speedups", "_load_target"))
 
     def __setattr__(self, name: str, value) -> None:
         super().__setattr__(name, value)
@@ -184,6 +196,17 @@ class CacheAwarePolicy(Policy):
         self.__dict__.update(state)
         self._install_ranker()
 
+    def load_target_changed(self, in_flight: float | None) -> None:
+        self._load_target = in_flight  # reinstalls the C ranker (its constants hold the floor)
+
+    def bound_floor(self) -> int:
+        """The bounded-load rule's floor: the config's, or in an autoscaled deployment
+        (``follow_autoscaler``) ``max(1, ceil(load_factor * target))``."""
+        cfg = self.config
+        if self._load_target is None or not cfg.follow_autoscaler:
+            return cfg.bound_floor
+        return max(1, math.ceil(cfg.load_factor * self._load_target - 1e-9))
+
     def _native(self, request: RouteRequest, view: RoutingView, jitter: bool, rank: bool):
         """The C cost loop (rank false: the costs dict; true: the tiers), or None when it
         is not built or declines the input (the Python code then runs; the C side declines
@@ -199,12 +222,12 @@ class CacheAwarePolicy(Policy):
     def _native_params(self) -> tuple:
         """The constants of the C cost loop, from the config and profile (rebuilt if either
         object was replaced)."""
-        cfg, prof = self.config, self.profile
-        if self._params_for[0] is not cfg or self._params_for[1] is not prof:
+        cfg, prof, floor = self.config, self.profile, self.bound_floor()
+        if self._params_for[0] is not cfg or self._params_for[1] is not prof or self._params[12] != floor:
             self._params = (cfg.kv_soft_limit, cfg.kv_barrier_s, prof.step_overhead_s, prof.decode_s_per_seq,
                             prof.attention_s_per_context_token, prof.prefill_s_per_token,
                             prof.max_batched_tokens, cfg.load_factor, cfg.session_slack_s, _OVER_BOUND,
-                            prof.prefill_attention_s_per_pair, cfg.work_weight, float(cfg.bound_floor),
+                            prof.prefill_attention_s_per_pair, cfg.work_weight, float(floor),
                             cfg.churn_weight, CHURN_HALF_LIFE_S)
             self._params_for = (cfg, prof)
         return self._params
@@ -310,7 +333,7 @@ class CacheAwarePolicy(Policy):
         costs = self.costs(request, view, jitter=True)
         loads = view.load
         in_flight = {r: (loads.get(r) or _IDLE).in_flight for r in replicas}
-        bound = max(self.config.bound_floor,
+        bound = max(self.bound_floor(),
                     math.ceil(self.config.load_factor * (sum(in_flight.values()) + 1) / len(replicas)))
         for replica, count in in_flight.items():
             if count >= bound:  # over its fair share: after every replica within bound

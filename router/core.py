@@ -123,6 +123,7 @@ class RoutingCore:
         self.load = LoadView(report_ttl_s=report_ttl_s, max_tracked_requests=max_tracked_requests)
         self.rng = random.Random(seed)
         self.stats = CoreStats()
+        self.load_target: float | None = None  # set_load_target
         self._blocks_of = self.tree.replica_blocks  # the tree's bound method, made once
         self._replicas: tuple[ReplicaId, ...] = ()
         self._replica_set: frozenset = frozenset()
@@ -185,6 +186,20 @@ class RoutingCore:
         for replica, speed in speeds.items():
             self.load.set_speed(replica, speed)
         self._speeds.update({replica: float(speed) for replica, speed in speeds.items()})
+
+    def set_load_target(self, in_flight: float | None) -> None:
+        """The deployment autoscaler's target of requests in flight per replica (Ray
+        Serve's ``target_ongoing_requests``), or None when it is not autoscaled; handed to
+        the policy (``Policy.load_target_changed``) when it changes. ``ConfigError``
+        naming ``target_ongoing_requests`` for anything but a positive finite number."""
+        if in_flight is not None:
+            if isinstance(in_flight, bool) or not isinstance(in_flight, (int, float)) \
+                    or not 0 < in_flight < math.inf:
+                raise ConfigError("target_ongoing_requests", f"must be a positive number, got {in_flight!r}")
+            in_flight = float(in_flight)
+        if in_flight != self.load_target:
+            self.load_target = in_flight
+            self.policy.load_target_changed(in_flight)
 
     def on_replica_died(self, replica: ReplicaId, now: float) -> None:
         """A replica died: forget its cache, sessions and in-flight accounting."""

@@ -570,8 +570,9 @@ class RoutingService:
     def engine_report(self, replica: str, stats: Mapping[str, Any], now: float | None = None) -> None:
         """Absorb one engine report: ``record_routing_stats``'s shape (``running``,
         ``waiting``, ``kv_usage``, ``prefix_cache_queries``/``hits``, ``model``,
-        ``kvroute_tokenizer``, ``kvroute_ids_only``, ``kvroute_speed``); any field may be
-        missing or wrong (a wrong one is ignored)."""
+        ``kvroute_tokenizer``, ``kvroute_ids_only``, ``kvroute_speed``,
+        ``kvroute_target_ongoing``); any field may be missing or wrong (a wrong one is
+        ignored)."""
         now = self.now() if now is None else now
         if isinstance(stats.get("model"), str):
             self.default_model = stats["model"]
@@ -580,6 +581,13 @@ class RoutingService:
         speed = stats.get("kvroute_speed")
         if isinstance(speed, (int, float)) and not isinstance(speed, bool) and 0 < speed < math.inf:
             self.core.load.set_speed(replica, speed)  # this replica's record only: not remembered past it
+        if "kvroute_target_ongoing" in stats:
+            # The deployment's autoscaling target (None: not autoscaled); one per deployment,
+            # so the latest report stands. A wrong one is ignored like any other field.
+            try:
+                self.core.set_load_target(stats["kvroute_target_ongoing"])
+            except ConfigError:
+                pass
         queries, hits = stats.get("prefix_cache_queries"), stats.get("prefix_cache_hits")
         if isinstance(queries, int) and isinstance(hits, int) and 0 <= hits <= queries:
             self.engine_prefix[replica] = (queries, hits)

@@ -203,6 +203,11 @@ class Cluster:
         if config.router_knows_speeds and self._speeds:
             for router in self.routers:
                 router.set_speeds(self._speeds)
+        if config.autoscale is not None:
+            # Live, every engine replica reports its deployment's target in its routing
+            # stats (``kvroute_target_ongoing``); here the routers know it from the start.
+            for router in self.routers:
+                router.set_load_target(config.autoscale.target_ongoing_requests)
         for i in range(config.replicas):
             self._add_engine(f"replica-{i}")
         self._publish_replicas()
