@@ -343,6 +343,9 @@ def _gateway(args: argparse.Namespace) -> int:
              "max_body_bytes": args.max_body_bytes, "request_timeout_s": args.request_timeout_s,
              "drain_timeout_s": args.drain_timeout_s, "max_attempts": args.max_attempts,
              "event_loop": args.event_loop}
+    if args.record:
+        flags["record"] = {**(options.get("record") or {}), "path": args.record} \
+            if isinstance(options.get("record"), dict) else args.record
     options.update({name: value for name, value in flags.items() if value is not None})
     if args.policy_option:
         merged = dict(options.get("policy_options") or {})
@@ -612,6 +615,9 @@ def build_parser() -> argparse.ArgumentParser:
     gw.add_argument("--max-attempts", type=_positive_int, help="workers tried per request (default 3)")
     gw.add_argument("--event-loop", choices=("auto", "uvloop", "asyncio"),
                     help="auto (default): uvloop when installed, else asyncio's loop")
+    gw.add_argument("--record", metavar="PATH", help="write the routed traffic as a trace (Mooncake JSONL with keyed "
+                                                     "block ids; docs/record.md); the secret from "
+                                                     "KVROUTE_RECORD_SECRET or record.secret_file in --config")
     gw.add_argument("--config", help="YAML file with the same options (flags win)")
     gw.set_defaults(func=_gateway)
 

@@ -126,6 +126,8 @@ METRICS: tuple[MetricSpec, ...] = (
                "Chat requests with no remembered prefix (rendered and tokenized whole).", _P),
     MetricSpec("kvroute_router_conversation_memo_evictions", "counter",
                "Conversation prefixes evicted from the memo (its byte bound).", _P),
+    MetricSpec("kvroute_router_trace_records", "counter",
+               "Routed requests the trace recorder wrote, or dropped (its queue full, or a failed write).", _PT),
 )
 
 SPECS: dict[str, MetricSpec] = {spec.name: spec for spec in METRICS}
@@ -247,6 +249,7 @@ class RouterSnapshot:
     prompt_ids_sent: int = 0  # cumulative
     tokenizer_cache: Mapping[str, int] = field(default_factory=dict)  # the piece cache's CacheStats
     conversation_memo: Mapping[str, int] = field(default_factory=dict)  # the memo's MemoStats
+    trace: Mapping[str, int] = field(default_factory=dict)  # the recorder's written/dropped, cumulative
 
 
 class RouterMetrics:
@@ -359,6 +362,11 @@ class RouterMetrics:
             m["kvroute_router_conversation_memo_entries"].set(memo.get("entries", 0), tags=tags)
             for stat in ("hits", "misses", "evictions"):
                 self._inc("kvroute_router_conversation_memo_" + stat, "memo." + stat, int(memo.get(stat, 0)), tags)
+        for result in ("written", "dropped"):
+            if result in snapshot.trace:
+                delta = self._counter_delta("trace." + result, int(snapshot.trace[result]))
+                if delta > 0:
+                    m["kvroute_router_trace_records"].inc(delta, tags={"policy": self.policy, "result": result})
         events = snapshot.kv_events
         for name, stat in (("kvroute_kv_events", "events"), ("kvroute_kv_event_gaps", "gaps"),
                            ("kvroute_kv_event_lost", "lost"), ("kvroute_kv_event_malformed", "malformed")):

@@ -41,6 +41,7 @@ from router.errors import ConfigError
 from router.keys import DEFAULT_SEED, CharChunkKeyer, TokenBlockKeyer, namespace_seed
 from router.metrics import (FLUSH_INTERVAL_S, TOKENIZE_RESULTS, ReplicaSnapshot, RouterMetrics, RouterSnapshot,
                             ray_metric_factory)
+from router.record import TraceRecorder, record_config
 from router.requests import MAX_TOKENIZED_CHARS, BadRequest, RequestFields, parse_request
 from router.tokenization import DEFAULT_CACHE_BYTES, PromptTokenizer, TokenizerPool
 
@@ -49,7 +50,8 @@ logger = logging.getLogger("kvroute")
 #: Options the service takes beside RoutingCore's own.
 SERVICE_OPTIONS = ("policy", "policy_options", "tokenizer", "block_size", "chunk_chars", "kv_events",
                    "max_pending", "tokenizer_cache_bytes", "tokenizer_threads", "tokenizer_max_queued_chars",
-                   "max_tokenized_chars", "send_prompt_ids", "tokenize_wait_ms", "conversation_memo_bytes")
+                   "max_tokenized_chars", "send_prompt_ids", "tokenize_wait_ms", "conversation_memo_bytes",
+                   "record")
 MAX_PENDING = 10_000
 #: How long a decision waits by default for the tokenizer pool's ids of a prompt's new
 #: text, when an engine would take those ids (the wait saves that engine tokenizing the
@@ -103,7 +105,8 @@ def validate_options(kwargs: Mapping[str, Any]) -> tuple[RoutingCore, dict[str, 
         raise ConfigError("policy_options", "must be a mapping of option -> value")
     core = RoutingCore.from_options(own.get("policy", "cache_aware"), policy_options=policy_options,
                                     keys={"kind": "tokens", "block_size": own["block_size"]}, **kwargs)
-    own.update(kv_events=kv_events, send_prompt_ids=own.get("send_prompt_ids", True))
+    own.update(kv_events=kv_events, send_prompt_ids=own.get("send_prompt_ids", True),
+               record=record_config(own.get("record")))
     return core, own
 
 
@@ -187,6 +190,7 @@ class Pending:
     latency_s: float
     payload: Any = None
     learn: Lesson | None = None
+    tenant: int | None = None  # the key namespace's seed, kept only while recording
 
 
 class RoutingService:
@@ -248,6 +252,10 @@ class RoutingService:
         self._profile = getattr(core.policy, "profile", None)
         policy = own.get("policy", "cache_aware")
         self.metrics = RouterMetrics(policy if isinstance(policy, str) else type(policy).__name__, metrics_factory)
+        # Writes what is routed as a trace (``router.record``), when configured; the
+        # namespace seed of each keyed request waits here for its decision.
+        self.recorder = TraceRecorder(own["record"], name=name) if own["record"] is not None else None
+        self._tenants: dict[str, int] = {}
         self._flush_scheduled = False
 
     @staticmethod
@@ -421,6 +429,11 @@ class RoutingService:
     def keyed(self, fields: RequestFields, found: Tokenized, request_id: str) -> RouteRequest:
         """``key`` for what ``tokenized`` found; a chat whose whole prompt's ids are known
         is remembered in the conversation memo (its next turn resumes there)."""
+        if self.recorder is not None:
+            tenants = self._tenants
+            if len(tenants) >= self.options["max_pending"]:
+                tenants.clear()  # keyed, never ranked (a front door's error): bounded all the same
+            tenants[request_id] = self._seed(fields)
         return self.key(fields, found.ids, request_id, found.uncached_chars, resume=found.resume,
                         remember=not found.missing)
 
@@ -486,7 +499,8 @@ class RoutingService:
         latency = time.perf_counter() - started
         self.loop_seconds += latency
         self._remember(Pending(request, view.matched_blocks, view.session_replica if tiers else FALLBACK, latency,
-                               payload, learn))
+                               payload, learn,
+                               self._tenants.pop(request.request_id, None) if self.recorder is not None else None))
         if tiers:
             loads = self.core.load.loads
             top = min(tiers[0], key=lambda k: loads[k].in_flight if k in loads else 0)
@@ -522,6 +536,9 @@ class RoutingService:
         if entry.learn is not None:
             self.learn_after(entry.learn, replica, len(request.keys))
         self._schedule_first_token(request, replica, chosen)
+        if self.recorder is not None:
+            self.recorder.record(request.keys, request.prompt_tokens, request.block_tokens, request.output_tokens,
+                                 request.session_id, entry.tenant, replica)
         outcome = "fallback" if entry.session_replica is FALLBACK else \
             RoutingCore._outcome(replica, chosen, max(entry.matched.values(), default=0), entry.session_replica)
         self.metrics.record_decision(outcome, entry.latency_s, request.prompt_tokens,
@@ -656,6 +673,8 @@ class RoutingService:
         hub, self._kv_hub = self._kv_hub, None
         if hub is not None:
             hub.close()
+        if self.recorder is not None:
+            self.recorder.close()
 
     # -- metrics ---------------------------------------------------------------------------
     def schedule_metrics_flush(self) -> None:
@@ -705,7 +724,8 @@ class RoutingService:
                               kv_streams_down=down, bad_requests=self.bad_requests,
                               tokenize=dict(self.tokenize_counts), prompt_ids_sent=self.prompt_ids_sent,
                               tokenizer_cache=self.prompts.cache.stats.as_dict() if self.prompts else {},
-                              conversation_memo=self.resumer.memo.stats.as_dict() if self.resumer else {})
+                              conversation_memo=self.resumer.memo.stats.as_dict() if self.resumer else {},
+                              trace=self.recorder.stats() if self.recorder is not None else {})
 
     def flush_metrics(self) -> None:
         """Export what was recorded since the last flush (also called by tests)."""

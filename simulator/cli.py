@@ -120,7 +120,7 @@ def load_requests(args: argparse.Namespace) -> tuple[list, str, int]:
             raise ConfigError("trace", str(exc)) from None
         if args.requests:
             requests = requests[:args.requests]
-        label, block = args.trace, 512 if fmt == "mooncake" else 16
+        label, block = args.trace, workloads.mooncake_block_tokens(args.trace) if fmt == "mooncake" else 16
     else:
         name = args.workload or DEFAULT_WORKLOAD
         rate = args.rate if args.rate is not None else DEFAULT_RATE

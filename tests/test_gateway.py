@@ -299,6 +299,28 @@ def test_repeat_prefix_goes_to_the_same_worker():
     _run(_with_gateway(2, body))
 
 
+def test_the_gateway_records_what_it_routes(tmp_path):
+    path = tmp_path / "trace.jsonl"
+
+    async def body(gateway, workers, client):
+        await _conversations(client, conversations=3, turns=2)
+        deadline = time.monotonic() + 60
+        while not (path.exists() and len(path.read_text().splitlines()) == 6) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)  # the recorder writes on its own thread
+        lines = [json.loads(line) for line in path.read_text().splitlines()]
+        assert len(lines) == 6
+        urls = {w.url.rstrip("/") for w in workers}
+        assert all(line["replica"].rstrip("/") in urls for line in lines), lines
+        # Each conversation's second turn went where its first did, and the trace says so.
+        assert all(lines[2 * i]["replica"] == lines[2 * i + 1]["replica"] for i in range(3))
+        assert lines[1]["hash_ids"][:len(lines[0]["hash_ids"]) - 1] == lines[0]["hash_ids"][:-1]
+        assert "fact0" not in path.read_text()
+    _run(_with_gateway(2, body, record={"path": str(path), "secret": "ab" * 16}))
+    with pytest.raises(ConfigError) as exc:
+        build_config({"workers": ["http://127.0.0.1:1"], "record": {"path": str(path), "secret": "xyz"}})
+    assert exc.value.field == "record.secret"
+
+
 def test_data_parallel_ranks_are_replicas_of_their_own():
     """A worker declared with ``dp=2`` is two replicas (``URL#dp0``, ``URL#dp1``): each
     request carries vLLM's ``X-data-parallel-rank`` header for the rank chosen, a

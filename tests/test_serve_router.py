@@ -6,6 +6,7 @@ The vLLM end-to-end tests live in tests/live/. Skipped when Ray Serve is not ins
 
 from __future__ import annotations
 
+import json
 import os
 import random
 from collections import Counter
@@ -112,6 +113,26 @@ def test_requests_sharing_a_long_prefix_go_where_it_is_cached(cluster):
     # router without the tree would spread each prefix over all three replicas.
     for p, counts in where.items():
         assert counts.most_common(1)[0][1] >= 18, (p, counts)
+
+
+def test_the_router_records_what_it_routes(cluster, tmp_path):
+    """``record`` in the router's options: each routed request is a trace line naming the
+    replica that served it (the router runs in this process: the handle's), with keyed
+    block ids and no prompt text; bad record options fail when the app is built."""
+    path = tmp_path / "trace.jsonl"
+    handle = deploy("record", policy="cache_aware",
+                    record={"path": str(path), "secret": "0123456789abcdef0123456789abcdef"})
+    served = [handle.chat.remote(body("a shared system prompt " * 40, i, session=f"s{i % 3}")).result(timeout_s=60)
+              for i in range(12)]
+    assert wait_for(lambda: path.exists() and len(path.read_text().splitlines()) == 12, timeout=60)
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [line["replica"].rsplit("#", 1)[-1] for line in lines] == served
+    assert len({line["session"] for line in lines}) == 3
+    assert all(line["hash_ids"] and line["block_size"] > 0 for line in lines)
+    assert "shared system prompt" not in path.read_text() and '"s1"' not in path.read_text()
+    with pytest.raises(ConfigError) as exc:
+        cache_aware_router_config(record={"path": str(tmp_path / "no-such-dir" / "t.jsonl")})
+    assert exc.value.field == "record.path"
 
 
 def test_a_session_sticks_to_its_replica(cluster):

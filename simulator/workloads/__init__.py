@@ -16,11 +16,12 @@ from simulator.workloads.generators import (PARAMS, WORKLOADS, agent, chat, few_
 from simulator.workloads.model import (CHARS_PER_TOKEN, Content, Segments, SimRequest, WorkloadError, block_keys,
                                        ideal_hit_rate)
 from simulator.workloads.traces import (JSONL_FIELDS, TRACE_FORMATS, load_jsonl, load_mooncake, load_trace,
-                                        save_jsonl)
+                                        mooncake_block_tokens, save_jsonl)
 
 __all__ = [
     "ARRIVALS", "CHARS_PER_TOKEN", "JSONL_FIELDS", "PARAMS", "TRACE_FORMATS", "WORKLOADS", "Content", "Segments",
     "SimRequest", "WorkloadError", "agent", "arrival_process", "block_keys", "chat", "few_shot", "gamma_arrivals",
-    "ideal_hit_rate", "load_jsonl", "load_mooncake", "load_trace", "make_workload", "mixed", "poisson_arrivals",
+    "ideal_hit_rate", "load_jsonl", "load_mooncake", "load_trace", "make_workload", "mixed", "mooncake_block_tokens",
+    "poisson_arrivals",
     "rate_profile", "save_jsonl", "scale_rate", "system_prompts", "trace_like_arrivals", "with_arrivals",
 ]

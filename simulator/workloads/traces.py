@@ -74,9 +74,26 @@ def _tail_segment_id(line: int) -> int:
     return xxhash.xxh3_64_intdigest(b"kvroute-mooncake-tail:%d" % line) | (1 << 63)
 
 
+def _block_size(obj: dict, path, line: int) -> int:
+    size = obj.get("block_size", MOONCAKE_BLOCK_TOKENS)
+    if not _is_int(size) or size < 1:
+        raise WorkloadError(f"must be an integer >= 1, got {size!r}", path=path, line=line, field="block_size")
+    return size
+
+
+def mooncake_block_tokens(path) -> int:
+    """Tokens per hash id of a Mooncake-format trace: its first record's ``block_size``
+    (a trace kvroute recorded, ``router.record``), else Mooncake's 512."""
+    for line, obj in _records(path):
+        return _block_size(obj, path, line)
+    return MOONCAKE_BLOCK_TOKENS
+
+
 def load_mooncake(path, *, limit: int | None = None) -> list[SimRequest]:
     """Read a Mooncake trace (``timestamp`` ms, ``input_length``, ``output_length``,
-    ``hash_ids``: one chained id per 512 prompt tokens).
+    ``hash_ids``: one chained id per 512 prompt tokens). A trace kvroute recorded
+    (``router.record``) also has ``block_size`` (tokens per id, the same on every line)
+    and ``session`` (a digest: the request's ``session_id``); other fields are ignored.
 
     ``arrival_s = timestamp / 1000`` (not shifted); content is
     ``Segments([(hash_ids[0], 512), ..., (hash_ids[-1], input_length - 512*(n-1))])`` so the
@@ -89,12 +106,21 @@ def load_mooncake(path, *, limit: int | None = None) -> list[SimRequest]:
     """
     if limit is not None and (not _is_int(limit) or limit < 0):
         raise WorkloadError(f"must be an integer >= 0 or None, got {limit!r}", field="limit")
-    size = MOONCAKE_BLOCK_TOKENS
+    size = None
     rows = []
     for line, obj in _records(path):
         if limit is not None and len(rows) >= limit:
             break
         _require(obj, ("timestamp", "input_length", "output_length", "hash_ids"), path, line)
+        own = _block_size(obj, path, line)
+        if size is None:
+            size = own
+        elif own != size:
+            raise WorkloadError(f"must be the same on every line ({size} before), got {own}", path=path, line=line,
+                                field="block_size")
+        session = obj.get("session")
+        if session is not None and not isinstance(session, str):
+            raise WorkloadError(f"must be a string or null, got {session!r}", path=path, line=line, field="session")
         arrival = _number(obj, "timestamp", path, line) / 1000.0
         prompt = _integer(obj, "input_length", path, line, minimum=1)
         output = max(1, _integer(obj, "output_length", path, line, minimum=0))
@@ -108,7 +134,7 @@ def load_mooncake(path, *, limit: int | None = None) -> list[SimRequest]:
             pairs[-1] = (ids[-1], prompt - size * (len(ids) - 1))
         elif covered < prompt:
             pairs.append((_tail_segment_id(line), prompt - covered))
-        rows.append((arrival, prompt, output, Segments(pairs), None))
+        rows.append((arrival, prompt, output, Segments(pairs), session))
     return _numbered(rows)
 
 

@@ -1,0 +1,312 @@
+"""Step times of a decoder's shape measured on a GPU, fitted to a latency profile.
+
+``router.profile``'s presets are roofline arithmetic. This script measures what a
+transformer of the preset's shape costs on the GPU it runs on, with PyTorch alone (no
+vLLM: it is not installed where the GPUs are lent), and fits ``LatencyProfile``'s step
+model to the measurements::
+
+    python benchmarks/gpu_profile.py --shape llama3-8b --shape qwen2.5-32b --json out.json
+
+What it runs, per shape (random bf16 weights; nothing downloaded):
+
+* ``layers`` decoder layers as vLLM's Llama/Qwen2 run them: RMSNorm, fused QKV projection
+  (Qwen2's with bias), rotary embedding, attention through PyTorch's
+  ``scaled_dot_product_attention`` (FlashAttention on Hopper for prefill; grouped-query
+  heads), output projection, RMSNorm, fused gate/up projection, SiLU-and-multiply, down
+  projection; then the final norm and the LM head over the last token of each sequence.
+  Two depths (``--layers`` and twice that) are timed and the model's step is extrapolated
+  to its full depth from the difference: every layer is the same work.
+* Prefill steps: one sequence, chunks of 512 to 8,192 new tokens after 0 to 16,384 cached
+  ones (causal attention aligned to the chunk's end), in eager mode: a prefill step is
+  compute-bound and its launches are a small part of it.
+* Decode steps: 1 to 256 sequences of 1 new token each, over 1,024 to 8,192 cached tokens
+  per sequence, captured in a CUDA graph and replayed (vLLM runs decode steps from CUDA
+  graphs: eager decode is launch-bound and measures the CPU).
+
+The fit (least squares on the full-depth step times, coefficients kept >= 0):
+decode ``step_s = step_overhead_s + decode_s_per_seq * seqs + attention_s_per_context_token
+* context tokens``; prefill ``step_s - step_overhead_s = prefill_s_per_token * tokens +
+prefill_attention_s_per_pair * (query, key) pairs``.
+
+What it leaves out against vLLM (so a measured preset is a lower bound on vLLM's step
+time in places and an upper bound in others): vLLM's fused kernels (RMSNorm with the
+residual add, SiLU-and-multiply, rotary) and its paged-KV attention (FlashAttention
+varlen over a block table; here each sequence's KV is one dense tensor); chunked-prefill
+steps that mix prefill and decode (timed apart here; the profile adds them); sampling,
+the scheduler and detokenization on the CPU; ``torch.compile`` fusion. Decode attention
+here is SDPA over a padded batch (every sequence the same context length).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+#: The model shapes of the roofline presets (router/profile.py).
+SHAPES: dict[str, dict[str, Any]] = {
+    "llama3-8b": {"hidden": 4096, "layers": 32, "heads": 32, "kv_heads": 8, "head_dim": 128,
+                  "intermediate": 14336, "vocab": 128256, "qkv_bias": False, "preset": "llama3-8b-h100"},
+    "qwen2.5-32b": {"hidden": 5120, "layers": 64, "heads": 40, "kv_heads": 8, "head_dim": 128,
+                    "intermediate": 27648, "vocab": 152064, "qkv_bias": True, "preset": "qwen2.5-32b-h200"},
+    # For a quick check on a CPU (tests): the same code at toy sizes.
+    "toy": {"hidden": 256, "layers": 4, "heads": 4, "kv_heads": 2, "head_dim": 64, "intermediate": 512,
+            "vocab": 1000, "qkv_bias": True, "preset": "llama3-8b-h100"},
+}
+PREFILL_POINTS = ((512, 0), (1024, 0), (2048, 0), (4096, 0), (8192, 0), (2048, 4096), (2048, 16384),
+                  (512, 16384))
+DECODE_POINTS = tuple((seqs, context) for seqs in (1, 8, 32, 64, 128, 256) for context in (1024, 4096, 8192))
+TOY_PREFILL = ((16, 0), (32, 0), (64, 0), (32, 64))
+TOY_DECODE = ((1, 32), (4, 32), (4, 128))
+
+
+@dataclass
+class Layer:
+    """One decoder layer's weights (random, bf16) and its forward pass."""
+
+    torch: Any
+    shape: dict
+    device: str
+    dtype: Any
+
+    def __post_init__(self) -> None:
+        t, s = self.torch, self.shape
+        make = lambda *dims: (t.randn(*dims, device=self.device, dtype=self.dtype) * 0.02)  # noqa: E731
+        q, kv = s["heads"] * s["head_dim"], s["kv_heads"] * s["head_dim"]
+        self.norm1 = t.ones(s["hidden"], device=self.device, dtype=self.dtype)
+        self.norm2 = t.ones(s["hidden"], device=self.device, dtype=self.dtype)
+        self.qkv = make(q + 2 * kv, s["hidden"])
+        self.qkv_bias = make(q + 2 * kv) if s["qkv_bias"] else None
+        self.o = make(s["hidden"], q)
+        self.gate_up = make(2 * s["intermediate"], s["hidden"])
+        self.down = make(s["hidden"], s["intermediate"])
+
+    def forward(self, x, cos, sin, k_cache, v_cache, start: int, causal_bias):
+        """``x``: [batch, new tokens, hidden]; ``k_cache``/``v_cache``: [batch, kv heads,
+        cached + new, head_dim], the new tokens' K/V written at ``start``."""
+        t, s = self.torch, self.shape
+        F = t.nn.functional
+        batch, new, _ = x.shape
+        h = F.rms_norm(x, (s["hidden"],), self.norm1)
+        qkv = F.linear(h, self.qkv, self.qkv_bias)
+        q_size, kv_size = s["heads"] * s["head_dim"], s["kv_heads"] * s["head_dim"]
+        q, k, v = qkv.split((q_size, kv_size, kv_size), dim=-1)
+        q = _rotary(t, q.view(batch, new, s["heads"], s["head_dim"]), cos, sin).transpose(1, 2)
+        k = _rotary(t, k.view(batch, new, s["kv_heads"], s["head_dim"]), cos, sin).transpose(1, 2)
+        v = v.view(batch, new, s["kv_heads"], s["head_dim"]).transpose(1, 2)
+        k_cache[:, :, start:start + new] = k
+        v_cache[:, :, start:start + new] = v
+        keys, values = k_cache[:, :, :start + new], v_cache[:, :, :start + new]
+        attn = _attention(t, q, keys, values, causal_bias)
+        x = x + F.linear(attn.transpose(1, 2).reshape(batch, new, q_size), self.o)
+        h = F.rms_norm(x, (s["hidden"],), self.norm2)
+        gate, up = F.linear(h, self.gate_up).chunk(2, dim=-1)
+        return x + F.linear(F.silu(gate) * up, self.down)
+
+
+def _attention(torch, q, k, v, bias):
+    """SDPA over grouped-query heads: natively (``enable_gqa``, PyTorch >= 2.5) where the
+    kernel takes it, else with the KV heads repeated (a copy: only prefill, where it is a
+    small part of the step, should ever need it)."""
+    F = torch.nn.functional
+    try:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, enable_gqa=True)
+    except (TypeError, RuntimeError):
+        groups = q.shape[1] // k.shape[1]
+        return F.scaled_dot_product_attention(q, k.repeat_interleave(groups, dim=1),
+                                              v.repeat_interleave(groups, dim=1), attn_mask=bias)
+
+
+def _rotary(torch, x, cos, sin):
+    """Rotary embedding (neox layout, as Llama and Qwen2 in vLLM): x*cos + rotate_half(x)*sin."""
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+
+
+class Model:
+    """``depth`` layers of ``shape``, the final norm and the LM head."""
+
+    def __init__(self, torch, shape: dict, depth: int, device: str, dtype) -> None:
+        self.torch, self.shape, self.depth, self.device, self.dtype = torch, shape, depth, device, dtype
+        self.layers = [Layer(torch, shape, device, dtype) for _ in range(depth)]
+        self.norm = torch.ones(shape["hidden"], device=device, dtype=dtype)
+        self.lm_head = torch.randn(shape["vocab"], shape["hidden"], device=device, dtype=dtype) * 0.02
+
+    def caches(self, batch: int, tokens: int):
+        s, t = self.shape, self.torch
+        dims = (batch, s["kv_heads"], tokens, s["head_dim"])
+        return [(t.zeros(dims, device=self.device, dtype=self.dtype), t.zeros(dims, device=self.device,
+                                                                              dtype=self.dtype))
+                for _ in self.layers]
+
+    def step(self, x, cos, sin, caches, start: int, causal_bias):
+        for layer, (k, v) in zip(self.layers, caches):
+            x = layer.forward(x, cos, sin, k, v, start, causal_bias)
+        last = self.torch.nn.functional.rms_norm(x[:, -1], (self.shape["hidden"],), self.norm)
+        return self.torch.nn.functional.linear(last, self.lm_head)
+
+
+def _rope(torch, positions, head_dim: int, device, dtype):
+    inv = 1.0 / (500000 ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+    angles = positions.to(torch.float32)[:, None] * inv[None, :]
+    emb = torch.cat((angles, angles), dim=-1)
+    return emb.cos().to(dtype)[None, :, None, :], emb.sin().to(dtype)[None, :, None, :]
+
+
+def _timed(torch, run, device: str, repeats: int) -> float:
+    """Median seconds of ``run()`` (after a warm-up), synchronised on the GPU."""
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    run()
+    sync()
+    times = []
+    for _ in range(repeats):
+        began = time.perf_counter()
+        run()
+        sync()
+        times.append(time.perf_counter() - began)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def time_prefill(torch, model: Model, new: int, cached: int, repeats: int) -> float:
+    from torch.nn.attention.bias import causal_lower_right
+
+    s = model.shape
+    x = torch.randn(1, new, s["hidden"], device=model.device, dtype=model.dtype)
+    cos, sin = _rope(torch, torch.arange(cached, cached + new, device=model.device), s["head_dim"], model.device,
+                     model.dtype)
+    caches = model.caches(1, cached + new)
+    bias = causal_lower_right(new, cached + new)
+    with torch.inference_mode():
+        return _timed(torch, lambda: model.step(x, cos, sin, caches, cached, bias), model.device, repeats)
+
+
+def time_decode(torch, model: Model, seqs: int, context: int, repeats: int, graphs: bool) -> float:
+    s = model.shape
+    x = torch.randn(seqs, 1, s["hidden"], device=model.device, dtype=model.dtype)
+    cos, sin = _rope(torch, torch.tensor([context], device=model.device), s["head_dim"], model.device, model.dtype)
+    caches = model.caches(seqs, context + 1)
+    with torch.inference_mode():
+        if not graphs:
+            return _timed(torch, lambda: model.step(x, cos, sin, caches, context, None), model.device, repeats)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                model.step(x, cos, sin, caches, context, None)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            model.step(x, cos, sin, caches, context, None)
+        return _timed(torch, graph.replay, model.device, repeats)
+
+
+def _nonneg_lstsq(np, rows: list[list[float]], values: list[float]) -> list[float]:
+    """Least squares with every coefficient >= 0 (active set: drop the most negative and
+    refit; a handful of columns)."""
+    a, b = np.array(rows, dtype=float), np.array(values, dtype=float)
+    active = list(range(a.shape[1]))
+    while True:
+        coef, *_ = np.linalg.lstsq(a[:, active], b, rcond=None)
+        if (coef >= 0).all() or len(active) == 1:
+            out = [0.0] * a.shape[1]
+            for i, c in zip(active, coef):
+                out[i] = max(0.0, float(c))
+            return out
+        active.pop(int(np.argmin(coef)))
+
+
+def measure(shape_name: str, *, device: str, depth: int, repeats: int, graphs: bool,
+            prefill_points=PREFILL_POINTS, decode_points=DECODE_POINTS) -> dict:
+    """Step times at two depths, extrapolated to the full model, and the fitted profile."""
+    import numpy as np
+    import torch
+
+    shape = SHAPES[shape_name]
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    torch.manual_seed(0)
+    rows = {"prefill": [], "decode": []}
+    timings: dict[int, dict] = {}
+    for layers in (depth, 2 * depth):
+        model = Model(torch, shape, layers, device, dtype)
+        timings[layers] = {
+            "prefill": [time_prefill(torch, model, new, cached, repeats) for new, cached in prefill_points],
+            "decode": [time_decode(torch, model, seqs, context, repeats, graphs) for seqs, context in decode_points],
+        }
+        del model
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+    full = shape["layers"]
+
+    def extrapolate(kind: str, i: int) -> float:
+        short, deep = timings[depth][kind][i], timings[2 * depth][kind][i]
+        per_layer = max(0.0, (deep - short) / depth)
+        return short + per_layer * (full - depth)
+
+    for i, (seqs, context) in enumerate(decode_points):
+        rows["decode"].append({"seqs": seqs, "context": context, "step_s": extrapolate("decode", i)})
+    for i, (new, cached) in enumerate(prefill_points):
+        pairs = new * cached + new * (new + 1) // 2
+        rows["prefill"].append({"tokens": new, "cached": cached, "pairs": pairs, "step_s": extrapolate("prefill", i)})
+    overhead, per_seq, per_context = _nonneg_lstsq(
+        np, [[1.0, r["seqs"], r["seqs"] * r["context"]] for r in rows["decode"]], [r["step_s"] for r in rows["decode"]])
+    per_token, per_pair = _nonneg_lstsq(
+        np, [[r["tokens"], r["pairs"]] for r in rows["prefill"]], [r["step_s"] - overhead for r in rows["prefill"]])
+    fit = {"step_overhead_s": overhead, "decode_s_per_seq": per_seq, "attention_s_per_context_token": per_context,
+           "prefill_s_per_token": per_token, "prefill_attention_s_per_pair": per_pair}
+    for kind, model_of in (("decode", lambda r: overhead + per_seq * r["seqs"] + per_context * r["seqs"] * r["context"]),
+                           ("prefill", lambda r: overhead + per_token * r["tokens"] + per_pair * r["pairs"])):
+        for r in rows[kind]:
+            r["fit_s"] = model_of(r)
+            r["error"] = r["fit_s"] / r["step_s"] - 1 if r["step_s"] else 0.0
+    return {"shape": shape_name, "dims": {k: v for k, v in shape.items() if k != "preset"}, "device": device,
+            "device_name": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
+            "torch": torch.__version__, "depths": [depth, 2 * depth], "decode_cuda_graphs": graphs,
+            "dtype": str(dtype).replace("torch.", ""), "rows": rows, "fit": fit,
+            "max_abs_fit_error": max(abs(r["error"]) for kind in rows for r in rows[kind])}
+
+
+def compare(result: dict) -> dict:
+    """The fit beside the roofline preset of the same shape: measured / preset per field."""
+    sys.path.insert(0, ".")
+    from router.profile import get_profile
+
+    preset = get_profile(SHAPES[result["shape"]]["preset"])
+    return {name: {"measured": value, "preset": getattr(preset, name),
+                   "ratio": value / getattr(preset, name) if getattr(preset, name) else math.inf}
+            for name, value in result["fit"].items()}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shape", action="append", choices=sorted(SHAPES), help="model shape (repeatable)")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--layers", type=int, default=2, help="timed depth (and twice it) before extrapolating")
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--eager-decode", action="store_true", help="decode without CUDA graphs")
+    parser.add_argument("--json")
+    args = parser.parse_args(argv)
+    report = {"command": "python benchmarks/gpu_profile.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+              "date": time.strftime("%Y-%m-%d"), "results": []}
+    for name in args.shape or ["llama3-8b"]:
+        toy = name == "toy"
+        result = measure(name, device=args.device, depth=args.layers, repeats=args.repeats,
+                         graphs=args.device.startswith("cuda") and not args.eager_decode,
+                         prefill_points=TOY_PREFILL if toy else PREFILL_POINTS,
+                         decode_points=TOY_DECODE if toy else DECODE_POINTS)
+        result["against_preset"] = compare(result)
+        report["results"].append(result)
+        print(json.dumps({"shape": name, "fit": result["fit"], "max_abs_fit_error": result["max_abs_fit_error"]}),
+              flush=True)
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(report, handle, indent=1)
+    return report
+
+
+if __name__ == "__main__":
+    main()
