@@ -59,6 +59,16 @@ def _bench_simulator(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_record(args: argparse.Namespace) -> int:
+    from benchmarks import record_bench
+
+    report = record_bench.run(requests=args.requests, seed=args.seed)
+    report["command"] = "kvroute " + " ".join(args.argv)
+    print(record_bench.format_table(report))
+    _write_json(args.json, report)
+    return 0
+
+
 def _bench_soak(args: argparse.Namespace) -> int:
     from benchmarks import soak_bench
 
@@ -388,6 +398,13 @@ def build_parser() -> argparse.ArgumentParser:
     router.add_argument("--no-ray", action="store_true", help="skip Ray's PrefixTree comparison")
     router.add_argument("--json", metavar="PATH", help="write the results as JSON")
     router.set_defaults(func=_bench_router)
+
+    recb = bench_sub.add_parser("record", help="what recording the routed traffic costs: the routing loop's call "
+                                               "and the writer thread's records per second")
+    recb.add_argument("--requests", type=_positive_int, default=2000, help="records per case (default 2000)")
+    recb.add_argument("--seed", type=int, default=0)
+    recb.add_argument("--json", metavar="PATH", help="write the results as JSON")
+    recb.set_defaults(func=_bench_record)
 
     simb = bench_sub.add_parser("simulator", help="simulated requests per second at 10k, 100k and 1M requests")
     simb.add_argument("--sizes", type=_positive_int, nargs="+", help="request counts (default 10000 100000 1000000)")
