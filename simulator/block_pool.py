@@ -18,15 +18,17 @@ hits, allocation and eviction:
   computed the same block concurrently) keeps the first block for lookups, as vLLM's
   ``get_cached_block`` returns the first of its duplicates.
 
-Blocks are integers 0..n-1; the free queue is an insertion-ordered dict (O(1) append,
-O(1) removal anywhere, O(1) pop from the head), the same complexity as vLLM's doubly linked
+Blocks are integers 0..n-1; the free queue is an ``OrderedDict`` (O(1) append, O(1)
+removal anywhere, O(1) pop from the head), the same complexity as vLLM's doubly linked
 list. Memory: O(blocks). Unlike vLLM there is no reserved null block: all ``num_blocks``
 are usable.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from itertools import islice
 
 
 class BlockPool:
@@ -47,8 +49,13 @@ class BlockPool:
         self.ref = [0] * num_blocks
         self.key_of: list[int | None] = [None] * num_blocks
         self.cached: dict[int, int] = {}
-        # block -> None, in eviction order (dicts keep insertion order).
-        self.free_queue: dict[int, None] = dict.fromkeys(range(num_blocks))
+        # block -> None, in eviction order. An OrderedDict, not a dict: a dict keeps the
+        # entries deleted from its head until it is resized, and iterating from the head
+        # walks over them, so taking blocks from the head cost O(blocks freed since the
+        # last resize), tens of thousands of entries per allocation with 1M-token caches
+        # (kvroute bench simulator; docs/simulator.md, "Speed"). The linked list starts at
+        # the first live entry.
+        self.free_queue: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
         # key -> the other blocks holding a key that ``cached`` maps to a first block.
         self.duplicates: dict[int, list[int]] = {}
         self.on_stored = on_stored
@@ -99,9 +106,7 @@ class BlockPool:
         key_of = self.key_of
         removed: list[int] = []
         out: list[int] = []
-        it = iter(free_queue)
-        taken = [next(it) for _ in range(count)]
-        for block in taken:
+        for block in list(islice(free_queue, count)):
             del free_queue[block]
             key = key_of[block]
             if key is not None:
