@@ -369,6 +369,35 @@ def _gateway(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tune(args: argparse.Namespace) -> int:
+    import os
+
+    from router.profile import get_profile
+    from simulator.cli import load_requests
+    from simulator.tune import Progress, format_table, tune, write_outputs
+
+    source = argparse.Namespace(trace=args.trace, trace_format=None, requests=args.requests, workload=args.workload,
+                                rate=args.rate, seed=args.seed, arrival="poisson", rate_scale=1.0, rate_profile=None)
+    requests, label, default_block = load_requests(source)
+    jobs = args.jobs or max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1)
+    report = tune(requests, replicas=args.replicas or [8], objective=args.objective, budget=args.budget, jobs=jobs,
+                  split=args.split, block_size=args.block_size or default_block, kv_blocks=args.kv_blocks,
+                  profile=get_profile(args.profile), seed=args.seed, seeds=args.seeds, policies=args.policy,
+                  progress=Progress())
+    report["trace"] = label
+    report["command"] = "kvroute " + " ".join(args.argv)
+    print(format_table(report))
+    winner = report["winner"]
+    print(f"\nwinner on the tuning part: {winner['label']}")
+    if "winner_beats_default_held_back" in report:
+        print(f"  on the held-back part it {'beats' if report['winner_beats_default_held_back'] else 'does NOT beat'} "
+              f"default cache_aware ({args.objective})")
+    print(f"  gateway: kvroute gateway --worker ... {' '.join(winner['gateway_flags'])}")
+    for path in write_outputs(report, args.out):
+        print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
 def _policies(args: argparse.Namespace) -> int:
     import policies
 
@@ -612,6 +641,31 @@ def build_parser() -> argparse.ArgumentParser:
                                        "default router, engines' hit rates and TTFT side by side")
     _add_live_arguments(demo, requests=120, rate=6.0)
     demo.set_defaults(func=_demo)
+
+    tn = sub.add_parser("tune", help="search policies and cache_aware's constants for a trace in the simulator: "
+                                     "tuned on its first part, reported on the rest, the winner as config")
+    src = tn.add_mutually_exclusive_group(required=True)
+    src.add_argument("--trace", metavar="PATH", help="a trace: recorded (record), Mooncake or kvroute JSONL")
+    src.add_argument("--workload", metavar="NAME", help="or a generated workload (chat, agent, mixed, ...)")
+    tn.add_argument("--replicas", type=_positive_int, nargs="+", metavar="N",
+                    help="replica counts to try (default 8)")
+    tn.add_argument("--objective", choices=("ttft_p99", "ttft_mean", "hit_rate"), default="ttft_p99")
+    tn.add_argument("--budget", type=_positive_int, default=40, help="simulations of the tuning part (default 40; "
+                                                                     "at least one per policy and replica count)")
+    tn.add_argument("--jobs", type=_positive_int, help="worker processes (default: the CPUs)")
+    tn.add_argument("--out", default="results/tune", help="output folder (default results/tune)")
+    tn.add_argument("--split", type=float, default=0.5,
+                    help="fraction of the trace's time span tuned on; the rest is held back (default 0.5)")
+    tn.add_argument("--policy", action="append", metavar="P", help="policies to try (default: every registered)")
+    tn.add_argument("--requests", type=_positive_int, help="the trace's first N requests (or N generated)")
+    tn.add_argument("--rate", type=float, help="arrivals per second of a generated workload")
+    tn.add_argument("--kv-blocks", type=_positive_int, help="KV blocks per replica (default: the profile's)")
+    tn.add_argument("--block-size", type=_positive_int, help="tokens per KV block (default: the trace's)")
+    tn.add_argument("--profile", default="llama3-8b-h100", help="latency profile name or JSON file")
+    tn.add_argument("--seed", type=int, default=0, help="first router seed")
+    tn.add_argument("--seeds", type=_positive_int, default=2,
+                    help="router seeds per configuration, scored on their mean (default 2)")
+    tn.set_defaults(func=_tune)
 
     gw = sub.add_parser("gateway", help="an OpenAI-compatible gateway over vllm serve workers, without Ray "
                                         "(SIGTERM drains and stops)")

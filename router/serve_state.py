@@ -20,7 +20,7 @@ from policies.base import RouteRequest
 from router.errors import ConfigError
 from router.requests import RequestFields
 from router.service import (INLINE_TOKENIZE_CHARS, KV_EVENT_OPTIONS, MAX_PENDING, SERVICE_OPTIONS,
-                            RoutingService, Tokenized, validate_options)
+                            RoutingService, Tokenized, serve_router_config)
 from router.tokenization import ATTACHMENT_KWARG, without_message_text
 
 from ray.serve.request_router import PendingRequest, ReplicaID, RunningReplica
@@ -49,9 +49,7 @@ def cache_aware_router_config(**kwargs: Any) -> dict[str, Any]:
     its own file, so give several routers on one node ``{pid}`` in the path) and any
     ``RoutingCore`` option. Raises ``ConfigError`` naming the field.
     """
-    validate_options(kwargs)
-    return {"request_router_class": "router:CacheAwareRouter", "request_router_kwargs": dict(kwargs),
-            "request_routing_stats_period_s": 1.0}
+    return serve_router_config(kwargs)
 
 
 class RouterState:

@@ -110,6 +110,15 @@ def validate_options(kwargs: Mapping[str, Any]) -> tuple[RoutingCore, dict[str, 
     return core, own
 
 
+def serve_router_config(kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """The Serve ``request_router_config`` mapping for ``CacheAwareRouter`` with these
+    options, validated (``ConfigError`` names a bad field). Needs no Ray: ``kvroute tune``
+    writes it; ``router.cache_aware_router_config`` is its Serve-side name."""
+    validate_options(kwargs)
+    return {"request_router_class": "router:CacheAwareRouter", "request_router_kwargs": dict(kwargs),
+            "request_routing_stats_period_s": 1.0}
+
+
 def validate_kv_event_options(options: Mapping[str, Any]) -> None:
     """Fail at start-up naming a bad ``kv_events`` option, not when a replica appears."""
     for name in options:

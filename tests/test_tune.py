@@ -1,0 +1,92 @@
+"""``kvroute tune`` (``simulator/tune.py``): candidates, the split in time, the Pareto front,
+and the command end to end on a recorded trace, its winner deployable as written."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from router.cli import build_parser, main
+from router.errors import ConfigError
+from router.service import validate_options
+from simulator.tune import SPACE, candidates, pareto, split_in_time
+from simulator.workloads import make_workload, save_jsonl
+
+
+def test_candidates_cover_every_policy_then_draw_distinct_cache_aware_constants():
+    plan = candidates(["cache_aware", "pow2", "ray_prefix"], [4, 8], budget=20, seed=1)
+    assert len(plan) == 20
+    defaults = [(c.policy, c.replicas) for c in plan if not c.options]
+    assert sorted(defaults) == sorted((p, n) for p in ("cache_aware", "pow2", "ray_prefix") for n in (4, 8))
+    drawn = [c for c in plan if c.options]
+    assert all(c.policy == "cache_aware" for c in drawn)
+    assert len({(c.options, c.replicas) for c in drawn}) == len(drawn)
+    for c in drawn:
+        options = dict(c.options)
+        assert set(options) == set(SPACE) and all(options[k] in SPACE[k] for k in SPACE)
+    # A budget under the policies' count still runs each policy once.
+    assert len(candidates(["cache_aware", "pow2"], [4], budget=1)) == 2
+
+
+def test_the_split_is_in_time_and_the_held_back_part_starts_at_zero():
+    requests = list(make_workload("chat", 300, seed=0, rate_per_s=20))
+    tuning, held = split_in_time(requests, 0.6)
+    assert len(tuning) + len(held) == 300
+    cut = requests[0].arrival_s + 0.6 * (requests[-1].arrival_s - requests[0].arrival_s)
+    assert all(r.arrival_s < cut for r in tuning)
+    assert held[0].arrival_s == 0 and [r.request_id for r in held] == list(range(len(held)))
+    for bad in (0, 1, 1.5):
+        with pytest.raises(ConfigError) as exc:
+            split_in_time(requests, bad)
+        assert exc.value.field == "split"
+
+
+def test_the_pareto_front_keeps_exactly_the_undominated_rows():
+    def row(hit, p50, p99, share, replicas):
+        return {"tuning": {"hit_rate": hit, "ttft_p50_s": p50, "ttft_p99_s": p99, "max_share_of_fair": share},
+                "replicas": replicas}
+
+    best = row(0.8, 0.01, 0.05, 1.1, 4)
+    rows = [best, row(0.7, 0.02, 0.06, 1.2, 4),  # dominated by the first
+            row(0.9, 0.02, 0.08, 1.5, 4),  # more hits, slower: on the front
+            row(0.8, 0.01, 0.05, 1.1, 8)]  # the same with more replicas: dominated
+    assert pareto(rows) == [rows[0], rows[2]]
+
+
+def test_tune_on_a_trace_writes_a_report_and_a_deployable_winner(tmp_path, capsys):
+    trace = tmp_path / "trace.jsonl"
+    save_jsonl(make_workload("chat", 600, seed=3, rate_per_s=40), trace)
+    out = tmp_path / "tune"
+    code = main(["tune", "--trace", str(trace), "--replicas", "2", "4", "--budget", "8", "--jobs", "2",
+                 "--policy", "cache_aware", "--policy", "pow2", "--out", str(out)])
+    assert code == 0
+    report = json.loads((out / "tune.json").read_text())
+    assert report["requests"]["tuning"] + report["requests"]["held_back"] == 600
+    assert len(report["runs"]) == 8 and {r["replicas"] for r in report["runs"]} == {2, 4}
+    scores = [r["score"] for r in report["runs"]]
+    winner = next(r for r in report["runs"] if r["label"] == report["winner"]["label"])
+    assert winner["score"] == min(scores) and "held_back" in winner
+    assert report["default"]["held_back"] is not None and "winner_beats_default_held_back" in report
+    assert any(r.get("pareto") for r in report["runs"])
+    # The winner as Serve config (validated) and as gateway flags the gateway parses.
+    import yaml
+
+    config = yaml.safe_load((out / "serve.yaml").read_text())["request_router_config"]
+    assert config["request_router_class"] == "router:CacheAwareRouter"
+    validate_options(config["request_router_kwargs"])
+    flags = (out / "gateway-flags.txt").read_text().split()
+    args = build_parser().parse_args(["gateway", "--worker", "http://127.0.0.1:1", *flags])
+    assert args.policy == report["winner"]["policy"]
+    assert "held back" in (out / "pareto.md").read_text()
+    printed = capsys.readouterr().out
+    assert "winner on the tuning part" in printed and "default cache_aware" in printed
+
+
+def test_bad_tune_arguments_name_the_field(tmp_path, capsys):
+    trace = tmp_path / "trace.jsonl"
+    save_jsonl(make_workload("chat", 50, seed=0, rate_per_s=20), trace)
+    for extra, field in ((["--split", "2"], "split"), (["--policy", "nope"], "policy")):
+        assert main(["tune", "--trace", str(trace), *extra, "--out", str(tmp_path / "o")]) != 0
+        assert f"error: {field}" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
