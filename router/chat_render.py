@@ -37,7 +37,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from router._fast import speedups
+
 logger = logging.getLogger("kvroute.tokenization")
+#: The C check of a chat's roles (None: the Python loop in ``ChatRenderer.covers``).
+_roles_within = getattr(speedups, "roles_within", None)
 
 ROLES = ("system", "user", "assistant", "tool")
 #: Probe conversations: every role sequence up to this length, then random longer ones.
@@ -242,6 +246,10 @@ class ChatRenderer:
         """Whether the segments were derived for every role of ``messages`` (plain ones):
         then they render it, and the template cannot reject it. O(messages)."""
         roles = self.segments.later if self.segments is not None else {}
+        if _roles_within is not None:
+            within = _roles_within(messages, roles)  # one pass in C (None: not its case)
+            if within is not None:
+                return within
         return all(message["role"] in roles for message in messages)
 
     def render(self, messages: list[dict[str, str]], options: Mapping[str, Any], plain: bool) -> str:

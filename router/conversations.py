@@ -48,6 +48,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from router._fast import speedups
 from router.errors import ConfigError
 
 DEFAULT_MEMO_BYTES = 128 << 20
@@ -59,6 +60,8 @@ KEY_BYTES = 48
 MESSAGE_BYTES = 160
 ENTRY_OVERHEAD_BYTES = 256
 
+#: The C comparison of a history with a remembered one (None: the Python code in ``begins``).
+_messages_begin = getattr(speedups, "messages_begin", None)
 _role = operator.itemgetter("role")
 _content = operator.itemgetter("content")
 
@@ -106,6 +109,10 @@ class ChatPrefix:
         n = len(self.contents) - 1
         if len(messages) <= n:
             return False
+        if _messages_begin is not None:
+            same = _messages_begin(messages, self.roles, self.contents, n)  # None: not its case
+            if same is not None:
+                return same
         head = messages[:n]
         return list(map(_content, head)) == self.contents[:n] and list(map(_role, head)) == self.roles[:n]
 

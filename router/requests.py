@@ -36,6 +36,7 @@ from typing import Any
 
 import xxhash
 
+from router._fast import speedups
 from router.chat_render import ChatRenderer
 from router.tokenization import UNSUPPORTED_CHAT_FIELDS, chat_template_options, render_chat
 
@@ -84,6 +85,10 @@ class RequestFields:
     generation: bool = False
 
 
+#: The C pass over a chat's messages (None: the Python loop below only).
+_plain_chat_chars = getattr(speedups, "plain_chat_chars", None)
+
+
 def _get(body: Any, name: str, default: Any = None) -> Any:
     if isinstance(body, dict):
         return body.get(name, default)
@@ -125,6 +130,11 @@ def _chat_messages(body: Any) -> tuple[list[dict[str, str]], bool, int]:
     messages = _get(body, "messages")
     if not isinstance(messages, (list, tuple)) or not messages:
         raise BadRequest("'messages' must be a non-empty list")
+    if _plain_chat_chars is not None:
+        # Every message plain (the common case): one pass in C, the same messages out.
+        chars = _plain_chat_chars(messages)
+        if chars is not None:
+            return list(messages), True, chars
     out = []
     append = out.append
     plain = True

@@ -430,3 +430,54 @@ def test_slot_maker_keeps_reference_counts_exact():
     assert sys.getrefcount(session) == before[1] + 100
     del built
     assert (sys.getrefcount(keys), sys.getrefcount(session)) == before
+
+
+class _Str(str):
+    """A str subclass: not plain for the C pass (the Python code decides)."""
+
+
+_roles = st.sampled_from(["system", "user", "assistant", "tool", "other"])
+_texts = st.text(max_size=12)
+_message = st.one_of(
+    st.fixed_dictionaries({"role": _roles, "content": _texts}),  # plain
+    st.fixed_dictionaries({"role": _roles, "content": _texts, "name": _texts}),  # an extra field
+    st.fixed_dictionaries({"role": _roles, "content": st.lists(st.fixed_dictionaries({"type": st.just("text"),
+                                                                                         "text": _texts}),
+                                                                max_size=2)}),  # content parts
+    st.builds(lambda r, c: {"role": _Str(r), "content": c}, _roles, _texts),
+    st.builds(lambda r, c: {"role": r, "content": _Str(c)}, _roles, _texts),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(messages=st.lists(_message, min_size=1, max_size=8), as_tuple=st.booleans())
+def test_the_c_pass_over_messages_reads_what_the_python_loop_reads(messages, as_tuple):
+    """``_chat_messages``, ``ChatRenderer.covers`` and ``ChatPrefix.begins`` with the C
+    pass give what the Python code gives, for plain messages and every kind it declines."""
+    from router import chat_render, conversations, requests
+    from router.conversations import ChatPrefix
+
+    body = {"messages": tuple(messages) if as_tuple else messages}
+    roles = {"system": 0, "user": 1, "assistant": 2}
+    renderer = chat_render.ChatRenderer.__new__(chat_render.ChatRenderer)
+    renderer.segments = type("Segments", (), {"later": roles})()
+    fast = requests._chat_messages(body)
+    fast_covers = renderer.covers(fast[0]) if fast[1] else None
+    prefixes = []
+    for n in range(len(fast[0]) + 1):
+        head = fast[0][:n]
+        prefixes.append(ChatPrefix([m["role"] for m in head] + ["user"], [m["content"] for m in head] + ["x"],
+                                   b"", 0, [], 0, 0))
+    prefixes.append(ChatPrefix(["user", "user"], ["other", "x"], b"", 0, [], 0, 0))
+    fast_begins = [p.begins(fast[0]) for p in prefixes]
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(requests, "_plain_chat_chars", None)
+        m.setattr(chat_render, "_roles_within", None)
+        m.setattr(conversations, "_messages_begin", None)
+        slow = requests._chat_messages(body)
+        assert fast == slow
+        if fast[1]:  # plain messages are used as they are, not copied
+            assert all(a is b for a, b in zip(fast[0], messages))
+        if fast[1]:
+            assert fast_covers == renderer.covers(slow[0])
+        assert fast_begins == [p.begins(slow[0]) for p in prefixes]

@@ -11,6 +11,8 @@
  *                                     (of bytes, or of a str's UTF-8)
  *   cache_aware(...)                  CacheAwarePolicy's cost loop, and optionally its ranking
  *   SlotMaker(cls, names)             a constructor that fills ``cls``'s named slots in order
+ *   plain_chat_chars, roles_within,   a chat body's messages read and checked in one pass
+ *   messages_begin                    (router.requests, router.chat_render, router.conversations)
  *
  * The cost loop returns None (the caller then runs the Python twin) whenever an input is
  * not of the plain type it expects, so the Python semantics always win.
@@ -1381,7 +1383,128 @@ static PyTypeObject SlotMakerType = {
     .tp_call = PyVectorcall_Call,
 };
 
+/* ---------------------------------------------------------------------------------- */
+/* chat messages                                                                       */
+/* ---------------------------------------------------------------------------------- */
+
+static PyObject *str_role, *str_content;
+
+/* The role and content of a plain message: an exact dict of exactly those two keys with
+ * exact str values (borrowed references); 0 when the message is not plain. */
+static inline int
+plain_message(PyObject *message, PyObject **role, PyObject **content)
+{
+    if (!PyDict_CheckExact(message) || PyDict_GET_SIZE(message) != 2)
+        return 0;
+    *role = PyDict_GetItemWithError(message, str_role);
+    if (*role == NULL || !PyUnicode_CheckExact(*role))
+        return 0;
+    *content = PyDict_GetItemWithError(message, str_content);
+    return *content != NULL && PyUnicode_CheckExact(*content);
+}
+
+/* plain_chat_chars(messages) -> int | None: the characters of content of ``messages`` (a
+ * list) when every message is plain (router.requests._chat_messages's fast case), else
+ * None (the Python code then reads them one by one). O(messages). */
+static PyObject *
+plain_chat_chars(PyObject *module, PyObject *messages)
+{
+    if (!PyList_CheckExact(messages))
+        Py_RETURN_NONE;
+    Py_ssize_t n = PyList_GET_SIZE(messages), chars = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *role, *content;
+        if (!plain_message(PyList_GET_ITEM(messages, i), &role, &content)) {
+            if (PyErr_Occurred())
+                return NULL;
+            Py_RETURN_NONE;
+        }
+        chars += PyUnicode_GET_LENGTH(content);
+    }
+    return PyLong_FromSsize_t(chars);
+}
+
+/* roles_within(messages, roles) -> bool | None: whether every message's role is a key of
+ * the dict ``roles`` (ChatRenderer.covers); None when ``messages`` is not a list of plain
+ * messages or ``roles`` not a dict. O(messages). */
+static PyObject *
+roles_within(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "roles_within(messages, roles)");
+        return NULL;
+    }
+    PyObject *messages = args[0], *roles = args[1];
+    if (!PyList_CheckExact(messages) || !PyDict_CheckExact(roles))
+        Py_RETURN_NONE;
+    Py_ssize_t n = PyList_GET_SIZE(messages);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *role, *content;
+        if (!plain_message(PyList_GET_ITEM(messages, i), &role, &content)) {
+            if (PyErr_Occurred())
+                return NULL;
+            Py_RETURN_NONE;
+        }
+        int in = PyDict_Contains(roles, role);
+        if (in < 0)
+            return NULL;
+        if (!in)
+            Py_RETURN_FALSE;
+    }
+    Py_RETURN_TRUE;
+}
+
+/* messages_begin(messages, roles, contents, n) -> bool | None: whether the first ``n``
+ * messages have these roles and contents (lists of str; ChatPrefix.begins); None when a
+ * message is not plain or an argument not of those types. String equality is
+ * CPython's (identity, then length and memcmp). O(characters compared). */
+static PyObject *
+messages_begin(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "messages_begin(messages, roles, contents, n)");
+        return NULL;
+    }
+    PyObject *messages = args[0], *roles = args[1], *contents = args[2];
+    Py_ssize_t n = PyLong_AsSsize_t(args[3]);
+    if (n == -1 && PyErr_Occurred())
+        return NULL;
+    if (!PyList_CheckExact(messages) || !PyList_CheckExact(roles) || !PyList_CheckExact(contents) || n < 0
+            || PyList_GET_SIZE(roles) < n || PyList_GET_SIZE(contents) < n)
+        Py_RETURN_NONE;
+    if (PyList_GET_SIZE(messages) < n)
+        Py_RETURN_FALSE;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *role, *content;
+        if (!plain_message(PyList_GET_ITEM(messages, i), &role, &content)) {
+            if (PyErr_Occurred())
+                return NULL;
+            Py_RETURN_NONE;
+        }
+        PyObject *want_role = PyList_GET_ITEM(roles, i), *want_content = PyList_GET_ITEM(contents, i);
+        if (!PyUnicode_CheckExact(want_role) || !PyUnicode_CheckExact(want_content))
+            Py_RETURN_NONE;
+        if (content != want_content && PyUnicode_Compare(content, want_content) != 0) {
+            if (PyErr_Occurred())
+                return NULL;
+            Py_RETURN_FALSE;
+        }
+        if (role != want_role && PyUnicode_Compare(role, want_role) != 0) {
+            if (PyErr_Occurred())
+                return NULL;
+            Py_RETURN_FALSE;
+        }
+    }
+    Py_RETURN_TRUE;
+}
+
 static PyMethodDef methods[] = {
+    {"plain_chat_chars", (PyCFunction)plain_chat_chars, METH_O,
+     "plain_chat_chars(messages) -> int | None: content characters when every message is plain."},
+    {"roles_within", (PyCFunction)(void (*)(void))roles_within, METH_FASTCALL,
+     "roles_within(messages, roles) -> bool | None: every plain message's role is in the dict."},
+    {"messages_begin", (PyCFunction)(void (*)(void))messages_begin, METH_FASTCALL,
+     "messages_begin(messages, roles, contents, n) -> bool | None: the first n messages are these."},
     {"chain", (PyCFunction)(void (*)(void))chain, METH_FASTCALL,
      "chain(data, step, seed) -> list[int]: chained xxh3_64 keys of each full block."},
     {"cache_aware", (PyCFunction)(void (*)(void))cache_aware, METH_FASTCALL,
@@ -1408,7 +1531,9 @@ PyInit__speedups(void)
     if ((str_prompt_tokens = PyUnicode_InternFromString("prompt_tokens")) == NULL
             || (str_block_tokens = PyUnicode_InternFromString("block_tokens")) == NULL
             || (str_output_tokens = PyUnicode_InternFromString("output_tokens")) == NULL
-            || (str_random = PyUnicode_InternFromString("random")) == NULL)
+            || (str_random = PyUnicode_InternFromString("random")) == NULL
+            || (str_role = PyUnicode_InternFromString("role")) == NULL
+            || (str_content = PyUnicode_InternFromString("content")) == NULL)
         return NULL;
     PyObject *collections = PyImport_ImportModule("collections");
     if (collections == NULL)
