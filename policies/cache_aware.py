@@ -151,7 +151,7 @@ class CacheAwarePolicy(Policy):
     def __init__(self, config: PolicyConfig | None = None, **options) -> None:
         super().__init__(config, **options)
         self.profile = get_profile(self.config.profile)
-        self._params_for: tuple = (None, None)  # the (config, profile) _params was built from (and its floor)
+        self._params_for: tuple = (None, None)  # the (config, profile) _params was built from
         self._params: tuple = ()
         self._distinct: tuple | None = None  # the last replicas tuple checked to have no repeats
         # The C ranking's last tiers list, refilled in place once nothing else holds it
@@ -220,8 +220,8 @@ class CacheAwarePolicy(Policy):
                                 _IDLE, view.session_replica, self._mode(view.replicas) if rank else 0, self._tiers)
 
     def _native_params(self) -> tuple:
-        """The constants of the C cost loop, from the config and profile (rebuilt if either
-        object was replaced)."""
+        """The constants of the C cost loop, from the config, profile and bound floor
+        (rebuilt if either object was replaced or the floor moved with the autoscaler)."""
         cfg, prof, floor = self.config, self.profile, self.bound_floor()
         if self._params_for[0] is not cfg or self._params_for[1] is not prof or self._params[12] != floor:
             self._params = (cfg.kv_soft_limit, cfg.kv_barrier_s, prof.step_overhead_s, prof.decode_s_per_seq,
