@@ -69,6 +69,16 @@ def _bench_record(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_relay(args: argparse.Namespace) -> int:
+    from benchmarks import relay_bench
+
+    report = relay_bench.run(batches=args.batches, blocks=args.blocks, rate=args.rate)
+    report["command"] = "kvroute " + " ".join(args.argv)
+    print(relay_bench.format_table(report))
+    _write_json(args.json, report)
+    return 0
+
+
 def _bench_soak(args: argparse.Namespace) -> int:
     from benchmarks import soak_bench
 
@@ -353,6 +363,9 @@ def _gateway(args: argparse.Namespace) -> int:
              "max_body_bytes": args.max_body_bytes, "request_timeout_s": args.request_timeout_s,
              "drain_timeout_s": args.drain_timeout_s, "max_attempts": args.max_attempts,
              "event_loop": args.event_loop}
+    if args.relay_keys:
+        options["kv_events"] = {**(options.get("kv_events") if isinstance(options.get("kv_events"), dict) else {}),
+                                "relay_keys": args.relay_keys}
     if args.record:
         flags["record"] = {**(options.get("record") or {}), "path": args.record} \
             if isinstance(options.get("record"), dict) else args.record
@@ -398,6 +411,38 @@ def _tune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _relay_keys(args: argparse.Namespace) -> int:
+    from router.kv_relay import RelayKeys
+
+    keys = RelayKeys.generate()
+    path = keys.write(args.path)
+    print(f"wrote {path} (mode 0600); relays serve with server_public {keys.server_public}", file=sys.stderr)
+    return 0
+
+
+def _relay(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from router.kv_relay import KVEventRelay, RelayKeys
+
+    upstream = {"endpoint": args.upstream, "replay_endpoint": args.upstream_replay, "block_size": args.block_size,
+                "model": args.model, "topic": args.topic}
+    relay = KVEventRelay(upstream, bind=args.bind, replay_bind=args.replay_bind, keys=RelayKeys.load(args.keys),
+                         topic=args.topic).start()
+    print(f"kvroute relay: {args.upstream} -> {relay.endpoint} (replay {relay.replay_endpoint}); "
+          f"gateway worker option: kv_events={relay.endpoint},replay={relay.replay_endpoint},"
+          f"relay_key={relay.keys.server_public}", flush=True)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        stop.wait()
+    except KeyboardInterrupt:
+        pass
+    relay.stop()
+    return 0
+
+
 def _policies(args: argparse.Namespace) -> int:
     import policies
 
@@ -434,6 +479,13 @@ def build_parser() -> argparse.ArgumentParser:
     recb.add_argument("--seed", type=int, default=0)
     recb.add_argument("--json", metavar="PATH", help="write the results as JSON")
     recb.set_defaults(func=_bench_record)
+
+    relb = bench_sub.add_parser("relay", help="the KV-event relay's throughput and added lag")
+    relb.add_argument("--batches", type=_positive_int, default=5000, help="batches at full speed (default 5000)")
+    relb.add_argument("--blocks", type=_positive_int, default=16, help="blocks per stored event (default 16)")
+    relb.add_argument("--rate", type=float, default=500.0, help="paced batches per second for the lag (default 500)")
+    relb.add_argument("--json", metavar="PATH", help="write the results as JSON")
+    relb.set_defaults(func=_bench_relay)
 
     simb = bench_sub.add_parser("simulator", help="simulated requests per second at 10k, 100k and 1M requests")
     simb.add_argument("--sizes", type=_positive_int, nargs="+", help="request counts (default 10000 100000 1000000)")
@@ -642,6 +694,23 @@ def build_parser() -> argparse.ArgumentParser:
     _add_live_arguments(demo, requests=120, rate=6.0)
     demo.set_defaults(func=_demo)
 
+    rk = sub.add_parser("relay-keys", help="create a deployment's relay key file (CURVE keys of its relays and "
+                                           "routers; docs/kv-events.md, \"Relay\")")
+    rk.add_argument("path")
+    rk.set_defaults(func=_relay_keys)
+    rl = sub.add_parser("relay", help="beside a vllm serve engine: republish its KV events as router keys only, "
+                                      "encrypted, to the deployment's routers only")
+    rl.add_argument("--upstream", required=True, help="the engine's publisher, on loopback or ipc:// "
+                                                      "(vllm serve --kv-events-config endpoint)")
+    rl.add_argument("--upstream-replay", help="the engine's replay endpoint (loopback)")
+    rl.add_argument("--bind", required=True, help="where routers subscribe: tcp://NODE_ADDRESS:PORT (no wildcard)")
+    rl.add_argument("--replay-bind", required=True, help="the relay's replay endpoint: tcp://NODE_ADDRESS:PORT")
+    rl.add_argument("--keys", required=True, help="the deployment's relay key file (kvroute relay-keys)")
+    rl.add_argument("--model", required=True, help="the served model name (its blocks' key namespace)")
+    rl.add_argument("--block-size", type=_positive_int, default=16, help="the engine's KV block size (default 16)")
+    rl.add_argument("--topic", default="", help="the engine's KV-event topic")
+    rl.set_defaults(func=_relay)
+
     tn = sub.add_parser("tune", help="search policies and cache_aware's constants for a trace in the simulator: "
                                      "tuned on its first part, reported on the rest, the winner as config")
     src = tn.add_mutually_exclusive_group(required=True)
@@ -686,6 +755,8 @@ def build_parser() -> argparse.ArgumentParser:
     gw.add_argument("--max-attempts", type=_positive_int, help="workers tried per request (default 3)")
     gw.add_argument("--event-loop", choices=("auto", "uvloop", "asyncio"),
                     help="auto (default): uvloop when installed, else asyncio's loop")
+    gw.add_argument("--relay-keys", metavar="PATH", help="the deployment's relay key file, for workers whose KV "
+                                                         "events come through kvroute relay (relay_key=...)")
     gw.add_argument("--record", metavar="PATH", help="write the routed traffic as a trace (Mooncake JSONL with keyed "
                                                      "block ids; docs/record.md); the secret from "
                                                      "KVROUTE_RECORD_SECRET or record.secret_file in --config")

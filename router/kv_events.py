@@ -452,7 +452,10 @@ class ReplicaEndpoint:
     ``replay_endpoint`` must be connectable (``tcp://host:port``, ``ipc://...``), never a
     wildcard bind address. ``num_gpu_blocks``, the engine's KV cache size in blocks (its
     routing stats carry it beside the endpoint), sizes the replica's key map; None:
-    unknown (the map takes ``DEFAULT_MAX_ENTRIES``)."""
+    unknown (the map takes ``DEFAULT_MAX_ENTRIES``). ``server_key``: the CURVE public key
+    (Z85) of a kvroute relay publishing for the replica (``router.kv_relay``): the stream
+    then carries router keys, encrypted, and the subscriber needs the deployment's
+    ``relay_keys``; None: vLLM's own publisher."""
 
     endpoint: str
     replay_endpoint: str | None = None
@@ -460,6 +463,7 @@ class ReplicaEndpoint:
     model: str = ""
     topic: str = ""
     num_gpu_blocks: int | None = None
+    server_key: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("endpoint", "replay_endpoint"):
@@ -473,6 +477,8 @@ class ReplicaEndpoint:
         if not isinstance(self.block_size, int) or isinstance(self.block_size, bool) or self.block_size <= 0:
             raise ConfigError("kv_events.block_size", f"must be a positive integer, got {self.block_size!r}")
         key_map_bound(self.num_gpu_blocks)  # None or a positive integer
+        if self.server_key is not None and (not isinstance(self.server_key, str) or len(self.server_key) != 40):
+            raise ConfigError("kv_events.server_key", "must be a relay's 40-character Z85 CURVE public key")
 
     @classmethod
     def of(cls, spec: ReplicaEndpoint | Mapping[str, Any] | Sequence[Any]) -> ReplicaEndpoint:
@@ -617,13 +623,25 @@ class KVEventSubscriber:
                  poll_interval_s: float = 0.1, rcvhwm: int = 100_000, clear_on_start: bool = False,
                  media: Iterable[str | None] | None = ("GPU",), group_idx: int | None = 0,
                  schema: str = "auto", probe_interval_s: float = 1.0, down_after_s: float = 5.0,
-                 withdraw_on_down: bool = True, dedup_window: int = 256) -> None:
+                 withdraw_on_down: bool = True, dedup_window: int = 256, relay_keys: Any = None) -> None:
         self.replica_id = replica_id
         self.spec = ReplicaEndpoint.of(spec)
         self.on_event = on_event
-        self.key_map = ReplicaKeyMap(self.spec.block_size, self.spec.model, max_entries=max_entries,
-                                     num_gpu_blocks=self.spec.num_gpu_blocks, media=media, group_idx=group_idx,
-                                     schema=schema)
+        # Socket options of a connection to a kvroute relay (CURVE), empty for vLLM's own.
+        self._sockopts: dict[int, bytes] = {}
+        if self.spec.server_key is not None:
+            from router.kv_relay import RelayKeyMap, RelayKeys, client_sockopts
+
+            if relay_keys is None:
+                raise ConfigError("kv_events.relay_keys", "a relay's stream needs the deployment's relay key file")
+            keys = relay_keys if isinstance(relay_keys, RelayKeys) else RelayKeys.load(relay_keys,
+                                                                                       "kv_events.relay_keys")
+            self._sockopts = client_sockopts(self.spec.server_key, keys)
+            self.key_map = RelayKeyMap(key_map_bound(self.spec.num_gpu_blocks, max_entries))
+        else:
+            self.key_map = ReplicaKeyMap(self.spec.block_size, self.spec.model, max_entries=max_entries,
+                                         num_gpu_blocks=self.spec.num_gpu_blocks, media=media, group_idx=group_idx,
+                                         schema=schema)
         self.replay_timeout_s = _positive(replay_timeout_s, "replay_timeout_s")
         self.poll_interval_s = _positive(poll_interval_s, "poll_interval_s")
         self.probe_interval_s = _positive(probe_interval_s, "probe_interval_s")
@@ -733,6 +751,8 @@ class KVEventSubscriber:
             sub.setsockopt(zmq.HEARTBEAT_IVL, heartbeat_ms)
             sub.setsockopt(zmq.HEARTBEAT_TIMEOUT, max(heartbeat_ms, int(self.down_after_s * 1000)))
             sub.setsockopt(zmq.SUBSCRIBE, self._topic)
+            for option, value in self._sockopts.items():
+                sub.setsockopt(option, value)
             monitor = sub.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
             sub.connect(self.spec.endpoint)
         except Exception as exc:  # a bad address: reported by start()
@@ -971,6 +991,8 @@ class KVEventSubscriber:
         if self._dealer is None:
             dealer = zmq.Context.instance().socket(zmq.DEALER)
             dealer.setsockopt(zmq.LINGER, 0)
+            for option, value in self._sockopts.items():
+                dealer.setsockopt(option, value)
             dealer.connect(self.spec.replay_endpoint)
             self._dealer = dealer
         dealer = self._dealer

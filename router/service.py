@@ -71,7 +71,7 @@ _INT_OPTIONS = {"block_size": (16, 1), "chunk_chars": (128, 1), "max_pending": (
                 "conversation_memo_bytes": (DEFAULT_MEMO_BYTES, 0)}
 #: Subscriber options a ``kv_events`` mapping may set (see ``router.kv_events``).
 KV_EVENT_OPTIONS = ("probe_interval_s", "down_after_s", "replay_timeout_s", "withdraw_on_down", "dedup_window",
-                    "max_entries")
+                    "max_entries", "relay_keys")
 #: In a pending entry's session slot: the policy ranked no candidate (outcome "fallback").
 FALLBACK = object()
 
@@ -126,6 +126,10 @@ def validate_kv_event_options(options: Mapping[str, Any]) -> None:
             raise ConfigError(f"kv_events.{name}", f"unknown option (valid: {', '.join(KV_EVENT_OPTIONS)})")
     from router.kv_events import KVEventSubscriber
 
+    if options.get("relay_keys") is not None:
+        from router.kv_relay import RelayKeys
+
+        RelayKeys.load(options["relay_keys"], "kv_events.relay_keys")  # a missing or bad file fails now
     # The subscriber checks every value when built; building one opens no socket.
     KVEventSubscriber("validation", {"endpoint": "tcp://127.0.0.1:1"}, lambda replica, event: None,
                       **dict(options))

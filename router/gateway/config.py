@@ -42,8 +42,10 @@ DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
 @dataclass(frozen=True, slots=True)
 class WorkerSpec:
     """One upstream ``vllm serve`` server: its base URL and, optionally, its KV-event
-    publisher (``kv_events``), replay endpoint and topic, its data-parallel size and its
-    speed relative to the policy's latency profile (a mixed fleet)."""
+    publisher (``kv_events``), replay endpoint and topic, its data-parallel size, its
+    speed relative to the policy's latency profile (a mixed fleet), and ``relay_key``: the
+    CURVE public key of the ``kvroute relay`` publishing its events (``kv_events`` and
+    ``replay`` are then the relay's; ``router.kv_relay``)."""
 
     url: str
     kv_events: str | None = None
@@ -51,6 +53,7 @@ class WorkerSpec:
     topic: str = ""
     dp: int = 1
     speed: float = 1.0
+    relay_key: str | None = None
 
     @classmethod
     def parse(cls, value: Any, where: str = "worker") -> WorkerSpec:
@@ -58,19 +61,19 @@ class WorkerSpec:
         if isinstance(value, WorkerSpec):
             return value
         if isinstance(value, Mapping):
-            unknown = set(value) - {"url", "kv_events", "replay", "topic", "dp", "speed"}
+            unknown = set(value) - {"url", "kv_events", "replay", "topic", "dp", "speed", "relay_key"}
             if unknown:
                 raise ConfigError(f"{where}.{sorted(unknown)[0]}", "unknown worker field (valid: url, kv_events, "
-                                                                   "replay, topic, dp, speed)")
+                                                                   "replay, topic, dp, speed, relay_key)")
             fields = dict(value)
         elif isinstance(value, str):
             url, *options = [part.strip() for part in value.split(",")]
             fields = {"url": url}
             for option in options:
                 name, sep, val = option.partition("=")
-                if not sep or name not in ("kv_events", "replay", "topic", "dp", "speed"):
+                if not sep or name not in ("kv_events", "replay", "topic", "dp", "speed", "relay_key"):
                     raise ConfigError(where, f"expected URL[,kv_events=tcp://HOST:PORT][,replay=...][,topic=...]"
-                                             f"[,dp=N][,speed=X], got option {option!r}")
+                                             f"[,dp=N][,speed=X][,relay_key=Z85], got option {option!r}")
                 fields[name] = int(val) if name == "dp" and val.isdigit() else val
                 if name == "speed":
                     try:
@@ -103,7 +106,11 @@ class WorkerSpec:
         if isinstance(speed, bool) or not isinstance(speed, (int, float)) or not 0 < speed < float("inf"):
             raise ConfigError(f"{where}.speed", f"must be a finite number > 0 (relative to the policy's latency "
                                                 f"profile: 0.5 = twice as slow), got {speed!r}")
-        return cls(url.rstrip("/"), fields.get("kv_events"), fields.get("replay"), topic, dp, float(speed))
+        relay_key = fields.get("relay_key")
+        if relay_key is not None and (not isinstance(relay_key, str) or len(relay_key) != 40):
+            raise ConfigError(f"{where}.relay_key", "must be the relay's 40-character Z85 public key "
+                                                    "(server_public in the deployment's relay key file)")
+        return cls(url.rstrip("/"), fields.get("kv_events"), fields.get("replay"), topic, dp, float(speed), relay_key)
 
     def replica_ids(self) -> list[str]:
         """What the router routes among for this server: its URL, or one ``URL#dpR`` per

@@ -274,7 +274,8 @@ class WorkerPool:
                                self.service.options["block_size"])
             return None
         return {"endpoint": _offset_port(spec.kv_events, rank), "replay_endpoint": _offset_port(spec.replay, rank),
-                "block_size": size, "model": report.get("model", ""), "topic": spec.topic, "num_gpu_blocks": blocks}
+                "block_size": size, "model": report.get("model", ""), "topic": spec.topic, "num_gpu_blocks": blocks,
+                "server_key": spec.relay_key}
 
     def _sync(self) -> None:
         """The service's replica set, capacities and KV subscriptions from the admitted
