@@ -22,6 +22,10 @@ latter vLLM's own ``RequestOutput.num_cached_tokens`` (prefix-cache hit tokens).
 KV events: each replica binds vLLM's ZMQ publisher and its replay socket on
 ``tcp://*:0`` (vLLM 0.32 binds the node IP on a free port and reports the bound address
 back through ``AsyncLLM.get_kv_event_sources()``), so replicas on one node never collide.
+With ``relay_keys`` (the deployment's relay keys: a key file's path, or its mapping) vLLM
+publishes on two ``ipc://`` sockets of the replica's own, and a ``router.kv_relay``
+relay in the replica's process republishes router keys only, over CURVE, on the node's IP
+(free ports): the routing stats then name the relay and its key (``kv_relay_key``).
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import json
 import logging
 import os
 import time
+import tempfile
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -116,7 +121,7 @@ class EngineRunner:
                  max_num_seqs: int = 16, max_num_batched_tokens: int | None = None,
                  kv_cache_space_gib: int | None = 1, enable_kv_events: bool = True,
                  kv_events_topic: str = "", enforce_eager: bool = True, seed: int = 0,
-                 engine_kwargs: dict | None = None, speed: float = 1.0) -> None:
+                 engine_kwargs: dict | None = None, speed: float = 1.0, relay_keys: Any = None) -> None:
         self.model_path = str(model_path)
         self.model_name = served_model_name or Path(self.model_path).name
         if not isinstance(block_size, int) or block_size <= 0:
@@ -137,6 +142,14 @@ class EngineRunner:
         self.enforce_eager = enforce_eager
         self.seed = seed
         self.engine_kwargs = dict(engine_kwargs or {})
+        # The KV-event relay (router.kv_relay): None publishes vLLM's own stream.
+        self.relay_keys = None
+        if relay_keys is not None:
+            from router.kv_relay import RelayKeys
+
+            self.relay_keys = RelayKeys.load(relay_keys)
+        self.relay = None
+        self.kv_relay_key = None
         self.engine = None
         self.tokenizer = None
         self.num_gpu_blocks = 0
@@ -175,9 +188,14 @@ class EngineRunner:
         if self.max_num_batched_tokens is not None:
             kwargs["max_num_batched_tokens"] = self.max_num_batched_tokens
         if self.enable_kv_events:
+            endpoint = replay = "tcp://*:0"
+            if self.relay_keys is not None:
+                # Only the relay in this process may read vLLM's stream (token ids).
+                local = f"ipc://{tempfile.gettempdir()}/kvroute-kv-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+                endpoint, replay = local, local + "-replay"
             kwargs["kv_events_config"] = KVEventsConfig(
-                enable_kv_cache_events=True, publisher="zmq", endpoint="tcp://*:0",
-                replay_endpoint="tcp://*:0", topic=self.kv_events_topic)
+                enable_kv_cache_events=True, publisher="zmq", endpoint=endpoint,
+                replay_endpoint=replay, topic=self.kv_events_topic)
         kwargs.update(self.engine_kwargs)
         args = AsyncEngineArgs(**kwargs)
         vllm_config = args.create_engine_config(UsageContext.OPENAI_API_SERVER)
@@ -198,11 +216,30 @@ class EngineRunner:
         if source is not None:
             self.kv_events_endpoint = source.endpoint
             self.kv_replay_endpoint = source.replay_endpoint
+            if self.relay_keys is not None:
+                self._start_relay(source)
         self.started_s = time.monotonic() - t0
         logger.info("vLLM engine %s up in %.1f s: %d blocks of %d tokens, kv events %s", self.model_name,
                     self.started_s, self.num_gpu_blocks, self.block_size, self.kv_events_endpoint)
 
+    def _start_relay(self, source: Any) -> None:
+        """Republish vLLM's stream through a relay bound on the node's IP (free ports)."""
+        from router.kv_relay import KVEventRelay
+
+        host = os.environ.get("VLLM_HOST_IP") or "127.0.0.1"
+        upstream = {"endpoint": source.endpoint, "replay_endpoint": source.replay_endpoint,
+                    "block_size": self.block_size, "model": self.model_name, "topic": self.kv_events_topic,
+                    "num_gpu_blocks": self.num_gpu_blocks or None}
+        self.relay = KVEventRelay(upstream, bind=f"tcp://{host}:0", replay_bind=f"tcp://{host}:0",
+                                  keys=self.relay_keys, topic=self.kv_events_topic).start()
+        self.kv_events_endpoint = self.relay.endpoint
+        self.kv_replay_endpoint = self.relay.replay_endpoint
+        self.kv_relay_key = self.relay_keys.server_public
+
     def shutdown(self) -> None:
+        relay, self.relay = self.relay, None
+        if relay is not None:
+            relay.stop()
         engine, self.engine = self.engine, None
         if engine is not None:
             engine.shutdown()
@@ -259,6 +296,7 @@ class EngineRunner:
             "router_ids_used": self.router_ids_used,
             "router_ids_rejected": self.router_ids_rejected,
             "kvroute_speed": self.speed,
+            "kv_relay_key": self.kv_relay_key,
         }
 
     def models(self) -> dict:

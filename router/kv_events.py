@@ -634,8 +634,7 @@ class KVEventSubscriber:
 
             if relay_keys is None:
                 raise ConfigError("kv_events.relay_keys", "a relay's stream needs the deployment's relay key file")
-            keys = relay_keys if isinstance(relay_keys, RelayKeys) else RelayKeys.load(relay_keys,
-                                                                                       "kv_events.relay_keys")
+            keys = RelayKeys.load(relay_keys, "kv_events.relay_keys")
             self._sockopts = client_sockopts(self.spec.server_key, keys)
             self.key_map = RelayKeyMap(key_map_bound(self.spec.num_gpu_blocks, max_entries))
         else:

@@ -191,13 +191,21 @@ class RelayKeys:
         return target
 
     @classmethod
-    def load(cls, path: str | Path, field_name: str = "relay_keys") -> RelayKeys:
-        try:
-            data = json.loads(Path(path).expanduser().read_text())
-        except OSError as exc:
-            raise ConfigError(field_name, f"cannot read {path}: {exc.strerror or exc}") from None
-        except json.JSONDecodeError:
-            raise ConfigError(field_name, f"{path} is not a kvroute relay key file (JSON)") from None
+    def load(cls, path: str | Path | Mapping[str, str] | RelayKeys, field_name: str = "relay_keys") -> RelayKeys:
+        """From a key file's path, or from its content as a mapping (a deployment's
+        configuration can carry the keys themselves, for nodes without the file)."""
+        if isinstance(path, RelayKeys):
+            return path
+        if isinstance(path, Mapping):
+            data: Any = dict(path)
+            path = "the relay_keys mapping"
+        else:
+            try:
+                data = json.loads(Path(path).expanduser().read_text())
+            except (OSError, TypeError) as exc:
+                raise ConfigError(field_name, f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}") from None
+            except json.JSONDecodeError:
+                raise ConfigError(field_name, f"{path} is not a kvroute relay key file (JSON)") from None
         names = ("server_public", "server_secret", "router_public", "router_secret")
         if not isinstance(data, dict) or any(not isinstance(data.get(n), str) or len(data[n]) != 40 for n in names):
             raise ConfigError(field_name, f"{path} must hold {', '.join(names)} (40-character Z85 keys)")

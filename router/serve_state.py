@@ -239,7 +239,9 @@ class RouterState:
                     "endpoint": endpoint, "replay_endpoint": stats.get("kv_replay_endpoint"),
                     "block_size": stats.get("block_size", self.service.options["block_size"]),
                     "model": stats.get("model", ""), "topic": stats.get("kv_events_topic", ""),
-                    "num_gpu_blocks": blocks if valid else None}
+                    "num_gpu_blocks": blocks if valid else None,
+                    # A kvroute relay's CURVE key: the stream is the relay's (router.kv_relay).
+                    "server_key": stats.get("kv_relay_key") if isinstance(stats.get("kv_relay_key"), str) else None}
         return out
 
     def _update_kv_subscriptions(self, replicas: list[RunningReplica]) -> None:

@@ -36,15 +36,20 @@ def service(tiny_model_path):
 
     from engines.openai_app import build_app
     from router import cache_aware_router_config
+    from router.kv_relay import RelayKeys
 
     ray.init(num_cpus=16, include_dashboard=False, ignore_reinit_error=True, _metrics_export_port=METRICS_PORT,
              runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).parents[2])}})
     # A wait for the tokenizer pool no machine runs out of: the tests below check that the
     # router's ids reach the engines, which a slow machine's default wait (250 ms) may skip.
+    # The engines' KV events come through kvroute's relay (router.kv_relay): vLLM
+    # publishes on local sockets, the relay republishes router keys over CURVE to the
+    # holders of the deployment's keys, handed to both sides here as configuration.
+    keys = RelayKeys.generate().__dict__
     config = cache_aware_router_config(policy="cache_aware", tokenizer=str(tiny_model_path), block_size=BLOCK,
-                                       tokenize_wait_ms=120_000)
+                                       tokenize_wait_ms=120_000, kv_events={"relay_keys": keys})
     serve.run(build_app(tiny_model_path, num_replicas=2, request_router_config=config,
-                        engine_options={"max_model_len": 1024, "block_size": BLOCK}),
+                        engine_options={"max_model_len": 1024, "block_size": BLOCK, "relay_keys": keys}),
               name=APP, route_prefix="/kvroute")
     engine = serve.get_deployment_handle("VLLMEngine", app_name=APP)
     engine.chat.remote({"messages": [{"role": "user", "content": "warm up"}], "max_tokens": 2}).result(timeout_s=120)
@@ -116,6 +121,9 @@ def test_the_tree_is_confirmed_by_the_engines_kv_events(service):
             break
         time.sleep(0.5)
     assert stats.get("events", 0) > 0 and stats.get("malformed", 0) == 0, stats
+    # Through the relays: encrypted router keys, not vLLM's token ids.
+    subscribers = router.state.service.kv_hub.subscribers
+    assert subscribers and all(sub.spec.server_key is not None for sub in subscribers.values())
     ids = router.state.service.tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
     ids = ids["input_ids"] if hasattr(ids, "keys") else ids
     keys = TokenBlockKeyer(BLOCK).keys(list(ids), namespace_seed(router.state.service.default_model))
