@@ -2,7 +2,8 @@
 ``vllm serve`` CPU servers of the tiny model, with prefix caching and KV events on.
 
 Checks what users see: answers identical to a direct call, streams passed through,
-repeat prefixes sent back to the worker that caches them and confirmed by its KV events,
+repeat prefixes sent back to the worker that caches them and confirmed by its KV events
+(the first worker's through a ``kvroute relay`` sidecar: router keys only, over CURVE),
 the ingress's 4xx for bad input, a worker added at run time getting traffic, a worker
 killed with requests in flight losing none of them, and SIGTERM draining a stream before
 the gateway exits. Every wait is on an observable condition with a generous deadline.
@@ -100,17 +101,53 @@ def servers(tiny_model_path):
             server.stop()
 
 
+class RelayProcess:
+    """``python -m router.cli relay ...`` beside a worker, its bound endpoints parsed."""
+
+    def __init__(self, server: VLLMServer, keys: str) -> None:
+        self.log = tempfile.NamedTemporaryFile(prefix="kvroute-relay-", suffix=".log", delete=False)
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "router.cli", "relay", "--upstream", server.kv_endpoint, "--upstream-replay",
+             server.replay_endpoint, "--bind", "tcp://127.0.0.1:0", "--replay-bind", "tcp://127.0.0.1:0",
+             "--keys", keys, "--model", "tiny", "--block-size", str(BLOCK)],
+            stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and self.process.poll() is None:
+            found = re.search(r"gateway worker option: (\S+)", self.output())
+            if found:
+                self.worker_option = found.group(1)
+                return
+            time.sleep(0.1)
+        raise RuntimeError("relay did not start:\n" + self.output())
+
+    def output(self) -> str:
+        with open(self.log.name, errors="replace") as f:
+            return f.read()
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            self.process.wait(30)
+
+
 @pytest.fixture(scope="module")
-def gateway(servers, tiny_model_path):
+def gateway(servers, tiny_model_path, tmp_path_factory):
     first, second = servers
+    # The first worker's KV events come through a relay sidecar: the gateway holds the
+    # deployment's keys and subscribes to the relay, never to vLLM's own publisher.
+    keys = str(tmp_path_factory.mktemp("relay") / "relay.keys")
+    subprocess.run([sys.executable, "-m", "router.cli", "relay-keys", keys], check=True, capture_output=True)
+    relay = RelayProcess(first, keys)
     # The second worker joins later, through the admin listener (test_a_worker_added...).
-    gw = GatewayProcess(["--worker", first.worker_arg(), "--tokenizer", str(tiny_model_path),
-                         "--block-size", str(BLOCK), "--port", "0", "--admin-port", "0"])
+    gw = GatewayProcess(["--worker", f"{first.url},{relay.worker_option}", "--relay-keys", keys,
+                         "--tokenizer", str(tiny_model_path), "--block-size", str(BLOCK), "--port", "0",
+                         "--admin-port", "0"])
     try:
         assert wait_for(lambda: gw.workers()[first.url]["admitted"], timeout=120, interval=0.2)
         yield gw
     finally:
         gw.stop()
+        relay.stop()
 
 
 def test_answers_equal_a_direct_call_and_bad_input_gets_the_ingress_4xx(gateway, servers):
@@ -156,6 +193,8 @@ def test_kv_events_confirm_what_the_gateway_routed(gateway, servers):
     assert gateway.state()["kv_events"].get("events", 0) > 0
     # Live on the SUB socket, not only caught up through the replay endpoint's probes.
     assert gateway.workers()[servers[0].url]["kv_stream"]["messages"] > 0
+    # Through the relay: the worker's stream is the relay's (router keys, over CURVE).
+    assert gateway.workers()[servers[0].url]["kv_events"] != servers[0].kv_endpoint
 
 
 def test_a_worker_added_at_run_time_gets_traffic_and_prefixes_stick(gateway, servers):
