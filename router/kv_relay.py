@@ -284,6 +284,7 @@ class KVEventRelay:
         self._error: BaseException | None = None
         self._thread: threading.Thread | None = None
         self._auth = None
+        self._ctx = None
         self.endpoint = self.replay_endpoint = None
         self.upstream = KVEventSubscriber("relay-upstream", spec, self._on_event, **dict(subscriber_options or {}))
 
@@ -302,7 +303,9 @@ class KVEventRelay:
         import zmq
         from zmq.auth.thread import ThreadAuthenticator
 
-        ctx = zmq.Context.instance()
+        # A context of its own: ZMQ allows one ZAP handler per context, and a process may
+        # run several relays (tests, a node's sidecars in one supervisor).
+        self._ctx = ctx = zmq.Context()
         self._auth = ThreadAuthenticator(ctx)
         self._auth.start()
         self._auth.configure_curve_callback(domain="*", credentials_provider=_Admit(
@@ -323,6 +326,9 @@ class KVEventRelay:
         if self._auth is not None:
             self._auth.stop()
             self._auth = None
+        if self._ctx is not None:
+            self._ctx.term()
+            self._ctx = None
 
     def _server_socket(self, ctx, kind: int, address: str):
         import zmq
@@ -342,7 +348,7 @@ class KVEventRelay:
     def _run(self) -> None:
         import zmq
 
-        ctx = zmq.Context.instance()
+        ctx = self._ctx
         pub = router = None
         try:
             pub, self.endpoint = self._server_socket(ctx, zmq.PUB, self.bind)

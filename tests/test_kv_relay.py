@@ -150,3 +150,40 @@ def test_a_gateway_worker_names_its_relays_key():
     with pytest.raises(ConfigError) as exc:
         WorkerSpec.parse("http://127.0.0.1:8001,kv_events=tcp://10.0.0.5:6001,relay_key=short")
     assert exc.value.field == "worker.relay_key"
+
+
+def test_an_engine_or_relay_restart_clears_the_routers_view_and_it_recovers(relay, keys):
+    upstream, first = relay
+    got = Collector()
+    sub = KVEventSubscriber("r0", _spec(first), got, relay_keys=str(keys), probe_interval_s=0.2,
+                            down_after_s=1.0, replay_timeout_s=1.0).start()
+    tokens = list(range(16))
+    events = chain_events(tokens, 2, range(1, 8), list(range(200, 208)))
+    try:
+        upstream.send(events[:4])
+        assert wait_for(lambda: sum(len(e.keys) for e in got.events() if hasattr(e, "keys")) == 4)
+        # The engine restarts: its sequence starts again at 0 with other batches.
+        upstream.seq = 0
+        with upstream._lock:
+            upstream.buffer.clear()
+        fresh = chain_events(list(range(500, 516)), 2, range(1, 8), list(range(300, 308)))  # from the root
+        upstream.send(fresh[:1])
+        assert wait_for(lambda: any(isinstance(e, AllBlocksCleared) for e in got.events()))
+        assert wait_for(lambda: got.events()[-1:] and isinstance(got.events()[-1], BlocksStored))
+        # The relay restarts on the same addresses: the router reconnects, sees a new
+        # publisher, clears, and takes the new relay's events.
+        before = sum(isinstance(e, AllBlocksCleared) for e in got.events())
+        endpoint, replay = first.endpoint, first.replay_endpoint
+        first.stop()
+        second = KVEventRelay({"endpoint": upstream.endpoint, "replay_endpoint": upstream.replay_endpoint,
+                               "block_size": 2, "model": "m"}, bind=endpoint, replay_bind=replay,
+                              keys=RelayKeys.load(keys)).start()
+        try:
+            assert wait_for(lambda: second.upstream.connected)
+            upstream.send(fresh[1:2])  # the new relay caught up on the engine's buffer: the chain goes on
+            assert wait_for(lambda: sum(isinstance(e, AllBlocksCleared) for e in got.events()) > before)
+            assert wait_for(lambda: isinstance(got.events()[-1], BlocksStored))
+        finally:
+            second.stop()
+    finally:
+        sub.stop()
