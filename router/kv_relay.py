@@ -274,7 +274,6 @@ class KVEventRelay:
         self.bind, self.replay_bind, self.keys, self.topic = bind, replay_bind, keys, topic.encode()
         self.stats = RelayStats()
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        self._queued = 0
         self.max_queued = max_queued
         self.flush_interval_s = flush_interval_s
         self._ring: deque[tuple[int, bytes]] = deque(maxlen=replay_batches)
@@ -290,10 +289,9 @@ class KVEventRelay:
 
     # -- upstream: the subscriber's thread --------------------------------------------------
     def _on_event(self, replica: Any, event: KvEvent) -> None:
-        if self._queued >= self.max_queued:
+        if self._queue.qsize() >= self.max_queued:
             self.stats.dropped += 1
             return
-        self._queued += 1
         self.stats.events_in += 1
         self._queue.put((event, time.time()))
 
@@ -381,7 +379,6 @@ class KVEventRelay:
                 event, at = self._queue.get_nowait()
             except queue.Empty:
                 break
-            self._queued -= 1
             events.append(event)
             oldest = at if oldest is None else oldest
         if not events:

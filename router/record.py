@@ -199,8 +199,11 @@ class TraceRecorder:
 
     def __init__(self, config: RecordConfig, *, name: str = "kvroute") -> None:
         self.config = config
+        # Each counter has one writer thread: the routing loop drops on a full queue, the
+        # writer thread on a failed write.
         self.written = 0
-        self.dropped = 0
+        self.dropped_full = 0
+        self.dropped_failed = 0
         self._queue: deque = deque()
         self._wake = threading.Event()
         self._closing = False
@@ -227,7 +230,7 @@ class TraceRecorder:
         """Queue one routed request (dropped and counted when ``max_queued`` are
         waiting). O(1)."""
         if self._closing or len(self._queue) >= self.config.max_queued:
-            self.dropped += 1
+            self.dropped_full += 1
             return
         self._queue.append((time.monotonic(), keys, prompt_tokens, block_tokens, output_tokens, session, tenant,
                             replica))
@@ -237,6 +240,10 @@ class TraceRecorder:
     @property
     def queued(self) -> int:
         return len(self._queue)
+
+    @property
+    def dropped(self) -> int:
+        return self.dropped_full + self.dropped_failed
 
     def stats(self) -> dict[str, int]:
         return {"written": self.written, "dropped": self.dropped, "queued": len(self._queue)}
@@ -278,12 +285,12 @@ class TraceRecorder:
                 try:
                     text = self.line(item).decode("utf-8")
                 except Exception:  # noqa: BLE001 - a record that cannot be written is dropped
-                    self.dropped += 1
+                    self.dropped_failed += 1
                     continue
                 self._failed = False
                 self._handler.emit(logging.makeLogRecord({"msg": text, "levelno": logging.INFO}))
                 if self._failed:
-                    self.dropped += 1
+                    self.dropped_failed += 1
                 else:
                     self.written += 1
             if self._closing:

@@ -194,7 +194,7 @@ def test_a_full_queue_drops_and_counts_and_the_metric_says_so(tmp_path):
     service = _recording_service(tmp_path / "s.jsonl")
     _route(service, _chats(conversations=1, turns=1))
     assert wait_for(lambda: service.recorder.written == 1, timeout=30)
-    service.recorder.dropped = 2
+    service.recorder.dropped_full = 2
     seen = {}
     service.metrics._metrics["kvroute_router_trace_records"].inc = \
         lambda value, tags=None: seen.__setitem__(tags["result"], value)
