@@ -13,6 +13,12 @@ puts ``request_router_config`` into ``deployment_config``. Its server class is
 its KV-aware router). Ray's requests reach the replicas as Ray LLM request objects (e.g.
 ``ChatCompletionRequest``), not the dicts ``engines.openai_app`` forwards.
 
+KV-event relay: with ``relay_keys`` (``build_llm_config``; carried in the config's
+``experimental_configs["kvroute_relay_keys"]``) each replica points vLLM's publisher at
+two ``ipc://`` sockets of its own and runs a ``router.kv_relay`` relay that republishes
+router keys only, over CURVE, on the node's IP (``kv_relay_key`` in the routing stats);
+the router needs the same keys in ``kv_events: {relay_keys: ...}``.
+
 Tokenize once: the server reports its tokenizer's fingerprint (``kvroute_tokenizer``); a
 kvroute router with the same tokenizer sends the prompt's token ids with each request (the
 ``kvroute_prompt`` keyword), and the server hands them to vLLM as
@@ -24,8 +30,12 @@ or ``echo``).
 from __future__ import annotations
 
 import logging
+import os
+import tempfile
 import time
+import uuid
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from ray.serve.llm import LLMConfig, LLMServer
@@ -37,6 +47,8 @@ from router.tokenization import tokenizer_fingerprint, unpack_ids
 
 logger = logging.getLogger("kvroute.engines")
 
+#: Where ``build_llm_config`` puts the relay keys (``LLMConfig.experimental_configs``).
+RELAY_KEYS_CONFIG = "kvroute_relay_keys"
 #: The placement bundle for a CPU-only replica (no accelerator).
 CPU_PLACEMENT = {"bundles": [{"CPU": 1}]}
 
@@ -46,12 +58,29 @@ class KVRouteLLMServer(LLMServer):
     its tokenizer's fingerprint, and which takes a kvroute router's token ids."""
 
     async def start(self):
+        self._kvroute_relay = None
+        self._kvroute_relay_keys = None
+        keys = (self._llm_config.experimental_configs or {}).get(RELAY_KEYS_CONFIG)
+        if keys is not None:
+            from router.kv_relay import RelayKeys
+
+            self._kvroute_relay_keys = RelayKeys.load(keys, "relay_keys")
+            # vLLM's stream (token ids) on this replica's own local sockets: one config
+            # serves every replica, so the path is made here, per replica.
+            config = self._llm_config.model_copy(deep=True)
+            local = f"ipc://{tempfile.gettempdir()}/kvroute-kv-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            config.engine_kwargs["kv_events_config"] = {
+                **dict(config.engine_kwargs.get("kv_events_config") or {}), "enable_kv_cache_events": True,
+                "publisher": "zmq", "endpoint": local, "replay_endpoint": local + "-replay"}
+            self._llm_config = config
         await super().start()
         self._kvroute_snapshot = _SchedulerSnapshot()
         self._kvroute_attach_stat_logger()
         self._kvroute_ids_used = self._kvroute_ids_rejected = 0
         self._kvroute_tokenizer = None
         client = self._kvroute_client()
+        if client is not None and self._kvroute_relay_keys is not None:
+            self._kvroute_start_relay(client)
         if client is not None:
             try:
                 tokenizer = client.get_tokenizer()
@@ -60,6 +89,22 @@ class KVRouteLLMServer(LLMServer):
                 self._kvroute_tokenizer = tokenizer_fingerprint(tokenizer, getattr(serving, "chat_template", None))
             except Exception as exc:  # noqa: BLE001 - no fingerprint: routers' ids are just not used
                 logger.warning("KVRouteLLMServer: no tokenizer fingerprint (%s); router token ids unused", exc)
+
+    def _kvroute_start_relay(self, client: Any) -> None:
+        """The relay in front of vLLM's local stream, on the node's IP (free ports)."""
+        from router.kv_relay import KVEventRelay
+
+        sources = client.get_kv_event_sources()
+        source = sources.get(0) or next(iter(sources.values()), None)
+        if source is None:
+            return
+        cache = client.vllm_config.cache_config
+        host = os.environ.get("VLLM_HOST_IP") or _node_ip()
+        upstream = {"endpoint": source.endpoint, "replay_endpoint": source.replay_endpoint,
+                    "block_size": int(cache.block_size), "model": self._llm_config.model_id, "topic": source.topic,
+                    "num_gpu_blocks": int(cache.num_gpu_blocks or 0) or None}
+        self._kvroute_relay = KVEventRelay(upstream, bind=f"tcp://{host}:0", replay_bind=f"tcp://{host}:0",
+                                           keys=self._kvroute_relay_keys, topic=source.topic).start()
 
     def _kvroute_take_ids(self, request: Any, prompt: Any) -> None:
         """Put a kvroute router's token ids (``prompt``: ``{"token_ids": packed uint32,
@@ -120,6 +165,10 @@ class KVRouteLLMServer(LLMServer):
         unfinished = client.get_num_unfinished_requests()
         idle = unfinished == 0
         blocks = int(cache.num_gpu_blocks or 0)
+        relay = getattr(self, "_kvroute_relay", None)
+        if relay is not None:  # the relay's stream, not vLLM's own
+            source = SimpleNamespace(endpoint=relay.endpoint, replay_endpoint=relay.replay_endpoint,
+                                     topic=relay.topic.decode())
         stats.update({
             "model": self._llm_config.model_id,
             "kv_usage": 0.0 if idle else min(1.0, max(0.0, snap.kv_usage)),
@@ -142,6 +191,8 @@ class KVRouteLLMServer(LLMServer):
             "router_ids_rejected": self._kvroute_ids_rejected,
             # The autoscaler's target: cache_aware bounds each replica's load by it.
             "kvroute_target_ongoing": autoscaling_target(),
+            "kv_relay_key": relay.keys.server_public if relay is not None else None,
+            "kv_relay_batches": relay.stats.batches if relay is not None else None,
         })
         return stats
 
@@ -150,13 +201,15 @@ def build_llm_config(model_path: str | Path | None = None, *, model_id: str = "t
                      block_size: int = 32, max_model_len: int = 1024,
                      request_router_config: dict | Any | None = None, engine_kwargs: dict | None = None,
                      deployment_config: dict | None = None, env_vars: dict | None = None,
-                     server_cls: type | str | None = KVRouteLLMServer) -> LLMConfig:
+                     server_cls: type | str | None = KVRouteLLMServer, relay_keys: Any = None) -> LLMConfig:
     """An ``LLMConfig`` for the tiny model (built if needed) on CPU replicas.
 
     ``request_router_config`` (dict or ``RequestRouterConfig``) goes into
     ``deployment_config``; ``engine_kwargs`` override the defaults (prefix caching on, KV
     events on ``tcp://*:0``, ``block_size``, ``max_model_len``, eager mode);
     ``env_vars`` are merged over a 1 GiB CPU KV cache and no OpenMP pinning.
+    ``relay_keys`` (a relay key file's path or its mapping; ``KVRouteLLMServer`` only):
+    each replica's KV events go through a ``router.kv_relay`` relay.
     """
     path = str(build_tiny_model(model_path))
     kwargs = {
@@ -172,7 +225,13 @@ def build_llm_config(model_path: str | Path | None = None, *, model_id: str = "t
     if request_router_config is not None:
         deployment["request_router_config"] = request_router_config
     env = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind", **(env_vars or {})}
+    experimental = {}
+    if relay_keys is not None:
+        from router.kv_relay import RelayKeys
+
+        experimental[RELAY_KEYS_CONFIG] = dict(RelayKeys.load(relay_keys).__dict__)
     return LLMConfig(
+        experimental_configs=experimental,
         model_loading_config={"model_id": model_id, "model_source": path},
         engine_kwargs=kwargs,
         deployment_config=deployment,
@@ -192,3 +251,12 @@ def build_openai_app(llm_config: LLMConfig | None = None, **config_options: Any)
     elif config_options:
         raise TypeError("pass either an LLMConfig or build_llm_config options, not both")
     return ray_build_openai_app({"llm_configs": [llm_config]})
+
+
+def _node_ip() -> str:
+    try:
+        import ray
+
+        return ray.util.get_node_ip_address()
+    except Exception:  # noqa: BLE001 - no Ray: loopback (a single-node test)
+        return "127.0.0.1"

@@ -12,6 +12,8 @@ pytest.importorskip("vllm", reason="live tests need vLLM (pip install -e '.[serv
 pytest.importorskip("ray.serve.llm", reason="live tests need Ray Serve LLM (pip install -e '.[serve]' pyarrow)")
 requests = pytest.importorskip("requests", reason="live tests need requests (installed with Ray Serve)")
 
+from tests.helpers import wait_for  # noqa: E402
+
 pytestmark = pytest.mark.live
 
 APP = "kvroute-ray-llm"
@@ -24,14 +26,18 @@ def ray_llm_service(tiny_model_path):
 
     from engines.ray_llm import build_openai_app
     from router import cache_aware_router_config
+    from router.kv_relay import RelayKeys
 
     ray.init(num_cpus=16, include_dashboard=False, ignore_reinit_error=True,
              runtime_env={"env_vars": {"PYTHONPATH": str(__import__("pathlib").Path(__file__).parents[2])}})
     t0 = time.monotonic()
     serve.start(http_options={"host": "127.0.0.1", "port": 8000})
-    config = cache_aware_router_config(policy="cache_aware", tokenizer=str(tiny_model_path), block_size=32)
-    serve.run(build_openai_app(model_path=tiny_model_path, num_replicas=2, request_router_config=config),
-              name=APP, route_prefix="/")
+    # KV events through kvroute's relay in each replica (router keys only, over CURVE).
+    keys = RelayKeys.generate().__dict__
+    config = cache_aware_router_config(policy="cache_aware", tokenizer=str(tiny_model_path), block_size=32,
+                                       kv_events={"relay_keys": keys})
+    serve.run(build_openai_app(model_path=tiny_model_path, num_replicas=2, request_router_config=config,
+                               relay_keys=keys), name=APP, route_prefix="/")
     deploy_s = time.monotonic() - t0
     print(f"\n[live] ray.serve.llm: 2 LLMServer replicas deployed in {deploy_s:.1f} s")
     deployments = serve.status().applications[APP].deployments
@@ -64,6 +70,7 @@ def test_ray_llm_routing_stats_carry_kv_endpoints(ray_llm_service):
         assert stats["model"] == "tiny-llama"
         assert stats["kv_events_endpoint"].startswith("tcp://")
         assert stats["kv_replay_endpoint"].startswith("tcp://")
+        assert isinstance(stats["kv_relay_key"], str) and len(stats["kv_relay_key"]) == 40  # the relay's
         assert stats["block_size"] == 32 and stats["num_gpu_blocks"] > 0
         assert 0.0 <= stats["kv_usage"] <= 1.0
 
@@ -100,3 +107,5 @@ def test_vllms_server_takes_the_routers_token_ids_and_answers_the_same(ray_llm_s
     assert sum(r["router_ids_used"] for r in reports()) == used
     assert with_ids["choices"][0]["message"]["content"] == without_ids["choices"][0]["message"]["content"]
     assert with_ids["usage"]["prompt_tokens"] == without_ids["usage"]["prompt_tokens"]
+    # The engines' KV events went out through their relays.
+    assert wait_for(lambda: sum(r["kv_relay_batches"] for r in reports()) > 0, timeout=30)
