@@ -266,7 +266,8 @@ class KVEventRelay:
         for name, value in (("relay.bind", bind), ("relay.replay_bind", replay_bind)):
             if not isinstance(value, str) or "://" not in value:
                 raise ConfigError(name, f"must be a ZMQ address like tcp://10.0.0.5:5557, got {value!r}")
-            if "*" in value or "0.0.0.0" in value:
+            host = value.split("://", 1)[1].rsplit(":", 1)[0].strip("[]")
+            if host in ("*", "0.0.0.0", "::", ""):
                 raise ConfigError(name, f"{value!r} listens on every interface; bind the node's own address")
         spec = ReplicaEndpoint.of(upstream)
         if spec.server_key is not None:
