@@ -41,6 +41,12 @@ def gateway(server, tiny_model_path):
                          "--block-size", str(BLOCK), "--port", "0", "--admin-port", "0"])
     try:
         assert wait_for(lambda: gw.workers()[server.url]["admitted"], timeout=120, interval=0.2)
+        # Steady state before affinity is measured: both ranks are replicas of the router
+        # and their KV-event streams are subscribed (the first conversation once moved
+        # ranks between its turns in a CI run, right after admission).
+        ranks = [f"{server.url}#dp0", f"{server.url}#dp1"]
+        assert wait_for(lambda: all({"tree", "kv_stream"} <= set(gw.workers()[server.url].get("ranks", {}).get(r, {}))
+                                    for r in ranks), timeout=120, interval=0.2), gw.workers()[server.url]
         yield gw
     finally:
         gw.stop()
