@@ -151,7 +151,7 @@ class CacheAwarePolicy(Policy):
     def __init__(self, config: PolicyConfig | None = None, **options) -> None:
         super().__init__(config, **options)
         self.profile = get_profile(self.config.profile)
-        self._params_for: tuple = (None, None)  # the (config, profile) _params was built from
+        self._params_for: tuple = (None, None, None)  # the (config, profile, load target) of _params
         self._params: tuple = ()
         self._distinct: tuple | None = None  # the last replicas tuple checked to have no repeats
         # The C ranking's last tiers list, refilled in place once nothing else holds it
@@ -222,14 +222,16 @@ class CacheAwarePolicy(Policy):
     def _native_params(self) -> tuple:
         """The constants of the C cost loop, from the config, profile and bound floor
         (rebuilt if either object was replaced or the floor moved with the autoscaler)."""
-        cfg, prof, floor = self.config, self.profile, self.bound_floor()
-        if self._params_for[0] is not cfg or self._params_for[1] is not prof or self._params[12] != floor:
+        cfg, prof, target = self.config, self.profile, self._load_target
+        built = self._params_for
+        if built[0] is not cfg or built[1] is not prof or built[2] != target:
+            floor = self.bound_floor()
             self._params = (cfg.kv_soft_limit, cfg.kv_barrier_s, prof.step_overhead_s, prof.decode_s_per_seq,
                             prof.attention_s_per_context_token, prof.prefill_s_per_token,
                             prof.max_batched_tokens, cfg.load_factor, cfg.session_slack_s, _OVER_BOUND,
                             prof.prefill_attention_s_per_pair, cfg.work_weight, float(floor),
                             cfg.churn_weight, CHURN_HALF_LIFE_S)
-            self._params_for = (cfg, prof)
+            self._params_for = (cfg, prof, target)
         return self._params
 
     def _mode(self, replicas) -> int:

@@ -442,11 +442,6 @@ class RoutingService:
     def keyed(self, fields: RequestFields, found: Tokenized, request_id: str) -> RouteRequest:
         """``key`` for what ``tokenized`` found; a chat whose whole prompt's ids are known
         is remembered in the conversation memo (its next turn resumes there)."""
-        if self.recorder is not None:
-            tenants = self._tenants
-            if len(tenants) >= self.options["max_pending"]:
-                tenants.clear()  # keyed, never ranked (a front door's error): bounded all the same
-            tenants[request_id] = self._seed(fields)
         return self.key(fields, found.ids, request_id, found.uncached_chars, resume=found.resume,
                         remember=not found.missing)
 
@@ -458,6 +453,12 @@ class RoutingService:
         chat's remembered prefix, whose keys are reused (only the blocks past them are
         hashed); ``remember``: ``ids`` are the whole prompt's, to be remembered."""
         seed = self._seed(fields)
+        if self.recorder is not None and request_id is not None:
+            # The trace's tenant digest, taken by ``rank`` into the decision's entry.
+            tenants = self._tenants
+            if len(tenants) >= self.options["max_pending"]:
+                tenants.clear()  # keyed, never ranked (a front door's error): bounded all the same
+            tenants[request_id] = seed
         if ids is not None:
             keyer = self._token_keyer
             prefix = resume.prefix if resume is not None else None
