@@ -70,7 +70,10 @@ def run(batches: int = 5000, blocks: int = 16, rate: float = 500.0) -> dict[str,
     direct = KVEventSubscriber("direct", ReplicaEndpoint(endpoint, block_size=block_size, model="m"),
                                collector("direct")).start()
     assert pub.poll(20_000) and pub.recv()[:1] == b"\x01"  # the direct subscriber too
-    time.sleep(0.5)  # both SUB connections up (the relay's handshake included); nothing measured yet
+    # Both SUB connections up (the relay's CURVE handshake included) before anything is timed.
+    deadline = time.monotonic() + 30
+    while not (via.connected and direct.connected) and time.monotonic() < deadline:
+        time.sleep(0.01)
     encode = msgspec.msgpack.Encoder().encode
     token = 0
     seq = 0

@@ -30,10 +30,7 @@ or ``echo``).
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 import time
-import uuid
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -62,16 +59,16 @@ class KVRouteLLMServer(LLMServer):
         self._kvroute_relay_keys = None
         keys = (self._llm_config.experimental_configs or {}).get(RELAY_KEYS_CONFIG)
         if keys is not None:
-            from router.kv_relay import RelayKeys
+            from router.kv_relay import RelayKeys, local_kv_endpoints
 
             self._kvroute_relay_keys = RelayKeys.load(keys, "relay_keys")
             # vLLM's stream (token ids) on this replica's own local sockets: one config
             # serves every replica, so the path is made here, per replica.
             config = self._llm_config.model_copy(deep=True)
-            local = f"ipc://{tempfile.gettempdir()}/kvroute-kv-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            endpoint, replay = local_kv_endpoints()
             config.engine_kwargs["kv_events_config"] = {
                 **dict(config.engine_kwargs.get("kv_events_config") or {}), "enable_kv_cache_events": True,
-                "publisher": "zmq", "endpoint": local, "replay_endpoint": local + "-replay"}
+                "publisher": "zmq", "endpoint": endpoint, "replay_endpoint": replay}
             self._llm_config = config
         await super().start()
         self._kvroute_snapshot = _SchedulerSnapshot()
@@ -92,19 +89,17 @@ class KVRouteLLMServer(LLMServer):
 
     def _kvroute_start_relay(self, client: Any) -> None:
         """The relay in front of vLLM's local stream, on the node's IP (free ports)."""
-        from router.kv_relay import KVEventRelay
+        from router.kv_relay import start_engine_relay
 
         sources = client.get_kv_event_sources()
         source = sources.get(0) or next(iter(sources.values()), None)
         if source is None:
             return
         cache = client.vllm_config.cache_config
-        host = os.environ.get("VLLM_HOST_IP") or _node_ip()
-        upstream = {"endpoint": source.endpoint, "replay_endpoint": source.replay_endpoint,
-                    "block_size": int(cache.block_size), "model": self._llm_config.model_id, "topic": source.topic,
-                    "num_gpu_blocks": int(cache.num_gpu_blocks or 0) or None}
-        self._kvroute_relay = KVEventRelay(upstream, bind=f"tcp://{host}:0", replay_bind=f"tcp://{host}:0",
-                                           keys=self._kvroute_relay_keys, topic=source.topic).start()
+        self._kvroute_relay = start_engine_relay(source, block_size=int(cache.block_size),
+                                                 model=self._llm_config.model_id,
+                                                 num_gpu_blocks=int(cache.num_gpu_blocks or 0),
+                                                 keys=self._kvroute_relay_keys)
 
     def _kvroute_take_ids(self, request: Any, prompt: Any) -> None:
         """Put a kvroute router's token ids (``prompt``: ``{"token_ids": packed uint32,
@@ -251,12 +246,3 @@ def build_openai_app(llm_config: LLMConfig | None = None, **config_options: Any)
     elif config_options:
         raise TypeError("pass either an LLMConfig or build_llm_config options, not both")
     return ray_build_openai_app({"llm_configs": [llm_config]})
-
-
-def _node_ip() -> str:
-    try:
-        import ray
-
-        return ray.util.get_node_ip_address()
-    except Exception:  # noqa: BLE001 - no Ray: loopback (a single-node test)
-        return "127.0.0.1"

@@ -35,7 +35,6 @@ import json
 import logging
 import os
 import time
-import tempfile
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -191,8 +190,9 @@ class EngineRunner:
             endpoint = replay = "tcp://*:0"
             if self.relay_keys is not None:
                 # Only the relay in this process may read vLLM's stream (token ids).
-                local = f"ipc://{tempfile.gettempdir()}/kvroute-kv-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-                endpoint, replay = local, local + "-replay"
+                from router.kv_relay import local_kv_endpoints
+
+                endpoint, replay = local_kv_endpoints()
             kwargs["kv_events_config"] = KVEventsConfig(
                 enable_kv_cache_events=True, publisher="zmq", endpoint=endpoint,
                 replay_endpoint=replay, topic=self.kv_events_topic)
@@ -224,14 +224,10 @@ class EngineRunner:
 
     def _start_relay(self, source: Any) -> None:
         """Republish vLLM's stream through a relay bound on the node's IP (free ports)."""
-        from router.kv_relay import KVEventRelay
+        from router.kv_relay import start_engine_relay
 
-        host = os.environ.get("VLLM_HOST_IP") or "127.0.0.1"
-        upstream = {"endpoint": source.endpoint, "replay_endpoint": source.replay_endpoint,
-                    "block_size": self.block_size, "model": self.model_name, "topic": self.kv_events_topic,
-                    "num_gpu_blocks": self.num_gpu_blocks or None}
-        self.relay = KVEventRelay(upstream, bind=f"tcp://{host}:0", replay_bind=f"tcp://{host}:0",
-                                  keys=self.relay_keys, topic=self.kv_events_topic).start()
+        self.relay = start_engine_relay(source, block_size=self.block_size, model=self.model_name,
+                                        num_gpu_blocks=self.num_gpu_blocks, keys=self.relay_keys)
         self.kv_events_endpoint = self.relay.endpoint
         self.kv_replay_endpoint = self.relay.replay_endpoint
         self.kv_relay_key = self.relay_keys.server_public

@@ -26,7 +26,7 @@ from router._fast import slot_maker
 from router.errors import ConfigError
 from router.events import AllBlocksCleared, BlocksRemoved, BlocksStored
 from router.keys import DEFAULT_SEED, Keyer, make_keyer, namespace_seed
-from router.load import LoadView, check_speed
+from router.load import LoadView, check_positive, check_speed
 from router.prefix_tree import PrefixTree
 from router.sessions import SessionTable
 
@@ -193,10 +193,7 @@ class RoutingCore:
         the policy (``Policy.load_target_changed``) when it changes. ``ConfigError``
         naming ``target_ongoing_requests`` for anything but a positive finite number."""
         if in_flight is not None:
-            if isinstance(in_flight, bool) or not isinstance(in_flight, (int, float)) \
-                    or not 0 < in_flight < math.inf:
-                raise ConfigError("target_ongoing_requests", f"must be a positive number, got {in_flight!r}")
-            in_flight = float(in_flight)
+            in_flight = check_positive(in_flight, "target_ongoing_requests")
         if in_flight != self.load_target:
             self.load_target = in_flight
             self.policy.load_target_changed(in_flight)

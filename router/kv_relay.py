@@ -38,8 +38,10 @@ import json
 import logging
 import os
 import queue
+import tempfile
 import threading
 import time
+import uuid
 from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -55,8 +57,6 @@ log = logging.getLogger(__name__)
 
 #: Batches the relay keeps for replay (vLLM's publisher keeps 10,000 by default).
 REPLAY_BATCHES = 10_000
-#: The end-of-replay marker of vLLM's protocol (signed -1, 8 bytes).
-END_SEQ = (-1).to_bytes(8, "big", signed=True)
 
 
 # -- the wire schema -----------------------------------------------------------------------
@@ -92,11 +92,17 @@ def encode_batch(events: Iterable[KvEvent], ts: float) -> bytes:
     return _encode([ts, out])
 
 
-def relay_schema():
-    """The subscriber's ``_Schema`` for relay streams."""
-    from router.kv_events import _Schema
+_relay_schema = None
 
-    return _Schema("relay", KeysStored, KeysRemoved, KeysCleared)
+
+def relay_schema():
+    """The subscriber's ``_Schema`` for relay streams (made once: its decoders are shared)."""
+    global _relay_schema
+    if _relay_schema is None:
+        from router.kv_events import _Schema
+
+        _relay_schema = _Schema("relay", KeysStored, KeysRemoved, KeysCleared)
+    return _relay_schema
 
 
 @dataclass
@@ -397,6 +403,8 @@ class KVEventRelay:
         ``seq >= start``, then the end marker."""
         import zmq
 
+        from router.kv_events import END_SEQ
+
         for _ in range(64):
             try:
                 frames = router.recv_multipart(zmq.NOBLOCK)
@@ -410,3 +418,38 @@ class KVEventRelay:
                 if seq >= start:
                     router.send_multipart((client, b"", self.topic, seq.to_bytes(8, "big"), payload))
             router.send_multipart((client, b"", b"", END_SEQ, b""))
+
+
+# -- inside an engine replica ---------------------------------------------------------------
+def local_kv_endpoints() -> tuple[str, str]:
+    """Two ``ipc://`` paths of this process's own, for vLLM's publisher and replay socket
+    when a relay reads them (only processes on this host can connect to them)."""
+    local = f"ipc://{tempfile.gettempdir()}/kvroute-kv-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    return local, local + "-replay"
+
+
+def node_ip() -> str:
+    """The address a replica's relay binds: ``VLLM_HOST_IP``, else the Ray node's IP, else
+    loopback (no Ray: a single-host test)."""
+    if os.environ.get("VLLM_HOST_IP"):
+        return os.environ["VLLM_HOST_IP"]
+    try:
+        import ray
+
+        return ray.util.get_node_ip_address()
+    except Exception:  # noqa: BLE001
+        return "127.0.0.1"
+
+
+def start_engine_relay(source: Any, *, block_size: int, model: str, num_gpu_blocks: int | None,
+                       keys: RelayKeys) -> KVEventRelay:
+    """The relay in front of an engine's local stream (``source``: vLLM's KV-event source,
+    its ``endpoint``, ``replay_endpoint`` and ``topic``), bound on the node's IP on free
+    ports; both engine kinds start theirs here."""
+    topic = getattr(source, "topic", "") or ""
+    upstream = {"endpoint": source.endpoint, "replay_endpoint": source.replay_endpoint, "block_size": block_size,
+                "model": model, "topic": topic, "num_gpu_blocks": num_gpu_blocks or None}
+    host = node_ip()
+    return KVEventRelay(upstream, bind=f"tcp://{host}:0", replay_bind=f"tcp://{host}:0", keys=keys,
+                        topic=topic).start()
+

@@ -117,10 +117,16 @@ class ReplicaLoad:
                 f"kv_blocks={self.kv_blocks}, engine_kv_usage={self.engine_kv_usage})")
 
 
+def check_positive(value: object, field: str) -> float:
+    """``value`` as a float if it is a finite number > 0, else ``ConfigError`` naming ``field``."""
+    if not _finite_number(value) or value <= 0:
+        raise ConfigError(field, f"must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
 def check_speed(speed: object) -> None:
     """A replica speed must be a finite number > 0 (``ConfigError`` naming ``speed``)."""
-    if not _finite_number(speed) or speed <= 0:
-        raise ConfigError("speed", f"must be a finite number > 0, got {speed!r}")
+    check_positive(speed, "speed")
 
 
 def _finite_number(value: object) -> bool:

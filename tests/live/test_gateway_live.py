@@ -56,37 +56,45 @@ def _chat(text: str, **extra) -> dict:
             "max_tokens": 8, "temperature": 0, **extra}
 
 
-class GatewayProcess:
-    """``python -m router.cli gateway ...`` with its listening line parsed."""
+class CommandProcess:
+    """``python -m router.cli COMMAND ...`` in its own session, its output in a file (a
+    pipe nobody reads would fill and block it), started once ``pattern`` shows in that
+    output (its match kept as ``found``)."""
 
-    def __init__(self, args: list[str]) -> None:
-        # Its output goes to a file (a pipe nobody reads would fill and block the gateway).
-        self.log = tempfile.NamedTemporaryFile(prefix="kvroute-gateway-", suffix=".log", delete=False)
-        self.process = subprocess.Popen([sys.executable, "-m", "router.cli", "gateway", *args],
+    def __init__(self, command: str, args: list[str], pattern: str) -> None:
+        self.log = tempfile.NamedTemporaryFile(prefix=f"kvroute-{command}-", suffix=".log", delete=False)
+        self.process = subprocess.Popen([sys.executable, "-m", "router.cli", command, *args],
                                         stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and self.process.poll() is None:
-            found = re.search(r"listening on (http://\S+) \(admin: (http://\S+)\)", self.output())
-            if found:
-                self.url, self.admin = found.group(1), found.group(2)
+            self.found = re.search(pattern, self.output())
+            if self.found:
                 return
             time.sleep(0.1)
-        raise RuntimeError("gateway did not start:\n" + self.output())
+        raise RuntimeError(f"{command} did not start:\n" + self.output())
 
     def output(self) -> str:
         with open(self.log.name, errors="replace") as f:
             return f.read()
+
+    def stop(self, sig: int = signal.SIGKILL) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, sig)
+            self.process.wait(30)
+
+
+class GatewayProcess(CommandProcess):
+    """``kvroute gateway ...`` with its listening line parsed."""
+
+    def __init__(self, args: list[str]) -> None:
+        super().__init__("gateway", args, r"listening on (http://\S+) \(admin: (http://\S+)\)")
+        self.url, self.admin = self.found.group(1), self.found.group(2)
 
     def workers(self) -> dict[str, dict]:
         return {w["url"]: w for w in _get(self.admin + "/admin/workers")["workers"]}
 
     def state(self) -> dict:
         return _get(self.admin + "/admin/workers")
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
 
 
 @pytest.fixture(scope="module")
@@ -101,33 +109,15 @@ def servers(tiny_model_path):
             server.stop()
 
 
-class RelayProcess:
-    """``python -m router.cli relay ...`` beside a worker, its bound endpoints parsed."""
+class RelayProcess(CommandProcess):
+    """``kvroute relay ...`` beside a worker, its gateway worker option parsed."""
 
     def __init__(self, server: VLLMServer, keys: str) -> None:
-        self.log = tempfile.NamedTemporaryFile(prefix="kvroute-relay-", suffix=".log", delete=False)
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "router.cli", "relay", "--upstream", server.kv_endpoint, "--upstream-replay",
-             server.replay_endpoint, "--bind", "tcp://127.0.0.1:0", "--replay-bind", "tcp://127.0.0.1:0",
-             "--keys", keys, "--model", "tiny", "--block-size", str(BLOCK)],
-            stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and self.process.poll() is None:
-            found = re.search(r"gateway worker option: (\S+)", self.output())
-            if found:
-                self.worker_option = found.group(1)
-                return
-            time.sleep(0.1)
-        raise RuntimeError("relay did not start:\n" + self.output())
-
-    def output(self) -> str:
-        with open(self.log.name, errors="replace") as f:
-            return f.read()
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            self.process.wait(30)
+        super().__init__("relay", ["--upstream", server.kv_endpoint, "--upstream-replay", server.replay_endpoint,
+                                   "--bind", "tcp://127.0.0.1:0", "--replay-bind", "tcp://127.0.0.1:0",
+                                   "--keys", keys, "--model", "tiny", "--block-size", str(BLOCK)],
+                         r"gateway worker option: (\S+)")
+        self.worker_option = self.found.group(1)
 
 
 @pytest.fixture(scope="module")
@@ -147,7 +137,7 @@ def gateway(servers, tiny_model_path, tmp_path_factory):
         yield gw
     finally:
         gw.stop()
-        relay.stop()
+        relay.stop(signal.SIGTERM)
 
 
 def test_answers_equal_a_direct_call_and_bad_input_gets_the_ingress_4xx(gateway, servers):
