@@ -108,9 +108,10 @@ def _stat_logger_factory(snapshot: _SchedulerSnapshot):
 class EngineRunner:
     """One vLLM ``AsyncLLM`` with prefix caching and KV events, speaking OpenAI dicts.
 
-    ``await runner.start()`` builds the engine (about 50 s for the tiny model on 2 CPUs,
-    mostly spawning vLLM's engine-core and worker processes; ``enforce_eager=True``, the
-    default, skips a torch.compile warm-up that costs another minute there);
+    ``await runner.start()`` builds the engine (the tiny model on 2 CPUs: mostly spawning
+    vLLM's engine-core process and importing vLLM there; ``enforce_eager=True``, the
+    default, skips a torch.compile warm-up, and ``worker_in_process=True``, the default,
+    runs the model worker in the engine core's process instead of a third process);
     ``chat``/``completions`` serve requests; ``routing_stats()`` reports load and the KV
     event endpoints; ``shutdown()`` stops the engine process.
     """
@@ -120,7 +121,8 @@ class EngineRunner:
                  max_num_seqs: int = 16, max_num_batched_tokens: int | None = None,
                  kv_cache_space_gib: int | None = 1, enable_kv_events: bool = True,
                  kv_events_topic: str = "", enforce_eager: bool = True, seed: int = 0,
-                 engine_kwargs: dict | None = None, speed: float = 1.0, relay_keys: Any = None) -> None:
+                 engine_kwargs: dict | None = None, speed: float = 1.0, relay_keys: Any = None,
+                 worker_in_process: bool = True) -> None:
         self.model_path = str(model_path)
         self.model_name = served_model_name or Path(self.model_path).name
         if not isinstance(block_size, int) or block_size <= 0:
@@ -139,6 +141,7 @@ class EngineRunner:
         self.enable_kv_events = enable_kv_events
         self.kv_events_topic = kv_events_topic
         self.enforce_eager = enforce_eager
+        self.worker_in_process = worker_in_process
         self.seed = seed
         self.engine_kwargs = dict(engine_kwargs or {})
         # The KV-event relay (router.kv_relay): None publishes vLLM's own stream.
@@ -184,6 +187,14 @@ class EngineRunner:
             block_size=self.block_size, max_model_len=self.max_model_len, max_num_seqs=self.max_num_seqs,
             enable_prefix_caching=True, seed=self.seed, disable_log_stats=True, enforce_eager=self.enforce_eager,
         )
+        if self.worker_in_process:
+            # The model worker in the engine core's process, not one of its own: a
+            # process spawn and its imports (about 10 s here) less per engine start.
+            # engines.vllm_server.FAST_START_ENV says why the variable is needed.
+            from engines.vllm_server import FAST_START_ENV
+
+            os.environ.update(FAST_START_ENV)
+            kwargs["distributed_executor_backend"] = "uni"
         if self.max_num_batched_tokens is not None:
             kwargs["max_num_batched_tokens"] = self.max_num_batched_tokens
         if self.enable_kv_events:

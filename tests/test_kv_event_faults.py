@@ -300,6 +300,8 @@ def test_router_started_late_warms_up_from_vllm_replay_buffer(vk):
         assert pump.until(lambda: holds_all(pump, keys[:4]))
         assert pump.confirmed(keys) == [True] * 4 + [None]  # the removal was replayed too
         sub = hub.subscribers["r0"]
+        # The catch-up is counted once the replay's answer ends, after its batches apply.
+        assert wait_for(lambda: sub.stats.catchups == 1)
         assert (sub.stats.catchups, sub.stats.replayed, sub.stats.messages) == (1, 6, 0)
         assert sub.expected == 6
         # Live traffic then continues in order from the buffer's end: no gap, no repeat.
@@ -329,6 +331,8 @@ def test_warm_start_from_a_rolled_over_buffer_keeps_what_can_be_keyed(vk):
         kept = router_keys([3] * BS + [4] * BS)
         assert pump.until(lambda: holds_all(pump, kept))
         assert holds_none(pump, router_keys([1] * BS + [2] * BS + [5] * BS))
+        # The catch-up is counted once the replay's answer ends, after its batches apply.
+        assert wait_for(lambda: sub.stats.catchups == 1)
         s = sub.stats
         assert (s.catchups, s.replayed, s.lost, s.gaps) == (1, 3, 0, 0)
         assert sub.key_map.stats.unknown_parent == 1 and sub.expected == 5
