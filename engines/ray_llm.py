@@ -59,9 +59,9 @@ class KVRouteLLMServer(LLMServer):
         self._kvroute_relay_keys = None
         keys = (self._llm_config.experimental_configs or {}).get(RELAY_KEYS_CONFIG)
         if keys is not None:
-            from router.kv_relay import RelayKeys, local_kv_endpoints
+            from router.kv_relay import RelayKeySource, local_kv_endpoints
 
-            self._kvroute_relay_keys = RelayKeys.load(keys, "relay_keys")
+            self._kvroute_relay_keys = RelayKeySource(keys, "relay_keys")  # a key file is followed
             # vLLM's stream (token ids) on this replica's own local sockets: one config
             # serves every replica, so the path is made here, per replica.
             config = self._llm_config.model_copy(deep=True)
@@ -204,7 +204,9 @@ def build_llm_config(model_path: str | Path | None = None, *, model_id: str = "t
     events on ``tcp://*:0``, ``block_size``, ``max_model_len``, eager mode);
     ``env_vars`` are merged over a 1 GiB CPU KV cache and no OpenMP pinning.
     ``relay_keys`` (a relay key file's path or its mapping; ``KVRouteLLMServer`` only):
-    each replica's KV events go through a ``router.kv_relay`` relay.
+    each replica's KV events go through a ``router.kv_relay`` relay. A path is checked here
+    and passed on as a path: every replica's node needs the file, and follows its
+    rotations; a mapping is carried in the config (fixed until a redeploy).
     """
     path = str(build_tiny_model(model_path))
     kwargs = {
@@ -224,7 +226,9 @@ def build_llm_config(model_path: str | Path | None = None, *, model_id: str = "t
     if relay_keys is not None:
         from router.kv_relay import RelayKeys
 
-        experimental[RELAY_KEYS_CONFIG] = dict(RelayKeys.load(relay_keys).__dict__)
+        keys = RelayKeys.load(relay_keys)  # fails here, naming the field, not in a replica
+        experimental[RELAY_KEYS_CONFIG] = str(relay_keys) if isinstance(relay_keys, (str, Path)) \
+            else dict(keys.__dict__)
     return LLMConfig(
         experimental_configs=experimental,
         model_loading_config={"model_id": model_id, "model_source": path},

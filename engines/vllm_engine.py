@@ -147,11 +147,10 @@ class EngineRunner:
         # The KV-event relay (router.kv_relay): None publishes vLLM's own stream.
         self.relay_keys = None
         if relay_keys is not None:
-            from router.kv_relay import RelayKeys
+            from router.kv_relay import RelayKeySource
 
-            self.relay_keys = RelayKeys.load(relay_keys)
+            self.relay_keys = RelayKeySource(relay_keys, "relay_keys")  # a key file is followed
         self.relay = None
-        self.kv_relay_key = None
         self.engine = None
         self.tokenizer = None
         self.num_gpu_blocks = 0
@@ -241,7 +240,6 @@ class EngineRunner:
                                         num_gpu_blocks=self.num_gpu_blocks, keys=self.relay_keys)
         self.kv_events_endpoint = self.relay.endpoint
         self.kv_replay_endpoint = self.relay.replay_endpoint
-        self.kv_relay_key = self.relay_keys.server_public
 
     def shutdown(self) -> None:
         relay, self.relay = self.relay, None
@@ -284,8 +282,9 @@ class EngineRunner:
             "waiting": 0 if idle else snap.waiting,
             "running": 0 if idle else snap.running,
             "num_unfinished": unfinished,
-            "kv_events_endpoint": self.kv_events_endpoint,
-            "kv_replay_endpoint": self.kv_replay_endpoint,
+            # A relay moves to free ports if its own were taken during a key rotation.
+            "kv_events_endpoint": self.relay.endpoint if self.relay is not None else self.kv_events_endpoint,
+            "kv_replay_endpoint": self.relay.replay_endpoint if self.relay is not None else self.kv_replay_endpoint,
             "kv_events_topic": self.kv_events_topic,
             "block_size": self.block_size,
             "num_gpu_blocks": self.num_gpu_blocks,
@@ -303,7 +302,8 @@ class EngineRunner:
             "router_ids_used": self.router_ids_used,
             "router_ids_rejected": self.router_ids_rejected,
             "kvroute_speed": self.speed,
-            "kv_relay_key": self.kv_relay_key,
+            # The relay's key now: a rotation changes it.
+            "kv_relay_key": self.relay.keys.server_public if self.relay is not None else None,
         }
 
     def models(self) -> dict:

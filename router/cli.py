@@ -414,9 +414,19 @@ def _tune(args: argparse.Namespace) -> int:
 def _relay_keys(args: argparse.Namespace) -> int:
     from router.kv_relay import RelayKeys
 
+    from pathlib import Path
+
+    exists = Path(args.path).exists()
+    if exists and not args.rotate:
+        raise ConfigError("path", f"{args.path} exists; pass --rotate to replace its keys")
+    if args.rotate and not exists:
+        raise ConfigError("path", f"{args.path} does not exist: nothing to rotate (leave out --rotate)")
     keys = RelayKeys.generate()
-    path = keys.write(args.path)
+    path = keys.write(args.path)  # atomic: a relay or router watching it never reads half a file
     print(f"wrote {path} (mode 0600); relays serve with server_public {keys.server_public}", file=sys.stderr)
+    if args.rotate:
+        print("copy it over the file on every node: relays and routers load it within "
+              "a few seconds and reconnect; the old keys are refused from then on", file=sys.stderr)
     return 0
 
 
@@ -424,12 +434,12 @@ def _relay(args: argparse.Namespace) -> int:
     import signal
     import threading
 
-    from router.kv_relay import KVEventRelay, RelayKeys
+    from router.kv_relay import KVEventRelay
 
     upstream = {"endpoint": args.upstream, "replay_endpoint": args.upstream_replay, "block_size": args.block_size,
                 "model": args.model, "topic": args.topic}
-    relay = KVEventRelay(upstream, bind=args.bind, replay_bind=args.replay_bind, keys=RelayKeys.load(args.keys),
-                         topic=args.topic).start()
+    relay = KVEventRelay(upstream, bind=args.bind, replay_bind=args.replay_bind, keys=args.keys,
+                         topic=args.topic).start()  # the key file is followed through rotations
     print(f"kvroute relay: {args.upstream} -> {relay.endpoint} (replay {relay.replay_endpoint}); "
           f"gateway worker option: kv_events={relay.endpoint},replay={relay.replay_endpoint},"
           f"relay_key={relay.keys.server_public}", flush=True)
@@ -697,6 +707,9 @@ def build_parser() -> argparse.ArgumentParser:
     rk = sub.add_parser("relay-keys", help="create a deployment's relay key file (CURVE keys of its relays and "
                                            "routers; docs/kv-events.md, \"Relay\")")
     rk.add_argument("path")
+    rk.add_argument("--rotate", action="store_true",
+                    help="replace the keys of an existing file (atomically); relays and routers that read it "
+                         "switch within seconds, without a redeploy")
     rk.set_defaults(func=_relay_keys)
     rl = sub.add_parser("relay", help="beside a vllm serve engine: republish its KV events as router keys only, "
                                       "encrypted, to the deployment's routers only")

@@ -46,7 +46,7 @@ import threading
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 import msgspec
@@ -519,7 +519,8 @@ class SubscriberStats:
     byte); disconnects: the SUB socket's connection to the publisher dropped;
     withdrawn_blocks / restored_blocks: confirmed blocks withdrawn from the router when
     the stream went down and re-announced when the same publisher came back;
-    internal_errors: a message whose handling raised unexpectedly (logged, skipped)."""
+    internal_errors: a message whose handling raised unexpectedly (logged, skipped);
+    rekeys: a relay's stream reconnected with rotated keys."""
 
     messages: int = 0
     events: int = 0
@@ -543,6 +544,7 @@ class SubscriberStats:
     withdrawn_blocks: int = 0
     restored_blocks: int = 0
     internal_errors: int = 0
+    rekeys: int = 0
 
 
 class _NoAnswer(Exception):
@@ -629,13 +631,19 @@ class KVEventSubscriber:
         self.on_event = on_event
         # Socket options of a connection to a kvroute relay (CURVE), empty for vLLM's own.
         self._sockopts: dict[int, bytes] = {}
+        # A relay's stream: the deployment's keys (followed through rotations), the relay
+        # key to connect with (the spec's, until a rotation or ``rekey`` names another)
+        # and what the open sockets were made with.
+        self._key_source = None
+        self._server_key = self._applied = None
         if self.spec.server_key is not None:
-            from router.kv_relay import RelayKeyMap, RelayKeys, client_sockopts
+            from router.kv_relay import RelayKeyMap, RelayKeySource
 
             if relay_keys is None:
                 raise ConfigError("kv_events.relay_keys", "a relay's stream needs the deployment's relay key file")
-            keys = RelayKeys.load(relay_keys, "kv_events.relay_keys")
-            self._sockopts = client_sockopts(self.spec.server_key, keys)
+            self._key_source = RelayKeySource.of(relay_keys, "kv_events.relay_keys")
+            self._server_key = self.spec.server_key
+            self._sockopts = self._relay_sockopts()
             self.key_map = RelayKeyMap(key_map_bound(self.spec.num_gpu_blocks, max_entries))
         else:
             self.key_map = ReplicaKeyMap(self.spec.block_size, self.spec.model, max_entries=max_entries,
@@ -734,11 +742,37 @@ class KVEventSubscriber:
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout)
 
+    def rekey(self, server_key: str) -> None:
+        """The relay now serves with ``server_key`` (its replica reported a rotation):
+        reconnect with it. Thread-safe; applied by the subscriber's thread."""
+        if self._key_source is not None and server_key != self._server_key:
+            self.spec = replace(self.spec, server_key=server_key)
+            self._server_key = server_key
+
+    def _relay_sockopts(self) -> dict[int, bytes]:
+        from router.kv_relay import client_sockopts
+
+        keys = self._key_source.keys
+        self._applied = (self._server_key, self._key_source.version)
+        return client_sockopts(self._server_key, keys)
+
+    def _keys_rotated(self) -> bool:
+        """Whether the deployment's key file or the relay's key changed since the sockets
+        were opened. A rotated file names the relays' new key too: connect with it."""
+        source = self._key_source
+        if source is None:
+            return False
+        source.refresh()
+        version = source.version
+        if version != self._applied[1]:
+            self._server_key = source.keys.server_public
+        return (self._server_key, version) != self._applied
+
     # -- the thread -------------------------------------------------------------------------
-    def _run(self) -> None:
+    def _open(self, ctx: Any) -> tuple[Any, Any]:
+        """The SUB socket (connected) and its monitor."""
         import zmq
 
-        ctx = zmq.Context.instance()
         sub = monitor = None
         try:
             sub = ctx.socket(zmq.SUB)
@@ -754,13 +788,47 @@ class KVEventSubscriber:
                 sub.setsockopt(option, value)
             monitor = sub.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
             sub.connect(self.spec.endpoint)
+        except Exception:
+            self._close(sub, monitor)
+            raise
+        return sub, monitor
+
+    @staticmethod
+    def _close(sub: Any, monitor: Any) -> None:
+        if monitor is not None:
+            sub.disable_monitor()
+            monitor.close(0)
+        if sub is not None:
+            sub.close(0)
+
+    def _reopen(self, ctx: Any, poller: Any, sub: Any, monitor: Any) -> tuple[Any, Any]:
+        """Rotated keys: new sockets. Whatever answers must then prove it is the same
+        publisher (its replay buffer holds our last batch), as after any reconnect; if so
+        nothing is cleared and the batches missed meanwhile are replayed."""
+        import zmq
+
+        for sock in (sub, monitor):
+            poller.unregister(sock)
+        self._close(sub, monitor)
+        self._close_dealer()
+        self._sockopts = self._relay_sockopts()
+        self._connected = False
+        self._suspect = True
+        self.stats.rekeys += 1
+        log.info("kv events for %r: reconnecting with rotated relay keys", self.replica_id)
+        sub, monitor = self._open(ctx)
+        poller.register(sub, zmq.POLLIN)
+        poller.register(monitor, zmq.POLLIN)
+        return sub, monitor
+
+    def _run(self) -> None:
+        import zmq
+
+        ctx = zmq.Context.instance()
+        try:
+            sub, monitor = self._open(ctx)
         except Exception as exc:  # a bad address: reported by start()
             self._error = exc
-            if monitor is not None:
-                sub.disable_monitor()
-                monitor.close(0)
-            if sub is not None:
-                sub.close(0)
             self._ready.set()
             return
         self._ready.set()
@@ -786,12 +854,12 @@ class KVEventSubscriber:
                             break
                         self._guarded(self._on_live, frames)
                 self._guarded(self._tick, time.monotonic())
+                if self._keys_rotated():
+                    sub, monitor = self._reopen(ctx, poller, sub, monitor)
         except Exception:  # never expected; keep the failure visible, never crash silently
             log.exception("kv events subscriber for %r failed", self.replica_id)
         finally:
-            sub.disable_monitor()
-            monitor.close(0)
-            sub.close(0)
+            self._close(sub, monitor)
             self._close_dealer()
 
     def _guarded(self, handler: Callable[[Any], None], arg: Any) -> None:
@@ -1157,6 +1225,12 @@ class KVEventSubscriber:
 # ---------------------------------------------------------------------------------------
 # Hub: one subscriber per live replica.
 # ---------------------------------------------------------------------------------------
+def _rotated_only(old: ReplicaEndpoint, new: ReplicaEndpoint) -> bool:
+    """Whether two specs name the same relay stream with different relay keys."""
+    return (old.server_key is not None and new.server_key is not None
+            and replace(old, server_key=new.server_key) == new)
+
+
 class KVEventHub:
     """Keeps exactly one running ``KVEventSubscriber`` per replica of the latest
     ``update`` mapping (replica id -> ``ReplicaEndpoint`` or its dict/tuple form).
@@ -1164,7 +1238,8 @@ class KVEventHub:
     A new replica gets a subscriber; a vanished one is stopped (the core purges its state
     on its own replica change); a replica whose endpoint spec changed (restarted
     elsewhere, or with another KV cache size) gets a fresh subscriber that first delivers
-    ``AllBlocksCleared``. Holds one subscriber (and its bounded map) per replica: memory
+    ``AllBlocksCleared``; one whose relay only reported a new key (a rotation) keeps its
+    subscriber, which reconnects with it (``KVEventSubscriber.rekey``). Holds one subscriber (and its bounded map) per replica: memory
     is at most, per replica, ``max_entries`` entries if that option is given, else twice
     its engine's ``num_gpu_blocks`` (``DEFAULT_MAX_ENTRIES`` when a spec does not carry
     it). Call from one thread (the owner's); subscribers run on their own.
@@ -1172,6 +1247,13 @@ class KVEventHub:
 
     def __init__(self, on_event: OnEvent, **subscriber_options: Any) -> None:
         self.on_event = on_event
+        if subscriber_options.get("relay_keys") is not None:
+            from router.kv_relay import RelayKeySource
+
+            # One source for all the subscribers: the key file is looked at once per
+            # interval however many replicas there are.
+            subscriber_options["relay_keys"] = RelayKeySource.of(subscriber_options["relay_keys"],
+                                                                 "kv_events.relay_keys")
         self.options = subscriber_options
         self._subscribers: dict[ReplicaId, KVEventSubscriber] = {}
         self._retired = SubscriberStats()
@@ -1202,6 +1284,10 @@ class KVEventHub:
             for replica, spec in wanted.items():
                 current = self._subscribers.get(replica)
                 if current is not None and current.spec == spec:
+                    continue
+                if current is not None and _rotated_only(current.spec, spec):
+                    # Same relay, rotated keys: reconnect, keep what it told us.
+                    current.rekey(spec.server_key)
                     continue
                 restarted = current is not None
                 if restarted:

@@ -190,10 +190,20 @@ class RelayKeys:
         return cls(server_public.decode(), server_secret.decode(), router_public.decode(), router_secret.decode())
 
     def write(self, path: str | Path) -> Path:
+        """Write the key file (mode 0600) atomically: a relay or router watching it for a
+        rotation reads either the old keys or the new ones, never half a file."""
         target = Path(path)
-        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as handle:
-            json.dump(self.__dict__, handle, indent=1)
+        staging = target.with_name(f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}")
+        fd = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            with os.fdopen(fd, "w") as handle:
+                json.dump(self.__dict__, handle, indent=1)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(staging, target)
+        except BaseException:
+            staging.unlink(missing_ok=True)
+            raise
         return target
 
     @classmethod
@@ -218,6 +228,78 @@ class RelayKeys:
         return cls(*(data[n] for n in names))
 
 
+#: Seconds between two looks at a key file for a rotation (one ``stat`` each).
+KEY_CHECK_INTERVAL_S = 2.0
+
+
+class RelayKeySource:
+    """The deployment's relay keys as one relay or router holds them, following rotations.
+
+    Holds the current ``RelayKeys``, a ``version`` bumped each time they change, and, when
+    they come from a key file, the file's last seen (mtime, size, inode). Keys given as a
+    mapping (or ``RelayKeys``) never change; a key file is looked at again by ``refresh``
+    at most once per ``check_interval_s`` (one ``stat``, O(1)) and re-read when it changed:
+    an operator rotates by replacing the file (``kvroute relay-keys PATH --rotate``) on
+    every node, with no redeploy. A changed file that does not hold valid keys keeps the
+    current ones (logged; ``reload_errors``). Thread-safe: several subscribers of one
+    router may share a source, each comparing ``version`` with the one it applied."""
+
+    def __init__(self, value: str | Path | Mapping[str, str] | RelayKeys, field_name: str = "relay_keys",
+                 check_interval_s: float = KEY_CHECK_INTERVAL_S) -> None:
+        from router.load import check_positive
+
+        self.field_name = field_name
+        self.check_interval_s = check_positive(check_interval_s, f"{field_name}.check_interval_s")
+        self.path = None if isinstance(value, (Mapping, RelayKeys)) else Path(value).expanduser()
+        self._stamp = self._stat()
+        self.keys = RelayKeys.load(value, field_name)  # a missing or bad file fails at start-up
+        self.version = 0
+        self.reload_errors = 0
+        self._checked = time.monotonic()
+        self._lock = threading.Lock()
+
+    @classmethod
+    def of(cls, value: Any, field_name: str = "relay_keys") -> RelayKeySource:
+        return value if isinstance(value, cls) else cls(value, field_name)
+
+    def _stat(self) -> tuple[int, int, int] | None:
+        try:
+            info = os.stat(self.path)  # type: ignore[arg-type]
+        except (OSError, TypeError):
+            return None
+        return info.st_mtime_ns, info.st_size, info.st_ino
+
+    def refresh(self, now: float | None = None) -> bool:
+        """Re-read the key file if it changed since the last look (and that look is
+        ``check_interval_s`` old); True if the keys changed."""
+        if self.path is None:
+            return False
+        now = time.monotonic() if now is None else now
+        if now - self._checked < self.check_interval_s:
+            return False
+        with self._lock:
+            if now - self._checked < self.check_interval_s:
+                return False  # another thread just looked
+            self._checked = now
+            stamp = self._stat()
+            if stamp is None or stamp == self._stamp:
+                return False  # unchanged, or being replaced right now: look again later
+            self._stamp = stamp
+            try:
+                keys = RelayKeys.load(self.path, self.field_name)
+            except ConfigError as exc:
+                self.reload_errors += 1
+                log.error("relay keys: %s changed but is not usable (%s); keeping the current keys", self.path, exc)
+                return False
+            if keys == self.keys:
+                return False
+            self.keys = keys
+            self.version += 1
+            log.warning("relay keys: %s rotated (router key %s..., relay key %s...)", self.path,
+                        keys.router_public[:8], keys.server_public[:8])
+            return True
+
+
 def client_sockopts(server_public: str, keys: RelayKeys) -> dict[int, bytes]:
     """The socket options of a router's SUB or DEALER connecting to a relay."""
     import zmq
@@ -230,25 +312,29 @@ def client_sockopts(server_public: str, keys: RelayKeys) -> dict[int, bytes]:
 @dataclass
 class RelayStats:
     """A relay's counters (cumulative): router events in, batches published, replay
-    requests answered, clients the ZAP handler refused, events dropped (queue full)."""
+    requests answered, clients the ZAP handler refused, events dropped (queue full), key
+    rotations applied (``rekeys``: the sockets rebound with the new keys)."""
 
     events_in: int = 0
     batches: int = 0
     replays: int = 0
     refused: int = 0
     dropped: int = 0
+    rekeys: int = 0
     lag_s: deque = field(default_factory=lambda: deque(maxlen=10_000))  # upstream ts -> published
 
 
 class _Admit:
-    """The ZAP credentials check: only the deployment's router key."""
+    """The ZAP credentials check: only the deployment's current router key."""
 
-    def __init__(self, allowed: bytes, stats: RelayStats) -> None:
-        self.allowed = allowed  # Z85, as pyzmq's authenticator hands the client's key over
+    def __init__(self, source: RelayKeySource, stats: RelayStats) -> None:
+        self.source = source
         self.stats = stats
 
     def callback(self, domain: str, key: bytes) -> bool:
-        ok = key == self.allowed
+        # Z85, as pyzmq's authenticator hands the client's key over; read per handshake,
+        # so a rotated router key is the only one admitted from the moment it is loaded.
+        ok = key == self.source.keys.router_public.encode()
         if not ok:
             self.stats.refused += 1
         return ok
@@ -260,11 +346,15 @@ class KVEventRelay:
     Holds the upstream ``KVEventSubscriber`` (and its key map), a queue of router events
     (bounded: ``max_queued``; a full queue drops and counts), the relay thread with the
     PUB and replay ROUTER sockets (CURVE servers), the ZAP authenticator admitting only
-    ``keys.router_public``, the next sequence number and a ring of the last
-    ``replay_batches`` batches. Per event: O(blocks) to encode; per replay request:
-    O(batches resent)."""
+    the deployment's router key, the next sequence number and a ring of the last
+    ``replay_batches`` batches. ``keys``: a key file's path (followed: a rotated file is
+    loaded within ``KEY_CHECK_INTERVAL_S`` and the sockets rebound on the same addresses
+    with the new keys, dropping every connection made with the old ones), its mapping, or
+    a ``RelayKeySource``. Per event: O(blocks) to encode; per replay request: O(batches
+    resent)."""
 
-    def __init__(self, upstream: Mapping[str, Any], *, bind: str, replay_bind: str, keys: RelayKeys,
+    def __init__(self, upstream: Mapping[str, Any], *, bind: str, replay_bind: str,
+                 keys: str | Path | Mapping[str, str] | RelayKeys | RelayKeySource,
                  topic: str = "", replay_batches: int = REPLAY_BATCHES, max_queued: int = 100_000,
                  flush_interval_s: float = 0.005, subscriber_options: Mapping[str, Any] | None = None) -> None:
         from router.kv_events import KVEventSubscriber, ReplicaEndpoint
@@ -278,7 +368,9 @@ class KVEventRelay:
         spec = ReplicaEndpoint.of(upstream)
         if spec.server_key is not None:
             raise ConfigError("relay.upstream", "must be the engine's own publisher, not another relay")
-        self.bind, self.replay_bind, self.keys, self.topic = bind, replay_bind, keys, topic.encode()
+        self.bind, self.replay_bind, self.topic = bind, replay_bind, topic.encode()
+        self.key_source = RelayKeySource.of(keys, "relay.keys")
+        self._keys_version = self.key_source.version
         self.stats = RelayStats()
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self.max_queued = max_queued
@@ -293,6 +385,11 @@ class KVEventRelay:
         self._ctx = None
         self.endpoint = self.replay_endpoint = None
         self.upstream = KVEventSubscriber("relay-upstream", spec, self._on_event, **dict(subscriber_options or {}))
+
+    @property
+    def keys(self) -> RelayKeys:
+        """The keys the relay serves with now (its public key is ``keys.server_public``)."""
+        return self.key_source.keys
 
     # -- upstream: the subscriber's thread --------------------------------------------------
     def _on_event(self, replica: Any, event: KvEvent) -> None:
@@ -313,8 +410,7 @@ class KVEventRelay:
         self._ctx = ctx = zmq.Context()
         self._auth = ThreadAuthenticator(ctx)
         self._auth.start()
-        self._auth.configure_curve_callback(domain="*", credentials_provider=_Admit(
-            self.keys.router_public.encode(), self.stats))
+        self._auth.configure_curve_callback(domain="*", credentials_provider=_Admit(self.key_source, self.stats))
         self._thread = threading.Thread(target=self._run, name="kvroute-relay", daemon=True)
         self._thread.start()
         if not self._ready.wait(timeout) or self._error is not None:
@@ -338,17 +434,36 @@ class KVEventRelay:
     def _server_socket(self, ctx, kind: int, address: str):
         import zmq
 
+        keys = self.keys
         sock = ctx.socket(kind)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.curve_server = True
-        sock.curve_secretkey = self.keys.server_secret.encode()
-        sock.curve_publickey = self.keys.server_public.encode()
-        if address.endswith(":0"):
-            port = sock.bind_to_random_port(address.rsplit(":", 1)[0])
-            address = f"{address.rsplit(':', 1)[0]}:{port}"
-        else:
-            sock.bind(address)
+        try:
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.curve_server = True
+            sock.curve_secretkey = keys.server_secret.encode()
+            sock.curve_publickey = keys.server_public.encode()
+            if address.endswith(":0"):
+                port = sock.bind_to_random_port(address.rsplit(":", 1)[0])
+                address = f"{address.rsplit(':', 1)[0]}:{port}"
+            else:
+                sock.bind(address)
+        except Exception:
+            sock.close(0)
+            raise
         return sock, address
+
+    def _rebind(self, ctx, kind: int, address: str, deadline_s: float = 10.0):
+        """Bind ``address`` again after its socket was closed: libzmq releases a
+        listener asynchronously, so the first tries may find it still taken."""
+        import zmq
+
+        deadline = time.monotonic() + deadline_s
+        while True:
+            try:
+                return self._server_socket(ctx, kind, address)[0]
+            except zmq.ZMQError as exc:
+                if exc.errno != zmq.EADDRINUSE or time.monotonic() > deadline or self._stop.is_set():
+                    raise
+                self._stop.wait(0.05)
 
     def _run(self) -> None:
         import zmq
@@ -360,9 +475,8 @@ class KVEventRelay:
             router, self.replay_endpoint = self._server_socket(ctx, zmq.ROUTER, self.replay_bind)
         except Exception as exc:  # a bad or taken address: reported by start()
             self._error = exc
-            for sock in (pub, router):
-                if sock is not None:
-                    sock.close(0)
+            if pub is not None:
+                pub.close(0)
             self._ready.set()
             return
         self._ready.set()
@@ -374,9 +488,50 @@ class KVEventRelay:
                 if dict(poller.poll(timeout_ms)):
                     self._answer_replay(router)
                 self._flush(pub)
+                self.key_source.refresh()
+                if self.key_source.version != self._keys_version:
+                    poller.unregister(router)
+                    pub, router = self._rekey(ctx, pub, router)
+                    poller.register(router, zmq.POLLIN)
+        except Exception:  # no address left to serve on: say so loudly, the thread ends
+            log.exception("relay for %s stopped", self.upstream.spec.endpoint)
         finally:
-            pub.close(0)
-            router.close(0)
+            for sock in (pub, router):
+                if sock is not None:
+                    sock.close(0)
+
+    def _rekey(self, ctx, pub, router):
+        """The keys rotated: close both sockets (every connection was authenticated with
+        the old keys) and bind the same addresses with the new ones. Routers reconnect;
+        the ZAP handler admits only the new router key; a router's missed batches come
+        back through replay (the sequence and the ring go on)."""
+        import zmq
+
+        self._keys_version = self.key_source.version
+        pub.close(0)
+        router.close(0)
+        pub = router = None  # closed: the caller's finally must not close them twice
+        try:
+            pub = self._rebind(ctx, zmq.PUB, self.endpoint)
+            router = self._rebind(ctx, zmq.ROUTER, self.replay_endpoint)
+        except zmq.ZMQError as exc:
+            # Someone took the port meanwhile: the stream moves to free ports of the same
+            # host (a Serve replica reports them; a sidecar's gateway must be told).
+            log.error("relay: cannot bind %s / %s again after a key rotation (%s); moving to free ports",
+                      self.endpoint, self.replay_endpoint, exc)
+            try:
+                if pub is None:
+                    pub, self.endpoint = self._server_socket(ctx, zmq.PUB, self.endpoint.rsplit(":", 1)[0] + ":0")
+                router, self.replay_endpoint = self._server_socket(
+                    ctx, zmq.ROUTER, self.replay_endpoint.rsplit(":", 1)[0] + ":0")
+            except Exception:
+                if pub is not None:
+                    pub.close(0)  # the context's term() waits for every socket
+                raise
+        self.stats.rekeys += 1
+        log.warning("relay: serving %s with rotated keys (relay key %s...)", self.endpoint,
+                    self.keys.server_public[:8])
+        return pub, router
 
     def _flush(self, pub) -> None:
         """Publish every queued event as one batch (its creation time the oldest's)."""
@@ -442,7 +597,7 @@ def node_ip() -> str:
 
 
 def start_engine_relay(source: Any, *, block_size: int, model: str, num_gpu_blocks: int | None,
-                       keys: RelayKeys) -> KVEventRelay:
+                       keys: Any) -> KVEventRelay:
     """The relay in front of an engine's local stream (``source``: vLLM's KV-event source,
     its ``endpoint``, ``replay_endpoint`` and ``topic``), bound on the node's IP on free
     ports; both engine kinds start theirs here."""

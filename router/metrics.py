@@ -97,6 +97,8 @@ METRICS: tuple[MetricSpec, ...] = (
     MetricSpec("kvroute_kv_event_gaps", "counter", "Sequence gaps in KV-event streams.", _P),
     MetricSpec("kvroute_kv_event_lost", "counter", "KV-event batches neither received nor replayed.", _P),
     MetricSpec("kvroute_kv_event_malformed", "counter", "KV-event messages or events that did not decode.", _P),
+    MetricSpec("kvroute_kv_event_rekeys", "counter",
+               "KV-event relay streams reconnected with rotated keys (kvroute relay-keys --rotate).", _P),
     MetricSpec("kvroute_kv_event_lag_s", "gauge",
                "Age of the newest KV-event batch when it reached the router (seconds).", _R),
     MetricSpec("kvroute_kv_event_streams_down", "gauge",
@@ -369,7 +371,8 @@ class RouterMetrics:
                     m["kvroute_router_trace_records"].inc(delta, tags={"policy": self.policy, "result": result})
         events = snapshot.kv_events
         for name, stat in (("kvroute_kv_events", "events"), ("kvroute_kv_event_gaps", "gaps"),
-                           ("kvroute_kv_event_lost", "lost"), ("kvroute_kv_event_malformed", "malformed")):
+                           ("kvroute_kv_event_lost", "lost"), ("kvroute_kv_event_malformed", "malformed"),
+                           ("kvroute_kv_event_rekeys", "rekeys")):
             if stat in events:
                 self._inc(name, "kv." + stat, int(events[stat]), tags)
 

@@ -15,7 +15,7 @@ from router.errors import ConfigError  # noqa: E402
 from router.events import AllBlocksCleared, BlocksRemoved, BlocksStored  # noqa: E402
 from router.keys import TokenBlockKeyer, namespace_seed  # noqa: E402
 from router.kv_events import KVEventSubscriber, ReplicaEndpoint, _MirrorBlockRemoved  # noqa: E402
-from router.kv_relay import KVEventRelay, RelayKeys, encode_batch  # noqa: E402
+from router.kv_relay import KVEventRelay, RelayKeys, RelayKeySource, encode_batch  # noqa: E402
 from tests.test_kv_events import Collector, TestPublisher, chain_events, wait_for  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not zmq.has("curve"), reason="libzmq without CURVE")
@@ -187,3 +187,110 @@ def test_an_engine_or_relay_restart_clears_the_routers_view_and_it_recovers(rela
             second.stop()
     finally:
         sub.stop()
+
+
+# -- key rotation ---------------------------------------------------------------------------
+def _stored_keys(collector) -> list[int]:
+    return [k for e in collector.events() if isinstance(e, BlocksStored) for k in e.keys]
+
+
+def test_a_rotated_key_file_moves_relay_and_router_to_the_new_keys_and_keeps_the_tree(keys):
+    """The operator replaces the key file (``kvroute relay-keys PATH --rotate``): the relay
+    rebinds its addresses with the new keys, the router reconnects with them, proves the
+    relay is the same publisher and replays what it missed, without clearing anything; a
+    client with the old router key is refused from then on."""
+    upstream = TestPublisher()
+    relay = KVEventRelay({"endpoint": upstream.endpoint, "replay_endpoint": upstream.replay_endpoint,
+                          "block_size": 2, "model": "m"}, bind="tcp://127.0.0.1:0", replay_bind="tcp://127.0.0.1:0",
+                         keys=RelayKeySource(keys, check_interval_s=0.05)).start()
+    got, stale = Collector(), Collector()
+    sub = KVEventSubscriber("r0", _spec(relay), got, relay_keys=RelayKeySource(keys, check_interval_s=0.05),
+                            probe_interval_s=0.2, down_after_s=2.0, replay_timeout_s=1.0).start()
+    events = chain_events(list(range(16)), 2, range(1, 8), list(range(400, 408)))
+    want = TokenBlockKeyer(2).keys(list(range(16)), namespace_seed("m"))
+    old = RelayKeys.load(keys)
+    stranger = None
+    try:
+        assert upstream.wait_subscribed()
+        upstream.send(events[:4])
+        assert wait_for(lambda: _stored_keys(got) == want[:4])
+        endpoint = relay.endpoint
+        new = RelayKeys.generate()
+        new.write(keys)
+        assert wait_for(lambda: relay.stats.rekeys == 1 and sub.stats.rekeys == 1)
+        assert relay.endpoint == endpoint and relay.keys == new
+        upstream.send(events[4:])  # published while the router may still be reconnecting
+        assert wait_for(lambda: _stored_keys(got) == want)
+        assert not any(isinstance(e, AllBlocksCleared) for e in got.events())  # nothing cleared
+        assert sub.stats.restarts == 0 and sub.stats.lost == 0
+        # The old router key, even told the relay's new public key, is refused.
+        leaked = RelayKeys(new.server_public, old.server_secret, old.router_public, old.router_secret)
+        refused = relay.stats.refused
+        stranger = KVEventSubscriber("r1", _spec(relay, new.server_public), stale, relay_keys=dict(leaked.__dict__),
+                                     replay_timeout_s=0.5).start()
+        assert wait_for(lambda: relay.stats.refused > refused)
+        upstream.send([])
+        assert wait_for(lambda: relay.stats.batches >= 2)
+        assert not wait_for(lambda: stale.events(), timeout=1.0) and stranger.stats.messages == 0
+    finally:
+        if stranger is not None:
+            stranger.stop()
+        sub.stop()
+        relay.stop()
+        upstream.close()
+
+
+def test_the_key_source_follows_the_file_and_keeps_its_keys_through_a_bad_one(keys):
+    source = RelayKeySource(keys, check_interval_s=0.01)
+    first = source.keys
+    assert not source.refresh() and source.version == 0
+    first.write(keys)  # rewritten with the same keys: no rotation
+    assert not wait_for(lambda: source.refresh(), timeout=0.2) and source.version == 0
+    keys.write_text("{not json")
+    assert not wait_for(lambda: source.refresh(), timeout=0.2)
+    assert source.keys == first and source.reload_errors == 1 and source.version == 0
+    second = RelayKeys.generate()
+    second.write(keys)
+    assert wait_for(lambda: source.refresh()) and source.keys == second and source.version == 1
+    assert oct(keys.stat().st_mode & 0o777) == "0o600"
+    fixed = RelayKeySource(dict(first.__dict__), check_interval_s=0.01)
+    assert not fixed.refresh() and fixed.keys == first  # a mapping never changes
+    with pytest.raises(ConfigError) as exc:
+        RelayKeySource(keys, check_interval_s=0)
+    assert exc.value.field == "relay_keys.check_interval_s"
+
+
+def test_the_hub_rekeys_a_relay_stream_whose_key_alone_changed(relay, keys):
+    from router.kv_events import KVEventHub
+
+    _, relay = relay
+    other = RelayKeys.generate()
+    hub = KVEventHub(Collector(), relay_keys=str(keys))
+    try:
+        hub.update({"r0": _spec(relay)})
+        first = hub.subscribers["r0"]
+        hub.update({"r0": _spec(relay, other.server_public)})  # the replica reports a rotated key
+        assert hub.subscribers["r0"] is first and first.spec.server_key == other.server_public
+        assert wait_for(lambda: first.stats.rekeys == 1)
+        hub.update({"r0": ReplicaEndpoint(relay.endpoint, relay.replay_endpoint, block_size=4,
+                                          server_key=other.server_public)})  # another engine: a new subscriber
+        assert hub.subscribers["r0"] is not first
+    finally:
+        hub.close()
+
+
+def test_relay_keys_command_rotates_only_on_request(tmp_path):
+    import subprocess
+    import sys
+
+    path = tmp_path / "deploy.keys"
+    run = lambda *extra: subprocess.run([sys.executable, "-m", "router.cli", "relay-keys", str(path), *extra],  # noqa: E731
+                                        capture_output=True, text=True)
+    assert "does not exist" in run("--rotate").stderr and not path.exists()
+    assert run().returncode == 0
+    first = RelayKeys.load(path)
+    refused = run()
+    assert refused.returncode != 0 and "--rotate" in refused.stderr and RelayKeys.load(path) == first
+    assert run("--rotate").returncode == 0
+    assert RelayKeys.load(path) != first and oct(path.stat().st_mode & 0o777) == "0o600"
+    assert [p.name for p in tmp_path.iterdir()] == ["deploy.keys"]  # no staging file left behind

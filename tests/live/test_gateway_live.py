@@ -132,6 +132,7 @@ def gateway(servers, tiny_model_path, tmp_path_factory):
     gw = GatewayProcess(["--worker", f"{first.url},{relay.worker_option}", "--relay-keys", keys,
                          "--tokenizer", str(tiny_model_path), "--block-size", str(BLOCK), "--port", "0",
                          "--admin-port", "0"])
+    gw.relay_keys, gw.relay_option = keys, relay.worker_option  # for the rotation test
     try:
         assert wait_for(lambda: gw.workers()[first.url]["admitted"], timeout=120, interval=0.2)
         yield gw
@@ -185,6 +186,51 @@ def test_kv_events_confirm_what_the_gateway_routed(gateway, servers):
     assert gateway.workers()[servers[0].url]["kv_stream"]["messages"] > 0
     # Through the relay: the worker's stream is the relay's (router keys, over CURVE).
     assert gateway.workers()[servers[0].url]["kv_events"] != servers[0].kv_endpoint
+
+
+def test_a_stranger_gets_nothing_and_a_key_rotation_keeps_the_tree_confirmed(gateway, servers, tmp_path):
+    """Beside the gateway, a subscriber with another deployment's keys (told the relay's
+    public key) receives nothing. Then the operator rotates the key file both the relay
+    sidecar and the gateway read: both reload it, the gateway reconnects without clearing
+    that worker, and new requests are confirmed by events through the new keys."""
+    from router.kv_events import KVEventSubscriber, ReplicaEndpoint
+    from router.kv_relay import RelayKeys
+
+    url = servers[0].url
+    option = dict(part.split("=", 1) for part in gateway.relay_option.split(","))
+    other = tmp_path / "other.keys"
+    RelayKeys.generate().write(other)
+    overheard: list = []
+    stranger = KVEventSubscriber("stranger", ReplicaEndpoint(option["kv_events"], option["replay"], block_size=BLOCK,
+                                                             model="tiny", server_key=option["relay_key"]),
+                                 lambda replica, event: overheard.append(event), relay_keys=str(other),
+                                 replay_timeout_s=0.5).start()
+
+    def stream() -> dict:
+        return gateway.workers()[url]["kv_stream"]
+
+    def confirmed_after(events: int):
+        def check() -> bool:
+            tree = gateway.workers()[url].get("tree") or {}
+            return stream()["events"] > events and tree.get("blocks", 0) > 0 and tree.get("speculative", 1) == 0
+        return check
+
+    try:
+        before = stream()
+        _post(gateway.url + "/v1/chat/completions", _chat("Before rotation: what does a relay carry?"))
+        assert wait_for(confirmed_after(before["events"]), timeout=60, interval=0.2), gateway.workers()[url]
+        subprocess.run([sys.executable, "-m", "router.cli", "relay-keys", gateway.relay_keys, "--rotate"],
+                       check=True, capture_output=True)
+        assert wait_for(lambda: stream().get("rekeys", 0) > before.get("rekeys", 0), timeout=60, interval=0.2)
+        rotated = stream()
+        for i in range(3):
+            _post(gateway.url + "/v1/chat/completions", _chat(f"After rotation {i}: what does a relay carry?"))
+        assert wait_for(confirmed_after(rotated["events"]), timeout=60, interval=0.2), gateway.workers()[url]
+        after = stream()
+        assert after["restarts"] == before["restarts"] and after["lost"] == before["lost"]  # nothing cleared
+        assert not overheard and stranger.stats.messages == 0
+    finally:
+        stranger.stop()
 
 
 def test_a_worker_added_at_run_time_gets_traffic_and_prefixes_stick(gateway, servers):
