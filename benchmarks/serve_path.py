@@ -851,10 +851,12 @@ def separation(rows: Sequence[dict[str, Any]], *, noise: float = 0.25, cost_fact
 def run(*, routers: Sequence[str] = ROUTERS, workloads: Sequence[str] | None = None, requests: int | None = None,
         concurrency: int = DEFAULT_CONCURRENCY, replicas: int = DEFAULT_REPLICAS, drivers: Sequence[str] = DRIVERS,
         tokenizer: str | None = None, seed: int = 0, port: int = 0, kv_aware_options: dict | None = None,
-        engine: str = "trivial", progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+        engine: str = "trivial", progress: Callable[[str], None] | None = None,
+        cold_rounds: int | None = None) -> dict[str, Any]:
     """The ``kvroute bench serve-path`` report (see the module docstring). ``engine``:
     ``trivial`` (answers at once) or ``tokenizing`` (tokenizes each prompt first, as an
-    engine's front end does, or takes the router's ids)."""
+    engine's front end does, or takes the router's ids). ``cold_rounds``: rounds of the
+    cold-text measurement per size (``cold_tokenize_overhead``'s default when None)."""
     if engine not in ENGINES:
         raise ConfigError("engine", f"must be one of {', '.join(ENGINES)}, got {engine!r}")
     say = progress or (lambda message: None)
@@ -909,7 +911,7 @@ def run(*, routers: Sequence[str] = ROUTERS, workloads: Sequence[str] | None = N
         rows += kv_aware.pop("results", [])
     _add_ratios(rows)
     say("cold text: kvroute's path against the tokenizer's own encode")
-    cold = cold_tokenize_overhead(tokenizer, sorted({size for _, size in specs}), seed=seed)
+    cold = cold_tokenize_overhead(tokenizer, sorted({size for _, size in specs}), seed=seed, rounds=cold_rounds)
     say("one decision's time on the loop, in this process")
     phases = decision_phases(tokenizer, built)
     return {

@@ -1,8 +1,10 @@
 """Prefill-decode disaggregation, live: Ray Serve LLM's own PD application
 (``build_pd_openai_app``, built by ``engines.ray_llm_pd.pd_app``) on the tiny model, 2
 prefill replicas routed by kvroute's ``CacheAwareRouter`` and 1 decode replica, KV moved by
-vLLM's ``ExampleConnector`` through files. Beside it, a plain (non-PD) ``ray.serve.llm``
-app of the same model, one replica, no connector, as the reference for the answers.
+vLLM's ``ExampleConnector`` through files. Beside it, a plain ``vllm serve`` of the same
+model (no connector; eager like the PD engines; ``engines.vllm_server.VLLMServer``, which
+starts faster here than a Ray Serve LLM replica: one process less) as the reference for
+the answers.
 
 What the tests observe comes from Ray's own metrics endpoint (the node's Prometheus
 export): vLLM's engine metrics, which Ray's vLLM engine records per replica
@@ -27,7 +29,6 @@ parser = pytest.importorskip("prometheus_client.parser", reason="live PD tests r
 pytestmark = [pytest.mark.live, pytest.mark.serve]
 
 APP = "kvroute-pd"
-REFERENCE_APP = "kvroute-pd-reference"
 MODEL = "tiny-llama"
 BLOCK = 32
 #: Ray's metrics export period for this cluster (ms); settling waits a few of them.
@@ -47,24 +48,23 @@ def pd_service(tiny_model_path, tmp_path_factory):
     from ray import serve
     from ray.serve.api import RunTarget
 
-    from engines.ray_llm import build_openai_app
     from engines.ray_llm_pd import pd_app
+    from engines.vllm_server import VLLMServer
 
     storage = tmp_path_factory.mktemp("pd-kv")
     metrics_port = _free_port()
     ray.init(num_cpus=16, include_dashboard=False, ignore_reinit_error=True, _metrics_export_port=metrics_port,
              _system_config={"metrics_report_interval_ms": REPORT_MS},
              runtime_env={"env_vars": {"PYTHONPATH": str(__import__("pathlib").Path(__file__).parents[2])}})
+    reference = VLLMServer(tiny_model_path, served_name=MODEL, block_size=BLOCK, max_model_len=1024,
+                           kv_events=False).start()
     try:
         t0 = time.monotonic()
         serve.start(http_options={"host": "127.0.0.1", "port": 8000})
-        serve.run_many([
-            RunTarget(pd_app(tiny_model_path, storage_path=storage, prefill_replicas=2, decode_replicas=1),
-                      name=APP, route_prefix="/"),
-            RunTarget(build_openai_app(model_path=tiny_model_path, model_id=MODEL, num_replicas=1),
-                      name=REFERENCE_APP, route_prefix="/reference"),
-        ])
-        print(f"\n[live] PD app (2 prefill + 1 decode) and a plain reference replica deployed in "
+        serve.run_many([RunTarget(pd_app(tiny_model_path, storage_path=storage, prefill_replicas=2,
+                                         decode_replicas=1), name=APP, route_prefix="/")])
+        reference.wait_ready(900)
+        print(f"\n[live] PD app (2 prefill + 1 decode) and a plain reference server up in "
               f"{time.monotonic() - t0:.1f} s")
         replicas: dict[str, list[str]] = {}
         for actor in ray.util.list_named_actors(all_namespaces=True):
@@ -77,8 +77,9 @@ def pd_service(tiny_model_path, tmp_path_factory):
         decode = next(v for k, v in replicas.items() if k.startswith(f"{APP}#Decode:"))
         assert len(prefill) == 2 and len(decode) == 1, replicas
         yield {"url": "http://127.0.0.1:8000", "metrics": f"http://127.0.0.1:{metrics_port}/metrics",
-               "prefill": sorted(prefill), "decode": decode[0], "storage": storage}
+               "prefill": sorted(prefill), "decode": decode[0], "storage": storage, "reference": reference.url}
     finally:
+        reference.stop()
         serve.shutdown()
         ray.shutdown()
 
@@ -146,7 +147,7 @@ def _messages(text: str, question: str, pd_service) -> list[dict]:
     for pad in range(4):
         messages = [{"role": "system", "content": text},
                     {"role": "user", "content": question + " ?" * pad}]
-        n = _chat(f"{pd_service['url']}/reference", messages, 1)["usage"]["prompt_tokens"]
+        n = _chat(pd_service["reference"], messages, 1)["usage"]["prompt_tokens"]
         if n % BLOCK != 1:
             return messages
     raise AssertionError("no prompt length found")
@@ -164,7 +165,7 @@ def test_pd_answer_equals_a_plain_engines(pd_service):
     messages = _messages("You are a careful assistant. Answer the question about the cache in one line. " * 3,
                          "which replica holds the prefix of this conversation", pd_service)
     pd = _chat(pd_service["url"], messages, 16)
-    plain = _chat(f"{pd_service['url']}/reference", messages, 16)
+    plain = _chat(pd_service["reference"], messages, 16)
     assert pd["usage"]["prompt_tokens"] == plain["usage"]["prompt_tokens"]
     pd_content, pd_ids, pd_n = _answer(pd)
     plain_content, plain_ids, plain_n = _answer(plain)
