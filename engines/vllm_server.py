@@ -30,11 +30,11 @@ from pathlib import Path
 #: three servers on 2 cores).
 DEFAULT_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": "1"}
 #: What ``fast_start`` adds (vLLM 0.32, CPU build): the model worker runs inside the engine
-#: core's process instead of a process of its own (``uni`` executor; vLLM's CPU platform
-#: switches it back to ``mp`` unless V1 multiprocessing is off, which ``AsyncLLM``, whose
-#: engine core is always a process of its own, does not otherwise read), and no
-#: torch.compile warm-up (``--enforce-eager``, which kvroute's and Ray Serve LLM's Serve
-#: engines use too). Measured with the tiny model on this 2-core machine
+#: core's process instead of a process of its own (the ``uni`` executor; vLLM's CPU
+#: platform turns ``uni`` back into ``mp`` unless ``VLLM_ENABLE_V1_MULTIPROCESSING=0``,
+#: which does not change the OpenAI server, whose engine core stays a process of its own),
+#: and no torch.compile warm-up (``--enforce-eager``, which kvroute's and Ray Serve LLM's
+#: Serve engines use too). Measured with the tiny model on this 2-core machine
 #: (``VLLMServer(...).start().wait_ready()``): 44.5 s to a healthy server before, 31 s
 #: eager, 18.5 s eager with the worker in process. One worker, one compute thread, no core
 #: pinning: the mp executor's reason to exist (setting up OpenMP binding) does not apply.

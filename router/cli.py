@@ -412,9 +412,9 @@ def _tune(args: argparse.Namespace) -> int:
 
 
 def _relay_keys(args: argparse.Namespace) -> int:
-    from router.kv_relay import RelayKeys
-
     from pathlib import Path
+
+    from router.kv_relay import RelayKeys
 
     exists = Path(args.path).exists()
     if exists and not args.rotate:

@@ -795,8 +795,10 @@ class KVEventSubscriber:
 
     @staticmethod
     def _close(sub: Any, monitor: Any) -> None:
-        if monitor is not None:
-            sub.disable_monitor()
+        """Close the SUB socket and its monitor; idempotent (closed sockets are skipped)."""
+        if monitor is not None and not monitor.closed:
+            if not sub.closed:
+                sub.disable_monitor()
             monitor.close(0)
         if sub is not None:
             sub.close(0)
@@ -1239,10 +1241,11 @@ class KVEventHub:
     on its own replica change); a replica whose endpoint spec changed (restarted
     elsewhere, or with another KV cache size) gets a fresh subscriber that first delivers
     ``AllBlocksCleared``; one whose relay only reported a new key (a rotation) keeps its
-    subscriber, which reconnects with it (``KVEventSubscriber.rekey``). Holds one subscriber (and its bounded map) per replica: memory
-    is at most, per replica, ``max_entries`` entries if that option is given, else twice
-    its engine's ``num_gpu_blocks`` (``DEFAULT_MAX_ENTRIES`` when a spec does not carry
-    it). Call from one thread (the owner's); subscribers run on their own.
+    subscriber, which reconnects with it (``KVEventSubscriber.rekey``). Holds one
+    subscriber (and its bounded map) per replica: memory is at most, per replica,
+    ``max_entries`` entries if that option is given, else twice its engine's
+    ``num_gpu_blocks`` (``DEFAULT_MAX_ENTRIES`` when a spec does not carry it). Call from
+    one thread (the owner's); subscribers run on their own.
     """
 
     def __init__(self, on_event: OnEvent, **subscriber_options: Any) -> None:
