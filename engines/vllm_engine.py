@@ -230,7 +230,14 @@ class EngineRunner:
                 self._start_relay(source)
         self.started_s = time.monotonic() - t0
         logger.info("vLLM engine %s up in %.1f s: %d blocks of %d tokens, kv events %s", self.model_name,
-                    self.started_s, self.num_gpu_blocks, self.block_size, self.kv_events_endpoint)
+                    self.started_s, self.num_gpu_blocks, self.block_size, self.published_endpoints()[0])
+
+    def published_endpoints(self) -> tuple[str | None, str | None]:
+        """Where routers subscribe: the relay's endpoints when there is one (it moves to
+        free ports if its own were taken during a key rotation), else vLLM's own."""
+        if self.relay is not None:
+            return self.relay.endpoint, self.relay.replay_endpoint
+        return self.kv_events_endpoint, self.kv_replay_endpoint
 
     def _start_relay(self, source: Any) -> None:
         """Republish vLLM's stream through a relay bound on the node's IP (free ports)."""
@@ -238,8 +245,6 @@ class EngineRunner:
 
         self.relay = start_engine_relay(source, block_size=self.block_size, model=self.model_name,
                                         num_gpu_blocks=self.num_gpu_blocks, keys=self.relay_keys)
-        self.kv_events_endpoint = self.relay.endpoint
-        self.kv_replay_endpoint = self.relay.replay_endpoint
 
     def shutdown(self) -> None:
         relay, self.relay = self.relay, None
@@ -276,15 +281,15 @@ class EngineRunner:
         snap = self._snapshot
         unfinished = self.engine.get_num_unfinished_requests() if self.engine is not None else 0
         idle = unfinished == 0
+        published = self.published_endpoints()
         return {
             "model": self.model_name,
             "kv_usage": 0.0 if idle else min(1.0, max(0.0, snap.kv_usage)),
             "waiting": 0 if idle else snap.waiting,
             "running": 0 if idle else snap.running,
             "num_unfinished": unfinished,
-            # A relay moves to free ports if its own were taken during a key rotation.
-            "kv_events_endpoint": self.relay.endpoint if self.relay is not None else self.kv_events_endpoint,
-            "kv_replay_endpoint": self.relay.replay_endpoint if self.relay is not None else self.kv_replay_endpoint,
+            "kv_events_endpoint": published[0],
+            "kv_replay_endpoint": published[1],
             "kv_events_topic": self.kv_events_topic,
             "block_size": self.block_size,
             "num_gpu_blocks": self.num_gpu_blocks,

@@ -36,8 +36,8 @@ DEFAULT_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobi
 #: and no torch.compile warm-up (``--enforce-eager``, which kvroute's and Ray Serve LLM's
 #: Serve engines use too). Measured with the tiny model on this 2-core machine
 #: (``VLLMServer(...).start().wait_ready()``): 44.5 s to a healthy server before, 31 s
-#: eager, 18.5 s eager with the worker in process. One worker, one compute thread, no core
-#: pinning: the mp executor's reason to exist (setting up OpenMP binding) does not apply.
+#: eager, 18.5 s eager with the worker in process. One worker and no core pinning
+#: (``nobind``): the mp executor's reason on CPU (setting up OpenMP binding) does not apply.
 FAST_START_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
 FAST_START_ARGS = ["--enforce-eager", "--distributed-executor-backend", "uni"]
 

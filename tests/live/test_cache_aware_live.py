@@ -194,11 +194,16 @@ def test_metrics_reach_rays_prometheus_endpoint_after_real_requests(service):
     # Flushed every 2 s by the router, exported every few seconds by Ray's metrics agent.
     deadline = time.monotonic() + 120
     scraped = {}
+    # Wait until every series asserted below has been exported (counters and gauges come
+    # through different flushes; a loaded machine exports them seconds apart).
     while time.monotonic() < deadline:
         scraped = _scrape()
         if (_total(scraped, "ray_kvroute_router_decisions_total", outcome="session") - sessions_before >= turns - 1
-                and _total(scraped, "ray_kvroute_router_achieved_hit_ratio") > 0
-                and _total(scraped, "ray_kvroute_kv_events_total") > 0):
+                and _total(scraped, "ray_kvroute_router_decision_latency_us_count") >= turns
+                and all(_total(scraped, name) > 0 for name in (
+                    "ray_kvroute_router_predicted_cached_tokens_total", "ray_kvroute_engine_prefix_cache_hits",
+                    "ray_kvroute_router_achieved_hit_ratio", "ray_kvroute_kv_events_total",
+                    "ray_kvroute_router_tree_blocks", "ray_kvroute_router_sessions"))):
             break
         time.sleep(3)
     names = {series.split("{", 1)[0] for series in scraped}

@@ -35,10 +35,6 @@ pytestmark = pytest.mark.live
 
 APP = "kvroute-live"
 BLOCK = 32
-#: The app's base URL (``http://127.0.0.1:PORT/loss``), set by the fixture: Serve's proxy
-#: listens on a free port, not 8000, which the previous module's proxy may still hold
-#: while its cluster shuts down.
-URL = {"base": ""}
 SYSTEM = ("You are a helpful assistant for a cache-aware router test. " * 12).strip()
 #: Tokens each request of the kill's burst decodes. The kill waits until the victim's
 #: engine holds requests (an observable condition, not a sleep), so what matters is that
@@ -60,9 +56,10 @@ def service(tiny_model_path):
     ray.init(num_cpus=16, include_dashboard=False, ignore_reinit_error=True,
              runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).parents[2])}})
     t0 = time.monotonic()
+    # Serve's proxy on a free port, not 8000, which the previous module's proxy may still
+    # hold while its cluster shuts down.
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    URL["base"] = f"http://127.0.0.1:{port}/loss"
     # The calibrated CPU profile: under the default H100 profile, decoding sequences cost
     # the router almost nothing, so short requests may all share one replica.
     config = cache_aware_router_config(policy="cache_aware", policy_options={"profile": "tiny-llama-cpu"},
@@ -72,7 +69,7 @@ def service(tiny_model_path):
               name=APP, route_prefix="/loss")
     deploy_s = time.monotonic() - t0
     print(f"\n[live] 2 engine replicas + ingress deployed in {deploy_s:.1f} s")
-    yield {"url": URL["base"], "deploy_s": deploy_s, "engine": serve.get_deployment_handle("VLLMEngine", app_name=APP)}
+    yield {"url": f"http://127.0.0.1:{port}/loss", "deploy_s": deploy_s, "engine": serve.get_deployment_handle("VLLMEngine", app_name=APP)}
     serve.shutdown()
     ray.shutdown()
 
@@ -273,9 +270,9 @@ def test_session_header_reaches_engine_unchanged_shape(service):
 
 
 # -- a replica killed mid-run (last: it leaves one replica) -----------------------------------
-def post(path: str, body: dict | None = None, timeout: float = 180.0) -> tuple[int, dict]:
+def post(url: str, body: dict | None = None, timeout: float = 180.0) -> tuple[int, dict]:
     data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(URL["base"] + path, data=data, headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             return response.status, json.loads(response.read())
@@ -283,9 +280,9 @@ def post(path: str, body: dict | None = None, timeout: float = 180.0) -> tuple[i
         return exc.code, json.loads(exc.read() or b"{}")
 
 
-def unfinished_on(replica: str) -> int:
+def unfinished_on(base: str, replica: str) -> int:
     """Requests ``replica``'s engine holds now, from its own report (``GET /kvroute/engines``)."""
-    status, out = post("/kvroute/engines", timeout=30)
+    status, out = post(base + "/kvroute/engines", timeout=30)
     if status != 200:
         return 0
     return next((e.get("num_unfinished", 0) for e in out["engines"] if e.get("replica") == replica), 0)
@@ -299,13 +296,13 @@ def router_of(handle):
 def test_a_replica_killed_mid_run_loses_no_request_and_is_purged(service):
     import ray
 
-    service = service["engine"]
+    base, engine = service["url"], service["engine"]
 
     # The driver's own router learns both replicas: sessions pinned to each, prefixes cached.
     for i in range(8):
-        service.completions.remote({"prompt": f"session {i} opens with its own long preamble " * 6,
-                                    "max_tokens": 2, "session_id": f"s{i}"}).result(timeout_s=120)
-    router = router_of(service)
+        engine.completions.remote({"prompt": f"session {i} opens with its own long preamble " * 6,
+                                   "max_tokens": 2, "session_id": f"s{i}"}).result(timeout_s=120)
+    router = router_of(engine)
     core = router.core
     owner = Counter(core.sessions.get(f"s{i}", time.monotonic()) for i in range(8))
     assert len(owner) == 2, owner  # load-aware routing put sessions on both replicas
@@ -318,7 +315,7 @@ def test_a_replica_killed_mid_run_loses_no_request_and_is_purged(service):
     served = set()
     deadline = time.monotonic() + 120
     while len(served) < 2 and time.monotonic() < deadline:
-        status, out = post("/v1/completions", {"prompt": f"warm up {len(served)} {time.monotonic()}",
+        status, out = post(base + "/v1/completions", {"prompt": f"warm up {len(served)} {time.monotonic()}",
                                                "max_tokens": 1})
         assert status == 200, out
         served.add(out.get("system_fingerprint"))
@@ -329,8 +326,8 @@ def test_a_replica_killed_mid_run_loses_no_request_and_is_purged(service):
     bodies = [{"prompt": f"request {i} asks for a long answer about caches " * 4, "max_tokens": OUTPUT,
                "min_tokens": OUTPUT, "ignore_eos": True, "temperature": 0} for i in range(16)]
     with ThreadPoolExecutor(max_workers=16) as pool:
-        futures = [pool.submit(post, "/v1/completions", b) for b in bodies]
-        holding = wait_for(lambda: unfinished_on(victim) > 0, timeout=120, interval=0.02)
+        futures = [pool.submit(post, base + "/v1/completions", b) for b in bodies]
+        holding = wait_for(lambda: unfinished_on(base, victim) > 0, timeout=120, interval=0.02)
         done_before_kill = sum(f.done() for f in futures)
         actor = ray.get_actor(victim, namespace="serve")  # the key is the actor name
         ray.kill(actor, no_restart=True)
@@ -341,17 +338,17 @@ def test_a_replica_killed_mid_run_loses_no_request_and_is_purged(service):
     statuses = Counter(status for status, _ in results)
     assert statuses == {200: 16}, [r for r in results if r[0] != 200][:2]
     assert all(out["usage"]["completion_tokens"] == OUTPUT for _, out in results)
-    status, stats = post("/kvroute/stats")
+    status, stats = post(base + "/kvroute/stats")
     served_by = Counter(out.get("system_fingerprint") for _, out in results)
     assert status == 200 and stats["retries"] >= 1, (stats, served_by, victim)  # the victim's were re-sent
 
     # The driver's router drops the dead replica: no tree entries, no sessions pinned to it.
     deadline = time.monotonic() + 60
     while victim in core.replicas and time.monotonic() < deadline:
-        service.completions.remote({"prompt": "keep routing", "max_tokens": 1}).result(timeout_s=120)
+        engine.completions.remote({"prompt": "keep routing", "max_tokens": 1}).result(timeout_s=120)
         time.sleep(0.5)
     assert victim not in core.replicas
     assert victim not in core.tree
     assert all(core.sessions.get(f"s{i}", time.monotonic()) != victim for i in range(8))
-    status, out = post("/v1/completions", {"prompt": "still serving?", "max_tokens": 2})
+    status, out = post(base + "/v1/completions", {"prompt": "still serving?", "max_tokens": 2})
     assert status == 200 and out["usage"]["completion_tokens"] == 2
