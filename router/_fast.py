@@ -2,7 +2,8 @@
 
 ``speedups`` is ``router._speedups`` (keying, the cost loop of cache_aware, slot makers);
 ``BlockMap`` and ``BlockLRU`` are ``router._blockmap``'s (the prefix tree's block table
-with its walks, and its per-replica LRU maps); ``PieceCache`` and ``PieceSplitter`` are
+with its walks, and its per-replica LRU maps), and ``valid_keys`` its check of a KV
+event's keys; ``PieceCache`` and ``PieceSplitter`` are
 ``router._pieces``'s (the prompt tokenizer's piece cache, and its splitter and joiner of
 cached pieces); each is None when it was not built or the environment sets
 ``KVROUTE_PURE_PYTHON=1``. Every caller then runs its pure-Python twin, which computes the
@@ -19,6 +20,7 @@ from typing import Any
 speedups: ModuleType | None = None
 BlockMap: type | None = None
 BlockLRU: type | None = None
+valid_keys: Callable[[Any], bool] | None = None
 PieceCache: type | None = None
 PieceSplitter: type | None = None
 if os.environ.get("KVROUTE_PURE_PYTHON", "").strip() in ("", "0"):
@@ -27,9 +29,9 @@ if os.environ.get("KVROUTE_PURE_PYTHON", "").strip() in ("", "0"):
     except ImportError:  # not built (no compiler at install time): the Python twins run
         speedups = None
     try:
-        from router._blockmap import BlockLRU, BlockMap
+        from router._blockmap import BlockLRU, BlockMap, valid_keys
     except ImportError:
-        BlockMap = BlockLRU = None
+        BlockMap = BlockLRU = valid_keys = None
     try:
         from router._pieces import PieceCache, PieceSplitter
     except ImportError:

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from policies.base import Policy, RouteRequest, RoutingView, Tiers, new_route_request
-from router._fast import slot_maker
+from router._fast import slot_maker, valid_keys
 from router.errors import ConfigError
 from router.events import AllBlocksCleared, BlocksRemoved, BlocksStored
 from router.keys import DEFAULT_SEED, Keyer, make_keyer, namespace_seed
@@ -476,6 +476,12 @@ class RoutingCore:
         assert set(self.tree.replicas) >= set(self._replicas)
 
 
-def _valid_keys(keys: Any) -> bool:
+def _valid_keys_py(keys: Any) -> bool:
+    """Whether a KV event's ``keys`` are a list or tuple of block keys: ints (not bools) in
+    [0, 2**64). O(len(keys)); ``router._blockmap.valid_keys`` is its C twin."""
     return isinstance(keys, (tuple, list)) and all(
         isinstance(k, int) and not isinstance(k, bool) and 0 <= k < 1 << 64 for k in keys)
+
+
+# Every key of every KV event passes through this check: in C when built.
+_valid_keys = valid_keys if valid_keys is not None else _valid_keys_py

@@ -480,6 +480,8 @@ class PrefixTree:
         rb = self._replicas.get(replica)
         if rb is None:
             return 0
+        if self._walks is not None:  # the loop below, in C
+            return self._walks.remove_walk(rb.spec, rb.conf, keys, rb.bit)
         spec_pop = rb.spec.pop
         conf_pop = rb.conf.pop
         gone = [key for key in keys if spec_pop(key, None) is not None or conf_pop(key, None) is not None]

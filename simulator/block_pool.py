@@ -22,20 +22,30 @@ Blocks are integers 0..n-1; the free queue is an ``OrderedDict`` (O(1) append, O
 removal anywhere, O(1) pop from the head), the same complexity as vLLM's doubly linked
 list. Memory: O(blocks). Unlike vLLM there is no reserved null block: all ``num_blocks``
 are usable.
+
+``BlockPool`` is the C implementation (``simulator._block_pool``, built from
+simulator/_native/block_pool.c: the same rules without a Python object per block, which is
+where a long-context replay spent most of its time) when it was built and
+``KVROUTE_PURE_PYTHON`` is not set, else ``BlockPoolPy``, this module's Python model, which
+is its reference: tests/test_block_pool.py runs both against a naive model and against
+each other, and a replay gives byte-identical results with either.
 """
 
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from itertools import islice
 
 
-class BlockPool:
+class BlockPoolPy:
     """The blocks of one replica: reference counts, keys, the free (eviction) queue.
 
     ``on_stored(keys)`` and ``on_removed(keys)`` receive the KV events (lists of block keys,
-    root side first for stored). All operations are O(blocks touched).
+    root side first for stored). All operations are O(blocks touched). Keys are integers
+    in [0, 2**64) (the simulator's chained xxh3 keys). A bad entry (a block out of range,
+    a block freed more often than taken) raises; what came before it is applied.
     """
 
     __slots__ = ("num_blocks", "ref", "key_of", "cached", "free_queue", "duplicates",
@@ -71,6 +81,11 @@ class BlockPool:
         return len(self.free_queue)
 
     @property
+    def num_cached(self) -> int:
+        """Distinct keys held."""
+        return len(self.cached)
+
+    @property
     def usage(self) -> float:
         """Share of blocks in use by running requests (vLLM's ``kv_cache_usage``)."""
         return 1.0 - len(self.free_queue) / self.num_blocks
@@ -86,6 +101,32 @@ class BlockPool:
                 break
             out.append(block)
         return out
+
+    def count_free(self, blocks: Sequence[int]) -> int:
+        """How many of ``blocks`` are in the free queue (a hit's blocks an allocation must not
+        count as free: taking them removes them from the queue)."""
+        ref = self.ref
+        return sum(1 for block in blocks if ref[block] == 0)
+
+    def lookup(self, key: int) -> int | None:
+        """The block lookups of ``key`` find, or None."""
+        return self.cached.get(key)
+
+    def cached_keys(self) -> list[int]:
+        """The distinct keys held (in no particular order: the C twin's is its table's)."""
+        return list(self.cached)
+
+    def free_order(self) -> list[int]:
+        """The free queue, next to evict first."""
+        return list(self.free_queue)
+
+    def refs(self) -> list[int]:
+        """Every block's reference count."""
+        return list(self.ref)
+
+    def keys(self) -> list[int | None]:
+        """Every block's key, or None."""
+        return list(self.key_of)
 
     # -- allocation ------------------------------------------------------------------------
     def touch(self, blocks: Sequence[int]) -> None:
@@ -160,21 +201,23 @@ class BlockPool:
         free_queue = self.free_queue
         for block in blocks_tail_first:
             count = ref[block] - 1
+            if count < 0:
+                raise ValueError(f"block {block} freed more often than it was taken")
             ref[block] = count
             if count == 0:
                 free_queue[block] = None
 
-    def reset(self) -> list[int]:
+    def reset(self) -> int:
         """Drop every cached key (vLLM's reset_prefix_cache, or an engine restart); returns
-        the keys. Blocks in use stay allocated to their requests, without a key; the
-        requests' next full blocks are cached again as usual."""
-        keys = list(self.cached)
+        how many keys were held. Blocks in use stay allocated to their requests, without a
+        key; the requests' next full blocks are cached again as usual."""
+        dropped = len(self.cached)
         key_of = self.key_of
         for block in range(self.num_blocks):
             key_of[block] = None
         self.cached.clear()
         self.duplicates.clear()
-        return keys
+        return dropped
 
     def check_invariants(self) -> None:
         assert all(r >= 0 for r in self.ref)
@@ -189,3 +232,11 @@ class BlockPool:
         for key, blocks in holders.items():
             others = self.duplicates.get(key, [])
             assert blocks == {self.cached[key], *others} and len(others) == len(blocks) - 1
+
+
+BlockPool: type = BlockPoolPy
+if os.environ.get("KVROUTE_PURE_PYTHON", "").strip() in ("", "0"):
+    try:
+        from simulator._block_pool import BlockPool  # noqa: F811 - the C twin, when built
+    except ImportError:  # not built (no compiler at install time): the Python model runs
+        pass

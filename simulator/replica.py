@@ -227,12 +227,8 @@ class EngineReplica:
         size = self.block_size
         total = req.num_computed + len(hit) * size + new_tokens
         need = -(-total // size) - len(req.blocks) - len(hit)
-        if hit:
-            ref = pool.ref
-            evictable = sum(1 for b in hit if ref[b] == 0)
-        else:
-            evictable = 0
-        if need > len(pool.free_queue) - evictable:
+        evictable = pool.count_free(hit) if hit else 0
+        if need > pool.num_free - evictable:
             return False
         if hit:
             pool.touch(hit)

@@ -239,3 +239,20 @@ def test_int_subclasses_and_bools_are_keys_by_value():
     table[_Int(2**40)] = 3
     table[True] = 5
     assert table[2**40] == 3 and table[1] == 5 and table.get(_Int(1)) == 5
+
+
+KEY_LISTS = st.lists(st.one_of(st.integers(-3, 2**64 + 3), st.booleans(), st.just(2**64 - 1), st.just(1.0),
+                               st.none(), st.text(max_size=2), st.builds(_Int, st.integers(0, 9))), max_size=6)
+
+
+@given(keys=KEY_LISTS, as_tuple=st.booleans())
+@settings(max_examples=400, deadline=None)
+def test_valid_keys_agrees_with_its_python_twin(keys, as_tuple):
+    """A KV event's keys are checked in C (router._blockmap.valid_keys): the same verdict as
+    router.core._valid_keys_py on any list or tuple, and False for any other container."""
+    from router._fast import valid_keys
+    from router.core import _valid_keys_py
+
+    value = tuple(keys) if as_tuple else keys
+    assert valid_keys(value) is _valid_keys_py(value)
+    assert valid_keys(iter(keys)) is False and _valid_keys_py(iter(keys)) is False

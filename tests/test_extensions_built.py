@@ -18,8 +18,9 @@ import sysconfig
 
 import pytest
 
-EXTENSIONS = {"router._speedups": "speedups.c", "router._blockmap": "blockmap.c", "router._pieces": "pieces.c"}
-NATIVE = pathlib.Path(__file__).resolve().parent.parent / "router" / "_native"
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+EXTENSIONS = {"router._speedups": "router/_native/speedups.c", "router._blockmap": "router/_native/blockmap.c",
+              "router._pieces": "router/_native/pieces.c", "simulator._block_pool": "simulator/_native/block_pool.c"}
 
 
 def _compiler_available() -> bool:
@@ -41,9 +42,9 @@ def test_extension_is_built_and_not_older_than_its_source(module):
     except ImportError as error:
         pytest.fail(f"{module} did not build although a compiler exists "
                     f"(run `python setup.py build_ext --inplace` to see why): {error}")
-    source = NATIVE / EXTENSIONS[module]
+    source = ROOT / EXTENSIONS[module]
     built = pathlib.Path(ext.__file__)
-    if source.exists() and built.parent == NATIVE.parent:  # an in-place (editable) build
+    if source.exists() and built.parent == source.parent.parent:  # an in-place (editable) build
         assert built.stat().st_mtime >= source.stat().st_mtime, (
             f"{built.name} is older than {source.name}: rebuild with `python setup.py build_ext --inplace`")
 
@@ -64,3 +65,12 @@ def test_the_prompt_tokenizer_uses_the_c_pieces():
     assert type(_make_cache(1 << 20, None)) is PieceCache
     splitter, cache_type = _make_splitter({"<s>": 1}, [], None)
     assert type(splitter) is PieceSplitter and cache_type is PieceCache
+
+
+def test_the_simulator_uses_the_c_block_pool():
+    from simulator._block_pool import BlockPool as CBlockPool
+    from simulator.block_pool import BlockPool
+    from simulator.replica import EngineReplica
+
+    assert BlockPool is CBlockPool
+    assert EngineReplica.__init__.__globals__["BlockPool"] is CBlockPool

@@ -76,7 +76,7 @@ def test_routers_agree_with_the_engines_once_every_kv_event_is_delivered():
     kernel.run()
     assert [router.stats.routed for router in cluster.routers] == [134, 133, 133]
     for name, engine in cluster.engines.items():
-        held = set(engine.pool.cached)
+        held = set(engine.pool.cached_keys())
         assert held
         confirmed = []
         for router in cluster.routers:

@@ -90,7 +90,7 @@ def test_crash_retries_what_had_not_streamed_fails_the_rest_and_restarts_cold():
     def after_restart():
         engine = cluster.engines[DEAD]
         assert engine is not seen["old_engine"] and engine.alive
-        assert not engine.pool.cached and engine.pool.num_free == engine.pool.num_blocks
+        assert not engine.pool.num_cached and engine.pool.num_free == engine.pool.num_blocks
         for router in cluster.routers:
             assert DEAD in router.replicas and router.tree.replica_blocks(DEAD) == 0
         seen["new_engine"] = engine
@@ -145,11 +145,11 @@ def test_a_restart_clears_stale_kv_events_the_dead_engine_left_on_the_wire():
 
     def after_delivery():
         new_engine = cluster.engines[DEAD]
-        stale = seen["stale"] - set(new_engine.pool.cached)
+        stale = seen["stale"] - set(new_engine.pool.cached_keys())
         seen["stale_not_recomputed"] = len(stale)
         for router in cluster.routers:
             confirmed = {k for k in router.tree.replica_keys(DEAD) if router.tree.is_confirmed(DEAD, k)}
-            assert confirmed <= set(new_engine.pool.cached), "a confirmed block the new engine never stored"
+            assert confirmed <= set(new_engine.pool.cached_keys()), "a confirmed block the new engine never stored"
             assert not confirmed & stale
 
     at(kernel, crash_s, before_crash, PRIORITY_EVENTS)

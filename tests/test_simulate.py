@@ -209,10 +209,10 @@ def test_a_reset_replica_clears_its_cache_and_the_routers_forget_it():
                         block_keys(r, 16), r.session_id)
     kernel.run(until=last + 30)
     router = cluster.routers[0]
-    assert cluster.engines["replica-0"].pool.cached and router.tree.replica_blocks("replica-0") > 0
+    assert cluster.engines["replica-0"].pool.num_cached and router.tree.replica_blocks("replica-0") > 0
     cluster.finish()
     kernel.run()
-    assert not cluster.engines["replica-0"].pool.cached
+    assert not cluster.engines["replica-0"].pool.num_cached
     assert router.tree.replica_blocks("replica-0") == 0
     assert router.tree.replica_blocks("replica-1") > 0
 

@@ -1293,6 +1293,66 @@ error:
     return NULL;
 }
 
+/* remove_walk(spec, conf, keys, bit) -> removed: PrefixTree.remove's loop. Each key the
+ * replica holds (in its speculative or confirmed LRU) leaves that LRU and loses ``bit``
+ * here (a key left with no owner leaves the table); keys it does not hold are skipped.
+ * The LRUs shrink as their ``pop`` would, the table once at the end as ``drop_bits``
+ * does. O(len(keys)). */
+static PyObject *
+BlockMap_remove_walk(BlockMap *bm, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 4 || !PyObject_TypeCheck(args[0], &BlockLRUType) || !PyObject_TypeCheck(args[1], &BlockLRUType)) {
+        PyErr_SetString(PyExc_TypeError, "remove_walk(spec: BlockLRU, conf: BlockLRU, keys, bit)");
+        return NULL;
+    }
+    BlockLRU *spec = (BlockLRU *)args[0], *conf = (BlockLRU *)args[1];
+    uint64_t bit;
+    if (as_mask(args[3], &bit) < 0)
+        return NULL;
+    PyObject *seq = PySequence_Fast(args[2], "keys must be a sequence");
+    if (seq == NULL)
+        return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq), removed = 0;
+    PyObject **items = PySequence_Fast_ITEMS(seq);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        uint64_t key;
+        int found = find_key(items[i], &key);
+        if (found < 0)
+            goto error;
+        if (!found)
+            continue;
+        BlockLRU *from = spec;
+        size_t at = lru_probe(spec, key);
+        if (!lru_found(spec, at)) {
+            from = conf;
+            at = lru_probe(conf, key);
+            if (!lru_found(conf, at))
+                continue;
+        }
+        lru_erase_at(from, at);
+        if (lru_maybe_shrink(from) < 0)
+            goto error;
+        size_t slot = probe(bm, key);
+        Slot *s = &bm->slots[slot];
+        if (!(s->mask & bit)) {
+            PyErr_SetString(PyExc_RuntimeError, "removed block without its owner bit");
+            goto error;
+        }
+        s->mask &= ~bit;
+        if (s->mask == 0)
+            erase_at(bm, slot);
+        removed++;
+    }
+    Py_DECREF(seq);
+    if (maybe_shrink(bm) < 0)
+        return NULL;
+    return PyLong_FromSsize_t(removed);
+error:
+    Py_DECREF(seq);
+    maybe_shrink(bm);
+    return NULL;
+}
+
 static PyMethodDef BlockMap_methods[] = {
     {"get", (PyCFunction)(void (*)(void))BlockMap_get, METH_FASTCALL,
      "get(key, default=None): the owner mask of key, or default."},
@@ -1306,6 +1366,8 @@ static PyMethodDef BlockMap_methods[] = {
      "insert_walk(spec, conf, keys, bit, now, stale_before, confirmed, held) -> new keys."},
     {"evict", (PyCFunction)(void (*)(void))BlockMap_evict, METH_FASTCALL,
      "evict(spec, conf, count, bit) -> evicted: the replica's count LRU entries."},
+    {"remove_walk", (PyCFunction)(void (*)(void))BlockMap_remove_walk, METH_FASTCALL,
+     "remove_walk(spec, conf, keys, bit) -> removed: PrefixTree.remove's loop."},
     {"drop_bits", (PyCFunction)(void (*)(void))BlockMap_drop_bits, METH_FASTCALL,
      "drop_bits(keys, bit): clear bit on each key; keys left with no owner are removed."},
     {"__sizeof__", (PyCFunction)BlockMap_sizeof, METH_NOARGS, "Bytes held, slots included."},
@@ -1342,10 +1404,47 @@ static PyTypeObject BlockMapType = {
     .tp_new = BlockMap_new,
 };
 
+/* valid_keys(keys) -> bool: a list or tuple of ints (not bools) in [0, 2**64), the shape
+ * an engine's KV event must have (router.core._valid_keys_py is the twin). O(len). */
+static PyObject *
+valid_keys(PyObject *Py_UNUSED(module), PyObject *keys)
+{
+    if (!PyList_Check(keys) && !PyTuple_Check(keys))
+        Py_RETURN_FALSE;
+    PyObject *seq = PySequence_Fast(keys, "");
+    if (seq == NULL)
+        return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    PyObject **items = PySequence_Fast_ITEMS(seq);
+    int ok = 1;
+    for (Py_ssize_t i = 0; i < n && ok; i++) {
+        PyObject *k = items[i];
+        uint64_t value;
+        if (!PyLong_Check(k) || PyBool_Check(k)) {
+            ok = 0;
+            break;
+        }
+        int found = find_key(k, &value);
+        if (found < 0) {
+            Py_DECREF(seq);
+            return NULL;
+        }
+        ok = found;
+    }
+    Py_DECREF(seq);
+    return PyBool_FromLong(ok);
+}
+
+static PyMethodDef module_methods[] = {
+    {"valid_keys", (PyCFunction)valid_keys, METH_O,
+     "valid_keys(keys) -> whether keys is a list or tuple of ints in [0, 2**64) (bools excluded)."},
+    {NULL, NULL, 0, NULL},
+};
+
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "router._blockmap",
     "BlockMap: the prefix tree's block -> owner-mask table in C (router/_native/blockmap.c).",
-    -1, NULL,
+    -1, module_methods,
 };
 
 PyMODINIT_FUNC
