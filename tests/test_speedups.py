@@ -39,6 +39,26 @@ def test_chain_gives_the_python_keys(data, step, seed):
     assert speedups.chain(data, step, seed) == _chain_py(data, step, seed)
 
 
+@settings(max_examples=400, deadline=None)
+@given(pairs=st.lists(st.tuples(st.one_of(st.integers(0, 5), st.just((1 << 64) - 1)),
+                                st.one_of(st.integers(0, 40), st.just(0xFFFF_FFFF))), max_size=12),
+       size=st.integers(1, 33), seed=st.integers(0, (1 << 64) - 1), partial=st.booleans())
+def test_segment_keys_give_the_python_keys(pairs, size, seed, partial):
+    """The simulator's block keys of a prompt of segments (zero-token segments and blocks
+    straddling many segments included) are the same in C and in Python."""
+    from simulator.workloads.model import _segment_keys_py
+
+    if sum(tokens for _, tokens in pairs) > 5000:
+        pairs = [(sid, tokens % 41) for sid, tokens in pairs]
+    assert speedups.segment_keys(pairs, size, seed, partial) == _segment_keys_py(pairs, size, seed, partial)
+
+
+def test_segment_keys_leave_what_they_cannot_pack_to_the_twin():
+    """A pair the struct packing refuses gets None from C, so the Python twin raises."""
+    for bad in ([(-1, 3)], [(1 << 64, 3)], [(1, -2)], [(1, 1 << 32)], [(1, 2, 3)], [("a", 3)], [[1, 3]]):
+        assert speedups.segment_keys(bad, 4, 0, False) is None
+
+
 @settings(max_examples=300, deadline=None)
 @given(text=st.one_of(st.text(alphabet=st.characters(max_codepoint=127), max_size=400),
                       st.text(max_size=200),

@@ -9,6 +9,7 @@
  *
  *   chain(data, step, seed)           chained xxh3_64 keys of each full ``step``-byte block
  *                                     (of bytes, or of a str's UTF-8)
+ *   segment_keys(segments, ...)       the simulator's block keys of a prompt of segments
  *   cache_aware(...)                  CacheAwarePolicy's cost loop, and optionally its ranking
  *   SlotMaker(cls, names)             a constructor that fills ``cls``'s named slots in order
  *   plain_chat_chars, roles_within,   a chat body's messages read and checked in one pass
@@ -1498,6 +1499,149 @@ messages_begin(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     Py_RETURN_TRUE;
 }
 
+/* segment_keys(segments, size, seed, partial) -> list[int] | None: the simulator's block
+ * keys of a prompt made of segments (simulator.workloads.model._segment_keys_py is the
+ * twin). ``segments`` is a sequence of (segment_id, tokens) pairs; block i's bytes are
+ * the pieces covering its tokens, each packed as struct "<QII" (segment id, start and end
+ * offset within the segment), key_i = xxh3_64(bytes, seed=key_{i-1}). With ``partial``, a
+ * trailing partial block gets a key too. None (the twin then runs, and raises) when a
+ * pair is not two ints in the ranges the packing takes. O(blocks + segments). */
+static inline void
+pack_piece(unsigned char *out, uint64_t segment_id, uint32_t start, uint32_t end)
+{
+    for (int b = 0; b < 8; b++)
+        out[b] = (unsigned char)(segment_id >> (8 * b));
+    for (int b = 0; b < 4; b++) {
+        out[8 + b] = (unsigned char)(start >> (8 * b));
+        out[12 + b] = (unsigned char)(end >> (8 * b));
+    }
+}
+
+static int
+append_key(PyObject *out, uint64_t key)
+{
+    PyObject *num = PyLong_FromUnsignedLongLong(key);
+    if (num == NULL)
+        return -1;
+    int rc = PyList_Append(out, num);
+    Py_DECREF(num);
+    return rc;
+}
+
+static PyObject *
+segment_keys(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "segment_keys(segments, size, seed, partial) takes 4 arguments");
+        return NULL;
+    }
+    Py_ssize_t size = PyLong_AsSsize_t(args[1]);
+    if (size == -1 && PyErr_Occurred())
+        return NULL;
+    if (size <= 0 || size > 0xFFFFFFFFLL)
+        Py_RETURN_NONE;
+    unsigned long long prev = PyLong_AsUnsignedLongLongMask(args[2]);
+    if (prev == (unsigned long long)-1 && PyErr_Occurred())
+        return NULL;
+    int partial = PyObject_IsTrue(args[3]);
+    if (partial < 0)
+        return NULL;
+    PyObject *seq = PySequence_Fast(args[0], "segments must be a sequence");
+    if (seq == NULL)
+        return NULL;
+    Py_ssize_t count = PySequence_Fast_GET_SIZE(seq);
+    PyObject **items = PySequence_Fast_ITEMS(seq);
+    PyObject *out = PyList_New(0);
+    unsigned char *pending = NULL; /* pieces of the block being filled across segments */
+    size_t pending_len = 0, pending_cap = 0;
+    long long fill = 0;            /* tokens in that block */
+    unsigned char piece[16];
+    if (out == NULL)
+        goto fail;
+    for (Py_ssize_t i = 0; i < count; i++) {
+        PyObject *pair = items[i];
+        if (!PyTuple_Check(pair) || PyTuple_GET_SIZE(pair) != 2 || !PyLong_Check(PyTuple_GET_ITEM(pair, 0)) ||
+            !PyLong_Check(PyTuple_GET_ITEM(pair, 1)))
+            goto fallback;
+        PyObject *id_obj = PyTuple_GET_ITEM(pair, 0);
+        if (_PyLong_Sign(id_obj) < 0 || _PyLong_NumBits(id_obj) > 64)
+            goto fallback;
+        uint64_t segment_id = (uint64_t)PyLong_AsUnsignedLongLongMask(id_obj);
+        long long tokens = PyLong_AsLongLong(PyTuple_GET_ITEM(pair, 1));
+        if (tokens == -1 && PyErr_Occurred()) {
+            PyErr_Clear();
+            goto fallback;
+        }
+        if (tokens < 0 || tokens > 0xFFFFFFFFLL)
+            goto fallback;
+        long long pos = 0;
+        if (fill) {
+            long long take = size - fill < tokens ? size - fill : tokens;
+            if (pending_len + 16 > pending_cap) {
+                size_t cap = pending_cap ? 2 * pending_cap : 16 * 8;
+                unsigned char *grown = PyMem_Realloc(pending, cap);
+                if (grown == NULL) {
+                    PyErr_NoMemory();
+                    goto fail;
+                }
+                pending = grown;
+                pending_cap = cap;
+            }
+            pack_piece(pending + pending_len, segment_id, 0, (uint32_t)take);
+            pending_len += 16;
+            fill += take;
+            if (fill < size)
+                continue;
+            prev = XXH3_64bits_withSeed(pending, pending_len, prev);
+            if (append_key(out, prev) < 0)
+                goto fail;
+            pending_len = 0;
+            fill = 0;
+            pos = take;
+        }
+        long long end = pos + size;
+        while (end <= tokens) { /* full blocks inside this segment: the hot loop */
+            pack_piece(piece, segment_id, (uint32_t)pos, (uint32_t)end);
+            prev = XXH3_64bits_withSeed(piece, 16, prev);
+            if (append_key(out, prev) < 0)
+                goto fail;
+            pos = end;
+            end += size;
+        }
+        if (pos < tokens) {
+            if (pending_cap < 16) {
+                unsigned char *grown = PyMem_Realloc(pending, 16 * 8);
+                if (grown == NULL) {
+                    PyErr_NoMemory();
+                    goto fail;
+                }
+                pending = grown;
+                pending_cap = 16 * 8;
+            }
+            pack_piece(pending, segment_id, (uint32_t)pos, (uint32_t)tokens);
+            pending_len = 16;
+            fill = tokens - pos;
+        }
+    }
+    if (partial && fill) {
+        if (append_key(out, XXH3_64bits_withSeed(pending, pending_len, prev)) < 0)
+            goto fail;
+    }
+    PyMem_Free(pending);
+    Py_DECREF(seq);
+    return out;
+fallback:
+    PyMem_Free(pending);
+    Py_DECREF(seq);
+    Py_DECREF(out);
+    Py_RETURN_NONE;
+fail:
+    PyMem_Free(pending);
+    Py_DECREF(seq);
+    Py_XDECREF(out);
+    return NULL;
+}
+
 static PyMethodDef methods[] = {
     {"plain_chat_chars", (PyCFunction)plain_chat_chars, METH_O,
      "plain_chat_chars(messages) -> int | None: content characters when every message is plain."},
@@ -1507,6 +1651,8 @@ static PyMethodDef methods[] = {
      "messages_begin(messages, roles, contents, n) -> bool | None: the first n messages are these."},
     {"chain", (PyCFunction)(void (*)(void))chain, METH_FASTCALL,
      "chain(data, step, seed) -> list[int]: chained xxh3_64 keys of each full block."},
+    {"segment_keys", (PyCFunction)(void (*)(void))segment_keys, METH_FASTCALL,
+     "segment_keys(segments, size, seed, partial) -> list[int] | None: the simulator's block keys."},
     {"cache_aware", (PyCFunction)(void (*)(void))cache_aware, METH_FASTCALL,
      "CacheAwarePolicy's cost loop (rank false: costs dict) or ranking (rank true: tiers)."},
     {"load_routed", (PyCFunction)(void (*)(void))load_routed, METH_FASTCALL,

@@ -23,6 +23,7 @@ from functools import lru_cache
 
 import xxhash
 
+from router._fast import speedups
 from router.keys import DEFAULT_SEED, CharChunkKeyer, TokenBlockKeyer
 
 _xxh3 = xxhash.xxh3_64_intdigest
@@ -185,6 +186,16 @@ def _char_keyer(block_size: int) -> CharChunkKeyer:
 
 
 def _segment_keys(segments: Segments, size: int, prev: int, partial: bool) -> list[int]:
+    """``_segment_keys_py``, in C when built (``router._speedups.segment_keys``: the same
+    keys; None sends an input it does not take to the twin)."""
+    if speedups is not None:
+        keys = speedups.segment_keys(segments, size, prev, partial)
+        if keys is not None:
+            return keys
+    return _segment_keys_py(segments, size, prev, partial)
+
+
+def _segment_keys_py(segments: Segments, size: int, prev: int, partial: bool) -> list[int]:
     # Walk the segments once. A block inside one segment is a single 16-byte piece; a block
     # that straddles segments concatenates the pieces of each. Pieces are fixed-width, so a
     # block's bytes determine its pieces: equal bytes <=> equal content (given the segment
