@@ -53,6 +53,15 @@ def test_segment_keys_give_the_python_keys(pairs, size, seed, partial):
     assert speedups.segment_keys(pairs, size, seed, partial) == _segment_keys_py(pairs, size, seed, partial)
 
 
+@settings(max_examples=200, deadline=None)
+@given(keys=st.lists(st.integers(0, 6), max_size=10), seen=st.sets(st.integers(0, 6)), as_tuple=st.booleans())
+def test_leading_in_counts_as_the_python_loop(keys, seen, as_tuple):
+    from simulator.workloads.model import _leading_in_py
+
+    value = tuple(keys) if as_tuple else keys
+    assert speedups.leading_in(value, seen) == _leading_in_py(value, seen)
+
+
 def test_segment_keys_leave_what_they_cannot_pack_to_the_twin():
     """A pair the struct packing refuses gets None from C, so the Python twin raises."""
     for bad in ([(-1, 3)], [(1 << 64, 3)], [(1, -2)], [(1, 1 << 32)], [(1, 2, 3)], [("a", 3)], [[1, 3]]):

@@ -10,6 +10,7 @@
  *   chain(data, step, seed)           chained xxh3_64 keys of each full ``step``-byte block
  *                                     (of bytes, or of a str's UTF-8)
  *   segment_keys(segments, ...)       the simulator's block keys of a prompt of segments
+ *   leading_in(keys, seen)            how many leading keys a set holds (ideal hit rate)
  *   cache_aware(...)                  CacheAwarePolicy's cost loop, and optionally its ranking
  *   SlotMaker(cls, names)             a constructor that fills ``cls``'s named slots in order
  *   plain_chat_chars, roles_within,   a chat body's messages read and checked in one pass
@@ -1642,6 +1643,28 @@ fail:
     return NULL;
 }
 
+/* leading_in(keys, seen) -> int: how many leading items of the list or tuple ``keys``
+ * are in the set ``seen`` (the simulator's ideal-cache walk; twin: a Python loop).
+ * O(the count + 1). */
+static PyObject *
+leading_in(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2 || !PyAnySet_Check(args[1]) || (!PyList_Check(args[0]) && !PyTuple_Check(args[0]))) {
+        PyErr_SetString(PyExc_TypeError, "leading_in(keys: list | tuple, seen: set)");
+        return NULL;
+    }
+    PyObject *seq = args[0];
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq), i = 0;
+    for (; i < n; i++) {
+        int found = PySet_Contains(args[1], PySequence_Fast_GET_ITEM(seq, i));
+        if (found < 0)
+            return NULL;
+        if (!found)
+            break;
+    }
+    return PyLong_FromSsize_t(i);
+}
+
 static PyMethodDef methods[] = {
     {"plain_chat_chars", (PyCFunction)plain_chat_chars, METH_O,
      "plain_chat_chars(messages) -> int | None: content characters when every message is plain."},
@@ -1651,6 +1674,8 @@ static PyMethodDef methods[] = {
      "messages_begin(messages, roles, contents, n) -> bool | None: the first n messages are these."},
     {"chain", (PyCFunction)(void (*)(void))chain, METH_FASTCALL,
      "chain(data, step, seed) -> list[int]: chained xxh3_64 keys of each full block."},
+    {"leading_in", (PyCFunction)(void (*)(void))leading_in, METH_FASTCALL,
+     "leading_in(keys, seen) -> int: how many leading keys are in the set seen."},
     {"segment_keys", (PyCFunction)(void (*)(void))segment_keys, METH_FASTCALL,
      "segment_keys(segments, size, seed, partial) -> list[int] | None: the simulator's block keys."},
     {"cache_aware", (PyCFunction)(void (*)(void))cache_aware, METH_FASTCALL,

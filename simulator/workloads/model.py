@@ -269,6 +269,19 @@ def block_keys(request: SimRequest, block_size: int, seed: int = DEFAULT_SEED, *
     return keys
 
 
+def _leading_in_py(keys: list[int], seen: set[int]) -> int:
+    """How many leading ``keys`` are in ``seen`` (``router._speedups.leading_in``'s twin)."""
+    hits = 0
+    for key in keys:
+        if key not in seen:
+            break
+        hits += 1
+    return hits
+
+
+leading_in = speedups.leading_in if speedups is not None else _leading_in_py
+
+
 def ideal_hit_rate(requests: Iterable[SimRequest], block_size: int, seed: int = DEFAULT_SEED) -> dict:
     """Hit rates one infinite prefix cache would get replaying ``requests`` in order.
 
@@ -298,11 +311,7 @@ def ideal_hit_rate(requests: Iterable[SimRequest], block_size: int, seed: int = 
         # Whether the last key is a partial block: content longer than its full blocks.
         if _has_tail(request.content, block_size, n_full):
             n_full -= 1
-        hits = 0
-        for key in keys:
-            if key not in seen:
-                break
-            hits += 1
+        hits = leading_in(keys, seen)
         seen.update(keys)
         blocks += len(keys)
         hit_blocks += hits
