@@ -62,3 +62,34 @@ def test_demo_rejects_a_bad_router_before_starting_anything(capsys):
     assert code == 2
     err = capsys.readouterr().err
     assert "unknown policy 'nope'" in err
+
+
+def test_simulator_benchmark_times_both_mooncake_block_sizes(tmp_path):
+    """``kvroute bench simulator`` replays the Mooncake trace in its 512-token blocks and in
+    vLLM's 16-token blocks with 1M-token caches (here a 60-request slice of it)."""
+    from benchmarks import sim_bench
+
+    trace = tmp_path / "trace.jsonl"
+    with open(sim_bench.SHARED_TRACE) as source:
+        trace.write_text("".join(next(source) for _ in range(60)))
+    report = sim_bench.run(sizes=(300,), workload="system-prompts", trace=trace)
+    (row,) = report["results"]
+    assert row["requests"] == row["completed"] == 300 and row["requests_per_s"] > 0
+    for key, block_size in (("mooncake_trace", 512), ("mooncake_trace_16", 16)):
+        assert report[key]["block_size"] == block_size and report[key]["requests"] == 60
+        assert report[key]["requests_per_s"] > 0 and 0 < report[key]["hit_rate"] < 1
+    assert "16 tokens" in sim_bench.format_table(report)
+
+
+def test_simulator_ab_finds_equal_results_at_one_commit(tmp_path):
+    """benchmarks/sim_ab.py at the same checkout twice: every case's results are equal."""
+    from pathlib import Path
+
+    from benchmarks import sim_ab
+
+    root = Path(__file__).resolve().parents[1]
+    report = sim_ab.main([str(root), str(root), "--rounds", "1", "--requests", "150", "--trace", "",
+                          "--json", str(tmp_path / "ab.json")])
+    assert set(report["cases"]) == {"system-prompts", "mixed", "chat"}
+    assert all(case["results_equal"] and case["after_requests_per_s"] > 0 for case in report["cases"].values())
+    assert json.loads((tmp_path / "ab.json").read_text())["rounds"] == 1

@@ -1,7 +1,8 @@
 """Prefill-decode disaggregation, live: Ray Serve LLM's own PD application
 (``build_pd_openai_app``, built by ``engines.ray_llm_pd.pd_app``) on the tiny model, 2
-prefill replicas routed by kvroute's ``CacheAwareRouter`` and 1 decode replica, KV moved by
-vLLM's ``ExampleConnector`` through files. Beside it, a plain ``vllm serve`` of the same
+prefill replicas routed by kvroute's ``CacheAwareRouter`` (as ``KVRoutePDPrefillServer`` s,
+which report kvroute's routing stats) and 1 decode replica, KV moved by vLLM's
+``ExampleConnector`` through files. Beside it, a plain ``vllm serve`` of the same
 model (no connector; eager like the PD engines; ``engines.vllm_server.VLLMServer``, which
 starts faster here than a Ray Serve LLM replica: one process less) as the reference for
 the answers.
@@ -110,6 +111,19 @@ def _sum(snap: dict[tuple, float], name: str, replica: str | None = None, **labe
         if all(tags.get(k) == v for k, v in labels.items()):
             total += value
     return total
+
+
+def _scrape_kvroute(url: str) -> dict[tuple, float]:
+    """Every ``kvroute_`` series of Ray's metrics endpoint, as ``_scrape`` keys them."""
+    r = requests.get(url, timeout=30)
+    r.raise_for_status()
+    return {(sample.name.removeprefix("ray_").removesuffix("_total"), tuple(sorted(sample.labels.items()))): sample.value
+            for family in parser.text_string_to_metric_families(r.text) for sample in family.samples
+            if sample.name.removeprefix("ray_").startswith("kvroute_") and not sample.name.endswith("_created")}
+
+
+def _replicas_with(snap: dict[tuple, float], name: str) -> set[str]:
+    return {dict(labels).get("replica") for (n, labels) in snap if n == name}
 
 
 def _settled(url: str, until=lambda snap: True, timeout: float = 120.0) -> dict[tuple, float]:
@@ -234,3 +248,36 @@ def test_cache_aware_router_keeps_a_shared_prefix_on_one_prefill_replica(pd_serv
     assert hits >= repeats * BLOCK
     assert sum(_delta(after, seeded, "vllm_external_prefix_cache_hits", r) for r in prefill) == 0
     assert _delta(after, seeded, "kvroute_router_decisions", outcome="prefix_hit") >= repeats, decisions
+
+
+def test_prefill_replicas_report_kvroute_routing_stats(pd_service):
+    """The prefill deployment runs ``KVRoutePDPrefillServer`` (Ray's ``PDPrefillServer``
+    with kvroute's routing stats): the router in the decode replica gets an engine report
+    from both prefill replicas, applies their KV events (the prefixes it routed, confirmed
+    by the engines), and, once the reports carry the engines' tokenizer, sends the prefill
+    engine the prompt's token ids; the answer is still token for token the plain engine's."""
+    url, metrics = pd_service["url"], pd_service["metrics"]
+
+    def wait_for(what, condition):
+        deadline = time.monotonic() + 180
+        while True:
+            snap = _scrape_kvroute(metrics)
+            if condition(snap):
+                return snap
+            assert time.monotonic() < deadline, f"{what} not seen in 180 s: {sorted(k[0] for k in snap)}"
+            time.sleep(1.0)
+
+    wait_for("both prefill replicas' engine reports",
+             lambda s: len(_replicas_with(s, "kvroute_router_engine_report_age_s")) >= 2)
+    before = _scrape_kvroute(metrics)
+    messages = _messages("The prefill replicas report their load and KV events to the router. " * 3,
+                         "what did the engines confirm", pd_service)
+    pd = _chat(url, messages, 16)
+    plain = _chat(pd_service["reference"], messages, 16)
+    assert _answer(pd) == _answer(plain)
+    after = wait_for("the router's KV events and token ids",
+                     lambda s: _sum(s, "kvroute_kv_events") > 0
+                     and _sum(s, "kvroute_router_prompt_ids_sent") > _sum(before, "kvroute_router_prompt_ids_sent"))
+    print(f"\n[live] prefill replicas reporting: {sorted(_replicas_with(after, 'kvroute_router_engine_report_age_s'))}; "
+          f"KV events applied {_sum(after, 'kvroute_kv_events'):.0f}; prompts sent as token ids "
+          f"{_sum(after, 'kvroute_router_prompt_ids_sent'):.0f}; answer equal to the plain engine's")
