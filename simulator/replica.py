@@ -271,12 +271,22 @@ class EngineReplica:
         running = self.running
         preempted = False
         i = 0
+        size = self.block_size
         while i < len(running) and budget > 0:
             req = running[i]
             new = req.num_tokens - req.num_computed
             if new > budget:
                 new = budget
             if new <= 0:
+                i += 1
+                continue
+            total = req.num_computed + new
+            if total <= len(req.blocks) * size and \
+                    (total if total < req.num_tokens else req.num_tokens) // size <= req.num_cached_blocks:
+                # ``_allocate(req, new, [])`` with nothing to do (most decode steps: the
+                # token fits the last block and fills none), without the call.
+                scheduled.append((req, new))
+                budget -= new
                 i += 1
                 continue
             while not self._allocate(req, new, []):
@@ -295,7 +305,6 @@ class EngineReplica:
             return scheduled
         waiting = self.waiting
         pool = self.pool
-        size = self.block_size
         while waiting and budget > 0 and len(running) < self.max_num_seqs:
             req = waiting[0]
             hit = pool.longest_hit(req.keys, (req.num_tokens - 1) // size)

@@ -16,7 +16,8 @@
  * loses it, lookups find the oldest of the others, as in vLLM.
  *
  * Complexity: O(1) per block for every operation (a duplicate key's chain, rare, is
- * walked); memory 25 bytes per block plus 12 to 24 bytes per table slot, allocated once.
+ * walked); memory 25 bytes per block plus the table's 12-byte slots (2 to 4 per block),
+ * allocated once.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>

@@ -185,11 +185,14 @@ def _char_keyer(block_size: int) -> CharChunkKeyer:
     return CharChunkKeyer(chunk_chars=CHARS_PER_TOKEN * block_size, chars_per_token=CHARS_PER_TOKEN)
 
 
+_segment_keys_c = getattr(speedups, "segment_keys", None)
+
+
 def _segment_keys(segments: Segments, size: int, prev: int, partial: bool) -> list[int]:
     """``_segment_keys_py``, in C when built (``router._speedups.segment_keys``: the same
     keys; None sends an input it does not take to the twin)."""
-    if speedups is not None:
-        keys = speedups.segment_keys(segments, size, prev, partial)
+    if _segment_keys_c is not None:
+        keys = _segment_keys_c(segments, size, prev, partial)
         if keys is not None:
             return keys
     return _segment_keys_py(segments, size, prev, partial)
@@ -279,7 +282,7 @@ def _leading_in_py(keys: list[int], seen: set[int]) -> int:
     return hits
 
 
-leading_in = speedups.leading_in if speedups is not None else _leading_in_py
+leading_in = getattr(speedups, "leading_in", None) or _leading_in_py
 
 
 def ideal_hit_rate(requests: Iterable[SimRequest], block_size: int, seed: int = DEFAULT_SEED) -> dict:
