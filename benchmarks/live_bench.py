@@ -178,8 +178,9 @@ class Cluster:
         self.owned = not ray.is_initialized()
         if self.owned:
             repo = str(Path(__file__).resolve().parents[1])
-            ray.init(num_cpus=16, include_dashboard=False, log_to_driver=False,
-                     runtime_env={"env_vars": {"PYTHONPATH": repo}})
+            from engines.local_ray import init_local_ray
+            init_local_ray(num_cpus=16, include_dashboard=False, log_to_driver=False,
+                           runtime_env={"env_vars": {"PYTHONPATH": repo}})
         self.port = port or _free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": self.port})
         # If Serve was already running, its proxy keeps the port it had.

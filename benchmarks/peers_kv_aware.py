@@ -143,8 +143,9 @@ def child_main(spec_path: str) -> int:
     try:
         requests = pickle.loads(Path(spec["requests"]).read_bytes())
         renderer = TextRenderer(single_token_words(AutoTokenizer.from_pretrained(spec["model_path"])))
-        ray.init(num_cpus=max(8, spec["replicas"] + 4), include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join((str(REPO), spec["shim"]))}})
+        from engines.local_ray import init_local_ray
+        init_local_ray(num_cpus=max(8, spec["replicas"] + 4), include_dashboard=False, log_to_driver=False,
+                       runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join((str(REPO), spec["shim"]))}})
         port = serve_path_free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         base = _free_port_base(spec["replicas"], (0, 1000, 2000))

@@ -445,9 +445,10 @@ def child_main(spec_path: str) -> int:
                                                        concurrency=spec["concurrency"], seed=spec["seed"]))
         # Every process of this cluster runs this peer's run: the shim (and the timers)
         # go on its PYTHONPATH; Dynamo only on the Serve LLM replicas' (``_llm_config``).
-        ray.init(num_cpus=16, include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join((str(REPO), spec["shim"])),
-                                           PROBE_DIR_ENV: spec["probes"]}})
+        from engines.local_ray import init_local_ray
+        init_local_ray(num_cpus=16, include_dashboard=False, log_to_driver=False,
+                       runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join((str(REPO), spec["shim"])),
+                                                 PROBE_DIR_ENV: spec["probes"]}})
         port = serve_path_free_port()
         serve.start(http_options={"host": "0.0.0.0", "port": port})
         for router in ("serve-default", "ray-kv-aware"):

@@ -51,9 +51,10 @@ def serve_forever(*, model: str | None, replicas: int, policy: str, host: str, p
     try:
         if owned:
             repo = str(Path(__file__).resolve().parents[1])
-            ray.init(address=address, include_dashboard=False, log_to_driver=False,
-                     runtime_env={"env_vars": {"PYTHONPATH": repo}},
-                     **({} if address else {"num_cpus": max(4, replicas * 2)}))
+            from engines.local_ray import init_local_ray
+            init_local_ray(address=address, include_dashboard=False, log_to_driver=False,
+                           runtime_env={"env_vars": {"PYTHONPATH": repo}},
+                           **({} if address else {"num_cpus": max(4, replicas * 2)}))
         serve.start(http_options={"host": host, "port": port})
         engine_kwargs = {"num_gpu_blocks_override": kv_blocks} if kv_blocks else {}
         serve.run(build_app(model_path, num_replicas=replicas, request_router_config=config,

@@ -37,7 +37,6 @@ def main() -> int:
     args = parser.parse_args()
 
     sys.path.insert(0, str(ROOT))
-    import ray
     from ray import serve
 
     from engines.tiny_model import build_tiny_model
@@ -51,7 +50,8 @@ def main() -> int:
         if args.stats_period:
             router["request_routing_stats_period_s"] = args.stats_period
 
-    ray.init(num_cpus=16, runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})  # logical CPUs
+    from engines.local_ray import init_local_ray
+    init_local_ray(num_cpus=16, runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})  # logical CPUs
     serve.start(http_options={"host": "127.0.0.1", "port": args.port})
     t0 = time.monotonic()
     if args.ray_llm:

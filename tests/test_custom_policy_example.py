@@ -298,8 +298,9 @@ def test_a_serve_deployment_routes_with_the_example_policy_by_path(monkeypatch):
 
     started = not ray.is_initialized()
     if started:
-        ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})
+        from engines.local_ray import init_local_ray
+        init_local_ray(num_cpus=8, include_dashboard=False, log_to_driver=False,
+                       runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})
     try:
         serve.start(proxy_location="Disabled")
         name = "example_policy"

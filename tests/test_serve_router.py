@@ -82,8 +82,9 @@ class HeldWhere:
 @pytest.fixture(scope="module")
 def cluster():
     os.environ["PYTHONPATH"] = REPO + os.pathsep + os.environ.get("PYTHONPATH", "")
-    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": os.environ["PYTHONPATH"]}})
+    from engines.local_ray import init_local_ray
+    init_local_ray(num_cpus=8, include_dashboard=False, log_to_driver=False,
+                   runtime_env={"env_vars": {"PYTHONPATH": os.environ["PYTHONPATH"]}})
     yield
     serve.shutdown()
     ray.shutdown()

@@ -38,8 +38,9 @@ def service(tiny_model_path):
     from router import cache_aware_router_config
     from router.kv_relay import RelayKeys
 
-    ray.init(num_cpus=16, include_dashboard=False, ignore_reinit_error=True, _metrics_export_port=METRICS_PORT,
-             runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).parents[2])}})
+    from engines.local_ray import init_local_ray
+    init_local_ray(num_cpus=16, include_dashboard=False, ignore_reinit_error=True, _metrics_export_port=METRICS_PORT,
+                   runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).parents[2])}})
     # A wait for the tokenizer pool no machine runs out of: the tests below check that the
     # router's ids reach the engines, which a slow machine's default wait (250 ms) may skip.
     # The engines' KV events come through kvroute's relay (router.kv_relay): vLLM

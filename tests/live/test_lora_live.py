@@ -77,8 +77,9 @@ def lora_service(tiny_model_path):
 
     paths = build_tiny_loras(ADAPTERS, model_path=tiny_model_path)
     root = next(iter(paths.values())).parent
-    ray.init(num_cpus=16, include_dashboard=False, ignore_reinit_error=True, _metrics_export_port=METRICS_PORT,
-             runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).parents[2])}})
+    from engines.local_ray import init_local_ray
+    init_local_ray(num_cpus=16, include_dashboard=False, ignore_reinit_error=True, _metrics_export_port=METRICS_PORT,
+                   runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).parents[2])}})
     try:
         t0 = time.monotonic()
         serve.start(http_options={"host": "127.0.0.1", "port": 8000})

@@ -53,8 +53,9 @@ def service(tiny_model_path):
     from engines.openai_app import build_app
     from router import cache_aware_router_config
 
-    ray.init(num_cpus=16, include_dashboard=False, ignore_reinit_error=True,
-             runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).parents[2])}})
+    from engines.local_ray import init_local_ray
+    init_local_ray(num_cpus=16, include_dashboard=False, ignore_reinit_error=True,
+                   runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).parents[2])}})
     t0 = time.monotonic()
     # Serve's proxy on a free port, not 8000, which the previous module's proxy may still
     # hold while its cluster shuts down.

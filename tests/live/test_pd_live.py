@@ -54,9 +54,10 @@ def pd_service(tiny_model_path, tmp_path_factory):
 
     storage = tmp_path_factory.mktemp("pd-kv")
     metrics_port = _free_port()
-    ray.init(num_cpus=16, include_dashboard=False, ignore_reinit_error=True, _metrics_export_port=metrics_port,
-             _system_config={"metrics_report_interval_ms": REPORT_MS},
-             runtime_env={"env_vars": {"PYTHONPATH": str(__import__("pathlib").Path(__file__).parents[2])}})
+    from engines.local_ray import init_local_ray
+    init_local_ray(num_cpus=16, include_dashboard=False, ignore_reinit_error=True, _metrics_export_port=metrics_port,
+                   _system_config={"metrics_report_interval_ms": REPORT_MS},
+                   runtime_env={"env_vars": {"PYTHONPATH": str(__import__("pathlib").Path(__file__).parents[2])}})
     reference = VLLMServer(tiny_model_path, served_name=MODEL, block_size=BLOCK, max_model_len=1024,
                            kv_events=False).start()
     try:

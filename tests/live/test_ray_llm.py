@@ -28,8 +28,9 @@ def ray_llm_service(tiny_model_path):
     from router import cache_aware_router_config
     from router.kv_relay import RelayKeys
 
-    ray.init(num_cpus=16, include_dashboard=False, ignore_reinit_error=True,
-             runtime_env={"env_vars": {"PYTHONPATH": str(__import__("pathlib").Path(__file__).parents[2])}})
+    from engines.local_ray import init_local_ray
+    init_local_ray(num_cpus=16, include_dashboard=False, ignore_reinit_error=True,
+                   runtime_env={"env_vars": {"PYTHONPATH": str(__import__("pathlib").Path(__file__).parents[2])}})
     t0 = time.monotonic()
     serve.start(http_options={"host": "127.0.0.1", "port": 8000})
     # KV events through kvroute's relay in each replica (router keys only, over CURVE).
