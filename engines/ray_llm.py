@@ -65,7 +65,8 @@ class KVRouteLLMServer(LLMServer):
             # vLLM's stream (token ids) on this replica's own local sockets: one config
             # serves every replica, so the path is made here, per replica.
             config = self._llm_config.model_copy(deep=True)
-            endpoint, replay = local_kv_endpoints()
+            endpoint, replay = local_kv_endpoints(data_parallel=int(
+                config.engine_kwargs.get("data_parallel_size") or 1) > 1)
             config.engine_kwargs["kv_events_config"] = {
                 **dict(config.engine_kwargs.get("kv_events_config") or {}), "enable_kv_cache_events": True,
                 "publisher": "zmq", "endpoint": endpoint, "replay_endpoint": replay}
@@ -182,6 +183,9 @@ class KVRouteLLMServer(LLMServer):
             "requests_scheduled": snap.prefix_requests,
             "stats_age_s": (time.time() - snap.updated) if snap.reports else None,
             "kvroute_tokenizer": self._kvroute_tokenizer,
+            # The engine's rank in a data-parallel group (0 outside one): each rank is a
+            # replica of its own to the router, with its own cache and KV-event stream.
+            "data_parallel_rank": int(getattr(client.vllm_config.parallel_config, "data_parallel_index", 0) or 0),
             "router_ids_used": self._kvroute_ids_used,
             "router_ids_rejected": self._kvroute_ids_rejected,
             # The autoscaler's target: cache_aware bounds each replica's load by it.

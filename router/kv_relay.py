@@ -576,9 +576,16 @@ class KVEventRelay:
 
 
 # -- inside an engine replica ---------------------------------------------------------------
-def local_kv_endpoints() -> tuple[str, str]:
-    """Two ``ipc://`` paths of this process's own, for vLLM's publisher and replay socket
-    when a relay reads them (only processes on this host can connect to them)."""
+def local_kv_endpoints(data_parallel: bool = False) -> tuple[str, str]:
+    """Two endpoints of this process's own for vLLM's publisher and replay socket when a
+    relay reads them: ``ipc://`` paths (only processes on this host can connect to them),
+    or, for an engine that is one rank of a data-parallel group (``data_parallel``),
+    loopback TCP on ports the OS picks. Why: vLLM offsets a publisher's endpoint by its DP
+    rank (``ZmqEventPublisher.offset_endpoint_port``), which takes ``tcp`` (a port of 0 is
+    left to the OS) or ``inproc`` only, and raises "Invalid endpoint" for ``ipc`` on every
+    rank but 0. The relay learns the bound ports from the engine either way."""
+    if data_parallel:
+        return "tcp://127.0.0.1:0", "tcp://127.0.0.1:0"
     local = f"ipc://{tempfile.gettempdir()}/kvroute-kv-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     return local, local + "-replay"
 
