@@ -102,6 +102,11 @@ class ChatPrefix:
         """A new list of the prefix's keys (the caller may extend it)."""
         return self.keys[:self.key_count]
 
+    def tail(self, start: int, after: bytes) -> bytes:
+        """``(own ids + after)[start:]`` for ``start <= id_bytes`` without copying the own
+        ids before ``start`` (the blocks the prefix's keys already stand for)."""
+        return b"".join((memoryview(self.ids)[start:self.id_bytes], after))
+
     def begins(self, messages: Sequence[Mapping[str, str]]) -> bool:
         """Whether ``messages`` begin with these (the last one is checked by the key it
         was found under). O(characters): string comparisons, run by ``map`` and list

@@ -168,8 +168,8 @@ class RouterState:
             service.record_fallback()
             return [candidate_replicas]
         found = found if found is not None else Tokenized(None)
-        ids = found.ids
         learn = found.lesson(fields)  # keyed on the cached prefix: no ids sent
+        ids = found.ids if learn is None else None  # (then only the ids of its new text)
         request = service.keyed(fields, found, pending_request.metadata.internal_request_id)
         original = None
         if ids is not None and fields.exact and learn is None:

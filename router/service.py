@@ -144,7 +144,10 @@ class Tokenized(NamedTuple):
     the piece cache as it completes; None when the pool was full). ``resume``: the chat's remembered
     prefix and what was tokenized after it (``router.conversations``; None for a prompt
     tokenized whole): ``ids`` include the prefix's, ``missing`` are pieces of
-    ``resume.text``."""
+    ``resume.text``, except for a request keyed on its cached leading pieces
+    (``missing`` set), whose ``ids`` are those of ``resume.text``'s only
+    (``past_prefix``): they serve its keys alone (its ids are never sent nor remembered),
+    and a 100k-character history's prefix is not copied on the decision's path."""
 
     ids: bytes | None
     waited: float = 0.0
@@ -152,6 +155,7 @@ class Tokenized(NamedTuple):
     uncached_chars: int = 0
     encoding: asyncio.Future | None = None
     resume: ChatResume | None = None
+    past_prefix: bool = False
 
     def lesson(self, fields: RequestFields) -> Lesson | None:
         """``RoutingService.rank``'s ``learn`` for this request when it was keyed on its
@@ -361,9 +365,11 @@ class RoutingService:
                     await asyncio.wait([encoding], timeout=wait_s)
                     waited = time.perf_counter() - before
             if encoding is None or not encoding.done():
-                # ``ids`` are the cached leading pieces', a prefix of the whole encoding.
+                # ``ids`` are the cached leading pieces', a prefix of the whole encoding
+                # (of ``text`` alone: ``key`` puts the remembered prefix's keys first).
                 self.tokenize_counts["prefix" if encoding is not None else "overflow"] += 1
-                return Tokenized(whole(ids), waited, missing, len(text) - covered, encoding, resume)
+                return Tokenized(ids, waited, missing, len(text) - covered, encoding, resume,
+                                 past_prefix=resume is not None and resume.prefix is not None)
             # Raises the tokenizer's error, if it failed. Stored here too: a future that
             # completed before this coroutine looked at it may not have run its store
             # callback yet (callbacks run on the loop's next turn), and the pieces would
@@ -443,15 +449,18 @@ class RoutingService:
         """``key`` for what ``tokenized`` found; a chat whose whole prompt's ids are known
         is remembered in the conversation memo (its next turn resumes there)."""
         return self.key(fields, found.ids, request_id, found.uncached_chars, resume=found.resume,
-                        remember=not found.missing)
+                        remember=not found.missing, ids_past_prefix=found.past_prefix)
 
     def key(self, fields: RequestFields, ids: bytes | None, request_id: str | None,
-            uncached_chars: int = 0, *, resume: ChatResume | None = None, remember: bool = False) -> RouteRequest:
+            uncached_chars: int = 0, *, resume: ChatResume | None = None, remember: bool = False,
+            ids_past_prefix: bool = False) -> RouteRequest:
         """Key ``fields`` (``ids``: the prompt's packed token ids, when tokenized; with
         ``uncached_chars``, the ids of its leading part only, the rest being that many
         characters, counted at four per token in the prompt's size). ``resume``: the
         chat's remembered prefix, whose keys are reused (only the blocks past them are
-        hashed); ``remember``: ``ids`` are the whole prompt's, to be remembered."""
+        hashed); ``remember``: ``ids`` are the whole prompt's, to be remembered;
+        ``ids_past_prefix``: ``ids`` are those after ``resume``'s prefix only (never with
+        ``remember``)."""
         seed = self._seed(fields)
         if self.recorder is not None and request_id is not None:
             # The trace's tenant digest, taken by ``rank`` into the decision's entry.
@@ -462,16 +471,23 @@ class RoutingService:
         if ids is not None:
             keyer = self._token_keyer
             prefix = resume.prefix if resume is not None else None
+            prompt_bytes = len(ids)
+            if ids_past_prefix:
+                if remember or prefix is None:
+                    raise ValueError("ids past a prefix need a resumed prefix and cannot be remembered")
+                prompt_bytes += prefix.id_bytes
             if prefix is not None and prefix.key_count:
                 # The chain goes on from the prefix's last key over the blocks after it.
                 keys = prefix.own_keys()
-                keys += keyer.keys_packed(ids[len(keys) * 4 * keyer.block_tokens:], keys[-1])
+                start = len(keys) * 4 * keyer.block_tokens
+                tail = prefix.tail(start, ids) if ids_past_prefix else ids[start:]
+                keys += keyer.keys_packed(tail, keys[-1])
             else:
-                keys = keyer.keys_packed(ids, seed)
+                keys = keyer.keys_packed(prefix.tail(0, ids) if ids_past_prefix else ids, seed)
             if remember and resume is not None:
                 self.resumer.memo.put(resume.key, resume.remembered(ids, keys, 4 * keyer.block_tokens),
                                       replaces=resume.parent)
-            prompt_tokens = len(ids) // 4 + -(-uncached_chars // 4)
+            prompt_tokens = prompt_bytes // 4 + -(-uncached_chars // 4)
         else:
             keyer = self._token_keyer if fields.is_tokens else self._char_keyer
             content = self.text_of(fields)

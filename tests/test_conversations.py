@@ -138,6 +138,15 @@ def test_a_turn_keyed_before_the_pool_is_remembered_whole_after():
             want = expected_ids(service, messages)
             keys = service._token_keyer.keys_packed(want, service._seed(fields))
             assert service.core.tree.match(keys, (tiers[0][0],), service.now())[tiers[0][0]] == len(keys)
+            # The decision was keyed on the remembered prefix plus the new text's cached
+            # leading pieces, whose ids alone it held (the prefix's not copied): its keys
+            # are the whole prompt's first ones, past the prefix's, and its size counts both.
+            assert request.keys == keys[:len(request.keys)]
+            if turn:
+                assert found.past_prefix and len(request.keys) >= found.resume.prefix.key_count
+                assert len(request.keys) == len(found.resume.join(found.ids)) // (4 * BLOCK)
+                assert request.prompt_tokens == (len(found.resume.join(found.ids)) // 4
+                                                 + -(-found.uncached_chars // 4))
             key = memo_key(messages, len(messages) - 1, service._seed(fields))
             assert key in service.resumer.memo
             assert len(service.resumer.memo) == 1  # each turn replaced the one it extended
