@@ -11,10 +11,12 @@ tokenizes and keys what it adds.
 ``ChatPrefix``: its messages (role and content strings), the token ids of those messages
 as the chat template renders them (without the generation prompt), and the chained block
 keys of those ids' full blocks. It is filed under its last message (the key namespace's
-seed, the message's position, role and content). The next turn looks up its own messages
-from the last one back (the hit is usually two messages back), checks that every earlier
-message equals the remembered one (a string comparison: no digest whose collision could
-hand one conversation another's ids), renders only the messages after it (and the
+seed, the message's position, role, length and first and last 32 characters: a key
+built in O(1), never by hashing a message's whole text). The next turn looks up its own
+messages from the last one back (the hit is usually two messages back), checks that every
+remembered message, the last one included, equals its own (a string comparison: no digest
+whose collision could hand one conversation another's ids), renders only the messages
+after it (and the
 generation prompt), tokenizes that text through the piece cache (the pool for what is new)
 and continues the key chain from the remembered last key.
 
@@ -35,9 +37,11 @@ templates.
 **Bounds.** An LRU bounded by bytes (the messages' characters, the ids, 48 bytes per key,
 and fixed overheads per message and entry). A turn that extends a remembered prefix
 replaces it, so a linear conversation holds one entry; a branch (an edited or regenerated
-turn) keeps its own until evicted. A lookup hashes the messages it walks back over (each
-string's hash is computed once and cached by Python) and compares the remembered ones:
-O(characters) in C, about a memory copy's cost; on a miss it walks back to the first.
+turn) keeps its own until evicted. A lookup builds a key per message it walks back over
+(O(1) each, whatever the message's length: a fresh request's strings have no cached
+hash, and hashing a 100k-character history walked back in full on a miss cost about as
+much as the rest of the decision) and compares the remembered messages: O(characters)
+in C, about a memory copy's cost.
 """
 
 from __future__ import annotations
@@ -55,23 +59,29 @@ DEFAULT_MEMO_BYTES = 128 << 20
 #: Bytes counted per remembered key (the list slot and the int object it shares with the
 #: request's keys), per message (its slots in the roles and contents lists and the string
 #: headers; the strings' text is counted by the rendered characters) and per entry (the
-#: dict slot and key tuple, the entry object, the ids bytes' header).
+#: dict slot and key tuple with its two 32-character slices, the entry object, the ids
+#: bytes' header).
 KEY_BYTES = 48
 MESSAGE_BYTES = 160
-ENTRY_OVERHEAD_BYTES = 256
+ENTRY_OVERHEAD_BYTES = 416
 
 #: The C comparison of a history with a remembered one (None: the Python code in ``begins``).
 _messages_begin = getattr(speedups, "messages_begin", None)
 _role = operator.itemgetter("role")
 _content = operator.itemgetter("content")
 
-#: ``(seed, position, role, content)`` of a conversation's last remembered message.
-MemoKey = tuple[int, int, str, str]
+#: ``(seed, position, role, length, head, tail)`` of a conversation's last remembered
+#: message: its content's length and first and last ``MEMO_KEY_CHARS`` characters.
+MemoKey = tuple[int, int, str, int, str, str]
+MEMO_KEY_CHARS = 32
 
 
 def memo_key(messages: Sequence[Mapping[str, str]], at: int, seed: int) -> MemoKey:
+    """O(1) in the message's length (two short slices): a hit is only a candidate, whose
+    messages ``ChatPrefix.begins`` then compares in full."""
     message = messages[at]
-    return seed, at, message["role"], message["content"]
+    content = message["content"]
+    return seed, at, message["role"], len(content), content[:MEMO_KEY_CHARS], content[-MEMO_KEY_CHARS:]
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,11 +118,11 @@ class ChatPrefix:
         return b"".join((memoryview(self.ids)[start:self.id_bytes], after))
 
     def begins(self, messages: Sequence[Mapping[str, str]]) -> bool:
-        """Whether ``messages`` begin with these (the last one is checked by the key it
-        was found under). O(characters): string comparisons, run by ``map`` and list
-        equality in C (an agent's history has hundreds of messages)."""
-        n = len(self.contents) - 1
-        if len(messages) <= n:
+        """Whether ``messages`` begin with these (all of them: the key it was found under
+        holds only part of the last one). O(characters): string comparisons, run by
+        ``map`` and list equality in C (an agent's history has hundreds of messages)."""
+        n = len(self.contents)
+        if len(messages) < n:
             return False
         if _messages_begin is not None:
             same = _messages_begin(messages, self.roles, self.contents, n)  # None: not its case

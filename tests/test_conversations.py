@@ -211,10 +211,27 @@ def test_boundary_tokens_safe():
 
 
 # -- the memo against a naive model ------------------------------------------------------
-def _prefix(n: int, size_ids: int) -> ChatPrefix:
+#: Last messages: two short ones, and two long ones that differ only in their middle (the
+#: same memo key: a key hit whose messages differ).
+LAST = ("a", "b", "x" * 40 + "P" + "x" * 40, "x" * 40 + "Q" + "x" * 40)
+
+
+def _messages(n: int, last: str) -> list[dict]:
+    return [{"role": "user", "content": f"m{i}"} for i in range(n - 1)] + [{"role": "user", "content": last}]
+
+
+def _prefix(n: int, size_ids: int, last: str) -> ChatPrefix:
     ids = pack_ids(range(size_ids))
-    return ChatPrefix(["user"] * n, [f"m{i}" for i in range(n)], ids, len(ids), list(range(size_ids // 4)),
-                      size_ids // 4, 2 * n)
+    return ChatPrefix(["user"] * n, [m["content"] for m in _messages(n, last)], ids, len(ids),
+                      list(range(size_ids // 4)), size_ids // 4, 2 * n)
+
+
+def test_long_messages_differing_in_the_middle_share_a_key_but_never_resume():
+    assert memo_key(_messages(2, LAST[2]), 1, 0) == memo_key(_messages(2, LAST[3]), 1, 0)
+    memo = ConversationMemo(10_000)
+    memo.put(memo_key(_messages(2, LAST[2]), 1, 0), _prefix(2, 16, LAST[2]))
+    assert memo.find(_messages(2, LAST[3]) + [{"role": "user", "content": "next"}], 0) == (-1, None)
+    assert memo.find(_messages(2, LAST[2]) + [{"role": "user", "content": "next"}], 0)[0] == 1
 
 
 class MemoMachine(RuleBasedStateMachine):
@@ -229,12 +246,12 @@ class MemoMachine(RuleBasedStateMachine):
     def _model_drop(self, key):
         self.model = [(k, p) for k, p in self.model if k != key]
 
-    @rule(n=st.integers(1, 4), last=st.sampled_from(["a", "b", "c"]), size=st.integers(0, 200),
+    @rule(n=st.integers(1, 4), last=st.sampled_from(LAST), size=st.integers(0, 200),
           replaces=st.one_of(st.none(), st.integers(0, 3)))
     def put(self, n, last, size, replaces):
-        key = (0, n - 1, "user", last)
+        key = memo_key(_messages(n, last), n - 1, 0)
         old = self.model[replaces % len(self.model)][0] if replaces is not None and self.model else None
-        prefix = _prefix(n, size)
+        prefix = _prefix(n, size, last)
         self.memo.put(key, prefix, replaces=old)
         if old is not None:
             self._model_drop(old)
@@ -244,16 +261,17 @@ class MemoMachine(RuleBasedStateMachine):
             while sum(p.size for _, p in self.model) > self.max_bytes:
                 self.model.pop(0)
 
-    @rule(n=st.integers(1, 5), last=st.sampled_from(["a", "b", "c"]))
+    @rule(n=st.integers(1, 5), last=st.sampled_from(LAST))
     def find(self, n, last):
-        messages = [{"role": "user", "content": f"m{i}"} for i in range(n - 1)] + [{"role": "user", "content": last}]
+        messages = _messages(n, last)
         at, found = self.memo.find(messages, 0)
         expected = (-1, None)
         for i in range(n - 1, -1, -1):
-            key = (0, i, "user", messages[i]["content"])
+            key = memo_key(messages, i, 0)
             hit = next((p for k, p in self.model if k == key), None)
-            if hit is not None and all(hit.contents[j] == messages[j]["content"] and hit.roles[j] == "user"
-                                       for j in range(len(hit.contents) - 1)):
+            # A hit is one whose every message (its last included) is the request's own.
+            if hit is not None and len(hit.contents) == i + 1 and all(
+                    hit.contents[j] == messages[j]["content"] and hit.roles[j] == "user" for j in range(i + 1)):
                 expected = (i, hit)
                 self.model = [(k, p) for k, p in self.model if k != key] + [(key, hit)]
                 break
@@ -274,7 +292,7 @@ TestMemoMachine.settings = settings(max_examples=60, stateful_step_count=30, dea
 def test_lru_order_is_kept():
     memo = ConversationMemo(10_000)
     for last in "abc":
-        memo.put((0, 0, "user", last), _prefix(1, 8))
+        memo.put(memo_key(_messages(1, last), 0, 0), _prefix(1, 8, last))
     memo.find([{"role": "user", "content": "a"}], 0)
-    assert [k[3] for k in memo._map] == ["b", "c", "a"]
+    assert [k[4] for k in memo._map] == ["b", "c", "a"]
     assert isinstance(memo._map, OrderedDict)
