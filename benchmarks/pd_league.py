@@ -90,6 +90,7 @@ def _plan_doc(plan) -> dict[str, Any]:
     return {"prefill": plan.prefill, "decode": plan.decode, "rule": plan.rule,
             "max_local_prefill_tokens": plan.max_local_prefill_tokens,
             "max_local_uncached_ratio": plan.max_local_uncached_ratio,
+            "interference_weight": plan.interference_weight,
             "prefill_options": dict(plan.prefill_options), "decode_options": dict(plan.decode_options)}
 
 

@@ -268,10 +268,12 @@ def format_table(doc: dict[str, Any]) -> str:
         for r in doc["results"]:
             s, plan = r["pd"], doc["pd_plans"][r["policy"]]
             rule = plan["rule"]
-            if rule == "conditional":
+            if rule in ("conditional", "cost"):
                 rule += f" <= {plan['max_local_prefill_tokens']}"
                 if plan["max_local_uncached_ratio"] is not None:
                     rule += f" and < {plan['max_local_uncached_ratio']:g} of the prompt"
+                if rule.startswith("cost"):
+                    rule += f", decodes delayed x {plan['interference_weight']:g}"
             lines.append(f"{r['policy']:<{w}} {s['remote']:>7} {s['local']:>6} {s['transfer_tokens']:>10} "
                          f"{ms(s['transfer_wait_p99_s']):>11} {_fmt(s['prefill_max_share_of_fair']):>10} "
                          f"{_fmt(s['decode_max_share_of_fair']):>10}  ({plan['prefill']}, {plan['decode']}; {rule})")

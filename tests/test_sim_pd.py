@@ -83,6 +83,28 @@ def test_the_conditional_rule_prefills_short_uncached_prompts_on_the_decode_repl
     assert plan.local(2050, 1800) is True and plan.local(2100, 1800) is False
 
 
+def test_the_cost_rule_prefills_locally_when_sooner_counting_the_decodes_it_delays():
+    """A shared prefix, then follow-ups with long outputs (decodes running on the decode
+    replica): the decode replica holds the prefix, so prefilling there is sooner than the
+    prefill replica plus the transfer. Counting nothing for the decodes it delays, every
+    request is prefilled locally; counting each decode's delay, fewer are; weighting it
+    prohibitively, only those that find no decode running; and never past
+    ``max_local_prefill_tokens`` uncached tokens (0: none, as every prompt has new text)."""
+    requests = [SimRequest(0, 0.0, 2000, 200, ((7, 2000),), "s")]
+    requests += [SimRequest(i, i * 0.05, 2000 + 40 * (i % 6 + 1), 200, ((7, 2000), (100 + i, 40 * (i % 6 + 1))), "s")
+                 for i in range(1, 40)]
+    local = {}
+    for weight, cap in ((0.0, 2048), (1.0, 2048), (1e6, 2048), (0.0, 0)):
+        plan = PDPlan("cost", "cache_aware", "cache_aware", "cost", max_local_prefill_tokens=cap,
+                      interference_weight=weight)
+        row, _, _ = _run(requests, plan=plan, pd=PDConfig(prefill_replicas=1, decode_replicas=1))
+        assert row["completed"] == 40 and row["pd"]["local"] + row["pd"]["remote"] == 40
+        local[weight, cap] = row["pd"]["local"]
+    assert local[0.0, 2048] == 40
+    assert 0 < local[1e6, 2048] < local[1.0, 2048] < 40
+    assert local[0.0, 0] == 0
+
+
 def test_each_pool_is_ranked_by_its_own_policy():
     """Round robin on the prefill pool spreads a repeated prompt over both prefill
     replicas (half its prefills miss); cache_aware keeps it on one (every later one
@@ -141,6 +163,10 @@ def test_bad_pd_configuration_fails_naming_the_field():
         PDConfig(transfer_latency_s=-1)
     with pytest.raises(ConfigError, match="pd_plan"):
         plan_named("nope")
+    with pytest.raises(ConfigError, match="pd.decode.*costs"):
+        PDPlan("x", prefill="cache_aware", decode="round_robin", rule="cost")
+    with pytest.raises(ConfigError, match="pd.interference_weight"):
+        PDPlan("x", prefill="cache_aware", decode="cache_aware", rule="cost", interference_weight=-1)
     config = ClusterConfig(replicas=4, changes=(ReplicaChange(1.0, "remove", "replica-0"),))
     with pytest.raises(ConfigError, match="changes"):
         PDCluster(Kernel(), config, PDConfig(), ALWAYS)
