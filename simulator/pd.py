@@ -125,13 +125,16 @@ def register_plan(plan: PDPlan) -> PDPlan:
 # replica when at most 256 prompt tokens are not cached there (docs/pd.md: it cuts TTFT
 # p50 and, on prefill-heavy traffic, p99, at a TPOT cost). "kvroute-cost": the same
 # pools, and a request prefilled on its decode replica when that is estimated sooner, the
-# delay to the replica's running decodes counted, than the best prefill replica plus the
-# transfer (at most 2,048 uncached tokens, Dynamo's bound for its conditional rule).
+# delay to the replica's running decodes counted four times (a decode stalled mid-answer
+# is worth more than a second of one request's wait: of 1, 2, 4, 8 and 16, 4 kept every
+# workload's hit rate within 0.5 points of the best in `kvroute bench pd`; 1 left chat and
+# agent 0.5-0.6 behind), than the best prefill replica plus the transfer (at most 2,048
+# uncached tokens, Dynamo's bound for its conditional rule).
 register_plan(PDPlan("kvroute", prefill="cache_aware", decode="cache_aware", rule="always"))
 register_plan(PDPlan("kvroute-conditional", prefill="cache_aware", decode="cache_aware", rule="conditional",
                      max_local_prefill_tokens=256))
 register_plan(PDPlan("kvroute-cost", prefill="cache_aware", decode="cache_aware", rule="cost",
-                     max_local_prefill_tokens=2048))
+                     max_local_prefill_tokens=2048, interference_weight=4.0))
 # smg (lightseekorg/smg @ 73da68ca, model_gateway/src/routers/http/pd_router.rs
 # select_pd_pair): one policy call per pool, independent; --prefill-policy and
 # --decode-policy default to --policy, cache_aware; never prefills on the decode worker.
