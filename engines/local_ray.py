@@ -49,10 +49,15 @@ def _wait_for_leftovers(deadline_s: float) -> None:
     have exited: ``ray.shutdown()`` signals them but does not wait for the exit."""
     import psutil
 
+    def running(process) -> bool:
+        try:
+            return process.status() != psutil.STATUS_ZOMBIE
+        except psutil.Error:  # gone since it was listed
+            return False
+
     end = time.monotonic() + deadline_s
     while time.monotonic() < end:
-        alive = [p for p in _ray_children() if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
-        if not alive:
+        if not any(running(p) for p in _ray_children()):
             return
         time.sleep(0.2)
     logger.warning("Ray processes of an earlier cluster still running after %.0f s; starting anyway", deadline_s)
@@ -65,7 +70,7 @@ def _kill_half_started() -> None:
     for process in victims:
         try:
             process.kill()
-        except psutil.NoSuchProcess:
+        except psutil.Error:  # gone already, or not ours to kill
             pass
     psutil.wait_procs(victims, timeout=10)
 

@@ -20,10 +20,13 @@ KV-cache size, KV-event stream and tokenizer fingerprint, and takes the router's
 ids. ``server_cls=None`` keeps Ray's own class (the router then learns only from its own
 decisions).
 
-On vLLM's CPU build (0.32) a dense model's DP ranks are independent engines (vLLM
-"treats them like DP=1", ``EngineCore`` per rank; only MoE models synchronise their
-ranks), so DP runs here; each rank takes a ``{"CPU": 2}`` bundle of one gang placement
-group (PACK): start Ray with enough logical CPUs first.
+Each rank takes a ``{"CPU": 2}`` bundle of one gang placement group (PACK): start Ray with
+enough logical CPUs first. vLLM's CPU build (0.32) does not run this application:
+it refuses an explicit DP rank for a dense model ("Non-MoE models do not support external
+data parallel mode"), and a MoE model's ranks start but fail their first forward pass
+(the CPU communicator has no ``all_gatherv``, which the MoE layer's DP dispatch calls).
+docs/serve.md, "Data-parallel ranks", has the errors; with GPUs and a MoE model it is Ray's
+own path.
 """
 
 from __future__ import annotations
