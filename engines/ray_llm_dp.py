@@ -21,7 +21,7 @@ ids. ``server_cls=None`` keeps Ray's own class (the router then learns only from
 decisions).
 
 Each rank takes a ``{"CPU": 2}`` bundle of one gang placement group (PACK): start Ray with
-enough logical CPUs first. vLLM's CPU build (0.32) does not run this application:
+enough logical CPUs first (else Ray's builder starts a local Ray itself, in ``dp_app``). vLLM's CPU build (0.32) does not run this application:
 it refuses an explicit DP rank for a dense model ("Non-MoE models do not support external
 data parallel mode"), and a MoE model's ranks start but fail their first forward pass
 (the CPU communicator has no ``all_gatherv``, which the MoE layer's DP dispatch calls).

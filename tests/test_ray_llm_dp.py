@@ -16,6 +16,18 @@ from router.kv_relay import local_kv_endpoints  # noqa: E402
 pytestmark = pytest.mark.serve
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _stop_the_ray_the_builder_started():
+    """Ray's DP builder starts a local Ray when none runs (as its PD builder does); the
+    modules after this one start their own clusters."""
+    import ray
+
+    running_before = ray.is_initialized()
+    yield
+    if not running_before and ray.is_initialized():
+        ray.shutdown()
+
+
 @pytest.fixture(scope="module")
 def tiny_model_path():
     from engines.tiny_model import build_tiny_model
