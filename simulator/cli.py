@@ -46,6 +46,9 @@ def add_parser(sub: argparse._SubParsersAction, positive_int, write_json) -> Non
     p.add_argument("--host-slots", type=float, metavar="S",
                    help="all replicas share one machine's compute, which runs S engines' steps at full speed "
                         "at once (CPU engines on one host; default: each replica on its own accelerator)")
+    p.add_argument("--replicas-per-host", type=int, metavar="N",
+                   help="with --host-slots: replicas share hosts N at a time, each host with its own S slots "
+                        "(the ranks of a data-parallel server on one machine; default: all on one host)")
     auto = p.add_argument_group("autoscaling (simulator.autoscale: Ray Serve's default policy)")
     auto.add_argument("--autoscale", metavar="MIN:MAX",
                       help="scale between MIN and MAX replicas on queue length (--replicas is the starting count)")
@@ -213,7 +216,8 @@ def _simulate(args: argparse.Namespace, write_json) -> int:
     names = [] if pd is not None else args.policy or policies.available()
     progress = Progress()
     cluster_options = {"kv_event_delay_s": args.kv_event_delay, "kv_events": not args.no_kv_events,
-                       "host_slots": args.host_slots, "autoscale": _autoscale_of(args),
+                       "host_slots": args.host_slots, "replicas_per_host": args.replicas_per_host,
+                       "autoscale": _autoscale_of(args),
                        "replica_speeds": _speeds_of(args), "router_knows_speeds": not args.speeds_unknown}
     doc = simulate(requests, trace=label, replicas=args.replicas, policies_to_run=names,
                    block_size=args.block_size or default_block, kv_blocks=args.kv_blocks, profile=profile,

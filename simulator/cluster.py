@@ -91,6 +91,10 @@ class ClusterConfig:
     # machine's compute, which runs this many engines' steps at full speed at once
     # (simulator.replica.SharedHost: processor sharing), e.g. CPU engines on one host.
     host_slots: float | None = None
+    # With host_slots: replicas share hosts this many at a time (replica-0..N-1 the first,
+    # and so on; each host its own host_slots): the ranks of one data-parallel server (a
+    # ``vllm serve --data-parallel-size N``) on one machine. None: all on one host.
+    replicas_per_host: int | None = None
     router_options: dict[str, Any] = field(default_factory=dict)
     # Replicas added and drained by Ray Serve's default autoscaling policy
     # (simulator.autoscale); ``replicas`` is then the starting count.
@@ -131,6 +135,12 @@ class ClusterConfig:
                                             or not isinstance(self.host_slots, (int, float))
                                             or not math.isfinite(self.host_slots) or self.host_slots <= 0):
             raise ConfigError("host_slots", f"must be a number > 0 or None, got {self.host_slots!r}")
+        per_host = self.replicas_per_host
+        if per_host is not None:
+            if isinstance(per_host, bool) or not isinstance(per_host, int) or per_host < 1:
+                raise ConfigError("replicas_per_host", f"must be a positive integer or None, got {per_host!r}")
+            if self.host_slots is None:
+                raise ConfigError("replicas_per_host", "needs host_slots (what each host's compute runs at once)")
 
     @property
     def blocks_per_replica(self) -> int:
@@ -196,6 +206,7 @@ class Cluster:
         self.wire = EventWire(kernel, config.kv_event_delay_s, self._deliver_events)
         self._muted: set[str] = set()  # replicas whose load reports are off
         self.host = SharedHost(kernel, config.host_slots) if config.host_slots is not None else None
+        self._hosts: dict[int, SharedHost] = {}  # host index -> its compute (replicas_per_host)
         # Counters of engines replaced by a restart, so engine_totals still counts them.
         self._retired_totals = {"preemptions": 0, "evictions": 0, "steps": 0}
         _check_changes(config)
@@ -243,13 +254,29 @@ class Cluster:
         engine = EngineReplica(
             name, self.kernel, profile, num_blocks=cfg.blocks_per_replica, block_size=cfg.block_size,
             max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=cfg.max_num_batched_tokens,
-            fast_decode=cfg.fast_decode, host=self.host,
+            fast_decode=cfg.fast_decode, host=self._host_of(name),
             on_first_token=self._on_first_token, on_finished=self._on_finished,
             on_stored=(lambda keys, n=name: self._kv_event(n, BlocksStored(tuple(keys)))) if cfg.kv_events else None,
             on_removed=(lambda keys, n=name: self._kv_event(n, BlocksRemoved(tuple(keys)))) if cfg.kv_events else None)
         self.engines[name] = engine
         self.routable.append(name)
         self.metrics.replica_index(name)
+
+    def _host_of(self, name: str) -> SharedHost | None:
+        """The compute ``name`` shares: the one host, or with ``replicas_per_host`` the host
+        of its group (``replica-i`` is on host ``i // replicas_per_host``; a name without
+        an index gets a host of its own)."""
+        per_host = self.config.replicas_per_host
+        if self.host is None or per_host is None:
+            return self.host
+        try:
+            index = int(name.rsplit("-", 1)[1]) // per_host
+        except (IndexError, ValueError):
+            index = -1 - len(self._hosts)
+        host = self._hosts.get(index)
+        if host is None:
+            host = self._hosts[index] = SharedHost(self.kernel, self.config.host_slots)
+        return host
 
     def _publish_replicas(self) -> None:
         now = self.kernel.now

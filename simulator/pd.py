@@ -232,6 +232,9 @@ class PDCluster:
             raise ConfigError("changes", "replica changes are not simulated with PD disaggregation")
         if config.autoscale is not None:
             raise ConfigError("autoscale", "autoscaling is not simulated with PD disaggregation")
+        if config.replicas_per_host is not None:
+            raise ConfigError("replicas_per_host", "hosts of several replicas are not simulated with PD "
+                                                   "disaggregation (host_slots: one host for all)")
         self.kernel = kernel
         self.config = config
         self.pd = pd

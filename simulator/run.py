@@ -135,6 +135,8 @@ def simulate(requests: Sequence[SimRequest], *, trace: str, replicas: int, polic
                                        "decode_options": dict(plan.decode_options)} for plan in pd_plans}
     if config.host_slots is not None:  # replicas sharing one machine's compute
         doc["host_slots"] = config.host_slots
+        if config.replicas_per_host is not None:
+            doc["replicas_per_host"] = config.replicas_per_host
     if keep_series:
         doc["_series"] = series  # for plots; removed before writing JSON
     return doc
