@@ -179,7 +179,7 @@ def _bench_pd(args: argparse.Namespace) -> int:
 
     report = pd_league.run(workloads=args.workload or (*pd_league.WORKLOADS, "mooncake"), seeds=args.seeds,
                            prefill=args.prefill_replicas, decode=args.decode_replicas, plans=args.pd_plan,
-                           jobs=args.jobs, trace=args.trace,
+                           jobs=args.jobs, trace=args.trace, first_seed=args.first_seed,
                            progress=lambda m: print(m, file=sys.stderr, flush=True))
     report["command"] = "kvroute " + " ".join(args.argv)
     print(pd_league.format_table(report))
@@ -588,6 +588,8 @@ def build_parser() -> argparse.ArgumentParser:
     pdb.add_argument("--prefill-replicas", type=_positive_int, default=4)
     pdb.add_argument("--decode-replicas", type=_positive_int, default=4)
     pdb.add_argument("--seeds", type=_positive_int, default=3, help="seeds per generated workload (default 3)")
+    pdb.add_argument("--first-seed", type=int, default=0,
+                     help="the generated workloads' first seed (default 0; others check a choice out of sample)")
     pdb.add_argument("--jobs", type=_positive_int, default=2, help="parallel processes (default 2)")
     pdb.add_argument("--trace", help="the Mooncake trace (default ../shared/data/mooncake_synthetic_trace.jsonl)")
     pdb.add_argument("--json", metavar="PATH", help="write the results as JSON")

@@ -224,3 +224,7 @@ def test_bench_pd_runs_every_plan_per_seed_and_summarizes(monkeypatch):
     assert "kvroute" in pd_league.format_table(report)
     with pytest.raises(ConfigError, match="workload"):
         pd_league.run(workloads=["nope"], plans=["kvroute"])
+    later = pd_league.run(workloads=["chat"], seeds=1, first_seed=3, prefill=2, decode=2, plans=["kvroute"], jobs=1)
+    assert [(r["workload"], r["seed"]) for r in later["runs"]] == [("chat", 3)]
+    with pytest.raises(ConfigError, match="first_seed"):
+        pd_league.run(workloads=["chat"], first_seed=-1, plans=["kvroute"])
