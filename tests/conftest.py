@@ -11,7 +11,9 @@ Ray: the environment reaches the Ray processes the tests start, and the class at
 covers routers in this process if Serve was imported already."""
 
 import os
+import sys
 
+import pytest
 from hypothesis import settings
 
 PROBE_DEADLINE_S = "5"
@@ -28,3 +30,26 @@ else:
 
 settings.register_profile("kvroute", deadline=None, max_examples=100)
 settings.load_profile("kvroute")
+
+
+# -- the exit ------------------------------------------------------------------------------
+# Once every test has run and pytest has reported, the process leaves without running the
+# interpreter's finalization: native threads that outlive the tests (Ray's core worker,
+# the tokenizers' Rust pool, ZMQ contexts of the KV-event subscribers, vLLM's engine
+# clients) can crash it there (seen once in CI: "1283 passed", then a segmentation fault
+# at exit, which made the run red). The exit status is pytest's own.
+_EXIT_STATUS = {"code": None}
+
+
+def pytest_sessionfinish(session, exitstatus):
+    _EXIT_STATUS["code"] = int(exitstatus)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config):
+    code = _EXIT_STATUS["code"]
+    if code is None or os.environ.get("KVROUTE_TEST_FINALIZE") == "1":
+        return  # no session ran (e.g. --help), or finalization asked for explicitly
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
