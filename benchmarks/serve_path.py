@@ -1011,13 +1011,10 @@ def decision_phases(tokenizer: str, workloads: Sequence[Workload], *,
                 tokenized = time.perf_counter()
                 request = service.keyed(fields, tokens, f"{workload.name}-{timed}-{i}")
                 keyed = time.perf_counter()
-                tiers = service.rank(request, replicas, began)
+                tiers = service.rank(request, replicas, began, learn=tokens.lesson(fields))
                 ranked = time.perf_counter()
                 replica = tiers[0][0] if tiers else replicas[0]
-                service.routed(request.request_id, replica)
-                lesson = tokens.lesson(fields)
-                if lesson is not None:
-                    service.learn_after(lesson, replica, len(request.keys))
+                service.routed(request.request_id, replica)  # and learns the rest, as a front door's
                 while service.learning:
                     await asyncio.sleep(0.001)
                 service.completed(request.request_id)

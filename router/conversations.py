@@ -84,7 +84,7 @@ def memo_key(messages: Sequence[Mapping[str, str]], at: int, seed: int) -> MemoK
     return seed, at, message["role"], len(content), content[:MEMO_KEY_CHARS], content[-MEMO_KEY_CHARS:]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, eq=False)
 class ChatPrefix:
     """A remembered conversation prefix: its messages' ``roles`` and ``contents`` (the
     strings; never mutated); the packed token ids of them as rendered (no generation
@@ -93,7 +93,12 @@ class ChatPrefix:
     under); and the rendered characters they stand for. ``ids`` and ``keys`` are the
     remembered request's own (its generation prompt's ids and keys after those), shared
     rather than copied: a 100k-character history is 100 KB of ids and 1,600 keys, and a
-    copy is a page-faulting allocation on every turn. Nobody mutates them."""
+    copy is a page-faulting allocation on every turn. Nobody mutates them.
+
+    ``holder``, the one field set after it is made: ``(PrefixTree.hold_mark, time)`` of
+    the replica the request was routed to, once the tree had all of its keys there
+    (inserted from that time on), or None; the next turn's match skips those keys for
+    that replica while ``PrefixTree.held_bit`` says nothing removed them."""
 
     roles: list[str]
     contents: list[str]
@@ -102,6 +107,7 @@ class ChatPrefix:
     keys: list[int]
     key_count: int
     chars: int
+    holder: tuple | None = None
 
     @property
     def size(self) -> int:

@@ -27,7 +27,7 @@ from router.errors import ConfigError
 from router.events import AllBlocksCleared, BlocksRemoved, BlocksStored
 from router.keys import DEFAULT_SEED, Keyer, make_keyer, namespace_seed
 from router.load import LoadView, check_positive, check_speed
-from router.prefix_tree import PrefixTree
+from router.prefix_tree import HeldPrefix, PrefixTree
 from router.sessions import SessionTable
 
 ReplicaId = Hashable
@@ -224,26 +224,31 @@ class RoutingCore:
         return new_route_request(keys, prompt_tokens, keyer.block_tokens, session_id or None, output_tokens,
                                  request_id)
 
-    def view(self, request: RouteRequest, now: float, candidates: Sequence[ReplicaId] | None = None) -> RoutingView:
-        """What the policy sees for ``request`` among ``candidates`` (default: all replicas)."""
-        return self._view(request, now, candidates)[0]
+    def view(self, request: RouteRequest, now: float, candidates: Sequence[ReplicaId] | None = None,
+             held: HeldPrefix | None = None) -> RoutingView:
+        """What the policy sees for ``request`` among ``candidates`` (default: all
+        replicas). ``held``: ``PrefixTree.match_best``'s hint (the same view, found
+        sooner)."""
+        return self._view(request, now, candidates, held)[0]
 
     def _view(self, request: RouteRequest, now: float,
-              candidates: Sequence[ReplicaId] | None) -> tuple[RoutingView, int]:
+              candidates: Sequence[ReplicaId] | None, held: HeldPrefix | None = None) -> tuple[RoutingView, int]:
         """``view``, and the longest match among the candidates."""
         replicas = self._replicas if candidates is None else tuple(candidates)
         session_replica = self.sessions.get(request.session_id, now) if request.session_id else None
         if session_replica is not None and session_replica not in replicas:
             session_replica = None
         tree = self.tree
-        matched, best = tree.match_best(request.keys, replicas, now)
+        matched, best = tree.match_best(request.keys, replicas, now, held)
         return RoutingView.fast(replicas, matched, self.load.loads, now, self.rng, session_replica,
                                 tree.replica_blocks, tree.capacities, tree.default_capacity_blocks), best
 
     def rank(self, request: RouteRequest, now: float,
-             candidates: Sequence[ReplicaId] | None = None) -> tuple[Tiers, RoutingView]:
-        """The policy's tiers for ``request``, and the view they were computed from."""
-        view = self.view(request, now, candidates)
+             candidates: Sequence[ReplicaId] | None = None,
+             held: HeldPrefix | None = None) -> tuple[Tiers, RoutingView]:
+        """The policy's tiers for ``request``, and the view they were computed from
+        (``held``: as ``view``'s)."""
+        view = self.view(request, now, candidates, held)
         if not view.replicas:
             return [], view
         return self.policy.rank(request, view), view

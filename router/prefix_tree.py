@@ -54,6 +54,7 @@ import heapq
 import math
 import sys
 from collections.abc import Hashable, Iterable, Sequence
+from dataclasses import dataclass
 from heapq import merge
 from itertools import chain, islice
 from operator import itemgetter
@@ -90,10 +91,30 @@ class _OrderedTimes(dict):
         return victims, next_deadline
 
 
-class _ReplicaBlocks:
-    """One replica's speculative and confirmed blocks, each map in LRU order."""
+#: ``PrefixTree.hold_mark``'s token: the replica's record and its removal count.
+HoldMark = tuple
 
-    __slots__ = ("replica", "slot", "bit", "spec", "conf", "capacity", "evicted", "expired")
+
+@dataclass(frozen=True, slots=True)
+class HeldPrefix:
+    """``match_best``'s hint: ``mark`` (``PrefixTree.hold_mark`` taken once the first
+    ``depth`` keys of a chain were all inserted for the replica, the earliest of those
+    inserts at ``since``)."""
+
+    mark: HoldMark
+    since: float
+    depth: int
+
+
+class _ReplicaBlocks:
+    """One replica's speculative and confirmed blocks, each map in LRU order, and what
+    ``PrefixTree.held_bit`` needs to know that a chain inserted earlier is still whole:
+    ``dropped_through``, the latest move time of any entry evicted or expired (both go
+    oldest first), and ``removals``, a count of the other removals (an engine's
+    BlockRemoved or AllBlocksCleared), which can take any entry."""
+
+    __slots__ = ("replica", "slot", "bit", "spec", "conf", "capacity", "evicted", "expired",
+                 "dropped_through", "removals")
 
     def __init__(self, replica: ReplicaId, slot: int, capacity: int, times: type) -> None:
         self.replica = replica
@@ -104,6 +125,8 @@ class _ReplicaBlocks:
         self.capacity = capacity
         self.evicted = 0
         self.expired = 0
+        self.dropped_through = -math.inf
+        self.removals = 0
 
     def __len__(self) -> int:
         return len(self.spec) + len(self.conf)
@@ -297,17 +320,27 @@ class PrefixTree:
         return self.match_best(keys, replicas, now)[0]
 
     def match_best(self, keys: Sequence[int], replicas: Sequence[ReplicaId],
-                   now: float) -> tuple[dict[ReplicaId, int], int]:
+                   now: float, held: HeldPrefix | None = None) -> tuple[dict[ReplicaId, int], int]:
         """``match``, and the longest of its matches (0 if none), which the walk knows for
-        free. O(matched blocks + replicas)."""
+        free. O(matched blocks + replicas). ``held``: a replica that held the first keys
+        of this chain at a known time (``HeldPrefix``); when ``held_bit`` says it still
+        does, the walk does not probe them for it: O(new blocks + the other replicas'
+        matches) for a conversation's next turn. The result is the same either way."""
         if now > self._next_expiry:
             self.expire(now)
         alive = self._mask if replicas is self._mask_for else self._candidate_mask(replicas)
         result = self._zeros.copy()  # dict.fromkeys(replicas, 0), cached with the mask
         if not alive or not keys:
             return result, 0
+        known = known_depth = 0
+        if held is not None:
+            known = self.held_bit(held.mark, held.since) & alive
+            if known:
+                known_depth = min(held.depth, len(keys))
         walks = self._walks
         if walks is not None:  # the same walk in C, writing into ``result``
+            if known:
+                return result, walks.match_into(keys, alive, result, self._slot_replica, known, known_depth)
             return result, walks.match_into(keys, alive, result, self._slot_replica)
         members = self._members
         update = result.update
@@ -315,7 +348,7 @@ class PrefixTree:
         owners_get = self._owners.get
         longest = 0
         for depth, key in enumerate(keys):
-            still = owners_get(key, 0) & alive
+            still = (owners_get(key, 0) | known if depth < known_depth else owners_get(key, 0)) & alive
             if still != alive:
                 if depth:  # the result already says 0
                     update(fromkeys(members(alive ^ still), depth))
@@ -327,6 +360,27 @@ class PrefixTree:
             update(fromkeys(members(alive), len(keys)))
             longest = len(keys)
         return result, longest
+
+    def hold_mark(self, replica: ReplicaId) -> HoldMark | None:
+        """What ``held_bit`` compares with later to know that ``replica`` lost no entry
+        since now (None for an unknown replica). Take it after inserting the chain. O(1)."""
+        rb = self._replicas.get(replica)
+        return None if rb is None else (rb, rb.removals)
+
+    def held_bit(self, mark: HoldMark, since: float) -> int:
+        """The replica's bit when every entry it held at ``mark`` and had moved at or
+        after ``since - touch_coalesce_s`` is certainly still held, else 0. A chain
+        inserted (or touched by an insert) at ``since`` and complete at ``mark`` then is
+        whole: nothing removed the replica's entries since ``mark`` but evictions and
+        expiries, which take the oldest entries first and took none that recent. (The
+        replica's removal count and its own record are compared: an engine's removal,
+        or the replica leaving and coming back, gives 0.) Conservative: 0 is always
+        safe (the walk then probes every key). O(1)."""
+        rb, removals = mark
+        if (self._replicas.get(rb.replica) is not rb or rb.removals != removals
+                or rb.dropped_through >= since - self.touch_coalesce_s):
+            return 0
+        return rb.bit
 
     def _members(self, mask: int) -> tuple:
         """The replicas whose bits are set in ``mask`` (memoised; few masks recur)."""
@@ -453,15 +507,20 @@ class PrefixTree:
 
     def _evict(self, rb: _ReplicaBlocks, count: int) -> None:
         if self._walks is not None:  # the loop below, in C
-            self._walks.evict(rb.spec, rb.conf, count, rb.bit)
+            _, newest = self._walks.evict(rb.spec, rb.conf, count, rb.bit)
             rb.evicted += count
+            if newest > rb.dropped_through:
+                rb.dropped_through = newest
             return
         spec_pop = rb.spec.pop
-        conf = rb.conf
+        conf_pop = rb.conf.pop
         victims = rb.lru(count)  # the oldest ``count`` entries of both kinds
         for key in victims:
-            if spec_pop(key, None) is None:
-                del conf[key]
+            moved = spec_pop(key, None)
+            if moved is None:
+                moved = conf_pop(key)
+            if moved > rb.dropped_through:
+                rb.dropped_through = moved
         self._drop_bits(victims, rb.bit)
         rb.evicted += count
 
@@ -481,12 +540,16 @@ class PrefixTree:
         if rb is None:
             return 0
         if self._walks is not None:  # the loop below, in C
-            return self._walks.remove_walk(rb.spec, rb.conf, keys, rb.bit)
-        spec_pop = rb.spec.pop
-        conf_pop = rb.conf.pop
-        gone = [key for key in keys if spec_pop(key, None) is not None or conf_pop(key, None) is not None]
-        self._drop_bits(gone, rb.bit)
-        return len(gone)
+            removed = self._walks.remove_walk(rb.spec, rb.conf, keys, rb.bit)
+        else:
+            spec_pop = rb.spec.pop
+            conf_pop = rb.conf.pop
+            gone = [key for key in keys if spec_pop(key, None) is not None or conf_pop(key, None) is not None]
+            self._drop_bits(gone, rb.bit)
+            removed = len(gone)
+        if removed:
+            rb.removals += 1
+        return removed
 
     def clear_replica(self, replica: ReplicaId) -> int:
         """Forget every block of ``replica`` but keep it registered (AllBlocksCleared)."""
@@ -495,6 +558,7 @@ class PrefixTree:
             return 0
         self._drop_bits(list(chain(rb.spec, rb.conf)), rb.bit)
         removed = len(rb)
+        rb.removals += 1
         times = type(rb.spec)
         rb.spec = times()
         rb.conf = times()
@@ -522,6 +586,8 @@ class PrefixTree:
             victims, deadline = rb.spec.pop_expired(ttl, now)
             if deadline < next_expiry:
                 next_expiry = deadline
+            if victims and now - ttl > rb.dropped_through:
+                rb.dropped_through = now - ttl  # each was last moved before now - ttl
             self._drop_bits(victims, rb.bit)
             rb.expired += len(victims)
             total += len(victims)

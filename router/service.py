@@ -35,9 +35,10 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from policies.base import RouteRequest
-from router.conversations import DEFAULT_MEMO_BYTES, ChatResume, ChatResumer
+from router.conversations import DEFAULT_MEMO_BYTES, ChatPrefix, ChatResume, ChatResumer
 from router.core import RoutingCore
 from router.errors import ConfigError
+from router.prefix_tree import HeldPrefix
 from router.keys import DEFAULT_SEED, CharChunkKeyer, TokenBlockKeyer, namespace_seed
 from router.metrics import (FLUSH_INTERVAL_S, TOKENIZE_RESULTS, ReplicaSnapshot, RouterMetrics, RouterSnapshot,
                             ray_metric_factory)
@@ -208,6 +209,7 @@ class Pending:
     payload: Any = None
     learn: Lesson | None = None
     tenant: int | None = None  # the key namespace's seed, kept only while recording
+    remembered: ChatPrefix | None = None  # the memo entry this decision's keys made
 
 
 class RoutingService:
@@ -273,6 +275,10 @@ class RoutingService:
         # namespace seed of each keyed request waits here for its decision.
         self.recorder = TraceRecorder(own["record"], name=name) if own["record"] is not None else None
         self._tenants: dict[str, int] = {}
+        # ``keyed``'s last request, the tree hint its remembered prefix gives and the memo
+        # entry it made, for the ``rank`` that follows it (both front doors call the two
+        # back to back): one slot, so nothing accumulates when a request is not ranked.
+        self._keyed: tuple[RouteRequest | None, HeldPrefix | None, ChatPrefix | None] = (None, None, None)
         self._flush_scheduled = False
 
     @staticmethod
@@ -392,7 +398,8 @@ class RoutingService:
             self.metrics.record_tokenize_wait(waited)
             self.tokenize_wait_seconds += waited
 
-    def learn_after(self, lesson: Lesson, replica: str, known_keys: int = 0) -> None:
+    def learn_after(self, lesson: Lesson, replica: str, known_keys: int = 0,
+                    hold: tuple[Any, float] | None = None) -> None:
         """Wait for the lesson's ``encoding`` (the pool's future caching its missing
         pieces), or encode them on the pool when it was full then, and teach the tree
         that ``replica`` now holds the whole prompt (speculative, like any routed
@@ -400,8 +407,10 @@ class RoutingService:
         inserted), so that the next turn matches all of it; a chat's whole prompt is
         remembered in the conversation memo too. Runs as a task the service owns
         (``close`` cancels those still running); a full pool or a failing tokenizer leaves
-        the tree as the decision left it (the KV events still bring the truth)."""
-        task = asyncio.get_running_loop().create_task(self._learn(lesson, replica, known_keys))
+        the tree as the decision left it (the KV events still bring the truth). ``hold``:
+        ``routed``'s mark of the replica once it held the first ``known_keys`` keys, and
+        when; the remembered prefix's ``holder`` once the tree has the rest."""
+        task = asyncio.get_running_loop().create_task(self._learn(lesson, replica, known_keys, hold))
         self._learning.add(task)
         task.add_done_callback(self._learning.discard)
 
@@ -410,7 +419,7 @@ class RoutingService:
         """``learn_after`` tasks still encoding."""
         return len(self._learning)
 
-    async def _learn(self, lesson: Lesson, replica: str, known_keys: int) -> None:
+    async def _learn(self, lesson: Lesson, replica: str, known_keys: int, hold: tuple[Any, float] | None) -> None:
         prompts = self.prompts
         fields, missing, encoding, resume = lesson
         try:
@@ -428,9 +437,12 @@ class RoutingService:
         except Exception:  # noqa: BLE001 - the decision stands; only the lesson is lost
             return
         if ids is not None:
-            request = self.key(fields, ids if resume is None else resume.join(ids), None, resume=resume,
-                               remember=True)
+            request, remembered = self._key(fields, ids if resume is None else resume.join(ids), None,
+                                            resume=resume, remember=True)
             self.core.learn(replica, request.keys[known_keys:], self.now())
+            if remembered is not None and hold is not None and replica in self.core.replicas \
+                    and len(request.keys) <= self.core.tree.capacity(replica):
+                remembered.holder = hold
 
     def _seed(self, fields: RequestFields) -> int:
         """The key seed of ``fields``'s namespace (model, adapter, salt). A LoRA adapter's
@@ -447,21 +459,39 @@ class RoutingService:
 
     def keyed(self, fields: RequestFields, found: Tokenized, request_id: str) -> RouteRequest:
         """``key`` for what ``tokenized`` found; a chat whose whole prompt's ids are known
-        is remembered in the conversation memo (its next turn resumes there)."""
-        return self.key(fields, found.ids, request_id, found.uncached_chars, resume=found.resume,
-                        remember=not found.missing, ids_past_prefix=found.past_prefix)
+        is remembered in the conversation memo (its next turn resumes there). A chat
+        resumed from a prefix whose replica still holds all of its blocks (the prefix's
+        ``holder``) hands ``rank`` that fact, so the tree's match skips those blocks."""
+        request, remembered = self._key(fields, found.ids, request_id, found.uncached_chars, resume=found.resume,
+                                        remember=not found.missing, ids_past_prefix=found.past_prefix)
+        held = None
+        resume = found.resume
+        if resume is not None and resume.prefix is not None and found.ids is not None:
+            holder = resume.prefix.holder
+            if holder is not None:
+                held = HeldPrefix(holder[0], holder[1], resume.prefix.key_count)
+        self._keyed = (request, held, remembered)
+        return request
 
     def key(self, fields: RequestFields, ids: bytes | None, request_id: str | None,
             uncached_chars: int = 0, *, resume: ChatResume | None = None, remember: bool = False,
             ids_past_prefix: bool = False) -> RouteRequest:
+        """``_key``'s request."""
+        return self._key(fields, ids, request_id, uncached_chars, resume=resume, remember=remember,
+                         ids_past_prefix=ids_past_prefix)[0]
+
+    def _key(self, fields: RequestFields, ids: bytes | None, request_id: str | None,
+             uncached_chars: int = 0, *, resume: ChatResume | None = None, remember: bool = False,
+             ids_past_prefix: bool = False) -> tuple[RouteRequest, ChatPrefix | None]:
         """Key ``fields`` (``ids``: the prompt's packed token ids, when tokenized; with
         ``uncached_chars``, the ids of its leading part only, the rest being that many
         characters, counted at four per token in the prompt's size). ``resume``: the
         chat's remembered prefix, whose keys are reused (only the blocks past them are
         hashed); ``remember``: ``ids`` are the whole prompt's, to be remembered;
         ``ids_past_prefix``: ``ids`` are those after ``resume``'s prefix only (never with
-        ``remember``)."""
+        ``remember``). Also returns the memo entry it made (None when it made none)."""
         seed = self._seed(fields)
+        remembered = None
         if self.recorder is not None and request_id is not None:
             # The trace's tenant digest, taken by ``rank`` into the decision's entry.
             tenants = self._tenants
@@ -485,8 +515,8 @@ class RoutingService:
             else:
                 keys = keyer.keys_packed(prefix.tail(0, ids) if ids_past_prefix else ids, seed)
             if remember and resume is not None:
-                self.resumer.memo.put(resume.key, resume.remembered(ids, keys, 4 * keyer.block_tokens),
-                                      replaces=resume.parent)
+                remembered = resume.remembered(ids, keys, 4 * keyer.block_tokens)
+                self.resumer.memo.put(resume.key, remembered, replaces=resume.parent)
             prompt_tokens = prompt_bytes // 4 + -(-uncached_chars // 4)
         else:
             keyer = self._token_keyer if fields.is_tokens else self._char_keyer
@@ -499,7 +529,8 @@ class RoutingService:
             # conversation, and must not steer (or be steered by) this tenant's traffic.
             session = f"{seed:016x}:{session}"
         return RouteRequest(keys=keys, prompt_tokens=max(1, prompt_tokens), block_tokens=keyer.block_tokens,
-                            session_id=session, output_tokens=fields.max_tokens, request_id=request_id)
+                            session_id=session, output_tokens=fields.max_tokens,
+                            request_id=request_id), remembered
 
     def id_takers(self) -> list[bool] | None:
         """For the engines that reported this router's tokenizer fingerprint, whether each
@@ -522,7 +553,11 @@ class RoutingService:
         request is reserved on the first tier's least-loaded replica, so that rankings
         before it is reported routed see it (``routed`` replaces this with the real one)."""
         now = self.now()
-        tiers, view = self.core.rank(request, now, candidates=candidates)
+        keyed, held, remembered = self._keyed
+        if keyed is not request:
+            held = remembered = None
+        self._keyed = (None, None, None)
+        tiers, view = self.core.rank(request, now, candidates=candidates, held=held)
         allowed = set(candidates)
         tiers = [[k for k in tier if k in allowed] for tier in tiers]
         tiers = [tier for tier in tiers if tier]
@@ -530,7 +565,8 @@ class RoutingService:
         self.loop_seconds += latency
         self._remember(Pending(request, view.matched_blocks, view.session_replica if tiers else FALLBACK, latency,
                                payload, learn,
-                               self._tenants.pop(request.request_id, None) if self.recorder is not None else None))
+                               self._tenants.pop(request.request_id, None) if self.recorder is not None else None,
+                               remembered))
         if tiers:
             loads = self.core.load.loads
             top = min(tiers[0], key=lambda k: loads[k].in_flight if k in loads else 0)
@@ -563,8 +599,15 @@ class RoutingService:
         now = self.now()
         chosen = entry.matched.get(replica, 0)
         self.core.on_routed(request, replica, now, matched_blocks=chosen)
+        # The replica now holds every key of the request, inserted at ``now``: its next
+        # turn's match may skip them while nothing removed them (``PrefixTree.held_bit``).
+        # Not for a chain longer than the replica's capacity (the insert keeps its head).
+        tree = self.core.tree
+        hold = (tree.hold_mark(replica), now) if len(request.keys) <= tree.capacity(replica) else None
+        if entry.remembered is not None:
+            entry.remembered.holder = hold
         if entry.learn is not None:
-            self.learn_after(entry.learn, replica, len(request.keys))
+            self.learn_after(entry.learn, replica, len(request.keys), hold)
         self._schedule_first_token(request, replica, chosen)
         if self.recorder is not None:
             self.recorder.record(request.keys, request.prompt_tokens, request.block_tokens, request.output_tokens,

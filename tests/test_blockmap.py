@@ -256,3 +256,39 @@ def test_valid_keys_agrees_with_its_python_twin(keys, as_tuple):
     value = tuple(keys) if as_tuple else keys
     assert valid_keys(value) is _valid_keys_py(value)
     assert valid_keys(iter(keys)) is False and _valid_keys_py(iter(keys)) is False
+
+
+def test_match_into_with_known_holders_skips_only_their_probes():
+    """``known`` replicas count as holding ``keys[:known_depth]`` (the caller's guarantee,
+    here deliberately false for slot 0 to show the probes are skipped), the others are
+    probed as usual; arguments are checked."""
+    bm = BlockMap()
+    keys = list(range(100, 110))
+    for key in keys[:4]:
+        bm[key] = 0b11  # slots 0 and 1 hold the first 4 keys
+    bm[keys[8]] = 0b1   # slot 0 also holds a later key (its own 5th-8th are absent)
+    slots = ["a", "b", "c"]
+    plain = {"a": 0, "b": 0, "c": 0}
+    assert bm.match_into(keys, 0b111, plain, slots) == 4 and plain == {"a": 4, "b": 4, "c": 0}
+    hinted = {"a": 0, "b": 0, "c": 0}
+    # Slot 0 "known" to hold the first 9: b still drops at 4, a walks on from 9 (absent).
+    assert bm.match_into(keys, 0b111, hinted, slots, 0b1, 9) == 9 and hinted == {"a": 9, "b": 4, "c": 0}
+    capped = {"a": 0, "b": 0, "c": 0}
+    assert bm.match_into(keys, 0b011, capped, slots, 0b1, 99) == 10 and capped["a"] == 10  # depth capped at len
+    outside = {"a": 0, "b": 0, "c": 0}
+    assert bm.match_into(keys, 0b010, outside, slots, 0b1, 9) == 4 and outside["a"] == 0  # known & alive only
+    with pytest.raises(ValueError, match="known_depth"):
+        bm.match_into(keys, 0b1, {}, slots, 0b1, -1)
+    with pytest.raises(TypeError):
+        bm.match_into(keys, 0b1, {}, slots, 0b1)
+
+
+def test_evict_reports_the_newest_time_it_evicted():
+    bm, spec, conf = BlockMap(), BlockLRU(), BlockLRU()
+    for key, time in ((1, 1.0), (2, 2.0), (3, 3.0)):
+        bm[key] = 0b1
+        (spec if key != 2 else conf)[key] = time
+    assert bm.evict(spec, conf, 2, 0b1) == (2, 2.0)
+    assert list(bm.items()) == [(3, 1)]
+    assert bm.evict(spec, conf, 5, 0b1) == (1, 3.0)
+    assert bm.evict(spec, conf, 1, 0b1) == (0, -math.inf)

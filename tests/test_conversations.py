@@ -160,6 +160,67 @@ def test_a_turn_keyed_before_the_pool_is_remembered_whole_after():
         PromptTokenizer.forget_shared()
 
 
+@pytest.mark.parametrize("wait_ms", [600_000, 0], ids=["ids-at-decision", "pool-after"])
+def test_a_resumed_turn_skips_the_blocks_its_replica_still_holds(wait_ms):
+    """A turn resumed from a prefix that its replica held whole (the prefix's ``holder``)
+    hands the tree's match that fact, whether the turn's ids were all known at the
+    decision or learned after it from the pool: the match skips those blocks for that
+    replica and its result is the plain walk's, with another conversation sharing the
+    system prompt elsewhere. An engine's BlockRemoved in the middle of the history
+    withdraws the hint and the match sees the hole."""
+    PromptTokenizer.forget_shared()
+    service = RoutingService({"policy": "cache_aware", "tokenizer": str(shipped_tokenizer_path("llama3")),
+                              "block_size": BLOCK, "tokenize_wait_ms": wait_ms})
+    replicas = ["a", "b", "c"]
+    service.set_replicas(replicas)
+    tree = service.core.tree
+    plain_match_best = tree.match_best
+    hints, matches = [], []
+
+    def match_best(keys, asked, now, held=None):
+        got = plain_match_best(keys, asked, now, held)
+        hints.append(None if held is None else tree.held_bit(held.mark, held.since))
+        assert got == plain_match_best(keys, asked, now)  # the hint never changes the result
+        matches.append(got[0])
+        return got
+
+    tree.match_best = match_best
+
+    async def turn(messages, request_id):
+        fields = service.parse({"messages": messages})
+        found = await service.tokenized(fields, wait_ms / 1000, ids_wanted=False)
+        request = service.keyed(fields, found, request_id)
+        tiers = service.rank(request, replicas, 0.0, learn=found.lesson(fields))
+        service.routed(request.request_id, tiers[0][0])
+        await until_learned(service)
+        return request, tiers[0][0]
+
+    async def run():
+        system = {"role": "system", "content": "You route. " * 100}
+        other = [system, {"role": "user", "content": "someone else " * 60}]
+        messages = [system, {"role": "user", "content": "first question " * 50}]
+        await turn(other, "other")
+        chosen = []
+        for i in range(3):
+            request, replica = await turn(messages, f"t{i}")
+            chosen.append(replica)
+            if i:
+                assert hints[-1] == tree._replicas[chosen[i - 1]].bit  # the last turn's replica, whole
+            messages = messages + [{"role": "assistant", "content": f"answer {i} " * 80},
+                                   {"role": "user", "content": f"question {i} " * 80}]
+        # The engine drops a block in the middle of the history: no hint, and the
+        # match stops there.
+        assert tree.remove(chosen[-1], [request.keys[5]]) == 1
+        await turn(messages, "after-removal")
+        assert hints[-1] == 0 and matches[-1][chosen[-1]] == 5
+
+    try:
+        asyncio.run(run())
+    finally:
+        service.close()
+        PromptTokenizer.forget_shared()
+
+
 def test_conversations_sharing_their_last_message_do_not_resume_from_each_other(service):
     async def run():
         one = [{"role": "system", "content": "tenant one's secret"}, {"role": "user", "content": "same question"}]

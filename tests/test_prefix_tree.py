@@ -20,7 +20,7 @@ from hypothesis.stateful import Bundle, RuleBasedStateMachine, initialize, invar
 from router.errors import ConfigError
 from router.keys import (DEFAULT_SEED, CharChunkKeyer, PrehashedKeyer, TokenBlockKeyer,
                          namespace_seed)
-from router.prefix_tree import PrefixTree
+from router.prefix_tree import HeldPrefix, PrefixTree
 
 class PurePythonPrefixTree(PrefixTree):
     """The tree with its C walks turned off: the Python reference loops only."""
@@ -100,6 +100,8 @@ class PrefixTreeMachine(RuleBasedStateMachine):
         self.step = STEPS[0]
         self.ref: dict = {}
         self.last_tuple: tuple | None = None
+        # (replica, chain, hold_mark, time) of whole chains inserted: match_held's hints
+        self.holds: list[tuple] = []
 
     @initialize(capacity=st.integers(6, 12), step=st.sampled_from(STEPS))
     def setup(self, capacity, step):
@@ -154,7 +156,23 @@ class PrefixTreeMachine(RuleBasedStateMachine):
         if excess > 0:
             rr.evict_oldest(excess)
         assert new == expected_new
+        if len(seq) <= rr.capacity:  # the whole chain is held now (RoutingService's condition)
+            self.holds = self.holds[-15:] + [(replica, seq, self.tree.hold_mark(replica), now)]
         return seq
+
+    @rule(pick=st.integers(0, 15), more=seqs,
+          replicas=st.lists(st.sampled_from(ALL_IDS), unique=True, max_size=5), depth_cut=st.integers(0, 2))
+    def match_held(self, pick, more, replicas, depth_cut):
+        """A hint from any earlier whole insert, whatever happened since (evictions,
+        expiries, removals, the replica dropped and re-added, capacities cut): the match
+        is the reference's, with or without it."""
+        if not self.holds:
+            return
+        replica, seq, mark, since = self.holds[pick % len(self.holds)]
+        now = self.tick()
+        asked = list(dict.fromkeys([replica] + replicas))
+        held = HeldPrefix(mark, since, max(0, len(seq) - depth_cut))
+        self.check_match(seq + more, asked, now, held)
 
     def do_remove(self, replica, seq, indices) -> None:
         self.tick()
@@ -201,9 +219,9 @@ class PrefixTreeMachine(RuleBasedStateMachine):
                     expired += 1
         return expired
 
-    def check_match(self, seq, asked, now) -> None:
+    def check_match(self, seq, asked, now, held=None) -> None:
         # Documented: match first sweeps every expired speculative entry (as expire does).
-        got, longest = self.tree.match_best(keys_of(seq), asked, now)
+        got, longest = self.tree.match_best(keys_of(seq), asked, now, held)
         self.ref_expire(now)
         expected = {}
         for replica in asked:

@@ -15,11 +15,13 @@
  * run as methods here so they never leave C:
  *
  *   match_walk(keys, alive)        the prefix-match walk of PrefixTree.match
- *   match_into(keys, alive, result, slot_replica)
- *                                  the same walk, written into the result dict
+ *   match_into(keys, alive, result, slot_replica[, known, known_depth])
+ *                                  the same walk, written into the result dict (skipping
+ *                                  the keys replicas are known to hold)
  *   insert_walk(spec, conf, keys, bit, now, stale_before, confirmed, held)
  *                                  the touch/insert loop of PrefixTree.insert
- *   evict(spec, conf, count, bit)  LRU eviction of one replica's oldest entries
+ *   evict(spec, conf, count, bit)  LRU eviction of one replica's oldest entries (and the
+ *                                  newest time among them)
  *   drop_bits(keys, bit)           clear one replica's bit on each key (expiry, removal),
  *                                  deleting the keys left with no owner
  *
@@ -1038,39 +1040,73 @@ lowest_bit(uint64_t x) /* x != 0 */
 #endif
 }
 
-/* match_into(keys, alive, result, slot_replica) -> longest
+/* match_into(keys, alive, result, slot_replica[, known, known_depth]) -> longest
  * match_walk, written straight into ``result`` (a dict replica -> matched blocks whose
  * candidates the caller set to 0): every replica whose bit drops out at depth d > 0, or
  * survives the whole chain (d = len(keys)), gets result[slot_replica[slot]] = d. Returns
  * the longest d written (0 if none): the best match, which the router needs and max()
  * over the dict would cost more than the walk. Saves the pairs and the Python loop over
- * them on the router's per-request path. */
+ * them on the router's per-request path.
+ *
+ * ``known`` (a mask) and ``known_depth``: the caller guarantees that those replicas hold
+ * keys[:known_depth] (PrefixTree.match_best's ``held``: a conversation's replica whose
+ * blocks nothing removed since its last turn). Their bits count as set on those keys,
+ * and once only they are alive the walk jumps to known_depth: a turn of a long
+ * conversation probes its new blocks and the other replicas' short matches, not its
+ * whole history. The result is the plain walk's whenever the guarantee holds. */
 static PyObject *
 BlockMap_match_into(BlockMap *bm, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 4 || !PyDict_Check(args[2]) || !PyList_Check(args[3])) {
-        PyErr_SetString(PyExc_TypeError, "match_into(keys, alive, result: dict, slot_replica: list)");
+    if ((nargs != 4 && nargs != 6) || !PyDict_Check(args[2]) || !PyList_Check(args[3])) {
+        PyErr_SetString(PyExc_TypeError,
+                        "match_into(keys, alive, result: dict, slot_replica: list[, known, known_depth])");
         return NULL;
     }
     PyObject *result = args[2], *slots = args[3];
-    uint64_t alive;
+    uint64_t alive, known = 0;
+    Py_ssize_t known_depth = 0;
     if (as_mask(args[1], &alive) < 0)
         return NULL;
+    if (nargs == 6) {
+        if (as_mask(args[4], &known) < 0)
+            return NULL;
+        known_depth = PyLong_AsSsize_t(args[5]);
+        if (known_depth == -1 && PyErr_Occurred())
+            return NULL;
+        if (known_depth < 0) {
+            PyErr_SetString(PyExc_ValueError, "known_depth must be >= 0");
+            return NULL;
+        }
+        known &= alive;
+    }
     PyObject *seq = PySequence_Fast(args[0], "keys must be a sequence");
     if (seq == NULL)
         return NULL;
     Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
     PyObject **items = PySequence_Fast_ITEMS(seq);
+    if (known_depth > n)
+        known_depth = n;
+    if (!known)
+        known_depth = 0;
     if (alive)
         prefetch_homes(bm, items, 0, n);
     Py_ssize_t depth = 0, longest = 0;
     for (; depth <= n && alive; depth++) {
+        if (depth < known_depth && !(alive & ~known)) {
+            /* Only replicas known to hold keys[:known_depth] are left: they survive to
+             * there without a probe (the caller's guarantee), so the walk skips to it. */
+            depth = known_depth;
+            prefetch_homes(bm, items, depth, n);
+        }
         uint64_t still = 0; /* past the last key every survivor "drops" at depth n */
         if (depth < n) {
             uint64_t key;
             if (as_key(items[depth], &key) < 0)
                 goto error;
-            still = bm->slots[probe(bm, key)].mask & alive;
+            still = bm->slots[probe(bm, key)].mask;
+            if (depth < known_depth)
+                still |= known;
+            still &= alive;
         }
         uint64_t dropped = alive ^ still;
         if (dropped && depth > 0) {
@@ -1208,11 +1244,12 @@ error:
     return NULL;
 }
 
-/* evict(spec, conf, count, bit) -> evicted
+/* evict(spec, conf, count, bit) -> (evicted, newest)
  * Remove the replica's ``count`` least recently moved entries: the merge of its two
  * BlockLRUs by time, speculative first on equal times (as heapq.merge(spec, conf) in
  * _ReplicaBlocks.lru), clearing its bit on each and removing blocks left with no owner.
- * O(count). */
+ * ``newest``: the latest time among them (-inf if none), which PrefixTree keeps as the
+ * replica's ``dropped_through`` (no entry moved after it was evicted). O(count). */
 static PyObject *
 BlockMap_evict(BlockMap *bm, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -1228,6 +1265,7 @@ BlockMap_evict(BlockMap *bm, PyObject *const *args, Py_ssize_t nargs)
     if (as_mask(args[3], &bit) < 0)
         return NULL;
     Py_ssize_t done = 0;
+    double newest = -Py_HUGE_VAL;
     for (; done < count; done++) {
         int32_t s = spec->head, c = conf->head;
         if (s == LRU_NONE && c == LRU_NONE)
@@ -1236,6 +1274,8 @@ BlockMap_evict(BlockMap *bm, PyObject *const *args, Py_ssize_t nargs)
                              ? spec : conf;
         size_t at = (size_t)from->head;
         uint64_t key = from->slots[at].key;
+        if (from->slots[at].time > newest)
+            newest = from->slots[at].time;
         lru_erase_at(from, at);
         size_t i = probe(bm, key);
         if (!(bm->slots[i].mask & bit)) {
@@ -1248,7 +1288,7 @@ BlockMap_evict(BlockMap *bm, PyObject *const *args, Py_ssize_t nargs)
     }
     if (lru_maybe_shrink(spec) < 0 || lru_maybe_shrink(conf) < 0 || maybe_shrink(bm) < 0)
         return NULL;
-    return PyLong_FromSsize_t(done);
+    return Py_BuildValue("(nd)", done, newest);
 }
 
 /* drop_bits(keys, bit) -> None: clear ``bit`` on every key, removing the keys left with
@@ -1361,11 +1401,11 @@ static PyMethodDef BlockMap_methods[] = {
     {"match_walk", (PyCFunction)(void (*)(void))BlockMap_match_walk, METH_FASTCALL,
      "match_walk(keys, alive) -> [(dropped mask, depth), ...]: PrefixTree.match's walk."},
     {"match_into", (PyCFunction)(void (*)(void))BlockMap_match_into, METH_FASTCALL,
-     "match_into(keys, alive, result, slot_replica): match_walk written into result."},
+     "match_into(keys, alive, result, slot_replica[, known, known_depth]): match_walk written into result."},
     {"insert_walk", (PyCFunction)(void (*)(void))BlockMap_insert_walk, METH_FASTCALL,
      "insert_walk(spec, conf, keys, bit, now, stale_before, confirmed, held) -> new keys."},
     {"evict", (PyCFunction)(void (*)(void))BlockMap_evict, METH_FASTCALL,
-     "evict(spec, conf, count, bit) -> evicted: the replica's count LRU entries."},
+     "evict(spec, conf, count, bit) -> (evicted, newest time evicted): the replica's count LRU entries."},
     {"remove_walk", (PyCFunction)(void (*)(void))BlockMap_remove_walk, METH_FASTCALL,
      "remove_walk(spec, conf, keys, bit) -> removed: PrefixTree.remove's loop."},
     {"drop_bits", (PyCFunction)(void (*)(void))BlockMap_drop_bits, METH_FASTCALL,
