@@ -52,7 +52,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from router._fast import speedups
+from router._fast import slot_maker, speedups
 from router.errors import ConfigError
 
 DEFAULT_MEMO_BYTES = 128 << 20
@@ -177,6 +177,11 @@ class ChatResume:
         messages = self.messages
         return ChatPrefix(list(map(_role, messages)), list(map(_content, messages)), ids, own, keys,
                           own // block_bytes, self.chars)
+
+
+#: ``ChatResume(...)`` with every field positional, without the frozen dataclass's
+#: ``__init__`` (one per chat request; ``router._fast.slot_maker``).
+_new_resume = slot_maker(ChatResume, ("messages", "key", "parent", "prefix", "text", "generation_ids", "chars"))
 
 
 @dataclass(slots=True)
@@ -328,9 +333,9 @@ class ChatResumer:
         try:
             if prefix is None:
                 text = full_text if full_text is not None else segments.render(messages, add_generation_prompt)
-                return ChatResume(messages, key, None, None, text, generation, len(text) - generation_chars)
+                return _new_resume(messages, key, None, None, text, generation, len(text) - generation_chars)
             text = segments.render_later(messages[at + 1:], add_generation_prompt)
         except KeyError:
             return None
-        return ChatResume(messages, key, memo_key(messages, at, seed), prefix, text, generation,
+        return _new_resume(messages, key, memo_key(messages, at, seed), prefix, text, generation,
                           prefix.chars + len(text) - generation_chars)

@@ -245,13 +245,23 @@ class RoutingCore:
 
     def rank(self, request: RouteRequest, now: float,
              candidates: Sequence[ReplicaId] | None = None,
-             held: HeldPrefix | None = None) -> tuple[Tiers, RoutingView]:
-        """The policy's tiers for ``request``, and the view they were computed from
-        (``held``: as ``view``'s)."""
-        view = self.view(request, now, candidates, held)
-        if not view.replicas:
-            return [], view
-        return self.policy.rank(request, view), view
+             held: HeldPrefix | None = None) -> tuple[Tiers, dict[ReplicaId, int], ReplicaId | None]:
+        """The policy's tiers for ``request`` among ``candidates`` (default: all
+        replicas), the blocks each candidate matched and the session's replica among
+        them: ``view``'s values, ranked by ``Policy.rank_matched`` (which builds the view
+        only for a policy that needs it; ``cache_aware``'s C ranker does not). ``held``:
+        as ``view``'s. O(matched blocks + candidates)."""
+        replicas = self._replicas if candidates is None else tuple(candidates)
+        session_replica = self.sessions.get(request.session_id, now) if request.session_id else None
+        if session_replica is not None and session_replica not in replicas:
+            session_replica = None
+        tree = self.tree
+        matched, _ = tree.match_best(request.keys, replicas, now, held)
+        if not replicas:
+            return [], matched, session_replica
+        tiers = self.policy.rank_matched(request, replicas, matched, self.load.loads, now, self.rng, session_replica,
+                                         tree.replica_blocks, tree.capacities, tree.default_capacity_blocks)
+        return tiers, matched, session_replica
 
     def route(self, request: RouteRequest, now: float, candidates: Sequence[ReplicaId] | None = None) -> Decision:
         """Rank, pick by Ray Serve's tier rule, and record the routing. The simulator's and

@@ -54,10 +54,10 @@ import heapq
 import math
 import sys
 from collections.abc import Hashable, Iterable, Sequence
-from dataclasses import dataclass
 from heapq import merge
 from itertools import chain, islice
 from operator import itemgetter
+from typing import NamedTuple
 
 from router._fast import BlockLRU, BlockMap, speedups
 from router.errors import ConfigError
@@ -95,11 +95,10 @@ class _OrderedTimes(dict):
 HoldMark = tuple
 
 
-@dataclass(frozen=True, slots=True)
-class HeldPrefix:
+class HeldPrefix(NamedTuple):
     """``match_best``'s hint: ``mark`` (``PrefixTree.hold_mark`` taken once the first
     ``depth`` keys of a chain were all inserted for the replica, the earliest of those
-    inserts at ``since``)."""
+    inserts at ``since``). (A named tuple: one is made per decision.)"""
 
     mark: HoldMark
     since: float

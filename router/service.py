@@ -34,7 +34,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from policies.base import RouteRequest
+from policies.base import RouteRequest, new_route_request
 from router.conversations import DEFAULT_MEMO_BYTES, ChatPrefix, ChatResume, ChatResumer
 from router.core import RoutingCore
 from router.errors import ConfigError
@@ -142,7 +142,8 @@ class Tokenized(NamedTuple):
     wait ran out (or the pool was full), ``ids`` are those of the prompt's cached leading
     pieces only, ``uncached_chars`` the prompt's characters past them, ``missing`` the
     pieces still to encode and ``encoding`` the pool's future of their ids (which go into
-    the piece cache as it completes; None when the pool was full). ``resume``: the chat's remembered
+    the piece cache as it completes; None when the pool was full, or when the decision did
+    not wait: ``learn_after`` submits them then). ``resume``: the chat's remembered
     prefix and what was tokenized after it (``router.conversations``; None for a prompt
     tokenized whole): ``ids`` include the prefix's, ``missing`` are pieces of
     ``resume.text``, except for a request keyed on its cached leading pieces
@@ -275,6 +276,7 @@ class RoutingService:
         # namespace seed of each keyed request waits here for its decision.
         self.recorder = TraceRecorder(own["record"], name=name) if own["record"] is not None else None
         self._tenants: dict[str, int] = {}
+        self._seeds: dict[tuple[str, str, str], int] = {}  # namespace -> seed, memo of _seed
         # ``keyed``'s last request, the tree hint its remembered prefix gives and the memo
         # entry it made, for the ``rank`` that follows it (both front doors call the two
         # back to back): one slot, so nothing accumulates when a request is not ranked.
@@ -330,7 +332,8 @@ class RoutingService:
         wait, or when the pool is full, the ids are those of the cached leading pieces, a
         prefix of the whole encoding, and ``Tokenized.missing`` says what is left to
         encode: ``rank``'s ``learn`` has the tree learn the whole prompt once the pool is
-        done. ``ids`` is None when the tokenizer fails on the text (the request is then
+        done (a decision that does not wait leaves the pool alone: ``learn_after`` hands
+        it the missing pieces once the request is routed). ``ids`` is None when the tokenizer fails on the text (the request is then
         keyed in characters).
 
         A chat whose earlier messages a previous turn left in the conversation memo
@@ -359,17 +362,24 @@ class RoutingService:
                 ids = prompts.encode(text, special)
                 self.tokenize_counts["encoded"] += 1
                 return Tokenized(whole(ids), resume=resume)
+            if not (wait_s > 0 and (ids_wanted or 2 * (base_chars + covered) < base_chars + len(text))):
+                # Nothing waits for these ids: keyed on the cached prefix now, and the new
+                # text goes to the pool once the request is routed (``learn_after``), not
+                # on the decision's path (the hop wakes a thread that then contends with
+                # the loop for the GIL while the decision is still being made).
+                self.tokenize_counts["prefix"] += 1
+                return Tokenized(ids, waited, missing, len(text) - covered, None, resume,
+                                 past_prefix=resume is not None and resume.prefix is not None)
             encoded = self.pool.submit(prompts, missing)
             encoding = encoded
             if encoded is not None:
                 # The pool's ids go into the cache as they come; whoever needs them (this
-                # decision, or the lesson after it when the decision went on without them)
-                # awaits the same future and finds them there.
+                # decision, or the lesson after it when the wait ran out) awaits the same
+                # future and finds them there.
                 _store_when_encoded(prompts, missing, encoded)
-                if wait_s > 0 and (ids_wanted or 2 * (base_chars + covered) < base_chars + len(text)):
-                    before = time.perf_counter()
-                    await asyncio.wait([encoding], timeout=wait_s)
-                    waited = time.perf_counter() - before
+                before = time.perf_counter()
+                await asyncio.wait([encoding], timeout=wait_s)
+                waited = time.perf_counter() - before
             if encoding is None or not encoding.done():
                 # ``ids`` are the cached leading pieces', a prefix of the whole encoding
                 # (of ``text`` alone: ``key`` puts the remembered prefix's keys first).
@@ -401,11 +411,11 @@ class RoutingService:
     def learn_after(self, lesson: Lesson, replica: str, known_keys: int = 0,
                     hold: tuple[Any, float] | None = None) -> None:
         """Wait for the lesson's ``encoding`` (the pool's future caching its missing
-        pieces), or encode them on the pool when it was full then, and teach the tree
-        that ``replica`` now holds the whole prompt (speculative, like any routed
-        request) past its first ``known_keys`` keys (the decision's, which ``routed``
-        inserted), so that the next turn matches all of it; a chat's whole prompt is
-        remembered in the conversation memo too. Runs as a task the service owns
+        pieces), or hand them to the pool now (a decision that did not wait for them, or
+        found the pool full), and teach the tree that ``replica`` now holds the whole
+        prompt (speculative, like any routed request) past its first ``known_keys`` keys
+        (the decision's, which ``routed`` inserted), so that the next turn matches all of
+        it; a chat's whole prompt is remembered in the conversation memo too. Runs as a task the service owns
         (``close`` cancels those still running); a full pool or a failing tokenizer leaves
         the tree as the decision left it (the KV events still bring the truth). ``hold``:
         ``routed``'s mark of the replica once it held the first ``known_keys`` keys, and
@@ -454,8 +464,15 @@ class RoutingService:
         model = fields.model or self.default_model
         if fields.lora and model == fields.lora and self.default_model:
             model = self.default_model  # the adapter's id as the model: the engines' model
-        return namespace_seed(model, fields.lora, fields.cache_salt) if model or fields.lora or fields.cache_salt \
-            else DEFAULT_SEED
+        if not (model or fields.lora or fields.cache_salt):
+            return DEFAULT_SEED
+        namespace = (model, fields.lora, fields.cache_salt)
+        seed = self._seeds.get(namespace)
+        if seed is None:  # a hash of the three strings, twice per request otherwise
+            if len(self._seeds) >= 1024:  # bounded: a client may send any model or salt
+                self._seeds.clear()
+            seed = self._seeds[namespace] = namespace_seed(*namespace)
+        return seed
 
     def keyed(self, fields: RequestFields, found: Tokenized, request_id: str) -> RouteRequest:
         """``key`` for what ``tokenized`` found; a chat whose whole prompt's ids are known
@@ -528,9 +545,8 @@ class RoutingService:
             # Sessions are per tenant: the same id under another adapter or salt is another
             # conversation, and must not steer (or be steered by) this tenant's traffic.
             session = f"{seed:016x}:{session}"
-        return RouteRequest(keys=keys, prompt_tokens=max(1, prompt_tokens), block_tokens=keyer.block_tokens,
-                            session_id=session, output_tokens=fields.max_tokens,
-                            request_id=request_id), remembered
+        return new_route_request(keys, max(1, prompt_tokens), keyer.block_tokens, session, fields.max_tokens,
+                                 request_id), remembered
 
     def id_takers(self) -> list[bool] | None:
         """For the engines that reported this router's tokenizer fingerprint, whether each
@@ -557,20 +573,23 @@ class RoutingService:
         if keyed is not request:
             held = remembered = None
         self._keyed = (None, None, None)
-        tiers, view = self.core.rank(request, now, candidates=candidates, held=held)
+        tiers, matched, session_replica = self.core.rank(request, now, candidates=candidates, held=held)
         allowed = set(candidates)
-        tiers = [[k for k in tier if k in allowed] for tier in tiers]
-        tiers = [tier for tier in tiers if tier]
+        for tier in tiers:
+            if not tier or not allowed.issuperset(tier):  # an empty tier, or a policy naming others
+                tiers = [[k for k in tier if k in allowed] for tier in tiers]
+                tiers = [tier for tier in tiers if tier]
+                break
         latency = time.perf_counter() - started
         self.loop_seconds += latency
-        self._remember(Pending(request, view.matched_blocks, view.session_replica if tiers else FALLBACK, latency,
+        self._remember(Pending(request, matched, session_replica if tiers else FALLBACK, latency,
                                payload, learn,
                                self._tenants.pop(request.request_id, None) if self.recorder is not None else None,
                                remembered))
         if tiers:
             loads = self.core.load.loads
             top = min(tiers[0], key=lambda k: loads[k].in_flight if k in loads else 0)
-            self.core.reserve(request, top, view.matched_blocks.get(top, 0))
+            self.core.reserve(request, top, matched.get(top, 0))
         return tiers
 
     def _remember(self, entry: Pending) -> None:
