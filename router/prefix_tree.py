@@ -37,7 +37,12 @@ never go backwards (wall time or simulated time).
 
 Complexity
   match(keys, replicas)   O(matched blocks + replicas): one dict probe and one AND per
-                          matched block, stopping at the first block no candidate holds
+                          matched block, stopping at the first block no candidate holds;
+                          with a ``HeldPrefix`` that ``held_bit`` still honours, the
+                          blocks it covers are not probed once only its replica is left
+                          (a conversation's next turn: O(new blocks + the others' matches))
+  held_bit(mark, since)   O(1): whether a replica certainly kept what it held at ``mark``
+                          (no removal since but evictions and expiries of older entries)
   insert(replica, keys)   O(len(keys)) plus O(evicted)
   remove / clear / drop   O(blocks touched)
   expire(now)             O(expired + replicas)
