@@ -454,6 +454,41 @@ def _slot_order(workload: Workload, concurrency: int) -> list[list[int]]:
 # -----------------------------------------------------------------------------------------
 # Instruments: choose_replicas wall time and the router loop's lag
 # -----------------------------------------------------------------------------------------
+class DecisionLoopTimes:
+    """kvroute's own loop time per decision, as its ``RoutingService`` measures it for the
+    decision-latency metric (``rank``'s ``latency_s``: from the decision's start on the
+    loop to its ranking, the wait for the tokenizer pool excluded), captured by wrapping
+    the service's ``metrics.record_decision`` (seconds). What the router itself holds the
+    loop for at a stretch, apart from the machine's scheduling, which the loop-lag probe
+    also sees. Nothing for other routers (``samples`` stays empty)."""
+
+    def __init__(self, request_router: Any) -> None:
+        service = getattr(getattr(request_router, "state", None), "service", None)
+        self.samples = array("d")
+        self._metrics = getattr(service, "metrics", None)
+        if self._metrics is None:
+            return
+        samples = self.samples
+        original = self._metrics.record_decision
+
+        def record_decision(outcome, latency_s, *args, **kwargs):
+            if latency_s is not None:
+                samples.append(latency_s)
+            return original(outcome, latency_s, *args, **kwargs)
+
+        self._metrics.record_decision = record_decision
+
+    def reset(self) -> None:
+        del self.samples[:]
+
+    def remove(self) -> None:
+        if self._metrics is not None:
+            try:
+                del self._metrics.record_decision
+            except AttributeError:
+                pass
+
+
 class ChooseTimer:
     """Wraps a request router instance's ``choose_replicas`` (an instance attribute over
     the class's method), recording the wall time of each call (microseconds)."""
@@ -711,7 +746,7 @@ def run_router(router: str, workloads: Sequence[Workload], *, tokenizer: str, fi
     serve.run(OpenAIIngress.bind(engine, MODEL_NAME), name=app_name, route_prefix=ROUTE)
     deploy_s = time.perf_counter() - started
     rows: list[dict[str, Any]] = []
-    timer = None
+    timer = decisions = None
     try:
         # One handle, built directly (``serve.get_deployment_handle`` returns a handle
         # cached per process, shared with anything else here), as bench live does.
@@ -738,6 +773,7 @@ def run_router(router: str, workloads: Sequence[Workload], *, tokenizer: str, fi
             if config is not None:
                 time.sleep(2.0)  # the ingress's router gets the replicas' reports (period 1 s)
         timer = ChooseTimer(request_router)
+        decisions = DecisionLoopTimes(request_router)
         session_cache: dict[str, Any] = {}
         for workload in workloads:
             for driver in drivers:
@@ -772,6 +808,7 @@ def run_router(router: str, workloads: Sequence[Workload], *, tokenizer: str, fi
                 try:
                     if driver == "handle":
                         timer.reset()
+                        decisions.reset()
                         own = _own_seconds(request_router)
                         probe = LoopLagProbe(loop).start()
                         try:
@@ -794,6 +831,11 @@ def run_router(router: str, workloads: Sequence[Workload], *, tokenizer: str, fi
                     done = max(1, outcome.answered + outcome.failed)
                     row["router_loop_us_per_request"] = round(own[0] * 1e6 / done, 1)
                     row["tokenize_wait_us_per_request"] = round(own[1] * 1e6 / done, 1)
+                    stretches = sorted(decisions.samples)
+                    if stretches:
+                        # The longest the routing held the loop at once: its share of the lag.
+                        row["router_loop_p99_us"] = round(percentile(stretches, 0.99) * 1e6, 1)
+                        row["router_loop_max_us"] = round(stretches[-1] * 1e6, 1)
                 row.update({"deploy_s": round(deploy_s, 1), "stats_ready": stats_ready,
                             "warm_requests": len(workload.warm.bodies) if workload.warm else 0,
                             "warm_unanswered": len(workload.warm.bodies) - warm.answered if warm else 0})
@@ -803,6 +845,8 @@ def run_router(router: str, workloads: Sequence[Workload], *, tokenizer: str, fi
     finally:
         if timer is not None:
             timer.remove()
+        if decisions is not None:
+            decisions.remove()
         serve.delete(app_name)
     return rows
 
@@ -1085,11 +1129,12 @@ def format_table(report: dict[str, Any]) -> str:
     c = report["config"]
     lines = [f"serve-path: {c['replicas']} {c.get('engine', 'trivial')} replicas, {c['concurrency']} in flight, tokenizer "
              f"{Path(c['tokenizer']).name}; router cost = wall time in choose_replicas per request (kvroute: "
-             "'loop us' of it on the event loop, the rest waiting for its tokenizer pool or the loop); "
+             "'loop us' of it on the event loop, the rest waiting for its tokenizer pool or the loop; "
+             "'hold p99': the 99th percentile of one decision's stretch on the loop); "
              "loop lag (ms) = how late a 1 ms timer fires on the router's loop (handle driver; http-llm: "
              "in LLMRouter, where cost = tokenize + choose_replicas)"]
     header = (f"{'workload':<11} {'driver':<8} {'router':<20} {'done':>9} {'req/s':>8} {'x dflt':>7} {'p50 ms':>8} "
-              f"{'p99 ms':>8} {'cost us':>9} {'loop us':>8} {'lag max':>8} {'lag p99':>8} {'ids':>5}")
+              f"{'p99 ms':>8} {'cost us':>9} {'loop us':>8} {'hold p99':>8} {'lag max':>8} {'lag p99':>8} {'ids':>5}")
     lines.append(header)
     order = {name: i for i, name in enumerate(ROUTERS)}
     rows = sorted(report["results"], key=lambda r: (r["workload"].split("-")[0], _size_of(r["workload"]),
@@ -1101,6 +1146,7 @@ def format_table(report: dict[str, Any]) -> str:
                      f"{_fmt(r.get('ratio_to_default'), '.2f'):>7} {_fmt(r['latency_p50_ms'], '.1f'):>8} "
                      f"{_fmt(r['latency_p99_ms'], '.1f'):>8} {_fmt(r['router_cost_us_per_request'], '.0f'):>9} "
                      f"{_fmt(r.get('router_loop_us_per_request'), '.0f'):>8} "
+                     f"{_fmt(r.get('router_loop_p99_us'), '.0f'):>8} "
                      f"{_fmt(r['loop_lag_max_ms'], '.1f'):>8} {_fmt(r['loop_lag_p99_ms'], '.2f'):>8} "
                      f"{_fmt(r.get('requests_with_ids'), 'd'):>5}")
     for r in rows:
