@@ -196,6 +196,28 @@ class KVRouteLLMServer(LLMServer):
         return stats
 
 
+#: The request router the PD and DP applications give their deployments by default.
+CACHE_AWARE_ROUTER = "router:CacheAwareRouter"
+
+
+def router_config(router: str | dict | Any | None, model_path: str, block_size: int,
+                  router_options: dict | None = None) -> dict | Any | None:
+    """A deployment's ``request_router_config`` from a builder's ``router`` argument: None
+    (Serve's default router), a dict or a ``RequestRouterConfig`` as given;
+    ``CACHE_AWARE_ROUTER`` becomes kvroute's validated config, keyed with ``model_path``'s
+    tokenizer in ``block_size`` blocks (``router_options`` over those); any other import
+    path is that router class with ``router_options`` as its kwargs."""
+    if router is None or not isinstance(router, str):
+        return router
+    if router == CACHE_AWARE_ROUTER:
+        from router import cache_aware_router_config
+
+        options = {"policy": "cache_aware", "tokenizer": model_path, "block_size": block_size,
+                   **(router_options or {})}
+        return cache_aware_router_config(**options)
+    return {"request_router_class": router, "request_router_kwargs": dict(router_options or {})}
+
+
 def build_llm_config(model_path: str | Path | None = None, *, model_id: str = "tiny-llama", num_replicas: int = 2,
                      block_size: int = 32, max_model_len: int = 1024,
                      request_router_config: dict | Any | None = None, engine_kwargs: dict | None = None,

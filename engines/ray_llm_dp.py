@@ -36,8 +36,7 @@ from typing import Any
 
 from ray.llm._internal.serve.serving_patterns.data_parallel.dp_server import DPServer
 
-from engines.ray_llm import KVRouteLLMServer, build_llm_config
-from engines.ray_llm_pd import CACHE_AWARE_ROUTER, _router_config
+from engines.ray_llm import CACHE_AWARE_ROUTER, KVRouteLLMServer, build_llm_config, router_config
 
 
 class KVRouteDPServer(KVRouteLLMServer, DPServer):
@@ -62,7 +61,7 @@ def dp_llm_config(model_path: str | Path | None = None, *, data_parallel_size: i
     path = str(build_tiny_model(model_path))
     return build_llm_config(path, model_id=model_id, num_replicas=num_groups, block_size=block_size,
                             max_model_len=max_model_len,
-                            request_router_config=_router_config(router, path, block_size, router_options),
+                            request_router_config=router_config(router, path, block_size, router_options),
                             engine_kwargs={"data_parallel_size": data_parallel_size, **(engine_kwargs or {})},
                             env_vars=env_vars, server_cls=None, relay_keys=relay_keys)
 

@@ -51,7 +51,7 @@ from typing import Any
 
 from ray.llm._internal.serve.serving_patterns.prefill_decode.pd_server import PDPrefillServer
 
-from engines.ray_llm import KVRouteLLMServer, build_llm_config
+from engines.ray_llm import CACHE_AWARE_ROUTER, KVRouteLLMServer, build_llm_config, router_config
 
 
 class KVRoutePDPrefillServer(KVRouteLLMServer, PDPrefillServer):
@@ -60,26 +60,9 @@ class KVRoutePDPrefillServer(KVRouteLLMServer, PDPrefillServer):
     token ids taken (``KVRouteLLMServer``); the PD hooks (``record_replica_metadata``,
     ``prewarm_prefill``) are ``PDPrefillServer``'s. Holds nothing of its own."""
 
-#: The request router ``pd_app`` gives the prefill deployment by default.
-CACHE_AWARE_ROUTER = "router:CacheAwareRouter"
-
-
 def _kv_transfer_config(role: str, storage_path: str | Path) -> dict[str, Any]:
     return {"kv_connector": "ExampleConnector", "kv_role": role,
             "kv_connector_extra_config": {"shared_storage_path": str(storage_path)}}
-
-
-def _router_config(router: str | dict | Any | None, model_path: str, block_size: int,
-                   router_options: dict | None) -> dict | Any | None:
-    if router is None or not isinstance(router, str):
-        return router  # None (Serve's default router), a dict or a RequestRouterConfig as given
-    if router == CACHE_AWARE_ROUTER:
-        from router import cache_aware_router_config
-
-        options = {"policy": "cache_aware", "tokenizer": model_path, "block_size": block_size,
-                   **(router_options or {})}
-        return cache_aware_router_config(**options)
-    return {"request_router_class": router, "request_router_kwargs": dict(router_options or {})}
 
 
 def pd_llm_configs(model_path: str | Path | None = None, *, storage_path: str | Path, model_id: str = "tiny-llama",
@@ -94,7 +77,7 @@ def pd_llm_configs(model_path: str | Path | None = None, *, storage_path: str | 
     path = str(build_tiny_model(model_path))
     configs = []
     for role, replicas, request_router, events in (
-            ("kv_producer", prefill_replicas, _router_config(router, path, block_size, router_options),
+            ("kv_producer", prefill_replicas, router_config(router, path, block_size, router_options),
              prefill_kv_events),
             ("kv_consumer", decode_replicas, None, False)):
         # KV events only where a kvroute router reads them: the prefill replicas, when

@@ -345,7 +345,8 @@ class PDCluster:
         The decode replica's estimate is read with the request already reserved there (it
         decodes there either way, so it is in that queue either way). Read before the
         reservation, the rule prefilled locally twice as often, and on the Mooncake trace
-        lost 0.8 points of hit rate and 255 ms of TTFT p99 (``kvroute bench pd``)."""
+        lost 0.8 points of hit rate and 255 ms of TTFT p99 (``kvroute bench pd``, measured
+        with ``interference_weight`` 1, before the weight was fitted to 4)."""
         now = self.kernel.now
         costs, view = self._costs(self.decode_cores[index], request, now)
         uncached = max(0, request.prompt_tokens - decode_cached)
