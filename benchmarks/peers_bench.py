@@ -252,8 +252,12 @@ def run_gateway(name: str, servers: Sequence[VLLMServer], requests, renderer: Te
 def run(*, routers: Sequence[str] = DEFAULT_ROUTERS, workload: str | None = "chat", trace: str | None = None,
         trace_start: int = 0, requests: int = 200, rate: float = 8.0, rate_scale: float = 1.0, seed: int = 0,
         shape: LiveShape = LiveShape(), live: LiveConfig = LiveConfig(replicas=3), api: str = "completions",
-        progress: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """The ``kvroute bench peers`` report (module docstring)."""
+        progress: Callable[[str], None] | None = None, pin_engines: bool = False) -> dict[str, Any]:
+    """The ``kvroute bench peers`` report (module docstring). ``pin_engines``: each vLLM
+    server runs on one CPU of its own (round robin over this process's CPUs), as each
+    replica has its own accelerator in a real fleet: one busy server then cannot borrow
+    its neighbours' compute, which on a small machine rewards a router that piles every
+    request onto one server. The gateway and the client run on any CPU."""
     names = validate_routers(routers)
     check_engine_geometry(live.block_size, live.kv_blocks, live.max_model_len)
     from engines.tiny_model import build_tiny_model
@@ -270,6 +274,7 @@ def run(*, routers: Sequence[str] = DEFAULT_ROUTERS, workload: str | None = "cha
 
     renderer = TextRenderer(single_token_words(AutoTokenizer.from_pretrained(model_path)))
     rows: list[dict] = []
+    engine_cpus = sorted(os.sched_getaffinity(0))
     gateways = [n for n in names if n.startswith("kvroute:") or n in PEERS]
     if gateways:
         servers = [VLLMServer(model_path, served_name=MODEL_NAME, block_size=live.block_size,
@@ -278,9 +283,13 @@ def run(*, routers: Sequence[str] = DEFAULT_ROUTERS, workload: str | None = "cha
                               env={"VLLM_SERVER_DEV_MODE": "1"},
                               extra_args=["--max-num-batched-tokens", str(live.max_num_batched_tokens)])
                    for _ in range(live.replicas)]
+        if pin_engines:
+            for i, server in enumerate(servers):
+                server.cpus = frozenset({engine_cpus[i % len(engine_cpus)]})
         try:
             if progress:
-                progress(f"starting {len(servers)} vllm serve CPU servers")
+                progress(f"starting {len(servers)} vllm serve CPU servers"
+                         + (" (one CPU each)" if pin_engines else ""))
             for server in servers:
                 server.start()
             for server in servers:
@@ -328,6 +337,8 @@ def run(*, routers: Sequence[str] = DEFAULT_ROUTERS, workload: str | None = "cha
                        "profile": live.profile,
                        "kv_blocks_per_replica": live.kv_blocks, "max_model_len": live.max_model_len,
                        "max_num_seqs": live.max_num_seqs,
+                       "engine_cpus": [engine_cpus[i % len(engine_cpus)] for i in range(live.replicas)]
+                       if pin_engines else None,
                        "peers": {name: PEERS[name].requirement for name in names if name in PEERS}},
         "results": rows,
     }
@@ -403,7 +414,9 @@ def format_table(report: dict[str, Any]) -> str:
     w, d = report["workload"], report["deployment"]
     lines = [f"{w['requests']} requests of {w['trace'] or w['name']} over {w['span_s']} s "
              f"(prompt {w['prompt_tokens_mean']} tokens mean, ceiling {report['ideal_hit_rate']:.1%}); "
-             f"{d['replicas']} vLLM CPU workers, {d['kv_blocks_per_replica']} blocks of {d['block_size']}",
+             f"{d['replicas']} vLLM CPU workers"
+             + (f" (on CPUs {d['engine_cpus']})" if d.get("engine_cpus") else "")
+             + f", {d['kv_blocks_per_replica']} blocks of {d['block_size']}",
              f"{'router':<36} {'door':<9} {'done':>5} {'hit':>7} {'TTFT p50':>9} {'p99':>8} {'e2e p50':>8} "
              f"{'req/s':>6} {'max share':>9} {'CPU s':>6} {'RSS MB':>7}"]
 

@@ -81,6 +81,7 @@ class VLLMServer:
     extra_args: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
     fast_start: bool = True  # FAST_START_ENV and FAST_START_ARGS
+    cpus: frozenset[int] | None = None  # the CPUs it may run on (None: any), set before it starts
     process: subprocess.Popen | None = None
     log_path: Path | None = None
     kv_port: int = 0
@@ -136,8 +137,11 @@ class VLLMServer:
         env = {**os.environ, **DEFAULT_ENV, **(FAST_START_ENV if self.fast_start else {}), **self.env}
         log = tempfile.NamedTemporaryFile(prefix=f"vllm-serve-{self.port}-", suffix=".log", delete=False)
         self.log_path = Path(log.name)
+        cpus = self.cpus
+        # In the child before exec: the server and every process it starts keep the set.
+        pin = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
         self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, env=env,
-                                        start_new_session=True)
+                                        start_new_session=True, preexec_fn=pin)
         log.close()
         return self
 

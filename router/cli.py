@@ -167,7 +167,7 @@ def _bench_peers(args: argparse.Namespace) -> int:
     report = peers_bench.run(routers=args.router or peers_bench.DEFAULT_ROUTERS, workload=args.workload,
                              trace=args.trace, trace_start=args.trace_start, requests=args.requests, rate=args.rate,
                              rate_scale=args.rate_scale, seed=args.seed, shape=shape, live=live, api=args.api,
-                             progress=lambda m: print(m, file=sys.stderr, flush=True))
+                             progress=lambda m: print(m, file=sys.stderr, flush=True), pin_engines=args.pin_engines)
     report["command"] = "kvroute " + " ".join(args.argv)
     print(peers_bench.format_table(report))
     _write_json(args.json, report)
@@ -558,6 +558,9 @@ def build_parser() -> argparse.ArgumentParser:
     peers_p.add_argument("--simulate", action="store_true",
                          help="no engines: the same requests and geometry through the simulator, with its "
                               "versions of the routers' policies (seconds)")
+    peers_p.add_argument("--pin-engines", action="store_true",
+                         help="each vLLM server on one CPU of its own (round robin), as each replica of a real "
+                              "fleet has its own accelerator; the gateway and client run anywhere")
     peers_p.add_argument("--seeds", type=_positive_int, default=1,
                          help="with --simulate: workload seeds --seed .. --seed + N - 1, averaged (default 1)")
     peers_p.set_defaults(func=_bench_peers)

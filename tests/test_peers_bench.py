@@ -133,3 +133,35 @@ def test_the_simulated_league_replays_a_trace_window():
     early = simulate(trace=trace, requests=120, rate_scale=0.5, live=live, shape=shape, host_slots=2.0)
     assert late["workload"]["trace_start"] == 3500 and early["workload"]["trace_start"] == 0
     assert late["ideal_hit_rate"] > 3 * early["ideal_hit_rate"]
+
+
+def test_a_pinned_server_and_what_it_starts_run_on_its_cpus_only(tmp_path):
+    """``VLLMServer.cpus`` (``kvroute bench peers --pin-engines``) binds the process it
+    launches before it runs, so everything that process starts inherits the set: a real
+    child, standing in for ``vllm serve``, reports its own and its child's CPUs."""
+    import os
+    import sys
+    import time
+
+    from engines.vllm_server import VLLMServer
+
+    cpu = sorted(os.sched_getaffinity(0))[-1]
+    probe = ("import os, subprocess, sys; print(sorted(os.sched_getaffinity(0)), subprocess.run([sys.executable, '-c', "
+             "'import os; print(sorted(os.sched_getaffinity(0)))'], capture_output=True, text=True).stdout.strip())")
+
+    class Probe(VLLMServer):
+        def command(self):
+            return [sys.executable, "-c", probe]
+
+    server = Probe(tmp_path, kv_events=False, cpus=frozenset({cpu})).start()
+    try:
+        server.process.wait(timeout=60)
+        deadline = time.monotonic() + 30
+        while str([cpu]) not in server.log_tail() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert server.log_tail().strip() == f"[{cpu}] [{cpu}]"
+        unpinned = Probe(tmp_path, kv_events=False).start()
+        unpinned.process.wait(timeout=60)
+        assert unpinned.log_tail().strip().startswith(str(sorted(os.sched_getaffinity(0))))
+    finally:
+        server.stop()
