@@ -333,8 +333,8 @@ class RoutingService:
         prefix of the whole encoding, and ``Tokenized.missing`` says what is left to
         encode: ``rank``'s ``learn`` has the tree learn the whole prompt once the pool is
         done (a decision that does not wait leaves the pool alone: ``learn_after`` hands
-        it the missing pieces once the request is routed). ``ids`` is None when the tokenizer fails on the text (the request is then
-        keyed in characters).
+        it the missing pieces once the request is routed). ``ids`` is None when the
+        tokenizer fails on the text (the request is then keyed in characters).
 
         A chat whose earlier messages a previous turn left in the conversation memo
         tokenizes only what follows them (``Tokenized.resume``): the work on the loop is
@@ -415,9 +415,10 @@ class RoutingService:
         found the pool full), and teach the tree that ``replica`` now holds the whole
         prompt (speculative, like any routed request) past its first ``known_keys`` keys
         (the decision's, which ``routed`` inserted), so that the next turn matches all of
-        it; a chat's whole prompt is remembered in the conversation memo too. Runs as a task the service owns
-        (``close`` cancels those still running); a full pool or a failing tokenizer leaves
-        the tree as the decision left it (the KV events still bring the truth). ``hold``:
+        it; a chat's whole prompt is remembered in the conversation memo too. Runs as a
+        task the service owns (``close`` cancels those still running); a full pool or a
+        failing tokenizer leaves the tree as the decision left it (the KV events still
+        bring the truth). ``hold``:
         ``routed``'s mark of the replica once it held the first ``known_keys`` keys, and
         when; the remembered prefix's ``holder`` once the tree has the rest."""
         task = asyncio.get_running_loop().create_task(self._learn(lesson, replica, known_keys, hold))
