@@ -231,15 +231,22 @@ class RoutingCore:
         sooner)."""
         return self._view(request, now, candidates, held)[0]
 
-    def _view(self, request: RouteRequest, now: float,
-              candidates: Sequence[ReplicaId] | None, held: HeldPrefix | None = None) -> tuple[RoutingView, int]:
-        """``view``, and the longest match among the candidates."""
+    def _matched(self, request: RouteRequest, now: float, candidates: Sequence[ReplicaId] | None,
+                 held: HeldPrefix | None) -> tuple[tuple, dict[ReplicaId, int], int, ReplicaId | None]:
+        """The candidates (a tuple), the blocks each matched, the longest match, and the
+        session's replica among them: what ``view`` and ``rank`` read."""
         replicas = self._replicas if candidates is None else tuple(candidates)
         session_replica = self.sessions.get(request.session_id, now) if request.session_id else None
         if session_replica is not None and session_replica not in replicas:
             session_replica = None
+        matched, best = self.tree.match_best(request.keys, replicas, now, held)
+        return replicas, matched, best, session_replica
+
+    def _view(self, request: RouteRequest, now: float,
+              candidates: Sequence[ReplicaId] | None, held: HeldPrefix | None = None) -> tuple[RoutingView, int]:
+        """``view``, and the longest match among the candidates."""
+        replicas, matched, best, session_replica = self._matched(request, now, candidates, held)
         tree = self.tree
-        matched, best = tree.match_best(request.keys, replicas, now, held)
         return RoutingView.fast(replicas, matched, self.load.loads, now, self.rng, session_replica,
                                 tree.replica_blocks, tree.capacities, tree.default_capacity_blocks), best
 
@@ -251,14 +258,10 @@ class RoutingCore:
         them: ``view``'s values, ranked by ``Policy.rank_matched`` (which builds the view
         only for a policy that needs it; ``cache_aware``'s C ranker does not). ``held``:
         as ``view``'s. O(matched blocks + candidates)."""
-        replicas = self._replicas if candidates is None else tuple(candidates)
-        session_replica = self.sessions.get(request.session_id, now) if request.session_id else None
-        if session_replica is not None and session_replica not in replicas:
-            session_replica = None
-        tree = self.tree
-        matched, _ = tree.match_best(request.keys, replicas, now, held)
+        replicas, matched, _, session_replica = self._matched(request, now, candidates, held)
         if not replicas:
             return [], matched, session_replica
+        tree = self.tree
         tiers = self.policy.rank_matched(request, replicas, matched, self.load.loads, now, self.rng, session_replica,
                                          tree.replica_blocks, tree.capacities, tree.default_capacity_blocks)
         return tiers, matched, session_replica
