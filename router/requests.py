@@ -95,6 +95,9 @@ _UNSUPPORTED = frozenset(UNSUPPORTED_CHAT_FIELDS)
 
 #: The C pass over a chat's messages (None: the Python loop below only).
 _plain_chat_chars = getattr(speedups, "plain_chat_chars", None)
+#: ``parse_request``'s common case in C: a plain chat whose rendering is deferred, read in
+#: one pass (router/_native/speedups.c; None: the Python code only, which it stands for).
+_chat_fields = getattr(speedups, "chat_fields", None)
 
 
 def _get(body: Any, name: str, default: Any = None) -> Any:
@@ -200,6 +203,17 @@ def parse_request(body: Any, *, lora: str = "", tokenizer: Any = None,
     needs of it (``router.conversations``)."""
     if body is None:
         raise BadRequest("empty request")
+    if (defer_segments and _chat_fields is not None and isinstance(tokenizer, ChatRenderer)
+            and tokenizer.segments is not None and getattr(type(body), "get", None) is dict.get):
+        # A plain chat the segments render (the common case, re-sent on every turn of a
+        # long conversation): read in one C pass, or None for anything else, which the
+        # code below reads (and rejects, with its errors). The same fields either way.
+        fast = _chat_fields(body, tokenizer.segments.later, MAX_SESSION_CHARS, MAX_OUTPUT_TOKENS,
+                            max_tokenized_chars)
+        if fast is not None:
+            model, salt, session, max_tokens, messages, generation, exact = fast
+            return _new_fields(None, False, model, lora, salt, session, max_tokens, True, False, exact, messages,
+                               generation)
     # A JSON body (a dict, or kvroute's ``RequestBody``) is read with its own ``get``;
     # another object (a pydantic request of ray.serve.llm) by attribute.
     get = body.get if isinstance(body, dict) else (lambda name: getattr(body, name, None))

@@ -733,3 +733,92 @@ def test_an_engine_failure_is_a_500_that_does_not_echo_its_internals(ingress, ca
     error_id = message.split("(id ", 1)[1].split(")", 1)[0]
     # The operator finds the details in the log under the id the client was given.
     assert any(error_id in r.getMessage() and r.exc_info for r in caplog.records), caplog.records
+
+
+# -- parse_request's C path against its Python code ----------------------------------------------
+
+@pytest.fixture(scope="module")
+def renderer():
+    """A segment-template renderer (the Llama-3-style bench tokenizer): the C path's case."""
+    transformers = pytest.importorskip("transformers")
+    from router.chat_render import ChatRenderer
+    from tests.helpers import shipped_tokenizer_path
+
+    found = ChatRenderer(transformers.AutoTokenizer.from_pretrained(str(shipped_tokenizer_path("llama3"))))
+    assert found.segments is not None
+    return found
+
+
+class OwnGet(dict):
+    """A dict body whose ``get`` is its own: the C path must leave it to the Python code."""
+
+    def get(self, name, default=None):
+        return "mine" if name == "model" else super().get(name, default)
+
+
+plain_message = st.fixed_dictionaries({"role": st.sampled_from(["system", "user", "assistant", "tool", "other"]),
+                                       "content": valid_text})
+SESSION_VALUES = st.one_of(st.none(), st.just(""), valid_text, st.just("s" * MAX_SESSION_CHARS),
+                           st.just("s" * (MAX_SESSION_CHARS + 1)), st.integers(-3, 3), st.booleans())
+COMMON_FIELDS = {
+    "model": st.none() | valid_text | st.integers(0, 3), "cache_salt": st.none() | valid_text | st.just(b"x"),
+    "session_id": SESSION_VALUES, "user": SESSION_VALUES,
+    "max_tokens": st.none() | st.integers(-2, 3) | st.sampled_from([MAX_OUTPUT_TOKENS, MAX_OUTPUT_TOKENS + 1, 2**64,
+                                                                   -(2**64)]) | st.booleans() | st.floats(0, 4),
+    "max_completion_tokens": st.none() | st.integers(-1, 3) | st.just("3"),
+    "chat_template_kwargs": st.none() | st.just({}) | st.just({"add_generation_prompt": False}),
+    "add_generation_prompt": st.none() | st.booleans() | st.just(1),
+    "continue_final_message": st.none() | st.booleans(),
+    "tools": st.none() | st.just([]), "documents": st.none() | st.just([]), "chat_template": st.none() | valid_text,
+}
+common_chats = st.fixed_dictionaries(
+    {"messages": st.one_of(st.lists(plain_message, min_size=1, max_size=4),
+                           st.lists(plain_message, max_size=3).map(tuple), st.just([]),
+                           st.lists(valid_message | odd_message, min_size=1, max_size=2))},
+    optional=COMMON_FIELDS)
+
+
+#: Bodies whose every field is one the C reader takes: it reads nearly all of them (but
+#: the ones a role outside the template's, or the character bound, sends back).
+accepted_chats = st.fixed_dictionaries(
+    {"messages": st.lists(plain_message, min_size=1, max_size=4)},
+    optional={"model": st.none() | valid_text, "cache_salt": st.none() | valid_text,
+              "session_id": st.none() | st.just("") | st.text(max_size=MAX_SESSION_CHARS),
+              "user": st.none() | st.text(max_size=8),
+              "max_tokens": st.none() | st.integers(0, 2**70), "max_completion_tokens": st.none() | st.integers(0, 9),
+              "add_generation_prompt": st.none() | st.booleans(), "continue_final_message": st.none() | st.just(False),
+              "chat_template_kwargs": st.none(), "tools": st.none() | st.just([]),
+              "documents": st.none() | st.just([{"text": "d"}]), "chat_template": st.none() | st.just("x"),
+              "temperature": st.floats(0, 2)})
+
+
+@settings(max_examples=400, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(body=accepted_chats | common_chats | chat_bodies, kind=st.sampled_from([dict, RequestBody, OwnGet]),
+       bound=st.sampled_from([10_000, 5]))
+def test_the_c_chat_reader_gives_what_the_python_code_gives(renderer, monkeypatch, body, kind, bound):
+    """``parse_request`` for a chat whose rendering is deferred: with the C reader
+    (``_chat_fields``) and without it, the same fields or the same error, on common bodies
+    with every field the reader looks at set to the values it takes and to others, and on
+    the fuzzed bodies of this module; for a dict, kvroute's ``RequestBody`` and a dict whose
+    ``get`` is its own."""
+    if router_requests._chat_fields is None:
+        pytest.skip("router._speedups not built")
+    if isinstance(body, dict):
+        body = kind(body)
+
+    def parse():
+        try:
+            return parse_request(body, tokenizer=renderer, defer_segments=True, max_tokenized_chars=bound)
+        except router_requests.BadRequest as exc:
+            return ("error", str(exc))
+
+    fast = parse()
+    with monkeypatch.context() as m:
+        m.setattr(router_requests, "_chat_fields", None)
+        slow = parse()
+    assert fast == slow
+    if isinstance(fast, router_requests.RequestFields) and fast.content is None:
+        event("deferred")
+    if isinstance(body, dict) and router_requests._chat_fields(
+            body, renderer.segments.later, MAX_SESSION_CHARS, MAX_OUTPUT_TOKENS, bound) is not None:
+        event("read in C")

@@ -14,7 +14,7 @@
  *   cache_aware(...)                  CacheAwarePolicy's cost loop, and optionally its ranking
  *   SlotMaker(cls, names)             a constructor that fills ``cls``'s named slots in order
  *   plain_chat_chars, roles_within,   a chat body's messages read and checked in one pass
- *   messages_begin                    (router.requests, router.chat_render, router.conversations)
+ *   messages_begin, chat_fields       (router.requests, router.chat_render, router.conversations)
  *
  * The cost loop returns None (the caller then runs the Python twin) whenever an input is
  * not of the plain type it expects, so the Python semantics always win.
@@ -1456,6 +1456,146 @@ roles_within(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     Py_RETURN_TRUE;
 }
 
+/* chat_fields(body, roles, max_session_chars, max_output_tokens, max_chars)
+ *   -> (model, salt, session, max_tokens, messages, generation, exact) | None
+ * router.requests.parse_request's common case for a chat the segment template renders, in
+ * one pass (``_chat_fields_py`` is the twin: the Python code it stands for): ``body`` a
+ * dict (the caller checks that its ``get`` is dict's) whose "messages" is a non-empty
+ * list of plain messages, every role a key of ``roles`` (the template's later segments)
+ * and at most ``max_chars`` characters of content in all; "model" and "cache_salt"
+ * absent, None or str; the session ("session_id", else "user") absent, None, "" or a str
+ * of at most ``max_session_chars``; "max_tokens" (else "max_completion_tokens") absent,
+ * None or an exact int >= 0, clamped to ``max_output_tokens``; "chat_template_kwargs"
+ * absent or None; "add_generation_prompt" absent, None or a bool (``generation``, default
+ * true); "continue_final_message" absent, None or False. Anything else gives None, and
+ * the Python code reads the body (and raises its errors). ``model`` and ``salt`` are ""
+ * when absent; ``messages`` is a new list of the same message objects; ``exact``: none of
+ * "tools", "documents", "chat_template" is set to anything but None. O(messages). */
+static PyObject *str_model, *str_cache_salt, *str_session_id, *str_user, *str_max_tokens, *str_max_completion_tokens,
+    *str_messages, *str_chat_template_kwargs, *str_add_generation_prompt, *str_continue_final_message, *str_tools,
+    *str_documents, *str_chat_template, *str_empty;
+
+/* 1 and the value (borrowed; NULL when absent or None), 0 if the lookup failed. */
+static inline int
+body_field(PyObject *body, PyObject *name, PyObject **value)
+{
+    *value = PyDict_GetItemWithError(body, name);
+    if (*value == NULL)
+        return !PyErr_Occurred();
+    if (*value == Py_None)
+        *value = NULL;
+    return 1;
+}
+
+static PyObject *
+chat_fields(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 5) {
+        PyErr_SetString(PyExc_TypeError, "chat_fields(body, roles, max_session_chars, max_output_tokens, max_chars)");
+        return NULL;
+    }
+    PyObject *body = args[0], *roles = args[1];
+    if (!PyDict_Check(body) || !PyDict_CheckExact(roles))
+        Py_RETURN_NONE;
+    Py_ssize_t max_session = PyLong_AsSsize_t(args[2]);
+    if (max_session == -1 && PyErr_Occurred())
+        return NULL;
+    PyObject *max_output = args[3];
+    Py_ssize_t max_chars = PyLong_AsSsize_t(args[4]);
+    if (max_chars == -1 && PyErr_Occurred())
+        return NULL;
+    long long output_cap = PyLong_AsLongLong(max_output);
+    if (output_cap == -1 && PyErr_Occurred())
+        return NULL;
+    PyObject *model, *salt, *session, *max_tokens, *messages, *value;
+    if (!body_field(body, str_model, &model) || !body_field(body, str_cache_salt, &salt))
+        return NULL;
+    if ((model != NULL && !PyUnicode_Check(model)) || (salt != NULL && !PyUnicode_Check(salt)))
+        Py_RETURN_NONE;
+    /* The session: "session_id", else "user"; "" counts as absent (_session_of). */
+    if (!body_field(body, str_session_id, &session))
+        return NULL;
+    if (session != NULL && PyUnicode_Check(session) && PyUnicode_GET_LENGTH(session) == 0)
+        session = NULL;
+    if (session == NULL) {
+        if (!body_field(body, str_user, &session))
+            return NULL;
+        if (session != NULL && PyUnicode_Check(session) && PyUnicode_GET_LENGTH(session) == 0)
+            session = NULL;
+    }
+    if (session != NULL && (!PyUnicode_Check(session) || PyUnicode_GET_LENGTH(session) > max_session))
+        Py_RETURN_NONE; /* an integer id, a digest or an error: the Python code */
+    if (!body_field(body, str_max_tokens, &max_tokens))
+        return NULL;
+    if (max_tokens == NULL && !body_field(body, str_max_completion_tokens, &max_tokens))
+        return NULL;
+    int clamp = 0;
+    if (max_tokens != NULL) {
+        if (!PyLong_CheckExact(max_tokens))
+            Py_RETURN_NONE;
+        int overflow;
+        long long asked = PyLong_AsLongLongAndOverflow(max_tokens, &overflow);
+        if (asked == -1 && PyErr_Occurred())
+            return NULL;
+        if (overflow < 0 || (!overflow && asked < 0))
+            Py_RETURN_NONE; /* negative: the Python code's error */
+        clamp = overflow > 0 || asked > output_cap;
+    }
+    /* The template's options: no kwargs, a bool or nothing for each of the two. */
+    int generation = 1;
+    if (!body_field(body, str_chat_template_kwargs, &value))
+        return NULL;
+    if (value != NULL)
+        Py_RETURN_NONE;
+    if (!body_field(body, str_add_generation_prompt, &value))
+        return NULL;
+    if (value != NULL) {
+        if (value != Py_True && value != Py_False)
+            Py_RETURN_NONE;
+        generation = value == Py_True;
+    }
+    if (!body_field(body, str_continue_final_message, &value))
+        return NULL;
+    if (value != NULL && value != Py_False)
+        Py_RETURN_NONE;
+    int exact = 1;
+    PyObject *unsupported[3] = {str_tools, str_documents, str_chat_template};
+    for (int f = 0; f < 3; f++) {
+        if (!body_field(body, unsupported[f], &value))
+            return NULL;
+        if (value != NULL)
+            exact = 0;
+    }
+    if (!body_field(body, str_messages, &messages))
+        return NULL;
+    if (messages == NULL || !PyList_CheckExact(messages) || PyList_GET_SIZE(messages) == 0)
+        Py_RETURN_NONE;
+    Py_ssize_t n = PyList_GET_SIZE(messages), chars = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *role, *content;
+        if (!plain_message(PyList_GET_ITEM(messages, i), &role, &content)) {
+            if (PyErr_Occurred())
+                return NULL;
+            Py_RETURN_NONE;
+        }
+        int in = PyDict_Contains(roles, role);
+        if (in < 0)
+            return NULL;
+        if (!in)
+            Py_RETURN_NONE;
+        chars += PyUnicode_GET_LENGTH(content);
+    }
+    if (chars > max_chars)
+        Py_RETURN_NONE;
+    PyObject *copy = PyList_GetSlice(messages, 0, n);
+    if (copy == NULL)
+        return NULL;
+    return Py_BuildValue("(OOOONOO)", model != NULL ? model : str_empty, salt != NULL ? salt : str_empty,
+                         session != NULL ? session : Py_None,
+                         max_tokens == NULL ? Py_None : (clamp ? max_output : max_tokens), copy,
+                         generation ? Py_True : Py_False, exact ? Py_True : Py_False);
+}
+
 /* messages_begin(messages, roles, contents, n) -> bool | None: whether the first ``n``
  * messages have these roles and contents (lists of str; ChatPrefix.begins); None when a
  * message is not plain or an argument not of those types. String equality is
@@ -1668,6 +1808,9 @@ leading_in(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 static PyMethodDef methods[] = {
     {"plain_chat_chars", (PyCFunction)plain_chat_chars, METH_O,
      "plain_chat_chars(messages) -> int | None: content characters when every message is plain."},
+    {"chat_fields", (PyCFunction)(void (*)(void))chat_fields, METH_FASTCALL,
+     "chat_fields(body, roles, max_session_chars, max_output_tokens, max_chars) -> tuple | None: "
+     "parse_request's common chat case in one pass."},
     {"roles_within", (PyCFunction)(void (*)(void))roles_within, METH_FASTCALL,
      "roles_within(messages, roles) -> bool | None: every plain message's role is in the dict."},
     {"messages_begin", (PyCFunction)(void (*)(void))messages_begin, METH_FASTCALL,
@@ -1704,7 +1847,21 @@ PyInit__speedups(void)
             || (str_output_tokens = PyUnicode_InternFromString("output_tokens")) == NULL
             || (str_random = PyUnicode_InternFromString("random")) == NULL
             || (str_role = PyUnicode_InternFromString("role")) == NULL
-            || (str_content = PyUnicode_InternFromString("content")) == NULL)
+            || (str_content = PyUnicode_InternFromString("content")) == NULL
+            || (str_model = PyUnicode_InternFromString("model")) == NULL
+            || (str_cache_salt = PyUnicode_InternFromString("cache_salt")) == NULL
+            || (str_session_id = PyUnicode_InternFromString("session_id")) == NULL
+            || (str_user = PyUnicode_InternFromString("user")) == NULL
+            || (str_max_tokens = PyUnicode_InternFromString("max_tokens")) == NULL
+            || (str_max_completion_tokens = PyUnicode_InternFromString("max_completion_tokens")) == NULL
+            || (str_messages = PyUnicode_InternFromString("messages")) == NULL
+            || (str_chat_template_kwargs = PyUnicode_InternFromString("chat_template_kwargs")) == NULL
+            || (str_add_generation_prompt = PyUnicode_InternFromString("add_generation_prompt")) == NULL
+            || (str_continue_final_message = PyUnicode_InternFromString("continue_final_message")) == NULL
+            || (str_tools = PyUnicode_InternFromString("tools")) == NULL
+            || (str_documents = PyUnicode_InternFromString("documents")) == NULL
+            || (str_chat_template = PyUnicode_InternFromString("chat_template")) == NULL
+            || (str_empty = PyUnicode_InternFromString("")) == NULL)
         return NULL;
     PyObject *collections = PyImport_ImportModule("collections");
     if (collections == NULL)
