@@ -1405,6 +1405,28 @@ plain_message(PyObject *message, PyObject **role, PyObject **content)
     return *content != NULL && PyUnicode_CheckExact(*content);
 }
 
+/* Reads ``messages`` (a list) in order: 2 when every message is plain and, with
+ * ``roles`` (a dict, or NULL for any role), has its role among its keys, their content
+ * characters added to *chars; 1 at the first plain message whose role is not a key; 0 at
+ * the first message that is not plain; -1 on an error. */
+static int
+scan_messages(PyObject *messages, PyObject *roles, Py_ssize_t *chars)
+{
+    Py_ssize_t n = PyList_GET_SIZE(messages);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *role, *content;
+        if (!plain_message(PyList_GET_ITEM(messages, i), &role, &content))
+            return PyErr_Occurred() ? -1 : 0;
+        if (roles != NULL) {
+            int in = PyDict_Contains(roles, role);
+            if (in <= 0)
+                return in < 0 ? -1 : 1;
+        }
+        *chars += PyUnicode_GET_LENGTH(content);
+    }
+    return 2;
+}
+
 /* plain_chat_chars(messages) -> int | None: the characters of content of ``messages`` (a
  * list) when every message is plain (router.requests._chat_messages's fast case), else
  * None (the Python code then reads them one by one). O(messages). */
@@ -1413,16 +1435,12 @@ plain_chat_chars(PyObject *module, PyObject *messages)
 {
     if (!PyList_CheckExact(messages))
         Py_RETURN_NONE;
-    Py_ssize_t n = PyList_GET_SIZE(messages), chars = 0;
-    for (Py_ssize_t i = 0; i < n; i++) {
-        PyObject *role, *content;
-        if (!plain_message(PyList_GET_ITEM(messages, i), &role, &content)) {
-            if (PyErr_Occurred())
-                return NULL;
-            Py_RETURN_NONE;
-        }
-        chars += PyUnicode_GET_LENGTH(content);
-    }
+    Py_ssize_t chars = 0;
+    int read = scan_messages(messages, NULL, &chars);
+    if (read < 0)
+        return NULL;
+    if (read == 0)
+        Py_RETURN_NONE;
     return PyLong_FromSsize_t(chars);
 }
 
@@ -1439,21 +1457,13 @@ roles_within(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     PyObject *messages = args[0], *roles = args[1];
     if (!PyList_CheckExact(messages) || !PyDict_CheckExact(roles))
         Py_RETURN_NONE;
-    Py_ssize_t n = PyList_GET_SIZE(messages);
-    for (Py_ssize_t i = 0; i < n; i++) {
-        PyObject *role, *content;
-        if (!plain_message(PyList_GET_ITEM(messages, i), &role, &content)) {
-            if (PyErr_Occurred())
-                return NULL;
-            Py_RETURN_NONE;
-        }
-        int in = PyDict_Contains(roles, role);
-        if (in < 0)
-            return NULL;
-        if (!in)
-            Py_RETURN_FALSE;
-    }
-    Py_RETURN_TRUE;
+    Py_ssize_t chars = 0;
+    int read = scan_messages(messages, roles, &chars);
+    if (read < 0)
+        return NULL;
+    if (read == 0)
+        Py_RETURN_NONE;
+    return PyBool_FromLong(read == 2);
 }
 
 /* chat_fields(body, roles, max_session_chars, max_output_tokens, max_chars)
@@ -1570,24 +1580,13 @@ chat_fields(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     if (messages == NULL || !PyList_CheckExact(messages) || PyList_GET_SIZE(messages) == 0)
         Py_RETURN_NONE;
-    Py_ssize_t n = PyList_GET_SIZE(messages), chars = 0;
-    for (Py_ssize_t i = 0; i < n; i++) {
-        PyObject *role, *content;
-        if (!plain_message(PyList_GET_ITEM(messages, i), &role, &content)) {
-            if (PyErr_Occurred())
-                return NULL;
-            Py_RETURN_NONE;
-        }
-        int in = PyDict_Contains(roles, role);
-        if (in < 0)
-            return NULL;
-        if (!in)
-            Py_RETURN_NONE;
-        chars += PyUnicode_GET_LENGTH(content);
-    }
-    if (chars > max_chars)
-        Py_RETURN_NONE;
-    PyObject *copy = PyList_GetSlice(messages, 0, n);
+    Py_ssize_t chars = 0;
+    int read = scan_messages(messages, roles, &chars);
+    if (read < 0)
+        return NULL;
+    if (read < 2 || chars > max_chars)
+        Py_RETURN_NONE; /* a message not plain, a role outside the template's, too long */
+    PyObject *copy = PyList_GetSlice(messages, 0, PyList_GET_SIZE(messages));
     if (copy == NULL)
         return NULL;
     return Py_BuildValue("(OOOONOO)", model != NULL ? model : str_empty, salt != NULL ? salt : str_empty,
