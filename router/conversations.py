@@ -232,10 +232,11 @@ class ConversationMemo:
         self._map: OrderedDict[MemoKey, ChatPrefix] = OrderedDict()
         self.stats = MemoStats()
 
-    def find(self, messages: Sequence[Mapping[str, str]], seed: int) -> tuple[int, ChatPrefix | None]:
+    def find(self, messages: Sequence[Mapping[str, str]],
+             seed: int) -> tuple[int, ChatPrefix | None, MemoKey | None]:
         """The longest remembered prefix of ``messages`` (in ``seed``'s namespace):
-        ``(i, prefix)`` when ``messages[0..i]`` are remembered, else ``(-1, None)``. A
-        hit becomes the most recently used."""
+        ``(i, prefix, its key)`` when ``messages[0..i]`` are remembered, else ``(-1,
+        None, None)``. A hit becomes the most recently used."""
         get = self._map.get
         for i in range(len(messages) - 1, -1, -1):
             key = memo_key(messages, i, seed)
@@ -244,9 +245,9 @@ class ConversationMemo:
                 self._map.move_to_end(key)
                 self.stats.hits += 1
                 self.stats.resumed_chars += found.chars
-                return i, found
+                return i, found, key
         self.stats.misses += 1
-        return -1, None
+        return -1, None, None
 
     def put(self, key: MemoKey, prefix: ChatPrefix, replaces: MemoKey | None = None) -> None:
         """Remember ``prefix`` under ``key``; drop ``replaces`` (the prefix it extends: a
@@ -325,7 +326,7 @@ class ChatResumer:
         """What to tokenize for this chat (plain messages, default options), or None when
         a role has no segments (the request takes the full path). ``full_text``: the
         whole rendering, when the caller has it (a miss tokenizes it)."""
-        at, prefix = self.memo.find(messages, seed)
+        at, prefix, parent = self.memo.find(messages, seed)
         key = memo_key(messages, len(messages) - 1, seed)
         segments = self.segments
         generation, generation_chars = (self.generation_ids, len(segments.generation)) if add_generation_prompt \
@@ -337,5 +338,5 @@ class ChatResumer:
             text = segments.render_later(messages[at + 1:], add_generation_prompt)
         except KeyError:
             return None
-        return _new_resume(messages, key, memo_key(messages, at, seed), prefix, text, generation,
+        return _new_resume(messages, key, parent, prefix, text, generation,
                           prefix.chars + len(text) - generation_chars)

@@ -224,31 +224,24 @@ class RoutingCore:
         return new_route_request(keys, prompt_tokens, keyer.block_tokens, session_id or None, output_tokens,
                                  request_id)
 
-    def view(self, request: RouteRequest, now: float, candidates: Sequence[ReplicaId] | None = None,
-             held: HeldPrefix | None = None) -> RoutingView:
-        """What the policy sees for ``request`` among ``candidates`` (default: all
-        replicas). ``held``: ``PrefixTree.match_best``'s hint (the same view, found
-        sooner)."""
-        return self._view(request, now, candidates, held)[0]
+    def view(self, request: RouteRequest, now: float, candidates: Sequence[ReplicaId] | None = None) -> RoutingView:
+        """What the policy sees for ``request`` among ``candidates`` (default: all replicas)."""
+        replicas, matched, _, session_replica = self._matched(request, now, candidates, None)
+        tree = self.tree
+        return RoutingView.fast(replicas, matched, self.load.loads, now, self.rng, session_replica,
+                                tree.replica_blocks, tree.capacities, tree.default_capacity_blocks)
 
     def _matched(self, request: RouteRequest, now: float, candidates: Sequence[ReplicaId] | None,
                  held: HeldPrefix | None) -> tuple[tuple, dict[ReplicaId, int], int, ReplicaId | None]:
         """The candidates (a tuple), the blocks each matched, the longest match, and the
-        session's replica among them: what ``view`` and ``rank`` read."""
+        session's replica among them: what ``view`` and ``rank`` read. ``held``:
+        ``PrefixTree.match_best``'s hint (the same matches, found sooner)."""
         replicas = self._replicas if candidates is None else tuple(candidates)
         session_replica = self.sessions.get(request.session_id, now) if request.session_id else None
         if session_replica is not None and session_replica not in replicas:
             session_replica = None
         matched, best = self.tree.match_best(request.keys, replicas, now, held)
         return replicas, matched, best, session_replica
-
-    def _view(self, request: RouteRequest, now: float,
-              candidates: Sequence[ReplicaId] | None, held: HeldPrefix | None = None) -> tuple[RoutingView, int]:
-        """``view``, and the longest match among the candidates."""
-        replicas, matched, best, session_replica = self._matched(request, now, candidates, held)
-        tree = self.tree
-        return RoutingView.fast(replicas, matched, self.load.loads, now, self.rng, session_replica,
-                                tree.replica_blocks, tree.capacities, tree.default_capacity_blocks), best
 
     def rank(self, request: RouteRequest, now: float,
              candidates: Sequence[ReplicaId] | None = None,
@@ -257,7 +250,7 @@ class RoutingCore:
         replicas), the blocks each candidate matched and the session's replica among
         them: ``view``'s values, ranked by ``Policy.rank_matched`` (which builds the view
         only for a policy that needs it; ``cache_aware``'s C ranker does not). ``held``:
-        as ``view``'s. O(matched blocks + candidates)."""
+        ``PrefixTree.match_best``'s hint. O(matched blocks + candidates)."""
         replicas, matched, _, session_replica = self._matched(request, now, candidates, held)
         if not replicas:
             return [], matched, session_replica

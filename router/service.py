@@ -619,15 +619,17 @@ class RoutingService:
         now = self.now()
         chosen = entry.matched.get(replica, 0)
         self.core.on_routed(request, replica, now, matched_blocks=chosen)
-        # The replica now holds every key of the request, inserted at ``now``: its next
-        # turn's match may skip them while nothing removed them (``PrefixTree.held_bit``).
-        # Not for a chain longer than the replica's capacity (the insert keeps its head).
-        tree = self.core.tree
-        hold = (tree.hold_mark(replica), now) if len(request.keys) <= tree.capacity(replica) else None
-        if entry.remembered is not None:
-            entry.remembered.holder = hold
-        if entry.learn is not None:
-            self.learn_after(entry.learn, replica, len(request.keys), hold)
+        if entry.remembered is not None or entry.learn is not None:
+            # The replica now holds every key of the request, inserted at ``now``: its
+            # next turn's match may skip them while nothing removed them
+            # (``PrefixTree.held_bit``). Not for a chain longer than the replica's
+            # capacity (the insert keeps its head).
+            tree = self.core.tree
+            hold = (tree.hold_mark(replica), now) if len(request.keys) <= tree.capacity(replica) else None
+            if entry.remembered is not None:
+                entry.remembered.holder = hold
+            if entry.learn is not None:
+                self.learn_after(entry.learn, replica, len(request.keys), hold)
         self._schedule_first_token(request, replica, chosen)
         if self.recorder is not None:
             self.recorder.record(request.keys, request.prompt_tokens, request.block_tokens, request.output_tokens,

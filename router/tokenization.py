@@ -116,8 +116,7 @@ def chat_template_options(body: Any) -> dict[str, Any]:
     """The body's options for the chat template, as vLLM's OpenAI server passes them:
     ``add_generation_prompt`` (default true), ``continue_final_message`` and
     ``chat_template_kwargs``. Raises ``ValueError`` naming a bad one."""
-    get = body.get if isinstance(body, dict) or isinstance(body, Mapping) \
-        else (lambda name, default=None: getattr(body, name, default))
+    get = body.get if isinstance(body, Mapping) else (lambda name, default=None: getattr(body, name, default))
     options: dict[str, Any] = {}
     extra = get("chat_template_kwargs")
     if extra is not None:

@@ -291,7 +291,7 @@ def test_long_messages_differing_in_the_middle_share_a_key_but_never_resume():
     assert memo_key(_messages(2, LAST[2]), 1, 0) == memo_key(_messages(2, LAST[3]), 1, 0)
     memo = ConversationMemo(10_000)
     memo.put(memo_key(_messages(2, LAST[2]), 1, 0), _prefix(2, 16, LAST[2]))
-    assert memo.find(_messages(2, LAST[3]) + [{"role": "user", "content": "next"}], 0) == (-1, None)
+    assert memo.find(_messages(2, LAST[3]) + [{"role": "user", "content": "next"}], 0) == (-1, None, None)
     assert memo.find(_messages(2, LAST[2]) + [{"role": "user", "content": "next"}], 0)[0] == 1
 
 
@@ -325,18 +325,18 @@ class MemoMachine(RuleBasedStateMachine):
     @rule(n=st.integers(1, 5), last=st.sampled_from(LAST))
     def find(self, n, last):
         messages = _messages(n, last)
-        at, found = self.memo.find(messages, 0)
-        expected = (-1, None)
+        at, found, found_key = self.memo.find(messages, 0)
+        expected = (-1, None, None)
         for i in range(n - 1, -1, -1):
             key = memo_key(messages, i, 0)
             hit = next((p for k, p in self.model if k == key), None)
             # A hit is one whose every message (its last included) is the request's own.
             if hit is not None and len(hit.contents) == i + 1 and all(
                     hit.contents[j] == messages[j]["content"] and hit.roles[j] == "user" for j in range(i + 1)):
-                expected = (i, hit)
+                expected = (i, hit, key)
                 self.model = [(k, p) for k, p in self.model if k != key] + [(key, hit)]
                 break
-        assert (at, found) == expected
+        assert (at, found, found_key) == expected
 
     @invariant()
     def same_entries(self):
