@@ -1028,7 +1028,9 @@ def decision_phases(tokenizer: str, workloads: Sequence[Workload], *,
     microseconds of: ``parse`` (reading the body; a chat the conversation memo may resume
     is rendered in ``tokenized``, only past its remembered prefix), ``tokenized`` (the
     loop's share: the memo, cached pieces, and handing new text to the pool; never the wait),
-    ``key``, ``rank`` and their ``total``; and the chat rendering alone, through the
+    ``key``, ``rank`` and their ``total``; ``routed`` (after the decision, still on the
+    loop: the tree learns the request, its session and load are accounted, the rest of
+    its prompt is handed to the pool); and the chat rendering alone, through the
     template's segments (``router.chat_render``) and through Jinja, on the same bodies."""
     from router.requests import _chat_messages
     from router.service import RoutingService
@@ -1044,7 +1046,8 @@ def decision_phases(tokenizer: str, workloads: Sequence[Workload], *,
                                   "tokenize_wait_ms": wait_ms})
         replicas = [f"replica-{i}" for i in range(DEFAULT_REPLICAS)]
         service.set_replicas(replicas)
-        phases: dict[str, list[float]] = {"parse": [], "tokenized": [], "key": [], "rank": [], "total": []}
+        phases: dict[str, list[float]] = {"parse": [], "tokenized": [], "key": [], "rank": [], "total": [],
+                                          "routed": []}
 
         async def route_all(bodies: list[dict], timed: bool) -> None:
             for i, body in enumerate(bodies):
@@ -1058,14 +1061,16 @@ def decision_phases(tokenizer: str, workloads: Sequence[Workload], *,
                 tiers = service.rank(request, replicas, began, learn=tokens.lesson(fields))
                 ranked = time.perf_counter()
                 replica = tiers[0][0] if tiers else replicas[0]
+                before_routed = time.perf_counter()
                 service.routed(request.request_id, replica)  # and learns the rest, as a front door's
+                routed = time.perf_counter() - before_routed
                 while service.learning:
                     await asyncio.sleep(0.001)
                 service.completed(request.request_id)
                 if timed:
                     for name, value in (("parse", parsed - began), ("tokenized", tokenized - parsed - tokens.waited),
                                         ("key", keyed - tokenized), ("rank", ranked - keyed),
-                                        ("total", ranked - began - tokens.waited)):
+                                        ("total", ranked - began - tokens.waited), ("routed", routed)):
                         phases[name].append(value * 1e6)
 
         async def route_workload() -> None:
@@ -1168,7 +1173,7 @@ def format_table(report: dict[str, Any]) -> str:
                      f"(chat rendering: segments {row['render_segments_us_p50']:.0f}, Jinja "
                      f"{row['render_jinja_us_p50']:.0f}), tokenized {row['tokenized_us_p50']:.0f}, key "
                      f"{row['key_us_p50']:.0f}, rank {row['rank_us_p50']:.0f}: total {row['total_us_p50']:.0f} "
-                     f"(p99 {row['total_us_p99']:.0f})")
+                     f"(p99 {row['total_us_p99']:.0f}); then routed {row['routed_us_p50']:.0f}")
     kv = report.get("kv_aware")
     if kv is not None and not kv.get("ran"):
         lines.append(f"ray-kv-aware did not run: {kv.get('error')}")
