@@ -414,12 +414,15 @@ class RoutingCore:
             self.load.churned(replica, added, churn_at)
 
     def on_routed(self, request: RouteRequest, replica: ReplicaId, now: float,
-                  matched_blocks: int | None = None) -> None:
+                  matched_blocks: int | None = None, *, still_held: bool = False) -> None:
         """``request`` was sent to ``replica``: learn its prefix (speculatively), pin its
-        session and account its load. ``matched_blocks`` saves a second match."""
+        session and account its load. ``matched_blocks`` saves a second match;
+        ``still_held``: the caller knows that ``replica`` still holds those blocks
+        (``PrefixTree.kept_all`` since the match), so the insert skips their owner probes."""
         if matched_blocks is None:
             matched_blocks = self.tree.match(request.keys, (replica,), now)[replica]
-        self._on_routed(request, replica, now, matched_blocks, 0)
+            still_held = True
+        self._on_routed(request, replica, now, matched_blocks, matched_blocks if still_held else 0)
 
     def _on_routed(self, request: RouteRequest, replica: ReplicaId, now: float, matched_blocks: int,
                    held: int) -> None:

@@ -98,6 +98,9 @@ class _OrderedTimes(dict):
 
 #: ``PrefixTree.hold_mark``'s token: the replica's record and its removal count.
 HoldMark = tuple
+#: ``PrefixTree.drop_mark``: the replica's record and its removal, eviction and expiry
+#: counts.
+DropMark = tuple
 
 
 class HeldPrefix(NamedTuple):
@@ -371,6 +374,21 @@ class PrefixTree:
         rb = self._replicas.get(replica)
         return None if rb is None else (rb, rb.removals)
 
+    def drop_mark(self, replica: ReplicaId) -> DropMark | None:
+        """What ``kept_all`` compares with later to know that ``replica`` lost no entry at
+        all since now: whatever a match found it holding now, it still holds (None for an
+        unknown replica). O(1)."""
+        rb = self._replicas.get(replica)
+        return None if rb is None else (rb, rb.removals, rb.evicted, rb.expired)
+
+    def kept_all(self, mark: DropMark) -> bool:
+        """Whether the replica of ``mark`` (``drop_mark``) lost no entry since: every way
+        out (eviction, expiry, an engine's removal, a clear, the replica leaving) bumps one
+        of the counts in the mark or replaces its record. O(1)."""
+        rb = mark[0]
+        return (self._replicas.get(rb.replica) is rb and rb.removals == mark[1] and rb.evicted == mark[2]
+                and rb.expired == mark[3])
+
     def held_bit(self, mark: HoldMark, since: float) -> int:
         """The replica's bit when every entry it held at ``mark`` and had moved at or
         after ``since - touch_coalesce_s`` is certainly still held, else 0. A chain
@@ -436,7 +454,8 @@ class PrefixTree:
     def _insert(self, replica: ReplicaId, keys: Sequence[int], now: float, confirmed: bool, held: int) -> int:
         """``insert``, told that ``replica`` holds the first ``held`` keys. Only for a
         caller that has just matched ``keys`` at this same ``now`` with nothing changed
-        since (``RoutingCore.route``): it skips those keys' owner probes, which on a big
+        since (``RoutingCore.route``), or matched them earlier and knows the replica lost
+        nothing since (``kept_all``): it skips those keys' owner probes, which on a big
         tree are cache misses. O(len(keys)) plus O(evicted)."""
         rb = self._replicas.get(replica)
         if rb is None:

@@ -28,7 +28,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 
 from router.conversations import (ChatPrefix, ConversationMemo, boundary_tokens_safe, memo_key)
 from router.errors import ConfigError
-from router.service import RoutingService
+from router.service import RoutingService, Tokenized
 from router.tokenization import PromptTokenizer, pack_ids
 from tests.helpers import shipped_tokenizer_path, until_learned
 
@@ -219,6 +219,53 @@ def test_a_resumed_turn_skips_the_blocks_its_replica_still_holds(wait_ms):
     finally:
         service.close()
         PromptTokenizer.forget_shared()
+
+
+def test_routed_tells_the_insert_what_the_reserved_replica_still_holds():
+    """``routed`` passes the decision's match on to the tree's insert (which then skips
+    those blocks' owner probes) only when the request went to the replica it was reserved
+    on and that replica lost nothing since the match; the tree ends as a plain insert
+    leaves it."""
+    service = RoutingService({"policy": "cache_aware", "block_size": BLOCK})
+    replicas = ["a", "b"]
+    service.set_replicas(replicas)
+    core, tree = service.core, service.core.tree
+    told = []
+    plain_on_routed = core.on_routed
+
+    def on_routed(request, replica, now, matched_blocks=None, *, still_held=False):
+        told.append((replica, matched_blocks, still_held))
+        plain_on_routed(request, replica, now, matched_blocks, still_held=still_held)
+
+    core.on_routed = on_routed
+    text = "The same long prefix. " * 40
+
+    def decide(request_id):
+        request = service.keyed(service.parse({"prompt": text}), Tokenized(None), request_id)
+        return request, service.rank(request, replicas, 0.0)[0][0]
+
+    try:
+        request, replica = decide("first")
+        service.routed(request.request_id, replica)
+        assert told[-1] == (replica, 0, True)  # nothing held, nothing lost: trivially kept
+        request, replica = decide("second")
+        blocks = len(request.keys)
+        service.routed(request.request_id, replica)
+        assert told[-1] == (replica, blocks, True)
+        # Another replica than the reserved one: no claim.
+        request, replica = decide("third")
+        other = next(r for r in replicas if r != replica)
+        service.routed(request.request_id, other)
+        assert told[-1] == (other, 0, False)
+        # The reserved replica lost a block between the decision and routing: no claim.
+        request, replica = decide("fourth")
+        assert tree.remove(replica, [request.keys[-1]]) == 1
+        service.routed(request.request_id, replica)
+        assert told[-1] == (replica, blocks, False)
+        assert tree.match(request.keys, [replica], 1.0)[replica] == blocks  # learned again
+        tree.check_invariants()
+    finally:
+        service.close()
 
 
 def test_conversations_sharing_their_last_message_do_not_resume_from_each_other(service):

@@ -102,6 +102,8 @@ class PrefixTreeMachine(RuleBasedStateMachine):
         self.last_tuple: tuple | None = None
         # (replica, chain, hold_mark, time) of whole chains inserted: match_held's hints
         self.holds: list[tuple] = []
+        # (replica, chain, drop_mark, matched depth) of matches: insert_kept's claims
+        self.kept: list[tuple] = []
 
     @initialize(capacity=st.integers(6, 12), step=st.sampled_from(STEPS))
     def setup(self, capacity, step):
@@ -139,8 +141,14 @@ class PrefixTreeMachine(RuleBasedStateMachine):
     @rule(target=chains, replica=st.sampled_from(REPLICAS), seq=seqs | chains,
           confirmed=st.booleans())
     def insert(self, replica, seq, confirmed):
+        return self.do_insert(replica, seq, confirmed)
+
+    def do_insert(self, replica, seq, confirmed, held=0):
         now = self.tick()
-        new = self.tree.insert(replica, keys_of(seq), now, confirmed=confirmed)
+        if held:
+            new = self.tree._insert(replica, keys_of(seq), now, confirmed, held)
+        else:
+            new = self.tree.insert(replica, keys_of(seq), now, confirmed=confirmed)
         rr = self.ref_replica(replica)
         chain = [seq[:i + 1] for i in range(min(len(seq), rr.capacity))]
         expected_new = 0
@@ -173,6 +181,31 @@ class PrefixTreeMachine(RuleBasedStateMachine):
         asked = list(dict.fromkeys([replica] + replicas))
         held = HeldPrefix(mark, since, max(0, len(seq) - depth_cut))
         self.check_match(seq + more, asked, now, held)
+
+    @rule(seq=chains, replica=st.sampled_from(REPLICAS))
+    def mark_drops(self, seq, replica):
+        """A match, and the replica's ``drop_mark`` then (what ``RoutingService.rank``
+        keeps for the replica it reserves on)."""
+        now = self.tick()
+        self.check_match(seq, [replica], now)
+        depth = self.tree.match(keys_of(seq), [replica], now)[replica]
+        mark = self.tree.drop_mark(replica)
+        if mark is not None:
+            self.kept = self.kept[-3:] + [(replica, seq, mark, depth)]
+
+    @rule(pick=st.integers(0, 3), more=seqs)
+    def insert_kept(self, pick, more):
+        """An insert told that the replica still holds what an earlier match found, when
+        ``kept_all`` says so, whatever happened since (``RoutingService.routed``): the
+        claim is true in the reference, and the insert does what a plain one does."""
+        if not self.kept:
+            return
+        replica, seq, mark, depth = self.kept[pick % len(self.kept)]
+        if not depth or not self.tree.kept_all(mark):
+            return
+        rr = self.ref[replica]
+        assert all(seq[:i + 1] in rr.entries for i in range(depth)), "kept_all, but an entry is gone"
+        self.do_insert(replica, seq + more, False, held=depth)
 
     def do_remove(self, replica, seq, indices) -> None:
         self.tick()
@@ -767,3 +800,34 @@ def test_replica_slots_are_reused_after_drop():
         tree.add_replica(replica)
     tree.check_invariants()
     assert len(tree._slot_replica) == 80
+
+
+@pytest.mark.parametrize("tree_class", [PrefixTree, PurePythonPrefixTree])
+@pytest.mark.parametrize("drop", ["nothing", "insert elsewhere", "evict", "expire", "remove", "clear",
+                                  "drop and re-add", "capacity cut"])
+def test_kept_all_is_false_after_any_way_out_of_the_replica(tree_class, drop):
+    """``drop_mark``/``kept_all``: every way an entry leaves a replica makes the mark
+    stale; inserts (there or elsewhere) do not."""
+    tree = tree_class(default_capacity_blocks=8, speculative_ttl_s=10.0)
+    tree.add_replica("a")
+    tree.add_replica("b")
+    tree.insert("a", keys_of((1, 2, 3)), 0.0)
+    mark = tree.drop_mark("a")
+    assert tree.drop_mark("ghost") is None
+    if drop == "insert elsewhere":
+        tree.insert("b", keys_of((1, 2, 3, 4)), 1.0)
+        tree.insert("a", keys_of((1, 2, 3, 4)), 1.0)
+    elif drop == "evict":
+        tree.insert("a", keys_of((5, 5, 5, 5, 5, 5)), 1.0)  # 9 entries > 8: the oldest goes
+    elif drop == "expire":
+        tree.expire(20.0)
+    elif drop == "remove":
+        assert tree.remove("a", keys_of((1, 2, 3))[2:]) == 1
+    elif drop == "clear":
+        tree.clear_replica("a")
+    elif drop == "drop and re-add":
+        tree.drop_replica("a")
+        tree.add_replica("a")
+    elif drop == "capacity cut":
+        tree.add_replica("a", 2)
+    assert tree.kept_all(mark) is (drop in ("nothing", "insert elsewhere"))
