@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> dict:
         for w, first in enumerate(rounds[0]):
             report["medians"].setdefault(first["workload"], {})[name] = {
                 phase: round(statistics.median(r[w][phase] for r in rounds), 1) for phase in PHASES
-                if phase in first}  # ``routed`` is timed from commit 9a0c0de on
+                if phase in first}  # ``routed`` is timed from commit b586921 on
     for workload, sides in report["medians"].items():
         for name, row in sides.items():
             print(f"{workload:12s} {name:6s} " + "  ".join(f"{p.replace('_us', '')} {v}" for p, v in row.items()))
