@@ -70,15 +70,26 @@ _messages_begin = getattr(speedups, "messages_begin", None)
 _role = operator.itemgetter("role")
 _content = operator.itemgetter("content")
 
-#: ``(seed, position, role, length, head, tail)`` of a conversation's last remembered
-#: message: its content's length and first and last ``MEMO_KEY_CHARS`` characters.
-MemoKey = tuple[int, int, str, int, str, str]
+#: What a conversation's last remembered message is filed under: its position, role,
+#: content length and first and last ``MEMO_KEY_CHARS`` characters, in the seed's
+#: namespace; hashed to an int in C (``speedups.memo_key``) for a list of plain messages,
+#: else the tuple ``(seed, position, role, length, head, tail)``.
+MemoKey = int | tuple[int, int, str, int, str, str]
 MEMO_KEY_CHARS = 32
+
+#: The C key and walk (None: the Python ones).
+_c_memo_key = getattr(speedups, "memo_key", None)
+_c_memo_find = getattr(speedups, "memo_find", None)
 
 
 def memo_key(messages: Sequence[Mapping[str, str]], at: int, seed: int) -> MemoKey:
-    """O(1) in the message's length (two short slices): a hit is only a candidate, whose
-    messages ``ChatPrefix.begins`` then compares in full."""
+    """O(1) in the message's length: a hit is only a candidate, whose messages
+    ``ChatPrefix.begins`` then compares in full (so two messages sharing a key, which
+    the 64-bit hash allows, cost a comparison, never a wrong resume)."""
+    if _c_memo_key is not None:
+        key = _c_memo_key(messages, at, seed)
+        if key is not None:
+            return key
     message = messages[at]
     content = message["content"]
     return seed, at, message["role"], len(content), content[:MEMO_KEY_CHARS], content[-MEMO_KEY_CHARS:]
@@ -237,17 +248,33 @@ class ConversationMemo:
         """The longest remembered prefix of ``messages`` (in ``seed``'s namespace):
         ``(i, prefix, its key)`` when ``messages[0..i]`` are remembered, else ``(-1,
         None, None)``. A hit becomes the most recently used."""
-        get = self._map.get
-        for i in range(len(messages) - 1, -1, -1):
+        entries = self._map
+        start = len(messages) - 1
+        if _c_memo_find is not None:
+            # The keys built and looked up in C, from the last message back; None: a
+            # message that is not plain, and the walk below goes on from there.
+            while start >= 0 and (walked := _c_memo_find(messages, seed, entries, start)) is not None:
+                i, key, found = walked
+                if found is None:
+                    start = -1
+                elif found.begins(messages):
+                    return self._hit(i, found, key)
+                else:
+                    start = i - 1
+        get = entries.get
+        for i in range(start, -1, -1):
             key = memo_key(messages, i, seed)
             found = get(key)
             if found is not None and found.begins(messages):
-                self._map.move_to_end(key)
-                self.stats.hits += 1
-                self.stats.resumed_chars += found.chars
-                return i, found, key
+                return self._hit(i, found, key)
         self.stats.misses += 1
         return -1, None, None
+
+    def _hit(self, i: int, found: ChatPrefix, key: MemoKey) -> tuple[int, ChatPrefix, MemoKey]:
+        self._map.move_to_end(key)
+        self.stats.hits += 1
+        self.stats.resumed_chars += found.chars
+        return i, found, key
 
     def put(self, key: MemoKey, prefix: ChatPrefix, replaces: MemoKey | None = None) -> None:
         """Remember ``prefix`` under ``key``; drop ``replaces`` (the prefix it extends: a

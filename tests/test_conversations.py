@@ -342,6 +342,38 @@ def test_long_messages_differing_in_the_middle_share_a_key_but_never_resume():
     assert memo.find(_messages(2, LAST[2]) + [{"role": "user", "content": "next"}], 0)[0] == 1
 
 
+def test_the_memo_key_reads_position_role_length_head_and_tail_only():
+    """The C key (an int) and the Python one (a tuple, for a message that is not plain)
+    take the same fields: equal where they agree, apart where any differs."""
+    base = [{"role": "user", "content": "x" * 40 + "middle" + "y" * 40}]
+    key = memo_key(base, 0, 7)
+    same_ends = [{"role": "user", "content": "x" * 40 + "MIDDLE" + "y" * 40}]
+    assert memo_key(same_ends, 0, 7) == key
+    for other in ([{"role": "assistant", "content": base[0]["content"]}],
+                  [{"role": "user", "content": "x" * 40 + "middl" + "y" * 40}],
+                  [{"role": "user", "content": "z" + base[0]["content"][1:]}],
+                  [{"role": "user", "content": base[0]["content"][:-1] + "z"}],
+                  [{"role": "user", "content": base[0]["content"].replace("x", "\u00e9")}]):
+        assert memo_key(other, 0, 7) != key
+    assert memo_key(base, 0, 8) != key
+    assert memo_key([base[0], base[0]], 1, 7) != memo_key([base[0], base[0]], 0, 7)
+    # A message with a third field is not plain: the tuple key, which the walk also uses.
+    odd = [{"role": "user", "content": "hi", "name": "n"}]
+    assert memo_key(odd, 0, 7) == (7, 0, "user", 2, "hi", "hi")
+
+
+def test_find_walks_past_a_message_that_is_not_plain():
+    """The C walk hands over to the Python one at a message it does not read; the hit
+    behind it is still found, and a hit whose messages differ is passed over."""
+    memo = ConversationMemo(10_000)
+    history = _messages(2, LAST[2])
+    memo.put(memo_key(history, 1, 0), _prefix(2, 16, LAST[2]))
+    later = history + [{"role": "user", "content": "next", "name": "n"}, {"role": "user", "content": "last"}]
+    assert memo.find(later, 0)[0] == 1
+    assert memo.find(_messages(2, LAST[3]) + later[2:], 0) == (-1, None, None)  # same key, other text
+    assert memo.stats.hits == 1 and memo.stats.misses == 1
+
+
 class MemoMachine(RuleBasedStateMachine):
     """``ConversationMemo`` against a list of (key, prefix) pairs, oldest first."""
 
@@ -402,5 +434,5 @@ def test_lru_order_is_kept():
     for last in "abc":
         memo.put(memo_key(_messages(1, last), 0, 0), _prefix(1, 8, last))
     memo.find([{"role": "user", "content": "a"}], 0)
-    assert [k[4] for k in memo._map] == ["b", "c", "a"]
+    assert list(memo._map) == [memo_key(_messages(1, last), 0, 0) for last in "bca"]
     assert isinstance(memo._map, OrderedDict)

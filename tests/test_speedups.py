@@ -510,3 +510,40 @@ def test_the_c_pass_over_messages_reads_what_the_python_loop_reads(messages, as_
         if fast[1]:
             assert fast_covers == renderer.covers(slow[0])
         assert fast_begins == [p.begins(slow[0]) for p in prefixes]
+
+
+_str_message = st.one_of(
+    st.fixed_dictionaries({"role": _roles, "content": _texts}),  # plain
+    st.fixed_dictionaries({"role": _roles, "content": _texts, "name": _texts}),  # an extra field
+    st.builds(lambda r, c: {"role": r, "content": _Str(c)}, _roles, _texts),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(stored=st.lists(st.lists(_str_message, min_size=1, max_size=5), min_size=1, max_size=4),
+       asked=st.lists(_str_message, min_size=1, max_size=8), take=st.integers(0, 3), seed=st.integers(0, 2 ** 64 - 1))
+def test_the_c_memo_walk_finds_what_the_python_walk_finds(stored, asked, take, seed):
+    """``ConversationMemo.find`` with the C keys and walk resumes at the same message,
+    from the same entry, as with the Python ones, for histories that share prefixes with
+    the request or not, and messages the C code declines."""
+    from router import conversations
+
+    asked = stored[take % len(stored)] + asked  # usually a remembered conversation, extended
+
+    def found():
+        memo = conversations.ConversationMemo(1 << 20)
+        entries = []
+        for history in stored:
+            prefix = conversations.ChatPrefix([m["role"] for m in history], [m["content"] for m in history],
+                                              b"", 0, [], 0, 0)
+            memo.put(conversations.memo_key(history, len(history) - 1, seed), prefix)
+            entries.append(prefix)
+        at, prefix, key = memo.find(asked, seed)
+        assert key is None or key == conversations.memo_key(asked, at, seed)
+        return at, None if prefix is None else next(i for i, p in enumerate(entries) if p is prefix)
+
+    fast = found()
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(conversations, "_c_memo_key", None)
+        m.setattr(conversations, "_c_memo_find", None)
+        assert found() == fast

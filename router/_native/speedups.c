@@ -1639,6 +1639,124 @@ messages_begin(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     Py_RETURN_TRUE;
 }
 
+/* The conversation memo's key of one plain message (router.conversations.memo_key):
+ * xxh3_64, seeded with the namespace seed, over the position, the role, the content's
+ * length and its first and last MEMO_KEY_CHARS characters (their code units as stored).
+ * O(1) in the content's length. Returns 1 with *key set, 0 when the message is not plain
+ * (the Python key is used), -1 on an error. */
+#define MEMO_KEY_CHARS 32
+static int
+memo_key_of(PyObject *message, Py_ssize_t at, uint64_t seed, uint64_t *key)
+{
+    PyObject *role, *content;
+    if (!plain_message(message, &role, &content))
+        return PyErr_Occurred() ? -1 : 0;
+    if (PyUnicode_READY(role) < 0 || PyUnicode_READY(content) < 0)
+        return -1;
+    /* head: at, content length, role length, the two kinds; then the role's first
+     * MEMO_KEY_CHARS characters and the content's first and last ones */
+    unsigned char buffer[32 + 3 * MEMO_KEY_CHARS * 4];
+    Py_ssize_t length = PyUnicode_GET_LENGTH(content), role_length = PyUnicode_GET_LENGTH(role);
+    int kind = PyUnicode_KIND(content), role_kind = PyUnicode_KIND(role);
+    int64_t header[3] = {(int64_t)at, (int64_t)length, (int64_t)role_length};
+    size_t n = 0;
+    memcpy(buffer, header, sizeof header);
+    n += sizeof header;
+    buffer[n++] = (unsigned char)kind;
+    buffer[n++] = (unsigned char)role_kind;
+    Py_ssize_t take = role_length < MEMO_KEY_CHARS ? role_length : MEMO_KEY_CHARS;
+    memcpy(buffer + n, PyUnicode_DATA(role), (size_t)(take * role_kind));
+    n += (size_t)(take * role_kind);
+    take = length < MEMO_KEY_CHARS ? length : MEMO_KEY_CHARS;
+    const char *data = (const char *)PyUnicode_DATA(content);
+    memcpy(buffer + n, data, (size_t)(take * kind));
+    n += (size_t)(take * kind);
+    memcpy(buffer + n, data + (length - take) * kind, (size_t)(take * kind));
+    n += (size_t)(take * kind);
+    *key = XXH3_64bits_withSeed(buffer, n, seed);
+    return 1;
+}
+
+static int
+memo_args(PyObject *const *args, Py_ssize_t *at, uint64_t *seed)
+{
+    if (!PyList_CheckExact(args[0]))
+        return 0;
+    *at = PyLong_AsSsize_t(args[1]);
+    if (*at == -1 && PyErr_Occurred())
+        return -1;
+    *seed = PyLong_AsUnsignedLongLongMask(args[2]);
+    if (*seed == (uint64_t)-1 && PyErr_Occurred())
+        return -1;
+    return 1;
+}
+
+/* memo_key(messages, at, seed) -> int | None: memo_key_of messages[at] (a list), or None
+ * when it is not plain or ``messages`` not a list. O(1). */
+static PyObject *
+memo_key(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "memo_key(messages, at, seed)");
+        return NULL;
+    }
+    Py_ssize_t at;
+    uint64_t seed, key;
+    int ok = memo_args(args, &at, &seed);
+    if (ok <= 0)
+        return ok < 0 ? NULL : Py_NewRef(Py_None);
+    if (at < 0 || at >= PyList_GET_SIZE(args[0])) {
+        PyErr_SetString(PyExc_IndexError, "memo_key: position out of range");
+        return NULL;
+    }
+    ok = memo_key_of(PyList_GET_ITEM(args[0], at), at, seed, &key);
+    if (ok <= 0)
+        return ok < 0 ? NULL : Py_NewRef(Py_None);
+    return PyLong_FromUnsignedLongLong(key);
+}
+
+/* memo_find(messages, seed, entries, start) -> (i, key, entry) | (-1, None, None) | None:
+ * the first position i from ``start`` down to 0 whose memo key (memo_key_of) is in
+ * ``entries`` (a dict or OrderedDict), with that key and its entry; (-1, None, None) when
+ * none is; None when a message on the way is not plain (the caller walks in Python).
+ * ConversationMemo.find then compares the entry's messages. O(positions walked). */
+static PyObject *
+memo_find(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "memo_find(messages, seed, entries, start)");
+        return NULL;
+    }
+    PyObject *messages = args[0], *entries = args[2];
+    Py_ssize_t start;
+    uint64_t seed;
+    int ok = memo_args((PyObject *const[]){messages, args[3], args[1]}, &start, &seed);
+    if (ok <= 0)
+        return ok < 0 ? NULL : Py_NewRef(Py_None);
+    if (!PyDict_Check(entries))
+        Py_RETURN_NONE;
+    if (start >= PyList_GET_SIZE(messages))
+        start = PyList_GET_SIZE(messages) - 1;
+    for (Py_ssize_t i = start; i >= 0; i--) {
+        uint64_t key;
+        ok = memo_key_of(PyList_GET_ITEM(messages, i), i, seed, &key);
+        if (ok <= 0)
+            return ok < 0 ? NULL : Py_NewRef(Py_None);
+        PyObject *key_object = PyLong_FromUnsignedLongLong(key);
+        if (key_object == NULL)
+            return NULL;
+        PyObject *entry = PyDict_GetItemWithError(entries, key_object);  /* borrowed */
+        if (entry != NULL) {
+            PyObject *found = Py_BuildValue("(nNO)", i, key_object, entry);
+            return found;
+        }
+        Py_DECREF(key_object);
+        if (PyErr_Occurred())
+            return NULL;
+    }
+    return Py_BuildValue("(iOO)", -1, Py_None, Py_None);
+}
+
 /* segment_keys(segments, size, seed, partial) -> list[int] | None: the simulator's block
  * keys of a prompt made of segments (simulator.workloads.model._segment_keys_py is the
  * twin). ``segments`` is a sequence of (segment_id, tokens) pairs; block i's bytes are
@@ -1812,6 +1930,10 @@ static PyMethodDef methods[] = {
      "parse_request's common chat case in one pass."},
     {"roles_within", (PyCFunction)(void (*)(void))roles_within, METH_FASTCALL,
      "roles_within(messages, roles) -> bool | None: every plain message's role is in the dict."},
+    {"memo_key", (PyCFunction)(void (*)(void))memo_key, METH_FASTCALL,
+     "memo_key(messages, at, seed) -> int | None: the conversation memo's key of messages[at]."},
+    {"memo_find", (PyCFunction)(void (*)(void))memo_find, METH_FASTCALL,
+     "memo_find(messages, seed, entries, start) -> (i, key, entry) | (-1, None, None) | None."},
     {"messages_begin", (PyCFunction)(void (*)(void))messages_begin, METH_FASTCALL,
      "messages_begin(messages, roles, contents, n) -> bool | None: the first n messages are these."},
     {"chain", (PyCFunction)(void (*)(void))chain, METH_FASTCALL,
