@@ -125,10 +125,6 @@ class ChatPrefix:
         return (len(self.ids) + KEY_BYTES * len(self.keys) + self.chars + MESSAGE_BYTES * len(self.roles)
                 + ENTRY_OVERHEAD_BYTES)
 
-    def own_keys(self) -> list[int]:
-        """A new list of the prefix's keys (the caller may extend it)."""
-        return self.keys[:self.key_count]
-
     def tail(self, start: int, after: bytes) -> bytes:
         """``(own ids + after)[start:]`` for ``start <= id_bytes`` without copying the own
         ids before ``start`` (the blocks the prefix's keys already stand for)."""

@@ -86,6 +86,20 @@ def _chain_py(data: bytes | str, step: int, seed: int) -> list[int]:
 _chain = speedups.chain if speedups is not None else _chain_py
 
 
+def _chain_on_py(keys: list[int], count: int, head: bytes, start: int, end: int, tail: bytes,
+                 step: int) -> list[int]:
+    """The reference for the C ``chain_on``: ``keys[:count]``, then the chain from
+    ``keys[count - 1]`` over the full blocks of ``head[start:end] + tail``."""
+    if not 1 <= count <= len(keys) or step <= 0 or not 0 <= start <= end <= len(head):
+        raise ValueError("chain_on: need 1 <= count <= len(keys), step > 0 and 0 <= start <= end <= len(head)")
+    out = keys[:count]
+    out += _chain(bytes(memoryview(head)[start:end]) + bytes(tail), step, keys[count - 1])
+    return out
+
+
+_chain_on = getattr(speedups, "chain_on", None) or _chain_on_py
+
+
 class TokenBlockKeyer(Keyer):
     """Keys of token-id blocks of ``block_size`` tokens (ids as little-endian uint32)."""
 
@@ -111,6 +125,14 @@ class TokenBlockKeyer(Keyer):
         """``keys`` of token ids already packed as little-endian uint32 (what
         ``router.tokenization`` produces): no list of ints in between."""
         return _chain(data, self._step, seed)
+
+    def keys_on(self, keys: list[int], count: int, head: bytes, start: int, end: int,
+                tail: bytes = b"") -> list[int]:
+        """A new list: ``keys[:count]`` (a chain's first keys) followed by the keys of the
+        packed ids ``head[start:end] + tail`` chained on from ``keys[count - 1]``, without
+        joining the two byte strings (a resumed conversation: its remembered keys, then
+        the blocks after them). O(count + new blocks)."""
+        return _chain_on(keys, count, head, start, end, tail, self._step)
 
     def prompt_tokens(self, content: Sequence[int]) -> int:
         return len(content)

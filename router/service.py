@@ -528,11 +528,12 @@ class RoutingService:
                     raise ValueError("ids past a prefix need a resumed prefix and cannot be remembered")
                 prompt_bytes += prefix.id_bytes
             if prefix is not None and prefix.key_count:
-                # The chain goes on from the prefix's last key over the blocks after it.
-                keys = prefix.own_keys()
-                start = len(keys) * 4 * keyer.block_tokens
-                tail = prefix.tail(start, ids) if ids_past_prefix else ids[start:]
-                keys += keyer.keys_packed(tail, keys[-1])
+                # The chain goes on from the prefix's last key over the blocks after it
+                # (the prefix's ids past its keyed blocks, then these; or these past them).
+                count = prefix.key_count
+                start = count * 4 * keyer.block_tokens
+                keys = keyer.keys_on(prefix.keys, count, prefix.ids, start, prefix.id_bytes, ids) \
+                    if ids_past_prefix else keyer.keys_on(prefix.keys, count, ids, start, len(ids))
             else:
                 keys = keyer.keys_packed(prefix.tail(0, ids) if ids_past_prefix else ids, seed)
             if remember and resume is not None:

@@ -40,6 +40,29 @@ def test_chain_gives_the_python_keys(data, step, seed):
 
 
 @settings(max_examples=400, deadline=None)
+@given(keys=st.lists(st.integers(0, (1 << 64) - 1), min_size=1, max_size=6), count=st.integers(1, 6),
+       head=st.binary(max_size=300), cut=st.tuples(st.integers(0, 300), st.integers(0, 300)),
+       tail=st.binary(max_size=300), step=st.integers(1, 70), memory=st.booleans())
+def test_chain_on_gives_the_python_keys(keys, count, head, cut, tail, step, memory):
+    """A chain continued over two byte strings (blocks that span them included) is the
+    reference's, and so are its errors."""
+    from router.keys import _chain_on_py
+
+    start, end = sorted(cut)
+    head_arg = memoryview(head) if memory else head
+    try:
+        expected = _chain_on_py(keys, count, head, start, end, tail, step)
+    except ValueError:
+        with pytest.raises(ValueError):
+            speedups.chain_on(keys, count, head_arg, start, end, tail, step)
+        return
+    got = speedups.chain_on(keys, count, head_arg, start, end, tail, step)
+    assert got == expected and got is not keys
+    # The reference is the plain chain of the joined bytes.
+    assert got == keys[:count] + _chain_py(head[start:end] + tail, step, keys[count - 1])
+
+
+@settings(max_examples=400, deadline=None)
 @given(pairs=st.lists(st.tuples(st.one_of(st.integers(0, 5), st.just((1 << 64) - 1)),
                                 st.one_of(st.integers(0, 40), st.just(0xFFFF_FFFF))), max_size=12),
        size=st.integers(1, 33), seed=st.integers(0, (1 << 64) - 1), partial=st.booleans())
@@ -512,23 +535,32 @@ def test_the_c_pass_over_messages_reads_what_the_python_loop_reads(messages, as_
         assert fast_begins == [p.begins(slow[0]) for p in prefixes]
 
 
+# Few roles and texts, so that histories share messages and keys often.
+_few_roles = st.sampled_from(["user", "assistant"])
+_few_texts = st.one_of(st.text(alphabet="ab", max_size=2), _texts)
 _str_message = st.one_of(
-    st.fixed_dictionaries({"role": _roles, "content": _texts}),  # plain
-    st.fixed_dictionaries({"role": _roles, "content": _texts, "name": _texts}),  # an extra field
-    st.builds(lambda r, c: {"role": r, "content": _Str(c)}, _roles, _texts),
+    st.fixed_dictionaries({"role": _few_roles, "content": _few_texts}),  # plain
+    st.fixed_dictionaries({"role": _few_roles, "content": _few_texts, "name": _texts}),  # an extra field
+    st.builds(lambda r, c: {"role": r, "content": _Str(c)}, _few_roles, _few_texts),
 )
 
 
 @settings(max_examples=300, deadline=None)
 @given(stored=st.lists(st.lists(_str_message, min_size=1, max_size=5), min_size=1, max_size=4),
-       asked=st.lists(_str_message, min_size=1, max_size=8), take=st.integers(0, 3), seed=st.integers(0, 2 ** 64 - 1))
-def test_the_c_memo_walk_finds_what_the_python_walk_finds(stored, asked, take, seed):
-    """``ConversationMemo.find`` with the C keys and walk resumes at the same message,
-    from the same entry, as with the Python ones, for histories that share prefixes with
-    the request or not, and messages the C code declines."""
+       asked=st.lists(_str_message, min_size=1, max_size=8), take=st.integers(0, 3), seed=st.integers(0, 2 ** 64 - 1),
+       make_plain=st.booleans())
+def test_the_c_memo_walk_finds_what_the_python_walk_finds(stored, asked, take, seed, make_plain):
+    """``ConversationMemo.find`` with the C keys and walk: always a prefix whose messages
+    are the request's own (any messages, those the C code declines included), and for
+    plain messages the same message and entry as the Python keys and walk."""
     from router import conversations
 
+    if make_plain:
+        stored = [[{"role": m["role"], "content": str(m["content"])} for m in h] for h in stored]
+        asked = [{"role": m["role"], "content": str(m["content"])} for m in asked]
     asked = stored[take % len(stored)] + asked  # usually a remembered conversation, extended
+    plain = all(type(m) is dict and len(m) == 2 and type(m["content"]) is str for m in asked) and all(
+        type(m) is dict and len(m) == 2 and type(m["content"]) is str for h in stored for m in h)
 
     def found():
         memo = conversations.ConversationMemo(1 << 20)
@@ -539,11 +571,16 @@ def test_the_c_memo_walk_finds_what_the_python_walk_finds(stored, asked, take, s
             memo.put(conversations.memo_key(history, len(history) - 1, seed), prefix)
             entries.append(prefix)
         at, prefix, key = memo.find(asked, seed)
-        assert key is None or key == conversations.memo_key(asked, at, seed)
+        if prefix is not None:
+            assert key == conversations.memo_key(asked, at, seed) and len(prefix.contents) == at + 1
+            assert prefix.contents == [m["content"] for m in asked[:at + 1]]
+            assert prefix.roles == [m["role"] for m in asked[:at + 1]]
         return at, None if prefix is None else next(i for i, p in enumerate(entries) if p is prefix)
 
     fast = found()
     with pytest.MonkeyPatch.context() as m:
         m.setattr(conversations, "_c_memo_key", None)
         m.setattr(conversations, "_c_memo_find", None)
-        assert found() == fast
+        slow = found()
+    if plain:
+        assert fast == slow

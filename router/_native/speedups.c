@@ -109,6 +109,87 @@ done:
     return out;
 }
 
+/* chain_on(keys, count, head, start, end, tail, step) -> list[int]: keys[:count] followed
+ * by the chained keys (as chain's, from the seed keys[count - 1]) of the full blocks of
+ * head[start:end] + tail (two bytes-like objects), in one new list and without joining
+ * the two: a resumed conversation's keys (its remembered prefix's, then its new blocks').
+ * O(count + (end - start + len(tail)) / step). */
+static PyObject *
+chain_on(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 7) {
+        PyErr_SetString(PyExc_TypeError, "chain_on(keys, count, head, start, end, tail, step)");
+        return NULL;
+    }
+    PyObject *keys = args[0];
+    if (!PyList_Check(keys)) {
+        PyErr_SetString(PyExc_TypeError, "chain_on: keys must be a list");
+        return NULL;
+    }
+    Py_ssize_t count = PyLong_AsSsize_t(args[1]), start = PyLong_AsSsize_t(args[3]),
+               end = PyLong_AsSsize_t(args[4]), step = PyLong_AsSsize_t(args[6]);
+    if (PyErr_Occurred())
+        return NULL;
+    if (count < 1 || count > PyList_GET_SIZE(keys) || step <= 0) {
+        PyErr_SetString(PyExc_ValueError, "chain_on: need 1 <= count <= len(keys) and step > 0");
+        return NULL;
+    }
+    unsigned long long seed = PyLong_AsUnsignedLongLongMask(PyList_GET_ITEM(keys, count - 1));
+    if (seed == (unsigned long long)-1 && PyErr_Occurred())
+        return NULL;
+    Py_buffer head, tail;
+    if (PyObject_GetBuffer(args[2], &head, PyBUF_SIMPLE) < 0)
+        return NULL;
+    if (PyObject_GetBuffer(args[5], &tail, PyBUF_SIMPLE) < 0) {
+        PyBuffer_Release(&head);
+        return NULL;
+    }
+    PyObject *out = NULL;
+    unsigned char *spanning = NULL;
+    if (start < 0 || end < start || end > head.len) {
+        PyErr_SetString(PyExc_ValueError, "chain_on: need 0 <= start <= end <= len(head)");
+        goto done;
+    }
+    Py_ssize_t first = end - start, total = first + tail.len, blocks = total / step;
+    out = PyList_New(count + blocks);
+    if (out == NULL)
+        goto done;
+    for (Py_ssize_t i = 0; i < count; i++)
+        PyList_SET_ITEM(out, i, Py_NewRef(PyList_GET_ITEM(keys, i)));
+    const unsigned char *a = (const unsigned char *)head.buf + start, *b = (const unsigned char *)tail.buf;
+    XXH64_hash_t prev = (XXH64_hash_t)seed;
+    for (Py_ssize_t i = 0; i < blocks; i++) {
+        Py_ssize_t at = i * step;
+        const unsigned char *block;
+        if (at + step <= first) {
+            block = a + at;
+        } else if (at >= first) {
+            block = b + (at - first);
+        } else {  /* the one block that spans the two */
+            if (spanning == NULL && (spanning = PyMem_Malloc((size_t)step)) == NULL) {
+                PyErr_NoMemory();
+                Py_CLEAR(out);
+                goto done;
+            }
+            memcpy(spanning, a + at, (size_t)(first - at));
+            memcpy(spanning + (first - at), b, (size_t)(step - (first - at)));
+            block = spanning;
+        }
+        prev = XXH3_64bits_withSeed(block, (size_t)step, prev);
+        PyObject *key = PyLong_FromUnsignedLongLong(prev);
+        if (key == NULL) {
+            Py_CLEAR(out);
+            goto done;
+        }
+        PyList_SET_ITEM(out, count + i, key);
+    }
+done:
+    PyMem_Free(spanning);
+    PyBuffer_Release(&head);
+    PyBuffer_Release(&tail);
+    return out;
+}
+
 /* ---------------------------------------------------------------------------------- */
 /* cache_aware policy                                                                  */
 /* ---------------------------------------------------------------------------------- */
@@ -1938,6 +2019,9 @@ static PyMethodDef methods[] = {
      "messages_begin(messages, roles, contents, n) -> bool | None: the first n messages are these."},
     {"chain", (PyCFunction)(void (*)(void))chain, METH_FASTCALL,
      "chain(data, step, seed) -> list[int]: chained xxh3_64 keys of each full block."},
+    {"chain_on", (PyCFunction)(void (*)(void))chain_on, METH_FASTCALL,
+     "chain_on(keys, count, head, start, end, tail, step) -> list[int]: keys[:count] + the chain on over "
+     "head[start:end] + tail."},
     {"leading_in", (PyCFunction)(void (*)(void))leading_in, METH_FASTCALL,
      "leading_in(keys, seen) -> int: how many leading keys are in the set seen."},
     {"segment_keys", (PyCFunction)(void (*)(void))segment_keys, METH_FASTCALL,
