@@ -592,8 +592,12 @@ class RoutingService:
                         remembered)
         self._remember(entry)
         if tiers:
-            loads = self.core.load.loads
-            top = min(tiers[0], key=lambda k: loads[k].in_flight if k in loads else 0)
+            first = tiers[0]
+            if len(first) == 1:
+                top = first[0]  # cache_aware's usual first tier
+            else:
+                loads = self.core.load.loads
+                top = min(first, key=lambda k: loads[k].in_flight if k in loads else 0)
             self.core.reserve(request, top, matched.get(top, 0))
             entry.reserved = self.core.tree.drop_mark(top)
         return tiers
