@@ -106,10 +106,11 @@ class ChatPrefix:
     rather than copied: a 100k-character history is 100 KB of ids and 1,600 keys, and a
     copy is a page-faulting allocation on every turn. Nobody mutates them.
 
-    ``holder``, the one field set after it is made: ``(PrefixTree.hold_mark, time)`` of
-    the replica the request was routed to, once the tree had all of its keys there
-    (inserted from that time on), or None; the next turn's match skips those keys for
-    that replica while ``PrefixTree.held_bit`` says nothing removed them."""
+    ``holder``, the one field set after it is made: the ``PrefixTree.HeldPrefix`` (the
+    replica's ``hold_mark``, the time from which the tree had all ``key_count`` keys
+    there, that count) of the replica the request was routed to, or None; the next turn's
+    match skips those keys for that replica while ``PrefixTree.held_bit`` says nothing
+    removed them."""
 
     roles: list[str]
     contents: list[str]
@@ -118,7 +119,7 @@ class ChatPrefix:
     keys: list[int]
     key_count: int
     chars: int
-    holder: tuple | None = None
+    holder: Any = None  # router.prefix_tree.HeldPrefix
 
     @property
     def size(self) -> int:

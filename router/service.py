@@ -456,7 +456,7 @@ class RoutingService:
             self.core.learn(replica, request.keys[known_keys:], self.now())
             if remembered is not None and hold is not None and replica in self.core.replicas \
                     and len(request.keys) <= self.core.tree.capacity(replica):
-                remembered.holder = hold
+                remembered.holder = HeldPrefix(*hold, remembered.key_count)
 
     def _seed(self, fields: RequestFields) -> int:
         """The key seed of ``fields``'s namespace (model, adapter, salt). A LoRA adapter's
@@ -485,12 +485,9 @@ class RoutingService:
         ``holder``) hands ``rank`` that fact, so the tree's match skips those blocks."""
         request, remembered = self._key(fields, found.ids, request_id, found.uncached_chars, resume=found.resume,
                                         remember=not found.missing, ids_past_prefix=found.past_prefix)
-        held = None
         resume = found.resume
-        if resume is not None and resume.prefix is not None and found.ids is not None:
-            holder = resume.prefix.holder
-            if holder is not None:
-                held = HeldPrefix(holder[0], holder[1], resume.prefix.key_count)
+        held = resume.prefix.holder if resume is not None and resume.prefix is not None and found.ids is not None \
+            else None
         self._keyed = (request, held, remembered)
         return request
 
@@ -641,8 +638,8 @@ class RoutingService:
             # (``PrefixTree.held_bit``). Not for a chain longer than the replica's
             # capacity (the insert keeps its head).
             hold = (tree.hold_mark(replica), now) if len(request.keys) <= tree.capacity(replica) else None
-            if entry.remembered is not None:
-                entry.remembered.holder = hold
+            if entry.remembered is not None and hold is not None:
+                entry.remembered.holder = HeldPrefix(*hold, entry.remembered.key_count)
             if entry.learn is not None:
                 self.learn_after(entry.learn, replica, len(request.keys), hold)
         self._schedule_first_token(request, replica, chosen)
