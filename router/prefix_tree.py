@@ -43,6 +43,8 @@ Complexity
                           (a conversation's next turn: O(new blocks + the others' matches))
   held_bit(mark, since)   O(1): whether a replica certainly kept what it held at ``mark``
                           (no removal since but evictions and expiries of older entries)
+  kept_all(mark)          O(1): whether a replica lost no entry at all since ``drop_mark``
+                          (an insert may then skip the owner probes of what it matched)
   insert(replica, keys)   O(len(keys)) plus O(evicted)
   remove / clear / drop   O(blocks touched)
   expire(now)             O(expired + replicas)
@@ -106,7 +108,7 @@ DropMark = tuple
 class HeldPrefix(NamedTuple):
     """``match_best``'s hint: ``mark`` (``PrefixTree.hold_mark`` taken once the first
     ``depth`` keys of a chain were all inserted for the replica, the earliest of those
-    inserts at ``since``). (A named tuple: one is made per decision.)"""
+    inserts at ``since``). (A named tuple: one is made per routed conversation turn.)"""
 
     mark: HoldMark
     since: float

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import xxhash
@@ -214,9 +215,9 @@ def parse_request(body: Any, *, lora: str = "", tokenizer: Any = None,
             model, salt, session, max_tokens, messages, generation, exact = fast
             return _new_fields(None, False, model, lora, salt, session, max_tokens, True, False, exact, messages,
                                generation)
-    # A JSON body (a dict, or kvroute's ``RequestBody``) is read with its own ``get``;
-    # another object (a pydantic request of ray.serve.llm) by attribute.
-    get = body.get if isinstance(body, dict) else (lambda name: getattr(body, name, None))
+    # A JSON body (a dict, or kvroute's ``RequestBody``) is read with its own ``get``
+    # (bound once); another object (a pydantic request of ray.serve.llm) by ``_get``.
+    get = body.get if isinstance(body, dict) else partial(_get, body)
     # ``is None`` tests, never ``value or default``: truthiness of a client's value may be
     # ambiguous (an array a handle caller passed raises on ``bool()``).
     model = get("model")
