@@ -44,7 +44,9 @@ from simulator.cluster import ClusterConfig
 from simulator.run import run_policy
 from simulator.workloads import SimRequest
 
+#: The objectives, in the order that breaks a tie on the one asked for (``rank_key``).
 OBJECTIVES = ("ttft_p99", "ttft_mean", "hit_rate")
+
 #: cache_aware's constants searched, and the values tried (defaults included).
 SPACE: dict[str, tuple] = {
     "work_weight": (0.0, 0.5, 1.0, 2.0, 3.0, 5.0),
@@ -160,6 +162,14 @@ def score(result: dict[str, Any], objective: str) -> float:
     return value if value is not None else math.inf
 
 
+def rank_key(result: dict[str, Any], objective: str) -> tuple[float, ...]:
+    """``score`` on ``objective``, then on the other objectives in ``OBJECTIVES`` order:
+    a tail percentile over a few thousand requests often ties exactly (the same slowest
+    requests set it under many configurations), and the first configuration drawn among
+    the tied ones is no better a pick than any other."""
+    return (score(result, objective),) + tuple(score(result, other) for other in OBJECTIVES if other != objective)
+
+
 def pareto(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """The rows no other row dominates on (hit rate up; TTFT p50, p99, max share of fair and
     replicas down). O(rows^2)."""
@@ -257,7 +267,7 @@ def tune(requests: Sequence[SimRequest], *, replicas: Sequence[int], objective: 
             rows.append({"label": candidate.label, "policy": candidate.policy, "options": dict(candidate.options),
                          "replicas": candidate.replicas, "tuning": result,
                          "score": score(result, objective)})
-        ranked = sorted(range(len(rows)), key=lambda i: rows[i]["score"])
+        ranked = sorted(range(len(rows)), key=lambda i: rank_key(rows[i]["tuning"], objective))
         winner = ranked[0]
         default = next((i for i, c in enumerate(plan) if c.policy == "cache_aware" and not c.options
                         and c.replicas == max(replicas)), None)

@@ -10,7 +10,7 @@ import pytest
 from router.cli import build_parser, main
 from router.errors import ConfigError
 from router.service import validate_options
-from simulator.tune import SPACE, candidates, pareto, split_in_time
+from simulator.tune import SPACE, candidates, pareto, rank_key, split_in_time
 from simulator.workloads import make_workload, save_jsonl
 
 
@@ -52,6 +52,19 @@ def test_the_pareto_front_keeps_exactly_the_undominated_rows():
             row(0.9, 0.02, 0.08, 1.5, 4),  # more hits, slower: on the front
             row(0.8, 0.01, 0.05, 1.1, 8)]  # the same with more replicas: dominated
     assert pareto(rows) == [rows[0], rows[2]]
+
+
+def test_a_tie_on_the_objective_is_broken_by_the_other_objectives():
+    def result(p99, mean, hit):
+        return {"ttft_p99_s": p99, "ttft_mean_s": mean, "hit_rate": hit}
+
+    tied_slower, tied_faster, worse = result(3.4, 0.47, 0.25), result(3.4, 0.46, 0.20), result(3.5, 0.30, 0.9)
+    ranked = sorted([tied_slower, worse, tied_faster], key=lambda r: rank_key(r, "ttft_p99"))
+    assert ranked == [tied_faster, tied_slower, worse]  # the objective first, then the mean
+    # Tied on p99 and the mean: the hit rate decides; on hit rate, p99 breaks a tie first.
+    assert rank_key(result(3.4, 0.46, 0.3), "ttft_p99") < rank_key(result(3.4, 0.46, 0.2), "ttft_p99")
+    assert rank_key(result(3.3, 0.5, 0.8), "hit_rate") < rank_key(result(3.4, 0.4, 0.8), "hit_rate")
+    assert rank_key(result(None, 0.5, 0.8), "ttft_p99")[0] == float("inf")
 
 
 def test_tune_on_a_trace_writes_a_report_and_a_deployable_winner(tmp_path, capsys):
