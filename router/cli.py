@@ -396,7 +396,7 @@ def _tune(args: argparse.Namespace) -> int:
     report = tune(requests, replicas=args.replicas or [8], objective=args.objective, budget=args.budget, jobs=jobs,
                   split=args.split, block_size=args.block_size or default_block, kv_blocks=args.kv_blocks,
                   profile=get_profile(args.profile), seed=args.seed, seeds=args.seeds, policies=args.policy,
-                  progress=Progress())
+                  p99_guard=args.p99_guard, progress=Progress())
     report["trace"] = label
     report["command"] = "kvroute " + " ".join(args.argv)
     print(format_table(report))
@@ -405,6 +405,16 @@ def _tune(args: argparse.Namespace) -> int:
     if "winner_beats_default_held_back" in report:
         print(f"  on the held-back part it {'beats' if report['winner_beats_default_held_back'] else 'does NOT beat'} "
               f"default cache_aware ({args.objective})")
+    others = report.get("best_other_policy_held_back")
+    if others and winner["held_back"] is not None:
+        def ms(seconds: float | None) -> str:
+            return "-" if seconds is None else f"{1e3 * seconds:,.0f}"
+
+        held = winner["held_back"]
+        print(f"  held back: hit rate {100 * held['hit_rate']:.1f}% against the other policies' best "
+              f"{100 * others['hit_rate']['value']:.1f}% ({others['hit_rate']['label']}); TTFT p99 "
+              f"{ms(held['ttft_p99_s'])} ms against their best {ms(others['ttft_p99_s']['value'])} ms "
+              f"({others['ttft_p99_s']['label']})")
     print(f"  gateway: kvroute gateway --worker ... {' '.join(winner['gateway_flags'])}")
     for path in write_outputs(report, args.out):
         print(f"wrote {path}", file=sys.stderr)
@@ -752,6 +762,9 @@ def build_parser() -> argparse.ArgumentParser:
     tn.add_argument("--seed", type=int, default=0, help="first router seed")
     tn.add_argument("--seeds", type=_positive_int, default=2,
                     help="router seeds per configuration, scored on their mean (default 2)")
+    tn.add_argument("--p99-guard", type=float, default=1.1, metavar="X",
+                    help="with --objective hit_rate, configurations whose TTFT p99 exceeds X times the lowest "
+                         "rank after the rest (default 1.1)")
     tn.set_defaults(func=_tune)
 
     gw = sub.add_parser("gateway", help="an OpenAI-compatible gateway over vllm serve workers, without Ray "

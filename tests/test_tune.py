@@ -10,7 +10,7 @@ import pytest
 from router.cli import build_parser, main
 from router.errors import ConfigError
 from router.service import validate_options
-from simulator.tune import SPACE, candidates, pareto, rank_key, split_in_time
+from simulator.tune import SPACE, candidates, pareto, rank_key, ranking, split_in_time
 from simulator.workloads import make_workload, save_jsonl
 
 
@@ -67,6 +67,21 @@ def test_a_tie_on_the_objective_is_broken_by_the_other_objectives():
     assert rank_key(result(None, 0.5, 0.8), "ttft_p99")[0] == float("inf")
 
 
+def test_the_hit_rate_objective_ranks_a_tail_past_the_guard_last():
+    def result(p99, mean, hit):
+        return {"ttft_p99_s": p99, "ttft_mean_s": mean, "hit_rate": hit}
+
+    overloaded, balanced, cautious, unknown = (result(39.6, 2.0, 0.80), result(0.043, 0.02, 0.79),
+                                                result(0.040, 0.02, 0.75), result(None, None, 0.9))
+    results = [overloaded, balanced, cautious, unknown]
+    # Within 1.1x of the lowest p99 (0.040 s), by hits; then those past it, by hits.
+    assert ranking(results, "hit_rate") == [1, 2, 3, 0]
+    assert ranking(results, "hit_rate", p99_guard=1.05) == [2, 3, 0, 1]  # 0.043 > 1.05 * 0.040
+    assert ranking(results, "hit_rate", p99_guard=1000) == [0, 1, 2, 3]  # in effect no guard: hits first
+    # The TTFT objectives are not guarded (their own order already is the tail's).
+    assert ranking(results, "ttft_p99") == [2, 1, 0, 3]
+
+
 def test_tune_on_a_trace_writes_a_report_and_a_deployable_winner(tmp_path, capsys):
     trace = tmp_path / "trace.jsonl"
     save_jsonl(make_workload("chat", 600, seed=3, rate_per_s=40), trace)
@@ -82,6 +97,12 @@ def test_tune_on_a_trace_writes_a_report_and_a_deployable_winner(tmp_path, capsy
     assert winner["score"] == min(scores) and "held_back" in winner
     assert report["default"]["held_back"] is not None and "winner_beats_default_held_back" in report
     assert any(r.get("pareto") for r in report["runs"])
+    # Every other policy's defaults are replayed held back too: what the winner is to beat.
+    pow2 = [r for r in report["runs"] if r["policy"] == "pow2" and r["replicas"] == 4]
+    assert len(pow2) == 1 and "held_back" in pow2[0]
+    best = report["best_other_policy_held_back"]
+    assert best["hit_rate"] == {"label": pow2[0]["label"], "value": pow2[0]["held_back"]["hit_rate"]}
+    assert best["ttft_p99_s"]["label"] == pow2[0]["label"]
     # The winner as Serve config (validated) and as gateway flags the gateway parses.
     import yaml
 
@@ -94,12 +115,14 @@ def test_tune_on_a_trace_writes_a_report_and_a_deployable_winner(tmp_path, capsy
     assert "held back" in (out / "pareto.md").read_text()
     printed = capsys.readouterr().out
     assert "winner on the tuning part" in printed and "default cache_aware" in printed
+    assert "against the other policies' best" in printed
 
 
 def test_bad_tune_arguments_name_the_field(tmp_path, capsys):
     trace = tmp_path / "trace.jsonl"
     save_jsonl(make_workload("chat", 50, seed=0, rate_per_s=20), trace)
-    for extra, field in ((["--split", "2"], "split"), (["--policy", "nope"], "policy")):
+    for extra, field in ((["--split", "2"], "split"), (["--policy", "nope"], "policy"),
+                         (["--p99-guard", "0.5"], "p99_guard")):
         assert main(["tune", "--trace", str(trace), *extra, "--out", str(tmp_path / "o")]) != 0
         assert f"error: {field}" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
