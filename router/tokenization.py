@@ -20,6 +20,10 @@ it all again costs about 0.2 us per character (20 ms at 100k characters), so
    in the whole text. ``PromptTokenizer`` checks the identity on probe texts when built
    and falls back to whole-text pieces (still cached, still off the loop) when a
    tokenizer breaks it (a SentencePiece ``Metaspace`` that prepends only at offset 0).
+   A piece longer than ``CHUNK_CHARS`` is also cut next to newlines where the
+   tokenizer's pre-tokenizer is known to keep that exact (``newline_cut_rule``,
+   ``newline_cuts``): a completion prompt, one piece otherwise, is then cached in chunks,
+   and an agent's next, longer prompt encodes only its last chunk and what it appended.
 3. **Cache the pieces.** Piece text -> its ids packed as little-endian uint32, in an LRU
    bounded by bytes (``SegmentCache``, or its C twin ``router._pieces.PieceCache``). The
    split, the lookups and the join (``PieceSplitterPy``) run on the routing loop for every
@@ -62,6 +66,14 @@ DEFAULT_CACHE_BYTES = 256 << 20
 #: The request field that carries the router's ids to the engine (Serve passes it as a
 #: keyword argument to the replica's method).
 ATTACHMENT_KWARG = "kvroute_prompt"
+#: A text piece longer than this is cut next to newlines too, for tokenizers where that is
+#: exact (``newline_cut_rule``): an extended completion prompt re-encodes about this
+#: much of what it shares with the previous one, and a piece costs one cache lookup.
+CHUNK_CHARS = 1024
+#: The pre-tokenizer split patterns ``newline_cut_rule`` knows: cl100k's, which Llama 3
+#: uses (a Split before a ByteLevel without its own regex); GPT-2's is ByteLevel's own.
+_CL100K_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"
+                   r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 #: Body fields that change what the engine renders in ways the router does not render
 #: (tool schemas, documents, a per-request template): keyed approximately, ids not sent.
 UNSUPPORTED_CHAT_FIELDS = ("tools", "documents", "chat_template")
@@ -263,6 +275,60 @@ class SegmentCache:
 # -----------------------------------------------------------------------------------------
 # The splitter
 # -----------------------------------------------------------------------------------------
+#: ``newline_cuts``'s rules: which cuts next to a newline a tokenizer keeps exact
+#: (``newline_cut_rule`` says which applies).
+CUTS_NONE, CUTS_BYTE_LEVEL, CUTS_CL100K = 0, 1, 2
+
+
+def _word_char(c: str) -> bool:
+    return "a" <= c <= "z" or "A" <= c <= "Z" or "0" <= c <= "9"
+
+
+def _printable(c: str) -> bool:
+    return "!" <= c <= "~"
+
+
+def newline_cuts(text: str, start: int, end: int, chunk_chars: int, rule: int = CUTS_BYTE_LEVEL) -> list[int]:
+    """The cuts that chunk the piece ``text[start:end]``: each the first *safe* cut at
+    least ``chunk_chars`` after the previous cut (or ``start``), strictly inside the piece.
+    A safe cut ``c``, with ASCII letters and digits as *word* characters and ASCII other
+    than space and controls as *printable*:
+
+    * before a newline that ends a word: ``text[c] == "\\n"``, ``text[c - 1]`` a word
+      character (both rules);
+    * after a newline between printable characters: ``text[c - 1] == "\\n"``, ``text[c -
+      2]`` and ``text[c]`` printable (both rules);
+    * ``CUTS_CL100K`` also: after a newline followed by spaces and tabs, then a printable
+      character, whatever precedes the newline (an indented line, a paragraph break).
+
+    ``newline_cut_rule`` says why each is exact for the pre-tokenizers it admits. A cut
+    depends only on the piece's text up to the first printable character after it, so a
+    piece that grows at its end keeps its earlier cuts. O(end - start)."""
+    cuts: list[int] = []
+    at = start + chunk_chars
+    i = text.find("\n", max(start, at - 1), end)
+    while i >= 0:
+        c = -1
+        if i >= at and i > start and _word_char(text[i - 1]):
+            c = i
+        elif i + 1 >= at and i + 1 < end:
+            if i - 1 >= start and _printable(text[i - 1]) and _printable(text[i + 1]):
+                c = i + 1
+            elif rule == CUTS_CL100K:
+                j = i + 1
+                while j < end and text[j] in " \t":
+                    j += 1
+                if j < end and _printable(text[j]):
+                    c = i + 1
+        if c < 0:
+            i = text.find("\n", i + 1, end)
+            continue
+        cuts.append(c)
+        at = c + chunk_chars
+        i = text.find("\n", max(c, at - 1), end)
+    return cuts
+
+
 class PieceSplitterPy:
     """Cuts texts at a tokenizer's verbatim added tokens and joins the cached ids of the
     pieces: the reference for the C ``router._pieces.PieceSplitter`` (same constructor,
@@ -271,12 +337,25 @@ class PieceSplitterPy:
     Holds ``split_tokens`` (text -> id: a text is cut at these), the ``glue`` tokens
     (matched, so nothing is cut through them, but kept inside their piece) and one regex
     alternation of both, longest first: at the leftmost position where any token matches
-    the longest one wins, as the tokenizer matches them. ``pieces`` is O(len(text));
-    ``assemble`` adds one cache ``get`` per text piece, O(len(piece)) each.
+    the longest one wins, as the tokenizer matches them. With ``chunk_chars`` > 0 a text
+    piece longer than that is also cut next to newlines (``newline_cuts`` by
+    ``chunk_rule``), for a tokenizer whose pre-tokenizer never joins across those cuts
+    (``newline_cut_rule``): a
+    completion prompt, one piece without added tokens, then caches in chunks, and an
+    agent's next, longer prompt encodes only its last chunk and what it appended.
+    ``pieces`` is O(len(text)); ``assemble`` adds one cache ``get`` per text piece,
+    O(len(piece)) each.
     """
 
-    def __init__(self, split_tokens: Mapping[str, int], glue: Sequence[str]) -> None:
+    def __init__(self, split_tokens: Mapping[str, int], glue: Sequence[str], chunk_chars: int = 0,
+                 chunk_rule: int = CUTS_BYTE_LEVEL) -> None:
+        if isinstance(chunk_chars, bool) or not isinstance(chunk_chars, int) or chunk_chars < 0:
+            raise ValueError(f"chunk_chars must be an int >= 0, got {chunk_chars!r}")
+        if chunk_rule not in (CUTS_BYTE_LEVEL, CUTS_CL100K):
+            raise ValueError(f"chunk_rule must be {CUTS_BYTE_LEVEL} or {CUTS_CL100K}, got {chunk_rule!r}")
         self.split_tokens = dict(split_tokens)
+        self.chunk_chars = chunk_chars
+        self.chunk_rule = chunk_rule
         matched = sorted({**self.split_tokens, **dict.fromkeys(glue, -1)}, key=len, reverse=True)
         self._glue = frozenset(glue)
         self._pattern = re.compile("(" + "|".join(map(re.escape, matched)) + ")") if self.split_tokens else None
@@ -288,6 +367,21 @@ class PieceSplitterPy:
 
     def _spans(self, text: str) -> list[tuple[str | int, int]]:
         """``pieces``, each with its offset in ``text``."""
+        spans = self._token_spans(text)
+        if not self.chunk_chars or not any(type(p) is str and len(p) > self.chunk_chars for p, _ in spans):
+            return spans
+        out: list[tuple[str | int, int]] = []
+        for piece, offset in spans:
+            if type(piece) is str and len(piece) > self.chunk_chars:
+                bounds = [offset, *newline_cuts(text, offset, offset + len(piece), self.chunk_chars,
+                                                self.chunk_rule), offset + len(piece)]
+                out.extend((text[a:b], a) for a, b in zip(bounds, bounds[1:]))
+            else:
+                out.append((piece, offset))
+        return out
+
+    def _token_spans(self, text: str) -> list[tuple[str | int, int]]:
+        """``text`` cut at the split tokens only, each piece with its offset."""
         if self._pattern is None:
             return [(text, 0)] if text else []
         out: list[tuple[str | int, int]] = []
@@ -383,7 +477,8 @@ class PromptTokenizer:
     _shared: dict[tuple, PromptTokenizer] = {}
     _shared_lock = threading.Lock()
 
-    def __init__(self, tokenizer: Any, *, cache_bytes: int = DEFAULT_CACHE_BYTES, native: bool | None = None) -> None:
+    def __init__(self, tokenizer: Any, *, cache_bytes: int = DEFAULT_CACHE_BYTES, native: bool | None = None,
+                 chunk_chars: int = CHUNK_CHARS) -> None:
         backend = getattr(tokenizer, "backend_tokenizer", None)
         if backend is None:
             raise ConfigError("tokenizer", f"needs a fast (Rust) tokenizer, got {type(tokenizer).__name__}")
@@ -392,13 +487,18 @@ class PromptTokenizer:
         self.fingerprint = tokenizer_fingerprint(tokenizer)
         self.split_tokens, glue = _verbatim_added_tokens(tokenizer)
         self.glue_tokens = tuple(glue)
+        # Long pieces are chunked at safe newlines only where that is exact by the
+        # tokenizer's own rules (the piecewise check below then probes it too).
+        self.chunk_rule = newline_cut_rule(json.loads(backend.to_str()))
+        self.chunk_chars = chunk_chars if self.chunk_rule != CUTS_NONE else 0
         # Every token the tokenizer matches in the raw text is matched by the splitter
         # (leftmost-longest, as the tokenizer matches), so a token it would match across
         # one of our cuts cannot exist; ``glue`` ones stay inside their piece.
-        self._py_splitter = PieceSplitterPy(self.split_tokens, glue)
+        rule = self.chunk_rule or CUTS_BYTE_LEVEL
+        self._py_splitter = PieceSplitterPy(self.split_tokens, glue, self.chunk_chars, rule)
         # The C splitter joins from the C cache's table directly, so the two go together;
         # built before the piecewise check, which then checks the splitter in use.
-        self._c_splitter, self._c_cache_type = _make_splitter(self.split_tokens, glue, native)
+        self._c_splitter, self._c_cache_type = _make_splitter(self.split_tokens, glue, native, self.chunk_chars, rule)
         self.prefix, self.suffix = self._special_affixes()
         self.incremental = self.prefix is not None and self._check_piecewise()
         if not self.incremental:
@@ -561,11 +661,61 @@ class PromptTokenizer:
                 right = fragments[(i + 3 * j + 1) % len(fragments)]
                 probes.append(left + token + right)
                 probes.append(token + left + tokens[(i + j) % len(tokens)] + right + token)
+        if self.chunk_chars:  # long enough to be chunked at newlines next to all of the above
+            line = "".join(fragments[1:]).replace("\n", "") + "."
+            for block in ("\n".join([line, *fragments, line, " x", "y ", "", "z"]), "\n".join(fragments)):
+                probes.append(block * (2 + 2 * self.chunk_chars // len(block)))
         for text in probes:
             for flag in (False, True):
                 if self.piecewise_ids(text, flag) != pack_ids(self.backend.encode(text, add_special_tokens=flag).ids):
                     return False
         return True
+
+
+def newline_cut_rule(spec: Mapping[str, Any]) -> int:
+    """Which of ``newline_cuts``'s rules keeps a text's encoding equal to its chunks'
+    for the tokenizer whose ``tokenizer.json`` is ``spec``: ``CUTS_CL100K``,
+    ``CUTS_BYTE_LEVEL``, or ``CUTS_NONE`` (no chunks). Only for what has been reasoned
+    through and is tested against the tokenizer's own pre-tokenizer: no normalizer, no
+    added token that contains a newline or eats its neighbours (``lstrip``/``rstrip``/
+    ``single_word``), and a byte-level pre-tokenizer without a prefix space that splits
+    with GPT-2's regex (``ByteLevel(use_regex=True)``: ``CUTS_BYTE_LEVEL``) or cl100k's,
+    as Llama 3 does (a ``Split`` before ``ByteLevel(use_regex=False)``: ``CUTS_CL100K``).
+    BPE merges stay inside pre-tokens, so a cut is exact when it is a pre-token boundary
+    of the whole text and the text before it pre-tokenizes alone as it did in the whole
+    (neither regex looks behind; after the cut the matching restarts as in the whole).
+
+    * Before a newline that ends a word: every pre-token holding letters or digits ends
+      at the first whitespace in both patterns, and those matches do not look ahead.
+    * After a newline between printable characters: the newline is a whitespace run of
+      its own, which GPT-2's pattern matches alone (``\\s+(?!\\S)`` at the end of the
+      text before, ``\\s+`` in the whole) and cl100k's with ``\\s*[\\r\\n]+``, or with
+      the printable character before it (``[^\\s\\p{L}\\p{N}]+[\\r\\n]*``), in both.
+    * cl100k's only, after a newline followed by spaces and tabs, then a printable
+      character: the run of whitespace holding the newline is matched, in both texts, by
+      ``\\s*[\\r\\n]+`` up to its last newline (or by the punctuation before it with
+      ``[\\r\\n]*``), which is the one before the cut. GPT-2's pattern keeps the newline
+      with the spaces after it (``\\s+(?!\\S)``), and makes ``"\\n\\n"`` at the end of a
+      text one pre-token but two in front of a word, so it gets only the first two."""
+    if spec.get("normalizer") is not None:
+        return CUTS_NONE
+    for token in spec.get("added_tokens") or []:
+        if "\n" in token.get("content", "\n") or token.get("lstrip") or token.get("rstrip") \
+                or token.get("single_word"):
+            return CUTS_NONE
+    pre = spec.get("pre_tokenizer") or {}
+    if pre.get("type") == "ByteLevel":
+        exact = pre.get("use_regex") is True and pre.get("add_prefix_space") is False
+        return CUTS_BYTE_LEVEL if exact else CUTS_NONE
+    steps = pre.get("pretokenizers") if pre.get("type") == "Sequence" else None
+    if not steps or len(steps) != 2:
+        return CUTS_NONE
+    split, byte_level = steps
+    exact = (split.get("type") == "Split" and split.get("pattern") == {"Regex": _CL100K_PATTERN}
+             and split.get("behavior") == "Isolated" and split.get("invert") is False
+             and byte_level.get("type") == "ByteLevel" and byte_level.get("use_regex") is False
+             and byte_level.get("add_prefix_space") is False)
+    return CUTS_CL100K if exact else CUTS_NONE
 
 
 def _verbatim_added_tokens(tokenizer: Any) -> tuple[dict[str, int], list[str]]:
@@ -587,15 +737,15 @@ def _verbatim_added_tokens(tokenizer: Any) -> tuple[dict[str, int], list[str]]:
     return cut, glue
 
 
-def _make_splitter(split_tokens: dict[str, int], glue: list[str],
-                   native: bool | None) -> tuple[Any, type | None]:
+def _make_splitter(split_tokens: dict[str, int], glue: list[str], native: bool | None, chunk_chars: int = 0,
+                   chunk_rule: int = CUTS_BYTE_LEVEL) -> tuple[Any, type | None]:
     """The C ``PieceSplitter`` and the cache type it joins from, when built (and not
     disabled); else ``(None, None)``."""
     if native is not False:
         from router._fast import PieceCache, PieceSplitter
 
         if PieceSplitter is not None and PieceCache is not None:
-            return PieceSplitter(split_tokens, glue), PieceCache
+            return PieceSplitter(split_tokens, glue, chunk_chars, chunk_rule), PieceCache
         if native:
             raise RuntimeError("router._pieces is not built")
     return None, None

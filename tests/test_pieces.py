@@ -35,6 +35,11 @@ from router.tokenization import (
     PromptTokenizer,
     SegmentCache,
     _make_cache,
+    CUTS_BYTE_LEVEL,
+    CUTS_CL100K,
+    CUTS_NONE,
+    newline_cut_rule,
+    newline_cuts,
     pack_ids,
     render_chat,
 )
@@ -265,13 +270,17 @@ token_sets = st.tuples(st.dictionaries(tokens, st.integers(0, 2**32 - 1), max_si
 
 @st.composite
 def split_case(draw):
+    """(split tokens, glue tokens, text, chunk_chars): texts with newlines between
+    printable ASCII often enough that small chunks cut them."""
     split, glue = draw(token_sets)
     known = sorted({*split, *glue})
-    part = st.text(st.sampled_from(CHARS), max_size=6)
+    part = st.one_of(st.text(st.sampled_from(CHARS), max_size=6),
+                     st.sampled_from(["a\nb", "x\n\ny", ".\n|", "\n  z", "\n\t\n"]))
     if known:
         part = st.one_of(part, st.sampled_from(known))
     text = "".join(draw(st.lists(part, max_size=12)))
-    return split, glue, text
+    return split, glue, text, draw(st.sampled_from([0, 0, 1, 2, 3, 7])), draw(st.sampled_from([CUTS_BYTE_LEVEL,
+                                                                                                 CUTS_CL100K]))
 
 
 def _same_pieces(got, want):
@@ -282,16 +291,62 @@ def _same_pieces(got, want):
 @needs_c
 @given(split_case())
 def test_pieces_match_python(case):
-    split, glue, text = case
-    _same_pieces(PieceSplitter(split, glue).pieces(text), PieceSplitterPy(split, glue).pieces(text))
+    split, glue, text, chunk, rule = case
+    _same_pieces(PieceSplitter(split, glue, chunk, rule).pieces(text),
+                 PieceSplitterPy(split, glue, chunk, rule).pieces(text))
+    for wide in ("\u0100", "\U0001F601"):  # the same cuts inside 2- and 4-byte texts
+        _same_pieces(PieceSplitter(split, glue, chunk, rule).pieces(text + wide),
+                     PieceSplitterPy(split, glue, chunk, rule).pieces(text + wide))
+    if chunk:  # chunking only cuts the unchunked text pieces further
+        whole = PieceSplitterPy(split, glue).pieces(text)
+        chunked = PieceSplitterPy(split, glue, chunk, rule).pieces(text)
+        assert "".join(p for p in chunked if type(p) is str) == "".join(p for p in whole if type(p) is str)
+        assert [p for p in chunked if type(p) is int] == [p for p in whole if type(p) is int]
+
+
+def _safe_cut(text, start, end, c, rule):
+    """``newline_cuts``'s rules, written out plainly (the reference)."""
+    def word(x):
+        return x.isascii() and x.isalnum()
+
+    def printable(x):
+        return 33 <= ord(x) <= 126
+
+    if not start < c < end:
+        return False
+    if text[c] == "\n" and word(text[c - 1]):
+        return True
+    if text[c - 1] != "\n":
+        return False
+    if c - 2 >= start and printable(text[c - 2]) and printable(text[c]):
+        return True
+    rest = text[c:end].lstrip(" \t")
+    return rule == CUTS_CL100K and rest != "" and printable(rest[0])
+
+
+@given(st.text(st.sampled_from("ab Z9 \n\n.!~\té日"), max_size=80), st.integers(1, 9),
+       st.sampled_from([CUTS_BYTE_LEVEL, CUTS_CL100K]), st.data())
+def test_newline_cuts_are_safe_greedy_and_kept_as_a_text_grows(text, chunk, rule, data):
+    start = data.draw(st.integers(0, len(text)))
+    cuts = newline_cuts(text, start, len(text), chunk, rule)
+    previous = start
+    for c in cuts:
+        assert previous + chunk <= c and _safe_cut(text, start, len(text), c, rule)
+        # Greedy: no safe cut between the earliest allowed place and this one.
+        assert not any(_safe_cut(text, start, len(text), d, rule) for d in range(previous + chunk, c))
+        previous = c
+    assert not any(_safe_cut(text, start, len(text), d, rule) for d in range(previous + chunk, len(text)))
+    # A text cut short keeps every cut before its end: an extended prompt shares its chunks.
+    end = data.draw(st.integers(start, len(text)))
+    assert newline_cuts(text, start, end, chunk, rule) == [c for c in cuts if c < end]
 
 
 @needs_c
 @settings(max_examples=150)
 @given(data=st.data())
 def test_assemble_matches_python(data):
-    split, glue, text = data.draw(split_case())
-    c_split, py_split = PieceSplitter(split, glue), PieceSplitterPy(split, glue)
+    split, glue, text, chunk, rule = data.draw(split_case())
+    c_split, py_split = PieceSplitter(split, glue, chunk, rule), PieceSplitterPy(split, glue, chunk, rule)
     max_bytes = data.draw(st.sampled_from([200, 1000, 100_000]))
     c_cache, py_cache = PieceCache(max_bytes), SegmentCache(max_bytes)
     text_pieces = [p for p in py_split.pieces(text) if type(p) is str]
@@ -364,6 +419,12 @@ def test_splitter_argument_errors():
         PieceSplitter({"a": "1"}, [])
     with pytest.raises(TypeError):
         PieceSplitter({b"a": 1}, [])
+    for splitter_type in (PieceSplitter, PieceSplitterPy):
+        with pytest.raises(ValueError):
+            splitter_type({"a": 1}, [], -1)
+        with pytest.raises(ValueError):
+            splitter_type({"a": 1}, [], 4, 3)
+    assert PieceSplitter({}, [], 5).chunk_chars == 5 and PieceSplitter({}, []).chunk_chars == 0
     splitter = PieceSplitter({"<s>": 1}, [])
     with pytest.raises(TypeError):
         splitter.pieces(b"bytes")
@@ -389,7 +450,14 @@ def prompt_tokenizers(request):
         tokenizers.append(PromptTokenizer(hf, native=True))
         tokenizers.append(PromptTokenizer(hf, native=True, cache_bytes=1200))
         assert type(tokenizers[1].cache) is PieceCache
+    # Chunks at safe newlines, cut as often as possible (every shipped tokenizer allows it).
+    tokenizers.append(PromptTokenizer(hf, native=False, chunk_chars=1))
+    if PieceCache is not None:
+        tokenizers.append(PromptTokenizer(hf, native=True, chunk_chars=2))
     assert all(t.incremental for t in tokenizers)
+    assert all(t.chunk_chars > 0 for t in tokenizers)
+    # The tiny model's tokenizer is GPT-2's byte level; the bench ones split with cl100k's regex.
+    assert {t.chunk_rule for t in tokenizers} == {CUTS_BYTE_LEVEL if request.param == "tiny" else CUTS_CL100K}
     return hf, tokenizers
 
 
@@ -399,7 +467,8 @@ _text_chars = st.one_of(st.sampled_from(list("ab Zz09 \n\n\t'.,!?<>|-_é日本�
 
 @st.composite
 def prompt_texts(draw, specials):
-    part = st.one_of(st.text(_text_chars, max_size=24), st.sampled_from(specials + ["<|", "|>", "<", "\n\n"]))
+    part = st.one_of(st.text(_text_chars, max_size=24),
+                     st.sampled_from(specials + ["<|", "|>", "<", "\n\n", "a\nb", ").\n-", "x\n\ny", "1\n2", "\n   z", "\n\tq"]))
     return "".join(draw(st.lists(part, max_size=10)))
 
 
@@ -469,6 +538,73 @@ def test_leading_ids_are_a_prefix_of_the_encoding(prompt_tokenizers, data):
         with_bos, _, _ = tok.assemble_leading(rendered, True)
         assert with_bos.startswith(tok.prefix or b"") and pack_ids(
             hf.backend_tokenizer.encode(rendered, add_special_tokens=True).ids).startswith(with_bos)
+
+
+def test_an_extended_completion_prompt_encodes_its_last_chunk_and_what_it_appended(prompt_tokenizers):
+    """An agent's completion prompt (one piece without added tokens) grows at its end on
+    every step: with chunks at safe newlines, the next step finds all of the last step's
+    chunks but its last one cached, and the ids are still the tokenizer's."""
+    hf, tokenizers = prompt_tokenizers
+    lines = [f"step {i}: called tool_{i % 7}(x={i}) -> ok; result {i * 37 % 101} items" for i in range(120)]
+    prompt = "\n".join(lines[:60]) + "\n"
+    for tok in (PromptTokenizer(hf, native=False, chunk_chars=256),
+                *([PromptTokenizer(hf, native=True, chunk_chars=256)] if PieceCache is not None else [])):
+        tok.encode(prompt, True)
+        step = prompt + "\n".join(lines[60:64]) + "\n"
+        ids, missing = tok.assemble(step, True)
+        assert ids is None and 0 < sum(map(len, missing)) <= 256 + 80 + len(step) - len(prompt)
+        assert tok.encode(step, True) == pack_ids(hf.backend_tokenizer.encode(step, add_special_tokens=True).ids)
+        leading, _, covered = tok.assemble_leading(step + "next", False)
+        assert covered >= len(prompt) - 256 - 80
+    assert PromptTokenizer(hf, native=False, chunk_chars=0).pieces(prompt) == [prompt]
+
+
+@_slow
+@given(data=st.data())
+def test_no_pre_token_crosses_a_newline_cut(prompt_tokenizers, data):
+    """Why the chunks are exact, checked where it holds whatever the vocabulary: the
+    tokenizer's own pre-tokenizer cuts the whole text into the pre-tokens of its two
+    parts (equal ids alone would not show it: a vocabulary without the merge a wrong cut
+    breaks encodes both ways alike)."""
+    hf, tokenizers = prompt_tokenizers
+    pre = hf.backend_tokenizer.pre_tokenizer
+    text = data.draw(st.text(st.sampled_from(list("ab Z09\n\n\t .,!'é日\r")), max_size=60))
+
+    def pieces(t):
+        return [piece for piece, _ in pre.pre_tokenize_str(t)]
+
+    for c in newline_cuts(text, 0, len(text), 1, tokenizers[0].chunk_rule):
+        assert pieces(text) == pieces(text[:c]) + pieces(text[c:]), (text, c)
+
+
+def test_newline_cuts_only_for_tokenizers_known_to_allow_them(prompt_tokenizers):
+    import json
+
+    hf, tokenizers = prompt_tokenizers
+    spec = json.loads(hf.backend_tokenizer.to_str())
+    assert newline_cut_rule(spec) == tokenizers[0].chunk_rule != CUTS_NONE
+
+    def changed(path, value):
+        other = json.loads(json.dumps(spec))
+        node = other
+        for key in path[:-1]:
+            node = node[key]
+        node[path[-1]] = value
+        return other
+
+    assert newline_cut_rule(changed(["normalizer"], {"type": "NFC"})) == CUTS_NONE
+    assert newline_cut_rule(changed(["pre_tokenizer"], {"type": "Metaspace", "replacement": "_"})) == CUTS_NONE
+    token = dict(spec["added_tokens"][0])
+    assert newline_cut_rule(changed(["added_tokens"], [*spec["added_tokens"], {**token, "lstrip": True}])) == CUTS_NONE
+    assert newline_cut_rule(changed(["added_tokens"], [*spec["added_tokens"], {**token, "content": "a\nb"}])) == CUTS_NONE
+    pre = spec["pre_tokenizer"]
+    if pre["type"] == "ByteLevel":
+        assert newline_cut_rule(changed(["pre_tokenizer", "add_prefix_space"], True)) == CUTS_NONE
+        assert newline_cut_rule(changed(["pre_tokenizer", "use_regex"], False)) == CUTS_NONE
+    else:
+        other_regex = {"Regex": r"\s+|\S+"}
+        assert newline_cut_rule(changed(["pre_tokenizer", "pretokenizers", 0, "pattern"], other_regex)) == CUTS_NONE
+        assert newline_cut_rule(changed(["pre_tokenizer", "pretokenizers", 1, "add_prefix_space"], True)) == CUTS_NONE
 
 
 @needs_c

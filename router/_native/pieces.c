@@ -1016,6 +1016,8 @@ typedef struct {
     Token *tokens;
     Py_ssize_t ntokens;
     Py_ssize_t nsplit;  /* tokens that cut (not glue); none: a text is one piece */
+    Py_ssize_t chunk_chars; /* > 0: a longer text piece is also cut next to newlines */
+    int chunk_rule;         /* tokenization.CUTS_BYTE_LEVEL (1) or CUTS_CL100K (2) */
     Py_UCS4 *chars;
     Group *groups;      /* sorted by first character */
     Py_ssize_t ngroups;
@@ -1150,10 +1152,21 @@ build_plans(PieceSplitter *sp)
 static PyObject *
 PieceSplitter_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 {
-    static char *kwlist[] = {"split_tokens", "glue", NULL};
+    static char *kwlist[] = {"split_tokens", "glue", "chunk_chars", "chunk_rule", NULL};
     PyObject *split_tokens, *glue;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO:PieceSplitter", kwlist, &split_tokens, &glue))
+    Py_ssize_t chunk_chars = 0;
+    int chunk_rule = 1;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO|ni:PieceSplitter", kwlist, &split_tokens, &glue, &chunk_chars,
+                                     &chunk_rule))
         return NULL;
+    if (chunk_chars < 0) {
+        PyErr_Format(PyExc_ValueError, "chunk_chars must be an int >= 0, got %zd", chunk_chars);
+        return NULL;
+    }
+    if (chunk_rule != 1 && chunk_rule != 2) {
+        PyErr_Format(PyExc_ValueError, "chunk_rule must be 1 or 2, got %d", chunk_rule);
+        return NULL;
+    }
     PyObject *all = collect_tokens(split_tokens, glue);
     if (all == NULL)
         return NULL;
@@ -1189,6 +1202,8 @@ PieceSplitter_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
         }
         sp->ntokens = i; /* dealloc releases id_obj of tokens[:ntokens] */
     }
+    sp->chunk_chars = chunk_chars;
+    sp->chunk_rule = chunk_rule;
     qsort(sp->tokens, (size_t)sp->ntokens, sizeof(Token), token_order);
     for (Py_ssize_t t = 0; t < sp->ntokens; t++) {
         Py_UCS4 c = sp->tokens[t].chars[0];
@@ -1400,13 +1415,82 @@ match_at(const PieceSplitter *sp, int kind, const void *data, Py_ssize_t n, Py_s
 /* PieceSplitterPy.pieces as spans: scan left to right for the leftmost position where a
  * token matches, take the longest there, continue after it. A split token closes the
  * text piece before it; a glue token stays inside the piece. */
+static inline int
+printable_ascii(Py_UCS4 c)
+{
+    return c >= '!' && c <= '~';
+}
+
+static inline int
+word_ascii(Py_UCS4 c)
+{
+    return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9');
+}
+
+/* The first newline at index >= from and < end, or -1. */
+static Py_ssize_t
+next_newline(int kind, const void *data, Py_ssize_t from, Py_ssize_t end)
+{
+    if (from >= end)
+        return -1;
+    if (kind == PyUnicode_1BYTE_KIND) {
+        const Py_UCS1 *hit = memchr((const Py_UCS1 *)data + from, '\n', (size_t)(end - from));
+        return hit == NULL ? -1 : hit - (const Py_UCS1 *)data;
+    }
+    for (Py_ssize_t i = from; i < end; i++)
+        if (PyUnicode_READ(kind, data, i) == '\n')
+            return i;
+    return -1;
+}
+
+/* The text piece [start, start + len), chunked as ``tokenization.newline_cuts`` does
+ * (same rules, same order) when the splitter chunks and the piece is longer than
+ * ``chunk_chars``. */
+static int
+push_text(const PieceSplitter *sp, int kind, const void *data, Spans *out, Py_ssize_t start, Py_ssize_t len)
+{
+    Py_ssize_t k = sp->chunk_chars, end = start + len;
+    if (k == 0 || len <= k)
+        return spans_push(out, start, len, NULL);
+    Py_ssize_t from = start, at = start + k;
+    Py_ssize_t i = next_newline(kind, data, at - 1 > start ? at - 1 : start, end);
+    while (i >= 0) {
+        Py_ssize_t c = -1;
+        if (i >= at && i > start && word_ascii(PyUnicode_READ(kind, data, i - 1))) {
+            c = i;
+        } else if (i + 1 >= at && i + 1 < end) {
+            if (i - 1 >= start && printable_ascii(PyUnicode_READ(kind, data, i - 1))
+                    && printable_ascii(PyUnicode_READ(kind, data, i + 1))) {
+                c = i + 1;
+            } else if (sp->chunk_rule == 2) {
+                Py_ssize_t j = i + 1;
+                Py_UCS4 ch = 0;
+                while (j < end && ((ch = PyUnicode_READ(kind, data, j)) == ' ' || ch == '\t'))
+                    j++;
+                if (j < end && printable_ascii(ch))
+                    c = i + 1;
+            }
+        }
+        if (c < 0) {
+            i = next_newline(kind, data, i + 1, end);
+            continue;
+        }
+        if (spans_push(out, from, c - from, NULL) < 0)
+            return -1;
+        from = c;
+        at = c + k;
+        i = next_newline(kind, data, at - 1 > c ? at - 1 : c, end);
+    }
+    return spans_push(out, from, end - from, NULL);
+}
+
 static int
 split(const PieceSplitter *sp, PyObject *text, Spans *out)
 {
     Py_ssize_t n = PyUnicode_GET_LENGTH(text);
-    if (sp->nsplit == 0)
-        return n > 0 ? spans_push(out, 0, n, NULL) : 0;
     int kind = PyUnicode_KIND(text);
+    if (sp->nsplit == 0)
+        return n > 0 ? push_text(sp, kind, PyUnicode_DATA(text), out, 0, n) : 0;
     Scan s = {
         .kind = kind,
         .data = PyUnicode_DATA(text),
@@ -1427,7 +1511,7 @@ split(const PieceSplitter *sp, PyObject *text, Spans *out)
             continue;
         }
         if (t->id_obj != NULL) {
-            if (p > start && spans_push(out, start, p - start, NULL) < 0)
+            if (p > start && push_text(sp, kind, s.data, out, start, p - start) < 0)
                 return -1;
             if (spans_push(out, p, t->len, t) < 0)
                 return -1;
@@ -1435,7 +1519,7 @@ split(const PieceSplitter *sp, PyObject *text, Spans *out)
         }
         pos = p + t->len;
     }
-    return n > start ? spans_push(out, start, n - start, NULL) : 0;
+    return n > start ? push_text(sp, kind, s.data, out, start, n - start) : 0;
 }
 
 static int
@@ -1635,6 +1719,12 @@ PieceSplitter_get_split_count(PieceSplitter *sp, void *Py_UNUSED(closure))
 }
 
 static PyObject *
+PieceSplitter_get_chunk_chars(PieceSplitter *sp, void *Py_UNUSED(closure))
+{
+    return PyLong_FromSsize_t(sp->chunk_chars);
+}
+
+static PyObject *
 PieceSplitter_assemble(PieceSplitter *sp, PyObject *const *args, Py_ssize_t nargs)
 {
     return assemble_impl(sp, args, nargs, 0);
@@ -1662,6 +1752,8 @@ static PyMethodDef PieceSplitter_methods[] = {
 
 static PyGetSetDef PieceSplitter_getset[] = {
     {"split_count", (getter)PieceSplitter_get_split_count, NULL, "how many tokens cut", NULL},
+    {"chunk_chars", (getter)PieceSplitter_get_chunk_chars, NULL,
+     "0, or the length past which a text piece is also cut at safe newlines", NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
 
