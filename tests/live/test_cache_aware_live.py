@@ -320,3 +320,38 @@ def test_the_engines_take_the_routers_token_ids_and_answer_the_same(service):
     finally:
         state.service.options["send_prompt_ids"] = True
     assert next_with_ids == next_without_ids
+
+
+def test_a_completion_prompt_cut_in_chunks_keeps_the_engines_ids(service):
+    """A completion prompt longer than a chunk is cached in chunks cut next to newlines
+    (``router.tokenization.newline_cuts``): its ids, and those of its extension (every
+    chunk but the last one found cached), are what the engine computes itself: with them
+    or without them, the answers and the prompt token counts are the same."""
+    state = router_of(service).state
+    prompts = state.service.prompts
+    lines = [f"step {i}: tool_{i % 3} returned {i * 7} rows ok" for i in range(40)]
+    first = "\n".join(lines[:30]) + "\n"  # over 1,024 characters, under the engines' 1,024 tokens
+    extended = first + "\n".join(lines[30:]) + "\n"
+    assert prompts.chunk_chars and len(prompts.pieces(first)) >= 2
+
+    def answers():
+        used = sum(r["router_ids_used"] for r in engine_reports(service))
+        out = [service.completions.remote({"prompt": p, "max_tokens": 6, "temperature": 0, "ignore_eos": True}).result(
+            timeout_s=120) for p in (first, extended)]
+        return [(o["choices"][0]["text"], o["usage"]["prompt_tokens"]) for o in out], \
+            sum(r["router_ids_used"] for r in engine_reports(service)) - used
+
+    missed = prompts.cache.stats.misses
+    with_ids, used = answers()
+    assert used == 2
+    state.service.options["send_prompt_ids"] = False
+    try:
+        without_ids, used = answers()
+    finally:
+        state.service.options["send_prompt_ids"] = True
+    assert used == 0 and with_ids == without_ids
+    for prompt, (_, prompt_tokens) in zip((first, extended), with_ids):
+        assert prompt_tokens == len(state.service.tokenizer(prompt)["input_ids"])
+    # The extension encoded only what the first prompt did not cache whole: at most its
+    # last chunk and the new lines, a few pieces, not the whole prompt again.
+    assert prompts.cache.stats.misses - missed <= len(prompts.pieces(first)) + 3
