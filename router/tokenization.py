@@ -340,11 +340,10 @@ class PieceSplitterPy:
     the longest one wins, as the tokenizer matches them. With ``chunk_chars`` > 0 a text
     piece longer than that is also cut next to newlines (``newline_cuts`` by
     ``chunk_rule``), for a tokenizer whose pre-tokenizer never joins across those cuts
-    (``newline_cut_rule``): a
-    completion prompt, one piece without added tokens, then caches in chunks, and an
-    agent's next, longer prompt encodes only its last chunk and what it appended.
-    ``pieces`` is O(len(text)); ``assemble`` adds one cache ``get`` per text piece,
-    O(len(piece)) each.
+    (``newline_cut_rule``): a completion prompt, one piece without added tokens, then
+    caches in chunks, and an agent's next, longer prompt encodes only its last chunk and
+    what it appended. ``pieces`` is O(len(text)); ``assemble`` adds one cache ``get`` per
+    text piece, O(len(piece)) each.
     """
 
     def __init__(self, split_tokens: Mapping[str, int], glue: Sequence[str], chunk_chars: int = 0,
