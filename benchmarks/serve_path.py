@@ -47,6 +47,10 @@ Workloads (seeded text from ``engines.bench_tokenizer.TextGenerator``), each at 
   instructions, tools, files), the agent's task, then step after step a short tool call
   and tool result (at most 2,000 characters a step) appended.
 * ``cold-SIZE``: one-shot documents of SIZE characters, every request new text.
+* ``completion-SIZE`` (asked for by name, not in the default set): the agent loops of
+  ``agent-SIZE`` sent to ``completions`` as one text prompt each (the messages as
+  ``ROLE:`` paragraphs, ending with ``ASSISTANT:``), as agent frameworks on a raw
+  completion API send them: every step's prompt begins with the previous one.
 
 Chats and agent loops are measured under way: before the timed requests, each session's
 turn just before its first timed one (the conversation so far) goes once through the same
@@ -87,7 +91,8 @@ ROUTE = "/serve-path"
 BLOCK_SIZE = 16
 DEFAULT_CONCURRENCY = 32
 DEFAULT_REPLICAS = 4
-KINDS = ("chat", "agent", "cold")
+KINDS = ("chat", "agent", "cold")  # the default set
+ALL_KINDS = (*KINDS, "completion")
 SIZES = (5_000, 20_000, 100_000, 400_000)
 #: Requests per workload by size (chat and agent: ``concurrency`` sessions x turns).
 DEFAULT_REQUESTS = {5_000: 512, 20_000: 384, 100_000: 192, 400_000: 96}
@@ -288,7 +293,7 @@ class Workload:
                 "warm_prompt_chars_mean": round(statistics.fmean(warm.prompt_chars)) if warm else 0}
 
 
-_WORKLOAD_NAME = re.compile(r"^(chat|agent|cold)-(\d+)(k?)$")
+_WORKLOAD_NAME = re.compile(r"^(chat|agent|cold|completion)-(\d+)(k?)$")
 
 
 def parse_workload_names(names: Sequence[str] | None) -> list[tuple[str, int]]:
@@ -298,12 +303,13 @@ def parse_workload_names(names: Sequence[str] | None) -> list[tuple[str, int]]:
         return [(kind, size) for kind in KINDS for size in SIZES]
     out: list[tuple[str, int]] = []
     for name in names:
-        if name in KINDS:
+        if name in ALL_KINDS:
             out += [(name, size) for size in SIZES]
             continue
         match = _WORKLOAD_NAME.match(name)
         if not match or int(match.group(2)) <= 0:
-            raise ConfigError("workload", f"expected chat, agent, cold or KIND-SIZE (e.g. chat-100k), got {name!r}")
+            raise ConfigError("workload", f"expected chat, agent, cold, completion or KIND-SIZE (e.g. chat-100k), "
+                                          f"got {name!r}")
         size = int(match.group(2)) * (1000 if match.group(3) else 1)
         out.append((match.group(1), size))
     if len(set(out)) != len(out):
@@ -333,6 +339,15 @@ def _text(gen: Any, chars: int) -> str:
     return text[:cut if cut > chars // 2 else chars]
 
 
+def _prompt_body(messages: list[dict], session: str | None) -> dict:
+    """``messages`` as one completion prompt: ``ROLE:`` paragraphs, then ``ASSISTANT:``,
+    which the next step's first message continues (so each prompt begins with the last)."""
+    prompt = "".join(f"{m['role'].upper()}:\n{m['content']}\n\n" for m in messages) + "ASSISTANT:\n"
+    body = _body([], session)
+    del body["messages"]
+    return {"prompt": prompt, **body}
+
+
 def _body(messages: list[dict], session: str | None) -> dict:
     body: dict[str, Any] = {"model": MODEL_NAME, "messages": messages, "max_tokens": 64, "temperature": 0.0}
     if session is not None:
@@ -347,20 +362,23 @@ def build_workload(kind: str, size: int, *, requests: int | None = None, concurr
     sessions of ``requests // sessions`` turns, one session per in-flight slot."""
     from engines.bench_tokenizer import TextGenerator
 
-    if kind not in KINDS:
-        raise ConfigError("workload", f"unknown kind {kind!r}; valid: {', '.join(KINDS)}")
+    if kind not in ALL_KINDS:
+        raise ConfigError("workload", f"unknown kind {kind!r}; valid: {', '.join(ALL_KINDS)}")
     n = requests or default_requests(kind, size)
     name = workload_name(kind, size)
     # A seed per workload, so no two workloads share text (a router's caches from one do
     # not help the next).
-    gen = TextGenerator(seed=seed * 1_000_003 + KINDS.index(kind) * 10_007 + size)
+    # (``completion`` renders ``agent``'s loops, from the same text.)
+    gen = TextGenerator(seed=seed * 1_000_003 + KINDS.index("agent" if kind == "completion" else kind) * 10_007
+                        + size)
+    make_body = _prompt_body if kind == "completion" else _body
     bodies: list[str] = []
     slots: list[int] = []
     sessions: list[str | None] = []
     chars: list[int] = []
 
     def emit(messages: list[dict], session: str | None, slot: int) -> None:
-        bodies.append(json.dumps(_body(messages, session)))
+        bodies.append(json.dumps(make_body(messages, session)))
         slots.append(slot)
         sessions.append(session)
         chars.append(sum(len(m["content"]) for m in messages))
@@ -379,7 +397,7 @@ def build_workload(kind: str, size: int, *, requests: int | None = None, concurr
     warm = Workload(f"{name}-warm", kind, size, [], [], [], [])
 
     def emit_warm(messages: list[dict], session: str, slot: int) -> None:
-        warm.bodies.append(json.dumps(_body(messages, session)))
+        warm.bodies.append(json.dumps(make_body(messages, session)))
         warm.slots.append(slot)
         warm.sessions.append(session)
         warm.prompt_chars.append(sum(len(m["content"]) for m in messages))
@@ -407,7 +425,7 @@ def build_workload(kind: str, size: int, *, requests: int | None = None, concurr
                 history.append({"role": "user", "content": _text(gen, max(1, int(step * 0.35)))})
                 emit(list(history), f"{name}-session-{s}", s % concurrency)
                 history.append({"role": "assistant", "content": _text(gen, max(1, int(step * 0.65)))})
-    else:  # agent
+    else:  # agent (or completion: the same loops, as text prompts)
         # A context shared by every agent (70%: instructions, tools, files), the agent's
         # task, then per step a short tool call and a tool result (at most
         # AGENT_STEP_CHARS a step). Loops are under way: the context before the first
@@ -586,7 +604,7 @@ async def _drive_handle(handle: Any, workload: Workload, bodies: list[dict], con
             h = session_handles.get(workload.sessions[i]) or handle
             started = perf()
             try:
-                answer = await h.chat.remote(bodies[i])
+                answer = await (h.completions if "prompt" in bodies[i] else h.chat).remote(bodies[i])
             except Exception as exc:  # noqa: BLE001 - recorded as this request's failure
                 result.fail(f"{type(exc).__name__}: {exc}")
                 continue
@@ -608,6 +626,8 @@ async def _drive_http(url: str, workload: Workload, payloads: list[bytes], concu
                       timeout_s: float) -> DriverResult:
     import aiohttp
 
+    if workload.kind == "completion":
+        url = url.replace("/v1/chat/completions", "/v1/completions")
     result = DriverResult()
     latencies = [0.0] * len(payloads)
     done = [False] * len(payloads)
@@ -1039,7 +1059,7 @@ def decision_phases(tokenizer: str, workloads: Sequence[Workload], *,
     options = {"add_generation_prompt": True, "continue_final_message": False}
     out = []
     for workload in workloads:
-        if workload.kind == "cold":
+        if workload.kind in ("cold", "completion"):  # not chats
             continue
         PromptTokenizer.forget_shared()
         service = RoutingService({"policy": "cache_aware", "tokenizer": tokenizer, "block_size": BLOCK_SIZE,

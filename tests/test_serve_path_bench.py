@@ -70,6 +70,25 @@ def test_agents_share_a_long_context_and_append_tool_results():
     assert [m["role"] for m in last[-2:]] == ["assistant", "tool"]
 
 
+def test_completion_prompts_are_the_agent_loops_as_text_each_beginning_with_the_last():
+    assert serve_path.parse_workload_names(["completion-10k"]) == [("completion", 10_000)]
+    assert "completion" not in serve_path.KINDS  # asked for by name, not in the default set
+    agent = serve_path.build_workload("agent", 10_000, requests=12, concurrency=3)
+    w = serve_path.build_workload("completion", 10_000, requests=12, concurrency=3)
+    assert w.slots == agent.slots and len(set(w.sessions)) == len(set(agent.sessions)) == 3
+    last: dict[str, str] = {}
+    for text, session, chat in zip(w.bodies, w.sessions, agent.bodies):
+        body = json.loads(text)
+        assert "messages" not in body and body["session_id"] == session
+        prompt = body["prompt"]
+        # The same loop as agent's: its messages as ROLE: paragraphs, then the generation cue.
+        assert prompt == "".join(f"{m['role'].upper()}:\n{m['content']}\n\n" for m in _messages(chat)) + "ASSISTANT:\n"
+        assert prompt.startswith(last.get(session, ""))
+        last[session] = prompt
+    assert w.warm is not None and all(last[s].startswith(json.loads(t)["prompt"])
+                                      for t, s in zip(w.warm.bodies, w.warm.sessions))
+
+
 def test_cold_documents_are_all_new_text_and_bodies_are_fresh_objects():
     w = serve_path.build_workload("cold", 3_000, requests=8, concurrency=4)
     docs = [_messages(text)[1]["content"] for text in w.bodies]
