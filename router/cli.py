@@ -652,8 +652,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "ray-consistent-hash, "
                             "ray-kv-aware (repeatable; default all)")
     spath.add_argument("--workload", action="append",
-                       help="chat, agent, cold (every size) or KIND-SIZE, e.g. chat-100k (repeatable; default: "
-                            "each kind at 5k, 20k, 100k and 400k characters)")
+                       help="chat, agent, cold, completion (every size) or KIND-SIZE, e.g. chat-100k (repeatable; "
+                            "default: chat, agent and cold at 5k, 20k, 100k and 400k characters)")
     spath.add_argument("--requests", type=_positive_int,
                        help="requests per workload (default by size: 512 at 5k down to 96 at 400k, 64 for cold-400k)")
     spath.add_argument("--concurrency", type=_positive_int, default=32, help="requests in flight (default 32)")
