@@ -58,6 +58,21 @@ MODEL_NAME = "tiny"
 DEFAULT_ROUTERS = ("kvroute:cache_aware", *PEERS, *RAY_ROUTERS, RAY_KV_AWARE)
 
 
+def kvroute_router(name: str) -> tuple[str, dict[str, Any]]:
+    """``kvroute:POLICY[,NAME=VALUE...]`` (or ``kvroute-chars:...``) -> the policy and the
+    options given in the name, values read as YAML scalars as the gateway's
+    ``--policy-option`` reads them: ``kvroute:cache_aware,load_factor=2`` runs the gateway
+    with ``--policy-option load_factor=2`` (a tuned configuration beside the default in
+    one run)."""
+    from router.gateway.config import parse_policy_options
+
+    policy, *pairs = name.split(":", 1)[1].split(",")
+    try:
+        return policy, parse_policy_options(pairs)
+    except ConfigError as exc:
+        raise ConfigError("router", f"{name!r}: {exc}") from None
+
+
 def validate_routers(names: Sequence[str]) -> list[str]:
     """The routers asked for, each checked (``ConfigError`` naming ``router``)."""
     import policies
@@ -65,10 +80,14 @@ def validate_routers(names: Sequence[str]) -> list[str]:
     out = []
     for name in names:
         if name.startswith("kvroute:"):
-            policy = name.split(":", 1)[1]
-            if policy not in policies.available() and ":" not in policy:
+            policy, options = kvroute_router(name)
+            try:  # a registered name or a ``module:Class`` path, and its options, as the gateway checks them
+                policies.get(policy, **options)
+            except policies.UnknownPolicyError:
                 raise ConfigError("router", f"unknown kvroute policy {policy!r} in {name!r} "
-                                            f"(policies: {', '.join(policies.available())})")
+                                            f"(policies: {', '.join(policies.available())})") from None
+            except ConfigError as exc:
+                raise ConfigError("router", f"{name!r}: {exc}") from None
         elif name not in PEERS and name not in RAY_ROUTERS and name != RAY_KV_AWARE:
             raise ConfigError("router", f"unknown router {name!r}; valid: kvroute:POLICY, "
                                         f"{', '.join([*PEERS, *RAY_ROUTERS, RAY_KV_AWARE])}")
@@ -140,10 +159,10 @@ class GatewayRun:
         self.name = name
         self.port = free_port()
         if name.startswith(("kvroute:", "kvroute-chars:")):
-            policy = name.split(":", 1)[1]
+            policy, options = kvroute_router(name)
             args = [sys.executable, "-m", "router.cli", "gateway", "--policy", policy,
                     "--block-size", str(block_size), "--port", str(self.port), "--admin-port", "0"]
-            for option, value in profile_options(policy, profile).items():
+            for option, value in {**profile_options(policy, profile), **options}.items():
                 args += ["--policy-option", f"{option}={value}"]
             if name.startswith("kvroute:"):  # kvroute-chars: character keys, no tokenizer
                 args += ["--tokenizer", model_path]
@@ -353,13 +372,16 @@ SIMULATED = (("kvroute:cache_aware", "cache_aware"), ("smg / sglang-router / vll
 
 def simulate(*, workload: str | None = "chat", trace: str | None = None, trace_start: int = 0, requests: int = 200,
              rate: float = 8.0, rate_scale: float = 1.0, seed: int = 0, seeds: int = 1, shape: LiveShape = LiveShape(),
-             live: LiveConfig = LiveConfig(replicas=3), host_slots: float | None = None) -> dict[str, Any]:
+             live: LiveConfig = LiveConfig(replicas=3), host_slots: float | None = None,
+             routers: Sequence[str] = ()) -> dict[str, Any]:
     """The league's requests (the same fitted workload, seeds ``seed`` to ``seed + seeds -
     1``) through the simulator instead of engines, on the league's geometry (replicas, KV
     blocks, block size, batch limits, the latency profile), with the engines sharing this
     machine's ``host_slots`` cores (default: all of them) as the live ``vllm serve``
     servers do: the simulator's versions of the routers' policies (``SIMULATED``), each the
-    mean over the seeds. Seconds, no engines: for reading the live table."""
+    mean over the seeds. ``routers``: the ``kvroute:POLICY[,NAME=VALUE...]`` rows instead
+    of ``kvroute:cache_aware`` (other names are the peers' rows, always run). Seconds, no
+    engines: for reading the live table."""
     import dataclasses as _dataclasses
 
     from router.profile import get_profile
@@ -375,9 +397,11 @@ def simulate(*, workload: str | None = "chat", trace: str | None = None, trace_s
                            max_num_batched_tokens=live.max_num_batched_tokens, host_slots=slots)
     runs = [load_requests(workload=workload, trace=trace, count=requests, rate=rate, rate_scale=rate_scale,
                           seed=s, shape=shape, trace_start=trace_start) for s in range(seed, seed + seeds)]
+    own = [name for name in validate_routers(routers) if name.startswith("kvroute:")] or [SIMULATED[0][0]]
     rows = []
-    for router, policy in SIMULATED:
-        options = profile_options(policy, live.profile or profile.name)
+    for router, policy, given in [(name, *kvroute_router(name)) for name in own] + \
+            [(router, policy, {}) for router, policy in SIMULATED[1:]]:
+        options = {**profile_options(policy, live.profile or profile.name), **given}
         per_seed = [run_policy(reqs, _dataclasses.replace(config, seed=s), policy, options)[0]
                     for s, reqs in zip(range(seed, seed + seeds), runs)]
         mean = lambda key: round(statistics.fmean(r[key] for r in per_seed), 4)  # noqa: E731

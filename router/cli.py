@@ -159,7 +159,8 @@ def _bench_peers(args: argparse.Namespace) -> int:
     if args.simulate:
         report = peers_bench.simulate(workload=args.workload, trace=args.trace, trace_start=args.trace_start,
                                       requests=args.requests, rate=args.rate, rate_scale=args.rate_scale,
-                                      seed=args.seed, seeds=args.seeds, shape=shape, live=live)
+                                      seed=args.seed, seeds=args.seeds, shape=shape, live=live,
+                                      routers=args.router or ())
         report["command"] = "kvroute " + " ".join(args.argv)
         print(peers_bench.format_simulated(report))
         _write_json(args.json, report)
@@ -562,9 +563,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_trace_start(peers_p)
     peers_p.set_defaults(replicas=3)
     peers_p.add_argument("--router", action="append",
-                         help="kvroute:POLICY, smg, vllm-router, sglang-router, ray:CacheAwareRouter, "
+                         help="kvroute:POLICY[,NAME=VALUE...] (kvroute's gateway; NAME=VALUE: a policy "
+                              "option), smg, vllm-router, sglang-router, ray:CacheAwareRouter, "
                               "ray:PrefixCacheAffinityRouter, ray:PowerOfTwoChoicesRequestRouter, "
-                              "ray:ConsistentHashRouter, ray:KVAwareRouter (repeatable; default all)")
+                              "ray:ConsistentHashRouter, ray:KVAwareRouter (repeatable; default all; with "
+                              "--simulate the kvroute rows asked for, beside the peers' policies)")
     peers_p.add_argument("--simulate", action="store_true",
                          help="no engines: the same requests and geometry through the simulator, with its "
                               "versions of the routers' policies (seconds)")

@@ -165,3 +165,54 @@ def test_a_pinned_server_and_what_it_starts_run_on_its_cpus_only(tmp_path):
         assert unpinned.log_tail().strip().startswith(str(sorted(os.sched_getaffinity(0))))
     finally:
         server.stop()
+
+
+def test_a_kvroute_router_name_may_carry_policy_options():
+    """``kvroute:POLICY,NAME=VALUE...``: a tuned configuration beside the default in one
+    run. Options are checked as the gateway checks them, before anything starts."""
+    from benchmarks.peers_bench import kvroute_router
+
+    assert kvroute_router("kvroute:cache_aware,load_factor=2,follow_autoscaler=false") == \
+        ("cache_aware", {"load_factor": 2, "follow_autoscaler": False})
+    assert kvroute_router("kvroute:cache_aware") == ("cache_aware", {})
+    names = ["kvroute:cache_aware", "kvroute:cache_aware,churn_weight=2", "smg"]
+    assert validate_routers(names) == names
+    for bad, words in [("kvroute:cache_aware,load_factr=2", "load_factr: unknown option"),
+                       ("kvroute:cache_aware,load_factor=0.5", "load_factor: must be >= 1"),
+                       ("kvroute:cache_aware,2", "expected NAME=VALUE"),
+                       ("kvroute:nope,load_factor=2", "unknown kvroute policy")]:
+        with pytest.raises(ConfigError, match=words) as caught:
+            validate_routers([bad])
+        assert caught.value.field == "router" and bad in str(caught.value)
+
+
+def test_a_kvroute_router_s_options_reach_the_gateway_and_the_simulated_policy(monkeypatch, tmp_path):
+    import benchmarks.peers_bench as peers_bench
+    from benchmarks.live_bench import LiveConfig
+
+    launched = []
+
+    class Started:
+        pid = 0
+
+        def __init__(self, args, **kwargs):
+            launched.append(list(args))
+
+    monkeypatch.setattr(peers_bench.subprocess, "Popen", Started)
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    worker = type("Worker", (), {"url": "http://127.0.0.1:1", "worker_arg": lambda self: "http://127.0.0.1:1"})()
+    peers_bench.GatewayRun("kvroute:cache_aware,churn_weight=2,profile=llama3-8b-h100", [worker], "/model", 32,
+                           "tiny-llama-cpu").log.close()
+    (args,) = launched
+    options = [args[i + 1] for i, arg in enumerate(args) if arg == "--policy-option"]
+    assert options == ["profile=llama3-8b-h100", "churn_weight=2"]  # the name's profile wins
+    assert args[args.index("--policy") + 1] == "cache_aware"
+
+    live = LiveConfig(replicas=3, kv_blocks=96, model_path="/unused")
+    sticky = "kvroute:cache_aware,work_weight=0,churn_weight=0"
+    report = peers_bench.simulate(workload="agent", requests=60, seed=0, live=live, host_slots=2.0,
+                                  routers=["kvroute:cache_aware", sticky, "smg"])
+    rows = {row["router"]: row for row in report["results"]}
+    assert list(rows)[:2] == ["kvroute:cache_aware", sticky] and "ray:PrefixCacheAffinityRouter" in rows
+    fields = ("hit_rate", "ttft_p50_s", "ttft_p99_s", "max_replica_share")
+    assert [rows[sticky][f] for f in fields] != [rows["kvroute:cache_aware"][f] for f in fields]
