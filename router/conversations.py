@@ -50,10 +50,13 @@ import operator
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from router._fast import slot_maker, speedups
 from router.errors import ConfigError
+
+if TYPE_CHECKING:  # the tree imports nothing from here; only the annotation needs it
+    from router.prefix_tree import HeldPrefix
 
 DEFAULT_MEMO_BYTES = 128 << 20
 #: Bytes counted per remembered key (the list slot and the int object it shares with the
@@ -106,7 +109,7 @@ class ChatPrefix:
     rather than copied: a 100k-character history is 100 KB of ids and 1,600 keys, and a
     copy is a page-faulting allocation on every turn. Nobody mutates them.
 
-    ``holder``, the one field set after it is made: the ``PrefixTree.HeldPrefix`` (the
+    ``holder``, the one field set after it is made: the ``router.prefix_tree.HeldPrefix`` (the
     replica's ``hold_mark``, the time from which the tree had all ``key_count`` keys
     there, that count) of the replica the request was routed to, or None; the next turn's
     match skips those keys for that replica while ``PrefixTree.held_bit`` says nothing
@@ -119,7 +122,7 @@ class ChatPrefix:
     keys: list[int]
     key_count: int
     chars: int
-    holder: Any = None  # router.prefix_tree.HeldPrefix
+    holder: HeldPrefix | None = None
 
     @property
     def size(self) -> int:

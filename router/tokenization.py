@@ -100,19 +100,21 @@ def unpack_ids(data: bytes) -> list[int]:
     return out.tolist()
 
 
-def tokenizer_fingerprint(tokenizer: Any, chat_template: str | None = None) -> str:
+def tokenizer_fingerprint(tokenizer: Any, chat_template: str | None = None,
+                          spec: dict[str, Any] | None = None) -> str:
     """A digest of what decides a prompt's token ids: the tokenizer's model, normalizer,
-    pre-tokenizer, post-processor and added tokens (``tokenizer.json``), and the chat
-    template. A router sends its ids to an engine only when both fingerprints agree."""
+    pre-tokenizer, post-processor and added tokens (``tokenizer.json``; ``spec``: that
+    document already parsed, not modified here), and the chat template. A router sends its
+    ids to an engine only when both fingerprints agree."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
         raise ConfigError("tokenizer", f"needs a fast (Rust) tokenizer, got {type(tokenizer).__name__}")
     template = chat_template if chat_template is not None else getattr(tokenizer, "chat_template", None)
-    spec = json.loads(backend.to_str())
+    if spec is None:
+        spec = json.loads(backend.to_str())
     # Truncation and padding settings are per loader (vLLM sets its own) and never apply
     # to the single unpadded sequences routed here: not part of what decides the ids.
-    spec.pop("truncation", None)
-    spec.pop("padding", None)
+    spec = {name: value for name, value in spec.items() if name not in ("truncation", "padding")}
     digest = xxhash.xxh3_128()
     digest.update(b"kvroute-tokenizer-v1\0")
     digest.update(json.dumps(spec, sort_keys=True).encode("utf-8", "surrogatepass"))
@@ -483,12 +485,13 @@ class PromptTokenizer:
             raise ConfigError("tokenizer", f"needs a fast (Rust) tokenizer, got {type(tokenizer).__name__}")
         self.hf = tokenizer
         self.backend = backend
-        self.fingerprint = tokenizer_fingerprint(tokenizer)
+        spec = json.loads(backend.to_str())  # tokenizer.json: megabytes for a large vocabulary, parsed once
+        self.fingerprint = tokenizer_fingerprint(tokenizer, spec=spec)
         self.split_tokens, glue = _verbatim_added_tokens(tokenizer)
         self.glue_tokens = tuple(glue)
         # Long pieces are chunked at safe newlines only where that is exact by the
         # tokenizer's own rules (the piecewise check below then probes it too).
-        self.chunk_rule = newline_cut_rule(json.loads(backend.to_str()))
+        self.chunk_rule = newline_cut_rule(spec)
         self.chunk_chars = chunk_chars if self.chunk_rule != CUTS_NONE else 0
         # Every token the tokenizer matches in the raw text is matched by the splitter
         # (leftmost-longest, as the tokenizer matches), so a token it would match across
