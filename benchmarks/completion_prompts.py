@@ -1,9 +1,9 @@
-"""An agent's completion prompts, tokenized step after step: chunks at newlines against
-whole pieces.
+"""An agent's completion prompts, tokenized step after step: chunks (cut at word ends and
+newlines) against whole pieces.
 
 A completion prompt (``/v1/completions``) has no added tokens to cut at, so without
 chunks it is one piece: every step of an agent that re-sends its growing transcript is
-encoded whole again. With ``PromptTokenizer``'s chunks (``router.tokenization.newline_cuts``)
+encoded whole again. With ``PromptTokenizer``'s chunks (``router.tokenization.chunk_cuts``)
 a step encodes the last chunk of the previous prompt and what it appended. For each
 context size, one seeded transcript (``engines.bench_tokenizer.TextGenerator``: prose
 paragraphs and indented code) grows by ``--step-chars`` a step; each tokenizer (a fresh
@@ -27,9 +27,10 @@ from pathlib import Path
 from router.tokenization import CHUNK_CHARS, PromptTokenizer, pack_ids
 
 
-def transcript(size: int, steps: int, step_chars: int, seed: int = 0) -> list[str]:
+def transcript(size: int, steps: int, step_chars: int, seed: int = 0, one_line: bool = False) -> list[str]:
     """The prompts of one agent loop: a context of ``size`` characters, then ``steps``
-    prompts, each the previous one plus a tool call and its result."""
+    prompts, each the previous one plus a tool call and its result. ``one_line``: every
+    newline a space (a transcript without line breaks: chunks can only cut at word ends)."""
     from engines.bench_tokenizer import TextGenerator
 
     gen = TextGenerator(seed=seed)
@@ -37,14 +38,15 @@ def transcript(size: int, steps: int, step_chars: int, seed: int = 0) -> list[st
     prompts = []
     for i in range(steps):
         prompt += f"\n\nAction {i}: call tool_{i % 5}\nObservation:\n" + gen.text(step_chars)[:step_chars]
-        prompts.append(prompt)
+        prompts.append(prompt.replace("\n", " ") if one_line else prompt)
     return prompts
 
 
-def run(tokenizer_path: str, sizes: list[int], steps: int, step_chars: int, chunk_chars: int) -> list[dict]:
+def run(tokenizer_path: str, sizes: list[int], steps: int, step_chars: int, chunk_chars: int,
+        one_line: bool = False) -> list[dict]:
     rows = []
     for size in sizes:
-        prompts = transcript(size, steps, step_chars)
+        prompts = transcript(size, steps, step_chars, one_line=one_line)
         for chunk in (0, chunk_chars):
             tok = PromptTokenizer.load(tokenizer_path, chunk_chars=chunk)
             encode_ms, loop_us, encoded_chars = [], [], []
@@ -58,7 +60,8 @@ def run(tokenizer_path: str, sizes: list[int], steps: int, step_chars: int, chun
                 encode_ms.append((time.perf_counter() - started) * 1e3)
             assert ids == pack_ids(tok.backend.encode(prompts[-1], add_special_tokens=True).ids)
             later = slice(1, None)  # the first step meets a cold cache either way
-            rows.append({"context_chars": size, "chunk_chars": tok.chunk_chars, "chunk_rule": tok.chunk_rule,
+            rows.append({"context_chars": size, "one_line": one_line, "chunk_chars": tok.chunk_chars,
+                         "chunk_rule": tok.chunk_rule,
                          "steps": steps, "step_chars": step_chars, "prompt_chars_last": len(prompts[-1]),
                          "encoded_chars_p50": int(statistics.median(encoded_chars[later])),
                          "encode_ms_p50": round(statistics.median(encode_ms[later]), 3),
@@ -75,13 +78,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--step-chars", type=int, default=600)
     parser.add_argument("--chunk-chars", type=int, default=CHUNK_CHARS)
+    parser.add_argument("--one-line", action="store_true", help="no newline in the transcripts (each one a space)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     if args.tokenizer is None:
         from engines.bench_tokenizer import build_bench_tokenizer
 
         args.tokenizer = str(build_bench_tokenizer("llama3"))
-    rows = run(args.tokenizer, [int(s) for s in args.sizes.split(",")], args.steps, args.step_chars, args.chunk_chars)
+    rows = run(args.tokenizer, [int(s) for s in args.sizes.split(",")], args.steps, args.step_chars, args.chunk_chars,
+               args.one_line)
     print(f"{'context':>8} {'chunks':>6} {'encoded chars':>13} {'encode ms':>9} {'loop us':>8} {'pieces':>6}")
     for r in rows:
         print(f"{r['context_chars']:>8} {r['chunk_chars']:>6} {r['encoded_chars_p50']:>13} {r['encode_ms_p50']:>9} "

@@ -20,9 +20,9 @@ it all again costs about 0.2 us per character (20 ms at 100k characters), so
    in the whole text. ``PromptTokenizer`` checks the identity on probe texts when built
    and falls back to whole-text pieces (still cached, still off the loop) when a
    tokenizer breaks it (a SentencePiece ``Metaspace`` that prepends only at offset 0).
-   A piece longer than ``CHUNK_CHARS`` is also cut next to newlines where the
-   tokenizer's pre-tokenizer is known to keep that exact (``newline_cut_rule``,
-   ``newline_cuts``): a completion prompt, one piece otherwise, is then cached in chunks,
+   A piece longer than ``CHUNK_CHARS`` is also cut at word ends and next to newlines
+   where the tokenizer's pre-tokenizer is known to keep that exact (``chunk_cut_rule``,
+   ``chunk_cuts``): a completion prompt, one piece otherwise, is then cached in chunks,
    and an agent's next, longer prompt encodes only its last chunk and what it appended.
 3. **Cache the pieces.** Piece text -> its ids packed as little-endian uint32, in an LRU
    bounded by bytes (``SegmentCache``, or its C twin ``router._pieces.PieceCache``). The
@@ -66,11 +66,11 @@ DEFAULT_CACHE_BYTES = 256 << 20
 #: The request field that carries the router's ids to the engine (Serve passes it as a
 #: keyword argument to the replica's method).
 ATTACHMENT_KWARG = "kvroute_prompt"
-#: A text piece longer than this is cut next to newlines too, for tokenizers where that is
-#: exact (``newline_cut_rule``): an extended completion prompt re-encodes about this
+#: A text piece longer than this is cut at word ends and newlines too, for tokenizers where
+#: that is exact (``chunk_cut_rule``): an extended completion prompt re-encodes about this
 #: much of what it shares with the previous one, and a piece costs one cache lookup.
 CHUNK_CHARS = 1024
-#: The pre-tokenizer split patterns ``newline_cut_rule`` knows: cl100k's, which Llama 3
+#: The pre-tokenizer split patterns ``chunk_cut_rule`` knows: cl100k's, which Llama 3
 #: uses (a Split before a ByteLevel without its own regex); GPT-2's is ByteLevel's own.
 _CL100K_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"
                    r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
@@ -277,8 +277,8 @@ class SegmentCache:
 # -----------------------------------------------------------------------------------------
 # The splitter
 # -----------------------------------------------------------------------------------------
-#: ``newline_cuts``'s rules: which cuts next to a newline a tokenizer keeps exact
-#: (``newline_cut_rule`` says which applies).
+#: ``chunk_cuts``'s rules: which cuts a tokenizer keeps exact (``chunk_cut_rule`` says
+#: which applies).
 CUTS_NONE, CUTS_BYTE_LEVEL, CUTS_CL100K = 0, 1, 2
 
 
@@ -290,45 +290,55 @@ def _printable(c: str) -> bool:
     return "!" <= c <= "~"
 
 
-def newline_cuts(text: str, start: int, end: int, chunk_chars: int, rule: int = CUTS_BYTE_LEVEL) -> list[int]:
+#: Where a safe cut can be: before a space or a newline, or after a newline.
+_CUT_CANDIDATE = re.compile("[ \n]")
+
+
+def chunk_cuts(text: str, start: int, end: int, chunk_chars: int, rule: int = CUTS_BYTE_LEVEL) -> list[int]:
     """The cuts that chunk the piece ``text[start:end]``: each the first *safe* cut at
     least ``chunk_chars`` after the previous cut (or ``start``), strictly inside the piece.
     A safe cut ``c``, with ASCII letters and digits as *word* characters and ASCII other
     than space and controls as *printable*:
 
-    * before a newline that ends a word: ``text[c] == "\\n"``, ``text[c - 1]`` a word
-      character (both rules);
+    * before a space or a newline that ends a word: ``text[c]`` is ``" "`` or ``"\\n"``,
+      ``text[c - 1]`` a word character (both rules);
     * after a newline between printable characters: ``text[c - 1] == "\\n"``, ``text[c -
       2]`` and ``text[c]`` printable (both rules);
     * ``CUTS_CL100K`` also: after a newline followed by spaces and tabs, then a printable
       character, whatever precedes the newline (an indented line, a paragraph break).
 
-    ``newline_cut_rule`` says why each is exact for the pre-tokenizers it admits. A cut
+    ``chunk_cut_rule`` says why each is exact for the pre-tokenizers it admits. A cut
     depends only on the piece's text up to the first printable character after it, so a
     piece that grows at its end keeps its earlier cuts. O(end - start)."""
     cuts: list[int] = []
     at = start + chunk_chars
-    i = text.find("\n", max(start, at - 1), end)
-    while i >= 0:
-        c = -1
+    while (c := _first_cut(text, start, end, at, rule)) >= 0:
+        cuts.append(c)
+        at = c + chunk_chars
+    return cuts
+
+
+def _first_cut(text: str, start: int, end: int, at: int, rule: int) -> int:
+    """The first safe cut ``c >= at`` of the piece ``text[start:end]`` (``chunk_cuts``), or
+    -1. Candidates in order of position: a space or newline at ``i`` gives the cut ``i``
+    (before it), a newline also ``i + 1`` (after it), so the first found is the least."""
+    search = _CUT_CANDIDATE.search
+    pos = max(at - 1, start)  # a newline just before ``at`` may give the cut after it
+    while (found := search(text, pos, end)) is not None:
+        i = found.start()
         if i >= at and i > start and _word_char(text[i - 1]):
-            c = i
-        elif i + 1 >= at and i + 1 < end:
+            return i
+        if text[i] == "\n" and i + 1 >= at and i + 1 < end:
             if i - 1 >= start and _printable(text[i - 1]) and _printable(text[i + 1]):
-                c = i + 1
-            elif rule == CUTS_CL100K:
+                return i + 1
+            if rule == CUTS_CL100K:
                 j = i + 1
                 while j < end and text[j] in " \t":
                     j += 1
                 if j < end and _printable(text[j]):
-                    c = i + 1
-        if c < 0:
-            i = text.find("\n", i + 1, end)
-            continue
-        cuts.append(c)
-        at = c + chunk_chars
-        i = text.find("\n", max(c, at - 1), end)
-    return cuts
+                    return i + 1
+        pos = i + 1
+    return -1
 
 
 class PieceSplitterPy:
@@ -340,9 +350,9 @@ class PieceSplitterPy:
     (matched, so nothing is cut through them, but kept inside their piece) and one regex
     alternation of both, longest first: at the leftmost position where any token matches
     the longest one wins, as the tokenizer matches them. With ``chunk_chars`` > 0 a text
-    piece longer than that is also cut next to newlines (``newline_cuts`` by
+    piece longer than that is also cut at word ends and next to newlines (``chunk_cuts`` by
     ``chunk_rule``), for a tokenizer whose pre-tokenizer never joins across those cuts
-    (``newline_cut_rule``): a completion prompt, one piece without added tokens, then
+    (``chunk_cut_rule``): a completion prompt, one piece without added tokens, then
     caches in chunks, and an agent's next, longer prompt encodes only its last chunk and
     what it appended. ``pieces`` is O(len(text)); ``assemble`` adds one cache ``get`` per
     text piece, O(len(piece)) each.
@@ -374,7 +384,7 @@ class PieceSplitterPy:
         out: list[tuple[str | int, int]] = []
         for piece, offset in spans:
             if type(piece) is str and len(piece) > self.chunk_chars:
-                bounds = [offset, *newline_cuts(text, offset, offset + len(piece), self.chunk_chars,
+                bounds = [offset, *chunk_cuts(text, offset, offset + len(piece), self.chunk_chars,
                                                 self.chunk_rule), offset + len(piece)]
                 out.extend((text[a:b], a) for a, b in zip(bounds, bounds[1:]))
             else:
@@ -489,9 +499,9 @@ class PromptTokenizer:
         self.fingerprint = tokenizer_fingerprint(tokenizer, spec=spec)
         self.split_tokens, glue = _verbatim_added_tokens(tokenizer)
         self.glue_tokens = tuple(glue)
-        # Long pieces are chunked at safe newlines only where that is exact by the
+        # Long pieces are chunked at safe places only where that is exact by the
         # tokenizer's own rules (the piecewise check below then probes it too).
-        self.chunk_rule = newline_cut_rule(spec)
+        self.chunk_rule = chunk_cut_rule(spec)
         self.chunk_chars = chunk_chars if self.chunk_rule != CUTS_NONE else 0
         # Every token the tokenizer matches in the raw text is matched by the splitter
         # (leftmost-longest, as the tokenizer matches), so a token it would match across
@@ -663,7 +673,7 @@ class PromptTokenizer:
                 right = fragments[(i + 3 * j + 1) % len(fragments)]
                 probes.append(left + token + right)
                 probes.append(token + left + tokens[(i + j) % len(tokens)] + right + token)
-        if self.chunk_chars:  # long enough to be chunked at newlines next to all of the above
+        if self.chunk_chars:  # long enough to be chunked at word ends and newlines next to all of the above
             line = "".join(fragments[1:]).replace("\n", "") + "."
             for block in ("\n".join([line, *fragments, line, " x", "y ", "", "z"]), "\n".join(fragments)):
                 probes.append(block * (2 + 2 * self.chunk_chars // len(block)))
@@ -674,8 +684,8 @@ class PromptTokenizer:
         return True
 
 
-def newline_cut_rule(spec: Mapping[str, Any]) -> int:
-    """Which of ``newline_cuts``'s rules keeps a text's encoding equal to its chunks'
+def chunk_cut_rule(spec: Mapping[str, Any]) -> int:
+    """Which of ``chunk_cuts``'s rules keeps a text's encoding equal to its chunks'
     for the tokenizer whose ``tokenizer.json`` is ``spec``: ``CUTS_CL100K``,
     ``CUTS_BYTE_LEVEL``, or ``CUTS_NONE`` (no chunks). Only for what has been reasoned
     through and is tested against the tokenizer's own pre-tokenizer: no normalizer, no
@@ -687,8 +697,10 @@ def newline_cut_rule(spec: Mapping[str, Any]) -> int:
     of the whole text and the text before it pre-tokenizes alone as it did in the whole
     (neither regex looks behind; after the cut the matching restarts as in the whole).
 
-    * Before a newline that ends a word: every pre-token holding letters or digits ends
-      at the first whitespace in both patterns, and those matches do not look ahead.
+    * Before a space or a newline that ends a word: every pre-token holding letters or
+      digits ends at the first whitespace in both patterns (a letter run, a digit run,
+      cl100k's groups of three digits counted from the run's start, a contraction), and
+      those matches do not look ahead.
     * After a newline between printable characters: the newline is a whitespace run of
       its own, which GPT-2's pattern matches alone (``\\s+(?!\\S)`` at the end of the
       text before, ``\\s+`` in the whole) and cl100k's with ``\\s*[\\r\\n]+``, or with

@@ -38,8 +38,8 @@ from router.tokenization import (
     CUTS_BYTE_LEVEL,
     CUTS_CL100K,
     CUTS_NONE,
-    newline_cut_rule,
-    newline_cuts,
+    chunk_cut_rule,
+    chunk_cuts,
     pack_ids,
     render_chat,
 )
@@ -270,8 +270,8 @@ token_sets = st.tuples(st.dictionaries(tokens, st.integers(0, 2**32 - 1), max_si
 
 @st.composite
 def split_case(draw):
-    """(split tokens, glue tokens, text, chunk_chars): texts with newlines between
-    printable ASCII often enough that small chunks cut them."""
+    """(split tokens, glue tokens, text, chunk_chars): texts with word ends and newlines
+    between printable ASCII often enough that small chunks cut them."""
     split, glue = draw(token_sets)
     known = sorted({*split, *glue})
     part = st.one_of(st.text(st.sampled_from(CHARS), max_size=6),
@@ -305,7 +305,7 @@ def test_pieces_match_python(case):
 
 
 def _safe_cut(text, start, end, c, rule):
-    """``newline_cuts``'s rules, written out plainly (the reference)."""
+    """``chunk_cuts``'s rules, written out plainly (the reference)."""
     def word(x):
         return x.isascii() and x.isalnum()
 
@@ -314,7 +314,7 @@ def _safe_cut(text, start, end, c, rule):
 
     if not start < c < end:
         return False
-    if text[c] == "\n" and word(text[c - 1]):
+    if text[c] in " \n" and word(text[c - 1]):
         return True
     if text[c - 1] != "\n":
         return False
@@ -326,9 +326,9 @@ def _safe_cut(text, start, end, c, rule):
 
 @given(st.text(st.sampled_from("ab Z9 \n\n.!~\té日"), max_size=80), st.integers(1, 9),
        st.sampled_from([CUTS_BYTE_LEVEL, CUTS_CL100K]), st.data())
-def test_newline_cuts_are_safe_greedy_and_kept_as_a_text_grows(text, chunk, rule, data):
+def test_chunk_cuts_are_safe_greedy_and_kept_as_a_text_grows(text, chunk, rule, data):
     start = data.draw(st.integers(0, len(text)))
-    cuts = newline_cuts(text, start, len(text), chunk, rule)
+    cuts = chunk_cuts(text, start, len(text), chunk, rule)
     previous = start
     for c in cuts:
         assert previous + chunk <= c and _safe_cut(text, start, len(text), c, rule)
@@ -338,7 +338,7 @@ def test_newline_cuts_are_safe_greedy_and_kept_as_a_text_grows(text, chunk, rule
     assert not any(_safe_cut(text, start, len(text), d, rule) for d in range(previous + chunk, len(text)))
     # A text cut short keeps every cut before its end: an extended prompt shares its chunks.
     end = data.draw(st.integers(start, len(text)))
-    assert newline_cuts(text, start, end, chunk, rule) == [c for c in cuts if c < end]
+    assert chunk_cuts(text, start, end, chunk, rule) == [c for c in cuts if c < end]
 
 
 @needs_c
@@ -450,7 +450,7 @@ def prompt_tokenizers(request):
         tokenizers.append(PromptTokenizer(hf, native=True))
         tokenizers.append(PromptTokenizer(hf, native=True, cache_bytes=1200))
         assert type(tokenizers[1].cache) is PieceCache
-    # Chunks at safe newlines, cut as often as possible (every shipped tokenizer allows it).
+    # Chunks at safe word ends and newlines, cut as often as possible (every shipped tokenizer allows it).
     tokenizers.append(PromptTokenizer(hf, native=False, chunk_chars=1))
     if PieceCache is not None:
         tokenizers.append(PromptTokenizer(hf, native=True, chunk_chars=2))
@@ -540,17 +540,19 @@ def test_leading_ids_are_a_prefix_of_the_encoding(prompt_tokenizers, data):
             hf.backend_tokenizer.encode(rendered, add_special_tokens=True).ids).startswith(with_bos)
 
 
-def test_an_extended_completion_prompt_encodes_its_last_chunk_and_what_it_appended(prompt_tokenizers):
+@pytest.mark.parametrize("separator", ["\n", " "])
+def test_an_extended_completion_prompt_encodes_its_last_chunk_and_what_it_appended(prompt_tokenizers, separator):
     """An agent's completion prompt (one piece without added tokens) grows at its end on
-    every step: with chunks at safe newlines, the next step finds all of the last step's
-    chunks but its last one cached, and the ids are still the tokenizer's."""
+    every step: with chunks at safe word ends and newlines, the next step finds all of the
+    last step's chunks but its last one cached, and the ids are still the tokenizer's. A
+    transcript without a newline (steps joined by spaces) is chunked at word ends."""
     hf, tokenizers = prompt_tokenizers
     lines = [f"step {i}: called tool_{i % 7}(x={i}) -> ok; result {i * 37 % 101} items" for i in range(120)]
-    prompt = "\n".join(lines[:60]) + "\n"
+    prompt = separator.join(lines[:60]) + separator
     for tok in (PromptTokenizer(hf, native=False, chunk_chars=256),
                 *([PromptTokenizer(hf, native=True, chunk_chars=256)] if PieceCache is not None else [])):
         tok.encode(prompt, True)
-        step = prompt + "\n".join(lines[60:64]) + "\n"
+        step = prompt + separator.join(lines[60:64]) + separator
         ids, missing = tok.assemble(step, True)
         assert ids is None and 0 < sum(map(len, missing)) <= 256 + 80 + len(step) - len(prompt)
         assert tok.encode(step, True) == pack_ids(hf.backend_tokenizer.encode(step, add_special_tokens=True).ids)
@@ -561,7 +563,7 @@ def test_an_extended_completion_prompt_encodes_its_last_chunk_and_what_it_append
 
 @_slow
 @given(data=st.data())
-def test_no_pre_token_crosses_a_newline_cut(prompt_tokenizers, data):
+def test_no_pre_token_crosses_a_chunk_cut(prompt_tokenizers, data):
     """Why the chunks are exact, checked where it holds whatever the vocabulary: the
     tokenizer's own pre-tokenizer cuts the whole text into the pre-tokens of its two
     parts (equal ids alone would not show it: a vocabulary without the merge a wrong cut
@@ -573,16 +575,16 @@ def test_no_pre_token_crosses_a_newline_cut(prompt_tokenizers, data):
     def pieces(t):
         return [piece for piece, _ in pre.pre_tokenize_str(t)]
 
-    for c in newline_cuts(text, 0, len(text), 1, tokenizers[0].chunk_rule):
+    for c in chunk_cuts(text, 0, len(text), 1, tokenizers[0].chunk_rule):
         assert pieces(text) == pieces(text[:c]) + pieces(text[c:]), (text, c)
 
 
-def test_newline_cuts_only_for_tokenizers_known_to_allow_them(prompt_tokenizers):
+def test_chunk_cuts_only_for_tokenizers_known_to_allow_them(prompt_tokenizers):
     import json
 
     hf, tokenizers = prompt_tokenizers
     spec = json.loads(hf.backend_tokenizer.to_str())
-    assert newline_cut_rule(spec) == tokenizers[0].chunk_rule != CUTS_NONE
+    assert chunk_cut_rule(spec) == tokenizers[0].chunk_rule != CUTS_NONE
 
     def changed(path, value):
         other = json.loads(json.dumps(spec))
@@ -592,19 +594,19 @@ def test_newline_cuts_only_for_tokenizers_known_to_allow_them(prompt_tokenizers)
         node[path[-1]] = value
         return other
 
-    assert newline_cut_rule(changed(["normalizer"], {"type": "NFC"})) == CUTS_NONE
-    assert newline_cut_rule(changed(["pre_tokenizer"], {"type": "Metaspace", "replacement": "_"})) == CUTS_NONE
+    assert chunk_cut_rule(changed(["normalizer"], {"type": "NFC"})) == CUTS_NONE
+    assert chunk_cut_rule(changed(["pre_tokenizer"], {"type": "Metaspace", "replacement": "_"})) == CUTS_NONE
     token = dict(spec["added_tokens"][0])
-    assert newline_cut_rule(changed(["added_tokens"], [*spec["added_tokens"], {**token, "lstrip": True}])) == CUTS_NONE
-    assert newline_cut_rule(changed(["added_tokens"], [*spec["added_tokens"], {**token, "content": "a\nb"}])) == CUTS_NONE
+    assert chunk_cut_rule(changed(["added_tokens"], [*spec["added_tokens"], {**token, "lstrip": True}])) == CUTS_NONE
+    assert chunk_cut_rule(changed(["added_tokens"], [*spec["added_tokens"], {**token, "content": "a\nb"}])) == CUTS_NONE
     pre = spec["pre_tokenizer"]
     if pre["type"] == "ByteLevel":
-        assert newline_cut_rule(changed(["pre_tokenizer", "add_prefix_space"], True)) == CUTS_NONE
-        assert newline_cut_rule(changed(["pre_tokenizer", "use_regex"], False)) == CUTS_NONE
+        assert chunk_cut_rule(changed(["pre_tokenizer", "add_prefix_space"], True)) == CUTS_NONE
+        assert chunk_cut_rule(changed(["pre_tokenizer", "use_regex"], False)) == CUTS_NONE
     else:
         other_regex = {"Regex": r"\s+|\S+"}
-        assert newline_cut_rule(changed(["pre_tokenizer", "pretokenizers", 0, "pattern"], other_regex)) == CUTS_NONE
-        assert newline_cut_rule(changed(["pre_tokenizer", "pretokenizers", 1, "add_prefix_space"], True)) == CUTS_NONE
+        assert chunk_cut_rule(changed(["pre_tokenizer", "pretokenizers", 0, "pattern"], other_regex)) == CUTS_NONE
+        assert chunk_cut_rule(changed(["pre_tokenizer", "pretokenizers", 1, "add_prefix_space"], True)) == CUTS_NONE
 
 
 @needs_c

@@ -1016,7 +1016,7 @@ typedef struct {
     Token *tokens;
     Py_ssize_t ntokens;
     Py_ssize_t nsplit;  /* tokens that cut (not glue); none: a text is one piece */
-    Py_ssize_t chunk_chars; /* > 0: a longer text piece is also cut next to newlines */
+    Py_ssize_t chunk_chars; /* > 0: a longer text piece is also cut at word ends and newlines */
     int chunk_rule;         /* tokenization.CUTS_BYTE_LEVEL (1) or CUTS_CL100K (2) */
     Py_UCS4 *chars;
     Group *groups;      /* sorted by first character */
@@ -1427,59 +1427,49 @@ word_ascii(Py_UCS4 c)
     return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9');
 }
 
-/* The first newline at index >= from and < end, or -1. */
+/* The first safe cut c >= at of the piece [start, end), or -1: tokenization._first_cut
+ * (same candidates, same order). A space or newline at i gives the cut i (before it) when
+ * a word character precedes it; a newline also gives i + 1 (after it) by the newline
+ * rules. */
 static Py_ssize_t
-next_newline(int kind, const void *data, Py_ssize_t from, Py_ssize_t end)
+first_cut(const PieceSplitter *sp, int kind, const void *data, Py_ssize_t start, Py_ssize_t end, Py_ssize_t at)
 {
-    if (from >= end)
-        return -1;
-    if (kind == PyUnicode_1BYTE_KIND) {
-        const Py_UCS1 *hit = memchr((const Py_UCS1 *)data + from, '\n', (size_t)(end - from));
-        return hit == NULL ? -1 : hit - (const Py_UCS1 *)data;
-    }
-    for (Py_ssize_t i = from; i < end; i++)
-        if (PyUnicode_READ(kind, data, i) == '\n')
+    for (Py_ssize_t i = at - 1 > start ? at - 1 : start; i < end; i++) {
+        Py_UCS4 ch = PyUnicode_READ(kind, data, i);
+        if (ch != ' ' && ch != '\n')
+            continue;
+        if (i >= at && i > start && word_ascii(PyUnicode_READ(kind, data, i - 1)))
             return i;
+        if (ch != '\n' || i + 1 < at || i + 1 >= end)
+            continue;
+        if (i - 1 >= start && printable_ascii(PyUnicode_READ(kind, data, i - 1))
+                && printable_ascii(PyUnicode_READ(kind, data, i + 1)))
+            return i + 1;
+        if (sp->chunk_rule == 2) {
+            Py_ssize_t j = i + 1;
+            Py_UCS4 next = 0;
+            while (j < end && ((next = PyUnicode_READ(kind, data, j)) == ' ' || next == '\t'))
+                j++;
+            if (j < end && printable_ascii(next))
+                return i + 1;
+        }
+    }
     return -1;
 }
 
-/* The text piece [start, start + len), chunked as ``tokenization.newline_cuts`` does
- * (same rules, same order) when the splitter chunks and the piece is longer than
- * ``chunk_chars``. */
+/* The text piece [start, start + len), chunked as ``tokenization.chunk_cuts`` does when
+ * the splitter chunks and the piece is longer than ``chunk_chars``. */
 static int
 push_text(const PieceSplitter *sp, int kind, const void *data, Spans *out, Py_ssize_t start, Py_ssize_t len)
 {
     Py_ssize_t k = sp->chunk_chars, end = start + len;
     if (k == 0 || len <= k)
         return spans_push(out, start, len, NULL);
-    Py_ssize_t from = start, at = start + k;
-    Py_ssize_t i = next_newline(kind, data, at - 1 > start ? at - 1 : start, end);
-    while (i >= 0) {
-        Py_ssize_t c = -1;
-        if (i >= at && i > start && word_ascii(PyUnicode_READ(kind, data, i - 1))) {
-            c = i;
-        } else if (i + 1 >= at && i + 1 < end) {
-            if (i - 1 >= start && printable_ascii(PyUnicode_READ(kind, data, i - 1))
-                    && printable_ascii(PyUnicode_READ(kind, data, i + 1))) {
-                c = i + 1;
-            } else if (sp->chunk_rule == 2) {
-                Py_ssize_t j = i + 1;
-                Py_UCS4 ch = 0;
-                while (j < end && ((ch = PyUnicode_READ(kind, data, j)) == ' ' || ch == '\t'))
-                    j++;
-                if (j < end && printable_ascii(ch))
-                    c = i + 1;
-            }
-        }
-        if (c < 0) {
-            i = next_newline(kind, data, i + 1, end);
-            continue;
-        }
+    Py_ssize_t from = start, c;
+    while ((c = first_cut(sp, kind, data, start, end, from + k)) >= 0) {
         if (spans_push(out, from, c - from, NULL) < 0)
             return -1;
         from = c;
-        at = c + k;
-        i = next_newline(kind, data, at - 1 > c ? at - 1 : c, end);
     }
     return spans_push(out, from, end - from, NULL);
 }
@@ -1753,7 +1743,7 @@ static PyMethodDef PieceSplitter_methods[] = {
 static PyGetSetDef PieceSplitter_getset[] = {
     {"split_count", (getter)PieceSplitter_get_split_count, NULL, "how many tokens cut", NULL},
     {"chunk_chars", (getter)PieceSplitter_get_chunk_chars, NULL,
-     "0, or the length past which a text piece is also cut at safe newlines", NULL},
+     "0, or the length past which a text piece is also cut at safe word ends and newlines", NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
 

@@ -323,10 +323,11 @@ def test_the_engines_take_the_routers_token_ids_and_answer_the_same(service):
 
 
 def test_a_completion_prompt_cut_in_chunks_keeps_the_engines_ids(service):
-    """A completion prompt longer than a chunk is cached in chunks cut next to newlines
-    (``router.tokenization.newline_cuts``): its ids, and those of its extension (every
-    chunk but the last one found cached), are what the engine computes itself: with them
-    or without them, the answers and the prompt token counts are the same."""
+    """A completion prompt longer than a chunk is cached in chunks cut at word ends and
+    next to newlines (``router.tokenization.chunk_cuts``): its ids, and those of its
+    extension (every chunk but the last one found cached), are what the engine computes
+    itself: with them or without them, the answers and the prompt token counts are the
+    same."""
     state = router_of(service).state
     prompts = state.service.prompts
     lines = [f"step {i}: tool_{i % 3} returned {i * 7} rows ok" for i in range(40)]
