@@ -21,11 +21,18 @@ Full blocks are given keys when allocated for (like vLLM's ``cache_full_blocks``
 blocks take the workload's keys; blocks holding output tokens get keys unique to the request,
 so they occupy the cache and produce KV events as in vLLM, but never hit.
 
-Fast path: when every running request is decoding, nothing waits and no request will need a
-new block, be given a key or finish for ``k`` steps, those ``k`` steps are taken as one event
-(their total duration has a closed form, since each step's context grows by one token per
-request). An arrival during such a run cuts it after the step in progress, exactly where vLLM
-would admit the newcomer, so the result is the same as stepping one by one.
+Fast path: when every running request is decoding, nothing waits and no request will finish
+for ``k`` steps, and the pool can give every block those steps ask for, those ``k`` steps are
+taken as one run (their total duration has a closed form, since each step's context grows by
+one token per request). The blocks the run's steps allocate and fill (a new block when a
+request's next token starts one, its key when a token completes one: every ``block_size``
+steps per request) are allocated and cached by one *boundary* event at the start of each
+step that has any, in the running order, at the time step-by-step scheduling would: the pool,
+its KV events and their times are those of stepping one by one. An arrival during a run cuts
+it after the step in progress, exactly where vLLM would admit the newcomer, so the result is
+the same as stepping one by one (times equal to float rounding). On a ``SharedHost`` a step's
+start moves with the other engines' load, so there a run stops before its first boundary
+instead (no boundary events).
 
 Shared compute (``SharedHost``): by default every replica has its own accelerator, so its
 steps take exactly what the profile says whatever the other replicas do. Replicas that share
@@ -195,6 +202,10 @@ class EngineReplica:
         self.busy_s = 0.0
         # The step (or run of decode steps) in flight.
         self._timer: Timer | None = None
+        # The run's next boundary step (1-based; its blocks are allocated and cached when it
+        # starts) and its timer, or 0 / None.
+        self._boundary_step = 0
+        self._boundary_timer: Timer | None = None
         self._scheduled: list[tuple[EngineRequest, int]] = []
         self._run_start = 0.0
         self._run_steps = 0
@@ -411,30 +422,111 @@ class EngineReplica:
 
     # -- decode fast path ------------------------------------------------------------------
     def _decode_run_length(self) -> int:
-        """Steps that can be taken at once: all running decode, nothing waits, and no request
-        allocates, caches a block or finishes before the last of them."""
+        """Steps that can be taken at once: all running decode, nothing waits, no request
+        finishes before the last of them, and the pool can give every block they allocate
+        (so none of them preempts). On a shared host, also none allocates or caches a block
+        (no boundary events there: see the module docstring)."""
         if self.waiting or not self.running:
             return 0
         size = self.block_size
+        boundaries = self.host is None
         run = 1 << 30
         for req in self.running:
             if req.num_computed != req.num_tokens - 1 or not req.num_output:
                 return 0  # still prefilling
-            tokens = req.num_tokens
-            # Step j (1-based) schedules the token at position tokens + j - 2 (0-based):
-            # it needs a new block when that position reaches len(blocks) * size, and a key
-            # when it completes a block.
-            next_alloc = len(req.blocks) * size - tokens + 2
-            next_cache = (req.num_cached_blocks + 1) * size - tokens + 1
-            limit = min(next_alloc, next_cache) - 1
-            remaining = req.max_output - req.num_output
-            if remaining < limit:
-                limit = remaining
+            limit = req.max_output - req.num_output
+            if not boundaries:
+                # Step j (1-based) schedules the token at position tokens + j - 2 (0-based):
+                # it needs a new block when that position reaches len(blocks) * size, and a
+                # key when it completes a block.
+                tokens = req.num_tokens
+                next_alloc = len(req.blocks) * size - tokens + 2
+                next_cache = (req.num_cached_blocks + 1) * size - tokens + 1
+                limit = min(limit, next_alloc - 1, next_cache - 1)
             if limit < run:
                 run = limit
                 if run <= 1:
                     return 0
-        return run
+        if boundaries and self._allocations(run) > self.pool.num_free:
+            # The last step whose allocations all fit: the step after it preempts, stepped
+            # one by one. Allocations grow with the steps, so bisect.
+            low, high = 0, run  # fits(low), not fits(high)
+            while high - low > 1:
+                middle = (low + high) // 2
+                if self._allocations(middle) <= self.pool.num_free:
+                    low = middle
+                else:
+                    high = middle
+            run = low
+        return run if run > 1 else 0
+
+    def _allocations(self, steps: int) -> int:
+        """Blocks the running decodes allocate in their next ``steps`` steps: one each
+        time a request's next token starts a block (step ``len(blocks) * size - tokens +
+        2``, then every ``size`` steps)."""
+        size = self.block_size
+        total = 0
+        for req in self.running:
+            first = len(req.blocks) * size - req.num_tokens + 2
+            if steps >= first:
+                total += (steps - first) // size + 1
+        return total
+
+    def _next_boundary(self, after: int) -> int:
+        """The first step after step ``after`` of the run in flight at which a running
+        request allocates a block or fills one (0: none before the run ends)."""
+        size = self.block_size
+        best = self._run_steps + 1
+        for req in self.running:
+            # Its step j computes up to token num_computed + j (num_computed as the run began).
+            done = req.num_computed
+            alloc = len(req.blocks) * size - done + 1
+            cache = (req.num_cached_blocks + 1) * size - done
+            step = alloc if alloc < cache else cache
+            if after < step < best:
+                best = step
+        return best if best <= self._run_steps else 0
+
+    def _boundary(self, step: int) -> None:
+        """The start of the run's step ``step``: what ``_allocate`` does for each running
+        request's one token there (a new block when it starts one, the key of a block it
+        completes), in the running order; then the next boundary is scheduled. One pass
+        over the running requests, which also finds the next boundary (as
+        ``_next_boundary``)."""
+        pool = self.pool
+        size = self.block_size
+        best = self._run_steps + 1
+        for req in self.running:
+            done = req.num_computed  # as the run began: step j computes up to token done + j
+            total = done + step
+            blocks = req.blocks
+            if total > len(blocks) * size:
+                blocks.extend(pool.get_new_blocks(-(-total // size) - len(blocks)))
+            cached = req.num_cached_blocks
+            if total >= (cached + 1) * size:
+                full = total // size
+                if full > len(req.keys):
+                    self._extend_keys(req, full)
+                pool.cache_blocks(blocks[cached:full], req.keys[cached:full])
+                req.num_cached_blocks = cached = full
+            alloc = len(blocks) * size - done + 1
+            cache = (cached + 1) * size - done
+            nxt = alloc if alloc < cache else cache
+            if nxt < best:
+                best = nxt
+        self._arm_boundary(best if best <= self._run_steps else 0)
+
+    def _arm_boundary(self, step: int) -> None:
+        """The run's next boundary is step ``step`` (0: none): taken now if it is the first
+        step, else at that step's start."""
+        self._boundary_step = step
+        if step == 0:
+            self._boundary_timer = None
+        elif step == 1:  # the run starts now: scheduled now, as step by step
+            self._boundary(1)
+        else:
+            self._boundary_timer = self.kernel.schedule(self._run_start + self._run_time(step - 1), self._boundary,
+                                                        step, priority=PRIORITY_ENGINE)
 
     def _start_run(self, now: float, steps: int) -> None:
         prof = self.profile
@@ -449,6 +541,8 @@ class EngineReplica:
         if self.host is not None:
             self.host.run(self, now, self._run_time(steps), self._finish_run)
         else:
+            # Its first step's blocks now, before its end is scheduled, as a step's.
+            self._arm_boundary(self._next_boundary(0))
             self._timer = self.kernel.schedule(now + self._run_time(steps), self._finish_run,
                                                priority=PRIORITY_ENGINE)
 
@@ -479,6 +573,9 @@ class EngineReplica:
         if host is not None:
             host.set_work(self, now, self._run_time(steps) - elapsed)
             return
+        if self._boundary_step > steps:  # a step the run no longer takes
+            self._boundary_timer.cancel()
+            self._boundary_step, self._boundary_timer = 0, None
         self._timer.cancel()
         self._timer = self.kernel.schedule(self._run_start + self._run_time(steps), self._finish_run,
                                            priority=PRIORITY_ENGINE)
@@ -496,6 +593,7 @@ class EngineReplica:
             if req.num_output >= req.max_output:
                 finished.append(req)
         self._run_steps = 0
+        self._boundary_step, self._boundary_timer = 0, None  # every boundary of the run was at an earlier step start
         self._complete([], finished, now)
         self._start_step(now)
 
@@ -505,6 +603,9 @@ class EngineReplica:
         self.alive = False
         if self._timer is not None:
             self._timer.cancel()
+        if self._boundary_timer is not None:
+            self._boundary_timer.cancel()
+            self._boundary_step, self._boundary_timer = 0, None
         if self.host is not None:
             self.host.release(self, self.kernel.now)
         lost = list(self.running) + list(self.waiting)

@@ -19,12 +19,17 @@ PROFILE = LatencyProfile(name="t", step_overhead_s=0.01, prefill_s_per_token=1e-
 
 
 def make_engine(kernel, blocks=200, size=16, fast=True, **kw):
-    log = {"first": [], "done": [], "stored": [], "removed": []}
+    log = {"first": [], "done": [], "stored": [], "removed": [], "events_at": []}
+
+    def event(kind, keys):
+        log[kind].append(list(keys))
+        log["events_at"].append((kind, kernel.now))  # when the pool published it (KV events reach routers then)
+
     engine = EngineReplica("e", kernel, PROFILE, num_blocks=blocks, block_size=size, fast_decode=fast,
                            on_first_token=lambda r, t: log["first"].append((r.uid, t)),
                            on_finished=lambda r, t: log["done"].append((r.uid, t)),
-                           on_stored=lambda k: log["stored"].append(list(k)),
-                           on_removed=lambda k: log["removed"].append(list(k)), **kw)
+                           on_stored=lambda k: event("stored", k),
+                           on_removed=lambda k: event("removed", k), **kw)
     return engine, log
 
 
@@ -115,7 +120,17 @@ def test_conservation_and_the_fast_path_is_exact(seed, blocks):
         results.append((log, engine.steps, engine.preemptions))
     (fast_log, fast_steps, fast_pre), (slow_log, slow_steps, slow_pre) = results
     assert (fast_steps, fast_pre) == (slow_steps, slow_pre)
+    assert_same_events(fast_log, slow_log)
+
+
+def assert_same_events(fast_log, slow_log):
+    """The same KV events in the same order at the same times, and the same first tokens
+    and finishes at the same times (to float rounding: a run's step times are summed in
+    closed form)."""
     assert fast_log["stored"] == slow_log["stored"] and fast_log["removed"] == slow_log["removed"]
+    assert [k for k, _ in fast_log["events_at"]] == [k for k, _ in slow_log["events_at"]]
+    for (_, a), (_, b) in zip(fast_log["events_at"], slow_log["events_at"]):
+        assert a == pytest.approx(b, rel=1e-9, abs=1e-12)
     for name in ("first", "done"):
         assert [u for u, _ in fast_log[name]] == [u for u, _ in slow_log[name]]
         for (_, a), (_, b) in zip(fast_log[name], slow_log[name]):
@@ -217,59 +232,28 @@ def test_on_a_shared_host_the_fast_path_is_still_exact_and_nothing_is_lost(seed,
     (fa, fb, fsteps), (sa, sb, ssteps) = results
     assert fsteps == ssteps
     for fast_log, slow_log in ((fa, sa), (fb, sb)):
-        for name in ("first", "done"):
-            assert [u for u, _ in fast_log[name]] == [u for u, _ in slow_log[name]]
-            for (_, x), (_, y) in zip(fast_log[name], slow_log[name]):
-                assert x == pytest.approx(y, rel=1e-9, abs=1e-12)
+        assert_same_events(fast_log, slow_log)
 
 
-def test_a_shared_host_rejects_a_bad_slot_count():
-    from simulator.cluster import ClusterConfig
-    from simulator.replica import SharedHost
-    from router.errors import ConfigError
-
-    for bad in (0, -1, float("nan"), True, "2"):
-        with pytest.raises(ValueError):
-            SharedHost(Kernel(), bad)
-        with pytest.raises(ConfigError) as exc:
-            ClusterConfig(host_slots=bad)
-        assert exc.value.field == "host_slots"
-
-
-def test_replicas_share_the_host_of_their_group():
-    """Four simultaneous equal prefills, one per replica (round robin), on hosts of one
-    slot: alone on their accelerators each takes t; two replicas per host, each host runs
-    two at half speed (2t); all four on one host, a quarter speed (4t)."""
-    from router.errors import ConfigError
-    from router.profile import DEFAULT_PROFILE
-    from simulator.cluster import ClusterConfig
-    from simulator.pd import PDCluster, PDConfig, PDPlan
-    from simulator.run import run_policy
-    from simulator.workloads import SimRequest
-
-    requests = [SimRequest(i, 0.0, 4000, 1, ((100 + i, 4000),), None) for i in range(4)]
-
-    def ttfts(**host):
-        config = ClusterConfig(replicas=4, block_size=16, profile=DEFAULT_PROFILE, **host)
-        _, metrics, cluster = run_policy(requests, config, "round_robin")
-        shares = {engine.host for engine in cluster.engines.values()}
-        return sorted(metrics.ttft), len(shares - {None})
-
-    alone, hosts = ttfts()
-    assert hosts == 0
-    paired, hosts = ttfts(host_slots=1, replicas_per_host=2)
-    assert hosts == 2
-    shared, hosts = ttfts(host_slots=1)
-    assert hosts == 1
-    for a, p, s in zip(alone, paired, shared):
-        assert p == pytest.approx(2 * a, rel=0.02) and s == pytest.approx(4 * a, rel=0.02)
-    for bad in (0, -2, 1.5, True):
-        with pytest.raises(ConfigError) as exc:
-            ClusterConfig(host_slots=1, replicas_per_host=bad)
-        assert exc.value.field == "replicas_per_host"
-    with pytest.raises(ConfigError, match="needs host_slots"):
-        ClusterConfig(replicas_per_host=2)
-    with pytest.raises(ConfigError) as exc:
-        PDCluster(Kernel(), ClusterConfig(replicas=2, host_slots=1, replicas_per_host=1), PDConfig(1, 1),
-                  PDPlan("x", rule="always"))
-    assert exc.value.field == "replicas_per_host"
+@pytest.mark.parametrize("size", [1, 16])
+def test_a_decode_run_goes_on_across_block_boundaries(size):
+    """Two requests decoding 100 tokens each (the second admitted a step after the first):
+    after the second's prefill, one run to the end, its blocks allocated and filled by
+    boundary events at the step starts where stepping one by one would, far fewer events
+    than steps with 16-token blocks."""
+    logs, events = [], []
+    for fast in (True, False):
+        kernel = Kernel()
+        engine, log = make_engine(kernel, blocks=400, size=size, fast=fast)
+        submit(kernel, engine, [(1, 0.0, 40, 100, list(range(40 // size))),
+                                (2, 0.0, 23, 100, list(range(500, 500 + 23 // size)))])
+        kernel.run()
+        assert engine.steps == 101 and engine.pool.num_free == 400
+        logs.append(log)
+        events.append(kernel.events_run)
+    assert_same_events(*logs)
+    fast_events, slow_events = events
+    assert slow_events == 2 + 101  # the arrivals and a step each
+    # With 16-token blocks a boundary every 8 steps or so (each request starts and fills a
+    # block every 16); with 1-token blocks every step is one, and a run saves nothing.
+    assert fast_events < 40 if size == 16 else fast_events <= slow_events + 2
