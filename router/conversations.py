@@ -50,13 +50,11 @@ import operator
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from router._fast import slot_maker, speedups
 from router.errors import ConfigError
-
-if TYPE_CHECKING:  # the tree imports nothing from here; only the annotation needs it
-    from router.prefix_tree import HeldPrefix
+from router.prefix_tree import HeldPrefix
 
 DEFAULT_MEMO_BYTES = 128 << 20
 #: Bytes counted per remembered key (the list slot and the int object it shares with the
