@@ -73,10 +73,9 @@ def test_kv_aware_router_gets_the_league_geometry_and_ray_s_own_kv_event_ports(t
     assert env["RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING"] == "1" and spec["dynamo"] in env["PYTHONPATH"]
 
 
-def test_kvroute_gateways_get_the_latency_profile_the_ray_serve_rows_get(monkeypatch, tmp_path):
-    """The league runs both front doors' ``cache_aware`` with the same latency profile
-    (``kvroute bench`` picks ``tiny-llama-cpu`` for the tiny model): the gateway's command
-    line carries it as a policy option; a policy without a profile gets none."""
+def _gateway_commands(monkeypatch, tmp_path):
+    """(the command lines ``GatewayRun`` launches, appended as it launches them; a worker
+    to put them in front of): processes are not started, only their commands kept."""
     import benchmarks.peers_bench as peers_bench
 
     launched = []
@@ -90,6 +89,16 @@ def test_kvroute_gateways_get_the_latency_profile_the_ray_serve_rows_get(monkeyp
     monkeypatch.setattr(peers_bench.subprocess, "Popen", Started)
     monkeypatch.setenv("TMPDIR", str(tmp_path))
     worker = type("Worker", (), {"url": "http://127.0.0.1:1", "worker_arg": lambda self: "http://127.0.0.1:1"})()
+    return launched, worker
+
+
+def test_kvroute_gateways_get_the_latency_profile_the_ray_serve_rows_get(monkeypatch, tmp_path):
+    """The league runs both front doors' ``cache_aware`` with the same latency profile
+    (``kvroute bench`` picks ``tiny-llama-cpu`` for the tiny model): the gateway's command
+    line carries it as a policy option; a policy without a profile gets none."""
+    import benchmarks.peers_bench as peers_bench
+
+    launched, worker = _gateway_commands(monkeypatch, tmp_path)
     peers_bench.GatewayRun("kvroute:cache_aware", [worker], "/model", 32, "tiny-llama-cpu").log.close()
     peers_bench.GatewayRun("kvroute:pow2", [worker], "/model", 32, "tiny-llama-cpu").log.close()
     peers_bench.GatewayRun("kvroute:cache_aware", [worker], "/model", 32, None).log.close()
@@ -190,17 +199,7 @@ def test_a_kvroute_router_s_options_reach_the_gateway_and_the_simulated_policy(m
     import benchmarks.peers_bench as peers_bench
     from benchmarks.live_bench import LiveConfig
 
-    launched = []
-
-    class Started:
-        pid = 0
-
-        def __init__(self, args, **kwargs):
-            launched.append(list(args))
-
-    monkeypatch.setattr(peers_bench.subprocess, "Popen", Started)
-    monkeypatch.setenv("TMPDIR", str(tmp_path))
-    worker = type("Worker", (), {"url": "http://127.0.0.1:1", "worker_arg": lambda self: "http://127.0.0.1:1"})()
+    launched, worker = _gateway_commands(monkeypatch, tmp_path)
     peers_bench.GatewayRun("kvroute:cache_aware,churn_weight=2,profile=llama3-8b-h100", [worker], "/model", 32,
                            "tiny-llama-cpu").log.close()
     (args,) = launched
