@@ -180,13 +180,28 @@ def test_a_bad_router_config_fails_when_the_app_is_built(kwargs, field):
     assert exc.value.field == field
 
 
+def _dead(actor) -> bool:
+    """Whether Ray reports ``actor`` dead (a call to it fails with ``RayActorError``)."""
+    try:
+        ray.get(actor.__ray_ready__.remote(), timeout=10)
+    except ray.exceptions.RayActorError:
+        return True
+    except ray.exceptions.GetTimeoutError:
+        pass
+    return False
+
+
 def test_a_dead_replica_is_purged_and_traffic_continues(cluster):
     handle = deploy("deaths", policy="cache_aware")
     prefix = "shared " * 400
     first = handle.chat.remote(body(prefix, 0)).result(timeout_s=60)
     victim = next(a for a in ray.util.list_named_actors(all_namespaces=True)
                   if first in a["name"] and "deaths" in a["name"])
-    ray.kill(ray.get_actor(victim["name"], namespace=victim["namespace"]), no_restart=True)
+    actor = ray.get_actor(victim["name"], namespace=victim["namespace"])
+    ray.kill(actor, no_restart=True)
+    # ray.kill returns before the actor is gone: until then it still serves what reaches it
+    # (one request did, in a fresh-clone CI run). Wait until Ray reports it dead.
+    assert wait_for(lambda: _dead(actor), timeout=60, interval=0.1), "the killed replica still answers"
     served = Counter(handle.chat.remote(body(prefix, i)).result(timeout_s=120) for i in range(1, 20))
     assert first not in served
     assert sum(served.values()) == 19
