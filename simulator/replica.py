@@ -472,27 +472,12 @@ class EngineReplica:
                 total += (steps - first) // size + 1
         return total
 
-    def _next_boundary(self, after: int) -> int:
-        """The first step after step ``after`` of the run in flight at which a running
-        request allocates a block or fills one (0: none before the run ends)."""
-        size = self.block_size
-        best = self._run_steps + 1
-        for req in self.running:
-            # Its step j computes up to token num_computed + j (num_computed as the run began).
-            done = req.num_computed
-            alloc = len(req.blocks) * size - done + 1
-            cache = (req.num_cached_blocks + 1) * size - done
-            step = alloc if alloc < cache else cache
-            if after < step < best:
-                best = step
-        return best if best <= self._run_steps else 0
-
     def _boundary(self, step: int) -> None:
         """The start of the run's step ``step``: what ``_allocate`` does for each running
         request's one token there (a new block when it starts one, the key of a block it
-        completes), in the running order; then the next boundary is scheduled. One pass
-        over the running requests, which also finds the next boundary (as
-        ``_next_boundary``)."""
+        completes), in the running order; then the next boundary is armed. One pass over
+        the running requests, which also finds that next boundary. Step 0 (the run's start,
+        whose blocks the last step already gave) changes nothing and arms the first."""
         pool = self.pool
         size = self.block_size
         best = self._run_steps + 1
@@ -541,8 +526,8 @@ class EngineReplica:
         if self.host is not None:
             self.host.run(self, now, self._run_time(steps), self._finish_run)
         else:
-            # Its first step's blocks now, before its end is scheduled, as a step's.
-            self._arm_boundary(self._next_boundary(0))
+            # Its first boundary armed (step 1's blocks now, before its end is scheduled, as a step's).
+            self._boundary(0)
             self._timer = self.kernel.schedule(now + self._run_time(steps), self._finish_run,
                                                priority=PRIORITY_ENGINE)
 
