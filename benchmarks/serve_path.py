@@ -343,13 +343,17 @@ def _prompt_body(messages: list[dict], session: str | None) -> dict:
     """``messages`` as one completion prompt: ``ROLE:`` paragraphs, then ``ASSISTANT:``,
     which the next step's first message continues (so each prompt begins with the last)."""
     prompt = "".join(f"{m['role'].upper()}:\n{m['content']}\n\n" for m in messages) + "ASSISTANT:\n"
-    body = _body([], session)
-    del body["messages"]
-    return {"prompt": prompt, **body}
+    return _body(session, prompt=prompt)
 
 
-def _body(messages: list[dict], session: str | None) -> dict:
-    body: dict[str, Any] = {"model": MODEL_NAME, "messages": messages, "max_tokens": 64, "temperature": 0.0}
+def _chat_body(messages: list[dict], session: str | None) -> dict:
+    return _body(session, messages=messages)
+
+
+def _body(session: str | None, **content: Any) -> dict:
+    """A request body with ``content`` (``messages`` or ``prompt``) and the fields every
+    workload's bodies share."""
+    body: dict[str, Any] = {"model": MODEL_NAME, **content, "max_tokens": 64, "temperature": 0.0}
     if session is not None:
         body["session_id"] = session
     return body
@@ -371,7 +375,7 @@ def build_workload(kind: str, size: int, *, requests: int | None = None, concurr
     # (``completion`` renders ``agent``'s loops, from the same text.)
     gen = TextGenerator(seed=seed * 1_000_003 + KINDS.index("agent" if kind == "completion" else kind) * 10_007
                         + size)
-    make_body = _prompt_body if kind == "completion" else _body
+    make_body = _prompt_body if kind == "completion" else _chat_body
     bodies: list[str] = []
     slots: list[int] = []
     sessions: list[str | None] = []
