@@ -258,17 +258,22 @@ def test_without_an_engine_to_take_ids_a_mostly_cached_turn_is_routed_at_once_an
     assert state.tokenize_counts["cached"] == 1 and state.service.pending("again").request.keys == want
 
 
+def _an_agent_step(tokenizer_path, prompt: str, appended: str):
+    """A patient router (no engine takes its ids) routes completion ``prompt`` ("first"),
+    then the same prompt with ``appended`` ("step"): (its state, the step's prompt)."""
+    state = make_state(tokenizer_path, **PATIENT)
+    replicas = [replica("r0"), replica("r1")]
+    choose(state, replicas, {"prompt": prompt}, "first")
+    choose(state, replicas, {"prompt": prompt + appended}, "step")
+    return state, prompt + appended
+
+
 def test_a_completion_prompt_not_cached_whole_waits_for_the_pool(tokenizer_path, hf):
     """A completion's text without a safe chunk cut (no word end, no newline) is one
     piece: extended by a step it is new text from its first character, so the router waits
     for its ids (at most ``tokenize_wait_ms``) instead of keying it on nothing, even when
     no engine takes the ids."""
-    state = make_state(tokenizer_path, **PATIENT)
-    replicas = [replica("r0"), replica("r1")]
-    prompt = "shared_agent_context;" * 60
-    step = prompt + "tool_result:" + "ok," * 200
-    choose(state, replicas, {"prompt": prompt}, "first")
-    choose(state, replicas, {"prompt": step}, "step")
+    state, step = _an_agent_step(tokenizer_path, "shared_agent_context;" * 60, "tool_result:" + "ok," * 200)
     assert state.tokenize_counts["encoded"] == 2 and state.tokenize_counts["prefix"] == 0
     want = TokenBlockKeyer(BLOCK).keys(hf.encode(step), namespace_seed(""))
     assert state.service.pending("step").request.keys == want
@@ -278,12 +283,7 @@ def test_an_extended_completion_prompt_is_keyed_on_its_cached_chunks_without_wai
     """Cut in chunks at word ends (``router.tokenization.chunk_cuts``), the same prompt's
     extension finds all of it but its last chunk cached: keyed on that prefix at once (no
     engine takes the ids, so nothing waits), the rest learned once the pool has it."""
-    state = make_state(tokenizer_path, **PATIENT)
-    replicas = [replica("r0"), replica("r1")]
-    prompt = "shared agent context. " * 60
-    step = prompt + "tool result: " + "ok " * 200
-    choose(state, replicas, {"prompt": prompt}, "first")
-    choose(state, replicas, {"prompt": step}, "step")
+    state, step = _an_agent_step(tokenizer_path, "shared agent context. " * 60, "tool result: " + "ok " * 200)
     assert state.tokenize_counts["encoded"] == 1 and state.tokenize_counts["prefix"] == 1
     keys = state.service.pending("step").request.keys
     want = TokenBlockKeyer(BLOCK).keys(hf.encode(step), namespace_seed(""))
