@@ -32,6 +32,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -58,12 +59,20 @@ MODEL_NAME = "tiny"
 DEFAULT_ROUTERS = ("kvroute:cache_aware", *PEERS, *RAY_ROUTERS, RAY_KV_AWARE)
 
 
+#: Gateway options a ``kvroute:`` router name may set beside the policy's (how the gateway
+#: tokenizes: ``kvroute:cache_aware,inline_tokenize_chars=4096`` beside the default in one
+#: run). They go to the gateway's configuration file; the simulator has no tokenizer and
+#: leaves them out.
+GATEWAY_OPTIONS = ("inline_tokenize_chars", "tokenize_wait_ms", "tokenizer_threads", "chunk_chars",
+                   "tokenizer_cache_bytes", "conversation_memo_bytes")
+
+
 def kvroute_router(name: str) -> tuple[str, dict[str, Any]]:
     """``kvroute:POLICY[,NAME=VALUE...]`` (or ``kvroute-chars:...``) -> the policy and the
     options given in the name, values read as YAML scalars as the gateway's
     ``--policy-option`` reads them: ``kvroute:cache_aware,load_factor=2`` runs the gateway
     with ``--policy-option load_factor=2`` (a tuned configuration beside the default in
-    one run)."""
+    one run). Names in ``GATEWAY_OPTIONS`` are the gateway's own (``gateway_options``)."""
     from router.gateway.config import parse_policy_options
 
     policy, *pairs = name.split(":", 1)[1].split(",")
@@ -71,6 +80,12 @@ def kvroute_router(name: str) -> tuple[str, dict[str, Any]]:
         return policy, parse_policy_options(pairs)
     except ConfigError as exc:
         raise ConfigError("router", f"{name!r}: {exc}") from None
+
+
+def gateway_options(options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A ``kvroute:`` name's options split into the policy's and the gateway's own."""
+    return ({k: v for k, v in options.items() if k not in GATEWAY_OPTIONS},
+            {k: v for k, v in options.items() if k in GATEWAY_OPTIONS})
 
 
 def validate_routers(names: Sequence[str]) -> list[str]:
@@ -81,8 +96,13 @@ def validate_routers(names: Sequence[str]) -> list[str]:
     for name in names:
         if name.startswith("kvroute:"):
             policy, options = kvroute_router(name)
+            options, own = gateway_options(options)
             try:  # a registered name or a ``module:Class`` path, and its options, as the gateway checks them
                 policies.get(policy, **options)
+                if own:
+                    from router.service import validate_options
+
+                    validate_options({"policy": policy, "policy_options": options, **own})
             except policies.UnknownPolicyError:
                 raise ConfigError("router", f"unknown kvroute policy {policy!r} in {name!r} "
                                             f"(policies: {', '.join(policies.available())})") from None
@@ -160,10 +180,15 @@ class GatewayRun:
         self.port = free_port()
         if name.startswith(("kvroute:", "kvroute-chars:")):
             policy, options = kvroute_router(name)
+            options, own = gateway_options(options)
             args = [sys.executable, "-m", "router.cli", "gateway", "--policy", policy,
                     "--block-size", str(block_size), "--port", str(self.port), "--admin-port", "0"]
             for option, value in {**profile_options(policy, profile), **options}.items():
                 args += ["--policy-option", f"{option}={value}"]
+            if own:  # the gateway's own options: a configuration file (flags win over it, none overlap)
+                with tempfile.NamedTemporaryFile("w", prefix="kvroute-peers-", suffix=".yaml", delete=False) as f:
+                    json.dump(own, f)  # JSON is YAML
+                args += ["--config", f.name]
             if name.startswith("kvroute:"):  # kvroute-chars: character keys, no tokenizer
                 args += ["--tokenizer", model_path]
             for server in servers:
@@ -271,21 +296,32 @@ def run_gateway(name: str, servers: Sequence[VLLMServer], requests, renderer: Te
 def run(*, routers: Sequence[str] = DEFAULT_ROUTERS, workload: str | None = "chat", trace: str | None = None,
         trace_start: int = 0, requests: int = 200, rate: float = 8.0, rate_scale: float = 1.0, seed: int = 0,
         shape: LiveShape = LiveShape(), live: LiveConfig = LiveConfig(replicas=3), api: str = "completions",
-        progress: Callable[[str], None] | None = None, pin_engines: bool = False) -> dict[str, Any]:
+        progress: Callable[[str], None] | None = None, pin_engines: bool = False, seeds: int = 1) -> dict[str, Any]:
     """The ``kvroute bench peers`` report (module docstring). ``pin_engines``: each vLLM
     server runs on one CPU of its own (round robin over this process's CPUs), as each
     replica has its own accelerator in a real fleet: one busy server then cannot borrow
     its neighbours' compute, which on a small machine rewards a router that piles every
-    request onto one server. The gateway and the client run on any CPU."""
+    request onto one server. The gateway and the client run on any CPU.
+
+    ``seeds``: the workload generated with seeds ``seed`` .. ``seed + seeds - 1``, each
+    replayed to every router (seed by seed, every router within a seed, so a slower phase
+    of the machine falls on all of them); ``results`` are then the means over the seeds
+    (``mean_over_seeds``) and ``runs`` the rows of each seed. One seed of a few hundred
+    requests decides a hit rate to a few points only: which sessions happen to overlap
+    in time moves every router's figure, and not all in the same direction."""
     names = validate_routers(routers)
     check_engine_geometry(live.block_size, live.kv_blocks, live.max_model_len)
+    if not isinstance(seeds, int) or isinstance(seeds, bool) or seeds <= 0:
+        raise ConfigError("seeds", f"must be a positive integer, got {seeds!r}")
     from engines.tiny_model import build_tiny_model
 
     model_path = str(Path(live.model_path).expanduser().absolute()) if live.model_path else str(build_tiny_model())
-    workload_requests = load_requests(workload=workload, trace=trace, count=requests, rate=rate,
-                                      rate_scale=rate_scale, seed=seed, shape=shape, trace_start=trace_start)
-    if not workload_requests:
+    seed_list = list(range(seed, seed + seeds))
+    per_seed = {s: load_requests(workload=workload, trace=trace, count=requests, rate=rate, rate_scale=rate_scale,
+                                 seed=s, shape=shape, trace_start=trace_start) for s in seed_list}
+    if not all(per_seed.values()):
         raise ConfigError("requests", "the workload is empty")
+    workload_requests = per_seed[seed]
     for name in names:
         if name in PEERS:
             peer(name).install(log=progress or (lambda m: None))
@@ -314,12 +350,14 @@ def run(*, routers: Sequence[str] = DEFAULT_ROUTERS, workload: str | None = "cha
             for server in servers:
                 server.wait_ready(900)
             warm_engines(servers, live.max_model_len)
-            for name in gateways:
-                try:
-                    row, _ = run_gateway(name, servers, workload_requests, renderer, model_path, live, api, progress)
-                except (RuntimeError, TimeoutError, OSError) as exc:
-                    row = {"router": name, "front_door": "gateway", "error": str(exc)[-1500:]}
-                rows.append(row)
+            for s in seed_list:
+                tell = progress if seeds == 1 or progress is None else (lambda m, s=s: progress(f"seed {s}: {m}"))
+                for name in gateways:
+                    try:
+                        row, _ = run_gateway(name, servers, per_seed[s], renderer, model_path, live, api, tell)
+                    except (RuntimeError, TimeoutError, OSError) as exc:
+                        row = {"router": name, "front_door": "gateway", "error": str(exc)[-1500:]}
+                    rows.append({**row, "seed": s})
         finally:
             for server in servers:
                 server.stop()
@@ -327,31 +365,36 @@ def run(*, routers: Sequence[str] = DEFAULT_ROUTERS, workload: str | None = "cha
     if ray_names:
         from benchmarks import live_bench
 
-        report = live_bench.run(policies=[RAY_ROUTERS[n] for n in ray_names], workload=workload, trace=trace,
-                                trace_start=trace_start, requests=requests, rate=rate, rate_scale=rate_scale,
-                                seed=seed, shape=shape, live=live, progress=progress, api=api)
-        for name, row in zip(ray_names, report["results"]):
-            row = dict(row)
-            row.update({"router": name, "front_door": "ray-serve", "client_hit_rate": row["hit_rate"],
-                        "hit_rate": row.get("engine_hit_rate"), "gateway_cpu_s": None, "gateway_peak_rss_mb": None})
-            rows.append(row)
+        for s in seed_list:
+            report = live_bench.run(policies=[RAY_ROUTERS[n] for n in ray_names], workload=workload, trace=trace,
+                                    trace_start=trace_start, requests=requests, rate=rate, rate_scale=rate_scale,
+                                    seed=s, shape=shape, live=live, progress=progress, api=api)
+            for name, row in zip(ray_names, report["results"]):
+                row = dict(row)
+                row.update({"router": name, "front_door": "ray-serve", "client_hit_rate": row["hit_rate"],
+                            "hit_rate": row.get("engine_hit_rate"), "gateway_cpu_s": None,
+                            "gateway_peak_rss_mb": None, "seed": s})
+                rows.append(row)
     if RAY_KV_AWARE in names:
         from benchmarks import peers_kv_aware
 
-        rows.append(peers_kv_aware.run_subprocess(
-            workload_requests, model_path=model_path, model_name=MODEL_NAME, replicas=live.replicas,
-            block_size=live.block_size, kv_blocks=live.kv_blocks, max_model_len=live.max_model_len,
-            max_num_seqs=live.max_num_seqs, max_num_batched_tokens=live.max_num_batched_tokens,
-            request_timeout_s=live.timeout_s, api=api, progress=progress))
-    ceiling = ideal_hit_rate(workload_requests, live.block_size)
+        for s in seed_list:
+            rows.append({**peers_kv_aware.run_subprocess(
+                per_seed[s], model_path=model_path, model_name=MODEL_NAME, replicas=live.replicas,
+                block_size=live.block_size, kv_blocks=live.kv_blocks, max_model_len=live.max_model_len,
+                max_num_seqs=live.max_num_seqs, max_num_batched_tokens=live.max_num_batched_tokens,
+                request_timeout_s=live.timeout_s, api=api, progress=progress), "seed": s})
+    ceilings = [ideal_hit_rate(reqs, live.block_size)["full_block_tokens"] for reqs in per_seed.values()]
+    every = [r for reqs in per_seed.values() for r in reqs]
     return {
         "benchmark": "peers",
         "workload": {"name": None if trace else (workload or "chat"), "trace": trace, "trace_start": trace_start,
                      "api": api, "requests": len(workload_requests), "rate_per_s": None if trace else rate,
-                     "rate_scale": rate_scale, "seed": seed, "span_s": round(workload_requests[-1].arrival_s, 2),
-                     "prompt_tokens_mean": round(statistics.fmean(r.prompt_tokens for r in workload_requests), 1),
+                     "rate_scale": rate_scale, "seed": seed, "seeds": seed_list,
+                     "span_s": round(workload_requests[-1].arrival_s, 2),
+                     "prompt_tokens_mean": round(statistics.fmean(r.prompt_tokens for r in every), 1),
                      "sessions": len({r.session_id for r in workload_requests if r.session_id})},
-        "ideal_hit_rate": round(ceiling["full_block_tokens"], 4),
+        "ideal_hit_rate": round(statistics.fmean(ceilings), 4),
         "deployment": {"replicas": live.replicas, "model": model_path, "block_size": live.block_size,
                        "profile": live.profile,
                        "kv_blocks_per_replica": live.kv_blocks, "max_model_len": live.max_model_len,
@@ -359,8 +402,53 @@ def run(*, routers: Sequence[str] = DEFAULT_ROUTERS, workload: str | None = "cha
                        "engine_cpus": [engine_cpus[i % len(engine_cpus)] for i in range(live.replicas)]
                        if pin_engines else None,
                        "peers": {name: PEERS[name].requirement for name in names if name in PEERS}},
-        "results": rows,
+        "results": rows if seeds == 1 else mean_over_seeds(rows),
+        **({"runs": rows} if seeds > 1 else {}),
     }
+
+
+#: Row figures ``mean_over_seeds`` averages (each over the seeds that have it).
+_MEAN_FIELDS = ("hit_rate", "client_hit_rate", "ttft_p50_s", "ttft_p90_s", "ttft_p99_s", "ttft_mean_s", "e2e_p50_s",
+                "throughput_rps", "max_replica_share", "gateway_cpu_s", "gateway_cpu_ms_per_request")
+#: Row counts it adds up.
+_SUM_FIELDS = ("requests", "completed", "failed")
+
+
+def mean_over_seeds(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per router (in first-seen order) from its per-seed rows: the mean of each
+    figure in ``_MEAN_FIELDS`` over the seeds that report it (``None`` where none does),
+    the sum of the counts, the largest peak RSS, each replica's mean share, and
+    ``hit_rate_by_seed`` / ``ttft_p99_s_by_seed`` beside the means. A seed whose run
+    failed (a row with ``error``) is left out of the figures and named in
+    ``errors_by_seed``; a router that failed on every seed keeps its first error. O(rows)."""
+    by_router: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        by_router.setdefault(row["router"], []).append(row)
+    out = []
+    for router, runs in by_router.items():
+        ok = [r for r in runs if "error" not in r]
+        errors = {r.get("seed"): r["error"] for r in runs if "error" in r}
+        if not ok:
+            out.append({**runs[0], "seeds": [r.get("seed") for r in runs], "errors_by_seed": errors})
+            continue
+        row: dict[str, Any] = {"router": router, "front_door": ok[0].get("front_door"),
+                               "seeds": [r.get("seed") for r in ok]}
+        for name in _MEAN_FIELDS:
+            values = [r[name] for r in ok if r.get(name) is not None]
+            row[name] = round(statistics.fmean(values), 4) if values else None
+        for name in _SUM_FIELDS:
+            row[name] = sum(r.get(name) or 0 for r in ok)
+        rss = [r["gateway_peak_rss_mb"] for r in ok if r.get("gateway_peak_rss_mb") is not None]
+        row["gateway_peak_rss_mb"] = max(rss) if rss else None
+        replicas = sorted({name for r in ok for name in r.get("replica_share") or {}})
+        row["replica_share"] = {name: round(statistics.fmean((r.get("replica_share") or {}).get(name, 0.0)
+                                                             for r in ok), 4) for name in replicas}
+        row["hit_rate_by_seed"] = [r.get("hit_rate") for r in ok]
+        row["ttft_p99_s_by_seed"] = [r.get("ttft_p99_s") for r in ok]
+        if errors:
+            row["errors_by_seed"] = errors
+        out.append(row)
+    return out
 
 
 #: The league's routers by the simulator's version of their policy (``--simulate``):
@@ -373,15 +461,18 @@ SIMULATED = (("kvroute:cache_aware", "cache_aware"), ("smg / sglang-router / vll
 def simulate(*, workload: str | None = "chat", trace: str | None = None, trace_start: int = 0, requests: int = 200,
              rate: float = 8.0, rate_scale: float = 1.0, seed: int = 0, seeds: int = 1, shape: LiveShape = LiveShape(),
              live: LiveConfig = LiveConfig(replicas=3), host_slots: float | None = None,
-             routers: Sequence[str] = ()) -> dict[str, Any]:
+             routers: Sequence[str] = (), pin_engines: bool = False) -> dict[str, Any]:
     """The league's requests (the same fitted workload, seeds ``seed`` to ``seed + seeds -
     1``) through the simulator instead of engines, on the league's geometry (replicas, KV
     blocks, block size, batch limits, the latency profile), with the engines sharing this
     machine's ``host_slots`` cores (default: all of them) as the live ``vllm serve``
     servers do: the simulator's versions of the routers' policies (``SIMULATED``), each the
     mean over the seeds. ``routers``: the ``kvroute:POLICY[,NAME=VALUE...]`` rows instead
-    of ``kvroute:cache_aware`` (other names are the peers' rows, always run). Seconds, no
-    engines: for reading the live table."""
+    of ``kvroute:cache_aware`` (other names are the peers' rows, always run).
+    ``pin_engines``: the live league's ``--pin-engines`` setting, whose servers are the
+    ``tiny-llama-cpu-pinned`` profile (measured on one pinned server) unless a profile is
+    given; the shared one's are ``tiny-llama-cpu`` (measured through Serve, two replicas
+    sharing two cores). Seconds, no engines: for reading the live table."""
     import dataclasses as _dataclasses
 
     from router.profile import get_profile
@@ -390,7 +481,7 @@ def simulate(*, workload: str | None = "chat", trace: str | None = None, trace_s
 
     if not isinstance(seeds, int) or isinstance(seeds, bool) or seeds <= 0:
         raise ConfigError("seeds", f"must be a positive integer, got {seeds!r}")
-    profile = get_profile(live.profile or "tiny-llama-cpu")
+    profile = get_profile(live.profile or ("tiny-llama-cpu-pinned" if pin_engines else "tiny-llama-cpu"))
     slots = host_slots if host_slots is not None else float(os.cpu_count() or 1)
     config = ClusterConfig(replicas=live.replicas, block_size=live.block_size, kv_blocks=live.kv_blocks,
                            profile=profile, max_num_seqs=live.max_num_seqs,
@@ -399,7 +490,8 @@ def simulate(*, workload: str | None = "chat", trace: str | None = None, trace_s
                           seed=s, shape=shape, trace_start=trace_start) for s in range(seed, seed + seeds)]
     own = [name for name in validate_routers(routers) if name.startswith("kvroute:")] or [SIMULATED[0][0]]
     rows = []
-    for router, policy, given in [(name, *kvroute_router(name)) for name in own] + \
+    for router, policy, given in [(name, policy, gateway_options(options)[0])
+                                  for name in own for policy, options in [kvroute_router(name)]] + \
             [(router, policy, {}) for router, policy in SIMULATED[1:]]:
         options = {**profile_options(policy, live.profile or profile.name), **given}
         per_seed = [run_policy(reqs, _dataclasses.replace(config, seed=s), policy, options)[0]
@@ -436,8 +528,10 @@ def format_simulated(report: dict[str, Any]) -> str:
 
 def format_table(report: dict[str, Any]) -> str:
     w, d = report["workload"], report["deployment"]
+    seeds = w.get("seeds") or [w.get("seed")]
     lines = [f"{w['requests']} requests of {w['trace'] or w['name']} over {w['span_s']} s "
-             f"(prompt {w['prompt_tokens_mean']} tokens mean, ceiling {report['ideal_hit_rate']:.1%}); "
+             + (f"per seed, seeds {seeds} (figures: means over the seeds) " if len(seeds) > 1 else "")
+             + f"(prompt {w['prompt_tokens_mean']} tokens mean, ceiling {report['ideal_hit_rate']:.1%}); "
              f"{d['replicas']} vLLM CPU workers"
              + (f" (on CPUs {d['engine_cpus']})" if d.get("engine_cpus") else "")
              + f", {d['kv_blocks_per_replica']} blocks of {d['block_size']}",
@@ -458,4 +552,9 @@ def format_table(report: dict[str, Any]) -> str:
         lines.append(f"{row['router']:<36} {row['front_door']:<9} {row['completed']:>5} {hit:>7} "
                      f"{ms(row['ttft_p50_s']):>9} {ms(row['ttft_p99_s']):>8} {ms(row['e2e_p50_s']):>8} "
                      f"{row['throughput_rps']:>6} {share:>9} {cpu:>6} {rss:>7}")
+    if len(seeds) > 1:
+        lines.append("hit rate by seed:")
+        for row in report["results"]:
+            by_seed = ", ".join("-" if v is None else f"{v:.1%}" for v in row.get("hit_rate_by_seed", ()))
+            lines.append(f"  {row['router']:<34} {by_seed or 'error'}")
     return "\n".join(lines)

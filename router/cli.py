@@ -153,14 +153,19 @@ def _bench_live(args: argparse.Namespace) -> int:
 
 
 def _bench_peers(args: argparse.Namespace) -> int:
+    import dataclasses
+
     from benchmarks import peers_bench
 
     shape, live = _live_options(args)
+    if args.pin_engines and args.profile is None and not args.model:
+        # Servers with a core each: the profile measured on one (for kvroute's policy and --simulate).
+        live = dataclasses.replace(live, profile="tiny-llama-cpu-pinned")
     if args.simulate:
         report = peers_bench.simulate(workload=args.workload, trace=args.trace, trace_start=args.trace_start,
                                       requests=args.requests, rate=args.rate, rate_scale=args.rate_scale,
                                       seed=args.seed, seeds=args.seeds, shape=shape, live=live,
-                                      routers=args.router or ())
+                                      routers=args.router or (), pin_engines=args.pin_engines)
         report["command"] = "kvroute " + " ".join(args.argv)
         print(peers_bench.format_simulated(report))
         _write_json(args.json, report)
@@ -168,7 +173,8 @@ def _bench_peers(args: argparse.Namespace) -> int:
     report = peers_bench.run(routers=args.router or peers_bench.DEFAULT_ROUTERS, workload=args.workload,
                              trace=args.trace, trace_start=args.trace_start, requests=args.requests, rate=args.rate,
                              rate_scale=args.rate_scale, seed=args.seed, shape=shape, live=live, api=args.api,
-                             progress=lambda m: print(m, file=sys.stderr, flush=True), pin_engines=args.pin_engines)
+                             progress=lambda m: print(m, file=sys.stderr, flush=True), pin_engines=args.pin_engines,
+                             seeds=args.seeds)
     report["command"] = "kvroute " + " ".join(args.argv)
     print(peers_bench.format_table(report))
     _write_json(args.json, report)
@@ -573,9 +579,11 @@ def build_parser() -> argparse.ArgumentParser:
                               "versions of the routers' policies (seconds)")
     peers_p.add_argument("--pin-engines", action="store_true",
                          help="each vLLM server on one CPU of its own (round robin), as each replica of a real "
-                              "fleet has its own accelerator; the gateway and client run anywhere")
+                              "fleet has its own accelerator; the gateway and client run anywhere (kvroute's "
+                              "policy and --simulate take the tiny-llama-cpu-pinned profile unless --profile is given)")
     peers_p.add_argument("--seeds", type=_positive_int, default=1,
-                         help="with --simulate: workload seeds --seed .. --seed + N - 1, averaged (default 1)")
+                         help="workload seeds --seed .. --seed + N - 1, each replayed to every router; the "
+                              "table and results are the means, runs the per-seed rows (default 1)")
     peers_p.set_defaults(func=_bench_peers)
 
     auto = bench_sub.add_parser("autoscale", help="live: a load ramp up and down on an autoscaled deployment of "

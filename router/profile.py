@@ -196,8 +196,33 @@ TINY_LLAMA_CPU = LatencyProfile(
     source="kvroute bench fidelity calibration: 2 vLLM CPU replicas of the tiny Llama, 2 vCPUs (router/profile.py)",
 )
 
+#: The same tiny Llama as one ``vllm serve`` pinned to one CPU of its own, in the gateway
+#: league's geometry (96 KV blocks of 32 tokens, 16 sequences, 2,048 batched tokens), as
+#: ``kvroute bench peers --pin-engines`` runs it: ``kvroute calibrate`` straight against the
+#: server, no proxy in the path (``benchmarks/calibrate_pinned.py``, twice on 2026-12-06,
+#: ``benchmarks/results/calibrate_tiny_pinned_{1,2}.json``; each constant the mean of the
+#: two). The two runs agree within 26% on every constant but the split of prefill between
+#: the per-token and per-pair terms (per token 1.2e-6 and 2.4e-6 s, per pair 5.8e-9 and
+#: 4.8e-9 s), which a 1,024-token prompt does not pin apart; their predicted times to
+#: first token agree. Without the serving path and with a core to itself, a step is about
+#: 4x cheaper than ``tiny-llama-cpu``'s, a prefill token about 17x.
+TINY_LLAMA_CPU_PINNED = LatencyProfile(
+    name="tiny-llama-cpu-pinned",
+    step_overhead_s=1.76e-3,
+    prefill_s_per_token=1.77e-6,
+    decode_s_per_seq=3.6e-9,
+    attention_s_per_context_token=5.2e-7,
+    prefill_attention_s_per_pair=5.3e-9,
+    max_batched_tokens=2048,
+    max_num_seqs=16,
+    kv_capacity_tokens=3072,
+    request_overhead_s=2.8e-3,
+    source="kvroute calibrate: one vllm serve of the tiny Llama pinned to one CPU, benchmarks/calibrate_pinned.py",
+)
+
 PROFILES: dict[str, LatencyProfile] = {p.name: p for p in (LLAMA3_8B_H100, QWEN25_32B_H200, TINY_LLAMA_CPU,
-                                                            LLAMA3_8B_H100_MEASURED, QWEN25_32B_H100_MEASURED)}
+                                                            TINY_LLAMA_CPU_PINNED, LLAMA3_8B_H100_MEASURED,
+                                                            QWEN25_32B_H100_MEASURED)}
 DEFAULT_PROFILE = LLAMA3_8B_H100
 _FIELDS = {f.name for f in fields(LatencyProfile)}
 

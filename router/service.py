@@ -52,7 +52,7 @@ logger = logging.getLogger("kvroute")
 SERVICE_OPTIONS = ("policy", "policy_options", "tokenizer", "block_size", "chunk_chars", "kv_events",
                    "max_pending", "tokenizer_cache_bytes", "tokenizer_threads", "tokenizer_max_queued_chars",
                    "max_tokenized_chars", "send_prompt_ids", "tokenize_wait_ms", "conversation_memo_bytes",
-                   "record")
+                   "inline_tokenize_chars", "record")
 MAX_PENDING = 10_000
 #: How long a decision waits by default for the tokenizer pool's ids of a prompt's new
 #: text, when an engine would take those ids (the wait saves that engine tokenizing the
@@ -64,12 +64,14 @@ MAX_PENDING = 10_000
 TOKENIZE_WAIT_MS = 250.0
 #: Missing prompt text up to this many characters is encoded on the loop (about 0.1 ms at
 #: 0.2 us per character): cheaper than the thread hop, and well under the loop-lag budget.
+#: The default of the ``inline_tokenize_chars`` option.
 INLINE_TOKENIZE_CHARS = 512
 #: Integer options with their defaults and lower bounds.
 _INT_OPTIONS = {"block_size": (16, 1), "chunk_chars": (128, 1), "max_pending": (MAX_PENDING, 1),
                 "tokenizer_cache_bytes": (DEFAULT_CACHE_BYTES, 0), "tokenizer_threads": (2, 1),
                 "tokenizer_max_queued_chars": (8 << 20, 1), "max_tokenized_chars": (MAX_TOKENIZED_CHARS, 1),
-                "conversation_memo_bytes": (DEFAULT_MEMO_BYTES, 0)}
+                "conversation_memo_bytes": (DEFAULT_MEMO_BYTES, 0),
+                "inline_tokenize_chars": (INLINE_TOKENIZE_CHARS, 0)}
 #: Subscriber options a ``kv_events`` mapping may set (see ``router.kv_events``).
 KV_EVENT_OPTIONS = ("probe_interval_s", "down_after_s", "replay_timeout_s", "withdraw_on_down", "dedup_window",
                     "max_entries", "relay_keys")
@@ -251,6 +253,7 @@ class RoutingService:
         self.resumer = ChatResumer.build(self.prompts, own["conversation_memo_bytes"]) \
             if self.prompts is not None else None
         self.pool = TokenizerPool(own["tokenizer_threads"], own["tokenizer_max_queued_chars"])
+        self.inline_tokenize_chars = own["inline_tokenize_chars"]
         self.tokenize_counts = dict.fromkeys(TOKENIZE_RESULTS, 0)
         self.prompt_ids_sent = 0
         self.bad_requests = 0
@@ -360,7 +363,7 @@ class RoutingService:
             if not missing:
                 self.tokenize_counts["cached"] += 1
                 return Tokenized(whole(ids), resume=resume)
-            if sum(map(len, missing)) <= INLINE_TOKENIZE_CHARS:
+            if sum(map(len, missing)) <= self.inline_tokenize_chars:
                 # A short new message costs less to encode here than a hop to the pool.
                 ids = prompts.encode(text, special)
                 self.tokenize_counts["encoded"] += 1

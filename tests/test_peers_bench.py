@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from benchmarks.peers import PEERS, peer
-from benchmarks.peers_bench import DEFAULT_ROUTERS, format_table, validate_routers
+from benchmarks.peers_bench import DEFAULT_ROUTERS, format_table, mean_over_seeds, run, validate_routers
 from router.errors import ConfigError
 
 
@@ -42,6 +42,42 @@ def test_the_table_shows_errors_and_rows():
                           {"router": "ray:KVAwareRouter", "front_door": "ray-serve", "error": "not run"}]}
     table = format_table(report)
     assert "40.0%" in table and "error: not run" in table
+
+
+def test_several_seeds_are_averaged_per_router_and_kept_per_seed():
+    def row(router, seed, hit, p99, share, **extra):
+        return {"router": router, "front_door": "gateway", "seed": seed, "requests": 10, "completed": 10, "failed": 0,
+                "hit_rate": hit, "client_hit_rate": None, "ttft_p50_s": 0.01, "ttft_p99_s": p99, "e2e_p50_s": 0.05,
+                "throughput_rps": 5.0, "max_replica_share": max(share.values()), "replica_share": share,
+                "gateway_cpu_s": 1.0, "gateway_peak_rss_mb": 100 + seed, **extra}
+
+    rows = [row("kvroute:cache_aware", 0, 0.50, 0.020, {"a": 0.6, "b": 0.4}),
+            row("smg", 0, 0.56, 0.030, {"a": 0.8, "b": 0.2}),
+            row("kvroute:cache_aware", 1, 0.60, 0.040, {"a": 0.5, "b": 0.5}),
+            {"router": "smg", "front_door": "gateway", "seed": 1, "error": "gateway died"},
+            {"router": "vllm-router", "front_door": "gateway", "seed": 0, "error": "no wheel"},
+            {"router": "vllm-router", "front_door": "gateway", "seed": 1, "error": "no wheel"}]
+    kvroute, smg, vllm_router = mean_over_seeds(rows)
+    assert kvroute["router"] == "kvroute:cache_aware" and kvroute["seeds"] == [0, 1]
+    assert kvroute["hit_rate"] == pytest.approx(0.55) and kvroute["ttft_p99_s"] == pytest.approx(0.03)
+    assert kvroute["hit_rate_by_seed"] == [0.5, 0.6] and kvroute["ttft_p99_s_by_seed"] == [0.02, 0.04]
+    assert kvroute["requests"] == kvroute["completed"] == 20 and kvroute["gateway_peak_rss_mb"] == 101
+    assert kvroute["replica_share"] == {"a": 0.55, "b": 0.45} and kvroute["client_hit_rate"] is None
+    # A failed seed is left out of the figures and named.
+    assert smg["seeds"] == [0] and smg["hit_rate"] == 0.56 and smg["errors_by_seed"] == {1: "gateway died"}
+    assert vllm_router["error"] == "no wheel" and vllm_router["errors_by_seed"] == {0: "no wheel", 1: "no wheel"}
+    report = {"workload": {"requests": 10, "trace": None, "name": "agent", "span_s": 1.0, "prompt_tokens_mean": 10.0,
+                           "seed": 0, "seeds": [0, 1]},
+              "deployment": {"replicas": 2, "kv_blocks_per_replica": 96, "block_size": 32}, "ideal_hit_rate": 0.8,
+              "results": [kvroute, smg, vllm_router]}
+    table = format_table(report)
+    assert "seeds [0, 1]" in table and "50.0%, 60.0%" in table and "vllm-router" in table
+
+
+def test_a_bad_seed_count_fails_before_anything_starts():
+    for bad in (0, -1, True, 1.5):
+        with pytest.raises(ConfigError, match="seeds"):
+            run(routers=["smg"], seeds=bad)
 
 
 def test_kv_aware_router_gets_the_league_geometry_and_ray_s_own_kv_event_ports(tmp_path):
@@ -123,6 +159,13 @@ def test_the_league_in_the_simulator_runs_every_router_s_policy_on_the_same_requ
     assert "ray_prefix" in format_simulated(report)
     with pytest.raises(ConfigError, match="seeds"):
         simulate(workload="agent", requests=40, seeds=0, live=live)
+    # Pinned servers are the profile measured on one pinned server; a profile given wins.
+    pinned = simulate(workload="agent", requests=40, seed=0, live=live, host_slots=2.0, pin_engines=True)
+    assert pinned["deployment"]["profile"] == "tiny-llama-cpu-pinned"
+    assert pinned["results"][0]["ttft_p50_s"] < report["results"][0]["ttft_p50_s"]
+    given = LiveConfig(replicas=3, kv_blocks=96, model_path="/unused", profile="tiny-llama-cpu")
+    assert simulate(workload="agent", requests=40, live=given, host_slots=2.0,
+                    pin_engines=True)["deployment"]["profile"] == "tiny-llama-cpu"
 
 
 def test_the_simulated_league_replays_a_trace_window():
@@ -215,3 +258,49 @@ def test_a_kvroute_router_s_options_reach_the_gateway_and_the_simulated_policy(m
     assert list(rows)[:2] == ["kvroute:cache_aware", sticky] and "ray:PrefixCacheAffinityRouter" in rows
     fields = ("hit_rate", "ttft_p50_s", "ttft_p99_s", "max_replica_share")
     assert [rows[sticky][f] for f in fields] != [rows["kvroute:cache_aware"][f] for f in fields]
+
+
+def test_the_command_simulates_pinned_servers_with_the_profile_measured_on_one(tmp_path, capsys):
+    """``kvroute bench peers --simulate --pin-engines``: the pinned servers' profile, unless
+    ``--profile`` names another."""
+    import json
+
+    from router.cli import main
+
+    out = tmp_path / "pinned.json"
+    base = ["bench", "peers", "--simulate", "--workload", "agent", "--requests", "30", "--kv-blocks", "96",
+            "--replicas", "2", "--json", str(out)]
+    for extra, profile in [(["--pin-engines"], "tiny-llama-cpu-pinned"),
+                           (["--pin-engines", "--profile", "tiny-llama-cpu"], "tiny-llama-cpu"),
+                           ([], "tiny-llama-cpu")]:
+        assert main([*base, *extra]) == 0
+        assert json.loads(out.read_text())["deployment"]["profile"] == profile
+        assert profile + "," in capsys.readouterr().out
+
+
+def test_a_kvroute_router_name_may_set_how_its_gateway_tokenizes(monkeypatch, tmp_path):
+    """``kvroute:cache_aware,inline_tokenize_chars=4096``: a gateway option (checked as the
+    gateway checks it), written to the gateway's configuration file, not a policy option;
+    the simulator, which has no tokenizer, runs the policy alone."""
+    import yaml
+
+    import benchmarks.peers_bench as peers_bench
+    from benchmarks.live_bench import LiveConfig
+
+    name = "kvroute:cache_aware,inline_tokenize_chars=4096,churn_weight=1"
+    assert validate_routers([name]) == [name]
+    for bad, words in [("kvroute:cache_aware,inline_tokenize_chars=-1", "inline_tokenize_chars"),
+                       ("kvroute:cache_aware,tokenizer_threads=0", "tokenizer_threads")]:
+        with pytest.raises(ConfigError, match=words):
+            validate_routers([bad])
+    launched, worker = _gateway_commands(monkeypatch, tmp_path)
+    peers_bench.GatewayRun(name, [worker], "/model", 32, "tiny-llama-cpu").log.close()
+    (args,) = launched
+    assert [args[i + 1] for i, arg in enumerate(args) if arg == "--policy-option"] == \
+        ["profile=tiny-llama-cpu", "churn_weight=1"]
+    with open(args[args.index("--config") + 1]) as f:
+        assert yaml.safe_load(f) == {"inline_tokenize_chars": 4096}
+    live = LiveConfig(replicas=2, kv_blocks=96, model_path="/unused")
+    rows = peers_bench.simulate(workload="agent", requests=30, live=live, host_slots=2.0,
+                                routers=[name, "kvroute:cache_aware,churn_weight=1"])["results"]
+    assert {k: v for k, v in rows[0].items() if k != "router"} == {k: v for k, v in rows[1].items() if k != "router"}

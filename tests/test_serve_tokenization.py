@@ -70,6 +70,24 @@ def choose(state, replicas, body, request_id):
 PATIENT = {"tokenize_wait_ms": 600_000}
 
 
+def test_how_much_new_text_is_encoded_on_the_loop_is_an_option(tokenizer_path, hf):
+    """``inline_tokenize_chars``: new text up to that many characters is encoded on the
+    loop, longer text on the tokenizer pool; a bad value fails naming the option."""
+    fingerprint = tokenizer_fingerprint(hf)
+    replicas = [replica("r0", kvroute_tokenizer=fingerprint), replica("r1", kvroute_tokenizer=fingerprint)]
+    body = {"messages": conversation(3)}
+    new_chars = sum(len(m["content"]) for m in body["messages"])
+    for inline, pooled in [(0, 1), (10 * new_chars, 0)]:
+        state = make_state(tokenizer_path, inline_tokenize_chars=inline, **PATIENT)
+        request, ranked = choose(state, replicas, body, "a")
+        assert state.tokenize_counts["encoded"] == 1 and state.service.pool.submitted == pooled
+        ids = hf.apply_chat_template(body["messages"], tokenize=True, add_generation_prompt=True)["input_ids"]
+        assert state.route_request(request).prompt_tokens == len(ids)
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="inline_tokenize_chars: must be a non-negative integer"):
+            make_state(tokenizer_path, inline_tokenize_chars=bad)
+
+
 def test_a_conversation_is_tokenized_once_and_extended_piece_by_piece(tokenizer_path, hf):
     state = make_state(tokenizer_path, **PATIENT)
     fingerprint = tokenizer_fingerprint(hf)  # engines that take the ids: the router waits for them
