@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 
 import pytest
@@ -505,6 +506,37 @@ def test_streams_pass_through_as_they_arrive():
             rest = (await resp.read()).decode()
         assert rest.strip().endswith("data: [DONE]") and '"i": 2' in rest
     _run(_with_gateway(2, body))
+
+
+def test_a_client_that_leaves_mid_stream_is_counted_not_logged(caplog):
+    """A client that closes while its stream is still coming (clients close as soon as
+    they read "data: [DONE]", often before the chunked body's end): nothing left to send,
+    nothing wrong here, so no traceback in the log (aiohttp logs one for an error raised
+    by a handler), a counter, and the gateway serves the next request."""
+    async def metric(client) -> float:
+        async with client.get("/metrics") as resp:
+            text = await resp.text()
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                   if line.startswith("kvroute_gateway_client_disconnects_total"))
+
+    async def body(gateway, workers, client):
+        hold = asyncio.Event()
+        for w in workers:
+            w.hold = hold
+        assert await metric(client) == 0
+        resp = await client.post("/v1/chat/completions", json=_chat("leave early", stream=True))
+        assert json.loads((await asyncio.wait_for(resp.content.readline(), 30))[len(b"data: "):])["i"] == 0
+        resp.close()  # gone, with the rest of the stream held at the worker
+        hold.set()
+        deadline = time.monotonic() + 30
+        while await metric(client) < 1 and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        assert await metric(client) == 1
+        async with client.post("/v1/chat/completions", json=_chat("next")) as resp:
+            assert resp.status == 200
+    with caplog.at_level(logging.ERROR, logger="aiohttp.server"):
+        _run(_with_gateway(1, body))
+    assert not [r for r in caplog.records if r.name == "aiohttp.server"], caplog.text
 
 
 def test_admin_adds_and_removes_workers_at_run_time():

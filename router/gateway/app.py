@@ -82,7 +82,8 @@ class _Upstream(Exception):
 
 class GatewayMetrics:
     """The gateway's own Prometheus series (beside the router's): requests by endpoint and
-    status, retries, upstream failures by worker, admitted workers, requests in flight."""
+    status, retries, upstream failures by worker, client disconnects, admitted workers,
+    requests in flight."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.requests = Counter("kvroute_gateway_requests", "Requests answered, by endpoint and HTTP status.",
@@ -92,6 +93,9 @@ class GatewayMetrics:
         self.upstream_failures = Counter("kvroute_gateway_upstream_failures",
                                          "Requests a worker failed (unreachable, 5xx, broken stream).",
                                          ("worker",), registry=registry)
+        self.client_disconnects = Counter("kvroute_gateway_client_disconnects",
+                                          "Streams whose client closed the connection before the last "
+                                          "chunk was sent.", registry=registry)
         self.workers = Gauge("kvroute_gateway_workers_admitted", "Workers the gateway routes to.",
                              registry=registry)
         self.in_flight = Gauge("kvroute_gateway_in_flight", "Requests in flight through the gateway.",
@@ -368,19 +372,27 @@ class Gateway:
             response = web.StreamResponse(status=200, headers=out_headers)
             await response.prepare(request)
             try:
-                if first:
-                    await response.write(first)
-                async for chunk in chunks:
-                    await response.write(chunk)
-            except (ConnectionResetError, asyncio.CancelledError):
-                raise  # the client left: closing the upstream response aborts the request there
-            except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
-                # After the status line: report in-band, then end (a retry would repeat output).
-                self.gauges.upstream_failures.labels(url).inc()
-                error = {"error": {"message": f"worker failed mid-stream: {type(exc).__name__}",
-                                   "type": "server_error", "param": None, "code": 502}}
-                await response.write(f"data: {json.dumps(error)}\n\ndata: [DONE]\n\n".encode())
-            await response.write_eof()
+                try:
+                    if first:
+                        await response.write(first)
+                    async for chunk in chunks:
+                        await response.write(chunk)
+                except ConnectionResetError:
+                    raise
+                except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+                    # After the status line: report in-band, then end (a retry would repeat output).
+                    self.gauges.upstream_failures.labels(url).inc()
+                    error = {"error": {"message": f"worker failed mid-stream: {type(exc).__name__}",
+                                       "type": "server_error", "param": None, "code": 502}}
+                    await response.write(f"data: {json.dumps(error)}\n\ndata: [DONE]\n\n".encode())
+                await response.write_eof()
+            except ConnectionResetError:
+                # The client left: mid-stream, or (as most clients do) right after reading
+                # "data: [DONE]", before the chunked body's last empty chunk. Nothing is left
+                # to send and nothing went wrong here: counted, not logged (aiohttp would log
+                # a traceback per request). Releasing the upstream response closes its
+                # connection, which aborts the request on the worker if it still generates.
+                self.gauges.client_disconnects.inc()
             return response
         finally:
             upstream.release()
