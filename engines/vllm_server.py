@@ -86,6 +86,10 @@ class VLLMServer:
     log_path: Path | None = None
     kv_port: int = 0
     replay_port: int = 0
+    #: Restarts with fresh ports when a port picked as free was taken before the server bound
+    #: it (``free_port`` releases its probe socket, so another process can get the port first).
+    port_retries: int = 2
+    _picked_ports: bool = field(default=False, repr=False)
 
     @property
     def url(self) -> str:
@@ -129,6 +133,8 @@ class VLLMServer:
         return args + list(self.extra_args)
 
     def start(self) -> VLLMServer:
+        if not (self.port or self.kv_port or self.replay_port):
+            self._picked_ports = True  # ours to pick again (``wait_ready``)
         self.port = self.port or free_port()
         if self.kv_events:
             # Rank R publishes at each port + R (vLLM's offset_endpoint_port).
@@ -159,9 +165,18 @@ class VLLMServer:
             return False
 
     def wait_ready(self, timeout: float = 600.0) -> None:
+        """Until ``/health`` answers. A server that exited because a port it was given was
+        taken in the meantime ("Address already in use") is started again on fresh ports,
+        ``port_retries`` times, when this object picked them."""
         deadline = time.monotonic() + timeout
+        retries = self.port_retries
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
+                if retries > 0 and self._picked_ports and "Address already in use" in self.log_tail(200):
+                    retries -= 1
+                    self.port = self.kv_port = self.replay_port = 0
+                    self.start()
+                    continue
                 raise RuntimeError(f"vllm serve on port {self.port} exited ({self.process.returncode}):\n"
                                    f"{self.log_tail()}")
             if self.healthy():

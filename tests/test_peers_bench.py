@@ -219,6 +219,49 @@ def test_a_pinned_server_and_what_it_starts_run_on_its_cpus_only(tmp_path):
         server.stop()
 
 
+def test_a_server_whose_port_was_taken_meanwhile_starts_again_on_fresh_ports(tmp_path):
+    """``free_port`` releases its probe before ``vllm serve`` binds: another process can
+    take the port in between, and the server exits with "Address already in use" (seen in
+    CI, on the KV-event replay port). ``wait_ready`` starts it again on fresh ports when it
+    picked them, and reports any other exit (or a port the caller chose) as before. A real
+    child stands in for ``vllm serve``: it fails the first time, then answers ``/health``
+    on the port it was given."""
+    import sys
+
+    from engines.vllm_server import VLLMServer
+
+    marker = tmp_path / "failed-once"
+    stand_in = ("import http.server, pathlib, sys\n"
+                "marker = pathlib.Path(sys.argv[1])\n"
+                "if not marker.exists():\n"
+                "    marker.write_text('x'); print(\"zmq.error.ZMQError: Address already in use\"); sys.exit(1)\n"
+                "class H(http.server.BaseHTTPRequestHandler):\n"
+                "    def do_GET(self):\n"
+                "        self.send_response(200); self.end_headers()\n"
+                "http.server.HTTPServer(('127.0.0.1', int(sys.argv[2])), H).serve_forever()\n")
+
+    class StandIn(VLLMServer):
+        def command(self):
+            return [sys.executable, "-c", stand_in, str(marker), str(self.port)]
+
+    server = StandIn(tmp_path).start()
+    first = (server.port, server.kv_port, server.replay_port)
+    try:
+        server.wait_ready(60)
+        assert server.healthy() and marker.exists()
+        assert (server.port, server.kv_port, server.replay_port) != first and 0 not in first
+    finally:
+        server.stop()
+    marker.unlink()
+    given = StandIn(tmp_path, port=first[0], kv_port=first[1], replay_port=first[2]).start()  # chosen by the caller
+    with pytest.raises(RuntimeError, match="Address already in use"):
+        given.wait_ready(60)
+    marker.unlink()
+    once = StandIn(tmp_path, port_retries=0).start()
+    with pytest.raises(RuntimeError, match="exited"):
+        once.wait_ready(60)
+
+
 def test_a_kvroute_router_name_may_carry_policy_options():
     """``kvroute:POLICY,NAME=VALUE...``: a tuned configuration beside the default in one
     run. Options are checked as the gateway checks them, before anything starts."""
