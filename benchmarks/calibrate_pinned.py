@@ -42,9 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         server.wait_ready(900)
         return subprocess.run([sys.executable, "-m", "router.cli", "calibrate", "--url", server.url + "/v1",
-                               "--out", args.out, "--name", "tiny-llama-cpu-pinned", "--max-batched-tokens", "2048",
-                               "--max-num-seqs", "16", "--kv-capacity-tokens", str(args.kv_blocks * 32)],
-                              cwd=ROOT).returncode
+                               "--out", str(Path(args.out).absolute()), "--name", "tiny-llama-cpu-pinned",
+                               "--max-batched-tokens", "2048", "--max-num-seqs", "16",
+                               "--kv-capacity-tokens", str(args.kv_blocks * 32)], cwd=ROOT).returncode
     finally:
         server.stop()
 

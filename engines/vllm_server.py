@@ -89,7 +89,7 @@ class VLLMServer:
     #: Restarts with fresh ports when a port picked as free was taken before the server bound
     #: it (``free_port`` releases its probe socket, so another process can get the port first).
     port_retries: int = 2
-    _picked_ports: bool = field(default=False, repr=False)
+    _picked_ports: bool = field(default=False, init=False, repr=False)
 
     @property
     def url(self) -> str:
