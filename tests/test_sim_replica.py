@@ -235,6 +235,58 @@ def test_on_a_shared_host_the_fast_path_is_still_exact_and_nothing_is_lost(seed,
         assert_same_events(fast_log, slow_log)
 
 
+def test_a_shared_host_rejects_a_bad_slot_count():
+    from simulator.cluster import ClusterConfig
+    from simulator.replica import SharedHost
+    from router.errors import ConfigError
+
+    for bad in (0, -1, float("nan"), True, "2"):
+        with pytest.raises(ValueError):
+            SharedHost(Kernel(), bad)
+        with pytest.raises(ConfigError) as exc:
+            ClusterConfig(host_slots=bad)
+        assert exc.value.field == "host_slots"
+
+
+def test_replicas_share_the_host_of_their_group():
+    """Four simultaneous equal prefills, one per replica (round robin), on hosts of one
+    slot: alone on their accelerators each takes t; two replicas per host, each host runs
+    two at half speed (2t); all four on one host, a quarter speed (4t)."""
+    from router.errors import ConfigError
+    from router.profile import DEFAULT_PROFILE
+    from simulator.cluster import ClusterConfig
+    from simulator.pd import PDCluster, PDConfig, PDPlan
+    from simulator.run import run_policy
+    from simulator.workloads import SimRequest
+
+    requests = [SimRequest(i, 0.0, 4000, 1, ((100 + i, 4000),), None) for i in range(4)]
+
+    def ttfts(**host):
+        config = ClusterConfig(replicas=4, block_size=16, profile=DEFAULT_PROFILE, **host)
+        _, metrics, cluster = run_policy(requests, config, "round_robin")
+        shares = {engine.host for engine in cluster.engines.values()}
+        return sorted(metrics.ttft), len(shares - {None})
+
+    alone, hosts = ttfts()
+    assert hosts == 0
+    paired, hosts = ttfts(host_slots=1, replicas_per_host=2)
+    assert hosts == 2
+    shared, hosts = ttfts(host_slots=1)
+    assert hosts == 1
+    for a, p, s in zip(alone, paired, shared):
+        assert p == pytest.approx(2 * a, rel=0.02) and s == pytest.approx(4 * a, rel=0.02)
+    for bad in (0, -2, 1.5, True):
+        with pytest.raises(ConfigError) as exc:
+            ClusterConfig(host_slots=1, replicas_per_host=bad)
+        assert exc.value.field == "replicas_per_host"
+    with pytest.raises(ConfigError, match="needs host_slots"):
+        ClusterConfig(replicas_per_host=2)
+    with pytest.raises(ConfigError) as exc:
+        PDCluster(Kernel(), ClusterConfig(replicas=2, host_slots=1, replicas_per_host=1), PDConfig(1, 1),
+                  PDPlan("x", rule="always"))
+    assert exc.value.field == "replicas_per_host"
+
+
 @pytest.mark.parametrize("size", [1, 16])
 def test_a_decode_run_goes_on_across_block_boundaries(size):
     """Two requests decoding 100 tokens each (the second admitted a step after the first):
