@@ -513,6 +513,12 @@ class EngineReplica:
             self._boundary_timer = self.kernel.schedule(self._run_start + self._run_time(step - 1), self._boundary,
                                                         step, priority=PRIORITY_ENGINE)
 
+    def _disarm_boundary(self) -> None:
+        """No boundary armed (a pending one is cancelled; cancelling a fired one is a no-op)."""
+        if self._boundary_timer is not None:
+            self._boundary_timer.cancel()
+        self._boundary_step, self._boundary_timer = 0, None
+
     def _start_run(self, now: float, steps: int) -> None:
         prof = self.profile
         n = len(self.running)
@@ -559,8 +565,7 @@ class EngineReplica:
             host.set_work(self, now, self._run_time(steps) - elapsed)
             return
         if self._boundary_step > steps:  # a step the run no longer takes
-            self._boundary_timer.cancel()
-            self._boundary_step, self._boundary_timer = 0, None
+            self._disarm_boundary()
         self._timer.cancel()
         self._timer = self.kernel.schedule(self._run_start + self._run_time(steps), self._finish_run,
                                            priority=PRIORITY_ENGINE)
@@ -578,7 +583,7 @@ class EngineReplica:
             if req.num_output >= req.max_output:
                 finished.append(req)
         self._run_steps = 0
-        self._boundary_step, self._boundary_timer = 0, None  # every boundary of the run was at an earlier step start
+        self._disarm_boundary()  # every boundary of the run was at an earlier step start: fired
         self._complete([], finished, now)
         self._start_step(now)
 
@@ -588,9 +593,7 @@ class EngineReplica:
         self.alive = False
         if self._timer is not None:
             self._timer.cancel()
-        if self._boundary_timer is not None:
-            self._boundary_timer.cancel()
-            self._boundary_step, self._boundary_timer = 0, None
+        self._disarm_boundary()
         if self.host is not None:
             self.host.release(self, self.kernel.now)
         lost = list(self.running) + list(self.waiting)
