@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from benchmarks.live_bench import LiveConfig  # noqa: E402
 from engines.tiny_model import build_tiny_model  # noqa: E402
 from engines.vllm_server import VLLMServer  # noqa: E402
 
@@ -32,19 +33,22 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="profile file to write")
     parser.add_argument("--cpu", type=int, default=min(os.sched_getaffinity(0)), help="the CPU the server runs on")
-    parser.add_argument("--kv-blocks", type=int, default=96, help="KV blocks of 32 tokens (the league's 96)")
+    parser.add_argument("--kv-blocks", type=int, default=96, help="KV blocks (the pinned league's 96)")
     args = parser.parse_args(argv)
-    server = VLLMServer(str(build_tiny_model()), served_name="tiny", block_size=32, max_model_len=2048,
-                        kv_blocks=args.kv_blocks, max_num_seqs=16, env={"VLLM_SERVER_DEV_MODE": "1"},
-                        extra_args=["--max-num-batched-tokens", "2048"])
+    live = LiveConfig(kv_blocks=args.kv_blocks)  # the league's engine geometry (kvroute bench peers)
+    server = VLLMServer(str(build_tiny_model()), served_name="tiny", block_size=live.block_size,
+                        max_model_len=live.max_model_len, kv_blocks=live.kv_blocks, max_num_seqs=live.max_num_seqs,
+                        env={"VLLM_SERVER_DEV_MODE": "1"},
+                        extra_args=["--max-num-batched-tokens", str(live.max_num_batched_tokens)])
     server.cpus = frozenset({args.cpu})
     server.start()
     try:
         server.wait_ready(900)
         return subprocess.run([sys.executable, "-m", "router.cli", "calibrate", "--url", server.url + "/v1",
                                "--out", str(Path(args.out).absolute()), "--name", "tiny-llama-cpu-pinned",
-                               "--max-batched-tokens", "2048", "--max-num-seqs", "16",
-                               "--kv-capacity-tokens", str(args.kv_blocks * 32)], cwd=ROOT).returncode
+                               "--max-batched-tokens", str(live.max_num_batched_tokens),
+                               "--max-num-seqs", str(live.max_num_seqs),
+                               "--kv-capacity-tokens", str(live.kv_blocks * live.block_size)], cwd=ROOT).returncode
     finally:
         server.stop()
 

@@ -88,6 +88,12 @@ def gateway_options(options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, 
             {k: v for k, v in options.items() if k in GATEWAY_OPTIONS})
 
 
+def kvroute_policy(name: str) -> tuple[str, dict[str, Any]]:
+    """A ``kvroute:`` name's policy and its policy options (what the simulator runs)."""
+    policy, options = kvroute_router(name)
+    return policy, gateway_options(options)[0]
+
+
 def validate_routers(names: Sequence[str]) -> list[str]:
     """The routers asked for, each checked (``ConfigError`` naming ``router``)."""
     import policies
@@ -178,6 +184,7 @@ class GatewayRun:
         # a kvroute policy that takes one (as the Ray Serve rows get it from ``LiveConfig``).
         self.name = name
         self.port = free_port()
+        self.config_path: Path | None = None  # a configuration file written for the gateway, removed by stop()
         if name.startswith(("kvroute:", "kvroute-chars:")):
             policy, options = kvroute_router(name)
             options, own = gateway_options(options)
@@ -188,6 +195,7 @@ class GatewayRun:
             if own:  # the gateway's own options: a configuration file (flags win over it, none overlap)
                 with tempfile.NamedTemporaryFile("w", prefix="kvroute-peers-", suffix=".yaml", delete=False) as f:
                     json.dump(own, f)  # JSON is YAML
+                self.config_path = Path(f.name)
                 args += ["--config", f.name]
             if name.startswith("kvroute:"):  # kvroute-chars: character keys, no tokenizer
                 args += ["--tokenizer", model_path]
@@ -246,6 +254,8 @@ class GatewayRun:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait()
         self.log.close()
+        if self.config_path is not None:
+            self.config_path.unlink(missing_ok=True)
 
 
 def run_gateway(name: str, servers: Sequence[VLLMServer], requests, renderer: TextRenderer, model_path: str,
@@ -490,8 +500,7 @@ def simulate(*, workload: str | None = "chat", trace: str | None = None, trace_s
                           seed=s, shape=shape, trace_start=trace_start) for s in range(seed, seed + seeds)]
     own = [name for name in validate_routers(routers) if name.startswith("kvroute:")] or [SIMULATED[0][0]]
     rows = []
-    for router, policy, given in [(name, policy, gateway_options(options)[0])
-                                  for name in own for policy, options in [kvroute_router(name)]] + \
+    for router, policy, given in [(name, *kvroute_policy(name)) for name in own] + \
             [(router, policy, {}) for router, policy in SIMULATED[1:]]:
         options = {**profile_options(policy, live.profile or profile.name), **given}
         per_seed = [run_policy(reqs, _dataclasses.replace(config, seed=s), policy, options)[0]
