@@ -378,7 +378,7 @@ class Gateway:
                     async for chunk in chunks:
                         await response.write(chunk)
                 except ConnectionResetError:
-                    raise
+                    raise  # a write to the client failed: the client left (below), not the worker
                 except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
                     # After the status line: report in-band, then end (a retry would repeat output).
                     self.gauges.upstream_failures.labels(url).inc()
