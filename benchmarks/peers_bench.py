@@ -129,25 +129,35 @@ def _metrics_text(url: str) -> str:
         return resp.read().decode()
 
 
-def server_counters(servers: Sequence[VLLMServer]) -> dict[str, dict[str, int]]:
-    """Per server: cumulative prefix-cache queries and hits (tokens) and finished requests."""
+def server_counters(servers: Sequence[VLLMServer]) -> dict[str, dict[str, float]]:
+    """Per server: cumulative prefix-cache queries and hits (tokens), finished requests,
+    and the sum and count of vLLM's own time-to-first-token histogram (from the request's
+    arrival in the server, after its tokenization, to the first token out of the engine)."""
     from prometheus_client.parser import text_string_to_metric_families
 
     out = {}
     for server in servers:
         text = _metrics_text(server.url)
         report = engine_report(text)
-        finished = 0.0
+        sums = {"finished": 0.0, "ttft_sum": 0.0, "ttft_count": 0.0}
         for family in text_string_to_metric_families(text):
             for sample in family.samples:
-                if sample.name in ("vllm:request_success_total", "vllm:request_success"):
-                    finished += sample.value
+                name = _COUNTED_SAMPLES.get(sample.name)
+                if name is not None:
+                    sums[name] += sample.value
         out[server.url] = {"queries": int(report.get("prefix_cache_queries", 0)),
-                           "hits": int(report.get("prefix_cache_hits", 0)), "finished": int(finished)}
+                           "hits": int(report.get("prefix_cache_hits", 0)), "finished": int(sums["finished"]),
+                           "ttft_sum": sums["ttft_sum"], "ttft_count": int(sums["ttft_count"])}
     return out
 
 
-def _delta(after: dict, before: dict, key: str) -> dict[str, int]:
+#: The samples of vLLM's /metrics that ``server_counters`` adds up, by its name for them.
+_COUNTED_SAMPLES = {"vllm:request_success_total": "finished", "vllm:request_success": "finished",
+                    "vllm:time_to_first_token_seconds_sum": "ttft_sum",
+                    "vllm:time_to_first_token_seconds_count": "ttft_count"}
+
+
+def _delta(after: dict, before: dict, key: str) -> dict[str, float]:
     return {url: row[key] - before[url][key] for url, row in after.items()}
 
 
@@ -291,6 +301,8 @@ def run_gateway(name: str, servers: Sequence[VLLMServer], requests, renderer: Te
     queries, hits = _delta(after, before, "queries"), _delta(after, before, "hits")
     finished = _delta(after, before, "finished")
     total = sum(finished.values())
+    engine_ttfts = sum(_delta(after, before, "ttft_count").values())
+    engine_ttft = sum(_delta(after, before, "ttft_sum").values()) / engine_ttfts if engine_ttfts else None
     # vLLM's server streams usage only when asked (stream_options), so the client's own
     # count of cached tokens is not there: the engines' counters are the hit rate.
     row.update({"router": name, "front_door": "gateway",
@@ -299,7 +311,14 @@ def run_gateway(name: str, servers: Sequence[VLLMServer], requests, renderer: Te
                 "replica_share": {url: round(n / total, 4) for url, n in finished.items()} if total else {},
                 "max_replica_share": round(max(finished.values()) / total, 4) if total else None,
                 "gateway_cpu_s": round(cpu, 2), "gateway_cpu_ms_per_request": round(cpu * 1e3 / max(1, answered), 3),
-                "gateway_peak_rss_mb": rss})
+                "gateway_peak_rss_mb": rss,
+                # The client's mean TTFT split: inside the servers (vLLM's own histogram),
+                # and the rest (the client, the gateway both ways, the server's HTTP front
+                # end): on the same servers, a gateway's cost is the difference in the rest.
+                "engine_ttft_mean_s": round(engine_ttft, 5) if engine_ttft is not None else None,
+                "outside_engine_ttft_mean_s": (round(row["ttft_mean_s"] - engine_ttft, 5)
+                                               if engine_ttft is not None and row.get("ttft_mean_s") is not None
+                                               else None)})
     return row, outcomes
 
 
@@ -419,7 +438,8 @@ def run(*, routers: Sequence[str] = DEFAULT_ROUTERS, workload: str | None = "cha
 
 #: Row figures ``mean_over_seeds`` averages (each over the seeds that have it).
 _MEAN_FIELDS = ("hit_rate", "client_hit_rate", "ttft_p50_s", "ttft_p90_s", "ttft_p99_s", "ttft_mean_s", "e2e_p50_s",
-                "throughput_rps", "max_replica_share", "gateway_cpu_s", "gateway_cpu_ms_per_request")
+                "throughput_rps", "max_replica_share", "gateway_cpu_s", "gateway_cpu_ms_per_request",
+                "engine_ttft_mean_s", "outside_engine_ttft_mean_s")
 #: Row counts it adds up.
 _SUM_FIELDS = ("requests", "completed", "failed")
 
@@ -545,10 +565,10 @@ def format_table(report: dict[str, Any]) -> str:
              + (f" (on CPUs {d['engine_cpus']})" if d.get("engine_cpus") else "")
              + f", {d['kv_blocks_per_replica']} blocks of {d['block_size']}",
              f"{'router':<36} {'door':<9} {'done':>5} {'hit':>7} {'TTFT p50':>9} {'p99':>8} {'e2e p50':>8} "
-             f"{'req/s':>6} {'max share':>9} {'CPU s':>6} {'RSS MB':>7}"]
+             f"{'req/s':>6} {'max share':>9} {'CPU s':>6} {'RSS MB':>7} {'TTFT mean':>9} {'in engine':>9}"]
 
-    def ms(v):
-        return "-" if v is None else f"{v * 1000:.0f}ms"
+    def ms(v, digits=0):
+        return "-" if v is None else f"{v * 1000:.{digits}f}ms"
 
     for row in report["results"]:
         if "error" in row:
@@ -560,7 +580,8 @@ def format_table(report: dict[str, Any]) -> str:
         rss = "-" if row.get("gateway_peak_rss_mb") is None else f"{row['gateway_peak_rss_mb']:.0f}"
         lines.append(f"{row['router']:<36} {row['front_door']:<9} {row['completed']:>5} {hit:>7} "
                      f"{ms(row['ttft_p50_s']):>9} {ms(row['ttft_p99_s']):>8} {ms(row['e2e_p50_s']):>8} "
-                     f"{row['throughput_rps']:>6} {share:>9} {cpu:>6} {rss:>7}")
+                     f"{row['throughput_rps']:>6} {share:>9} {cpu:>6} {rss:>7} "
+                     f"{ms(row.get('ttft_mean_s'), 1):>9} {ms(row.get('engine_ttft_mean_s'), 1):>9}")
     if len(seeds) > 1:
         lines.append("hit rate by seed:")
         for row in report["results"]:

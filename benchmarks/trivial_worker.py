@@ -6,6 +6,7 @@ gateway so that only the gateway costs. ``python -m benchmarks.trivial_worker --
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 
 from aiohttp import web
@@ -44,7 +45,13 @@ async def complete(request: web.Request) -> web.StreamResponse:
         return web.json_response(ANSWER)
     response = web.StreamResponse(headers={"content-type": "text/event-stream"})
     await response.prepare(request)
-    await response.write(f"data: {json.dumps(CHUNK)}\n\ndata: [DONE]\n\n".encode())
+    chunk = f"data: {json.dumps(CHUNK)}\n\n".encode()
+    chunks, interval = request.app["chunks"], request.app["chunk_interval_s"]
+    for i in range(chunks):
+        if i and interval:
+            await asyncio.sleep(interval)
+        await response.write(chunk)
+    await response.write(b"data: [DONE]\n\n")
     await response.write_eof()
     return response
 
@@ -52,8 +59,11 @@ async def complete(request: web.Request) -> web.StreamResponse:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--chunks", type=int, default=1, help="token chunks per stream")
+    parser.add_argument("--chunk-interval-ms", type=float, default=0.0, help="between a stream's chunks")
     args = parser.parse_args()
     app = web.Application(client_max_size=64 << 20)
+    app["chunks"], app["chunk_interval_s"] = max(1, args.chunks), args.chunk_interval_ms / 1000
     app.router.add_get("/health", health)
     app.router.add_get("/v1/models", models)
     app.router.add_get("/metrics", metrics)

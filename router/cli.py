@@ -221,7 +221,9 @@ def _bench_gateway(args: argparse.Namespace) -> int:
 
     report = gateway_bench.run(gateways=args.gateway or gateway_bench.DEFAULT_GATEWAYS, rate=args.rate,
                                duration_s=args.duration, prompt_chars=args.prompt_chars, seed=args.seed,
-                               model_path=args.model, progress=lambda m: print(m, file=sys.stderr, flush=True))
+                               model_path=args.model, stream_chunks=args.stream_chunks,
+                               chunk_interval_ms=args.chunk_interval_ms,
+                               progress=lambda m: print(m, file=sys.stderr, flush=True))
     report["command"] = "kvroute " + " ".join(args.argv)
     print(gateway_bench.format_table(report))
     _write_json(args.json, report)
@@ -630,6 +632,10 @@ def build_parser() -> argparse.ArgumentParser:
     gwb.add_argument("--seed", type=int, default=0)
     gwb.add_argument("--model", help="tokenizer for kvroute's gateway (default: the bench's 32k byte-level BPE "
                      "with a Llama-3 chat template, built locally)")
+    gwb.add_argument("--stream-chunks", type=int, default=0, metavar="N",
+                     help="ask for streams of N token chunks (default 0: plain answers); TTFT reported too")
+    gwb.add_argument("--chunk-interval-ms", type=float, default=0.0, metavar="MS",
+                     help="between a stream's chunks, as an engine's decode steps (default 0)")
     gwb.add_argument("--json", help="write the results as JSON")
     gwb.set_defaults(func=_bench_gateway)
 

@@ -27,4 +27,8 @@ def test_bench_peers_runs_the_gateway_and_reads_the_engines_counters(tiny_model_
     assert 0 < gateway["hit_rate"] <= report["ideal_hit_rate"] + 0.05, (gateway["hit_rate"], report["ideal_hit_rate"])
     assert gateway["gateway_cpu_s"] > 0 and gateway["gateway_peak_rss_mb"] > 10
     assert list(gateway["replica_share"].values()) == [1.0]
+    # The client's TTFT split: vLLM's own histogram counts each request once, and the
+    # client cannot see a first token sooner than the engine made it.
+    assert 0 < gateway["engine_ttft_mean_s"] <= gateway["ttft_mean_s"], gateway
+    assert gateway["outside_engine_ttft_mean_s"] > 0
     assert "kvroute:cache_aware" in format_table(report)
