@@ -2,7 +2,8 @@
 on the same ``vllm serve`` engines, and Ray Serve's routers on the same requests.
 
 Gateways (``--router``): ``kvroute:POLICY`` (``kvroute gateway``, exact token keys and the
-workers' KV events), ``smg``, ``vllm-router``, ``sglang-router`` (each installed from PyPI
+workers' KV events), ``kvroute-chars:POLICY`` (the same gateway keying characters: no
+tokenizer, so no KV events either), ``smg``, ``vllm-router``, ``sglang-router`` (each installed from PyPI
 into its own virtualenv, ``benchmarks.peers``; their ``cache_aware`` policy). The
 benchmark starts ``--replicas`` ``vllm serve`` CPU servers of the tiny model once
 (prefix caching and KV events on, loopback, ``VLLM_SERVER_DEV_MODE=1`` for
@@ -37,6 +38,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -61,10 +63,15 @@ DEFAULT_ROUTERS = ("kvroute:cache_aware", *PEERS, *RAY_ROUTERS, RAY_KV_AWARE)
 
 #: Gateway options a ``kvroute:`` router name may set beside the policy's (how the gateway
 #: tokenizes: ``kvroute:cache_aware,inline_tokenize_chars=4096`` beside the default in one
-#: run). They go to the gateway's configuration file; the simulator has no tokenizer and
-#: leaves them out.
+#: run; ``kv_events=false``: the workers' KV events left out). They go to the gateway's
+#: configuration file; the simulator has no tokenizer and leaves them out.
 GATEWAY_OPTIONS = ("inline_tokenize_chars", "tokenize_wait_ms", "tokenizer_threads", "chunk_chars",
-                   "tokenizer_cache_bytes", "conversation_memo_bytes")
+                   "tokenizer_cache_bytes", "conversation_memo_bytes", "kv_events")
+
+
+#: kvroute's gateway by router name: ``kvroute:POLICY`` keys exact token ids (the served
+#: model's tokenizer), ``kvroute-chars:POLICY`` characters (no tokenizer).
+KVROUTE_GATEWAYS = ("kvroute:", "kvroute-chars:")
 
 
 def kvroute_router(name: str) -> tuple[str, dict[str, Any]]:
@@ -100,7 +107,7 @@ def validate_routers(names: Sequence[str]) -> list[str]:
 
     out = []
     for name in names:
-        if name.startswith("kvroute:"):
+        if name.startswith(KVROUTE_GATEWAYS):
             policy, options = kvroute_router(name)
             options, own = gateway_options(options)
             try:  # a registered name or a ``module:Class`` path, and its options, as the gateway checks them
@@ -115,7 +122,7 @@ def validate_routers(names: Sequence[str]) -> list[str]:
             except ConfigError as exc:
                 raise ConfigError("router", f"{name!r}: {exc}") from None
         elif name not in PEERS and name not in RAY_ROUTERS and name != RAY_KV_AWARE:
-            raise ConfigError("router", f"unknown router {name!r}; valid: kvroute:POLICY, "
+            raise ConfigError("router", f"unknown router {name!r}; valid: kvroute:POLICY, kvroute-chars:POLICY, "
                                         f"{', '.join([*PEERS, *RAY_ROUTERS, RAY_KV_AWARE])}")
         if name in out:
             raise ConfigError("router", f"{name!r} is listed twice")
@@ -168,18 +175,37 @@ def reset_caches(servers: Sequence[VLLMServer]) -> None:
             resp.read()
 
 
-def warm_engines(servers: Sequence[VLLMServer], max_model_len: int) -> None:
-    """Before the first gateway: a few requests straight to each server, of lengths from
-    short to near the context, so no gateway's replay pays the engines' first-use costs
-    (the first gateway measured would otherwise)."""
+def warm_engines(servers: Sequence[VLLMServer], max_model_len: int, batch: int = 8) -> None:
+    """Before the first gateway: requests straight to each server, one at a time of
+    lengths from short to near the context, then ``batch`` at once (mixed lengths, so
+    batched prefill and decode steps run), so that no gateway's replay pays the engines'
+    first-use costs. Without the batch the first gateway measured seemed to pay some: in
+    three runs its in-engine TTFT on the first seed was 1.5-3.9 ms above the second's."""
+    lengths = (8, 64, 256, max(8, max_model_len // 8))
+
+    def send(server: VLLMServer, words: int) -> None:
+        body = {"model": MODEL_NAME, "prompt": " ".join(f"warm{i % 50}" for i in range(words)),
+                "max_tokens": 16, "ignore_eos": True, "temperature": 0}
+        request = urllib.request.Request(server.url + "/v1/completions", data=json.dumps(body).encode(),
+                                         headers={"content-type": "application/json"})
+        with urllib.request.urlopen(request, timeout=300) as resp:
+            resp.read()
+
     for server in servers:
-        for words in (8, 64, 256, max(8, max_model_len // 8)):
-            body = {"model": MODEL_NAME, "prompt": " ".join(f"warm{i % 50}" for i in range(words)),
-                    "max_tokens": 16, "ignore_eos": True, "temperature": 0}
-            request = urllib.request.Request(server.url + "/v1/completions", data=json.dumps(body).encode(),
-                                             headers={"content-type": "application/json"})
-            with urllib.request.urlopen(request, timeout=300) as resp:
-                resp.read()
+        for words in lengths:
+            send(server, words)
+    with ThreadPoolExecutor(max_workers=batch * len(servers)) as pool:
+        # ``list``: a request that failed raises here.
+        list(pool.map(lambda job: send(*job), [(server, lengths[i % 3] + i) for server in servers
+                                               for i in range(batch)]))
+
+
+def seed_order(gateways: Sequence[str], k: int) -> list[str]:
+    """The gateways' order for the ``k``-th seed: turned by ``k``, so that none is always
+    the first after the servers start (a first-use cost left in the engines falls on it)
+    or always the one after a given other."""
+    turn = k % len(gateways) if gateways else 0
+    return [*gateways[turn:], *gateways[:turn]]
 
 
 # -- a gateway process -------------------------------------------------------------------------
@@ -195,7 +221,7 @@ class GatewayRun:
         self.name = name
         self.port = free_port()
         self.config_path: Path | None = None  # a configuration file written for the gateway, removed by stop()
-        if name.startswith(("kvroute:", "kvroute-chars:")):
+        if name.startswith(KVROUTE_GATEWAYS):
             policy, options = kvroute_router(name)
             options, own = gateway_options(options)
             args = [sys.executable, "-m", "router.cli", "gateway", "--policy", policy,
@@ -334,7 +360,8 @@ def run(*, routers: Sequence[str] = DEFAULT_ROUTERS, workload: str | None = "cha
 
     ``seeds``: the workload generated with seeds ``seed`` .. ``seed + seeds - 1``, each
     replayed to every router (seed by seed, every router within a seed, so a slower phase
-    of the machine falls on all of them); ``results`` are then the means over the seeds
+    of the machine falls on all of them; the gateways' order turns by one each seed);
+    ``results`` are then the means over the seeds
     (``mean_over_seeds``) and ``runs`` the rows of each seed. One seed of a few hundred
     requests decides a hit rate to a few points only: which sessions happen to overlap
     in time moves every router's figure, and not all in the same direction."""
@@ -359,7 +386,7 @@ def run(*, routers: Sequence[str] = DEFAULT_ROUTERS, workload: str | None = "cha
     renderer = TextRenderer(single_token_words(AutoTokenizer.from_pretrained(model_path)))
     rows: list[dict] = []
     engine_cpus = sorted(os.sched_getaffinity(0))
-    gateways = [n for n in names if n.startswith("kvroute:") or n in PEERS]
+    gateways = [n for n in names if n.startswith(KVROUTE_GATEWAYS) or n in PEERS]
     if gateways:
         servers = [VLLMServer(model_path, served_name=MODEL_NAME, block_size=live.block_size,
                               max_model_len=live.max_model_len,
@@ -379,9 +406,9 @@ def run(*, routers: Sequence[str] = DEFAULT_ROUTERS, workload: str | None = "cha
             for server in servers:
                 server.wait_ready(900)
             warm_engines(servers, live.max_model_len)
-            for s in seed_list:
+            for k, s in enumerate(seed_list):
                 tell = progress if seeds == 1 or progress is None else (lambda m, s=s: progress(f"seed {s}: {m}"))
-                for name in gateways:
+                for name in seed_order(gateways, k):
                     try:
                         row, _ = run_gateway(name, servers, per_seed[s], renderer, model_path, live, api, tell)
                     except (RuntimeError, TimeoutError, OSError) as exc:
@@ -518,7 +545,7 @@ def simulate(*, workload: str | None = "chat", trace: str | None = None, trace_s
                            max_num_batched_tokens=live.max_num_batched_tokens, host_slots=slots)
     runs = [load_requests(workload=workload, trace=trace, count=requests, rate=rate, rate_scale=rate_scale,
                           seed=s, shape=shape, trace_start=trace_start) for s in range(seed, seed + seeds)]
-    own = [name for name in validate_routers(routers) if name.startswith("kvroute:")] or [SIMULATED[0][0]]
+    own = [name for name in validate_routers(routers) if name.startswith(KVROUTE_GATEWAYS)] or [SIMULATED[0][0]]
     rows = []
     for router, policy, given in [(name, *kvroute_policy(name)) for name in own] + \
             [(router, policy, {}) for router, policy in SIMULATED[1:]]:

@@ -6,14 +6,16 @@ from __future__ import annotations
 import pytest
 
 from benchmarks.peers import PEERS, peer
-from benchmarks.peers_bench import DEFAULT_ROUTERS, format_table, mean_over_seeds, run, validate_routers
+from benchmarks.peers_bench import DEFAULT_ROUTERS, format_table, mean_over_seeds, run, seed_order, validate_routers
 from router.errors import ConfigError
 
 
 def test_router_names_are_checked_before_anything_starts():
-    assert validate_routers(["kvroute:cache_aware", "smg", "ray:CacheAwareRouter"]) == \
-        ["kvroute:cache_aware", "smg", "ray:CacheAwareRouter"]
-    for bad, words in [(["kvroute:nope"], "unknown kvroute policy"), (["nginx"], "unknown router"),
+    names = ["kvroute:cache_aware", "kvroute-chars:cache_aware", "kvroute:cache_aware,kv_events=false", "smg",
+             "ray:CacheAwareRouter"]
+    assert validate_routers(names) == names
+    for bad, words in [(["kvroute:nope"], "unknown kvroute policy"), (["kvroute-chars:nope"], "unknown kvroute policy"),
+                       (["kvroute:cache_aware,kv_events=maybe"], "kv_events"), (["nginx"], "unknown router"),
                        (["smg", "smg"], "twice")]:
         with pytest.raises(ConfigError, match=words):
             validate_routers(bad)
@@ -347,3 +349,30 @@ def test_a_kvroute_router_name_may_set_how_its_gateway_tokenizes(monkeypatch, tm
     rows = peers_bench.simulate(workload="agent", requests=30, live=live, host_slots=2.0,
                                 routers=[name, "kvroute:cache_aware,churn_weight=1"])["results"]
     assert {k: v for k, v in rows[0].items() if k != "router"} == {k: v for k, v in rows[1].items() if k != "router"}
+
+
+def test_each_seed_starts_with_the_next_gateway():
+    gateways = ["kvroute:cache_aware", "smg", "vllm-router"]
+    orders = [seed_order(gateways, k) for k in range(4)]
+    assert orders[0] == gateways and orders[3] == gateways
+    assert [order[0] for order in orders[:3]] == gateways  # every gateway goes first once
+    assert all(sorted(order) == sorted(gateways) for order in orders)
+    assert seed_order([], 2) == []
+
+
+def test_kvroute_chars_runs_without_a_tokenizer_and_kv_events_can_be_left_out(monkeypatch, tmp_path):
+    """``kvroute-chars:POLICY`` launches the gateway without ``--tokenizer`` (character
+    keys); ``kv_events=false`` goes to its configuration file (the events left out)."""
+    import yaml
+
+    import benchmarks.peers_bench as peers_bench
+
+    launched, worker = _gateway_commands(monkeypatch, tmp_path)
+    for name in ("kvroute-chars:cache_aware", "kvroute:cache_aware,kv_events=false", "kvroute:cache_aware"):
+        peers_bench.GatewayRun(name, [worker], "/model", 32).log.close()
+    chars, no_events, default = launched
+    assert "--tokenizer" not in chars and "--config" not in chars
+    assert no_events[no_events.index("--tokenizer") + 1] == "/model"
+    with open(no_events[no_events.index("--config") + 1]) as f:
+        assert yaml.safe_load(f) == {"kv_events": False}
+    assert "--tokenizer" in default and "--config" not in default
