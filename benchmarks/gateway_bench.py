@@ -31,7 +31,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from benchmarks.peers import PEERS, peer
-from benchmarks.peers_bench import MODEL_NAME, GatewayRun
+from benchmarks.peers_bench import KVROUTE_GATEWAYS, MODEL_NAME, GatewayRun
 from engines.vllm_server import free_port
 from router.errors import ConfigError
 from simulator.metrics import percentile
@@ -151,7 +151,7 @@ def run(*, gateways: Sequence[str] = DEFAULT_GATEWAYS, rate: float = 100.0, dura
     """``stream_chunks`` > 0: streamed answers of that many token chunks,
     ``chunk_interval_ms`` apart (0: plain JSON answers)."""
     for name in gateways:
-        if not name.startswith(("kvroute:", "kvroute-chars:")) and name not in PEERS:
+        if not name.startswith(KVROUTE_GATEWAYS) and name not in PEERS:
             raise ConfigError("gateway", f"unknown gateway {name!r}; valid: kvroute:POLICY (exact token keys), "
                                          f"kvroute-chars:POLICY (character keys), {', '.join(PEERS)}")
     if rate <= 0 or duration_s <= 0:

@@ -175,13 +175,16 @@ def reset_caches(servers: Sequence[VLLMServer]) -> None:
             resp.read()
 
 
-def warm_engines(servers: Sequence[VLLMServer], max_model_len: int, batch: int = 8) -> None:
-    """Before the first gateway: requests straight to each server, one at a time of
-    lengths from short to near the context, then ``batch`` at once (mixed lengths, so
-    batched prefill and decode steps run), so that no gateway's replay pays the engines'
-    first-use costs (``run`` then replays a slice of the workload to each). Without these
-    the first gateway measured seemed to pay some: in three runs its in-engine TTFT on the
-    first seed was 1.5-3.9 ms above the second's."""
+def warm_engines(servers: Sequence[VLLMServer], max_model_len: int, slice_: Sequence = (),
+                 renderer: TextRenderer | None = None, api: str = "completions", timeout_s: float = 120.0,
+                 batch: int = 8) -> None:
+    """Before the first gateway, straight to each server and outside any measurement:
+    requests one at a time of lengths from short to near the context, then ``batch`` at
+    once (mixed lengths, so batched prefill and decode steps run), then ``slice_`` (a few
+    requests of the same kind of traffic, replayed open loop as a gateway's are), so that
+    no gateway's replay pays the engines' first-use costs. Without them the first gateway
+    measured did: in three runs its in-engine TTFT on the first seed was 1.5-3.9 ms above
+    the second's."""
     lengths = (8, 64, 256, max(8, max_model_len // 8))
 
     def send(server: VLLMServer, words: int) -> None:
@@ -199,6 +202,9 @@ def warm_engines(servers: Sequence[VLLMServer], max_model_len: int, batch: int =
         # ``list``: a request that failed raises here.
         list(pool.map(lambda job: send(*job), [(server, lengths[i % 3] + i) for server in servers
                                                for i in range(batch)]))
+    if slice_:
+        for server in servers:
+            replay(server.url + "/v1", slice_, renderer, timeout_s=timeout_s, api=api, model=MODEL_NAME)
 
 
 #: The warm-up slice each server gets before the first gateway: this many requests, of the
@@ -412,15 +418,11 @@ def run(*, routers: Sequence[str] = DEFAULT_ROUTERS, workload: str | None = "cha
                 server.start()
             for server in servers:
                 server.wait_ready(900)
-            warm_engines(servers, live.max_model_len)
-            # Then a slice of the same kind of traffic (another seed, or the trace's next
-            # requests) to each server, outside any measurement: the shapes the replays
-            # will run (prompt lengths, batches of them) run once before the first gateway.
+            # The warm-up slice: another seed, or the trace's requests after the replayed window.
             warm = load_requests(workload=workload, trace=trace, count=min(WARM_REQUESTS, requests), rate=rate,
                                  rate_scale=rate_scale, seed=seed + WARM_SEED_OFFSET, shape=shape,
                                  trace_start=trace_start + requests if trace else 0)
-            for server in servers:
-                replay(server.url + "/v1", warm, renderer, timeout_s=live.timeout_s, api=api, model=MODEL_NAME)
+            warm_engines(servers, live.max_model_len, warm, renderer, api, live.timeout_s)
             for k, s in enumerate(seed_list):
                 tell = progress if seeds == 1 or progress is None else (lambda m, s=s: progress(f"seed {s}: {m}"))
                 for name in seed_order(gateways, k):

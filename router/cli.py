@@ -572,7 +572,8 @@ def build_parser() -> argparse.ArgumentParser:
     peers_p.set_defaults(replicas=3)
     peers_p.add_argument("--router", action="append",
                          help="kvroute:POLICY[,NAME=VALUE...] (kvroute's gateway; NAME=VALUE: a policy "
-                              "option), kvroute-chars:POLICY[,...] (the same, character keys), smg, vllm-router, sglang-router, ray:CacheAwareRouter, "
+                              "option), kvroute-chars:POLICY[,...] (the same, character keys), smg, "
+                              "vllm-router, sglang-router, ray:CacheAwareRouter, "
                               "ray:PrefixCacheAffinityRouter, ray:PowerOfTwoChoicesRequestRouter, "
                               "ray:ConsistentHashRouter, ray:KVAwareRouter (repeatable; default all; with "
                               "--simulate the kvroute rows asked for, beside the peers' policies)")
