@@ -31,7 +31,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from benchmarks.peers import PEERS, peer
-from benchmarks.peers_bench import KVROUTE_GATEWAYS, MODEL_NAME, GatewayRun
+from benchmarks.peers_bench import (KVROUTE_GATEWAYS, MODEL_NAME, GatewayRun, gateway_histogram_quantiles,
+                                    gateway_histograms, own_added_ms)
 from engines.vllm_server import free_port
 from router.errors import ConfigError
 from simulator.metrics import percentile
@@ -185,10 +186,14 @@ def run(*, gateways: Sequence[str] = DEFAULT_GATEWAYS, rate: float = 100.0, dura
                 asyncio.run(_drive(gateway.url, warm, rate, stream))
                 if progress:
                     progress(f"{name}: {len(payloads)} requests at {rate}/s")
+                own = name.startswith(KVROUTE_GATEWAYS)
+                histograms = gateway_histograms(gateway.url) if own else {}
                 cpu = gateway.cpu_seconds()
                 latencies, errors, firsts = asyncio.run(_drive(gateway.url, payloads, rate, stream))
                 cpu = gateway.cpu_seconds() - cpu
                 row = _row(name, latencies, errors, firsts, direct)
+                if own:  # the gateway's own view of what it added (the handler's part)
+                    row.update(gateway_histogram_quantiles(gateway_histograms(gateway.url), histograms))
                 row.update({"gateway_cpu_s": round(cpu, 3),
                             "gateway_cpu_us_per_request": round(cpu * 1e6 / max(1, len(latencies)), 1),
                             "gateway_peak_rss_mb": gateway.peak_rss_mb()})
@@ -212,7 +217,7 @@ def format_table(report: dict[str, Any]) -> str:
     lines = [f"{report['requests']} chat requests of {report['prompt_chars']} characters at {report['rate_per_s']}/s "
              f"to a worker that {answer}",
              f"{'gateway':<26} {'p50 ms':>8} {'p99 ms':>8} {'+p50 ms':>8} {'+p99 ms':>8}{ttft} {'errors':>6} "
-             f"{'CPU us/req':>10} {'RSS MB':>7}"]
+             f"{'CPU us/req':>10} {'RSS MB':>7} {'own p50/p99':>11}"]
     for row in report["results"]:
         if "error" in row:
             lines.append(f"{row['gateway']:<26} error: {row['error'].splitlines()[-1][:90]}")
@@ -224,5 +229,6 @@ def format_table(report: dict[str, Any]) -> str:
                 f"{f('added_ttft_p99_ms'):>8}" if chunks else "")
         lines.append(f"{row['gateway']:<26} {f('latency_p50_ms'):>8} {f('latency_p99_ms'):>8} {f('added_p50_ms'):>8} "
                      f"{f('added_p99_ms'):>8}{ttft} {row['errors']:>6} "
-                     f"{f('gateway_cpu_us_per_request', '{:.0f}'):>10} {f('gateway_peak_rss_mb', '{:.0f}'):>7}")
+                     f"{f('gateway_cpu_us_per_request', '{:.0f}'):>10} {f('gateway_peak_rss_mb', '{:.0f}'):>7} "
+                     f"{own_added_ms(row):>11}")
     return "\n".join(lines)

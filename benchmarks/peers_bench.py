@@ -164,6 +164,58 @@ _COUNTED_SAMPLES = {"vllm:request_success_total": "finished", "vllm:request_succ
                     "vllm:time_to_first_token_seconds_count": "ttft_count"}
 
 
+def histogram_buckets(text: str, name: str) -> dict[float, float]:
+    """A Prometheus histogram's cumulative bucket counts (upper bound -> count) from a
+    ``/metrics`` page; empty when the page has no such histogram."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {float(sample.labels["le"]): sample.value for family in text_string_to_metric_families(text)
+            for sample in family.samples if sample.name == name + "_bucket"}
+
+
+def histogram_quantile(after: dict[float, float], before: dict[float, float], q: float) -> float | None:
+    """The ``q`` quantile of what a histogram observed between two scrapes (cumulative
+    buckets, as ``histogram_buckets`` reads them), interpolated linearly inside the bucket
+    as Prometheus's ``histogram_quantile`` does; the highest finite bound when it falls in
+    the ``+Inf`` bucket; None when nothing was observed."""
+    bounds = sorted(after)
+    counts = [after[b] - before.get(b, 0.0) for b in bounds]
+    if not counts or counts[-1] <= 0:
+        return None
+    rank, lower, below = q * counts[-1], 0.0, 0.0
+    for bound, count in zip(bounds, counts):
+        if count >= rank:
+            if bound == float("inf"):
+                return lower
+            return lower + (bound - lower) * ((rank - below) / (count - below) if count > below else 1.0)
+        lower, below = bound, count
+    return lower
+
+
+#: kvroute's gateway's own histograms that a run reports (p50 and p99, in ms, of what
+#: they observed during the replay), by the row's name for them.
+GATEWAY_HISTOGRAMS = {"gateway_added": "kvroute_gateway_added_seconds",
+                      "gateway_loop_lag": "kvroute_gateway_loop_lag_seconds"}
+
+
+def gateway_histograms(url: str) -> dict[str, dict[float, float]]:
+    """``GATEWAY_HISTOGRAMS``' buckets from kvroute's gateway at ``url``."""
+    text = _metrics_text(url)
+    return {key: histogram_buckets(text, name) for key, name in GATEWAY_HISTOGRAMS.items()}
+
+
+def gateway_histogram_quantiles(after: dict[str, dict[float, float]],
+                                before: dict[str, dict[float, float]]) -> dict[str, float | None]:
+    """``gateway_added_p50_ms`` .. ``gateway_loop_lag_p99_ms``: what kvroute's gateway's
+    histograms observed between two ``gateway_histograms`` readings."""
+    out: dict[str, float | None] = {}
+    for key, buckets in after.items():
+        for q in (0.5, 0.99):
+            value = histogram_quantile(buckets, before.get(key, {}), q)
+            out[f"{key}_p{round(q * 100)}_ms"] = round(value * 1e3, 3) if value is not None else None
+    return out
+
+
 def _delta(after: dict, before: dict, key: str) -> dict[str, float]:
     return {url: row[key] - before[url][key] for url, row in after.items()}
 
@@ -318,6 +370,8 @@ def run_gateway(name: str, servers: Sequence[VLLMServer], requests, renderer: Te
                                 "temperature": 0})
         reset_caches(servers)
         before = server_counters(servers)
+        own = name.startswith(KVROUTE_GATEWAYS)
+        histograms_before = gateway_histograms(gateway.url) if own else {}
         cpu_before = gateway.cpu_seconds()
         if progress:
             progress(f"{name}: replaying {len(requests)} requests")
@@ -328,6 +382,7 @@ def run_gateway(name: str, servers: Sequence[VLLMServer], requests, renderer: Te
         wall = time.perf_counter() - started
         cpu = gateway.cpu_seconds() - cpu_before
         rss = gateway.peak_rss_mb()
+        histograms = gateway_histograms(gateway.url) if own else {}
         answered = sum(1 for o in outcomes if o.ok)
         deadline = time.monotonic() + 15.0  # vLLM updates its counters each scheduler step
         after = server_counters(servers)
@@ -358,6 +413,9 @@ def run_gateway(name: str, servers: Sequence[VLLMServer], requests, renderer: Te
                 "outside_engine_ttft_mean_s": (round(row["ttft_mean_s"] - engine_ttft, 5)
                                                if engine_ttft is not None and row.get("ttft_mean_s") is not None
                                                else None)})
+    # kvroute's gateway's own view (the peers export nothing comparable): its share of each
+    # request's time to first byte, and its event loop's lateness.
+    row.update(gateway_histogram_quantiles(histograms, histograms_before))
     return row, outcomes
 
 
@@ -483,7 +541,8 @@ def run(*, routers: Sequence[str] = DEFAULT_ROUTERS, workload: str | None = "cha
 #: Row figures ``mean_over_seeds`` averages (each over the seeds that have it).
 _MEAN_FIELDS = ("hit_rate", "client_hit_rate", "ttft_p50_s", "ttft_p90_s", "ttft_p99_s", "ttft_mean_s", "e2e_p50_s",
                 "throughput_rps", "max_replica_share", "gateway_cpu_s", "gateway_cpu_ms_per_request",
-                "engine_ttft_mean_s", "outside_engine_ttft_mean_s")
+                "engine_ttft_mean_s", "outside_engine_ttft_mean_s", "gateway_added_p50_ms", "gateway_added_p99_ms",
+                "gateway_loop_lag_p50_ms", "gateway_loop_lag_p99_ms")
 #: Row counts it adds up.
 _SUM_FIELDS = ("requests", "completed", "failed")
 
@@ -599,6 +658,12 @@ def format_simulated(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def own_added_ms(row: dict[str, Any]) -> str:
+    """kvroute's gateway's own added time to first byte, p50/p99 in ms ("-" for the peers)."""
+    p50, p99 = row.get("gateway_added_p50_ms"), row.get("gateway_added_p99_ms")
+    return "-" if p50 is None or p99 is None else f"{p50:.2f}/{p99:.2f}"
+
+
 def format_table(report: dict[str, Any]) -> str:
     w, d = report["workload"], report["deployment"]
     seeds = w.get("seeds") or [w.get("seed")]
@@ -609,7 +674,8 @@ def format_table(report: dict[str, Any]) -> str:
              + (f" (on CPUs {d['engine_cpus']})" if d.get("engine_cpus") else "")
              + f", {d['kv_blocks_per_replica']} blocks of {d['block_size']}",
              f"{'router':<36} {'door':<9} {'done':>5} {'hit':>7} {'TTFT p50':>9} {'p99':>8} {'e2e p50':>8} "
-             f"{'req/s':>6} {'max share':>9} {'CPU s':>6} {'RSS MB':>7} {'TTFT mean':>9} {'in engine':>9}"]
+             f"{'req/s':>6} {'max share':>9} {'CPU s':>6} {'RSS MB':>7} {'TTFT mean':>9} {'in engine':>9} "
+             f"{'own p50/p99':>11}"]
 
     def ms(v, digits=0):
         return "-" if v is None else f"{v * 1000:.{digits}f}ms"
@@ -625,7 +691,8 @@ def format_table(report: dict[str, Any]) -> str:
         lines.append(f"{row['router']:<36} {row['front_door']:<9} {row['completed']:>5} {hit:>7} "
                      f"{ms(row['ttft_p50_s']):>9} {ms(row['ttft_p99_s']):>8} {ms(row['e2e_p50_s']):>8} "
                      f"{row['throughput_rps']:>6} {share:>9} {cpu:>6} {rss:>7} "
-                     f"{ms(row.get('ttft_mean_s'), 1):>9} {ms(row.get('engine_ttft_mean_s'), 1):>9}")
+                     f"{ms(row.get('ttft_mean_s'), 1):>9} {ms(row.get('engine_ttft_mean_s'), 1):>9} "
+                     f"{own_added_ms(row):>11}")
     if len(seeds) > 1:
         lines.append("hit rate by seed:")
         for row in report["results"]:

@@ -508,6 +508,34 @@ def test_streams_pass_through_as_they_arrive():
     _run(_with_gateway(2, body))
 
 
+def test_the_gateways_added_time_and_loop_lag_are_measured():
+    """Each answered request's time added by the gateway (before the send, after the first
+    bytes) is observed once, within the request's whole time; the loop probe observes."""
+    def sample(text: str, name: str) -> float:
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                   if line.startswith((name + " ", name + "{")))
+
+    async def scrape(client) -> str:
+        async with client.get("/metrics") as resp:
+            return await resp.text()
+
+    async def body(gateway, workers, client):
+        for stream in (False, True):
+            async with client.post("/v1/chat/completions", json=_chat(f"timed {stream}", stream=stream)) as resp:
+                assert resp.status == 200
+                await resp.read()
+        deadline = time.monotonic() + 30
+        text = await scrape(client)
+        while sample(text, "kvroute_gateway_loop_lag_seconds_count") < 2 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+            text = await scrape(client)
+        assert sample(text, "kvroute_gateway_added_seconds_count") == 2
+        added = sample(text, "kvroute_gateway_added_seconds_sum")
+        assert 0 < added <= sample(text, "kvroute_gateway_request_seconds_sum")
+        assert sample(text, "kvroute_gateway_loop_lag_seconds_count") >= 2
+    _run(_with_gateway(1, body))
+
+
 def test_a_client_that_leaves_mid_stream_is_counted_not_logged(caplog):
     """A client that closes while its stream is still coming (clients close as soon as
     they read "data: [DONE]", often before the chunked body's end): nothing left to send,

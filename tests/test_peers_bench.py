@@ -376,3 +376,21 @@ def test_kvroute_chars_runs_without_a_tokenizer_and_kv_events_can_be_left_out(mo
     with open(no_events[no_events.index("--config") + 1]) as f:
         assert yaml.safe_load(f) == {"kv_events": False}
     assert "--tokenizer" in default and "--config" not in default
+
+
+def test_histogram_quantile_reads_what_was_observed_between_two_scrapes():
+    from benchmarks.peers_bench import histogram_buckets, histogram_quantile
+
+    page = ("# TYPE x_seconds histogram\n"
+            'x_seconds_bucket{le="0.001"} 10.0\nx_seconds_bucket{le="0.002"} 60.0\n'
+            'x_seconds_bucket{le="0.005"} 99.0\nx_seconds_bucket{le="+Inf"} 100.0\n'
+            "x_seconds_count 100.0\nx_seconds_sum 0.2\n")
+    after = histogram_buckets(page, "x_seconds")
+    assert after == {0.001: 10.0, 0.002: 60.0, 0.005: 99.0, float("inf"): 100.0}
+    assert histogram_quantile(after, {}, 0.5) == pytest.approx(0.0018)  # 40 of the 50 in (1, 2] ms
+    assert histogram_quantile(after, {}, 0.99) == pytest.approx(0.005)
+    assert histogram_quantile(after, {}, 1.0) == 0.005  # in +Inf: the highest finite bound
+    before = {0.001: 10.0, 0.002: 10.0, 0.005: 10.0, float("inf"): 10.0}
+    assert histogram_quantile(after, before, 0.5) == pytest.approx(0.0019)  # only the 90 since
+    assert histogram_quantile(after, after, 0.5) is None
+    assert histogram_buckets("", "x_seconds") == {}
