@@ -413,6 +413,8 @@ def summarize(policy: str, outcomes: Sequence[Outcome], wall_s: float) -> dict[s
         "ttft_p50_s": r(percentile(ttft, 0.5)), "ttft_p90_s": r(percentile(ttft, 0.9)),
         "ttft_p99_s": r(percentile(ttft, 0.99)), "ttft_mean_s": r(statistics.fmean(ttft)) if ttft else None,
         "e2e_p50_s": r(percentile(e2e, 0.5)),
+        # The whole distribution in 99 points (p1 .. p99), for plots (benchmarks.peers_plots).
+        "ttft_percentiles_s": [r(percentile(ttft, q / 100), 5) for q in range(1, 100)] if ttft else [],
         "throughput_rps": r(len(ok) / wall_s if wall_s else 0.0, 2),
         "output_tokens_per_s": r(sum(o.output_tokens for o in ok) / wall_s if wall_s else 0.0, 1),
         "send_lag_p99_s": r(percentile(lag, 0.99)), "wall_s": round(wall_s, 2),

@@ -550,7 +550,8 @@ _SUM_FIELDS = ("requests", "completed", "failed")
 def mean_over_seeds(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per router (in first-seen order) from its per-seed rows: the mean of each
     figure in ``_MEAN_FIELDS`` over the seeds that report it (``None`` where none does),
-    the sum of the counts, the largest peak RSS, each replica's mean share, and
+    the sum of the counts, the largest peak RSS, each replica's mean share, the mean
+    of the seeds' TTFT percentiles (``ttft_percentiles_s``, percentile by percentile), and
     ``hit_rate_by_seed`` / ``ttft_p99_s_by_seed`` beside the means. A seed whose run
     failed (a row with ``error``) is left out of the figures and named in
     ``errors_by_seed``; a router that failed on every seed keeps its first error. O(rows)."""
@@ -576,6 +577,10 @@ def mean_over_seeds(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         replicas = sorted({name for r in ok for name in r.get("replica_share") or {}})
         row["replica_share"] = {name: round(statistics.fmean((r.get("replica_share") or {}).get(name, 0.0)
                                                              for r in ok), 4) for name in replicas}
+        # The seeds' TTFT distributions averaged percentile by percentile (each seed's
+        # shape kept, as a pooled sample would not be when one seed is slower overall).
+        curves = [r["ttft_percentiles_s"] for r in ok if r.get("ttft_percentiles_s")]
+        row["ttft_percentiles_s"] = [round(statistics.fmean(points), 5) for points in zip(*curves)] if curves else []
         row["hit_rate_by_seed"] = [r.get("hit_rate") for r in ok]
         row["ttft_p99_s_by_seed"] = [r.get("ttft_p99_s") for r in ok]
         if errors:

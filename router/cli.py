@@ -158,6 +158,12 @@ def _bench_peers(args: argparse.Namespace) -> int:
     from benchmarks import peers_bench
 
     shape, live = _live_options(args)
+    if args.plot:  # checked before the servers start, not after the run
+        if args.simulate:
+            raise ConfigError("plot", "--plot draws a live run's report; --simulate prints its table only")
+        from simulator.plots import pyplot
+
+        pyplot()
     if args.pin_engines and args.profile is None and not args.model:
         # Servers with a core each: the profile measured on one (for kvroute's policy and --simulate).
         live = dataclasses.replace(live, profile="tiny-llama-cpu-pinned")
@@ -178,6 +184,11 @@ def _bench_peers(args: argparse.Namespace) -> int:
     report["command"] = "kvroute " + " ".join(args.argv)
     print(peers_bench.format_table(report))
     _write_json(args.json, report)
+    if args.plot:
+        from benchmarks import peers_plots
+
+        for path in peers_plots.plot(report, args.plot):
+            print(f"wrote {path}")
     return 0
 
 
@@ -587,6 +598,9 @@ def build_parser() -> argparse.ArgumentParser:
     peers_p.add_argument("--seeds", type=_positive_int, default=1,
                          help="workload seeds --seed .. --seed + N - 1, each replayed to every router; the "
                               "table and results are the means, runs the per-seed rows (default 1)")
+    peers_p.add_argument("--plot", metavar="DIR",
+                         help="write peers_ttft_cdf.png and peers_summary.png (needs kvroute[plot]; not with "
+                              "--simulate)")
     peers_p.set_defaults(func=_bench_peers)
 
     auto = bench_sub.add_parser("autoscale", help="live: a load ramp up and down on an autoscaled deployment of "

@@ -13,7 +13,9 @@ from typing import Any
 from router.errors import ConfigError
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib's pyplot on the Agg backend (files, no display); a ConfigError naming
+    the extra to install when matplotlib is missing."""
     try:
         import matplotlib
     except ImportError:
@@ -24,7 +26,7 @@ def _pyplot():
 
 
 def write_plots(doc: dict[str, Any], series: dict[str, Any], directory: str) -> list[Path]:
-    plt = _pyplot()
+    plt = pyplot()
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     written = []

@@ -98,6 +98,11 @@ def test_summary_counts_engine_cache_hits_over_successful_requests_only():
     assert row["prompt_tokens"] == 400
     assert row["ttft_p50_s"] in {0.1, 0.15}  # the median of 0.05, 0.10, 0.15, 0.20
     assert row["throughput_rps"] == 2.0 and row["output_tokens_per_s"] == 16.0
+    # The TTFT distribution in 99 points for plots: p1 .. p99, rising, the p50 among them.
+    points = row["ttft_percentiles_s"]
+    assert len(points) == 99 and points == sorted(points) and points[49] == row["ttft_p50_s"]
+    assert points[0] == 0.05 and points[-1] == 0.2
+    assert summarize("x", [failed], wall_s=1.0)["ttft_percentiles_s"] == []
 
 
 def test_fidelity_replays_what_was_actually_sent_and_judges_against_the_targets():

@@ -46,34 +46,69 @@ def test_the_table_shows_errors_and_rows():
     assert "40.0%" in table and "error: not run" in table
 
 
-def test_several_seeds_are_averaged_per_router_and_kept_per_seed():
+def _seeded_rows() -> list[dict]:
     def row(router, seed, hit, p99, share, **extra):
         return {"router": router, "front_door": "gateway", "seed": seed, "requests": 10, "completed": 10, "failed": 0,
                 "hit_rate": hit, "client_hit_rate": None, "ttft_p50_s": 0.01, "ttft_p99_s": p99, "e2e_p50_s": 0.05,
                 "throughput_rps": 5.0, "max_replica_share": max(share.values()), "replica_share": share,
                 "gateway_cpu_s": 1.0, "gateway_peak_rss_mb": 100 + seed, **extra}
 
-    rows = [row("kvroute:cache_aware", 0, 0.50, 0.020, {"a": 0.6, "b": 0.4}),
+    return [row("kvroute:cache_aware", 0, 0.50, 0.020, {"a": 0.6, "b": 0.4}, ttft_percentiles_s=[0.01, 0.02]),
             row("smg", 0, 0.56, 0.030, {"a": 0.8, "b": 0.2}),
-            row("kvroute:cache_aware", 1, 0.60, 0.040, {"a": 0.5, "b": 0.5}),
+            row("kvroute:cache_aware", 1, 0.60, 0.040, {"a": 0.5, "b": 0.5}, ttft_percentiles_s=[0.03, 0.06]),
             {"router": "smg", "front_door": "gateway", "seed": 1, "error": "gateway died"},
             {"router": "vllm-router", "front_door": "gateway", "seed": 0, "error": "no wheel"},
             {"router": "vllm-router", "front_door": "gateway", "seed": 1, "error": "no wheel"}]
-    kvroute, smg, vllm_router = mean_over_seeds(rows)
+
+
+def _seeded_report(results: list[dict]) -> dict:
+    return {"workload": {"requests": 10, "trace": None, "name": "agent", "span_s": 1.0, "prompt_tokens_mean": 10.0,
+                         "seed": 0, "seeds": [0, 1]},
+            "deployment": {"replicas": 2, "kv_blocks_per_replica": 96, "block_size": 32}, "ideal_hit_rate": 0.8,
+            "results": results}
+
+
+def test_several_seeds_are_averaged_per_router_and_kept_per_seed():
+    kvroute, smg, vllm_router = mean_over_seeds(_seeded_rows())
     assert kvroute["router"] == "kvroute:cache_aware" and kvroute["seeds"] == [0, 1]
     assert kvroute["hit_rate"] == pytest.approx(0.55) and kvroute["ttft_p99_s"] == pytest.approx(0.03)
     assert kvroute["hit_rate_by_seed"] == [0.5, 0.6] and kvroute["ttft_p99_s_by_seed"] == [0.02, 0.04]
     assert kvroute["requests"] == kvroute["completed"] == 20 and kvroute["gateway_peak_rss_mb"] == 101
     assert kvroute["replica_share"] == {"a": 0.55, "b": 0.45} and kvroute["client_hit_rate"] is None
+    assert kvroute["ttft_percentiles_s"] == [0.02, 0.04]  # percentile by percentile
     # A failed seed is left out of the figures and named.
     assert smg["seeds"] == [0] and smg["hit_rate"] == 0.56 and smg["errors_by_seed"] == {1: "gateway died"}
+    assert smg["ttft_percentiles_s"] == []
     assert vllm_router["error"] == "no wheel" and vllm_router["errors_by_seed"] == {0: "no wheel", 1: "no wheel"}
-    report = {"workload": {"requests": 10, "trace": None, "name": "agent", "span_s": 1.0, "prompt_tokens_mean": 10.0,
-                           "seed": 0, "seeds": [0, 1]},
-              "deployment": {"replicas": 2, "kv_blocks_per_replica": 96, "block_size": 32}, "ideal_hit_rate": 0.8,
-              "results": [kvroute, smg, vllm_router]}
-    table = format_table(report)
+    table = format_table(_seeded_report([kvroute, smg, vllm_router]))
     assert "seeds [0, 1]" in table and "50.0%, 60.0%" in table and "vllm-router" in table
+
+
+def test_a_report_is_drawn_from_its_json(tmp_path):
+    """``--plot``: the TTFT CDF and the summary, from the report alone (failed rows left
+    out); a report without percentiles (written before they were kept) gets the summary."""
+    import json
+
+    from benchmarks.peers_plots import SUMMARY, TTFT_CDF, main, plot
+
+    report = _seeded_report(mean_over_seeds(_seeded_rows()))
+    report["results"][0].update(engine_ttft_mean_s=0.007, outside_engine_ttft_mean_s=0.004)
+    written = plot(report, tmp_path / "plots")
+    assert [p.name for p in written] == [TTFT_CDF, SUMMARY]
+    assert all(p.stat().st_size > 10_000 and p.read_bytes()[:4] == b"\x89PNG" for p in written)
+    for row in report["results"]:
+        row.pop("ttft_percentiles_s", None)
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps(report))
+    assert main([str(path), str(tmp_path / "old")]) == 0
+    assert sorted(p.name for p in (tmp_path / "old").iterdir()) == [SUMMARY]
+
+
+def test_plot_with_simulate_fails_before_anything_runs(capsys):
+    from router.cli import main
+
+    assert main(["bench", "peers", "--simulate", "--plot", "/nonexistent/dir"]) == 2
+    assert "error: plot: --plot draws a live run's report" in capsys.readouterr().err
 
 
 def test_a_bad_seed_count_fails_before_anything_starts():
