@@ -69,9 +69,12 @@ UPSTREAM_KEEPALIVE_S = 3.0
 WORKER_HEADER = "x-kvroute-worker"
 #: vLLM's OpenAI server runs a request on this data-parallel rank (``_get_data_parallel_rank``).
 DP_RANK_HEADER = "X-data-parallel-rank"
-#: The loop-lag probe's period: often enough to catch a stall of a few milliseconds in
-#: a second's traffic, rare enough to cost nothing (a timer and an observation).
-LOOP_PROBE_S = 0.025
+#: The loop-lag probe's period. Each probe samples the lag a request arriving at that
+#: instant would meet, so the histogram estimates that at any rate; this one keeps its
+#: cost negligible: a wake-up of an idle gateway cost about 175 us of CPU on this 2-vCPU
+#: machine (0.21 s of CPU a 30 s idle at 40 probes a second), CPU that beside engines on
+#: the same cores is taken from them.
+LOOP_PROBE_S = 0.25
 
 
 def _error(status: int, message: str, param: str | None = None) -> web.Response:
