@@ -363,16 +363,19 @@ class RoutingService:
             if not missing:
                 self.tokenize_counts["cached"] += 1
                 return Tokenized(whole(ids), resume=resume)
-            if sum(map(len, missing)) <= self.inline_tokenize_chars:
+            mostly_cached = 2 * (base_chars + covered) >= base_chars + len(text)
+            short = sum(map(len, missing)) <= self.inline_tokenize_chars
+            if short and (ids_wanted or not mostly_cached):
                 # A short new message costs less to encode here than a hop to the pool.
                 ids = prompts.encode(text, special)
                 self.tokenize_counts["encoded"] += 1
                 return Tokenized(whole(ids), resume=resume)
-            if not (wait_s > 0 and (ids_wanted or 2 * (base_chars + covered) < base_chars + len(text))):
-                # Nothing waits for these ids: keyed on the cached prefix now, and the new
-                # text goes to the pool once the request is routed (``learn_after``), not
-                # on the decision's path (the hop wakes a thread that then contends with
-                # the loop for the GIL while the decision is still being made).
+            if not (wait_s > 0 and (ids_wanted or not mostly_cached)) or short:
+                # Nothing waits for these ids: keyed on the cached prefix now (the new text
+                # is in no cache the router knows of), and the new text is encoded once the
+                # request has been sent on (``learn_after``): on the loop when it is short,
+                # else on the pool; not on the decision's path (the hop wakes a thread that
+                # then contends with the loop for the GIL while the decision is made).
                 self.tokenize_counts["prefix"] += 1
                 return Tokenized(ids, waited, missing, len(text) - covered, None, resume,
                                  past_prefix=resume is not None and resume.prefix is not None)
@@ -440,7 +443,14 @@ class RoutingService:
         prompts = self.prompts
         fields, missing, encoding, resume = lesson
         try:
-            if encoding is None:
+            if encoding is None and sum(map(len, missing)) <= self.inline_tokenize_chars:
+                # Short: encoded here, cheaper than the pool's two thread hand-offs, but
+                # one turn of the loop later, so that the request's own sends queued
+                # meanwhile (aiohttp writes a body on a task of its own before Python
+                # 3.12) go first.
+                await asyncio.sleep(0)
+                prompts.store(missing, prompts.encode_pieces(missing))
+            elif encoding is None:
                 encoding = self.pool.submit(prompts, missing)
                 if encoding is None:
                     return

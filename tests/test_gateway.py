@@ -415,13 +415,15 @@ def test_a_session_sticks_to_its_worker():
     assert len(set(_run(_with_gateway(2, body, policy="round_robin")))) == 2
 
 
-def test_long_new_text_is_routed_at_once_and_learned_after():
+@pytest.mark.parametrize("later_words", [60, 8], ids=["long", "short"])
+def test_new_text_is_routed_at_once_and_learned_after(later_words):
     """With a tokenizer, a conversation's first turn (all of it new) waits for its ids; a
-    later turn whose new text is long but less than half of it is keyed on its cached
-    leading pieces without waiting for the tokenizer (counted ``prefix``), and the whole
-    prompt is learned on its worker after the decision: the next turn, which extends it,
-    is keyed on all of it and goes to the same worker, and the same prompt again is fully
-    cached."""
+    later turn whose new text is less than half of it is keyed on its cached leading
+    pieces without waiting for the tokenizer (counted ``prefix``), and the whole prompt is
+    learned on its worker after the decision (long new text on the tokenizer pool, short
+    text on the loop once the request has gone: no pool job): the next turn, which
+    extends it, is keyed on all of it and goes to the same worker, and the same prompt
+    again is fully cached."""
     from engines.tiny_model import build_tiny_model
 
     tokenizer = str(build_tiny_model("/tmp/kvroute-tiny-v2"))
@@ -432,11 +434,14 @@ def test_long_new_text_is_routed_at_once_and_learned_after():
         for i in range(4):
             messages = []
             for turn in range(3):
-                words = 150 if turn == 0 else 60  # later turns: long, but less than half of the prompt
-                new = f"conversation {i} turn {turn}: " + " ".join(f"word{i}x{turn}x{k}" for k in range(words))
-                assert len(new) > 512  # past what is encoded on the loop
+                words = 150 if turn == 0 else later_words  # later turns: less than half of the prompt
+                # (texts of their own per case: a process's routers share one piece cache)
+                new = f"conversation {i} turn {turn}: " + " ".join(f"w{later_words}x{i}x{turn}x{k}"
+                                                                    for k in range(words))
+                assert (len(new) > 512) == (turn == 0 or later_words == 60)  # 512: encoded on the loop
                 messages.append({"role": "user", "content": new})
                 before = dict(service.tokenize_counts)
+                submitted = service.pool.submitted
                 async with client.post("/v1/chat/completions",
                                        json={"model": MODEL, "messages": messages, "max_tokens": 4}) as resp:
                     assert resp.status == 200, await resp.text()
@@ -445,6 +450,8 @@ def test_long_new_text_is_routed_at_once_and_learned_after():
                 how = "encoded" if turn == 0 else "prefix"  # the first turn waited for its ids
                 assert service.tokenize_counts[how] == before[how] + 1, (turn, service.tokenize_counts)
                 await until_learned(gateway.service)
+                if turn and later_words == 8:
+                    assert service.pool.submitted == submitted  # learned on the loop
                 url = resp.headers["x-kvroute-worker"]
                 fields = service.parse({"model": MODEL, "messages": messages})
                 full, _ = service.prompts.assemble(service.text_of(fields), fields.add_special_tokens)
