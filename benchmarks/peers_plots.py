@@ -2,7 +2,7 @@
 
 Drawn from the report's JSON alone, so a committed result can be drawn again::
 
-    python -m benchmarks.peers_plots benchmarks/results/peers_chat_pinned_5seeds_ttft_split.json DIR
+    python -m benchmarks.peers_plots benchmarks/results/peers_chat_pinned_5seeds_defer.json DIR
 
 * ``peers_ttft_cdf.png``: each router's TTFT distribution as the client saw it (its 99
   percentiles, ``ttft_percentiles_s``; over several seeds, their mean per percentile), on
