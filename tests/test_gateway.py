@@ -248,6 +248,20 @@ def test_engine_report_from_vllm_metrics():
     assert (whole["running"], whole["num_gpu_blocks"], whole["kv_usage"]) == (4, 2048, 0.5)
 
 
+def test_the_cache_configuration_line_is_parsed_once_per_distinct_line():
+    """Scraped every second, a server's ``cache_config_info`` line (its configuration,
+    1.7 kB of labels in vLLM 0.32) is parsed once; the same report every scrape, and a
+    server restarted with another configuration is read anew."""
+    from router.gateway.vllm_metrics import _config_samples
+
+    page = METRICS.format(running=1, waiting=0)
+    first = engine_report(page)
+    hits = _config_samples.cache_info().hits
+    assert engine_report(page) == first and _config_samples.cache_info().hits == hits + 1
+    restarted = engine_report(page.replace('num_gpu_blocks="1024"', 'num_gpu_blocks="2048"'))
+    assert restarted == {**first, "num_gpu_blocks": 2048}
+
+
 def test_a_ranks_kv_events_are_at_the_endpoints_port_plus_its_rank():
     assert _offset_port("tcp://10.0.0.1:5557", 1) == "tcp://10.0.0.1:5558"
     assert _offset_port("tcp://10.0.0.1:5557", 0) == "tcp://10.0.0.1:5557"
