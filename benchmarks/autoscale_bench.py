@@ -316,11 +316,9 @@ def format_table(report: dict[str, Any]) -> str:
 def plot(report: dict[str, Any], directory: str | Path) -> list[Path]:
     """Hit rate, TTFT p90 and running replicas per window over time, live (solid) and
     simulated (dashed), one line per router; ``autoscale.png`` in ``directory``."""
-    import matplotlib
+    from simulator.plots import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     fig, axes = plt.subplots(3, 1, figsize=(9, 9), sharex=True)

@@ -363,14 +363,17 @@ class RoutingService:
             if not missing:
                 self.tokenize_counts["cached"] += 1
                 return Tokenized(whole(ids), resume=resume)
-            mostly_cached = 2 * (base_chars + covered) >= base_chars + len(text)
+            # The decision needs the whole prompt's ids when an engine takes them, or when
+            # the cached leading pieces cover less than half of it (keyed on so little, it
+            # would be routed blind).
+            needs_ids = ids_wanted or 2 * (base_chars + covered) < base_chars + len(text)
             short = sum(map(len, missing)) <= self.inline_tokenize_chars
-            if short and (ids_wanted or not mostly_cached):
+            if short and needs_ids:
                 # A short new message costs less to encode here than a hop to the pool.
                 ids = prompts.encode(text, special)
                 self.tokenize_counts["encoded"] += 1
                 return Tokenized(whole(ids), resume=resume)
-            if not (wait_s > 0 and (ids_wanted or not mostly_cached)) or short:
+            if short or not (wait_s > 0 and needs_ids):
                 # Nothing waits for these ids: keyed on the cached prefix now (the new text
                 # is in no cache the router knows of), and the new text is encoded once the
                 # request has been sent on (``learn_after``): on the loop when it is short,

@@ -298,7 +298,7 @@ class Gateway:
 
     async def _route_and_forward(self, request: web.Request, endpoint: str, raw: bytes, body: dict,
                                  stream: bool, started: float) -> web.StreamResponse:
-        began = started
+        began = started  # for the added time; ``started`` moves past the tokenizer wait (decision latency)
         service = self.service
         service.schedule_metrics_flush()
         session = session_of(request.headers, body)
@@ -365,7 +365,8 @@ class Gateway:
                 if worker is not None:
                     pool.started(replica, -1)
                 service.completed(request_id)
-            started = time.perf_counter()
+            # A retry's decision and added time start now (the failed worker's wait was not the gateway's).
+            started = began = time.perf_counter()
         return _error(503, f"no worker could serve the request: {last_error}")
 
     async def _forward(self, request: web.Request, url: str, rank: int | None, replica: str, endpoint: str,
