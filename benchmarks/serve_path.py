@@ -60,7 +60,9 @@ history, as a live router has; ``cold`` is the other end (nothing seen before).
 Every request is a fresh object with fresh strings, as an ingress would have parsed it
 (``json.loads`` of its JSON, done before the timed phase). Reported per router, workload
 and driver: requests/s and its ratio to Serve's default in the same run, latency p50/p99,
-the router's cost per request, the router loop's lag (worst, p99), and how many requests
+the router's cost per request, the router loop's lag (worst, p99), the CPU each request
+cost the machine by component (``cpu_ms_per_request``, ``benchmarks.cpu_ledger``: on a
+machine whose cores are all busy, ``machine_busy``, requests/s is the cores over it), and how many requests
 reached an engine carrying the router's token ids (kvroute sends them as keyword argument
 ``kvroute_prompt`` to replicas reporting its tokenizer's fingerprint).
 """
@@ -81,6 +83,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from benchmarks.cpu_ledger import CpuLedger, per_request_ms
 from router.errors import ConfigError
 from simulator.metrics import percentile
 
@@ -695,6 +698,48 @@ def _wait_for_stats(request_router: Any, replicas: int, fingerprint: str | None,
     return False
 
 
+def _wait_for_learning(request_router: Any, timeout_s: float = 120.0) -> float | None:
+    """Block until kvroute's router has nothing left to learn (no ``learn_after`` task
+    running, nothing queued in its tokenizer pool); the seconds it took, or None for
+    other routers. The warm turns are whole conversations new to the router, whose text it
+    encodes after routing them; a live router has done that long before a conversation's
+    next turn, so the timed turns must not share the machine with that backlog."""
+    state = getattr(request_router, "state", None)
+    service = getattr(state, "service", None)
+    if service is None or not hasattr(service, "learning"):
+        return None
+    started = time.perf_counter()
+    deadline = started + timeout_s
+    # Read from this thread (two ints); the router's loop keeps running.
+    while service.learning or service.pool.queued_chars:
+        if time.perf_counter() > deadline:
+            raise RuntimeError(f"kvroute's router still learning after {timeout_s:.0f} s "
+                               f"({service.learning} tasks, {service.pool.queued_chars} characters queued)")
+        time.sleep(0.005)
+    return time.perf_counter() - started
+
+
+#: Short names for ``cpu_ms_per_request``'s components in the table.
+CPU_LABELS = {
+    "this process: _run_router_event_loop": "router loop",
+    "this process: MainThread": "driver",
+    "this process: kvroute-tokenize": "tokenizer pool",
+    "this process: native": "native threads",
+    "replica:" + ENGINE_DEPLOYMENT: "replicas",
+    "replica:OpenAIIngress": "ingress",
+}
+
+
+def _busy_fraction(before: Any, after: Any) -> float | None:
+    """The share of the machine's CPU time that was not idle between two
+    ``psutil.cpu_times()`` (1.0: every core busy the whole time)."""
+    total = sum(after) - sum(before)
+    if total <= 0:
+        return None
+    idle = (after.idle - before.idle) + (getattr(after, "iowait", 0.0) - getattr(before, "iowait", 0.0))
+    return round(1.0 - idle / total, 3)
+
+
 def _own_seconds(request_router: Any, since: tuple[float, float] | None = None) -> tuple[float, float] | None:
     """kvroute's cumulative (on-loop, tokenizer-wait) seconds (``RouterState``), minus
     ``since``; None for other routers."""
@@ -746,6 +791,7 @@ def run_router(router: str, workloads: Sequence[Workload], *, tokenizer: str, fi
                replicas: int, concurrency: int, drivers: Sequence[str], http_url: str,
                timeout_s: float = 600.0, progress: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
     """Deploy ``router``'s application, run every workload on every driver, delete it."""
+    import psutil
     from ray import serve
     from ray.serve.config import RequestRouterConfig
     from ray.serve.handle import DeploymentHandle
@@ -798,6 +844,7 @@ def run_router(router: str, workloads: Sequence[Workload], *, tokenizer: str, fi
                 time.sleep(2.0)  # the ingress's router gets the replicas' reports (period 1 s)
         timer = ChooseTimer(request_router)
         decisions = DecisionLoopTimes(request_router)
+        ledger = CpuLedger()
         session_cache: dict[str, Any] = {}
         for workload in workloads:
             for driver in drivers:
@@ -819,6 +866,7 @@ def run_router(router: str, workloads: Sequence[Workload], *, tokenizer: str, fi
                     def drive(w: Workload, inputs: list) -> DriverResult:
                         return asyncio.run(_drive_http(http_url, w, inputs, concurrency, timeout_s))
                 warm = drive(workload.warm, prepare(workload.warm)) if workload.warm is not None else None
+                settle_s = _wait_for_learning(request_router) if driver == "handle" else None
                 # Everything this process builds is built before the timer and the probe
                 # start (parsing 40 MB of JSON holds the GIL the router's loop needs), and
                 # frozen out of the garbage collector's way while they run.
@@ -829,6 +877,7 @@ def run_router(router: str, workloads: Sequence[Workload], *, tokenizer: str, fi
                 choose: Sequence[float] | None = None
                 lags: Sequence[float] | None = None
                 own: tuple[float, float] | None = None
+                cpu_before, machine_before = ledger.snapshot(), psutil.cpu_times()
                 try:
                     if driver == "handle":
                         timer.reset()
@@ -844,11 +893,17 @@ def run_router(router: str, workloads: Sequence[Workload], *, tokenizer: str, fi
                     else:
                         outcome = drive(workload, inputs)
                 finally:
+                    cpu_spent = CpuLedger.spent(cpu_before, ledger.snapshot())
+                    machine_busy = _busy_fraction(machine_before, psutil.cpu_times())
                     gc.unfreeze()
                     del inputs
                 after = _engine_counters(handle)
                 counters = {key: _delta(after, before, key) for key in ("requests", "with_ids", "id_bytes")}
                 row = _row(router, workload, driver, outcome, counters, choose, lags)
+                # On a machine whose cores are all busy, requests/s is the cores over the
+                # CPU a request costs: who spends it, per request, in milliseconds.
+                row["cpu_ms_per_request"] = per_request_ms(cpu_spent, outcome.answered + outcome.failed)
+                row["machine_busy"] = machine_busy
                 if driver == "handle" and own is not None:
                     # kvroute's own split of that wall time: on the loop, and waiting for its
                     # tokenizer pool (the wall time also counts other coroutines' turns).
@@ -861,6 +916,7 @@ def run_router(router: str, workloads: Sequence[Workload], *, tokenizer: str, fi
                         row["router_loop_p99_us"] = round(percentile(stretches, 0.99) * 1e6, 1)
                         row["router_loop_max_us"] = round(stretches[-1] * 1e6, 1)
                 row.update({"deploy_s": round(deploy_s, 1), "stats_ready": stats_ready,
+                            "warm_learning_s": _round(settle_s, 2),
                             "warm_requests": len(workload.warm.bodies) if workload.warm else 0,
                             "warm_unanswered": len(workload.warm.bodies) - warm.answered if warm else 0})
                 rows.append(row)
@@ -1072,8 +1128,23 @@ def decision_phases(tokenizer: str, workloads: Sequence[Workload], *,
         service.set_replicas(replicas)
         phases: dict[str, list[float]] = {"parse": [], "tokenized": [], "key": [], "rank": [], "total": [],
                                           "routed": []}
+        # The tokenizer's own work on what it is handed (a turn's new text), timed on the
+        # pool's thread: the floor under the CPU a tokenizing router adds per request.
+        encoded = {"chars": 0, "seconds": 0.0, "on": False}
+        encode_pieces = service.prompts.encode_pieces
+
+        def timed_encode(pieces: list[str]) -> list[bytes]:
+            started = time.perf_counter()
+            out = encode_pieces(pieces)
+            if encoded["on"]:
+                encoded["chars"] += sum(map(len, pieces))
+                encoded["seconds"] += time.perf_counter() - started
+            return out
+
+        service.prompts.encode_pieces = timed_encode
 
         async def route_all(bodies: list[dict], timed: bool) -> None:
+            encoded["on"] = timed
             for i, body in enumerate(bodies):
                 began = time.perf_counter()
                 fields = service.parse(body)
@@ -1124,6 +1195,8 @@ def decision_phases(tokenizer: str, workloads: Sequence[Workload], *,
         row["total_us_p99"] = round(percentile(sorted(phases["total"]), 0.99), 1)
         row["render_segments_us_p50"] = round(statistics.median(segments), 1)
         row["render_jinja_us_p50"] = round(statistics.median(jinja), 1)
+        row["encoded_chars_per_request"] = round(encoded["chars"] / max(1, len(workload.bodies)))
+        row["encode_ms_per_request"] = round(encoded["seconds"] * 1e3 / max(1, len(workload.bodies)), 3)
         out.append(row)
     return out
 
@@ -1197,7 +1270,16 @@ def format_table(report: dict[str, Any]) -> str:
                      f"(chat rendering: segments {row['render_segments_us_p50']:.0f}, Jinja "
                      f"{row['render_jinja_us_p50']:.0f}), tokenized {row['tokenized_us_p50']:.0f}, key "
                      f"{row['key_us_p50']:.0f}, rank {row['rank_us_p50']:.0f}: total {row['total_us_p50']:.0f} "
-                     f"(p99 {row['total_us_p99']:.0f}); then routed {row['routed_us_p50']:.0f}")
+                     f"(p99 {row['total_us_p99']:.0f}); then routed {row['routed_us_p50']:.0f}; the tokenizer "
+                     f"encoded {row.get('encoded_chars_per_request', 0):,} new characters a request in "
+                     f"{_fmt(row.get('encode_ms_per_request'), '.2f')} ms")
+    for r in rows:
+        cpu = r.get("cpu_ms_per_request")
+        if cpu:
+            parts = [f"{CPU_LABELS.get(k, k)} {v:.2f}" for k, v in list(cpu.items())[1:] if v >= 0.05][:6]
+            lines.append(f"CPU a request, {r['router']} on {r['workload']} ({r['driver']}; machine "
+                         f"{_fmt(r.get('machine_busy') and 100 * r['machine_busy'], '.0f')}% busy): "
+                         f"{cpu['total']:.2f} ms: " + ", ".join(parts))
     kv = report.get("kv_aware")
     if kv is not None and not kv.get("ran"):
         lines.append(f"ray-kv-aware did not run: {kv.get('error')}")

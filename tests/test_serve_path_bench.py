@@ -19,7 +19,8 @@ REPO = str(Path(__file__).resolve().parents[1])
 ROW_FIELDS = {"router", "workload", "driver", "requests", "answered", "failed", "errors", "wall_s", "throughput_rps",
               "ratio_to_default", "latency_p50_ms", "latency_p99_ms", "router_cost_us_per_request", "router_calls",
               "router_call_p50_us", "router_call_p99_us", "loop_lag_max_ms", "loop_lag_p99_ms", "loop_lag_p50_ms",
-              "engine_requests", "requests_with_ids", "id_bytes", "replica_requests", "replica_requests_with_ids"}
+              "engine_requests", "requests_with_ids", "id_bytes", "replica_requests", "replica_requests_with_ids",
+              "cpu_ms_per_request", "machine_busy", "warm_learning_s"}
 REPORT_FIELDS = {"benchmark", "config", "workloads", "machine", "code", "results", "separation", "kv_aware"}
 
 
@@ -155,3 +156,16 @@ def test_kvroute_with_a_tokenizer_sends_its_token_ids_to_the_engine(report):
             assert row["requests_with_ids"] > 0, row
         else:
             assert row["requests_with_ids"] == 0, row
+
+
+@pytest.mark.serve
+def test_the_cpu_each_request_cost_is_split_by_component(report):
+    """The timed phase's CPU per request by component (``benchmarks.cpu_ledger``; its own
+    tests check what is charged where: a run of 12 requests is a few clock ticks, too few
+    to assert which component got them)."""
+    for row in report["results"]:
+        cpu = row["cpu_ms_per_request"]
+        assert row["machine_busy"] is None or 0 <= row["machine_busy"] <= 1, row["machine_busy"]
+        parts = {key: value for key, value in cpu.items() if key != "total"}
+        assert all(value > 0 for value in parts.values()), cpu
+        assert cpu["total"] == pytest.approx(sum(parts.values()), abs=0.001 * (1 + len(parts)))
