@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from heapq import heapify, heappop, heappush
 from collections.abc import Callable, Sequence
 
 import xxhash
@@ -206,6 +207,9 @@ class EngineReplica:
         # starts) and its timer, or 0 / None.
         self._boundary_step = 0
         self._boundary_timer: Timer | None = None
+        # The run's (next work step, running index) per running request with work left in
+        # the run: ``_boundary``'s agenda.
+        self._boundary_heap: list[tuple[int, int]] = []
         self._scheduled: list[tuple[EngineRequest, int]] = []
         self._run_start = 0.0
         self._run_steps = 0
@@ -475,13 +479,35 @@ class EngineReplica:
     def _boundary(self, step: int) -> None:
         """The start of the run's step ``step``: what ``_allocate`` does for each running
         request's one token there (a new block when it starts one, the key of a block it
-        completes), in the running order; then the next boundary is armed. One pass over
-        the running requests, which also finds that next boundary. Step 0 (the run's start,
-        whose blocks the last step already gave) changes nothing and arms the first."""
+        completes), in the running order; then the next boundary is armed. Step 0 (the
+        run's start, whose blocks the last step already gave) changes nothing: it puts each
+        running request in a heap by the step of its next block start or completion
+        (O(running)) and arms the first. A later boundary takes from the heap only the
+        requests with work at that step, in running order (the heap's ties break on the
+        running index), and puts each back at its next such step: O(k log running) for k
+        of them, instead of a pass over every running request at every boundary (with
+        16-token blocks and a hundred running requests, a boundary nearly every step, each
+        with work for one or two). The running list does not change during a run (it stops
+        before any request finishes or arrives), so the indices hold."""
         pool = self.pool
         size = self.block_size
-        best = self._run_steps + 1
-        for req in self.running:
+        running = self.running
+        last = self._run_steps
+        if step == 0:
+            heap = []
+            for i, req in enumerate(running):
+                done = req.num_computed
+                alloc = len(req.blocks) * size - done + 1
+                cache = (req.num_cached_blocks + 1) * size - done
+                nxt = alloc if alloc < cache else cache
+                if nxt <= last:
+                    heap.append((nxt, i))
+            heapify(heap)
+            self._boundary_heap = heap
+        heap = self._boundary_heap
+        while heap and heap[0][0] == step:
+            i = heappop(heap)[1]
+            req = running[i]
             done = req.num_computed  # as the run began: step j computes up to token done + j
             total = done + step
             blocks = req.blocks
@@ -497,9 +523,9 @@ class EngineReplica:
             alloc = len(blocks) * size - done + 1
             cache = (cached + 1) * size - done
             nxt = alloc if alloc < cache else cache
-            if nxt < best:
-                best = nxt
-        self._arm_boundary(best if best <= self._run_steps else 0)
+            if nxt <= last:
+                heappush(heap, (nxt, i))
+        self._arm_boundary(heap[0][0] if heap and heap[0][0] <= self._run_steps else 0)
 
     def _arm_boundary(self, step: int) -> None:
         """The run's next boundary is step ``step`` (0: none): taken now if it is the first

@@ -85,12 +85,12 @@ def test_preemption_by_recompute_when_blocks_run_out_and_everyone_still_finishes
     engine.pool.check_invariants()
 
 
-def random_requests(seed, n=40, shared=3):
+def random_requests(seed, n=40, shared=3, rate=4.0):
     rng = random.Random(seed)
     out = []
     t = 0.0
     for uid in range(n):
-        t += rng.expovariate(4.0)
+        t += rng.expovariate(rate)
         prefix = rng.randrange(shared)
         prompt = rng.randint(20, 700)
         keys = [prefix * 10_000 + j if j < 20 else uid * 10_000_000 + j for j in range(prompt // 16)]
@@ -120,6 +120,35 @@ def test_conservation_and_the_fast_path_is_exact(seed, blocks):
         results.append((log, engine.steps, engine.preemptions))
     (fast_log, fast_steps, fast_pre), (slow_log, slow_steps, slow_pre) = results
     assert (fast_steps, fast_pre) == (slow_steps, slow_pre)
+    assert_same_events(fast_log, slow_log)
+
+
+@settings(max_examples=15, deadline=None)
+@given(seed=st.integers(0, 10_000), pool_tokens=st.sampled_from([2_400, 6_400, 48_000]),
+       size=st.sampled_from([1, 4, 16]))
+def test_the_fast_path_is_exact_with_many_requests_running(seed, pool_tokens, size):
+    """Eighty requests arriving within a fraction of a second: runs of decode steps over
+    dozens of running requests, whose boundaries (each request's next block start or
+    completion, from a heap) must come at the steps and in the order stepping one by one
+    gives, with arrivals cutting runs short and, in small pools, preemptions."""
+    blocks = pool_tokens // size
+    results = []
+    for fast in (True, False):
+        kernel = Kernel()
+        engine, log = make_engine(kernel, blocks=blocks, size=size, fast=fast, max_num_seqs=64,
+                                  max_num_batched_tokens=4096)
+        reqs = random_requests(seed, n=80, rate=200.0)  # 16-token keys; past them, the engine's own
+        submit(kernel, engine, reqs)
+        running_max = []
+        kernel.run(on_event=lambda t: running_max.append(len(engine.running)))
+        assert sorted(uid for uid, _ in log["done"]) == [r[0] for r in reqs]
+        assert engine.pool.num_free == blocks and not engine.running and not engine.waiting
+        engine.pool.check_invariants()
+        results.append((log, engine.steps, engine.preemptions, max(running_max)))
+    (fast_log, fast_steps, fast_pre, fast_max), (slow_log, slow_steps, slow_pre, _) = results
+    assert (fast_steps, fast_pre) == (slow_steps, slow_pre)
+    if pool_tokens == 48_000:
+        assert fast_max >= 20  # many running at once, as this test means to exercise
     assert_same_events(fast_log, slow_log)
 
 
