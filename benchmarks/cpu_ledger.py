@@ -14,9 +14,10 @@ less, and splits by component.
 * every process descended from this one (a local Ray cluster's raylet, GCS, workers),
   named by its process title (Ray sets ``ray::ServeReplica:APP:DEPLOYMENT`` and the like).
 
-``CpuLedger.spent(before, after)`` is the difference, by component, in seconds. Threads
-and processes that ended between the snapshots are not counted (their CPU is lost to
-``/proc``); a benchmark's timed phase starts and ends none.
+``CpuLedger.spent(before, after)`` is the difference, thread by thread and process by
+process, summed by component, in seconds. Threads and processes that ended between the
+snapshots are not counted (their CPU is lost to ``/proc``); a benchmark's timed phase
+starts and ends few.
 """
 
 from __future__ import annotations
@@ -50,27 +51,31 @@ def thread_component(name: str) -> str:
 
 def process_component(title: str) -> str:
     """A process's component from its title: Ray's ``ray::ServeReplica:APP:DEPLOYMENT``
-    -> ``replica:DEPLOYMENT``, ``ray::ProxyActor`` -> ``ray::ProxyActor``, a raylet or GCS
-    server by its executable's name."""
+    -> ``replica:DEPLOYMENT``, ``ray::ProxyActor`` -> ``ray::ProxyActor`` (a worker's title
+    names the method it runs, ``ray::ServeController.listen_for_change``: dropped, so a
+    process keeps one name), a raylet or GCS server by its executable's name."""
     if title.startswith("ray::ServeReplica:"):
-        return "replica:" + title.split(":")[-1].split()[0]
+        return "replica:" + title.split(":")[-1].split()[0].split(".")[0]
     if title.startswith("ray::"):
-        return title.split()[0]
+        return title.split()[0].split(".")[0]
     first = title.split()[0] if title.split() else title
     return os.path.basename(first)
 
 
 class CpuLedger:
-    """Snapshots of CPU seconds by component (this process's threads, its descendants);
-    a snapshot is O(threads + processes) reads of ``/proc``."""
+    """Snapshots of CPU seconds of this process's threads and its descendant processes,
+    each under its component's name; ``spent`` sums their differences by component. A
+    snapshot is O(threads + processes) reads of ``/proc``."""
 
     def __init__(self, pid: int | None = None) -> None:
         self.pid = pid or os.getpid()
 
-    def snapshot(self) -> dict[str, float]:
+    def snapshot(self) -> dict[tuple[str, int], tuple[str, float]]:
+        """``(kind, id) -> (component, CPU seconds)`` for every thread of this process
+        (``("thread", tid)``) and every descendant process (``("process", pid)``)."""
         import psutil
 
-        out: dict[str, float] = {}
+        out: dict[tuple[str, int], tuple[str, float]] = {}
         names = {t.native_id: t.name for t in threading.enumerate() if t.native_id is not None}
         try:
             tids = [int(t) for t in os.listdir(f"/proc/{self.pid}/task")]
@@ -78,10 +83,9 @@ class CpuLedger:
             tids = []
         for tid in tids:
             cpu = _thread_cpu_s(self.pid, tid)
-            if cpu is None:
-                continue
-            key = "this process: " + (thread_component(names[tid]) if tid in names else "native")
-            out[key] = out.get(key, 0.0) + cpu
+            if cpu is not None:
+                name = thread_component(names[tid]) if tid in names else "native"
+                out[("thread", tid)] = ("this process: " + name, cpu)
         try:
             children = psutil.Process(self.pid).children(recursive=True)
         except psutil.Error:
@@ -93,19 +97,21 @@ class CpuLedger:
                     title = " ".join(child.cmdline()) or child.name()
             except psutil.Error:
                 continue
-            key = process_component(title)
-            out[key] = out.get(key, 0.0) + times.user + times.system
+            out[("process", child.pid)] = (process_component(title), times.user + times.system)
         return out
 
     @staticmethod
-    def spent(before: Mapping[str, float], after: Mapping[str, float]) -> dict[str, float]:
-        """CPU seconds by component between two snapshots (components new in ``after``
-        count from zero); components that spent nothing are left out."""
-        out = {}
-        for key, value in after.items():
-            delta = value - before.get(key, 0.0)
+    def spent(before: Mapping[tuple[str, int], tuple[str, float]],
+              after: Mapping[tuple[str, int], tuple[str, float]]) -> dict[str, float]:
+        """CPU seconds by component between two snapshots, thread by thread and process by
+        process (one new in ``after`` counts from zero: all its CPU was spent in between;
+        one gone from ``after`` is not counted); components that spent nothing are left
+        out. A thread or process is named as in ``after``."""
+        out: dict[str, float] = {}
+        for key, (component, value) in after.items():
+            delta = value - before[key][1] if key in before else value
             if delta > 0:
-                out[key] = delta
+                out[component] = out.get(component, 0.0) + delta
         return out
 
 

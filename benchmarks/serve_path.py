@@ -941,6 +941,33 @@ def _add_ratios(rows: list[dict[str, Any]]) -> None:
         row["ratio_to_default"] = round(row["throughput_rps"] / reference, 3) if reference else None
 
 
+def median_rounds(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (router, workload, driver) from its rounds' rows (``run``'s
+    ``rounds``): the median round's row (by ratio to Serve's default; Serve's default by
+    requests/s; the lower middle of an even count), with ``throughput_rps`` and
+    ``ratio_to_default`` the medians over rounds and ``rounds`` each round's requests/s,
+    ratio and CPU a request."""
+    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault((row["router"], row["workload"], row["driver"]), []).append(row)
+    out = []
+    for group in groups.values():
+        group = sorted(group, key=lambda r: r.get("round", 0))
+        by = "throughput_rps" if group[0]["router"] == SERVE_DEFAULT or \
+            any(r.get("ratio_to_default") is None for r in group) else "ratio_to_default"
+        middle = sorted(group, key=lambda r: r[by])[(len(group) - 1) // 2]
+        row = {key: value for key, value in middle.items() if key != "round"}
+        row["throughput_rps"] = round(statistics.median(r["throughput_rps"] for r in group), 1)
+        ratios = [r["ratio_to_default"] for r in group if r.get("ratio_to_default") is not None]
+        row["ratio_to_default"] = round(statistics.median(ratios), 3) if len(ratios) == len(group) else None
+        row["median_round"] = middle.get("round")
+        row["rounds"] = [{"round": r.get("round"), "throughput_rps": r["throughput_rps"],
+                          "ratio_to_default": r.get("ratio_to_default"),
+                          "cpu_ms_per_request": (r.get("cpu_ms_per_request") or {}).get("total")} for r in group]
+        out.append(row)
+    return out
+
+
 def separation(rows: Sequence[dict[str, Any]], *, noise: float = 0.25, cost_factor: float = 10.0,
                cost_floor_us: float = 100.0) -> list[dict[str, Any]]:
     """Per workload and driver, how each router compares with Serve's default there:
@@ -976,11 +1003,20 @@ def run(*, routers: Sequence[str] = ROUTERS, workloads: Sequence[str] | None = N
         concurrency: int = DEFAULT_CONCURRENCY, replicas: int = DEFAULT_REPLICAS, drivers: Sequence[str] = DRIVERS,
         tokenizer: str | None = None, seed: int = 0, port: int = 0, kv_aware_options: dict | None = None,
         engine: str = "trivial", progress: Callable[[str], None] | None = None,
-        cold_rounds: int | None = None) -> dict[str, Any]:
+        cold_rounds: int | None = None, rounds: int = 1) -> dict[str, Any]:
     """The ``kvroute bench serve-path`` report (see the module docstring). ``engine``:
     ``trivial`` (answers at once) or ``tokenizing`` (tokenizes each prompt first, as an
     engine's front end does, or takes the router's ids). ``cold_rounds``: rounds of the
-    cold-text measurement per size (``cold_tokenize_overhead``'s default when None)."""
+    cold-text measurement per size (``cold_tokenize_overhead``'s default when None).
+
+    ``rounds``: the routers' timed runs repeated, round ``r`` on workloads of seed
+    ``seed + r`` (new text, so no round meets another's cache), the routers' order
+    reversed every other round; a round's ratios are to Serve's default in that round.
+    Each result row is then the median round's (by its ratio to Serve's default, or by
+    requests/s for Serve's default itself) with ``ratio_to_default`` and
+    ``throughput_rps`` the medians over rounds and ``rounds`` each round's figures; every
+    round's rows are in ``round_results``. On a shared 2-core machine requests/s moves by
+    1.5x between runs minutes apart; a ratio measured within a round moves far less."""
     if engine not in ENGINES:
         raise ConfigError("engine", f"must be one of {', '.join(ENGINES)}, got {engine!r}")
     say = progress or (lambda message: None)
@@ -997,6 +1033,8 @@ def run(*, routers: Sequence[str] = ROUTERS, workloads: Sequence[str] | None = N
             raise ConfigError(field_name, f"must be a positive integer, got {value!r}")
     if requests is not None and (not isinstance(requests, int) or requests <= 0):
         raise ConfigError("requests", f"must be a positive integer, got {requests!r}")
+    if not isinstance(rounds, int) or isinstance(rounds, bool) or rounds <= 0:
+        raise ConfigError("rounds", f"must be a positive integer, got {rounds!r}")
     specs = parse_workload_names(workloads)
     if tokenizer is None:
         from engines.bench_tokenizer import build_bench_tokenizer
@@ -1011,6 +1049,7 @@ def run(*, routers: Sequence[str] = ROUTERS, workloads: Sequence[str] | None = N
     say(f"generating {len(specs)} workloads")
     built = [build_workload(kind, size, requests=requests, concurrency=concurrency, seed=seed) for kind, size in specs]
     rows: list[dict[str, Any]] = []
+    round_rows: list[dict[str, Any]] = []
     main_routers = [r for r in routers if r != RAY_KV_AWARE]
     if main_routers:
         from benchmarks.live_bench import Cluster
@@ -1018,12 +1057,24 @@ def run(*, routers: Sequence[str] = ROUTERS, workloads: Sequence[str] | None = N
         cluster = Cluster(port)
         try:
             url = f"http://127.0.0.1:{cluster.port}{ROUTE}/v1/chat/completions"
-            for name in main_routers:
-                rows += run_router(name, built, tokenizer=tokenizer, fingerprint=fingerprint,
-                                   engine_tokenizes=engine == "tokenizing", replicas=replicas,
-                                   concurrency=concurrency, drivers=drivers, http_url=url, progress=say)
+            for r in range(rounds):
+                this_round = built if r == 0 else [
+                    build_workload(kind, size, requests=requests, concurrency=concurrency, seed=seed + r)
+                    for kind, size in specs]
+                here: list[dict[str, Any]] = []
+                for name in (main_routers if r % 2 == 0 else main_routers[::-1]):
+                    if rounds > 1:
+                        say(f"round {r + 1}/{rounds}: {name}")
+                    here += run_router(name, this_round, tokenizer=tokenizer, fingerprint=fingerprint,
+                                       engine_tokenizes=engine == "tokenizing", replicas=replicas,
+                                       concurrency=concurrency, drivers=drivers, http_url=url, progress=say)
+                _add_ratios(here)
+                for row in here:
+                    row["round"] = r
+                round_rows += here
         finally:
             cluster.close()
+        rows = median_rounds(round_rows) if rounds > 1 else list(round_rows)
     kv_aware: dict[str, Any] | None = None
     if RAY_KV_AWARE in routers:
         from benchmarks import serve_path_kv_aware
@@ -1032,8 +1083,9 @@ def run(*, routers: Sequence[str] = ROUTERS, workloads: Sequence[str] | None = N
         kv_aware = serve_path_kv_aware.run_subprocess(
             workloads=[w.name for w in built], requests=requests, concurrency=concurrency, replicas=replicas,
             tokenizer=tokenizer, seed=seed, progress=say, **(kv_aware_options or {}))
-        rows += kv_aware.pop("results", [])
-    _add_ratios(rows)
+        kv_rows = kv_aware.pop("results", [])
+        _add_ratios(kv_rows)  # its own path (``http-llm``), its own Serve's default there
+        rows += kv_rows
     say("cold text: kvroute's path against the tokenizer's own encode")
     cold = cold_tokenize_overhead(tokenizer, sorted({size for _, size in specs}), seed=seed, rounds=cold_rounds)
     say("one decision's time on the loop, in this process")
@@ -1043,12 +1095,13 @@ def run(*, routers: Sequence[str] = ROUTERS, workloads: Sequence[str] | None = N
         "config": {"routers": routers, "drivers": drivers, "engine": engine, "concurrency": concurrency,
                    "replicas": replicas,
                    "tokenizer": tokenizer, "tokenizer_fingerprint": fingerprint, "block_size": BLOCK_SIZE,
-                   "seed": seed, "requests": requests},
+                   "seed": seed, "requests": requests, "rounds": rounds},
         "workloads": [w.describe() for w in built],
         "machine": {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
                     "load_average": _load_average()},
         "code": _code_version(),
         "results": rows,
+        "round_results": round_rows if rounds > 1 else None,
         "separation": separation(rows),
         "kv_aware": kv_aware,
         "cold_tokenize": cold,
@@ -1273,6 +1326,12 @@ def format_table(report: dict[str, Any]) -> str:
                      f"(p99 {row['total_us_p99']:.0f}); then routed {row['routed_us_p50']:.0f}; the tokenizer "
                      f"encoded {row.get('encoded_chars_per_request', 0):,} new characters a request in "
                      f"{_fmt(row.get('encode_ms_per_request'), '.2f')} ms")
+    for r in rows:
+        if len(r.get("rounds") or ()) > 1 and r["router"] != SERVE_DEFAULT:
+            by_round = ", ".join(f"{_fmt(x['ratio_to_default'], '.2f')} ({x['throughput_rps']:.0f} req/s)"
+                                 for x in r["rounds"])
+            lines.append(f"rounds, {r['router']} on {r['workload']} ({r['driver']}): x default {by_round}; "
+                         f"median {_fmt(r.get('ratio_to_default'), '.2f')}")
     for r in rows:
         cpu = r.get("cpu_ms_per_request")
         if cpu:

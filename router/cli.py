@@ -261,14 +261,14 @@ def _bench_serve_path(args: argparse.Namespace) -> int:
     report = serve_path.run(routers=args.router or serve_path.ROUTERS, workloads=args.workload,
                             requests=args.requests, concurrency=args.concurrency, replicas=args.replicas,
                             drivers=drivers, tokenizer=args.tokenizer, seed=args.seed, port=args.port,
-                            engine=args.engine,
+                            engine=args.engine, rounds=args.rounds,
                             progress=lambda m: print(m, file=sys.stderr, flush=True))
     report["command"] = "kvroute " + " ".join(args.argv)
     print(serve_path.format_table(report))
     _write_json(args.json, report)
     # Exit 1 when kvroute's routers or Serve's default left a request unanswered; a
     # peer's failures are reported in the table and the JSON.
-    ours = [r for r in report["results"] if r["router"] in serve_path.OWN_ROUTERS]
+    ours = [r for r in report.get("round_results") or report["results"] if r["router"] in serve_path.OWN_ROUTERS]
     return 0 if all(r["answered"] == r["requests"] for r in ours) else 1
 
 
@@ -699,6 +699,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="replicas that answer at once (default: only routing costs), or that first tokenize "
                             "each prompt as an engine's front end does, unless the router sent its token ids")
     spath.add_argument("--seed", type=int, default=0)
+    spath.add_argument("--rounds", type=_positive_int, default=1,
+                       help="repeat the routers' runs, round r on workloads of seed + r, the order reversed every "
+                            "other round; each row reports the median round (ratios within each round)")
     spath.add_argument("--port", type=int, default=0, help="Serve HTTP port (default: a free one)")
     spath.add_argument("--json", metavar="PATH", help="write the results as JSON")
     spath.set_defaults(func=_bench_serve_path)

@@ -29,6 +29,9 @@ def test_components_are_named_from_threads_and_process_titles():
     assert process_component("ray::ServeReplica:kvroute-serve-path-x:TrivialEngine") == "replica:TrivialEngine"
     assert process_component("ray::ProxyActor") == "ray::ProxyActor"
     assert process_component("ray::IDLE") == "ray::IDLE"
+    assert process_component("ray::ServeController.listen_for_change") == "ray::ServeController"
+    assert process_component("ray::ServeReplica:app:TrivialEngine.handle_request_with_rejection") == \
+        "replica:TrivialEngine"
     assert process_component("/opt/ray/core/src/ray/raylet/raylet --raylet_socket_name=x") == "raylet"
 
 
@@ -72,12 +75,23 @@ def test_a_child_processes_cpu_is_counted():
     assert sum(children.values()) >= 0.25, spent
 
 
-def test_spent_and_per_request():
-    before = {"a": 1.0, "b": 2.0, "gone": 5.0}
-    after = {"a": 1.5, "b": 2.0, "new": 0.25}
-    spent = CpuLedger.spent(before, after)
-    assert spent == {"a": 0.5, "new": 0.25}
-    table = per_request_ms(spent, 250)
+def test_spent_is_per_thread_and_process_then_summed_by_component():
+    before = {("process", 1): ("a", 1.0), ("process", 2): ("b", 2.0), ("process", 3): ("gone", 5.0),
+              ("thread", 7): ("ray::Worker", 10.0)}
+    after = {("process", 1): ("a", 1.5), ("process", 2): ("b", 2.0), ("process", 4): ("a", 0.25),
+             ("thread", 7): ("ray::Worker", 10.5)}
+    # A process new in ``after`` counts from zero; one that ended is not counted; one
+    # that spent nothing is left out.
+    assert CpuLedger.spent(before, after) == {"a": 0.75, "ray::Worker": 0.5}
+    # A process whose title changed (a Ray worker's names the method it runs) is still one
+    # process: its difference, not its whole life, under its name after.
+    renamed = {("process", 9): ("ray::ServeController", 100.0)}
+    later = {("process", 9): ("ray::ServeController", 100.5)}
+    assert CpuLedger.spent(renamed, later) == {"ray::ServeController": 0.5}
+
+
+def test_per_request():
+    table = per_request_ms({"a": 0.5, "new": 0.25}, 250)
     assert list(table) == ["total", "a", "new"]
     assert table == {"total": 3.0, "a": 2.0, "new": 1.0}
     assert per_request_ms({}, 0) == {"total": 0.0}

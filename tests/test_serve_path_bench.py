@@ -169,3 +169,27 @@ def test_the_cpu_each_request_cost_is_split_by_component(report):
         parts = {key: value for key, value in cpu.items() if key != "total"}
         assert all(value > 0 for value in parts.values()), cpu
         assert cpu["total"] == pytest.approx(sum(parts.values()), abs=0.001 * (1 + len(parts)))
+
+
+def test_rounds_report_the_median_round_with_ratios_taken_within_each_round():
+    def row(router, r, rps, ratio, cpu):
+        return {"router": router, "workload": "chat-100k", "driver": "handle", "round": r, "throughput_rps": rps,
+                "ratio_to_default": ratio, "cpu_ms_per_request": {"total": cpu}, "latency_p50_ms": rps / 10}
+    rows = [row(serve_path.SERVE_DEFAULT, 0, 600.0, 1.0, 3.0), row("kvroute-tokens", 0, 420.0, 0.7, 4.4),
+            row(serve_path.SERVE_DEFAULT, 1, 400.0, 1.0, 3.1), row("kvroute-tokens", 1, 360.0, 0.9, 4.0),
+            row(serve_path.SERVE_DEFAULT, 2, 700.0, 1.0, 2.9), row("kvroute-tokens", 2, 560.0, 0.8, 4.2)]
+    out = {r["router"]: r for r in serve_path.median_rounds(rows)}
+    default, ours = out[serve_path.SERVE_DEFAULT], out["kvroute-tokens"]
+    assert default["throughput_rps"] == 600.0 and default["median_round"] == 0
+    # The median of the ratios within rounds (0.8), not a ratio of medians (420 / 600 = 0.7).
+    assert ours["ratio_to_default"] == 0.8 and ours["median_round"] == 2
+    assert ours["throughput_rps"] == 420.0 and ours["latency_p50_ms"] == 56.0  # the median round's own fields
+    assert [x["ratio_to_default"] for x in ours["rounds"]] == [0.7, 0.9, 0.8]
+    assert [x["cpu_ms_per_request"] for x in ours["rounds"]] == [4.4, 4.0, 4.2]
+    assert "round" not in ours
+
+
+def test_rounds_must_be_a_positive_integer():
+    with pytest.raises(ConfigError) as exc:
+        serve_path.run(rounds=0)
+    assert exc.value.field == "rounds"
