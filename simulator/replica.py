@@ -46,8 +46,8 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from heapq import heapify, heappop, heappush
 from collections.abc import Callable, Sequence
+from heapq import heapify, heappop, heappush
 
 import xxhash
 
