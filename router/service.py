@@ -40,8 +40,8 @@ from router.core import RoutingCore
 from router.errors import ConfigError
 from router.prefix_tree import DropMark, HeldPrefix
 from router.keys import DEFAULT_SEED, CharChunkKeyer, TokenBlockKeyer, namespace_seed
-from router.metrics import (FLUSH_INTERVAL_S, TOKENIZE_RESULTS, ReplicaSnapshot, RouterMetrics, RouterSnapshot,
-                            ray_metric_factory)
+from router.metrics import (FLUSH_INTERVAL_S, SAMPLES_PER_SLICE, TOKENIZE_RESULTS, ReplicaSnapshot, RouterMetrics,
+                            RouterSnapshot, ray_metric_factory)
 from router.record import TraceRecorder, record_config
 from router.requests import MAX_TOKENIZED_CHARS, BadRequest, RequestFields, parse_request
 from router.tokenization import DEFAULT_CACHE_BYTES, PromptTokenizer, TokenizerPool
@@ -813,11 +813,23 @@ class RoutingService:
         loop.call_later(FLUSH_INTERVAL_S, self._flush_metrics_periodically)
 
     def _flush_metrics_periodically(self) -> None:
+        loop = asyncio.get_running_loop()
         try:
-            self.flush_metrics()
+            # Samples in slices (``SAMPLES_PER_SLICE``), the rest observed in later turns
+            # of the loop: a flush of thousands of samples at once held the loop for ms.
+            if self.metrics.flush(self.metrics_snapshot(), sample_limit=SAMPLES_PER_SLICE):
+                loop.call_soon(self._observe_metric_samples)
         except Exception:  # noqa: BLE001 - metrics must never take the router down
             logger.exception("%s: metrics flush failed", self.name)
-        asyncio.get_running_loop().call_later(FLUSH_INTERVAL_S, self._flush_metrics_periodically)
+        loop.call_later(FLUSH_INTERVAL_S, self._flush_metrics_periodically)
+
+    def _observe_metric_samples(self) -> None:
+        """One more slice of the last flush's samples, then yield the loop."""
+        try:
+            if self.metrics.observe_pending(SAMPLES_PER_SLICE):
+                asyncio.get_running_loop().call_soon(self._observe_metric_samples)
+        except Exception:  # noqa: BLE001 - metrics must never take the router down
+            logger.exception("%s: metrics flush failed", self.name)
 
     def metrics_snapshot(self) -> RouterSnapshot:
         """The core's state for the metrics: O(replicas)."""

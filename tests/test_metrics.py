@@ -167,3 +167,90 @@ def test_label_values_stay_bounded_whatever_the_traffic(recorder):
     assert values["policy"] == {"cache_aware"}
     assert values["outcome"] == set(OUTCOMES)
     assert values["replica"] == set(replicas)
+
+
+def test_a_sliced_flush_observes_every_sample_in_order_a_slice_at_a_time(recorder):
+    """The router's periodic flush observes at most a slice of samples at once (a Ray
+    histogram's observe costs microseconds on the routing loop) and the rest in later
+    slices: none lost, none twice, oldest first, counters and gauges at once."""
+    made, factory = recorder
+    metrics = RouterMetrics("p", factory)
+    for i in range(700):
+        metrics.record_decision("prefix_hit", i * 1e-6, 100, 50)
+        metrics.record_tokenize_wait(i * 1e-6)
+    assert metrics.flush(RouterSnapshot(sessions=3), sample_limit=256) is True
+    observed = lambda name: [v for m, v, _ in made[name].calls if m == "observe"]  # noqa: E731
+    latency, wait = "kvroute_router_decision_latency_us", "kvroute_router_tokenize_wait_us"
+    assert len(observed(latency)) == 256 and observed(wait) == []
+    assert made["kvroute_router_decisions"].total(outcome="prefix_hit") == 700
+    assert made["kvroute_router_sessions"].last() == 3
+    # Decisions recorded while the slices drain go to the next flush, after these.
+    metrics.record_decision("prefix_hit", 1.0, 100, 50)
+    total = lambda: sum(len(observed(n)) for n in (latency, wait, "kvroute_router_predicted_hit_ratio"))  # noqa: E731
+    calls, before = 0, total()
+    while True:
+        calls += 1
+        more = metrics.observe_pending(256)
+        assert total() - before <= 256
+        before = total()
+        if not more:
+            break
+    assert calls == 8  # 3 x 700 samples, 256 in the flush, 1,844 left: 8 slices of at most 256
+    assert observed(latency) == pytest.approx([i for i in range(700)])
+    assert observed(wait) == pytest.approx([i for i in range(700)])
+    assert len(observed("kvroute_router_predicted_hit_ratio")) == 700
+    assert metrics.observe_pending(256) is False
+    assert metrics.flush(RouterSnapshot()) is False  # no limit: everything at once
+    assert observed(latency)[-1] == pytest.approx(1e6)
+
+
+def test_samples_a_slow_drain_leaves_pending_stay_bounded(recorder):
+    made, factory = recorder
+    metrics = RouterMetrics("p", factory)
+    for _ in range(4):  # four flushes of full samples, never drained past one slice
+        for _ in range(MAX_LATENCY_SAMPLES):
+            metrics.record_decision("miss", 1e-5, 10, 0)
+        metrics.flush(RouterSnapshot(), sample_limit=1)
+    assert metrics._pending_count <= 3 * MAX_LATENCY_SAMPLES
+    assert made["kvroute_router_latency_samples_dropped"].total() > 0
+    assert made["kvroute_router_decisions"].total(outcome="miss") == 4 * MAX_LATENCY_SAMPLES
+
+
+def test_the_services_periodic_flush_yields_the_loop_between_slices(recorder):
+    """``RoutingService``'s periodic flush observes one slice, then the rest a slice per
+    turn of the loop (other callbacks run in between), until none is left."""
+    import asyncio
+
+    from router.metrics import SAMPLES_PER_SLICE
+    from router.service import RoutingService
+
+    made, factory = recorder
+    service = RoutingService({"policy": "cache_aware"}, metrics_factory=factory)
+    latency = made["kvroute_router_decision_latency_us"]
+    n = 3 * SAMPLES_PER_SLICE + 10
+    for _ in range(n):
+        service.metrics.record_decision("miss", 1e-5)
+
+    async def flush_and_watch() -> list[int]:
+        seen: list[int] = []
+        loop = asyncio.get_running_loop()
+
+        def watch() -> None:  # another callback of the loop, between the slices
+            seen.append(len(latency.calls))
+            if len(seen) < 10:
+                loop.call_soon(watch)
+
+        loop.call_soon(watch)
+        service._flush_metrics_periodically()
+        while len(seen) < 10:
+            await asyncio.sleep(0)
+        return seen
+
+    try:
+        seen = asyncio.run(flush_and_watch())
+    finally:
+        service.close()
+    assert seen[0] == SAMPLES_PER_SLICE  # the flush itself: one slice
+    assert sorted(seen) == seen and seen[-1] == n
+    assert all(b - a <= SAMPLES_PER_SLICE for a, b in zip(seen, seen[1:]))
+    assert len(set(seen)) >= 4  # the slices came one loop turn apart
