@@ -266,9 +266,8 @@ class RouterMetrics:
     Holds per-outcome decision counts, token sums and up to ``MAX_LATENCY_SAMPLES``
     latency, tokenizer-wait and hit-ratio samples since the last flush, the samples a
     sliced flush has not observed yet (``pending``: at most ``MAX_LATENCY_SAMPLES`` of each
-    kind),
-    the last cumulative counter values seen (to export their increments), and per replica
-    the engine's last prefix-cache counters. ``record_decision`` is O(1); ``flush`` is
+    kind), the last cumulative counter values seen (to export their increments), and per
+    replica the engine's last prefix-cache counters. ``record_decision`` is O(1); ``flush`` is
     O(replicas) plus the samples it observes (all, or at most ``sample_limit``);
     ``observe_pending`` O(its limit).
     ``factory`` builds the metric objects (``ray_metric_factory`` by default).
