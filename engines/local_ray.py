@@ -1,13 +1,15 @@
 """Start a local Ray cluster that survives a slow start on a loaded machine.
 
 Why: ``ray.init()`` gives the new raylet a fixed 30 s to register with the GCS
-(``ray/_private/node.py``, not configurable). On a busy 2-core machine (a CI runner
-whose previous test module is still tearing down vLLM engines, a laptop mid-build) the
-raylet can miss that window and ``ray.init`` raises "The current node timed out during
-startup", leaving the half-started GCS and raylet running. This module waits for the
-Ray processes a previous cluster of this process left behind to exit, kills the ones a
-failed start left, and tries again, so ``kvroute demo``, ``kvroute serve`` and the live
-tests start their cluster on such a machine instead of failing.
+(``ray/_private/node.py``, not configurable), and the GCS 30 s to write its port file
+(``RAY_gcs_server_port_wait_time_s``). On a busy 2-core machine (a CI runner whose
+previous test module is still tearing down vLLM engines, a laptop mid-build) either can
+miss its window: ``ray.init`` raises "The current node timed out during startup" or
+"Timed out waiting for file .../gcs_server_port_...", leaving the half-started GCS and
+raylet running. This module gives the GCS 120 s (unless the operator set that variable),
+waits for the Ray processes a previous cluster of this process left behind to exit,
+kills the ones a failed start left, and tries again, so ``kvroute demo``, ``kvroute
+serve`` and the live tests start their cluster on such a machine instead of failing.
 
 Only a cluster this process starts is handled; ``ray.init(address=...)`` to an existing
 cluster is passed through untouched (a failure there is the operator's to see).
@@ -16,6 +18,7 @@ cluster is passed through untouched (a failure there is the operator's to see).
 from __future__ import annotations
 
 import logging
+import os
 import time
 
 logger = logging.getLogger(__name__)
@@ -24,7 +27,12 @@ logger = logging.getLogger(__name__)
 START_ATTEMPTS = 3
 #: How long to wait for a previous cluster's processes to exit before starting anyway.
 LEFTOVER_WAIT_S = 60.0
-_STARTUP_TIMEOUT_TEXT = "timed out during startup"
+#: What Ray's errors say when a local start missed one of its windows: the raylet's
+#: registration, or the GCS's port file.
+_STARTUP_TIMEOUT_TEXTS = ("timed out during startup", "Timed out waiting for file")
+#: Seconds a local start gives the GCS to write its port file (Ray's default: 30).
+GCS_PORT_WAIT_S = 120
+_GCS_PORT_WAIT_ENV = "RAY_gcs_server_port_wait_time_s"
 
 
 def _ray_children():
@@ -86,11 +94,13 @@ def init_local_ray(*, attempts: int = START_ATTEMPTS, leftover_wait_s: float = L
     if attempts < 1:
         raise ValueError(f"attempts must be at least 1, got {attempts}")
     _wait_for_leftovers(leftover_wait_s)
+    # Read by Ray when it starts the GCS in this process; an operator's value wins.
+    os.environ.setdefault(_GCS_PORT_WAIT_ENV, str(GCS_PORT_WAIT_S))
     for attempt in range(1, attempts + 1):
         try:
             return ray.init(**init_kwargs)
-        except Exception as error:  # Ray raises a bare Exception for this
-            if _STARTUP_TIMEOUT_TEXT not in str(error) or attempt == attempts:
+        except Exception as error:  # Ray raises a bare Exception (or RuntimeError) for these
+            if not any(text in str(error) for text in _STARTUP_TIMEOUT_TEXTS) or attempt == attempts:
                 raise
             logger.warning("local Ray start %d/%d timed out (%s); killing its processes and retrying",
                            attempt, attempts, error)

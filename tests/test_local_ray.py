@@ -1,5 +1,5 @@
 """``engines.local_ray.init_local_ray``: the retry around a local Ray start that misses
-Ray's fixed 30 s raylet window. The retry logic is ours, so these unit tests stand in a
+Ray's fixed 30 s raylet window or the GCS's port-file window. The retry logic is ours, so these unit tests stand in a
 recorder for ``ray.init``; the real start is exercised by every Serve and live test,
 which all start their cluster through this function."""
 
@@ -42,6 +42,32 @@ def test_a_start_that_times_out_is_cleaned_up_and_retried(monkeypatch):
     assert local_ray.init_local_ray(num_cpus=4, include_dashboard=False) == "context"
     assert recorder.calls == [{"num_cpus": 4, "include_dashboard": False}] * 3
     assert (recorder.shutdowns, recorder.kills) == (2, 2)
+
+
+GCS_PORT_TIMEOUT = RuntimeError("Timed out waiting for file /tmp/ray/session_2026-12-07_08-46-42_514902_21787/"
+                                "gcs_server_port_dd76d871e34eb287263a085b8329a726211612ba02f1abe75132dba5")
+
+
+def test_a_gcs_that_missed_its_port_file_window_is_cleaned_up_and_retried(monkeypatch):
+    """The GCS's own window (its port file, 30 s by Ray's default) missed on a loaded
+    machine, as a CI run saw: the same clean-up and retry, and a longer window asked."""
+    monkeypatch.setenv(local_ray._GCS_PORT_WAIT_ENV, "0")  # recorded, so the test's own value is undone
+    monkeypatch.delenv(local_ray._GCS_PORT_WAIT_ENV)
+    recorder = Recorder([GCS_PORT_TIMEOUT, "context"]).install(monkeypatch)
+    assert local_ray.init_local_ray(num_cpus=4) == "context"
+    assert len(recorder.calls) == 2 and (recorder.shutdowns, recorder.kills) == (1, 1)
+    import os
+
+    assert os.environ[local_ray._GCS_PORT_WAIT_ENV] == str(local_ray.GCS_PORT_WAIT_S)
+
+
+def test_an_operators_gcs_port_wait_is_kept(monkeypatch):
+    monkeypatch.setenv(local_ray._GCS_PORT_WAIT_ENV, "45")
+    Recorder(["context"]).install(monkeypatch)
+    local_ray.init_local_ray(num_cpus=4)
+    import os
+
+    assert os.environ[local_ray._GCS_PORT_WAIT_ENV] == "45"
 
 
 def test_the_last_timeout_reaches_the_caller(monkeypatch):
