@@ -18,43 +18,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import os
 import statistics
-import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Sequence
 
 from benchmarks.gateway_bench import TrivialWorker, bodies
-from engines.vllm_server import free_port
+from benchmarks.peers_bench import MODEL_NAME, GatewayRun
 from simulator.metrics import percentile
-
-
-def _start(tree: str, worker_url: str, tokenizer: str | None) -> tuple[str, subprocess.Popen]:
-    port = free_port()
-    args = [sys.executable, "-m", "router.cli", "gateway", "--policy", "cache_aware", "--block-size", "32",
-            "--port", str(port), "--admin-port", "0", "--worker", worker_url]
-    if tokenizer:
-        args += ["--tokenizer", tokenizer]
-    process = subprocess.Popen(args, cwd=tree, env={**os.environ, "PYTHONPATH": os.path.abspath(tree)},
-                               stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    body = json.dumps({"model": "tiny", "messages": [{"role": "user", "content": "ready?"}], "max_tokens": 1})
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"the gateway of {tree} exited ({process.returncode})")
-        try:
-            request = urllib.request.Request(url + "/v1/chat/completions", data=body.encode(),
-                                             headers={"content-type": "application/json"})
-            with urllib.request.urlopen(request, timeout=5) as resp:
-                resp.read()
-            return url, process
-        except OSError:
-            time.sleep(0.2)
-    raise TimeoutError(f"the gateway of {tree} did not answer in 180 s")
 
 
 async def _drive(urls: Sequence[str], payloads: Sequence[bytes], rate: float, warm: int) -> list[list[tuple]]:
@@ -102,17 +73,19 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         tokenizer = str(build_bench_tokenizer("llama3"))
     worker = TrivialWorker(args.chunks, 2.0)
-    started = []
+    # Token keys through the bench tokenizer, or character keys (no tokenizer).
+    name = "kvroute:cache_aware" if tokenizer else "kvroute-chars:cache_aware"
+    started: list[GatewayRun] = []
     try:
         for tree in (args.a, args.b):
-            started.append(_start(tree, worker.url, tokenizer))
+            started.append(GatewayRun(name, [worker], tokenizer or "", 32, tree=tree))
+            started[-1].wait_ready({"model": MODEL_NAME, "prompt": "ready?", "max_tokens": 1})
         warm = 100
         payloads = bodies(int(args.rate * args.duration) + warm, args.prompt_chars, 0, True)
-        results = asyncio.run(_drive([url for url, _ in started], payloads, args.rate, warm))
+        results = asyncio.run(_drive([gateway.url for gateway in started], payloads, args.rate, warm))
     finally:
-        for _, process in started:
-            process.terminate()
-            process.wait(30)
+        for gateway in started:
+            gateway.stop()
         worker.stop()
     for tree, rows in zip((args.a, args.b), results):
         ttft = sorted(r[0] for r in rows)

@@ -279,10 +279,12 @@ class GatewayRun:
     request, then measured (CPU seconds, peak RSS) and stopped."""
 
     def __init__(self, name: str, servers: Sequence[Any], model_path: str, block_size: int,
-                 profile: str | None = None) -> None:
+                 profile: str | None = None, tree: str | None = None) -> None:
         # ``servers``: anything with ``url`` and ``worker_arg()`` (a ``VLLMServer``, or the
         # trivial worker of ``kvroute bench gateway``). ``profile``: the latency profile for
         # a kvroute policy that takes one (as the Ray Serve rows get it from ``LiveConfig``).
+        # ``tree``: run a kvroute gateway from that checkout (``benchmarks.gateway_ab``)
+        # instead of this one.
         self.name = name
         self.port = free_port()
         self.config_path: Path | None = None  # a configuration file written for the gateway, removed by stop()
@@ -306,7 +308,9 @@ class GatewayRun:
             args = peer(name).command(workers=[s.url for s in servers], host="127.0.0.1", port=self.port,
                                       prometheus_port=free_port())
         self.log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"kvroute-peers-{name.replace(':', '-')}.log", "w")
-        self.process = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        where = {} if tree is None else {"cwd": tree, "env": {**os.environ, "PYTHONPATH": os.path.abspath(tree)}}
+        self.process = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
+                                        **where)
         self.url = f"http://127.0.0.1:{self.port}"
 
     def log_tail(self) -> str:

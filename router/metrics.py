@@ -401,6 +401,11 @@ class RouterMetrics:
         self.flushes += 1
         return self.observe_pending(sample_limit)
 
+    @property
+    def pending(self) -> int:
+        """Samples flushes handed over and ``observe_pending`` has not observed yet."""
+        return self._pending_count
+
     def observe_pending(self, limit: int | None = None) -> bool:
         """Observe up to ``limit`` (None: all) of the samples flushes handed over, oldest
         first; whether any remain."""

@@ -817,7 +817,9 @@ class RoutingService:
         try:
             # Samples in slices (``SAMPLES_PER_SLICE``), the rest observed in later turns
             # of the loop: a flush of thousands of samples at once held the loop for ms.
-            if self.metrics.flush(self.metrics_snapshot(), sample_limit=SAMPLES_PER_SLICE):
+            # A chain of slices runs until nothing is pending: start one only if none runs.
+            draining = self.metrics.pending > 0
+            if self.metrics.flush(self.metrics_snapshot(), sample_limit=SAMPLES_PER_SLICE) and not draining:
                 loop.call_soon(self._observe_metric_samples)
         except Exception:  # noqa: BLE001 - metrics must never take the router down
             logger.exception("%s: metrics flush failed", self.name)

@@ -254,3 +254,43 @@ def test_the_services_periodic_flush_yields_the_loop_between_slices(recorder):
     assert sorted(seen) == seen and seen[-1] == n
     assert all(b - a <= SAMPLES_PER_SLICE for a, b in zip(seen, seen[1:]))
     assert len(set(seen)) >= 4  # the slices came one loop turn apart
+
+
+def test_a_flush_while_slices_are_pending_starts_no_second_chain(recorder):
+    """A periodic flush that finds the last one's samples still pending observes its own
+    slice and leaves the running chain to drain the rest: still one slice per loop turn."""
+    import asyncio
+
+    from router.metrics import SAMPLES_PER_SLICE
+    from router.service import RoutingService
+
+    made, factory = recorder
+    service = RoutingService({"policy": "cache_aware"}, metrics_factory=factory)
+    latency = made["kvroute_router_decision_latency_us"]
+    n = 8 * SAMPLES_PER_SLICE
+    for _ in range(n):
+        service.metrics.record_decision("miss", 1e-5)
+
+    async def flush_twice_and_watch() -> list[int]:
+        seen: list[int] = []
+        loop = asyncio.get_running_loop()
+
+        def watch() -> None:
+            seen.append(len(latency.calls))
+            if latency.calls and len(latency.calls) < n:
+                loop.call_soon(watch)
+
+        service._flush_metrics_periodically()  # one slice, a chain started
+        service._flush_metrics_periodically()  # one more slice, no second chain
+        loop.call_soon(watch)
+        while len(latency.calls) < n:
+            await asyncio.sleep(0)
+        return seen
+
+    try:
+        seen = asyncio.run(flush_twice_and_watch())
+    finally:
+        service.close()
+    assert seen[0] == 3 * SAMPLES_PER_SLICE  # the two flushes' slices, then the chain's first
+    assert all(b - a <= SAMPLES_PER_SLICE for a, b in zip(seen, seen[1:])), seen
+    assert len(latency.calls) == n

@@ -54,6 +54,9 @@ def engine_reports(text: str) -> dict[int, dict[str, Any]]:
     return {rank: _report(samples) for rank, samples in sorted(by_rank.items())}
 
 
+_CONFIG = "vllm:cache_config_info"
+
+
 def _samples(text: str) -> list:
     # A vLLM /metrics page is tens of kilobytes of histograms the gateway does not read,
     # scraped every second per worker: keep only the lines of the series it reads (and
@@ -71,8 +74,6 @@ def _samples(text: str) -> list:
         samples.extend(_config_samples(line))
     return samples
 
-
-_CONFIG = "vllm:cache_config_info"
 
 
 @functools.lru_cache(maxsize=256)
