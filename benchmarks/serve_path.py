@@ -16,6 +16,9 @@ deployment's ``request_router_config``:
 * ``kvroute-tokens-no-wait``: ``kvroute-tokens`` with ``tokenize_wait_ms=0``: a decision
   never waits for the tokenizer pool (a prompt whose new text is not encoded yet is keyed
   on its cached prefix and goes without ids);
+* ``kvroute-tokens-hf``: ``kvroute-tokens`` with ``tokenizer_fast_bpe=False``: pieces
+  encoded by the tokenizer itself, never by tiktoken's encoder (``router.fast_bpe``);
+  asked for by name only;
 * ``kvroute-chars``: the same with character keys (no tokenizer);
 * ``ray-prefix``: Ray Serve LLM's ``PrefixCacheAffinityRouter`` (defaults);
 * ``ray-consistent-hash``: Ray 2.60's experimental ``ConsistentHashRouter`` (sessions from
@@ -108,16 +111,20 @@ SERVE_DEFAULT = "serve-default"
 KVROUTE_TOKENS = "kvroute-tokens"
 KVROUTE_TOKENS_NO_IDS = "kvroute-tokens-no-ids"
 KVROUTE_TOKENS_NO_WAIT = "kvroute-tokens-no-wait"
+KVROUTE_TOKENS_HF = "kvroute-tokens-hf"
 KVROUTE_CHARS = "kvroute-chars"
 RAY_PREFIX = "ray-prefix"
 RAY_CONSISTENT_HASH = "ray-consistent-hash"
 RAY_KV_AWARE = "ray-kv-aware"
-ROUTERS = (SERVE_DEFAULT, KVROUTE_TOKENS, KVROUTE_TOKENS_NO_IDS, KVROUTE_TOKENS_NO_WAIT, KVROUTE_CHARS, RAY_PREFIX,
-           RAY_CONSISTENT_HASH, RAY_KV_AWARE)
+ROUTERS = (SERVE_DEFAULT, KVROUTE_TOKENS, KVROUTE_TOKENS_NO_IDS, KVROUTE_TOKENS_NO_WAIT, KVROUTE_TOKENS_HF,
+           KVROUTE_CHARS, RAY_PREFIX, RAY_CONSISTENT_HASH, RAY_KV_AWARE)
+#: What runs when no router is named.
+DEFAULT_ROUTERS = tuple(name for name in ROUTERS if name != KVROUTE_TOKENS_HF)
 DRIVERS = ("handle", "http")
 ENGINES = ("trivial", "tokenizing")
 # A failure of one of these fails the command.
-OWN_ROUTERS = (SERVE_DEFAULT, KVROUTE_TOKENS, KVROUTE_TOKENS_NO_IDS, KVROUTE_TOKENS_NO_WAIT, KVROUTE_CHARS)
+OWN_ROUTERS = (SERVE_DEFAULT, KVROUTE_TOKENS, KVROUTE_TOKENS_NO_IDS, KVROUTE_TOKENS_NO_WAIT, KVROUTE_TOKENS_HF,
+               KVROUTE_CHARS)
 
 
 # -----------------------------------------------------------------------------------------
@@ -244,14 +251,16 @@ def router_config(name: str, tokenizer: str) -> dict | None:
     Serve's default)."""
     if name == SERVE_DEFAULT:
         return None
-    if name in (KVROUTE_TOKENS, KVROUTE_TOKENS_NO_IDS, KVROUTE_TOKENS_NO_WAIT):
+    if name in (KVROUTE_TOKENS, KVROUTE_TOKENS_NO_IDS, KVROUTE_TOKENS_NO_WAIT, KVROUTE_TOKENS_HF):
         from router import cache_aware_router_config
 
         # no-wait: a decision never waits for the tokenizer pool; a request whose new text
         # is not encoded yet is keyed on its cached prefix and goes without ids.
-        wait = {"tokenize_wait_ms": 0} if name == KVROUTE_TOKENS_NO_WAIT else {}
+        extra = {"tokenize_wait_ms": 0} if name == KVROUTE_TOKENS_NO_WAIT else {}
+        if name == KVROUTE_TOKENS_HF:
+            extra["tokenizer_fast_bpe"] = False
         return cache_aware_router_config(policy="cache_aware", tokenizer=tokenizer, block_size=BLOCK_SIZE,
-                                         send_prompt_ids=name != KVROUTE_TOKENS_NO_IDS, **wait)
+                                         send_prompt_ids=name != KVROUTE_TOKENS_NO_IDS, **extra)
     if name == KVROUTE_CHARS:
         from router import cache_aware_router_config
 
@@ -828,7 +837,8 @@ def run_router(router: str, workloads: Sequence[Workload], *, tokenizer: str, fi
                 raise RuntimeError(f"{router}: warm-up answered {answer!r}")
         request_router = handle._router._asyncio_router.request_router  # Ray internals (see module doc)
         loop = handle._router._asyncio_router._event_loop
-        expect_fingerprint = fingerprint if router in (KVROUTE_TOKENS, KVROUTE_TOKENS_NO_WAIT) else None
+        expect_fingerprint = fingerprint if router in (KVROUTE_TOKENS, KVROUTE_TOKENS_NO_WAIT,
+                                                                   KVROUTE_TOKENS_HF) else None
         # Serve's default router reads no routing stats; the others get their first
         # reports before the timed phase.
         stats_ready = _wait_for_stats(request_router, replicas, expect_fingerprint) if config is not None else None
@@ -999,7 +1009,7 @@ def separation(rows: Sequence[dict[str, Any]], *, noise: float = 0.25, cost_fact
     return out
 
 
-def run(*, routers: Sequence[str] = ROUTERS, workloads: Sequence[str] | None = None, requests: int | None = None,
+def run(*, routers: Sequence[str] = DEFAULT_ROUTERS, workloads: Sequence[str] | None = None, requests: int | None = None,
         concurrency: int = DEFAULT_CONCURRENCY, replicas: int = DEFAULT_REPLICAS, drivers: Sequence[str] = DRIVERS,
         tokenizer: str | None = None, seed: int = 0, port: int = 0, kv_aware_options: dict | None = None,
         engine: str = "trivial", progress: Callable[[str], None] | None = None,

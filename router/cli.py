@@ -258,7 +258,7 @@ def _bench_serve_path(args: argparse.Namespace) -> int:
     from benchmarks import serve_path
 
     drivers = serve_path.DRIVERS if args.driver == "both" else (args.driver,)
-    report = serve_path.run(routers=args.router or serve_path.ROUTERS, workloads=args.workload,
+    report = serve_path.run(routers=args.router or serve_path.DEFAULT_ROUTERS, workloads=args.workload,
                             requests=args.requests, concurrency=args.concurrency, replicas=args.replicas,
                             drivers=drivers, tokenizer=args.tokenizer, seed=args.seed, port=args.port,
                             engine=args.engine, rounds=args.rounds,
@@ -680,9 +680,9 @@ def build_parser() -> argparse.ArgumentParser:
     spath = bench_sub.add_parser("serve-path", help="what each router costs on Serve's request path (trivial "
                                                     "replicas, production prompt sizes): handle and HTTP")
     spath.add_argument("--router", action="append",
-                       help="serve-default, kvroute-tokens, kvroute-tokens-no-ids, kvroute-chars, ray-prefix, "
-                            "ray-consistent-hash, "
-                            "ray-kv-aware (repeatable; default all)")
+                       help="serve-default, kvroute-tokens, kvroute-tokens-no-ids, kvroute-tokens-no-wait, "
+                            "kvroute-tokens-hf, kvroute-chars, ray-prefix, ray-consistent-hash, ray-kv-aware "
+                            "(repeatable; default all but kvroute-tokens-hf)")
     spath.add_argument("--workload", action="append",
                        help="chat, agent, cold, completion (every size) or KIND-SIZE, e.g. chat-100k (repeatable; "
                             "default: chat, agent and cold at 5k, 20k, 100k and 400k characters)")

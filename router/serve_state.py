@@ -44,7 +44,9 @@ def cache_aware_router_config(**kwargs: Any) -> dict[str, Any]:
     ``send_prompt_ids`` (default true: send the router's ids to engines that use the same
     tokenizer), ``tokenize_wait_ms`` (default 250: how long a decision waits for the ids
     of a prompt's new text when an engine would take them or the prompt is mostly new;
-    past it the request is keyed on its cached prefix and goes without ids), ``record``
+    past it the request is keyed on its cached prefix and goes without ids),
+    ``tokenizer_fast_bpe`` (default true: encode prompt pieces with tiktoken's encoder
+    where it is provably the tokenizer's own, ``router.fast_bpe``), ``record``
     (write the routed traffic as a trace: ``router.record``; each router process writes
     its own file, so give several routers on one node ``{pid}`` in the path) and any
     ``RoutingCore`` option. Raises ``ConfigError`` naming the field.

@@ -52,7 +52,7 @@ logger = logging.getLogger("kvroute")
 SERVICE_OPTIONS = ("policy", "policy_options", "tokenizer", "block_size", "chunk_chars", "kv_events",
                    "max_pending", "tokenizer_cache_bytes", "tokenizer_threads", "tokenizer_max_queued_chars",
                    "max_tokenized_chars", "send_prompt_ids", "tokenize_wait_ms", "conversation_memo_bytes",
-                   "inline_tokenize_chars", "record")
+                   "inline_tokenize_chars", "tokenizer_fast_bpe", "record")
 MAX_PENDING = 10_000
 #: How long a decision waits by default for the tokenizer pool's ids of a prompt's new
 #: text, when an engine would take those ids (the wait saves that engine tokenizing the
@@ -93,8 +93,9 @@ def validate_options(kwargs: Mapping[str, Any]) -> tuple[RoutingCore, dict[str, 
     if not isinstance(wait_ms, (int, float)) or isinstance(wait_ms, bool) or not 0 <= wait_ms < float("inf"):
         raise ConfigError("tokenize_wait_ms", f"must be a non-negative number of milliseconds, got {wait_ms!r}")
     own["tokenize_wait_ms"] = float(wait_ms)
-    if not isinstance(own.get("send_prompt_ids", True), bool):
-        raise ConfigError("send_prompt_ids", f"must be true or false, got {own['send_prompt_ids']!r}")
+    for name in ("send_prompt_ids", "tokenizer_fast_bpe"):
+        if not isinstance(own.get(name, True), bool):
+            raise ConfigError(name, f"must be true or false, got {own[name]!r}")
     tokenizer = own.get("tokenizer")
     if tokenizer is not None and not isinstance(tokenizer, str):
         raise ConfigError("tokenizer", f"must be a model path or name, got {tokenizer!r}")
@@ -243,7 +244,8 @@ class RoutingService:
         path = own.get("tokenizer")
         if path is not None and path.startswith("~"):  # a local path written for any user (YAML)
             path = os.path.expanduser(path)
-        self.prompts = PromptTokenizer.shared(path, cache_bytes=own["tokenizer_cache_bytes"]) if path else None
+        self.prompts = PromptTokenizer.shared(path, cache_bytes=own["tokenizer_cache_bytes"],
+                                              fast_bpe=own.get("tokenizer_fast_bpe", True)) if path else None
         self.tokenizer = self.prompts.hf if self.prompts is not None else None
         # The chat renderer is derived here (a few hundred short probe renders, once per
         # process and tokenizer), not on the first request's decision.

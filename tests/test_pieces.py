@@ -441,7 +441,7 @@ def test_splitter_argument_errors():
 @pytest.fixture(scope="module", params=["tiny", "llama3", "chatml"])
 def prompt_tokenizers(request):
     """(hf, [PromptTokenizer on the Python path, on the C path if built, and a C one with a
-    cache too small for long prompts])."""
+    cache too small for long prompts, chunked ones, and one without tiktoken's encoder])."""
     transformers = pytest.importorskip("transformers")
     hf = transformers.AutoTokenizer.from_pretrained(str(shipped_tokenizer_path(request.param)))
     tokenizers = [PromptTokenizer(hf, native=False)]
@@ -454,6 +454,10 @@ def prompt_tokenizers(request):
     tokenizers.append(PromptTokenizer(hf, native=False, chunk_chars=1))
     if PieceCache is not None:
         tokenizers.append(PromptTokenizer(hf, native=True, chunk_chars=2))
+    # Pieces encoded by tiktoken's encoder (router.fast_bpe; every shipped tokenizer
+    # qualifies) in all of the above, by the tokenizer itself in this one.
+    tokenizers.append(PromptTokenizer(hf, native=PieceCache is not None, fast_bpe=False))
+    assert [t.fast_bpe is not None for t in tokenizers] == [True] * (len(tokenizers) - 1) + [False]
     assert all(t.incremental for t in tokenizers)
     assert all(t.chunk_chars > 0 for t in tokenizers)
     # The tiny model's tokenizer is GPT-2's byte level; the bench ones split with cl100k's regex.

@@ -229,7 +229,8 @@ def test_tokenizer_options_fail_at_start_naming_the_field(tokenizer_path):
     for options, field in (({"tokenizer_threads": 0}, "tokenizer_threads"),
                            ({"tokenizer_cache_bytes": -1}, "tokenizer_cache_bytes"),
                            ({"max_tokenized_chars": "many"}, "max_tokenized_chars"),
-                           ({"send_prompt_ids": "yes"}, "send_prompt_ids")):
+                           ({"send_prompt_ids": "yes"}, "send_prompt_ids"),
+                           ({"tokenizer_fast_bpe": "on"}, "tokenizer_fast_bpe")):
         with pytest.raises(ConfigError) as exc:
             cache_aware_router_config(tokenizer=tokenizer_path, **options)
         assert exc.value.field == field
