@@ -72,9 +72,10 @@ class Segments(tuple):
                 segment_id, tokens = pair
             except (TypeError, ValueError):
                 raise ValueError(f"a segment must be a (segment_id, tokens) pair, got {pair!r}") from None
-            if not _is_int(segment_id) or not 0 <= segment_id < _U64:
+            # ``type(...) is int`` first: the common case without two isinstance calls.
+            if not (type(segment_id) is int or _is_int(segment_id)) or not 0 <= segment_id < _U64:
                 raise ValueError(f"segment id must be an integer in [0, 2**64), got {segment_id!r}")
-            if not _is_int(tokens) or not 0 < tokens < _U32:
+            if not (type(tokens) is int or _is_int(tokens)) or not 0 < tokens < _U32:
                 raise ValueError(f"segment token count must be an integer in [1, 2**32), got {tokens!r}")
             items.append((segment_id, tokens))
         return tuple.__new__(cls, items)
@@ -315,7 +316,7 @@ def ideal_hit_rate(requests: Iterable[SimRequest], block_size: int, seed: int = 
         if _has_tail(request.content, block_size, n_full):
             n_full -= 1
         hits = leading_in(keys, seen)
-        seen.update(keys)
+        seen.update(keys[hits:] if hits else keys)  # the leading hits are in already
         blocks += len(keys)
         hit_blocks += hits
         full += n_full
