@@ -2,9 +2,10 @@
 
 A turn that extends a conversation still encodes its new text (a few thousand characters
 on every chat turn), and with the Hugging Face ``tokenizers`` BPE that is most of what
-exact token keys cost a router: about 0.77 ms for 4,000 characters of English on this
-machine type, against 0.21 ms for tiktoken's encoder on the same vocabulary and text
-(docs/tokenization.md, "tiktoken's encoder, where it is exact"). The two algorithms differ:
+exact token keys cost a router: about 0.63 ms for 4,000 characters of the benchmarks'
+prose with a 32k vocabulary on this machine type, against 0.13 ms for tiktoken's encoder
+on the same vocabulary and text (``python -m benchmarks.encode_bench``; docs/tokenization.md,
+"Encoding a piece"). The two algorithms differ:
 
 * ``tokenizers`` merges, within each pre-token, the adjacent pair of lowest *merge rank*
   (the pair's index in ``merges``; leftmost first on ties) until no adjacent pair is a
@@ -48,12 +49,9 @@ Building checks each token once: about 0.1 s for 32k tokens.
 
 from __future__ import annotations
 
-import logging
 from collections import defaultdict
 from collections.abc import Mapping
 from typing import Any
-
-logger = logging.getLogger("kvroute.fast_bpe")
 
 #: GPT-2's pre-tokenizer regex (``ByteLevel(use_regex=True)`` in ``tokenizers``).
 GPT2_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"

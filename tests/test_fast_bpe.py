@@ -260,3 +260,15 @@ def test_the_encode_benchmark_compares_the_two_on_the_same_texts():
     assert row["tokenizer"] == "tiny" and row["pattern"] == "gpt2" and row["texts"] == 6
     assert row["own_us"] > 0 and row["fast_us"] > 0
     assert row["speedup"] == pytest.approx(row["own_us"] / row["fast_us"], abs=0.02)  # rounded apart
+
+
+def test_an_encoder_that_differs_on_the_probes_is_not_used(monkeypatch):
+    import transformers
+
+    from router.tokenization import PromptTokenizer
+
+    hf = transformers.AutoTokenizer.from_pretrained(str(shipped_tokenizer_path("tiny")))
+    real = FastBPE.encode
+    monkeypatch.setattr(FastBPE, "encode", lambda self, text: real(self, text)[:-1] or [0])
+    tok = PromptTokenizer(hf)
+    assert tok.fast_bpe is None and tok.fast_bpe_reason.startswith("differs from the tokenizer on")
