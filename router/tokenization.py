@@ -611,9 +611,8 @@ class PromptTokenizer:
         if not self.incremental:
             return [self.encode_uncached(key[1:], key[0] == "\x01") for key in pieces]
         if self.fast_bpe is not None:
-            encode = self.fast_bpe.encode
             try:
-                return [pack_ids(encode(piece)) for piece in pieces]
+                return [pack_ids(ids) for ids in self.fast_bpe.encode_many(pieces)]
             except UnicodeEncodeError:  # a lone surrogate, which tiktoken would replace
                 pass
         encodings = self.backend.encode_batch_fast(pieces, add_special_tokens=False)

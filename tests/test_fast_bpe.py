@@ -294,3 +294,22 @@ def test_the_pool_has_one_thread_with_tiktoken_unless_told():
             RoutingService({"tokenizer": path, "tokenizer_threads": None})
     finally:
         PromptTokenizer.forget_shared()
+
+
+@settings(max_examples=200, deadline=None)
+@given(pieces=st.lists(TEXTS.filter(bool), min_size=1, max_size=6))
+def test_many_pieces_in_one_call_give_each_piece_its_own_ids(shipped, pieces):
+    """Joined at the separator (a special token to tiktoken), each piece is encoded alone,
+    its end an end of text: trailing whitespace, a digit run, a letter run at the joint."""
+    _, spec, hf, fast = shipped
+    assume(not any(token["content"] in piece for token in spec["added_tokens"] for piece in pieces))
+    assert fast.encode_many(pieces) == [hf.encode(p, add_special_tokens=False).ids for p in pieces]
+
+
+def test_a_piece_that_holds_the_separator_is_encoded_alone(shipped):
+    from router.fast_bpe import SEPARATOR
+
+    _, _, hf, fast = shipped
+    pieces = ["left  ", f"a{SEPARATOR}b", "123", "\n\n"]
+    assert fast.encode_many(pieces) == [hf.encode(p, add_special_tokens=False).ids for p in pieces]
+    assert fast.encode_many(["only one  "]) == [hf.encode("only one  ", add_special_tokens=False).ids]
