@@ -313,3 +313,4 @@ def test_a_piece_that_holds_the_separator_is_encoded_alone(shipped):
     pieces = ["left  ", f"a{SEPARATOR}b", "123", "\n\n"]
     assert fast.encode_many(pieces) == [hf.encode(p, add_special_tokens=False).ids for p in pieces]
     assert fast.encode_many(["only one  "]) == [hf.encode("only one  ", add_special_tokens=False).ids]
+    assert fast.encode_many([]) == []
