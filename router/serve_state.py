@@ -39,7 +39,7 @@ def cache_aware_router_config(**kwargs: Any) -> dict[str, Any]:
     Accepts ``policy``, ``policy_options``, ``tokenizer`` (model path: key token blocks
     exactly as the engine does), ``block_size`` (the engine's), ``chunk_chars``,
     ``kv_events``, ``max_pending``, the tokenizer's ``tokenizer_cache_bytes`` (piece cache
-    bound, default 256 MiB), ``tokenizer_threads`` (default 1 with tiktoken's encoder, else 2),
+    bound, default 256 MiB), ``tokenizer_threads`` (default 2),
     ``tokenizer_max_queued_chars`` (default 8M), ``max_tokenized_chars`` (default 2M),
     ``send_prompt_ids`` (default true: send the router's ids to engines that use the same
     tokenizer), ``tokenize_wait_ms`` (default 250: how long a decision waits for the ids

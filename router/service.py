@@ -68,7 +68,7 @@ TOKENIZE_WAIT_MS = 250.0
 INLINE_TOKENIZE_CHARS = 512
 #: Integer options with their defaults and lower bounds.
 _INT_OPTIONS = {"block_size": (16, 1), "chunk_chars": (128, 1), "max_pending": (MAX_PENDING, 1),
-                "tokenizer_cache_bytes": (DEFAULT_CACHE_BYTES, 0), "tokenizer_threads": (None, 1),
+                "tokenizer_cache_bytes": (DEFAULT_CACHE_BYTES, 0), "tokenizer_threads": (2, 1),
                 "tokenizer_max_queued_chars": (8 << 20, 1), "max_tokenized_chars": (MAX_TOKENIZED_CHARS, 1),
                 "conversation_memo_bytes": (DEFAULT_MEMO_BYTES, 0),
                 "inline_tokenize_chars": (INLINE_TOKENIZE_CHARS, 0)}
@@ -79,26 +79,12 @@ KV_EVENT_OPTIONS = ("probe_interval_s", "down_after_s", "replay_timeout_s", "wit
 FALLBACK = object()
 
 
-def default_tokenizer_threads(prompts: PromptTokenizer | None) -> int:
-    """Pool threads when ``tokenizer_threads`` is not set: 1 with tiktoken's encoder, which
-    encodes on the pool's own thread (about 30 MB of text a second on one core, a
-    100k-character cold prompt in about 3 ms), where a second thread mostly added a
-    contender for the cores and the GIL (six paired rounds of ``kvroute bench serve-path``
-    on 2 vCPUs: lower loop lag p99 in all six, more requests/s in five;
-    docs/benchmarks.md); 2 with the tokenizer's own ``encode_batch_fast``, whose work runs
-    on the tokenizer's Rust threads while a pool thread waits."""
-    return 1 if prompts is not None and prompts.fast_bpe is not None else 2
-
-
 def validate_options(kwargs: Mapping[str, Any]) -> tuple[RoutingCore, dict[str, Any]]:
     """Build the core from the options; ``ConfigError`` names any bad field."""
     kwargs = dict(kwargs)
     own = {k: kwargs.pop(k) for k in list(kwargs) if k in SERVICE_OPTIONS}
     for name, (default, lowest) in _INT_OPTIONS.items():
         value = own.get(name, default)
-        if value is None and name not in own:  # a default that depends on more (``tokenizer_threads``)
-            own[name] = None
-            continue
         if not isinstance(value, int) or isinstance(value, bool) or value < lowest:
             kind = "a positive integer" if lowest > 0 else "a non-negative integer"
             raise ConfigError(name, f"must be {kind}, got {value!r}")
@@ -268,8 +254,7 @@ class RoutingService:
         # (``router.conversations``): None when off or not exact for this template.
         self.resumer = ChatResumer.build(self.prompts, own["conversation_memo_bytes"]) \
             if self.prompts is not None else None
-        self.pool = TokenizerPool(own["tokenizer_threads"] or default_tokenizer_threads(self.prompts),
-                                  own["tokenizer_max_queued_chars"])
+        self.pool = TokenizerPool(own["tokenizer_threads"], own["tokenizer_max_queued_chars"])
         self.inline_tokenize_chars = own["inline_tokenize_chars"]
         self.tokenize_counts = dict.fromkeys(TOKENIZE_RESULTS, 0)
         self.prompt_ids_sent = 0

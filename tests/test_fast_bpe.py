@@ -274,28 +274,6 @@ def test_an_encoder_that_differs_on_the_probes_is_not_used(monkeypatch):
     assert tok.fast_bpe is None and tok.fast_bpe_reason.startswith("differs from the tokenizer on")
 
 
-def test_the_pool_has_one_thread_with_tiktoken_unless_told():
-    from router.errors import ConfigError
-    from router.service import RoutingService
-    from router.tokenization import PromptTokenizer
-
-    path = str(shipped_tokenizer_path("tiny"))
-    PromptTokenizer.forget_shared()
-    try:
-        for options, threads in (({}, 1), ({"tokenizer_fast_bpe": False}, 2), ({"tokenizer_threads": 3}, 3),
-                                 ({"tokenizer_fast_bpe": False, "tokenizer_threads": 1}, 1)):
-            service = RoutingService({"tokenizer": path, **options})
-            assert service.pool.workers == threads, options
-            service.close()
-        without = RoutingService({})  # no tokenizer: nothing to encode, the pool's default stays
-        assert without.pool.workers == 2
-        without.close()
-        with pytest.raises(ConfigError, match="tokenizer_threads"):
-            RoutingService({"tokenizer": path, "tokenizer_threads": None})
-    finally:
-        PromptTokenizer.forget_shared()
-
-
 @settings(max_examples=200, deadline=None)
 @given(pieces=st.lists(TEXTS.filter(bool), min_size=1, max_size=6))
 def test_many_pieces_in_one_call_give_each_piece_its_own_ids(shipped, pieces):
