@@ -5,6 +5,8 @@ which all start their cluster through this function."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 ray = pytest.importorskip("ray")
@@ -56,8 +58,6 @@ def test_a_gcs_that_missed_its_port_file_window_is_cleaned_up_and_retried(monkey
     recorder = Recorder([GCS_PORT_TIMEOUT, "context"]).install(monkeypatch)
     assert local_ray.init_local_ray(num_cpus=4) == "context"
     assert len(recorder.calls) == 2 and (recorder.shutdowns, recorder.kills) == (1, 1)
-    import os
-
     assert os.environ[local_ray._GCS_PORT_WAIT_ENV] == str(local_ray.GCS_PORT_WAIT_S)
 
 
@@ -65,8 +65,6 @@ def test_an_operators_gcs_port_wait_is_kept(monkeypatch):
     monkeypatch.setenv(local_ray._GCS_PORT_WAIT_ENV, "45")
     Recorder(["context"]).install(monkeypatch)
     local_ray.init_local_ray(num_cpus=4)
-    import os
-
     assert os.environ[local_ray._GCS_PORT_WAIT_ENV] == "45"
 
 

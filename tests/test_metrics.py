@@ -216,20 +216,27 @@ def test_samples_a_slow_drain_leaves_pending_stay_bounded(recorder):
     assert made["kvroute_router_decisions"].total(outcome="miss") == 4 * MAX_LATENCY_SAMPLES
 
 
+def _service_with_decisions(recorder, n: int):
+    """A routing service over ``recorder``'s metrics with ``n`` decisions recorded, and
+    its decision-latency histogram (which records each observe)."""
+    from router.service import RoutingService
+
+    made, factory = recorder
+    service = RoutingService({"policy": "cache_aware"}, metrics_factory=factory)
+    for _ in range(n):
+        service.metrics.record_decision("miss", 1e-5)
+    return service, made["kvroute_router_decision_latency_us"]
+
+
 def test_the_services_periodic_flush_yields_the_loop_between_slices(recorder):
     """``RoutingService``'s periodic flush observes one slice, then the rest a slice per
     turn of the loop (other callbacks run in between), until none is left."""
     import asyncio
 
     from router.metrics import SAMPLES_PER_SLICE
-    from router.service import RoutingService
 
-    made, factory = recorder
-    service = RoutingService({"policy": "cache_aware"}, metrics_factory=factory)
-    latency = made["kvroute_router_decision_latency_us"]
     n = 3 * SAMPLES_PER_SLICE + 10
-    for _ in range(n):
-        service.metrics.record_decision("miss", 1e-5)
+    service, latency = _service_with_decisions(recorder, n)
 
     async def flush_and_watch() -> list[int]:
         seen: list[int] = []
@@ -262,14 +269,9 @@ def test_a_flush_while_slices_are_pending_starts_no_second_chain(recorder):
     import asyncio
 
     from router.metrics import SAMPLES_PER_SLICE
-    from router.service import RoutingService
 
-    made, factory = recorder
-    service = RoutingService({"policy": "cache_aware"}, metrics_factory=factory)
-    latency = made["kvroute_router_decision_latency_us"]
     n = 8 * SAMPLES_PER_SLICE
-    for _ in range(n):
-        service.metrics.record_decision("miss", 1e-5)
+    service, latency = _service_with_decisions(recorder, n)
 
     async def flush_twice_and_watch() -> list[int]:
         seen: list[int] = []

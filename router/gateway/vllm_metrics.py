@@ -75,7 +75,6 @@ def _samples(text: str) -> list:
     return samples
 
 
-
 @functools.lru_cache(maxsize=256)
 def _config_samples(line: str) -> tuple:
     """The samples of one ``vllm:cache_config_info`` line (memoized: a server repeats it
