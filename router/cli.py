@@ -258,12 +258,17 @@ def _bench_serve_path(args: argparse.Namespace) -> int:
     from benchmarks import serve_path
 
     drivers = serve_path.DRIVERS if args.driver == "both" else (args.driver,)
+    if args.switch_interval_ms is not None:
+        if not 0 < args.switch_interval_ms < float("inf"):
+            raise ConfigError("switch_interval_ms", f"must be a positive number, got {args.switch_interval_ms!r}")
+        sys.setswitchinterval(args.switch_interval_ms / 1000)
     report = serve_path.run(routers=args.router or serve_path.DEFAULT_ROUTERS, workloads=args.workload,
                             requests=args.requests, concurrency=args.concurrency, replicas=args.replicas,
                             drivers=drivers, tokenizer=args.tokenizer, seed=args.seed, port=args.port,
                             engine=args.engine, rounds=args.rounds,
                             progress=lambda m: print(m, file=sys.stderr, flush=True))
     report["command"] = "kvroute " + " ".join(args.argv)
+    report["switch_interval_ms"] = round(sys.getswitchinterval() * 1000, 3)
     print(serve_path.format_table(report))
     _write_json(args.json, report)
     # Exit 1 when kvroute's routers or Serve's default left a request unanswered; a
@@ -702,6 +707,9 @@ def build_parser() -> argparse.ArgumentParser:
     spath.add_argument("--rounds", type=_positive_int, default=1,
                        help="repeat the routers' runs, round r on workloads of seed + r, the order reversed every "
                             "other round; each row reports the median round (ratios within each round)")
+    spath.add_argument("--switch-interval-ms", type=float, metavar="MS",
+                       help="the GIL switch interval of this process, where the handle driver and the routers "
+                            "under test run (default: Python's, 5 ms; docs/benchmarks.md)")
     spath.add_argument("--port", type=int, default=0, help="Serve HTTP port (default: a free one)")
     spath.add_argument("--json", metavar="PATH", help="write the results as JSON")
     spath.set_defaults(func=_bench_serve_path)

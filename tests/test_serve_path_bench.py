@@ -193,3 +193,17 @@ def test_rounds_must_be_a_positive_integer():
     with pytest.raises(ConfigError) as exc:
         serve_path.run(rounds=0)
     assert exc.value.field == "rounds"
+
+
+def test_a_switch_interval_that_is_not_positive_fails_before_anything_starts(capsys):
+    """``--switch-interval-ms`` sets this process's GIL switch interval; a bad one is
+    refused, naming the option, and the interval stays as it was."""
+    import sys
+
+    from router.cli import main
+
+    before = sys.getswitchinterval()
+    for value in ("0", "-1", "inf"):
+        assert main(["bench", "serve-path", "--switch-interval-ms", value]) == 2
+        assert "switch_interval_ms" in capsys.readouterr().err
+    assert sys.getswitchinterval() == before
