@@ -23,6 +23,15 @@ What it runs, per shape (random bf16 weights; nothing downloaded):
   per sequence, captured in a CUDA graph and replayed (vLLM runs decode steps from CUDA
   graphs: eager decode is launch-bound and measures the CPU).
 
+``--full-depth`` times the whole model instead (every layer with weights of its own, no
+extrapolation) with a KV cache up to the preset's capacity (``--kv-tokens``, default the
+preset's ``kv_capacity_tokens``): the card's memory as a deployment of that preset fills
+it. Its decode points are those that fit that capacity plus three that fill it (8,192,
+4,096 and 1,024 tokens of context a sequence). For Qwen2.5-32B (64 GB of weights, 56 GB of
+KV at 215k tokens) that needs an H200: the script says how much memory a run needs and
+stops before allocating when the card has less. It also checks the extrapolation: the
+same points at two depths: run the script both ways on one card to compare.
+
 The fit (least squares on the full-depth step times, coefficients kept >= 0):
 decode ``step_s = step_overhead_s + decode_s_per_seq * seqs + attention_s_per_context_token
 * context tokens``; prefill ``step_s - step_overhead_s = prefill_s_per_token * tokens +
@@ -62,6 +71,28 @@ PREFILL_POINTS = ((512, 0), (1024, 0), (2048, 0), (4096, 0), (8192, 0), (2048, 4
 DECODE_POINTS = tuple((seqs, context) for seqs in (1, 8, 32, 64, 128, 256) for context in (1024, 4096, 8192))
 TOY_PREFILL = ((16, 0), (32, 0), (64, 0), (32, 64))
 TOY_DECODE = ((1, 32), (4, 32), (4, 128))
+
+
+def weight_bytes(shape: dict, layers: int) -> int:
+    """bf16 bytes of ``layers`` decoder layers, the final norm and the LM head."""
+    q, kv = shape["heads"] * shape["head_dim"], shape["kv_heads"] * shape["head_dim"]
+    per_layer = ((q + 2 * kv) * shape["hidden"] + (q + 2 * kv if shape["qkv_bias"] else 0) + shape["hidden"] * q
+                 + 3 * shape["intermediate"] * shape["hidden"] + 2 * shape["hidden"])
+    return 2 * (layers * per_layer + shape["vocab"] * shape["hidden"] + shape["hidden"])
+
+
+def kv_bytes_per_token(shape: dict) -> int:
+    """bf16 bytes of one token's K and V over every layer."""
+    return 2 * 2 * shape["layers"] * shape["kv_heads"] * shape["head_dim"]
+
+
+def full_depth_decode_points(kv_tokens: int, points=DECODE_POINTS,
+                              contexts=(8192, 4096, 1024)) -> tuple[tuple[int, int], ...]:
+    """``points`` whose KV fits ``kv_tokens``, and the batches that fill it at each of
+    ``contexts`` tokens of context a sequence."""
+    fits = [(seqs, context) for seqs, context in points if seqs * (context + 1) <= kv_tokens]
+    filling = [(kv_tokens // (context + 1), context) for context in contexts if kv_tokens // (context + 1) >= 1]
+    return tuple(sorted(set(fits + filling)))
 
 
 @dataclass
@@ -202,7 +233,11 @@ def time_decode(torch, model: Model, seqs: int, context: int, repeats: int, grap
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             model.step(x, cos, sin, caches, context, None)
-        return _timed(torch, graph.replay, model.device, repeats)
+        seconds = _timed(torch, graph.replay, model.device, repeats)
+        # At full depth the next point's KV needs this one's memory back.
+        del graph, caches
+        torch.cuda.empty_cache()
+        return seconds
 
 
 def _nonneg_lstsq(torch, rows: list[list[float]], values: list[float]) -> list[float]:
@@ -224,37 +259,46 @@ def _nonneg_lstsq(torch, rows: list[list[float]], values: list[float]) -> list[f
         active.pop(int(torch.argmin(coef)))
 
 
+def _time_points(torch, model: Model, prefill_points, decode_points, repeats: int, graphs: bool) -> dict:
+    return {"prefill": [time_prefill(torch, model, new, cached, repeats) for new, cached in prefill_points],
+            "decode": [time_decode(torch, model, seqs, context, repeats, graphs) for seqs, context in decode_points]}
+
+
 def measure(shape_name: str, *, device: str, depth: int, repeats: int, graphs: bool,
-            prefill_points=PREFILL_POINTS, decode_points=DECODE_POINTS) -> dict:
-    """Step times at two depths, extrapolated to the full model, and the fitted profile."""
+            prefill_points=PREFILL_POINTS, decode_points=DECODE_POINTS, full_depth: bool = False) -> dict:
+    """Step times at two depths, extrapolated to the full model (or, ``full_depth``, of the
+    whole model), and the fitted profile."""
     import torch
 
     shape = SHAPES[shape_name]
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     torch.manual_seed(0)
     rows = {"prefill": [], "decode": []}
-    timings: dict[int, dict] = {}
-    for layers in (depth, 2 * depth):
-        model = Model(torch, shape, layers, device, dtype)
-        timings[layers] = {
-            "prefill": [time_prefill(torch, model, new, cached, repeats) for new, cached in prefill_points],
-            "decode": [time_decode(torch, model, seqs, context, repeats, graphs) for seqs, context in decode_points],
-        }
-        del model
-        if device.startswith("cuda"):
-            torch.cuda.empty_cache()
     full = shape["layers"]
+    if full_depth:
+        model = Model(torch, shape, full, device, dtype)
+        timings = _time_points(torch, model, prefill_points, decode_points, repeats, graphs)
+        del model
+        step_of = lambda kind, i: timings[kind][i]  # noqa: E731
+    else:
+        by_depth: dict[int, dict] = {}
+        for layers in (depth, 2 * depth):
+            model = Model(torch, shape, layers, device, dtype)
+            by_depth[layers] = _time_points(torch, model, prefill_points, decode_points, repeats, graphs)
+            del model
+            if device.startswith("cuda"):
+                torch.cuda.empty_cache()
 
-    def extrapolate(kind: str, i: int) -> float:
-        short, deep = timings[depth][kind][i], timings[2 * depth][kind][i]
-        per_layer = max(0.0, (deep - short) / depth)
-        return short + per_layer * (full - depth)
+        def step_of(kind: str, i: int) -> float:
+            short, deep = by_depth[depth][kind][i], by_depth[2 * depth][kind][i]
+            per_layer = max(0.0, (deep - short) / depth)
+            return short + per_layer * (full - depth)
 
     for i, (seqs, context) in enumerate(decode_points):
-        rows["decode"].append({"seqs": seqs, "context": context, "step_s": extrapolate("decode", i)})
+        rows["decode"].append({"seqs": seqs, "context": context, "step_s": step_of("decode", i)})
     for i, (new, cached) in enumerate(prefill_points):
         pairs = new * cached + new * (new + 1) // 2
-        rows["prefill"].append({"tokens": new, "cached": cached, "pairs": pairs, "step_s": extrapolate("prefill", i)})
+        rows["prefill"].append({"tokens": new, "cached": cached, "pairs": pairs, "step_s": step_of("prefill", i)})
     overhead, per_seq, per_context = _nonneg_lstsq(
         torch, [[1.0, r["seqs"], r["seqs"] * r["context"]] for r in rows["decode"]], [r["step_s"] for r in rows["decode"]])
     per_token, per_pair = _nonneg_lstsq(
@@ -268,9 +312,35 @@ def measure(shape_name: str, *, device: str, depth: int, repeats: int, graphs: b
             r["error"] = r["fit_s"] / r["step_s"] - 1 if r["step_s"] else 0.0
     return {"shape": shape_name, "dims": {k: v for k, v in shape.items() if k != "preset"}, "device": device,
             "device_name": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
-            "torch": torch.__version__, "depths": [depth, 2 * depth], "decode_cuda_graphs": graphs,
+            "torch": torch.__version__, "depths": [full] if full_depth else [depth, 2 * depth],
+            "full_depth": full_depth, "decode_cuda_graphs": graphs,
+            "peak_memory_gb": (round(torch.cuda.max_memory_allocated() / 1e9, 2) if device.startswith("cuda")
+                               else None),
             "dtype": str(dtype).replace("torch.", ""), "rows": rows, "fit": fit,
             "max_abs_fit_error": max(abs(r["error"]) for kind in rows for r in rows[kind])}
+
+
+def _preset_kv_tokens(shape_name: str) -> int:
+    sys.path.insert(0, ".")
+    from router.profile import get_profile
+
+    return get_profile(SHAPES[shape_name]["preset"]).kv_capacity_tokens
+
+
+def _check_memory(shape_name: str, kv_tokens: int, device: str) -> None:
+    """Stop before allocating when the card cannot hold the whole model and ``kv_tokens``
+    of KV (plus 6 GB for a prefill's activations and the allocator's slack)."""
+    shape = SHAPES[shape_name]
+    need = weight_bytes(shape, shape["layers"]) + kv_tokens * kv_bytes_per_token(shape) + 6e9
+    print(json.dumps({"shape": shape_name, "kv_tokens": kv_tokens, "needs_gb": round(need / 1e9, 1)}), flush=True)
+    if not device.startswith("cuda"):
+        return
+    import torch
+
+    have = torch.cuda.get_device_properties(0).total_memory
+    if need > have:
+        raise SystemExit(f"--full-depth {shape_name} with --kv-tokens {kv_tokens} needs {need / 1e9:.1f} GB; "
+                         f"{torch.cuda.get_device_name()} has {have / 1e9:.1f} GB (lower --kv-tokens)")
 
 
 def compare(result: dict) -> dict:
@@ -291,16 +361,32 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--layers", type=int, default=2, help="timed depth (and twice it) before extrapolating")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--eager-decode", action="store_true", help="decode without CUDA graphs")
+    parser.add_argument("--full-depth", action="store_true",
+                        help="time the whole model (no extrapolation) with a KV cache up to --kv-tokens")
+    parser.add_argument("--kv-tokens", type=int, default=None,
+                        help="with --full-depth: KV tokens on the card (default: the preset's kv_capacity_tokens)")
     parser.add_argument("--json")
     args = parser.parse_args(argv)
     report = {"command": "python benchmarks/gpu_profile.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "date": time.strftime("%Y-%m-%d"), "results": []}
     for name in args.shape or ["llama3-8b"]:
         toy = name == "toy"
+        decode_points = TOY_DECODE if toy else DECODE_POINTS
+        if args.full_depth:
+            kv_tokens = args.kv_tokens or _preset_kv_tokens(name)
+            decode_points = (full_depth_decode_points(kv_tokens, TOY_DECODE, (128, 32)) if toy
+                             else full_depth_decode_points(kv_tokens))
+            _check_memory(name, kv_tokens, args.device)
+        if args.device.startswith("cuda"):
+            import torch
+
+            torch.cuda.reset_peak_memory_stats()
         result = measure(name, device=args.device, depth=args.layers, repeats=args.repeats,
                          graphs=args.device.startswith("cuda") and not args.eager_decode,
                          prefill_points=TOY_PREFILL if toy else PREFILL_POINTS,
-                         decode_points=TOY_DECODE if toy else DECODE_POINTS)
+                         decode_points=decode_points, full_depth=args.full_depth)
+        if args.full_depth:
+            result["kv_tokens"] = kv_tokens
         result["against_preset"] = compare(result)
         report["results"].append(result)
         print(json.dumps({"shape": name, "fit": result["fit"], "max_abs_fit_error": result["max_abs_fit_error"]}),

@@ -26,3 +26,28 @@ def test_the_measured_presets_are_shipped_beside_the_roofline_ones():
     for name in ("llama3-8b-h100-measured", "qwen2.5-32b-h100-measured"):
         assert PROFILES[name].source.startswith("measured: benchmarks/gpu_profile.py")
     assert PROFILES["llama3-8b-h100-measured"].prefill_s_per_token < PROFILES["llama3-8b-h100"].prefill_s_per_token
+
+
+def test_full_depth_times_every_layer_within_the_kv_budget(tmp_path):
+    """``--full-depth`` on the toy shape (CPU): no extrapolation, decode points only where
+    their KV fits the budget plus the ones that fill it, and the byte counts the memory
+    check uses are the model's own."""
+    import json
+
+    from benchmarks.gpu_profile import SHAPES, Model, full_depth_decode_points, main, weight_bytes
+
+    assert full_depth_decode_points(215_000)[-1] == (209, 1024)
+    assert all(seqs * (context + 1) <= 215_000 for seqs, context in full_depth_decode_points(215_000))
+    model = Model(torch, SHAPES["toy"], SHAPES["toy"]["layers"], "cpu", torch.bfloat16)
+    tensors = [model.norm, model.lm_head] + [t for layer in model.layers for t in vars(layer).values()
+                                             if isinstance(t, torch.Tensor)]
+    assert weight_bytes(SHAPES["toy"], SHAPES["toy"]["layers"]) == sum(t.numel() * 2 for t in tensors)
+
+    out = tmp_path / "full.json"
+    main(["--shape", "toy", "--device", "cpu", "--full-depth", "--kv-tokens", "600", "--repeats", "2",
+          "--json", str(out)])
+    result = json.loads(out.read_text())["results"][0]
+    assert result["full_depth"] and result["depths"] == [SHAPES["toy"]["layers"]] and result["kv_tokens"] == 600
+    decode = [(r["seqs"], r["context"]) for r in result["rows"]["decode"]]
+    assert decode == [(1, 32), (4, 32), (4, 128), (18, 32)]  # (18, 32) fills the 600 tokens
+    assert all(r["step_s"] > 0 for kind in ("prefill", "decode") for r in result["rows"][kind])
