@@ -62,16 +62,22 @@ MAX_PENDING = 10_000
 #: normal queue (waits of 10-50 ms with 32 requests in flight on 2 cores, ``kvroute bench
 #: serve-path``), where a 20 ms bound left most agent turns without ids.
 TOKENIZE_WAIT_MS = 250.0
-#: Missing prompt text up to this many characters is encoded on the loop (about 0.1 ms at
-#: 0.2 us per character): cheaper than the thread hop, and well under the loop-lag budget.
-#: The default of the ``inline_tokenize_chars`` option.
+#: Missing prompt text up to this many characters is encoded on the loop instead of the
+#: tokenizer pool: the default of the ``inline_tokenize_chars`` option with the tokenizer's
+#: own encoder (about 0.2 us a character: 0.1 ms at 512).
 INLINE_TOKENIZE_CHARS = 512
+#: The same with tiktoken's encoder where it is exact (about 0.04 us a character: 0.3 ms at
+#: 8,192, a chat turn of a user message and its reply). A hop to the pool and back costs
+#: more than that on a busy machine: the pool's queue, two thread hand-offs and the GIL
+#: they contend for (``kvroute bench serve-path``, ``serve_path_inline.json``: 0.5-0.9 ms
+#: less CPU a request on 100k-character chats and agent loops, 0.87-1.04x Serve's default
+#: against 0.79x with every turn's text sent to the pool; docs/benchmarks.md).
+INLINE_TOKENIZE_CHARS_FAST = 8192
 #: Integer options with their defaults and lower bounds.
 _INT_OPTIONS = {"block_size": (16, 1), "chunk_chars": (128, 1), "max_pending": (MAX_PENDING, 1),
                 "tokenizer_cache_bytes": (DEFAULT_CACHE_BYTES, 0), "tokenizer_threads": (2, 1),
                 "tokenizer_max_queued_chars": (8 << 20, 1), "max_tokenized_chars": (MAX_TOKENIZED_CHARS, 1),
-                "conversation_memo_bytes": (DEFAULT_MEMO_BYTES, 0),
-                "inline_tokenize_chars": (INLINE_TOKENIZE_CHARS, 0)}
+                "conversation_memo_bytes": (DEFAULT_MEMO_BYTES, 0)}
 #: Subscriber options a ``kv_events`` mapping may set (see ``router.kv_events``).
 KV_EVENT_OPTIONS = ("probe_interval_s", "down_after_s", "replay_timeout_s", "withdraw_on_down", "dedup_window",
                     "max_entries", "relay_keys")
@@ -89,6 +95,11 @@ def validate_options(kwargs: Mapping[str, Any]) -> tuple[RoutingCore, dict[str, 
             kind = "a positive integer" if lowest > 0 else "a non-negative integer"
             raise ConfigError(name, f"must be {kind}, got {value!r}")
         own[name] = value
+    # None (the default): chosen by the encoder once the tokenizer is loaded.
+    inline = own.get("inline_tokenize_chars")
+    if inline is not None and (not isinstance(inline, int) or isinstance(inline, bool) or inline < 0):
+        raise ConfigError("inline_tokenize_chars", f"must be a non-negative integer, got {inline!r}")
+    own["inline_tokenize_chars"] = inline
     wait_ms = own.get("tokenize_wait_ms", TOKENIZE_WAIT_MS)
     if not isinstance(wait_ms, (int, float)) or isinstance(wait_ms, bool) or not 0 <= wait_ms < float("inf"):
         raise ConfigError("tokenize_wait_ms", f"must be a non-negative number of milliseconds, got {wait_ms!r}")
@@ -255,7 +266,11 @@ class RoutingService:
         self.resumer = ChatResumer.build(self.prompts, own["conversation_memo_bytes"]) \
             if self.prompts is not None else None
         self.pool = TokenizerPool(own["tokenizer_threads"], own["tokenizer_max_queued_chars"])
-        self.inline_tokenize_chars = own["inline_tokenize_chars"]
+        inline = own["inline_tokenize_chars"]
+        if inline is None:
+            fast = self.prompts is not None and self.prompts.fast_bpe is not None
+            inline = INLINE_TOKENIZE_CHARS_FAST if fast else INLINE_TOKENIZE_CHARS
+        self.inline_tokenize_chars = inline
         self.tokenize_counts = dict.fromkeys(TOKENIZE_RESULTS, 0)
         self.prompt_ids_sent = 0
         self.bad_requests = 0
@@ -372,7 +387,7 @@ class RoutingService:
             short = sum(map(len, missing)) <= self.inline_tokenize_chars
             if short and needs_ids:
                 # A short new message costs less to encode here than a hop to the pool.
-                ids = prompts.encode(text, special)
+                ids = prompts.encode(text, special, missing)
                 self.tokenize_counts["encoded"] += 1
                 return Tokenized(whole(ids), resume=resume)
             if short or not (wait_s > 0 and needs_ids):

@@ -623,11 +623,14 @@ class PromptTokenizer:
         for piece, ids in zip(pieces, encoded):
             put(piece, ids)
 
-    def encode(self, text: str, add_special_tokens: bool) -> bytes:
-        """``assemble``, encoding and caching what is missing on this thread."""
-        ids, missing = self.assemble(text, add_special_tokens)
-        if ids is not None:
-            return ids
+    def encode(self, text: str, add_special_tokens: bool, missing: list[str] | None = None) -> bytes:
+        """``assemble``, encoding and caching what is missing on this thread. ``missing``:
+        the pieces a pass over ``text`` just found missing (``assemble_leading``), so that
+        the text is not split and looked up again (nor its misses counted twice)."""
+        if missing is None:
+            ids, missing = self.assemble(text, add_special_tokens)
+            if ids is not None:
+                return ids
         self.store(missing, self.encode_pieces(missing))
         ids, missing = self.assemble(text, add_special_tokens)
         if ids is None:  # a cache too small to hold this prompt's pieces at once

@@ -88,6 +88,18 @@ def test_how_much_new_text_is_encoded_on_the_loop_is_an_option(tokenizer_path, h
             make_state(tokenizer_path, inline_tokenize_chars=bad)
 
 
+def test_the_inline_default_follows_the_encoder(tokenizer_path):
+    """Unset, ``inline_tokenize_chars`` is 8,192 where tiktoken's encoder is exact for the
+    tokenizer (0.04 us a character) and 512 with the tokenizer's own (0.2 us)."""
+    from router.service import INLINE_TOKENIZE_CHARS, INLINE_TOKENIZE_CHARS_FAST
+
+    assert PromptTokenizer.load(tokenizer_path).fast_bpe is not None  # exact for the test tokenizer
+    assert make_state(tokenizer_path).service.inline_tokenize_chars == INLINE_TOKENIZE_CHARS_FAST == 8192
+    own = make_state(tokenizer_path, tokenizer_fast_bpe=False).service
+    assert own.inline_tokenize_chars == INLINE_TOKENIZE_CHARS == 512
+    assert make_state(tokenizer_path, inline_tokenize_chars=0).service.inline_tokenize_chars == 0
+
+
 def test_a_conversation_is_tokenized_once_and_extended_piece_by_piece(tokenizer_path, hf):
     state = make_state(tokenizer_path, **PATIENT)
     fingerprint = tokenizer_fingerprint(hf)  # engines that take the ids: the router waits for them
@@ -184,7 +196,8 @@ def test_an_engine_that_takes_ids_alone_gets_the_chat_without_its_text(tokenizer
 
 
 def test_a_full_pool_keys_on_the_cached_prefix_and_sends_no_ids(tokenizer_path, hf):
-    state = make_state(tokenizer_path, tokenizer_max_queued_chars=1000, **PATIENT)
+    # inline 0: the turn's new text goes to the pool, which is full.
+    state = make_state(tokenizer_path, tokenizer_max_queued_chars=1000, inline_tokenize_chars=0, **PATIENT)
     same = [replica("r0", kvroute_tokenizer=tokenizer_fingerprint(hf))]
     messages = conversation(2)
     choose(state, same, {"messages": messages[:2]}, "seen")  # the system prompt and first question
@@ -214,7 +227,9 @@ def test_a_cold_prompt_does_not_hold_the_loop(tokenizer_path):
         finished.append(request_id)
 
     async def main():
-        cold = {"messages": [{"role": "user", "content": "a new document, never seen. " * 8000}]}
+        # Unrepeated text (a repeated sentence splits into a few distinct pieces, short
+        # enough to be encoded on the loop).
+        cold = {"messages": [{"role": "user", "content": " ".join(f"new{i} document" for i in range(20_000))}]}
         await asyncio.gather(one(cold, "cold"), one(warm, "cached"))
 
     asyncio.run(main())
@@ -316,7 +331,7 @@ def test_a_decision_waits_for_ids_at_most_tokenize_wait_ms(tokenizer_path, hf):
     come, are learned, and the next turn is sent with its ids."""
     import threading
 
-    state = make_state(tokenizer_path, tokenize_wait_ms=5)
+    state = make_state(tokenizer_path, tokenize_wait_ms=5, inline_tokenize_chars=0)  # the turn's text to the pool
     fingerprint = tokenizer_fingerprint(hf)
     replicas = [replica("r0", kvroute_tokenizer=fingerprint), replica("r1", kvroute_tokenizer=fingerprint)]
     state.update_replicas(replicas)
