@@ -19,9 +19,10 @@ deployment's ``request_router_config``:
 * ``kvroute-tokens-hf``: ``kvroute-tokens`` with ``tokenizer_fast_bpe=False``: pieces
   encoded by the tokenizer itself, never by tiktoken's encoder (``router.fast_bpe``);
   asked for by name only;
-* ``kvroute-tokens-inline``: ``kvroute-tokens`` with ``inline_tokenize_chars=16384``: a
-  turn's new text of up to 16k characters is encoded on the router's loop instead of in
-  the pool (no hop to a thread and back); asked for by name only;
+* ``kvroute-tokens-pool``: ``kvroute-tokens`` with ``inline_tokenize_chars=512`` (the
+  default before it followed the encoder): a turn's new text longer than a short message
+  goes to the tokenizer pool instead of being encoded on the router's loop; asked for by
+  name only;
 * ``kvroute-chars``: the same with character keys (no tokenizer);
 * ``ray-prefix``: Ray Serve LLM's ``PrefixCacheAffinityRouter`` (defaults);
 * ``ray-consistent-hash``: Ray 2.60's experimental ``ConsistentHashRouter`` (sessions from
@@ -115,20 +116,20 @@ KVROUTE_TOKENS = "kvroute-tokens"
 KVROUTE_TOKENS_NO_IDS = "kvroute-tokens-no-ids"
 KVROUTE_TOKENS_NO_WAIT = "kvroute-tokens-no-wait"
 KVROUTE_TOKENS_HF = "kvroute-tokens-hf"
-KVROUTE_TOKENS_INLINE = "kvroute-tokens-inline"
+KVROUTE_TOKENS_POOL = "kvroute-tokens-pool"
 KVROUTE_CHARS = "kvroute-chars"
 RAY_PREFIX = "ray-prefix"
 RAY_CONSISTENT_HASH = "ray-consistent-hash"
 RAY_KV_AWARE = "ray-kv-aware"
 ROUTERS = (SERVE_DEFAULT, KVROUTE_TOKENS, KVROUTE_TOKENS_NO_IDS, KVROUTE_TOKENS_NO_WAIT, KVROUTE_TOKENS_HF,
-           KVROUTE_TOKENS_INLINE, KVROUTE_CHARS, RAY_PREFIX, RAY_CONSISTENT_HASH, RAY_KV_AWARE)
+           KVROUTE_TOKENS_POOL, KVROUTE_CHARS, RAY_PREFIX, RAY_CONSISTENT_HASH, RAY_KV_AWARE)
 #: What runs when no router is named.
-DEFAULT_ROUTERS = tuple(name for name in ROUTERS if name not in (KVROUTE_TOKENS_HF, KVROUTE_TOKENS_INLINE))
+DEFAULT_ROUTERS = tuple(name for name in ROUTERS if name not in (KVROUTE_TOKENS_HF, KVROUTE_TOKENS_POOL))
 DRIVERS = ("handle", "http")
 ENGINES = ("trivial", "tokenizing")
 # A failure of one of these fails the command.
 OWN_ROUTERS = (SERVE_DEFAULT, KVROUTE_TOKENS, KVROUTE_TOKENS_NO_IDS, KVROUTE_TOKENS_NO_WAIT, KVROUTE_TOKENS_HF,
-               KVROUTE_TOKENS_INLINE, KVROUTE_CHARS)
+               KVROUTE_TOKENS_POOL, KVROUTE_CHARS)
 
 
 # -----------------------------------------------------------------------------------------
@@ -256,7 +257,7 @@ def router_config(name: str, tokenizer: str) -> dict | None:
     if name == SERVE_DEFAULT:
         return None
     if name in (KVROUTE_TOKENS, KVROUTE_TOKENS_NO_IDS, KVROUTE_TOKENS_NO_WAIT, KVROUTE_TOKENS_HF,
-                KVROUTE_TOKENS_INLINE):
+                KVROUTE_TOKENS_POOL):
         from router import cache_aware_router_config
 
         # no-wait: a decision never waits for the tokenizer pool; a request whose new text
@@ -264,8 +265,8 @@ def router_config(name: str, tokenizer: str) -> dict | None:
         extra = {"tokenize_wait_ms": 0} if name == KVROUTE_TOKENS_NO_WAIT else {}
         if name == KVROUTE_TOKENS_HF:
             extra["tokenizer_fast_bpe"] = False
-        if name == KVROUTE_TOKENS_INLINE:
-            extra["inline_tokenize_chars"] = 16384
+        if name == KVROUTE_TOKENS_POOL:
+            extra["inline_tokenize_chars"] = 512
         return cache_aware_router_config(policy="cache_aware", tokenizer=tokenizer, block_size=BLOCK_SIZE,
                                          send_prompt_ids=name != KVROUTE_TOKENS_NO_IDS, **extra)
     if name == KVROUTE_CHARS:
@@ -845,7 +846,7 @@ def run_router(router: str, workloads: Sequence[Workload], *, tokenizer: str, fi
         request_router = handle._router._asyncio_router.request_router  # Ray internals (see module doc)
         loop = handle._router._asyncio_router._event_loop
         expect_fingerprint = fingerprint if router in (KVROUTE_TOKENS, KVROUTE_TOKENS_NO_WAIT,
-                                                                   KVROUTE_TOKENS_HF, KVROUTE_TOKENS_INLINE) else None
+                                                                   KVROUTE_TOKENS_HF, KVROUTE_TOKENS_POOL) else None
         # Serve's default router reads no routing stats; the others get their first
         # reports before the timed phase.
         stats_ready = _wait_for_stats(request_router, replicas, expect_fingerprint) if config is not None else None
