@@ -69,9 +69,10 @@ INLINE_TOKENIZE_CHARS = 512
 #: The same with tiktoken's encoder where it is exact (about 0.04 us a character: 0.3 ms at
 #: 8,192, a chat turn of a user message and its reply). A hop to the pool and back costs
 #: more than that on a busy machine: the pool's queue, two thread hand-offs and the GIL
-#: they contend for (``kvroute bench serve-path``, ``serve_path_inline.json``: 0.5-0.9 ms
-#: less CPU a request on 100k-character chats and agent loops, 0.87-1.04x Serve's default
-#: against 0.79x with every turn's text sent to the pool; docs/benchmarks.md).
+#: they contend for (``kvroute bench serve-path``, ``serve_path_inline.json`` and
+#: ``serve_path_inline_default.json``: 0.45-1.6 ms less CPU a request on 100k-character
+#: chats and agent loops, 0.87-1.04x Serve's default against 0.72-0.86x with a 512
+#: bound; docs/benchmarks.md, "A turn's new text on the loop").
 INLINE_TOKENIZE_CHARS_FAST = 8192
 #: Integer options with their defaults and lower bounds.
 _INT_OPTIONS = {"block_size": (16, 1), "chunk_chars": (128, 1), "max_pending": (MAX_PENDING, 1),
