@@ -29,8 +29,8 @@ preset's ``kv_capacity_tokens``): the card's memory as a deployment of that pres
 it. Its decode points are those that fit that capacity plus three that fill it (8,192,
 4,096 and 1,024 tokens of context a sequence). For Qwen2.5-32B (64 GB of weights, 56 GB of
 KV at 215k tokens) that needs an H200: the script says how much memory a run needs and
-stops before allocating when the card has less. It also checks the extrapolation: the
-same points at two depths: run the script both ways on one card to compare.
+stops before allocating when the card has less. Run both ways on one card, the two fits
+check the extrapolation.
 
 The fit (least squares on the full-depth step times, coefficients kept >= 0):
 decode ``step_s = step_overhead_s + decode_s_per_seq * seqs + attention_s_per_context_token
