@@ -320,11 +320,12 @@ def measure(shape_name: str, *, device: str, depth: int, repeats: int, graphs: b
             "max_abs_fit_error": max(abs(r["error"]) for kind in rows for r in rows[kind])}
 
 
-def _preset_kv_tokens(shape_name: str) -> int:
+def _preset(shape_name: str):
+    """The roofline preset of ``shape_name`` (``router.profile``, from the checkout)."""
     sys.path.insert(0, ".")
     from router.profile import get_profile
 
-    return get_profile(SHAPES[shape_name]["preset"]).kv_capacity_tokens
+    return get_profile(SHAPES[shape_name]["preset"])
 
 
 def _check_memory(shape_name: str, kv_tokens: int, device: str) -> None:
@@ -345,10 +346,7 @@ def _check_memory(shape_name: str, kv_tokens: int, device: str) -> None:
 
 def compare(result: dict) -> dict:
     """The fit beside the roofline preset of the same shape: measured / preset per field."""
-    sys.path.insert(0, ".")
-    from router.profile import get_profile
-
-    preset = get_profile(SHAPES[result["shape"]]["preset"])
+    preset = _preset(result["shape"])
     return {name: {"measured": value, "preset": getattr(preset, name),
                    "ratio": value / getattr(preset, name) if getattr(preset, name) else math.inf}
             for name, value in result["fit"].items()}
@@ -373,7 +371,7 @@ def main(argv: list[str] | None = None) -> dict:
         toy = name == "toy"
         decode_points = TOY_DECODE if toy else DECODE_POINTS
         if args.full_depth:
-            kv_tokens = args.kv_tokens or _preset_kv_tokens(name)
+            kv_tokens = args.kv_tokens or _preset(name).kv_capacity_tokens
             decode_points = (full_depth_decode_points(kv_tokens, TOY_DECODE, (128, 32)) if toy
                              else full_depth_decode_points(kv_tokens))
             _check_memory(name, kv_tokens, args.device)

@@ -74,11 +74,12 @@ INLINE_TOKENIZE_CHARS = 512
 #: chats and agent loops, 0.87-1.04x Serve's default against 0.72-0.86x with a 512
 #: bound; docs/benchmarks.md, "A turn's new text on the loop").
 INLINE_TOKENIZE_CHARS_FAST = 8192
-#: Integer options with their defaults and lower bounds.
+#: Integer options with their defaults and lower bounds. A default of None stays None when
+#: the option is not given (``inline_tokenize_chars``: chosen once the tokenizer is loaded).
 _INT_OPTIONS = {"block_size": (16, 1), "chunk_chars": (128, 1), "max_pending": (MAX_PENDING, 1),
                 "tokenizer_cache_bytes": (DEFAULT_CACHE_BYTES, 0), "tokenizer_threads": (2, 1),
                 "tokenizer_max_queued_chars": (8 << 20, 1), "max_tokenized_chars": (MAX_TOKENIZED_CHARS, 1),
-                "conversation_memo_bytes": (DEFAULT_MEMO_BYTES, 0)}
+                "conversation_memo_bytes": (DEFAULT_MEMO_BYTES, 0), "inline_tokenize_chars": (None, 0)}
 #: Subscriber options a ``kv_events`` mapping may set (see ``router.kv_events``).
 KV_EVENT_OPTIONS = ("probe_interval_s", "down_after_s", "replay_timeout_s", "withdraw_on_down", "dedup_window",
                     "max_entries", "relay_keys")
@@ -92,15 +93,13 @@ def validate_options(kwargs: Mapping[str, Any]) -> tuple[RoutingCore, dict[str, 
     own = {k: kwargs.pop(k) for k in list(kwargs) if k in SERVICE_OPTIONS}
     for name, (default, lowest) in _INT_OPTIONS.items():
         value = own.get(name, default)
+        if value is None and default is None:
+            own[name] = None
+            continue
         if not isinstance(value, int) or isinstance(value, bool) or value < lowest:
             kind = "a positive integer" if lowest > 0 else "a non-negative integer"
             raise ConfigError(name, f"must be {kind}, got {value!r}")
         own[name] = value
-    # None (the default): chosen by the encoder once the tokenizer is loaded.
-    inline = own.get("inline_tokenize_chars")
-    if inline is not None and (not isinstance(inline, int) or isinstance(inline, bool) or inline < 0):
-        raise ConfigError("inline_tokenize_chars", f"must be a non-negative integer, got {inline!r}")
-    own["inline_tokenize_chars"] = inline
     wait_ms = own.get("tokenize_wait_ms", TOKENIZE_WAIT_MS)
     if not isinstance(wait_ms, (int, float)) or isinstance(wait_ms, bool) or not 0 <= wait_ms < float("inf"):
         raise ConfigError("tokenize_wait_ms", f"must be a non-negative number of milliseconds, got {wait_ms!r}")
