@@ -23,6 +23,10 @@ deployment's ``request_router_config``:
   default before it followed the encoder): a turn's new text longer than a short message
   goes to the tokenizer pool instead of being encoded on the router's loop; asked for by
   name only;
+* ``kvroute-tokens-releasing``: ``kvroute-tokens`` with the loop's own encodes made by
+  the encoders that release the GIL (tiktoken's ``encode``, the tokenizer's batch call),
+  as before 2026-12-07's ``on_loop``: patched into this process for the router's run, so
+  with the handle driver only (its router runs here); asked for by name only;
 * ``kvroute-chars``: the same with character keys (no tokenizer);
 * ``ray-prefix``: Ray Serve LLM's ``PrefixCacheAffinityRouter`` (defaults);
 * ``ray-consistent-hash``: Ray 2.60's experimental ``ConsistentHashRouter`` (sessions from
@@ -117,19 +121,22 @@ KVROUTE_TOKENS_NO_IDS = "kvroute-tokens-no-ids"
 KVROUTE_TOKENS_NO_WAIT = "kvroute-tokens-no-wait"
 KVROUTE_TOKENS_HF = "kvroute-tokens-hf"
 KVROUTE_TOKENS_POOL = "kvroute-tokens-pool"
+KVROUTE_TOKENS_RELEASING = "kvroute-tokens-releasing"
 KVROUTE_CHARS = "kvroute-chars"
 RAY_PREFIX = "ray-prefix"
 RAY_CONSISTENT_HASH = "ray-consistent-hash"
 RAY_KV_AWARE = "ray-kv-aware"
 ROUTERS = (SERVE_DEFAULT, KVROUTE_TOKENS, KVROUTE_TOKENS_NO_IDS, KVROUTE_TOKENS_NO_WAIT, KVROUTE_TOKENS_HF,
-           KVROUTE_TOKENS_POOL, KVROUTE_CHARS, RAY_PREFIX, RAY_CONSISTENT_HASH, RAY_KV_AWARE)
+           KVROUTE_TOKENS_POOL, KVROUTE_TOKENS_RELEASING, KVROUTE_CHARS, RAY_PREFIX, RAY_CONSISTENT_HASH,
+           RAY_KV_AWARE)
 #: What runs when no router is named.
-DEFAULT_ROUTERS = tuple(name for name in ROUTERS if name not in (KVROUTE_TOKENS_HF, KVROUTE_TOKENS_POOL))
+DEFAULT_ROUTERS = tuple(name for name in ROUTERS
+                        if name not in (KVROUTE_TOKENS_HF, KVROUTE_TOKENS_POOL, KVROUTE_TOKENS_RELEASING))
 DRIVERS = ("handle", "http")
 ENGINES = ("trivial", "tokenizing")
 # A failure of one of these fails the command.
 OWN_ROUTERS = (SERVE_DEFAULT, KVROUTE_TOKENS, KVROUTE_TOKENS_NO_IDS, KVROUTE_TOKENS_NO_WAIT, KVROUTE_TOKENS_HF,
-               KVROUTE_TOKENS_POOL, KVROUTE_CHARS)
+               KVROUTE_TOKENS_POOL, KVROUTE_TOKENS_RELEASING, KVROUTE_CHARS)
 
 
 # -----------------------------------------------------------------------------------------
@@ -257,7 +264,7 @@ def router_config(name: str, tokenizer: str) -> dict | None:
     if name == SERVE_DEFAULT:
         return None
     if name in (KVROUTE_TOKENS, KVROUTE_TOKENS_NO_IDS, KVROUTE_TOKENS_NO_WAIT, KVROUTE_TOKENS_HF,
-                KVROUTE_TOKENS_POOL):
+                KVROUTE_TOKENS_POOL, KVROUTE_TOKENS_RELEASING):
         from router import cache_aware_router_config
 
         # no-wait: a decision never waits for the tokenizer pool; a request whose new text
@@ -822,6 +829,7 @@ def run_router(router: str, workloads: Sequence[Workload], *, tokenizer: str, fi
     # kvroute's routers of one process share their tokenizer's piece cache: each router
     # under test starts from a cold one, not from the text the previous router saw.
     PromptTokenizer.forget_shared()
+    restore = _releasing_on_loop() if router == KVROUTE_TOKENS_RELEASING else None
     config = router_config(router, tokenizer)
     options: dict[str, Any] = {"num_replicas": replicas}
     if config is not None:
@@ -845,8 +853,8 @@ def run_router(router: str, workloads: Sequence[Workload], *, tokenizer: str, fi
                 raise RuntimeError(f"{router}: warm-up answered {answer!r}")
         request_router = handle._router._asyncio_router.request_router  # Ray internals (see module doc)
         loop = handle._router._asyncio_router._event_loop
-        expect_fingerprint = fingerprint if router in (KVROUTE_TOKENS, KVROUTE_TOKENS_NO_WAIT,
-                                                                   KVROUTE_TOKENS_HF, KVROUTE_TOKENS_POOL) else None
+        expect_fingerprint = fingerprint if router in (KVROUTE_TOKENS, KVROUTE_TOKENS_NO_WAIT, KVROUTE_TOKENS_HF,
+                                                       KVROUTE_TOKENS_POOL, KVROUTE_TOKENS_RELEASING) else None
         # Serve's default router reads no routing stats; the others get their first
         # reports before the timed phase.
         stats_ready = _wait_for_stats(request_router, replicas, expect_fingerprint) if config is not None else None
@@ -946,7 +954,31 @@ def run_router(router: str, workloads: Sequence[Workload], *, tokenizer: str, fi
         if decisions is not None:
             decisions.remove()
         serve.delete(app_name)
+        if restore is not None:
+            restore()
     return rows
+
+
+def _releasing_on_loop() -> Callable[[], None]:
+    """Make ``PromptTokenizer``'s encodes in this process ignore ``on_loop`` (the encoders
+    that release the GIL, as before it existed), for ``kvroute-tokens-releasing``; returns
+    what undoes it."""
+    from router.tokenization import PromptTokenizer
+
+    encode_pieces, encode_uncached = PromptTokenizer.encode_pieces, PromptTokenizer.encode_uncached
+
+    def releasing_pieces(self, pieces, *, on_loop=False):
+        return encode_pieces(self, pieces)
+
+    def releasing_uncached(self, text, add_special_tokens, *, on_loop=False):
+        return encode_uncached(self, text, add_special_tokens)
+
+    PromptTokenizer.encode_pieces, PromptTokenizer.encode_uncached = releasing_pieces, releasing_uncached
+
+    def restore() -> None:
+        PromptTokenizer.encode_pieces, PromptTokenizer.encode_uncached = encode_pieces, encode_uncached
+
+    return restore
 
 
 # -----------------------------------------------------------------------------------------
@@ -1046,6 +1078,9 @@ def run(*, routers: Sequence[str] = DEFAULT_ROUTERS, workloads: Sequence[str] | 
     for name in drivers:
         if name not in DRIVERS:
             raise ConfigError("driver", f"must be handle, http or both, got {name!r}")
+    if KVROUTE_TOKENS_RELEASING in routers and "http" in drivers:
+        raise ConfigError("driver", f"{KVROUTE_TOKENS_RELEASING} runs with the handle driver only "
+                                    "(its router must run in this process)")
     for field_name, value in (("concurrency", concurrency), ("replicas", replicas)):
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
             raise ConfigError(field_name, f"must be a positive integer, got {value!r}")

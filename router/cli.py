@@ -686,8 +686,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                     "replicas, production prompt sizes): handle and HTTP")
     spath.add_argument("--router", action="append",
                        help="serve-default, kvroute-tokens, kvroute-tokens-no-ids, kvroute-tokens-no-wait, "
-                            "kvroute-tokens-hf, kvroute-tokens-pool, kvroute-chars, ray-prefix, ray-consistent-hash, "
-                            "ray-kv-aware (repeatable; default all but kvroute-tokens-hf and kvroute-tokens-pool)")
+                            "kvroute-tokens-hf, kvroute-tokens-pool, kvroute-tokens-releasing (handle driver only), "
+                            "kvroute-chars, ray-prefix, ray-consistent-hash, ray-kv-aware (repeatable; default all "
+                            "but kvroute-tokens-hf, kvroute-tokens-pool and kvroute-tokens-releasing)")
     spath.add_argument("--workload", action="append",
                        help="chat, agent, cold, completion (every size) or KIND-SIZE, e.g. chat-100k (repeatable; "
                             "default: chat, agent and cold at 5k, 20k, 100k and 400k characters)")

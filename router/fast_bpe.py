@@ -64,8 +64,12 @@ QWEN2_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}|"
                  r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 #: Joins the pieces of one ``encode_many`` call: tiktoken's one special token here.
 SEPARATOR = "\x00kvroute piece separator\x00"
-#: The regexes whose splits are tested to agree between the two regex engines.
+#: The regexes whose splits are tested to agree between the regex engines.
 PATTERNS = {"gpt2": GPT2_PATTERN, "cl100k": CL100K_PATTERN, "qwen2": QWEN2_PATTERN}
+#: Pre-tokens whose ids ``encode_held`` remembers, and the longest one it remembers: most
+#: of a message's pre-tokens are words that recur. Cleared when full (a few MB at most).
+HELD_CACHE_ENTRIES = 1 << 16
+HELD_CACHE_CHARS = 32
 
 
 def byte_level_alphabet() -> dict[str, int]:
@@ -92,8 +96,10 @@ class FastBPE:
 
     Holds tiktoken's encoder (its rank table: one entry per kept token, a few MB for a
     128k vocabulary), the name of the pre-tokenizer regex and how many tokens were left out
-    (``dropped``). ``encode`` is O(len(text)) (a bounded amount of work per pre-token),
-    thread-safe, and releases the GIL while it runs.
+    (``dropped``), and ``encode_held``'s pre-token cache (at most ``HELD_CACHE_ENTRIES``).
+    ``encode`` is O(len(text)) (a bounded amount of work per pre-token), thread-safe, and
+    releases the GIL while it runs; ``encode_held`` gives the same ids, also O(len(text)),
+    without releasing it (for an event loop's thread: ``encode_held``'s docstring).
     """
 
     def __init__(self, encoding: Any, pattern_name: str, dropped: int) -> None:
@@ -103,6 +109,12 @@ class FastBPE:
         self.dropped = dropped
         self._separator_id = encoding._special_tokens[SEPARATOR]
         self._allowed = {SEPARATOR}
+        # tiktoken's own dependency, so present wherever tiktoken is; the same pattern as
+        # tiktoken's fancy-regex (the engines agree on every code point: tests/test_fast_bpe.py).
+        import regex
+
+        self._pretokens = regex.compile(PATTERNS[pattern_name]).findall
+        self._held: dict[str, tuple[int, ...]] = {}
 
     @classmethod
     def from_spec(cls, spec: Mapping[str, Any]) -> FastBPE:
@@ -124,6 +136,36 @@ class FastBPE:
         them out). ``UnicodeEncodeError`` for a lone surrogate, which tiktoken would
         replace: the caller then uses the tokenizer's own encoding."""
         return self._core.encode_ordinary(text)
+
+    def encode_held(self, text: str) -> list[int]:
+        """``encode(text)``, without releasing the GIL: for a short text encoded on an event
+        loop's thread. tiktoken's ``encode`` releases the GIL for the whole call, and when
+        any other thread of the process is running Python (a Serve replica's user code, a
+        benchmark's driver, a KV-event thread) that thread takes it and keeps it until it
+        blocks or its switch interval (5 ms) runs out, so each such call on the loop cost
+        the loop up to 5 ms whatever the text's length (``benchmarks/gil_convoy.py``).
+        Here the text is split with tiktoken's own pattern by the ``regex`` module and each
+        pre-token encoded by ``encode_single_piece`` (what ``encode`` does per pre-token,
+        holding the GIL), the short ones remembered. About twice ``encode``'s time on a
+        quiet process (the regex module's split is most of it), a hundredth of what a
+        release costs beside a busy thread. ``UnicodeEncodeError`` for a lone surrogate,
+        as ``encode``."""
+        held = self._held
+        get = held.get
+        single = self._core.encode_single_piece
+        out: list[int] = []
+        extend = out.extend
+        # ``concurrent=False``: the regex module's default releases the GIL as it matches.
+        for pretoken in self._pretokens(text, concurrent=False):
+            ids = get(pretoken)
+            if ids is None:
+                ids = tuple(single(pretoken.encode("utf-8")))
+                if len(pretoken) <= HELD_CACHE_CHARS:
+                    if len(held) >= HELD_CACHE_ENTRIES:
+                        held.clear()
+                    held[pretoken] = ids
+            extend(ids)
+        return out
 
     def encode_many(self, pieces: list[str]) -> list[list[int]]:
         """Each piece's ids, as ``encode`` gives them, from one call into tiktoken: one

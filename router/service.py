@@ -386,8 +386,9 @@ class RoutingService:
             needs_ids = ids_wanted or 2 * (base_chars + covered) < base_chars + len(text)
             short = sum(map(len, missing)) <= self.inline_tokenize_chars
             if short and needs_ids:
-                # A short new message costs less to encode here than a hop to the pool.
-                ids = prompts.encode(text, special, missing)
+                # A short new message costs less to encode here than a hop to the pool
+                # (with encoders that keep the GIL: ``PromptTokenizer.encode_pieces``).
+                ids = prompts.encode(text, special, missing, on_loop=True)
                 self.tokenize_counts["encoded"] += 1
                 return Tokenized(whole(ids), resume=resume)
             if short or not (wait_s > 0 and needs_ids):
@@ -469,7 +470,7 @@ class RoutingService:
                 # meanwhile (aiohttp writes a body on a task of its own before Python
                 # 3.12) go first.
                 await asyncio.sleep(0)
-                prompts.store(missing, prompts.encode_pieces(missing))
+                prompts.store(missing, prompts.encode_pieces(missing, on_loop=True))
             elif encoding is None:
                 encoding = self.pool.submit(prompts, missing)
                 if encoding is None:

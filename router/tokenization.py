@@ -33,7 +33,10 @@ it all again costs about 0.2 us per character (20 ms at 100k characters), so
    provably the tokenizer's own (``router.fast_bpe``; 3.4-4.7x faster), else
    ``encode_batch_fast`` (both release the GIL; a plain ``encode`` holds it for the
    whole call), on the caller's thread pool; ``TokenizerPool`` bounds the characters
-   queued there.
+   queued there. A short text encoded on the loop itself (``on_loop``) goes through
+   encoders that hold the GIL instead (``FastBPE.encode_held``, the tokenizer's single
+   ``encode``): releasing it there lets any other busy thread keep it for its whole
+   switch interval (5 ms), far longer than the encode.
 
 The ids come out packed (``bytes``): the keyer chains them as they are and they travel to
 the engine as they are, without a list of Python ints in between.
@@ -604,17 +607,26 @@ class PromptTokenizer:
             return self._c_splitter.assemble_leading(cache, text, add_special_tokens, self.prefix, self.suffix)
         return self._py_splitter.assemble_leading(cache, text, add_special_tokens, self.prefix, self.suffix)
 
-    def encode_pieces(self, pieces: list[str]) -> list[bytes]:
+    def encode_pieces(self, pieces: list[str], *, on_loop: bool = False) -> list[bytes]:
         """Each piece's ids, packed: with tiktoken's encoder where it is exact (``fast_bpe``),
         else one ``encode_batch_fast`` call; both release the GIL (run it on a worker
-        thread for long texts). Thread-safe."""
+        thread for long texts). Thread-safe. ``on_loop``: the caller is an event loop's
+        thread, which must not release the GIL for a short encode (another thread would
+        keep it up to its 5 ms switch interval: ``FastBPE.encode_held``): the same ids
+        from encoders that hold it (``encode_held``; the tokenizer's single ``encode``)."""
         if not self.incremental:
-            return [self.encode_uncached(key[1:], key[0] == "\x01") for key in pieces]
+            return [self.encode_uncached(key[1:], key[0] == "\x01", on_loop=on_loop) for key in pieces]
         if self.fast_bpe is not None:
             try:
+                if on_loop:
+                    held = self.fast_bpe.encode_held
+                    return [pack_ids(held(piece)) for piece in pieces]
                 return [pack_ids(ids) for ids in self.fast_bpe.encode_many(pieces)]
             except UnicodeEncodeError:  # a lone surrogate, which tiktoken would replace
                 pass
+        if on_loop:
+            encode = self.backend.encode
+            return [pack_ids(encode(piece, add_special_tokens=False).ids) for piece in pieces]
         encodings = self.backend.encode_batch_fast(pieces, add_special_tokens=False)
         return [pack_ids(e.ids) for e in encodings]
 
@@ -623,22 +635,27 @@ class PromptTokenizer:
         for piece, ids in zip(pieces, encoded):
             put(piece, ids)
 
-    def encode(self, text: str, add_special_tokens: bool, missing: list[str] | None = None) -> bytes:
+    def encode(self, text: str, add_special_tokens: bool, missing: list[str] | None = None, *,
+               on_loop: bool = False) -> bytes:
         """``assemble``, encoding and caching what is missing on this thread. ``missing``:
         the pieces a pass over ``text`` just found missing (``assemble_leading``), so that
-        the text is not split and looked up again (nor its misses counted twice)."""
+        the text is not split and looked up again (nor its misses counted twice).
+        ``on_loop``: as ``encode_pieces``'."""
         if missing is None:
             ids, missing = self.assemble(text, add_special_tokens)
             if ids is not None:
                 return ids
-        self.store(missing, self.encode_pieces(missing))
+        self.store(missing, self.encode_pieces(missing, on_loop=on_loop))
         ids, missing = self.assemble(text, add_special_tokens)
         if ids is None:  # a cache too small to hold this prompt's pieces at once
-            return self.encode_uncached(text, add_special_tokens)
+            return self.encode_uncached(text, add_special_tokens, on_loop=on_loop)
         return ids
 
-    def encode_uncached(self, text: str, add_special_tokens: bool) -> bytes:
-        """The tokenizer's own encoding of the whole text (no cache)."""
+    def encode_uncached(self, text: str, add_special_tokens: bool, *, on_loop: bool = False) -> bytes:
+        """The tokenizer's own encoding of the whole text (no cache); ``on_loop``: with its
+        single ``encode``, which holds the GIL (``encode_batch_fast`` releases it)."""
+        if on_loop:
+            return pack_ids(self.backend.encode(text, add_special_tokens=add_special_tokens).ids)
         (encoding,) = self.backend.encode_batch_fast([text], add_special_tokens=add_special_tokens)
         return pack_ids(encoding.ids)
 

@@ -74,6 +74,8 @@ def test_tiktoken_gives_the_tokenizers_own_ids(shipped, text):
     # offers the ones it finds in the code).
     assume(not any(token["content"] in text for token in spec["added_tokens"]))
     assert fast.encode(text) == hf.encode(text, add_special_tokens=False).ids
+    assert fast.encode_held(text) == fast.encode(text)  # twice: the second from its pre-token cache
+    assert fast.encode_held(text) == fast.encode(text)
 
 
 def _retargeted(spec: dict, pattern: str) -> dict:
@@ -105,6 +107,9 @@ def test_the_regex_engines_agree_on_every_code_point(pattern_name):
     expected = hf.encode_batch_fast(texts, add_special_tokens=False)
     wrong = [i for i, text in enumerate(texts) if fast.encode(text) != expected[i].ids]
     assert not wrong, f"the encoders differ near U+{cps[wrong[0] * 256]:04X}"
+    # The regex module's split (``encode_held``) agrees as well.
+    wrong = [i for i, text in enumerate(texts) if fast.encode_held(text) != expected[i].ids]
+    assert not wrong, f"encode_held differs near U+{cps[wrong[0] * 256]:04X}"
 
 
 # -----------------------------------------------------------------------------------------
@@ -292,3 +297,91 @@ def test_a_piece_that_holds_the_separator_is_encoded_alone(shipped):
     assert fast.encode_many(pieces) == [hf.encode(p, add_special_tokens=False).ids for p in pieces]
     assert fast.encode_many(["only one  "]) == [hf.encode("only one  ", add_special_tokens=False).ids]
     assert fast.encode_many([]) == []
+
+
+# -----------------------------------------------------------------------------------------
+# Encoding on an event loop's thread: the GIL is kept
+# -----------------------------------------------------------------------------------------
+def gil_released(call, deadline_s: float = 30.0) -> bool:
+    """Whether ``call()`` lets another thread run Python. A thread counts while it holds
+    the GIL and offers it back between rounds (``time.sleep(0)``); with the switch interval
+    raised out of reach, it can only run during ``call`` when ``call`` releases the GIL.
+    Repeats ``call`` until the counter moves or ``deadline_s`` passes (a release gives the
+    counter a chance, not a certainty, on a busy machine); False when it never moved."""
+    import threading
+    import time
+
+    state = {"count": 0, "stop": False, "started": threading.Event()}
+
+    def count() -> None:
+        state["started"].set()
+        while not state["stop"]:
+            for _ in range(100):
+                state["count"] += 1
+            time.sleep(0.0001)  # the GIL free for a moment: the caller takes it back here
+
+    interval = sys.getswitchinterval()
+    counter = threading.Thread(target=count, daemon=True)
+    counter.start()
+    state["started"].wait()
+    sys.setswitchinterval(1000.0)
+    try:
+        give_up = time.monotonic() + deadline_s
+        while True:
+            time.sleep(0)  # the counter may run here; below, only if ``call`` releases
+            before = state["count"]
+            for _ in range(20):
+                call()
+            if state["count"] != before:
+                return True
+            if time.monotonic() > give_up:
+                return False
+    finally:
+        sys.setswitchinterval(interval)
+        state["stop"] = True
+        counter.join()
+
+
+def test_encode_releases_the_gil_and_encode_held_keeps_it(shipped):
+    """The test's own control first: tiktoken's encode releases the GIL, and the helper
+    sees it. Then ``encode_held`` on new text (every pre-token a miss) and again (from its
+    cache): the other thread never runs during it."""
+    _, _, _, fast = shipped
+    text = "The router's cache holds 12345 naïve 日本語 words\n\n  def f(x):\n    return x\n" * 20
+    assert gil_released(lambda: fast.encode(text))
+    fresh = iter(range(10**9))
+    assert not gil_released(lambda: fast.encode_held(f"{text} {next(fresh)}"), deadline_s=1.0)
+    assert not gil_released(lambda: fast.encode_held(text), deadline_s=1.0)
+
+
+def test_encode_helds_cache_is_bounded(shipped, monkeypatch):
+    import router.fast_bpe as fast_bpe
+
+    _, spec, hf, _ = shipped
+    fast = FastBPE.from_spec(spec)
+    monkeypatch.setattr(fast_bpe, "HELD_CACHE_ENTRIES", 50)
+    words = " ".join(f"w{i}x" for i in range(400))
+    long_word = "y" * (fast_bpe.HELD_CACHE_CHARS + 1)
+    for text in (words, words, f"{long_word} {words}"):
+        assert fast.encode_held(text) == hf.encode(text, add_special_tokens=False).ids
+        assert len(fast._held) <= 50
+    assert long_word not in fast._held
+
+
+def test_prompt_tokenizer_encodes_on_the_loop_with_the_same_ids_keeping_the_gil():
+    """``on_loop``: tiktoken's path (``encode_held``) and the tokenizer's own (its single
+    ``encode``) give the ids the releasing calls give, and neither releases the GIL."""
+    import transformers
+
+    from router.tokenization import PromptTokenizer
+
+    hf = transformers.AutoTokenizer.from_pretrained(str(shipped_tokenizer_path("llama3")))
+    pieces = ["hello there, router", " 12345 naïve 日本語\n\n", "def f(x):\n    return x\n" * 40]
+    for tok in (PromptTokenizer(hf), PromptTokenizer(hf, fast_bpe=False)):
+        assert tok.encode_pieces(pieces, on_loop=True) == tok.encode_pieces(pieces)
+        assert tok.encode_uncached(pieces[2], True, on_loop=True) == tok.encode_uncached(pieces[2], True)
+        assert gil_released(lambda: tok.encode_pieces(pieces))
+        assert not gil_released(lambda: tok.encode_pieces(pieces, on_loop=True), deadline_s=1.0)
+        assert not gil_released(lambda: tok.encode_uncached(pieces[2], True, on_loop=True), deadline_s=1.0)
+    with pytest.raises(Exception):  # a lone surrogate: the tokenizer's own error, as off the loop
+        PromptTokenizer(hf).encode_pieces(["a\ud800b"], on_loop=True)

@@ -207,3 +207,31 @@ def test_a_switch_interval_that_is_not_positive_fails_before_anything_starts(cap
         assert main(["bench", "serve-path", "--switch-interval-ms", value]) == 2
         assert "switch_interval_ms" in capsys.readouterr().err
     assert sys.getswitchinterval() == before
+
+
+def test_the_releasing_variant_runs_with_the_handle_driver_only():
+    with pytest.raises(ConfigError) as exc:
+        serve_path.run(routers=[serve_path.KVROUTE_TOKENS_RELEASING], drivers=["handle", "http"])
+    assert exc.value.field == "driver"
+    assert serve_path.KVROUTE_TOKENS_RELEASING not in serve_path.DEFAULT_ROUTERS
+
+
+def test_the_releasing_variant_ignores_on_loop_until_undone():
+    """``kvroute-tokens-releasing`` patches this process's ``PromptTokenizer`` so that the
+    loop's encodes take the GIL-releasing encoders (the same ids), and undoes it."""
+    import transformers
+
+    from router.tokenization import PromptTokenizer
+    from tests.helpers import shipped_tokenizer_path
+    from tests.test_fast_bpe import gil_released
+
+    tok = PromptTokenizer(transformers.AutoTokenizer.from_pretrained(str(shipped_tokenizer_path("llama3"))))
+    pieces = ["the router's cache, 12345 words\n\n" * 30]
+    held = tok.encode_pieces(pieces, on_loop=True)
+    restore = serve_path._releasing_on_loop()
+    try:
+        assert tok.encode_pieces(pieces, on_loop=True) == held
+        assert gil_released(lambda: tok.encode_pieces(pieces, on_loop=True))
+    finally:
+        restore()
+    assert not gil_released(lambda: tok.encode_pieces(pieces, on_loop=True), deadline_s=1.0)

@@ -88,6 +88,51 @@ def test_how_much_new_text_is_encoded_on_the_loop_is_an_option(tokenizer_path, h
             make_state(tokenizer_path, inline_tokenize_chars=bad)
 
 
+def test_text_encoded_on_the_loop_keeps_the_gil(tokenizer_path, hf, monkeypatch):
+    """The loop's own encodes (a short turn whose ids the decision waits for; a turn's new
+    text learned after the decision) ask for the encoders that keep the GIL (``on_loop``:
+    tests/test_fast_bpe.py shows that they keep it and give the same ids); the pool's
+    encodes, on their own thread, release it."""
+    state = make_state(tokenizer_path, **PATIENT)
+    agent = make_state(tokenizer_path, **PATIENT)
+    pooled = make_state(tokenizer_path, inline_tokenize_chars=0, **PATIENT)
+    calls = []
+    real = PromptTokenizer.encode_pieces
+
+    def recording(self, pieces, *, on_loop=False):
+        calls.append(on_loop)
+        return real(self, pieces, on_loop=on_loop)
+
+    monkeypatch.setattr(PromptTokenizer, "encode_pieces", recording)  # after start-up's own encodes
+    fingerprint = tokenizer_fingerprint(hf)
+    takes_ids = [replica("r0", kvroute_tokenizer=fingerprint), replica("r1", kvroute_tokenizer=fingerprint)]
+    choose(state, takes_ids, {"messages": conversation(3)}, "a")
+    assert calls == [True]
+
+    # Engines that tokenize for themselves: an agent's next step is keyed on its cached
+    # prefix, its new text encoded once the request is on its way.
+    calls.clear()
+    prompt = "shared agent context. " * 60
+
+    plain = [replica("r0"), replica("r1")]
+    agent.update_replicas(plain)
+
+    async def agent_steps():
+        for request_id, text in (("first", prompt), ("step", prompt + "tool result: " + "ok " * 200)):
+            request = pending({"prompt": text}, request_id)
+            ranked = await agent.choose_replicas(plain, request)
+            agent.on_request_routed(request, ranked[0][0].replica_id, None)
+        await until_learned(agent.service)
+
+    asyncio.run(agent_steps())
+    assert agent.tokenize_counts["encoded"] == 1 and agent.tokenize_counts["prefix"] == 1
+    assert calls == [True, True]
+
+    calls.clear()
+    choose(pooled, takes_ids, {"messages": conversation(3)}, "c")
+    assert pooled.service.pool.submitted == 1 and calls == [False]
+
+
 def test_the_inline_default_follows_the_encoder(tokenizer_path):
     """Unset, ``inline_tokenize_chars`` is 8,192 where tiktoken's encoder is exact for the
     tokenizer (0.04 us a character) and 512 with the tokenizer's own (0.2 us)."""

@@ -1,0 +1,115 @@
+"""``python -m benchmarks.gil_convoy``: what encoding a short text on an event loop's thread
+costs that thread when another thread of the process is running Python.
+
+A call that releases the GIL (tiktoken's ``encode``, the tokenizer's ``encode_batch_fast``)
+hands it to the busy thread, which keeps it until its switch interval (5 ms by default)
+runs out; the caller waits for it however short its own work was. Encoders that hold the
+GIL (``FastBPE.encode_held``, the tokenizer's single ``encode``) do not hand it over. For
+each size, ``texts`` fresh texts of the serve-path benchmark's prose (a turn's new text),
+each encoder alone and then with one thread beside spinning in Python (as a Serve
+replica's user code, a benchmark's driver or any busy thread would); the ids of every
+encoder are checked equal. Reports the median and 99th percentile microseconds of one call
+and ``--json PATH`` writes the rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+SIZES = (512, 4_000)
+
+
+def _quantile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def _time_calls(encode: Callable[[str], list[int]], texts: list[str]) -> list[float]:
+    seconds = []
+    for text in texts:
+        started = time.perf_counter()
+        encode(text)
+        seconds.append(time.perf_counter() - started)
+        time.sleep(0.0002)  # as a loop between requests: the busy thread gets the GIL back
+    return seconds
+
+
+def measure(name: str = "llama3", sizes: tuple[int, ...] = SIZES, texts: int = 200, seed: int = 0) -> list[dict[str, Any]]:
+    """One row per (size, encoder, beside): ``beside`` is "nothing" or "a busy thread"."""
+    from tokenizers import Tokenizer
+
+    from benchmarks.encode_bench import _path
+    from benchmarks.serve_path import _text
+    from engines.bench_tokenizer import TextGenerator
+    from router.fast_bpe import FastBPE
+
+    spec = json.loads((_path(name) / "tokenizer.json").read_text())
+    own = Tokenizer.from_str(json.dumps(spec))
+    fast = FastBPE.from_spec(spec)
+    encoders: dict[str, Callable[[str], list[int]]] = {
+        "tiktoken encode (releases the GIL)": fast.encode,
+        "encode_held (holds it)": fast.encode_held,
+        "tokenizer encode_batch_fast (releases it)":
+            lambda text: own.encode_batch_fast([text], add_special_tokens=False)[0].ids,
+        "tokenizer encode (holds it)": lambda text: own.encode(text, add_special_tokens=False).ids,
+    }
+    gen = TextGenerator(seed=seed)
+    rows = []
+    for size in sizes:
+        samples = [_text(gen, size) for _ in range(texts)]
+        for text in samples[:20]:
+            expected = fast.encode(text)
+            assert all(encode(text) == expected for encode in encoders.values()), "the encoders differ"
+        for beside in ("nothing", "a busy thread"):
+            stop = threading.Event()
+            spinner = None
+            if beside != "nothing":
+                def spin() -> None:
+                    count = 0
+                    while not stop.is_set():
+                        count += 1
+
+                spinner = threading.Thread(target=spin, daemon=True)
+                spinner.start()
+            try:
+                for label, encode in encoders.items():
+                    seconds = _time_calls(encode, samples)
+                    rows.append({"tokenizer": name, "chars": size, "encoder": label, "beside": beside,
+                                 "p50_us": round(_quantile(seconds, 0.5) * 1e6, 1),
+                                 "p99_us": round(_quantile(seconds, 0.99) * 1e6, 1)})
+            finally:
+                stop.set()
+                if spinner is not None:
+                    spinner.join()
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.gil_convoy", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tokenizer", default="llama3", choices=("llama3", "chatml", "tiny"))
+    parser.add_argument("--texts", type=int, default=200, help="fresh texts per size (default 200)")
+    parser.add_argument("--size", type=int, action="append", help="characters a text (repeatable; default 512 and 4000)")
+    parser.add_argument("--json", help="write the rows as JSON")
+    args = parser.parse_args(argv)
+    rows = measure(args.tokenizer, tuple(args.size or SIZES), args.texts)
+    print(f"{'chars':>6}  {'beside':<14} {'encoder':<42} {'p50 us':>8} {'p99 us':>8}")
+    for row in rows:
+        print(f"{row['chars']:>6}  {row['beside']:<14} {row['encoder']:<42} {row['p50_us']:>8.1f} {row['p99_us']:>8.1f}")
+    if args.json:
+        doc = {"command": "python -m benchmarks.gil_convoy " + " ".join(argv if argv is not None else sys.argv[1:]),
+               "switch_interval_s": sys.getswitchinterval(), "python": platform.python_version(),
+               "machine": platform.machine(), "rows": rows}
+        Path(args.json).write_text(json.dumps(doc, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
