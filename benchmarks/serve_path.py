@@ -1235,13 +1235,14 @@ def decision_phases(tokenizer: str, workloads: Sequence[Workload], *,
         phases: dict[str, list[float]] = {"parse": [], "tokenized": [], "key": [], "rank": [], "total": [],
                                           "routed": []}
         # The tokenizer's own work on what it is handed (a turn's new text), timed on the
-        # pool's thread: the floor under the CPU a tokenizing router adds per request.
+        # thread that encodes it (the loop's, or the pool's): the floor under the CPU a
+        # tokenizing router adds per request.
         encoded = {"chars": 0, "seconds": 0.0, "on": False}
         encode_pieces = service.prompts.encode_pieces
 
-        def timed_encode(pieces: list[str]) -> list[bytes]:
+        def timed_encode(pieces: list[str], **how: Any) -> list[bytes]:
             started = time.perf_counter()
-            out = encode_pieces(pieces)
+            out = encode_pieces(pieces, **how)
             if encoded["on"]:
                 encoded["chars"] += sum(map(len, pieces))
                 encoded["seconds"] += time.perf_counter() - started
