@@ -235,3 +235,14 @@ def test_the_releasing_variant_ignores_on_loop_until_undone():
     finally:
         restore()
     assert not gil_released(lambda: tok.encode_pieces(pieces, on_loop=True), deadline_s=1.0)
+
+
+def test_the_decision_phases_count_the_encodes_of_new_text():
+    """The side measurement of one decision alone times the tokenizer's encodes through a
+    wrapper: a wrapper that refused the loop's keyword (``on_loop``) made those encodes
+    fail silently and the count read 0."""
+    from engines.bench_tokenizer import build_bench_tokenizer
+
+    workload = serve_path.build_workload("chat", 5_000, requests=24, seed=1)
+    (row,) = serve_path.decision_phases(str(build_bench_tokenizer("llama3")), [workload])
+    assert row["encoded_chars_per_request"] > 0 and row["encode_ms_per_request"] > 0
