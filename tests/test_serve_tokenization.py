@@ -507,3 +507,53 @@ def test_a_lesson_whose_encoding_finished_before_it_first_ran_still_learns(token
         asyncio.run(go())
     finally:
         service.close()
+
+
+def test_a_decision_that_encodes_a_turn_never_releases_the_gil():
+    """End to end on the loop's path (parse, tokenized with a turn's new text encoded,
+    keyed, rank, routed): no other thread gets to run Python during a decision. (With
+    tiktoken's releasing encode on the loop, as before ``on_loop``, the helper sees the
+    release within a few decisions.)"""
+    import itertools
+    import json
+    import time
+
+    from benchmarks import serve_path
+    from router.service import RoutingService
+    from tests.helpers import shipped_tokenizer_path
+    from tests.test_fast_bpe import gil_released
+
+    workload = serve_path.build_workload("chat", 20_000, requests=160, seed=3)
+    bodies = [json.loads(body) for body in workload.bodies]
+    service = RoutingService({"policy": "cache_aware", "tokenizer": str(shipped_tokenizer_path("llama3")),
+                              "block_size": 16})
+    replicas = ["r0", "r1", "r2"]
+    service.set_replicas(replicas)
+    loop = asyncio.new_event_loop()
+    ids = itertools.count()
+
+    def decide(body, on_the_loop_only=True):
+        fields = service.parse(body)
+        coroutine = service.tokenized(fields, 60.0, ids_wanted=True)
+        if on_the_loop_only:  # a turn's new text is short: nothing is awaited
+            with pytest.raises(StopIteration) as done:
+                coroutine.send(None)
+            found = done.value.value
+        else:  # a first turn may go to the pool
+            found = loop.run_until_complete(coroutine)
+        request = service.keyed(fields, found, f"q{next(ids)}")
+        tiers = service.rank(request, replicas, time.perf_counter())
+        service.routed(request.request_id, tiers[0][0])
+        service.completed(request.request_id)
+
+    try:
+        for body in bodies[:80]:  # each session's first turns
+            decide(body, on_the_loop_only=False)
+        encoded = service.tokenize_counts["encoded"]
+        later = itertools.cycle(bodies[80:])  # new turns first, then again from the cache
+        assert not gil_released(lambda: decide(next(later)), deadline_s=0.5)
+        assert service.tokenize_counts["encoded"] > encoded  # the decisions above did encode
+        assert service.tokenize_counts["error"] == 0
+    finally:
+        service.close()
+        loop.close()
