@@ -354,6 +354,32 @@ def test_encode_releases_the_gil_and_encode_held_keeps_it(shipped):
     assert not gil_released(lambda: fast.encode_held(text), deadline_s=1.0)
 
 
+@pytest.mark.parametrize("pattern_name", sorted(PATTERNS))
+def test_on_ascii_text_the_standard_library_splits_as_the_pattern_does(pattern_name):
+    """``encode_held`` splits ASCII text with ``ascii_pattern`` (the standard library's
+    engine): every ASCII pair, in contexts that exercise each class, and generated text."""
+    import re
+
+    import regex
+
+    from router.fast_bpe import ascii_pattern
+
+    full = regex.compile(PATTERNS[pattern_name])
+    ascii_only = re.compile(ascii_pattern(PATTERNS[pattern_name]), re.ASCII)
+    chars = [chr(c) for c in range(128)]
+    for a in chars:
+        text = "".join(f"x{a}{b}1{a}{b} {a}'{b}\n{a}{b}{a}'s {b}'S\r\n{a}  {b}7" for b in chars)
+        assert ascii_only.findall(text) == full.findall(text), f"they differ after {a!r}"
+
+
+@settings(max_examples=300, deadline=None)
+@given(text=st.text(st.characters(max_codepoint=127), max_size=80))
+def test_encode_held_on_ascii_text(shipped, text):
+    _, spec, _, fast = shipped
+    assume(not any(token["content"] in text for token in spec["added_tokens"]))
+    assert text.isascii() and fast.encode_held(text) == fast.encode(text)
+
+
 def test_encode_helds_cache_is_bounded(shipped, monkeypatch):
     import router.fast_bpe as fast_bpe
 
