@@ -125,7 +125,10 @@ class FastBPE:
         self._allowed = {SEPARATOR}
         # tiktoken's own dependency, so present wherever tiktoken is; the same pattern as
         # tiktoken's fancy-regex (the engines agree on every code point: tests/test_fast_bpe.py).
-        import regex
+        try:
+            import regex
+        except ImportError:
+            raise Ineligible("the regex module (a dependency of tiktoken) is not installed") from None
 
         self._pretokens = regex.compile(PATTERNS[pattern_name]).findall
         # ASCII text (most prompts' new text) is split by the standard library's engine,
@@ -165,8 +168,8 @@ class FastBPE:
         text by the standard library's ``re``, faster) and each pre-token encoded by
         ``encode_single_piece`` (what ``encode`` does per pre-token, holding the GIL), the
         short ones remembered. 1.2-1.4x ``encode``'s time on a quiet process (the split
-        is most of it), a thirtieth of what a release costs beside a busy thread. ``UnicodeEncodeError`` for a lone surrogate,
-        as ``encode``."""
+        is most of it), a thirtieth of what a release costs beside a busy thread.
+        ``UnicodeEncodeError`` for a lone surrogate, as ``encode``."""
         held = self._held
         get = held.get
         single = self._core.encode_single_piece

@@ -242,6 +242,12 @@ def test_without_tiktoken_the_tokenizer_encodes(monkeypatch):
         FastBPE.from_spec(_spec("tiny"))
 
 
+def test_without_the_regex_module_the_tokenizer_encodes(monkeypatch):
+    monkeypatch.setitem(sys.modules, "regex", None)
+    with pytest.raises(Ineligible, match="the regex module"):
+        FastBPE.from_spec(_spec("tiny"))
+
+
 def test_the_service_passes_the_option_to_its_tokenizer():
     from router.service import RoutingService
     from router.tokenization import PromptTokenizer
