@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import random
 import socket
+import sys
+import threading
 import time
 
 from policies.base import RouteRequest, RoutingView
@@ -89,3 +91,40 @@ def shipped_tokenizer_path(name: str):
     from engines.bench_tokenizer import build_bench_tokenizer
 
     return build_bench_tokenizer(name)
+
+
+def gil_released(call, deadline_s: float = 30.0) -> bool:
+    """Whether ``call()`` lets another thread run Python. A thread counts while it holds
+    the GIL and offers it back between rounds (a short sleep); with the switch interval
+    raised out of reach, it can only run during ``call`` when ``call`` releases the GIL.
+    Repeats ``call`` until the counter moves or ``deadline_s`` passes (a release gives the
+    counter a chance, not a certainty, on a busy machine); False when it never moved."""
+    state = {"count": 0, "stop": False, "started": threading.Event()}
+
+    def count() -> None:
+        state["started"].set()
+        while not state["stop"]:
+            for _ in range(100):
+                state["count"] += 1
+            time.sleep(0.0001)  # the GIL free for a moment: the caller takes it back here
+
+    interval = sys.getswitchinterval()
+    counter = threading.Thread(target=count, daemon=True)
+    counter.start()
+    state["started"].wait()
+    sys.setswitchinterval(1000.0)
+    try:
+        give_up = time.monotonic() + deadline_s
+        while True:
+            time.sleep(0)  # the counter may run here; below, only if ``call`` releases
+            before = state["count"]
+            for _ in range(20):
+                call()
+            if state["count"] != before:
+                return True
+            if time.monotonic() > give_up:
+                return False
+    finally:
+        sys.setswitchinterval(interval)
+        state["stop"] = True
+        counter.join()

@@ -34,7 +34,7 @@ from router.fast_bpe import (  # noqa: E402
     Ineligible,
     byte_level_alphabet,
 )
-from tests.helpers import shipped_tokenizer_path  # noqa: E402
+from tests.helpers import gil_released, shipped_tokenizer_path  # noqa: E402
 
 SHIPPED = {"tiny": "gpt2", "llama3": "cl100k", "chatml": "cl100k"}
 
@@ -308,46 +308,6 @@ def test_a_piece_that_holds_the_separator_is_encoded_alone(shipped):
 # -----------------------------------------------------------------------------------------
 # Encoding on an event loop's thread: the GIL is kept
 # -----------------------------------------------------------------------------------------
-def gil_released(call, deadline_s: float = 30.0) -> bool:
-    """Whether ``call()`` lets another thread run Python. A thread counts while it holds
-    the GIL and offers it back between rounds (``time.sleep(0)``); with the switch interval
-    raised out of reach, it can only run during ``call`` when ``call`` releases the GIL.
-    Repeats ``call`` until the counter moves or ``deadline_s`` passes (a release gives the
-    counter a chance, not a certainty, on a busy machine); False when it never moved."""
-    import threading
-    import time
-
-    state = {"count": 0, "stop": False, "started": threading.Event()}
-
-    def count() -> None:
-        state["started"].set()
-        while not state["stop"]:
-            for _ in range(100):
-                state["count"] += 1
-            time.sleep(0.0001)  # the GIL free for a moment: the caller takes it back here
-
-    interval = sys.getswitchinterval()
-    counter = threading.Thread(target=count, daemon=True)
-    counter.start()
-    state["started"].wait()
-    sys.setswitchinterval(1000.0)
-    try:
-        give_up = time.monotonic() + deadline_s
-        while True:
-            time.sleep(0)  # the counter may run here; below, only if ``call`` releases
-            before = state["count"]
-            for _ in range(20):
-                call()
-            if state["count"] != before:
-                return True
-            if time.monotonic() > give_up:
-                return False
-    finally:
-        sys.setswitchinterval(interval)
-        state["stop"] = True
-        counter.join()
-
-
 def test_encode_releases_the_gil_and_encode_held_keeps_it(shipped):
     """The test's own control first: tiktoken's encode releases the GIL, and the helper
     sees it. Then ``encode_held`` on new text (every pre-token a miss) and again (from its

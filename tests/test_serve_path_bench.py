@@ -223,7 +223,7 @@ def test_the_releasing_variant_ignores_on_loop_until_undone():
 
     from router.tokenization import PromptTokenizer
     from tests.helpers import shipped_tokenizer_path
-    from tests.test_fast_bpe import gil_released
+    from tests.helpers import gil_released
 
     tok = PromptTokenizer(transformers.AutoTokenizer.from_pretrained(str(shipped_tokenizer_path("llama3"))))
     pieces = ["the router's cache, 12345 words\n\n" * 30]

@@ -521,7 +521,7 @@ def test_a_decision_that_encodes_a_turn_never_releases_the_gil():
     from benchmarks import serve_path
     from router.service import RoutingService
     from tests.helpers import shipped_tokenizer_path
-    from tests.test_fast_bpe import gil_released
+    from tests.helpers import gil_released
 
     workload = serve_path.build_workload("chat", 20_000, requests=160, seed=3)
     bodies = [json.loads(body) for body in workload.bodies]
