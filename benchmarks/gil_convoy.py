@@ -91,21 +91,78 @@ def measure(name: str = "llama3", sizes: tuple[int, ...] = SIZES, texts: int = 2
     return rows
 
 
+def loop_ticks(duration_s: float = 2.0) -> list[dict[str, Any]]:
+    """How many 1 ms timer ticks an event loop on this thread gets in ``duration_s``: alone,
+    beside a thread spinning in Python, and beside a thread running a busy event loop
+    (eight tasks each doing 0.2 ms of Python between ``await asyncio.sleep(0)``), as Serve's
+    router loop runs beside a replica's own loop. A busy loop releases and retakes the GIL
+    in every iteration's ``select``; CPython's waiter only forces a switch after a whole
+    switch interval *without* a switch, so each retake restarts its wait: the other loop
+    may get almost nothing (bpo-7946, the convoy effect)."""
+    import asyncio
+
+    def spinning(stop: threading.Event) -> None:
+        while not stop.is_set():
+            pass
+
+    def busy_loop(stop: threading.Event) -> None:
+        async def worker() -> None:
+            while not stop.is_set():
+                started = time.perf_counter()
+                while time.perf_counter() - started < 0.0002:
+                    pass
+                await asyncio.sleep(0)
+
+        async def workers() -> None:
+            await asyncio.gather(*(worker() for _ in range(8)))
+
+        asyncio.run(workers())
+
+    async def ticks() -> int:
+        count, end = 0, time.perf_counter() + duration_s
+        while time.perf_counter() < end:
+            await asyncio.sleep(0.001)
+            count += 1
+        return count
+
+    rows = []
+    for beside, target in (("nothing", None), ("a spinning thread", spinning), ("a busy event loop", busy_loop)):
+        stop = threading.Event()
+        other = threading.Thread(target=target, args=(stop,), daemon=True) if target else None
+        if other is not None:
+            other.start()
+        try:
+            count = asyncio.run(ticks())
+        finally:
+            stop.set()
+            if other is not None:
+                other.join()
+        rows.append({"beside": beside, "duration_s": duration_s, "ticks": count,
+                     "mean_tick_ms": round(duration_s * 1e3 / max(1, count), 2)})
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.gil_convoy", description=__doc__.split("\n\n")[0])
     parser.add_argument("--tokenizer", default="llama3", choices=("llama3", "chatml", "tiny"))
     parser.add_argument("--texts", type=int, default=200, help="fresh texts per size (default 200)")
     parser.add_argument("--size", type=int, action="append", help="characters a text (repeatable; default 512 and 4000)")
+    parser.add_argument("--loops", action="store_true",
+                        help="also count a 1 ms timer's ticks beside a spinning thread and a busy event loop")
     parser.add_argument("--json", help="write the rows as JSON")
     args = parser.parse_args(argv)
     rows = measure(args.tokenizer, tuple(args.size or SIZES), args.texts)
     print(f"{'chars':>6}  {'beside':<14} {'encoder':<42} {'p50 us':>8} {'p99 us':>8}")
     for row in rows:
         print(f"{row['chars']:>6}  {row['beside']:<14} {row['encoder']:<42} {row['p50_us']:>8.1f} {row['p99_us']:>8.1f}")
+    ticks = loop_ticks() if args.loops else None
+    for row in ticks or []:
+        print(f"1 ms timer on a loop beside {row['beside']}: {row['ticks']} ticks in {row['duration_s']} s "
+              f"({row['mean_tick_ms']} ms a tick)")
     if args.json:
         doc = {"command": "python -m benchmarks.gil_convoy " + " ".join(argv if argv is not None else sys.argv[1:]),
                "switch_interval_s": sys.getswitchinterval(), "python": platform.python_version(),
-               "machine": platform.machine(), "rows": rows}
+               "machine": platform.machine(), "rows": rows, "loop_ticks": ticks}
         Path(args.json).write_text(json.dumps(doc, indent=2) + "\n")
         print(f"wrote {args.json}")
     return 0

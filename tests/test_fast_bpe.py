@@ -377,3 +377,15 @@ def test_prompt_tokenizer_encodes_on_the_loop_with_the_same_ids_keeping_the_gil(
         assert not gil_released(lambda: tok.encode_uncached(pieces[2], True, on_loop=True), deadline_s=1.0)
     with pytest.raises(Exception):  # a lone surrogate: the tokenizer's own error, as off the loop
         PromptTokenizer(hf).encode_pieces(["a\ud800b"], on_loop=True)
+
+
+def test_the_gil_convoy_benchmark_reports_each_encoder_and_the_loop_ticks():
+    from benchmarks.gil_convoy import loop_ticks, measure
+
+    rows = measure("tiny", sizes=(200,), texts=4)
+    assert {(r["encoder"], r["beside"]) for r in rows} >= {("encode_held (holds it)", "a busy thread"),
+                                                           ("tiktoken encode (releases the GIL)", "nothing")}
+    assert all(r["p50_us"] > 0 and r["p99_us"] >= r["p50_us"] for r in rows)
+    ticks = loop_ticks(0.2)
+    assert [r["beside"] for r in ticks] == ["nothing", "a spinning thread", "a busy event loop"]
+    assert all(r["ticks"] >= 1 for r in ticks)
