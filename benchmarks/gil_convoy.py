@@ -23,12 +23,9 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from simulator.metrics import percentile
+
 SIZES = (512, 4_000)
-
-
-def _quantile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 def _time_calls(encode: Callable[[str], list[int]], texts: list[str]) -> list[float]:
@@ -80,10 +77,10 @@ def measure(name: str = "llama3", sizes: tuple[int, ...] = SIZES, texts: int = 2
                 spinner.start()
             try:
                 for label, encode in encoders.items():
-                    seconds = _time_calls(encode, samples)
+                    seconds = sorted(_time_calls(encode, samples))
                     rows.append({"tokenizer": name, "chars": size, "encoder": label, "beside": beside,
-                                 "p50_us": round(_quantile(seconds, 0.5) * 1e6, 1),
-                                 "p99_us": round(_quantile(seconds, 0.99) * 1e6, 1)})
+                                 "p50_us": round(percentile(seconds, 0.5) * 1e6, 1),
+                                 "p99_us": round(percentile(seconds, 0.99) * 1e6, 1)})
             finally:
                 stop.set()
                 if spinner is not None:
