@@ -134,9 +134,13 @@ DEFAULT_ROUTERS = tuple(name for name in ROUTERS
                         if name not in (KVROUTE_TOKENS_HF, KVROUTE_TOKENS_POOL, KVROUTE_TOKENS_RELEASING))
 DRIVERS = ("handle", "http")
 ENGINES = ("trivial", "tokenizing")
+#: kvroute keyed on token blocks (one tokenizer config, with the variant's option), and
+#: those of them that send their ids to the engine.
+KVROUTE_TOKEN_ROUTERS = (KVROUTE_TOKENS, KVROUTE_TOKENS_NO_IDS, KVROUTE_TOKENS_NO_WAIT, KVROUTE_TOKENS_HF,
+                         KVROUTE_TOKENS_POOL, KVROUTE_TOKENS_RELEASING)
+KVROUTE_ID_ROUTERS = tuple(name for name in KVROUTE_TOKEN_ROUTERS if name != KVROUTE_TOKENS_NO_IDS)
 # A failure of one of these fails the command.
-OWN_ROUTERS = (SERVE_DEFAULT, KVROUTE_TOKENS, KVROUTE_TOKENS_NO_IDS, KVROUTE_TOKENS_NO_WAIT, KVROUTE_TOKENS_HF,
-               KVROUTE_TOKENS_POOL, KVROUTE_TOKENS_RELEASING, KVROUTE_CHARS)
+OWN_ROUTERS = (SERVE_DEFAULT, *KVROUTE_TOKEN_ROUTERS, KVROUTE_CHARS)
 
 
 # -----------------------------------------------------------------------------------------
@@ -263,8 +267,7 @@ def router_config(name: str, tokenizer: str) -> dict | None:
     Serve's default)."""
     if name == SERVE_DEFAULT:
         return None
-    if name in (KVROUTE_TOKENS, KVROUTE_TOKENS_NO_IDS, KVROUTE_TOKENS_NO_WAIT, KVROUTE_TOKENS_HF,
-                KVROUTE_TOKENS_POOL, KVROUTE_TOKENS_RELEASING):
+    if name in KVROUTE_TOKEN_ROUTERS:
         from router import cache_aware_router_config
 
         # no-wait: a decision never waits for the tokenizer pool; a request whose new text
@@ -853,8 +856,7 @@ def run_router(router: str, workloads: Sequence[Workload], *, tokenizer: str, fi
                 raise RuntimeError(f"{router}: warm-up answered {answer!r}")
         request_router = handle._router._asyncio_router.request_router  # Ray internals (see module doc)
         loop = handle._router._asyncio_router._event_loop
-        expect_fingerprint = fingerprint if router in (KVROUTE_TOKENS, KVROUTE_TOKENS_NO_WAIT, KVROUTE_TOKENS_HF,
-                                                       KVROUTE_TOKENS_POOL, KVROUTE_TOKENS_RELEASING) else None
+        expect_fingerprint = fingerprint if router in KVROUTE_ID_ROUTERS else None
         # Serve's default router reads no routing stats; the others get their first
         # reports before the timed phase.
         stats_ready = _wait_for_stats(request_router, replicas, expect_fingerprint) if config is not None else None
