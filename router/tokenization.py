@@ -648,7 +648,9 @@ class PromptTokenizer:
         self.store(missing, self.encode_pieces(missing, on_loop=on_loop))
         ids, missing = self.assemble(text, add_special_tokens)
         if ids is None:  # a cache too small to hold this prompt's pieces at once
-            return self.encode_uncached(text, add_special_tokens, on_loop=on_loop)
+            # The whole text, however long: the releasing encoder even on the loop (holding
+            # the GIL for tens of milliseconds would stop every other thread of the process).
+            return self.encode_uncached(text, add_special_tokens)
         return ids
 
     def encode_uncached(self, text: str, add_special_tokens: bool, *, on_loop: bool = False) -> bytes:
