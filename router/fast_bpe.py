@@ -69,7 +69,7 @@ SEPARATOR = "\x00kvroute piece separator\x00"
 PATTERNS = {"gpt2": GPT2_PATTERN, "cl100k": CL100K_PATTERN, "qwen2": QWEN2_PATTERN}
 #: Pre-tokens whose ids ``encode_held`` remembers, and the longest one it remembers: most
 #: of a message's pre-tokens are words that recur. Cleared when full: about 220 bytes an
-#: entry, 7 MB at most (measured with tracemalloc on generated words).
+#: entry, 7 MB at most (an ad hoc tracemalloc measurement on 40,000 generated words).
 HELD_CACHE_ENTRIES = 1 << 15
 HELD_CACHE_CHARS = 32
 
@@ -132,7 +132,8 @@ class FastBPE:
 
         self._pretokens = regex.compile(PATTERNS[pattern_name]).findall
         # ASCII text (most prompts' new text) is split by the standard library's engine,
-        # about 1.7x faster: on ASCII the pattern's classes are ASCII ranges (``ascii_pattern``).
+        # faster (51 against 88 us on 4,000 characters of prose, an ad hoc timing): on ASCII
+        # the pattern's classes are ASCII ranges (``ascii_pattern``).
         self._ascii_pretokens = re.compile(ascii_pattern(PATTERNS[pattern_name]), re.ASCII).findall
         self._held: dict[str, tuple[int, ...]] = {}
 
