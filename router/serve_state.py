@@ -46,7 +46,10 @@ def cache_aware_router_config(**kwargs: Any) -> dict[str, Any]:
     of a prompt's new text when an engine would take them or the prompt is mostly new;
     past it the request is keyed on its cached prefix and goes without ids),
     ``tokenizer_fast_bpe`` (default true: encode prompt pieces with tiktoken's encoder
-    where it is provably the tokenizer's own, ``router.fast_bpe``), ``record``
+    where it is provably the tokenizer's own, ``router.fast_bpe``), ``gc_freeze``
+    (default true: once the tokenizer has loaded, collect and freeze the heap, once per
+    process, so full collections no longer walk transformers' and torch's objects:
+    ``router.heap``), ``record``
     (write the routed traffic as a trace: ``router.record``; each router process writes
     its own file, so give several routers on one node ``{pid}`` in the path) and any
     ``RoutingCore`` option. Raises ``ConfigError`` naming the field.

@@ -37,6 +37,7 @@ from typing import Any, NamedTuple
 from policies.base import RouteRequest, new_route_request
 from router.conversations import DEFAULT_MEMO_BYTES, ChatPrefix, ChatResume, ChatResumer
 from router.core import RoutingCore
+from router import heap
 from router.errors import ConfigError
 from router.prefix_tree import DropMark, HeldPrefix
 from router.keys import DEFAULT_SEED, CharChunkKeyer, TokenBlockKeyer, namespace_seed
@@ -52,7 +53,7 @@ logger = logging.getLogger("kvroute")
 SERVICE_OPTIONS = ("policy", "policy_options", "tokenizer", "block_size", "chunk_chars", "kv_events",
                    "max_pending", "tokenizer_cache_bytes", "tokenizer_threads", "tokenizer_max_queued_chars",
                    "max_tokenized_chars", "send_prompt_ids", "tokenize_wait_ms", "conversation_memo_bytes",
-                   "inline_tokenize_chars", "tokenizer_fast_bpe", "record")
+                   "inline_tokenize_chars", "tokenizer_fast_bpe", "gc_freeze", "record")
 MAX_PENDING = 10_000
 #: How long a decision waits by default for the tokenizer pool's ids of a prompt's new
 #: text, when an engine would take those ids (the wait saves that engine tokenizing the
@@ -104,7 +105,7 @@ def validate_options(kwargs: Mapping[str, Any]) -> tuple[RoutingCore, dict[str, 
     if not isinstance(wait_ms, (int, float)) or isinstance(wait_ms, bool) or not 0 <= wait_ms < float("inf"):
         raise ConfigError("tokenize_wait_ms", f"must be a non-negative number of milliseconds, got {wait_ms!r}")
     own["tokenize_wait_ms"] = float(wait_ms)
-    for name in ("send_prompt_ids", "tokenizer_fast_bpe"):
+    for name in ("send_prompt_ids", "tokenizer_fast_bpe", "gc_freeze"):
         if not isinstance(own.get(name, True), bool):
             raise ConfigError(name, f"must be true or false, got {own[name]!r}")
     tokenizer = own.get("tokenizer")
@@ -121,6 +122,7 @@ def validate_options(kwargs: Mapping[str, Any]) -> tuple[RoutingCore, dict[str, 
     core = RoutingCore.from_options(own.get("policy", "cache_aware"), policy_options=policy_options,
                                     keys={"kind": "tokens", "block_size": own["block_size"]}, **kwargs)
     own.update(kv_events=kv_events, send_prompt_ids=own.get("send_prompt_ids", True),
+               gc_freeze=own.get("gc_freeze", True),
                record=record_config(own.get("record")))
     return core, own
 
@@ -265,6 +267,10 @@ class RoutingService:
         # (``router.conversations``): None when off or not exact for this template.
         self.resumer = ChatResumer.build(self.prompts, own["conversation_memo_bytes"]) \
             if self.prompts is not None else None
+        if self.prompts is not None and own["gc_freeze"]:
+            # The tokenizer brought transformers and torch: out of the collector's way
+            # before the first request (``router.heap``; once per process).
+            heap.freeze_once()
         self.pool = TokenizerPool(own["tokenizer_threads"], own["tokenizer_max_queued_chars"])
         inline = own["inline_tokenize_chars"]
         if inline is None:
