@@ -171,7 +171,7 @@ class Cluster:
     """A local Ray cluster with Serve's HTTP proxy on ``port``; started here unless Ray is
     already initialized in this process (then reused and left running)."""
 
-    def __init__(self, port: int = 0) -> None:
+    def __init__(self, port: int = 0, env: dict[str, str] | None = None) -> None:
         import ray
         from ray import serve
 
@@ -179,8 +179,12 @@ class Cluster:
         if self.owned:
             repo = str(Path(__file__).resolve().parents[1])
             from engines.local_ray import init_local_ray
+            # ``env``: for the job's workers (Serve's controller, proxies and replicas
+            # inherit it), not this process.
             init_local_ray(num_cpus=16, include_dashboard=False, log_to_driver=False,
-                           runtime_env={"env_vars": {"PYTHONPATH": repo}})
+                           runtime_env={"env_vars": {**(env or {}), "PYTHONPATH": repo}})
+        elif env:
+            raise ConfigError("serve_env", "needs a Ray cluster started here; Ray is already initialized")
         self.port = port or _free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": self.port})
         # If Serve was already running, its proxy keeps the port it had.

@@ -27,6 +27,10 @@ deployment's ``request_router_config``:
   the encoders that release the GIL (tiktoken's ``encode``, the tokenizer's batch call),
   as before 2026-12-07's ``on_loop``: patched into this process for the router's run, so
   with the handle driver only (its router runs here); asked for by name only;
+* ``kvroute-tokens-no-freeze``: ``kvroute-tokens`` with ``gc_freeze=False``: the heap
+  the tokenizer's load built (transformers and torch) stays in the garbage collector's
+  reach (``router.heap``), as before 2026-12-07; with the http driver only (each
+  router's ingress is a process of its own there); asked for by name only;
 * ``kvroute-chars``: the same with character keys (no tokenizer);
 * ``ray-prefix``: Ray Serve LLM's ``PrefixCacheAffinityRouter`` (defaults);
 * ``ray-consistent-hash``: Ray 2.60's experimental ``ConsistentHashRouter`` (sessions from
@@ -122,22 +126,24 @@ KVROUTE_TOKENS_NO_WAIT = "kvroute-tokens-no-wait"
 KVROUTE_TOKENS_HF = "kvroute-tokens-hf"
 KVROUTE_TOKENS_POOL = "kvroute-tokens-pool"
 KVROUTE_TOKENS_RELEASING = "kvroute-tokens-releasing"
+KVROUTE_TOKENS_NO_FREEZE = "kvroute-tokens-no-freeze"
 KVROUTE_CHARS = "kvroute-chars"
 RAY_PREFIX = "ray-prefix"
 RAY_CONSISTENT_HASH = "ray-consistent-hash"
 RAY_KV_AWARE = "ray-kv-aware"
 ROUTERS = (SERVE_DEFAULT, KVROUTE_TOKENS, KVROUTE_TOKENS_NO_IDS, KVROUTE_TOKENS_NO_WAIT, KVROUTE_TOKENS_HF,
-           KVROUTE_TOKENS_POOL, KVROUTE_TOKENS_RELEASING, KVROUTE_CHARS, RAY_PREFIX, RAY_CONSISTENT_HASH,
+           KVROUTE_TOKENS_POOL, KVROUTE_TOKENS_RELEASING, KVROUTE_TOKENS_NO_FREEZE, KVROUTE_CHARS, RAY_PREFIX, RAY_CONSISTENT_HASH,
            RAY_KV_AWARE)
 #: What runs when no router is named.
 DEFAULT_ROUTERS = tuple(name for name in ROUTERS
-                        if name not in (KVROUTE_TOKENS_HF, KVROUTE_TOKENS_POOL, KVROUTE_TOKENS_RELEASING))
+                        if name not in (KVROUTE_TOKENS_HF, KVROUTE_TOKENS_POOL, KVROUTE_TOKENS_RELEASING,
+                                        KVROUTE_TOKENS_NO_FREEZE))
 DRIVERS = ("handle", "http")
 ENGINES = ("trivial", "tokenizing")
 #: kvroute keyed on token blocks (one tokenizer config, with the variant's option), and
 #: those of them that send their ids to the engine.
 KVROUTE_TOKEN_ROUTERS = (KVROUTE_TOKENS, KVROUTE_TOKENS_NO_IDS, KVROUTE_TOKENS_NO_WAIT, KVROUTE_TOKENS_HF,
-                         KVROUTE_TOKENS_POOL, KVROUTE_TOKENS_RELEASING)
+                         KVROUTE_TOKENS_POOL, KVROUTE_TOKENS_RELEASING, KVROUTE_TOKENS_NO_FREEZE)
 KVROUTE_ID_ROUTERS = tuple(name for name in KVROUTE_TOKEN_ROUTERS if name != KVROUTE_TOKENS_NO_IDS)
 # A failure of one of these fails the command.
 OWN_ROUTERS = (SERVE_DEFAULT, *KVROUTE_TOKEN_ROUTERS, KVROUTE_CHARS)
@@ -277,6 +283,8 @@ def router_config(name: str, tokenizer: str) -> dict | None:
             extra["tokenizer_fast_bpe"] = False
         if name == KVROUTE_TOKENS_POOL:
             extra["inline_tokenize_chars"] = 512
+        if name == KVROUTE_TOKENS_NO_FREEZE:
+            extra["gc_freeze"] = False
         return cache_aware_router_config(policy="cache_aware", tokenizer=tokenizer, block_size=BLOCK_SIZE,
                                          send_prompt_ids=name != KVROUTE_TOKENS_NO_IDS, **extra)
     if name == KVROUTE_CHARS:
@@ -1055,7 +1063,8 @@ def run(*, routers: Sequence[str] = DEFAULT_ROUTERS, workloads: Sequence[str] | 
         concurrency: int = DEFAULT_CONCURRENCY, replicas: int = DEFAULT_REPLICAS, drivers: Sequence[str] = DRIVERS,
         tokenizer: str | None = None, seed: int = 0, port: int = 0, kv_aware_options: dict | None = None,
         engine: str = "trivial", progress: Callable[[str], None] | None = None,
-        cold_rounds: int | None = None, rounds: int = 1) -> dict[str, Any]:
+        cold_rounds: int | None = None, rounds: int = 1,
+        serve_env: Sequence[str] | None = None) -> dict[str, Any]:
     """The ``kvroute bench serve-path`` report (see the module docstring). ``engine``:
     ``trivial`` (answers at once) or ``tokenizing`` (tokenizes each prompt first, as an
     engine's front end does, or takes the router's ids). ``cold_rounds``: rounds of the
@@ -1068,7 +1077,13 @@ def run(*, routers: Sequence[str] = DEFAULT_ROUTERS, workloads: Sequence[str] | 
     requests/s for Serve's default itself) with ``ratio_to_default`` and
     ``throughput_rps`` the medians over rounds and ``rounds`` each round's figures; every
     round's rows are in ``round_results``. On a shared 2-core machine requests/s moves by
-    1.5x between runs minutes apart; a ratio measured within a round moves far less."""
+    1.5x between runs minutes apart; a ratio measured within a round moves far less.
+
+    ``serve_env``: ``NAME=VALUE`` strings for the cluster's Ray workers (Serve's
+    controller, proxy, the ingress and the replicas), e.g. Serve's own
+    ``RAY_SERVE_THROUGHPUT_OPTIMIZED=1`` (the router then runs on the ingress replica's
+    loop, the ingress's code on its main thread); not for this process, so the handle
+    driver's router keeps Serve's defaults."""
     if engine not in ENGINES:
         raise ConfigError("engine", f"must be one of {', '.join(ENGINES)}, got {engine!r}")
     say = progress or (lambda message: None)
@@ -1083,6 +1098,9 @@ def run(*, routers: Sequence[str] = DEFAULT_ROUTERS, workloads: Sequence[str] | 
     if KVROUTE_TOKENS_RELEASING in routers and "http" in drivers:
         raise ConfigError("driver", f"{KVROUTE_TOKENS_RELEASING} runs with the handle driver only "
                                     "(its router must run in this process)")
+    if KVROUTE_TOKENS_NO_FREEZE in routers and "handle" in drivers:
+        raise ConfigError("driver", f"{KVROUTE_TOKENS_NO_FREEZE} runs with the http driver only (the handle "
+                                    "driver's router runs in this process, whose heap the first router froze)")
     for field_name, value in (("concurrency", concurrency), ("replicas", replicas)):
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
             raise ConfigError(field_name, f"must be a positive integer, got {value!r}")
@@ -1090,6 +1108,7 @@ def run(*, routers: Sequence[str] = DEFAULT_ROUTERS, workloads: Sequence[str] | 
         raise ConfigError("requests", f"must be a positive integer, got {requests!r}")
     if not isinstance(rounds, int) or isinstance(rounds, bool) or rounds <= 0:
         raise ConfigError("rounds", f"must be a positive integer, got {rounds!r}")
+    env = parse_serve_env(serve_env)
     specs = parse_workload_names(workloads)
     if tokenizer is None:
         from engines.bench_tokenizer import build_bench_tokenizer
@@ -1109,7 +1128,7 @@ def run(*, routers: Sequence[str] = DEFAULT_ROUTERS, workloads: Sequence[str] | 
     if main_routers:
         from benchmarks.live_bench import Cluster
 
-        cluster = Cluster(port)
+        cluster = Cluster(port, env=env)
         try:
             url = f"http://127.0.0.1:{cluster.port}{ROUTE}/v1/chat/completions"
             for r in range(rounds):
@@ -1150,7 +1169,7 @@ def run(*, routers: Sequence[str] = DEFAULT_ROUTERS, workloads: Sequence[str] | 
         "config": {"routers": routers, "drivers": drivers, "engine": engine, "concurrency": concurrency,
                    "replicas": replicas,
                    "tokenizer": tokenizer, "tokenizer_fingerprint": fingerprint, "block_size": BLOCK_SIZE,
-                   "seed": seed, "requests": requests, "rounds": rounds},
+                   "seed": seed, "requests": requests, "rounds": rounds, "serve_env": env},
         "workloads": [w.describe() for w in built],
         "machine": {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
                     "load_average": _load_average()},
@@ -1162,6 +1181,21 @@ def run(*, routers: Sequence[str] = DEFAULT_ROUTERS, workloads: Sequence[str] | 
         "cold_tokenize": cold,
         "decision_phases": phases,
     }
+
+
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def parse_serve_env(pairs: Sequence[str] | None) -> dict[str, str]:
+    """``["NAME=VALUE", ...]`` -> {NAME: VALUE}; ``ConfigError("serve_env")`` naming a
+    malformed entry."""
+    env: dict[str, str] = {}
+    for pair in pairs or ():
+        name, sep, value = str(pair).partition("=")
+        if not sep or not _ENV_NAME.match(name):
+            raise ConfigError("serve_env", f"must be NAME=VALUE with NAME a variable name, got {pair!r}")
+        env[name] = value
+    return env
 
 
 def cold_tokenize_overhead(tokenizer: str, sizes: Sequence[int] = SIZES, *, seed: int = 0,

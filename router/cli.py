@@ -265,7 +265,7 @@ def _bench_serve_path(args: argparse.Namespace) -> int:
     report = serve_path.run(routers=args.router or serve_path.DEFAULT_ROUTERS, workloads=args.workload,
                             requests=args.requests, concurrency=args.concurrency, replicas=args.replicas,
                             drivers=drivers, tokenizer=args.tokenizer, seed=args.seed, port=args.port,
-                            engine=args.engine, rounds=args.rounds,
+                            engine=args.engine, rounds=args.rounds, serve_env=args.serve_env,
                             progress=lambda m: print(m, file=sys.stderr, flush=True))
     report["command"] = "kvroute " + " ".join(args.argv)
     report["switch_interval_ms"] = round(sys.getswitchinterval() * 1000, 3)
@@ -687,8 +687,9 @@ def build_parser() -> argparse.ArgumentParser:
     spath.add_argument("--router", action="append",
                        help="serve-default, kvroute-tokens, kvroute-tokens-no-ids, kvroute-tokens-no-wait, "
                             "kvroute-tokens-hf, kvroute-tokens-pool, kvroute-tokens-releasing (handle driver only), "
-                            "kvroute-chars, ray-prefix, ray-consistent-hash, ray-kv-aware (repeatable; default all "
-                            "but kvroute-tokens-hf, kvroute-tokens-pool and kvroute-tokens-releasing)")
+                            "kvroute-tokens-no-freeze (http driver only), kvroute-chars, ray-prefix, "
+                            "ray-consistent-hash, ray-kv-aware (repeatable; default all but kvroute-tokens-hf, "
+                            "kvroute-tokens-pool, kvroute-tokens-releasing and kvroute-tokens-no-freeze)")
     spath.add_argument("--workload", action="append",
                        help="chat, agent, cold, completion (every size) or KIND-SIZE, e.g. chat-100k (repeatable; "
                             "default: chat, agent and cold at 5k, 20k, 100k and 400k characters)")
@@ -711,6 +712,10 @@ def build_parser() -> argparse.ArgumentParser:
     spath.add_argument("--switch-interval-ms", type=float, metavar="MS",
                        help="the GIL switch interval of this process, where the handle driver and the routers "
                             "under test run (default: Python's, 5 ms; docs/benchmarks.md)")
+    spath.add_argument("--serve-env", action="append", metavar="NAME=VALUE",
+                       help="an environment variable for the cluster's Ray workers (Serve's controller, proxy, "
+                            "ingress and replicas; not this process, where the handle driver's router runs), "
+                            "e.g. RAY_SERVE_THROUGHPUT_OPTIMIZED=1 (repeatable)")
     spath.add_argument("--port", type=int, default=0, help="Serve HTTP port (default: a free one)")
     spath.add_argument("--json", metavar="PATH", help="write the results as JSON")
     spath.set_defaults(func=_bench_serve_path)
