@@ -200,6 +200,9 @@ def test_build_config_fails_at_start_naming_the_field(tmp_path):
         build_config({"workers": ["http://h:1", "http://h:1"]})
     with pytest.raises(ConfigError, match="^drain_timeout_s"):
         build_config({"workers": ["http://h:1"], "drain_timeout_s": 0})
+    with pytest.raises(ConfigError, match="^gc_freeze"):
+        build_config({"workers": ["http://h:1"], "gc_freeze": "no"})
+    assert build_config({"workers": ["http://h:1"], "gc_freeze": False}).routing["gc_freeze"] is False
     path = tmp_path / "gateway.yaml"
     path.write_text("workers:\n  - http://127.0.0.1:8001\n  - url: http://127.0.0.1:8002\n    kv_events: "
                     "tcp://127.0.0.1:5557\npolicy: sglang\npolicy_options: {cache_threshold: 0.4}\nport: 9000\n")

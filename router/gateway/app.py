@@ -446,9 +446,12 @@ async def serve(config: GatewayConfig, *, ready=None) -> None:
     # What start-up built (imported modules, the tokenizer and its template, about 370k
     # objects with ``--tokenizer``) lives as long as the process: moved out of the
     # collector's reach, a full collection during serving no longer walks it (one took up
-    # to 200 ms on a 2-vCPU machine, the loop stopped meanwhile).
-    gc.collect()
-    gc.freeze()
+    # to 200 ms on a 2-vCPU machine, the loop stopped meanwhile). The routing service
+    # froze the heap once its tokenizer loaded (``router.heap``); this adds what the
+    # server's start brought.
+    if config.routing.get("gc_freeze", True):
+        gc.collect()
+        gc.freeze()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -199,11 +199,11 @@ FILE_FIELDS = ("workers", "policy", "policy_options", "tokenizer", "block_size",
                "health_interval_s", "health_timeout_s", "eject_after", "readmit_after", "metrics_interval_s",
                "max_attempts", "drain_timeout_s", "tokenizer_cache_bytes", "tokenizer_threads",
                "tokenizer_max_queued_chars", "max_tokenized_chars", "tokenize_wait_ms", "conversation_memo_bytes",
-               "inline_tokenize_chars", "tokenizer_fast_bpe", "event_loop", "record")
+               "inline_tokenize_chars", "tokenizer_fast_bpe", "gc_freeze", "event_loop", "record")
 _ROUTING_FIELDS = ("policy", "policy_options", "tokenizer", "block_size", "chunk_chars", "kv_events",
                    "tokenizer_cache_bytes", "tokenizer_threads", "tokenizer_max_queued_chars", "max_tokenized_chars",
                    "tokenize_wait_ms", "conversation_memo_bytes", "inline_tokenize_chars", "tokenizer_fast_bpe",
-                   "record")
+                   "gc_freeze", "record")
 
 
 def load_file(path: str | Path) -> dict[str, Any]:
