@@ -139,6 +139,9 @@ DEFAULT_ROUTERS = tuple(name for name in ROUTERS
                         if name not in (KVROUTE_TOKENS_HF, KVROUTE_TOKENS_POOL, KVROUTE_TOKENS_RELEASING,
                                         KVROUTE_TOKENS_NO_FREEZE))
 DRIVERS = ("handle", "http")
+#: Where the handle driver's router runs: on Serve's router thread (its default), or on
+#: the caller's loop, the driver's (Serve's ``_run_router_in_separate_loop=False``).
+ROUTER_LOOPS = ("separate", "caller")
 ENGINES = ("trivial", "tokenizing")
 #: kvroute keyed on token blocks (one tokenizer config, with the variant's option), and
 #: those of them that send their ids to the engine.
@@ -551,17 +554,23 @@ class DecisionLoopTimes:
 
 class ChooseTimer:
     """Wraps a request router instance's ``choose_replicas`` (an instance attribute over
-    the class's method), recording the wall time of each call (microseconds)."""
+    the class's method), recording the wall time of each call (microseconds) and the
+    names of the threads it ran on (``threads``: where the router's loop is)."""
 
     def __init__(self, request_router: Any) -> None:
+        import threading
+
         self.router = request_router
         self.samples = array("d")
+        self.threads: set[str] = set()
         self._original = request_router.choose_replicas
         samples = self.samples
+        threads = self.threads
         original = self._original
         perf = time.perf_counter
 
         async def choose_replicas(*args, **kwargs):
+            threads.add(threading.current_thread().name)
             started = perf()
             try:
                 return await original(*args, **kwargs)
@@ -572,6 +581,7 @@ class ChooseTimer:
 
     def reset(self) -> None:
         del self.samples[:]
+        self.threads.clear()
 
     def remove(self) -> None:
         try:
@@ -824,8 +834,10 @@ def _row(router: str, workload: Workload, driver: str, outcome: DriverResult, co
 def run_router(router: str, workloads: Sequence[Workload], *, tokenizer: str, fingerprint: str | None,
                engine_tokenizes: bool = False,
                replicas: int, concurrency: int, drivers: Sequence[str], http_url: str,
-               timeout_s: float = 600.0, progress: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
-    """Deploy ``router``'s application, run every workload on every driver, delete it."""
+               timeout_s: float = 600.0, progress: Callable[[str], None] | None = None,
+               router_loop: str = "separate") -> list[dict[str, Any]]:
+    """Deploy ``router``'s application, run every workload on every driver, delete it.
+    ``router_loop``: where the handle driver's router runs (``ROUTER_LOOPS``)."""
     import psutil
     from ray import serve
     from ray.serve.config import RequestRouterConfig
@@ -853,13 +865,31 @@ def run_router(router: str, workloads: Sequence[Workload], *, tokenizer: str, fi
     deploy_s = time.perf_counter() - started
     rows: list[dict[str, Any]] = []
     timer = decisions = None
+    # The handle's router on the driver's own loop: the handle is made, called and awaited
+    # only there (Serve's ``CurrentLoopRouter`` is bound to the loop it was made on).
+    driver_loop = DriverLoop() if router_loop == "caller" else None
     try:
         # One handle, built directly (``serve.get_deployment_handle`` returns a handle
         # cached per process, shared with anything else here), as bench live does.
-        handle = DeploymentHandle(ENGINE_DEPLOYMENT, app_name)
+        if driver_loop is None:
+            handle = DeploymentHandle(ENGINE_DEPLOYMENT, app_name)
+        else:
+            async def make_handle() -> Any:
+                made = DeploymentHandle(ENGINE_DEPLOYMENT, app_name)
+                made._init(_run_router_in_separate_loop=False)
+                return made
+
+            handle = driver_loop.run(make_handle())
         warm = {"model": MODEL_NAME, "messages": [{"role": "user", "content": f"warm up {router}"}]}
         for i in range(2 * replicas):
-            answer = handle.chat.remote(RequestBody({**warm, "session_id": f"warm-{i}"})).result(timeout_s=120)
+            body = RequestBody({**warm, "session_id": f"warm-{i}"})
+            if driver_loop is None:
+                answer = handle.chat.remote(body).result(timeout_s=120)
+            else:
+                async def warm_one(b: Any = body) -> Any:
+                    return await handle.chat.remote(b)
+
+                answer = driver_loop.run(warm_one(), timeout_s=120)
             if not _answer_ok(answer):
                 raise RuntimeError(f"{router}: warm-up answered {answer!r}")
         request_router = handle._router._asyncio_router.request_router  # Ray internals (see module doc)
@@ -894,7 +924,8 @@ def run_router(router: str, workloads: Sequence[Workload], *, tokenizer: str, fi
                         return fresh_bodies(w)
 
                     def drive(w: Workload, inputs: list) -> DriverResult:
-                        return asyncio.run(_drive_handle(handle, w, inputs, concurrency, session_cache))
+                        run = _drive_handle(handle, w, inputs, concurrency, session_cache)
+                        return asyncio.run(run) if driver_loop is None else driver_loop.run(run)
                 else:
                     def prepare(w: Workload) -> list:
                         return [text.encode() for text in w.bodies]
@@ -912,6 +943,7 @@ def run_router(router: str, workloads: Sequence[Workload], *, tokenizer: str, fi
                 gc.freeze()
                 choose: Sequence[float] | None = None
                 lags: Sequence[float] | None = None
+                router_threads: list[str] | None = None
                 own: tuple[float, float] | None = None
                 cpu_before, machine_before = ledger.snapshot(), psutil.cpu_times()
                 try:
@@ -925,6 +957,7 @@ def run_router(router: str, workloads: Sequence[Workload], *, tokenizer: str, fi
                         finally:
                             lags = probe.stop()
                         choose = list(timer.samples)
+                        router_threads = sorted(timer.threads)
                         own = _own_seconds(request_router, own)
                     else:
                         outcome = drive(workload, inputs)
@@ -936,6 +969,7 @@ def run_router(router: str, workloads: Sequence[Workload], *, tokenizer: str, fi
                 after = _engine_counters(handle)
                 counters = {key: _delta(after, before, key) for key in ("requests", "with_ids", "id_bytes")}
                 row = _row(router, workload, driver, outcome, counters, choose, lags)
+                row["router_threads"] = router_threads
                 # On a machine whose cores are all busy, requests/s is the cores over the
                 # CPU a request costs: who spends it, per request, in milliseconds.
                 row["cpu_ms_per_request"] = per_request_ms(cpu_spent, outcome.answered + outcome.failed)
@@ -964,9 +998,37 @@ def run_router(router: str, workloads: Sequence[Workload], *, tokenizer: str, fi
         if decisions is not None:
             decisions.remove()
         serve.delete(app_name)
+        if driver_loop is not None:
+            driver_loop.close()
         if restore is not None:
             restore()
     return rows
+
+
+class DriverLoop:
+    """An event loop on a thread of its own, for the handle driver when the handle's router
+    runs on the caller's loop (``router_loop="caller"``: Serve's ``CurrentLoopRouter``,
+    what ``RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP=0`` gives every handle of a process):
+    the handle is made, called and awaited there, and the lag probe watches that loop,
+    which then carries the driver's requests and the router together, as an ingress
+    replica's loop does in Serve's throughput-optimized mode."""
+
+    THREAD = "serve-path-driver"  # the loop thread's name
+
+    def __init__(self) -> None:
+        import threading
+
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name=self.THREAD, daemon=True)
+        self._thread.start()
+
+    def run(self, coro: Any, timeout_s: float | None = None) -> Any:
+        """Run ``coro`` on the loop and wait for its result here."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout_s)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=30)
 
 
 def _releasing_on_loop() -> Callable[[], None]:
@@ -1064,7 +1126,7 @@ def run(*, routers: Sequence[str] = DEFAULT_ROUTERS, workloads: Sequence[str] | 
         tokenizer: str | None = None, seed: int = 0, port: int = 0, kv_aware_options: dict | None = None,
         engine: str = "trivial", progress: Callable[[str], None] | None = None,
         cold_rounds: int | None = None, rounds: int = 1,
-        serve_env: Sequence[str] | None = None) -> dict[str, Any]:
+        serve_env: Sequence[str] | None = None, router_loop: str = "separate") -> dict[str, Any]:
     """The ``kvroute bench serve-path`` report (see the module docstring). ``engine``:
     ``trivial`` (answers at once) or ``tokenizing`` (tokenizes each prompt first, as an
     engine's front end does, or takes the router's ids). ``cold_rounds``: rounds of the
@@ -1083,7 +1145,9 @@ def run(*, routers: Sequence[str] = DEFAULT_ROUTERS, workloads: Sequence[str] | 
     controller, proxy, the ingress and the replicas), e.g. Serve's own
     ``RAY_SERVE_THROUGHPUT_OPTIMIZED=1`` (the router then runs on the ingress replica's
     loop, the ingress's code on its main thread); not for this process, so the handle
-    driver's router keeps Serve's defaults."""
+    driver's router keeps Serve's defaults. ``router_loop``: where that router runs,
+    ``separate`` (Serve's default: a loop on a thread of its own) or ``caller`` (on the
+    driver's loop, as every handle's router does in that mode; ``DriverLoop``)."""
     if engine not in ENGINES:
         raise ConfigError("engine", f"must be one of {', '.join(ENGINES)}, got {engine!r}")
     say = progress or (lambda message: None)
@@ -1109,6 +1173,8 @@ def run(*, routers: Sequence[str] = DEFAULT_ROUTERS, workloads: Sequence[str] | 
     if not isinstance(rounds, int) or isinstance(rounds, bool) or rounds <= 0:
         raise ConfigError("rounds", f"must be a positive integer, got {rounds!r}")
     env = parse_serve_env(serve_env)
+    if router_loop not in ROUTER_LOOPS:
+        raise ConfigError("router_loop", f"must be one of {', '.join(ROUTER_LOOPS)}, got {router_loop!r}")
     specs = parse_workload_names(workloads)
     if tokenizer is None:
         from engines.bench_tokenizer import build_bench_tokenizer
@@ -1141,7 +1207,8 @@ def run(*, routers: Sequence[str] = DEFAULT_ROUTERS, workloads: Sequence[str] | 
                         say(f"round {r + 1}/{rounds}: {name}")
                     here += run_router(name, this_round, tokenizer=tokenizer, fingerprint=fingerprint,
                                        engine_tokenizes=engine == "tokenizing", replicas=replicas,
-                                       concurrency=concurrency, drivers=drivers, http_url=url, progress=say)
+                                       concurrency=concurrency, drivers=drivers, http_url=url, progress=say,
+                                       router_loop=router_loop)
                 _add_ratios(here)
                 for row in here:
                     row["round"] = r
@@ -1169,7 +1236,8 @@ def run(*, routers: Sequence[str] = DEFAULT_ROUTERS, workloads: Sequence[str] | 
         "config": {"routers": routers, "drivers": drivers, "engine": engine, "concurrency": concurrency,
                    "replicas": replicas,
                    "tokenizer": tokenizer, "tokenizer_fingerprint": fingerprint, "block_size": BLOCK_SIZE,
-                   "seed": seed, "requests": requests, "rounds": rounds, "serve_env": env},
+                   "seed": seed, "requests": requests, "rounds": rounds, "serve_env": env,
+                   "router_loop": router_loop},
         "workloads": [w.describe() for w in built],
         "machine": {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
                     "load_average": _load_average()},

@@ -266,6 +266,7 @@ def _bench_serve_path(args: argparse.Namespace) -> int:
                             requests=args.requests, concurrency=args.concurrency, replicas=args.replicas,
                             drivers=drivers, tokenizer=args.tokenizer, seed=args.seed, port=args.port,
                             engine=args.engine, rounds=args.rounds, serve_env=args.serve_env,
+                            router_loop=args.router_loop,
                             progress=lambda m: print(m, file=sys.stderr, flush=True))
     report["command"] = "kvroute " + " ".join(args.argv)
     report["switch_interval_ms"] = round(sys.getswitchinterval() * 1000, 3)
@@ -716,6 +717,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="an environment variable for the cluster's Ray workers (Serve's controller, proxy, "
                             "ingress and replicas; not this process, where the handle driver's router runs), "
                             "e.g. RAY_SERVE_THROUGHPUT_OPTIMIZED=1 (repeatable)")
+    spath.add_argument("--router-loop", choices=("separate", "caller"), default="separate",
+                       help="where the handle driver's router runs: on Serve's router thread, a loop of its own "
+                            "(Serve's default), or on the driver's loop, as every handle's router does with "
+                            "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP=0 (part of RAY_SERVE_THROUGHPUT_OPTIMIZED=1)")
     spath.add_argument("--port", type=int, default=0, help="Serve HTTP port (default: a free one)")
     spath.add_argument("--json", metavar="PATH", help="write the results as JSON")
     spath.set_defaults(func=_bench_serve_path)

@@ -20,7 +20,7 @@ ROW_FIELDS = {"router", "workload", "driver", "requests", "answered", "failed", 
               "ratio_to_default", "latency_p50_ms", "latency_p99_ms", "router_cost_us_per_request", "router_calls",
               "router_call_p50_us", "router_call_p99_us", "loop_lag_max_ms", "loop_lag_p99_ms", "loop_lag_p50_ms",
               "engine_requests", "requests_with_ids", "id_bytes", "replica_requests", "replica_requests_with_ids",
-              "cpu_ms_per_request", "machine_busy", "warm_learning_s"}
+              "cpu_ms_per_request", "machine_busy", "warm_learning_s", "router_threads"}
 REPORT_FIELDS = {"benchmark", "config", "workloads", "machine", "code", "results", "separation", "kv_aware"}
 
 
@@ -152,6 +152,41 @@ def test_router_cost_and_loop_lag_are_measured_on_the_handle_path(report):
             assert row["router_calls"] >= row["requests"]
         else:
             assert all(row[name] is None for name in fields)
+
+
+@pytest.mark.serve
+def test_by_default_the_handle_driver_s_router_runs_on_serve_s_router_thread(report):
+    assert report["config"]["router_loop"] == "separate"
+    for row in report["results"]:
+        if row["driver"] == "handle":
+            assert row["router_threads"] and serve_path.DriverLoop.THREAD not in row["router_threads"], row
+        else:
+            assert row["router_threads"] is None
+
+
+@pytest.mark.serve
+def test_the_router_on_the_caller_s_loop_routes_there_and_the_probe_watches_that_loop():
+    """``router_loop="caller"``: the handle's router is Serve's ``CurrentLoopRouter`` on
+    the driver's loop (what ``RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP=0`` gives every
+    handle): every decision runs on the driver's thread, every request is answered, and
+    cost and lag are measured there."""
+    pytest.importorskip("ray.serve")
+    out = serve_path.run(routers=[serve_path.SERVE_DEFAULT, serve_path.KVROUTE_TOKENS], workloads=["chat-2k"],
+                         requests=8, concurrency=4, replicas=2, drivers=["handle"], router_loop="caller",
+                         cold_rounds=1)
+    assert out["config"]["router_loop"] == "caller"
+    assert len(out["results"]) == 2
+    for row in out["results"]:
+        assert row["answered"] == row["requests"] == 8 and row["failed"] == 0, row
+        assert row["router_threads"] == [serve_path.DriverLoop.THREAD], row
+        assert row["loop_lag_p99_ms"] is not None and row["router_call_p50_us"] > 0, row
+        assert row["requests_with_ids"] == (8 if row["router"] == serve_path.KVROUTE_TOKENS else 0), row
+
+
+def test_router_loop_is_separate_or_caller():
+    with pytest.raises(ConfigError) as exc:
+        serve_path.run(router_loop="mine")
+    assert exc.value.field == "router_loop"
 
 
 @pytest.mark.serve
