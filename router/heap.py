@@ -2,7 +2,8 @@
 
 Loading a tokenizer with ``transformers.AutoTokenizer`` imports transformers and torch:
 about 330,000 objects the collector tracks (functions, tuples, dicts of modules), against
-about 20,000 in a Ray Serve replica without them. They live as long as the process, yet a
+17,000-24,000 before the load in a process that has imported kvroute's router (ad hoc
+counts with ``len(gc.get_objects())``). They live as long as the process, yet a
 full collection walks them all: about 190 ms on a 2-vCPU machine, during which the
 thread that triggered it (the routing loop, or a request handler beside it) stops, and
 full collections come every few hundred requests in a busy ingress. ``gc.freeze()``
