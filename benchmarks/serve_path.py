@@ -1029,6 +1029,8 @@ class DriverLoop:
     def close(self) -> None:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(timeout=30)
+        if not self._thread.is_alive():
+            self.loop.close()
 
 
 def _releasing_on_loop() -> Callable[[], None]:

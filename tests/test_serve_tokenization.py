@@ -585,13 +585,14 @@ def test_loading_the_tokenizer_freezes_the_heap_once_unless_turned_off(tokenizer
     the default freezes it (the collector then tracks only what came after), and a second
     freeze does nothing."""
     import json
+    import os
     import subprocess
     import sys
     from pathlib import Path
 
     repo = Path(__file__).resolve().parents[1]
     out = subprocess.run([sys.executable, "-c", _FREEZE_PROBE, tokenizer_path], cwd=repo, capture_output=True,
-                         text=True, timeout=300, env={**__import__("os").environ, "PYTHONPATH": str(repo)})
+                         text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(repo)})
     assert out.returncode == 0, out.stderr[-2000:]
     report = json.loads(out.stdout.strip().splitlines()[-1])
     assert report["off_frozen"] == 0 and not report["off_flag"]
