@@ -1,7 +1,8 @@
 """Builds the optional C speedups: router/_native/speedups.c as ``router._speedups``,
 router/_native/blockmap.c (the prefix tree's block table) as ``router._blockmap`` and
 router/_native/pieces.c (the prompt tokenizer's piece cache and splitter) as
-``router._pieces``, and simulator/_native/block_pool.c (the simulated engine's KV block pool)
+``router._pieces``, router/_native/heldbpe.c (FastBPE's encoder for the routing loop) as
+``router._heldbpe``, and simulator/_native/block_pool.c (the simulated engine's KV block pool)
 as ``simulator._block_pool``.
 
 Everything else is configured in pyproject.toml. The extension is optional: if it cannot
@@ -37,6 +38,12 @@ setup(
             sources=["router/_native/pieces.c"],
             depends=["router/_native/xxhash.h"],
             include_dirs=["router/_native"],
+            extra_compile_args=compile_args,
+            optional=True,
+        ),
+        Extension(
+            "router._heldbpe",
+            sources=["router/_native/heldbpe.c"],
             extra_compile_args=compile_args,
             optional=True,
         ),

@@ -5,7 +5,8 @@
 with its walks, and its per-replica LRU maps), and ``valid_keys`` its check of a KV
 event's keys; ``PieceCache`` and ``PieceSplitter`` are
 ``router._pieces``'s (the prompt tokenizer's piece cache, and its splitter and joiner of
-cached pieces); each is None when it was not built or the environment sets
+cached pieces); ``HeldEncoder`` is ``router._heldbpe``'s (``FastBPE.encode_held`` on ASCII
+text); each is None when it was not built or the environment sets
 ``KVROUTE_PURE_PYTHON=1``. Every caller then runs its pure-Python twin, which computes the
 same values (the tests run both). Read once, at import.
 """
@@ -23,6 +24,7 @@ BlockLRU: type | None = None
 valid_keys: Callable[[Any], bool] | None = None
 PieceCache: type | None = None
 PieceSplitter: type | None = None
+HeldEncoder: type | None = None
 if os.environ.get("KVROUTE_PURE_PYTHON", "").strip() in ("", "0"):
     try:
         from router import _speedups as speedups
@@ -36,6 +38,10 @@ if os.environ.get("KVROUTE_PURE_PYTHON", "").strip() in ("", "0"):
         from router._pieces import PieceCache, PieceSplitter
     except ImportError:
         PieceCache = PieceSplitter = None
+    try:
+        from router._heldbpe import HeldEncoder
+    except ImportError:
+        HeldEncoder = None
 
 
 def slot_maker(cls: type, names: tuple[str, ...]) -> Callable[..., Any]:

@@ -51,7 +51,6 @@ import logging
 import queue
 import re
 import threading
-from array import array
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -62,6 +61,7 @@ import xxhash
 from router.chat_render import ChatRenderer
 from router.errors import ConfigError
 from router.fast_bpe import CL100K_PATTERN, FastBPE, Ineligible
+from router.packed_ids import pack_ids, unpack_ids
 
 logger = logging.getLogger("kvroute.tokenization")
 
@@ -79,27 +79,6 @@ CHUNK_CHARS = 1024
 #: Body fields that change what the engine renders in ways the router does not render
 #: (tool schemas, documents, a per-request template): keyed approximately, ids not sent.
 UNSUPPORTED_CHAT_FIELDS = ("tools", "documents", "chat_template")
-
-
-def pack_ids(ids: Sequence[int]) -> bytes:
-    """Token ids as little-endian uint32 bytes (the layout keys are chained over)."""
-    packed = array("I", ids)
-    if packed.itemsize != 4:  # pragma: no cover - every supported platform has a 4-byte "I"
-        packed = array("L", ids)
-    if packed.itemsize == 4 and array("I", [1]).tobytes() != b"\x01\x00\x00\x00":  # pragma: no cover
-        packed.byteswap()
-    return packed.tobytes()
-
-
-def unpack_ids(data: bytes) -> list[int]:
-    """``pack_ids``'s inverse."""
-    if len(data) % 4:
-        raise ValueError(f"packed token ids must be a multiple of 4 bytes, got {len(data)}")
-    out = array("I")
-    out.frombytes(data)
-    if array("I", [1]).tobytes() != b"\x01\x00\x00\x00":  # pragma: no cover - big-endian hosts
-        out.byteswap()
-    return out.tolist()
 
 
 def tokenizer_fingerprint(tokenizer: Any, chat_template: str | None = None,
@@ -619,8 +598,8 @@ class PromptTokenizer:
         if self.fast_bpe is not None:
             try:
                 if on_loop:
-                    held = self.fast_bpe.encode_held
-                    return [pack_ids(held(piece)) for piece in pieces]
+                    held = self.fast_bpe.encode_held_packed
+                    return [held(piece) for piece in pieces]
                 return [pack_ids(ids) for ids in self.fast_bpe.encode_many(pieces)]
             except UnicodeEncodeError:  # a lone surrogate, which tiktoken would replace
                 pass

@@ -20,7 +20,8 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 EXTENSIONS = {"router._speedups": "router/_native/speedups.c", "router._blockmap": "router/_native/blockmap.c",
-              "router._pieces": "router/_native/pieces.c", "simulator._block_pool": "simulator/_native/block_pool.c"}
+              "router._pieces": "router/_native/pieces.c", "router._heldbpe": "router/_native/heldbpe.c",
+              "simulator._block_pool": "simulator/_native/block_pool.c"}
 
 
 def _compiler_available() -> bool:
