@@ -86,6 +86,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import itertools
 import json
 import os
 import platform
@@ -105,6 +106,13 @@ from simulator.metrics import percentile
 MODEL_NAME = "serve-path-model"
 ENGINE_DEPLOYMENT = "TrivialEngine"
 APP_PREFIX = "kvroute-serve-path"
+#: Deployments made in this process: each run of a router gets an application name of its
+#: own. With one name per router, a router run twice in a row (the last of a round and the
+#: first of the next, the order reversed every other round) re-created a deployment ID
+#: this process had a handle to, and now and then the new handle's warm-up waited 120 s
+#: for replicas that never reached it ("Timed out resolving to ObjectRef"): Serve's
+#: long-poll client, shared by the process's routers, already listened on that ID.
+_DEPLOYMENTS = itertools.count(1)
 ROUTE = "/serve-path"
 BLOCK_SIZE = 16
 DEFAULT_CONCURRENCY = 32
@@ -857,7 +865,7 @@ def run_router(router: str, workloads: Sequence[Workload], *, tokenizer: str, fi
     options: dict[str, Any] = {"num_replicas": replicas}
     if config is not None:
         options["request_router_config"] = RequestRouterConfig(**config)
-    app_name = f"{APP_PREFIX}-{router}"
+    app_name = f"{APP_PREFIX}-{router}-{next(_DEPLOYMENTS)}"
     engine = _engine_class().options(**options).bind(MODEL_NAME, fingerprint, tokenizer if engine_tokenizes else None)
     say(f"{router}: deploying {replicas} trivial replicas behind the OpenAI ingress")
     started = time.perf_counter()
