@@ -113,7 +113,8 @@ class FastBPE:
 
     Holds tiktoken's encoder (its rank table: one entry per kept token, a few MB for a
     128k vocabulary), the name of the pre-tokenizer regex and how many tokens were left out
-    (``dropped``), and ``encode_held``'s pre-token cache (at most ``HELD_CACHE_ENTRIES``).
+    (``dropped``), and ``encode_held``'s pre-token caches (at most ``HELD_CACHE_ENTRIES``
+    each: the Python one, and the C encoder's for ASCII text, about 4 MB at most).
     ``encode`` is O(len(text)) (a bounded amount of work per pre-token), thread-safe, and
     releases the GIL while it runs; ``encode_held`` gives the same ids, also O(len(text)),
     without releasing it (for an event loop's thread: ``encode_held``'s docstring).
@@ -140,7 +141,7 @@ class FastBPE:
         self._ascii_pretokens = re.compile(ascii_pattern(PATTERNS[pattern_name]), re.ASCII).findall
         self._held: dict[str, tuple[int, ...]] = {}
         # ASCII text in C when built (router/_native/heldbpe.c: the same split and table,
-        # about a fifth of the Python loop's time); its table is a second one, for ASCII
+        # about a quarter of the Python loop's time); its table is a second one, for ASCII
         # pre-tokens, with the same bounds.
         self._held_ascii = (None if _fast.HeldEncoder is None else
                             _fast.HeldEncoder(pattern_name, self._core.encode_single_piece, HELD_CACHE_ENTRIES,

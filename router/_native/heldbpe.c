@@ -263,6 +263,10 @@ static PyObject *pack(const IdBuffer *b) {
 
 /* The text's ASCII bytes, or NULL (no exception) when it is not all ASCII. */
 static const unsigned char *ascii_of(PyObject *text, Py_ssize_t *n) {
+#if PY_VERSION_HEX < 0x030C0000
+    /* A legacy (not ready) string, which only old C extensions make: read as not ASCII. */
+    if (!PyUnicode_IS_READY(text)) return NULL;
+#endif
     if (!PyUnicode_IS_ASCII(text)) return NULL;
     *n = PyUnicode_GET_LENGTH(text);
     return (const unsigned char *)PyUnicode_DATA(text);
