@@ -110,8 +110,9 @@ APP_PREFIX = "kvroute-serve-path"
 #: own. With one name per router, a router run twice in a row (the last of a round and the
 #: first of the next, the order reversed every other round) re-created a deployment ID
 #: this process had a handle to, and now and then the new handle's warm-up waited 120 s
-#: for replicas that never reached it ("Timed out resolving to ObjectRef"): Serve's
-#: long-poll client, shared by the process's routers, already listened on that ID.
+#: for replicas that never reached it ("Timed out resolving to ObjectRef"; twice in about
+#: 40 runs). The likely cause, not proven: Serve's long-poll client, which the process's
+#: routers share, already listened on that ID for the deleted deployment.
 _DEPLOYMENTS = itertools.count(1)
 ROUTE = "/serve-path"
 BLOCK_SIZE = 16
