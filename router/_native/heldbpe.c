@@ -261,25 +261,30 @@ static PyObject *pack(const IdBuffer *b) {
     return bytes;
 }
 
-/* The text's ASCII bytes, or NULL (no exception) when it is not all ASCII. */
-static const unsigned char *ascii_of(PyObject *text, Py_ssize_t *n) {
+/* The text's ASCII bytes in *s and its length in *n: 1; 0 (*s NULL) when it is not all
+ * ASCII; -1 with TypeError when it is not a str. */
+static int ascii_text(PyObject *text, const unsigned char **s, Py_ssize_t *n) {
+    *s = NULL;
+    if (!PyUnicode_Check(text)) {
+        PyErr_Format(PyExc_TypeError, "text is a str, got %.100s", Py_TYPE(text)->tp_name);
+        return -1;
+    }
 #if PY_VERSION_HEX < 0x030C0000
     /* A legacy (not ready) string, which only old C extensions make: read as not ASCII. */
-    if (!PyUnicode_IS_READY(text)) return NULL;
+    if (!PyUnicode_IS_READY(text)) return 0;
 #endif
-    if (!PyUnicode_IS_ASCII(text)) return NULL;
+    if (!PyUnicode_IS_ASCII(text)) return 0;
     *n = PyUnicode_GET_LENGTH(text);
-    return (const unsigned char *)PyUnicode_DATA(text);
+    *s = (const unsigned char *)PyUnicode_DATA(text);
+    return 1;
 }
 
 static PyObject *HeldEncoder_encode(HeldEncoder *self, PyObject *text) {
-    if (!PyUnicode_Check(text)) {
-        PyErr_Format(PyExc_TypeError, "text is a str, got %.100s", Py_TYPE(text)->tp_name);
-        return NULL;
-    }
+    const unsigned char *s;
     Py_ssize_t n;
-    const unsigned char *s = ascii_of(text, &n);
-    if (s == NULL) Py_RETURN_NONE;
+    int ascii = ascii_text(text, &s, &n);
+    if (ascii < 0) return NULL;
+    if (ascii == 0) Py_RETURN_NONE;
     IdBuffer out = {NULL, 0, 0};
     PyObject *result = NULL;
     Py_ssize_t p = 0;
@@ -317,13 +322,11 @@ done:
 }
 
 static PyObject *HeldEncoder_pretokens(HeldEncoder *self, PyObject *text) {
-    if (!PyUnicode_Check(text)) {
-        PyErr_Format(PyExc_TypeError, "text is a str, got %.100s", Py_TYPE(text)->tp_name);
-        return NULL;
-    }
+    const unsigned char *s;
     Py_ssize_t n;
-    const unsigned char *s = ascii_of(text, &n);
-    if (s == NULL) Py_RETURN_NONE;
+    int ascii = ascii_text(text, &s, &n);
+    if (ascii < 0) return NULL;
+    if (ascii == 0) Py_RETURN_NONE;
     PyObject *out = PyList_New(0);
     if (out == NULL) return NULL;
     for (Py_ssize_t p = 0; p < n;) {
