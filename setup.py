@@ -44,6 +44,8 @@ setup(
         Extension(
             "router._heldbpe",
             sources=["router/_native/heldbpe.c"],
+            depends=["router/_native/xxhash.h"],
+            include_dirs=["router/_native"],
             extra_compile_args=compile_args,
             optional=True,
         ),

@@ -61,7 +61,8 @@ import xxhash
 from router.chat_render import ChatRenderer
 from router.errors import ConfigError
 from router.fast_bpe import CL100K_PATTERN, FastBPE, Ineligible
-from router.packed_ids import pack_ids, unpack_ids
+# unpack_ids: re-exported for the engines, which import it from here with the fingerprint.
+from router.packed_ids import pack_ids, unpack_ids  # noqa: F401
 
 logger = logging.getLogger("kvroute.tokenization")
 

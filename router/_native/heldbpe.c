@@ -19,6 +19,9 @@
 #include <stdint.h>
 #include <string.h>
 
+#define XXH_INLINE_ALL
+#include "xxhash.h"
+
 enum { PATTERN_GPT2 = 0, PATTERN_CL100K = 1, PATTERN_QWEN2 = 2 };
 
 /* Character classes of the ASCII patterns: \s is re.ASCII's [ \t\n\r\f\v]. */
@@ -131,9 +134,7 @@ typedef struct {
 static inline const char *entry_key(const Entry *e) { return (const char *)(e->data + e->nids); }
 
 static inline uint64_t hash_bytes(const unsigned char *s, Py_ssize_t len) {
-    uint64_t h = 1469598103934665603ULL;  /* FNV-1a: pre-tokens are at most a few dozen bytes */
-    for (Py_ssize_t i = 0; i < len; i++) h = (h ^ s[i]) * 1099511628211ULL;
-    return h ^ (h >> 29);
+    return XXH3_64bits(s, (size_t)len);  /* the project's vendored xxHash (router/_native/xxhash.h) */
 }
 
 typedef struct {
